@@ -1,0 +1,95 @@
+"""Markdown result sections.
+
+Each benchmark script writes its own section file (``--results-md PATH``, default
+benchmarks/results/<name>_h100.md) containing
+
+    ## <title> — <GPU name>, <date>
+
+    <one line of context>
+
+    <markdown table>
+
+Pasting into benchmarks/RESULTS.md can be done by hand, or with this script, which
+replaces a section whose heading starts with the same "## <title> — " (or appends it):
+
+    python benchmarks/write_results.py benchmarks/results/forward_h100.md \
+        benchmarks/results/decode_h100.md --into benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+SEP = " \u2014 "  # " — "
+
+
+def section_text(title: str, gpu: str, date: str, body: str) -> str:
+    return f"## {title}{SEP}{gpu}, {date}\n\n{body.rstrip()}\n"
+
+
+def write_section(path: str, title: str, gpu: str, date: str, body: str) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    text = section_text(title, gpu, date, body)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def _split_sections(text: str):
+    """Return (preamble, [section_text, ...]) split at lines starting with '## '."""
+    parts = re.split(r"(?m)^(?=## )", text)
+    if parts and not parts[0].startswith("## "):
+        return parts[0], parts[1:]
+    return "", parts
+
+
+def merge_into(results_md: str, section: str) -> None:
+    section = section.rstrip() + "\n"
+    first = section.splitlines()[0]
+    if not first.startswith("## "):
+        raise ValueError("section must start with a '## ' heading")
+    key = first.split(SEP)[0] if SEP in first else first
+    old = ""
+    if os.path.exists(results_md):
+        with open(results_md, encoding="utf-8") as f:
+            old = f.read()
+    pre, secs = _split_sections(old)
+    out, replaced = [], False
+    for s in secs:
+        head = s.splitlines()[0] if s else ""
+        hkey = head.split(SEP)[0] if SEP in head else head
+        if hkey == key and not replaced:
+            out.append(section + "\n")
+            replaced = True
+        else:
+            out.append(s if s.endswith("\n") else s + "\n")
+    if not replaced:
+        if out and not out[-1].endswith("\n\n"):
+            out[-1] = out[-1] + "\n"
+        elif not out and pre and not pre.endswith("\n\n"):
+            pre = pre.rstrip("\n") + "\n\n"
+        out.append(section)
+    if not pre and not secs:
+        pre = "# Benchmark results\n\n"
+    with open(results_md, "w", encoding="utf-8") as f:
+        f.write(pre + "".join(out).rstrip() + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sections", nargs="+", help="section .md files written by the benchmark scripts")
+    p.add_argument("--into", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
+    a = p.parse_args(argv)
+    for path in a.sections:
+        with open(path, encoding="utf-8") as f:
+            merge_into(a.into, f.read())
+        print(f"merged {path} -> {a.into}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+// The dispatcher: checks arguments, packs FwdParams, takes the seqlen/ngroups-swap and split-KV
+// decisions (heuristics.h) and launches the kernel of the right head dim and dtype.
+// Argument checks that need no GPU run before the device checks, so CPU tests exercise them.
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include "src/flash.h"
+#include "src/flash_params.h"
+#include "src/heuristics.h"
+
+// CUDA architectures compiled in, from setup.py (e.g. 80,90).
+#ifndef FLASH_ATTN_ARCHS_LIST
+#define FLASH_ATTN_ARCHS_LIST
+#endif
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+#define CHECK_SHAPE(x, ...)                                                                    \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ \
+              "), got ", (x).sizes())
+
+void check_qkv_dtypes(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "q must have dtype torch.float16 or torch.bfloat16, got ",
+              dt);
+  TORCH_CHECK(k.scalar_type() == dt, "k must have the same dtype as q, got ", k.scalar_type(), " and ", dt);
+  TORCH_CHECK(v.scalar_type() == dt, "v must have the same dtype as q, got ", v.scalar_type(), " and ", dt);
+  TORCH_CHECK(q.stride(-1) == 1, "q must have contiguous last dimension");
+  TORCH_CHECK(k.stride(-1) == 1, "k must have contiguous last dimension");
+  TORCH_CHECK(v.stride(-1) == 1, "v must have contiguous last dimension");
+}
+
+void check_head_dims(int head_size, int num_heads, int num_heads_k) {
+  TORCH_CHECK(head_size <= 256, "head_dim must be at most 256, got ", head_size);
+  TORCH_CHECK(head_size % 8 == 0 && head_size > 0, "head_dim must be a positive multiple of 8, got ", head_size,
+              " (flash_attn's Python functions pad other sizes)");
+  TORCH_CHECK(num_heads_k > 0 && num_heads % num_heads_k == 0, "num_heads must be divisible by num_heads_k, got ",
+              num_heads, " and ", num_heads_k);
+}
+
+void check_options(float p_dropout, bool return_softmax, int window_left, int window_right, float softcap,
+                   int num_splits) {
+  TORCH_CHECK(p_dropout == 0.f, "dropout_p > 0 is not supported by this flash_attn build (forward only, no dropout)");
+  TORCH_CHECK(!return_softmax, "return_softmax needs dropout_p > 0, which this build does not support");
+  TORCH_CHECK(window_left >= -1, "window_size_left must be >= -1, got ", window_left);
+  TORCH_CHECK(window_right >= -1, "window_size_right must be >= -1, got ", window_right);
+  TORCH_CHECK(softcap >= 0.f, "softcap must be >= 0, got ", softcap);
+  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+}
+
+void check_alibi(const OptTensor& alibi, int batch, int num_heads) {
+  if (!alibi) return;
+  TORCH_CHECK(alibi->scalar_type() == at::kFloat, "alibi_slopes must have dtype torch.float32");
+  TORCH_CHECK(alibi->stride(-1) == 1, "alibi_slopes must have contiguous last dimension");
+  TORCH_CHECK(alibi->sizes() == at::IntArrayRef({num_heads}) || alibi->sizes() == at::IntArrayRef({batch, num_heads}),
+              "alibi_slopes must have shape (num_heads,) or (batch_size, num_heads), got ", alibi->sizes());
+}
+
+void check_int32_vector(const Tensor& t, const char* name, int64_t numel) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must have dtype torch.int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() == numel, name, " must have shape (", numel, ",), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_on_device(const Tensor& t, const char* name, const Tensor& q) {
+  TORCH_CHECK(t.is_cuda(), name, " must be on a CUDA device");
+  TORCH_CHECK(t.device() == q.device(), name, " must be on the same device as q");
+}
+
+void check_out(const Tensor& out, const Tensor& q) {
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "out must have the same dtype as q");
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the same shape as q, got ", out.sizes(), " and ", q.sizes());
+  TORCH_CHECK(out.stride(-1) == 1, "out must have contiguous last dimension");
+}
+
+flash::FwdLauncher find_kernel(int head_size, bool is_bf16) {
+  const int kernel_hdim = flash::round_up_headdim(head_size);
+  flash::FwdLauncher launcher = flash::find_fwd(kernel_hdim, is_bf16);
+  TORCH_CHECK(launcher != nullptr, "head_dim ", head_size, " (kernel head dim ", kernel_hdim, ", ",
+              is_bf16 ? "bf16" : "fp16",
+              ") was not compiled in this build; rebuild with FLASH_ATTN_HEADDIMS / FLASH_ATTN_DTYPES including it");
+  return launcher;
+}
+
+// Causal with one query row attends every key (bottom-right alignment); windows reaching past the
+// sequence are unbounded. Returns (left, right), -1 = unbounded.
+std::pair<int, int> normalize_window(bool is_causal, int window_left, int window_right, int max_seqlen_q,
+                                     int max_seqlen_k) {
+  if (max_seqlen_q == 1 && is_causal) is_causal = false;
+  if (is_causal) window_right = 0;
+  if (window_left >= max_seqlen_k) window_left = -1;
+  if (window_right >= max_seqlen_k) window_right = -1;
+  return {window_left, window_right};
+}
+
+void set_scores(flash::FwdParams& p, float softmax_scale, float softcap) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  if (softcap > 0.f) {
+    p.softcap_in = softmax_scale / softcap;
+    p.scale_softmax = softcap;
+  } else {
+    p.softcap_in = 0.f;
+    p.scale_softmax = softmax_scale;
+  }
+  p.scale_softmax_log2 = p.scale_softmax * kLog2e;
+}
+
+void set_tensor(const Tensor& t, const void*& ptr, int64_t& batch_stride, int64_t& row_stride,
+                int64_t& head_stride, bool batched) {
+  ptr = t.data_ptr();
+  batch_stride = batched ? t.stride(0) : 0;
+  row_stride = t.stride(-3);
+  head_stride = t.stride(-2);
+}
+
+// Everything after the checks: shared by the padded and the varlen entry points.
+struct Call {
+  Tensor q, k, v, out;  // as the kernel sees them (after a possible swap)
+  int batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size;
+  bool varlen_q, varlen_k;
+};
+
+void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int window_left, int window_right,
+                 float softmax_scale, float softcap) {
+  p = {};
+  const void* o_const = nullptr;
+  set_tensor(c.q, p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride, !c.varlen_q);
+  set_tensor(c.k, p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride, !c.varlen_k);
+  set_tensor(c.v, p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride, !c.varlen_k);
+  set_tensor(c.out, o_const, p.o_batch_stride, p.o_row_stride, p.o_head_stride, !c.varlen_q);
+  p.o_ptr = const_cast<void*>(o_const);
+  p.b = c.batch;
+  p.h = c.num_heads;
+  p.h_k = c.num_heads_k;
+  p.h_h_k_ratio = c.num_heads / c.num_heads_k;
+  p.seqlen_q = c.seqlen_q;
+  p.seqlen_k = c.seqlen_k;
+  p.d = c.head_size;
+  set_scores(p, softmax_scale, softcap);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  if (alibi) {
+    p.alibi_slopes_ptr = alibi->data_ptr<float>();
+    p.alibi_slopes_batch_stride = alibi->dim() == 2 ? alibi->stride(0) : 0;
+  }
+  p.num_splits = 1;
+}
+
+// SM count of the current device, cached per device (an attribute query costs a driver call).
+int device_sm_count() {
+  static std::atomic<int> cached[64] = {};
+  const int device = c10::cuda::current_device();
+  int n = cached[device & 63].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cached[device & 63].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Allocates the split-KV partial buffers (from PyTorch's caching allocator: no sync, graph-safe).
+std::pair<Tensor, Tensor> set_splits(flash::FwdParams& p, int num_splits, int total_q_rows, const at::TensorOptions& opts) {
+  p.num_splits = num_splits;
+  p.total_q_rows = total_q_rows;
+  if (num_splits <= 1) return {};
+  const int kernel_hdim = flash::round_up_headdim(p.d);
+  auto f32 = opts.dtype(at::kFloat);
+  Tensor oaccum = at::empty({num_splits, p.h, total_q_rows, kernel_hdim}, f32);
+  Tensor lseaccum = at::empty({num_splits, p.h, total_q_rows}, f32);
+  p.oaccum_ptr = oaccum.data_ptr<float>();
+  p.lseaccum_ptr = lseaccum.data_ptr<float>();
+  return {oaccum, lseaccum};
+}
+
+void launch(flash::FwdLauncher kernel, const flash::FwdParams& p) {
+  kernel(p, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// q: (batch, seqlen_q, num_heads, d); k, v: (batch, seqlen_k, num_heads_k, d).
+std::vector<Tensor> mha_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_, OptTensor alibi_slopes,
+                            double p_dropout, double softmax_scale, bool is_causal, int window_left, int window_right,
+                            double softcap, bool return_softmax, int num_splits) {
+  check_qkv_dtypes(q_in, k, v);
+  TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", q_in.sizes());
+  TORCH_CHECK(k.dim() == 4, "k must have shape (batch, seqlen_k, num_heads_k, head_dim), got ", k.sizes());
+  const int batch = q_in.size(0), seqlen_q = q_in.size(1), num_heads = q_in.size(2), head_size = q_in.size(3);
+  const int seqlen_k = k.size(1), num_heads_k = k.size(2);
+  TORCH_CHECK(k.size(0) == batch && k.size(3) == head_size, "k must have shape (batch, seqlen_k, num_heads_k, ",
+              "head_dim) with q's batch and head_dim, got ", k.sizes(), " for q ", q_in.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", v.sizes(), " and ", k.sizes());
+  check_head_dims(head_size, num_heads, num_heads_k);
+  check_options(p_dropout, return_softmax, window_left, window_right, softcap, num_splits);
+  check_alibi(alibi_slopes, batch, num_heads);
+  if (out_) check_out(*out_, q_in);
+  check_on_device(q_in, "q", q_in);
+  check_on_device(k, "k", q_in);
+  check_on_device(v, "v", q_in);
+  if (out_) check_on_device(*out_, "out", q_in);
+  if (alibi_slopes) check_on_device(*alibi_slopes, "alibi_slopes", q_in);
+  const bool is_bf16 = q_in.scalar_type() == at::kBFloat16;
+  const flash::FwdLauncher kernel = find_kernel(head_size, is_bf16);
+
+  const at::cuda::CUDAGuard device_guard{q_in.device()};
+  auto [wl, wr] = normalize_window(is_causal, window_left, window_right, seqlen_q, seqlen_k);
+  const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes;
+  const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size,
+                                                      can_swap, device_sm_count(), num_splits);
+  const auto opts = q_in.options();
+  Call c{q_in, k, v, {}, batch, plan.num_heads, num_heads_k, plan.seqlen_q, seqlen_k, head_size, false, false};
+  if (plan.swap_seqlen_ngroups) {
+    // (b, 1, h_k * g, d) -> (b, g, h_k, d): the g query heads of a kv head become its query rows.
+    c.q = q_in.reshape({batch, num_heads_k, plan.seqlen_q, head_size}).transpose(1, 2);
+    c.out = at::empty({batch, num_heads_k, plan.seqlen_q, head_size}, opts).transpose(1, 2);
+  } else {
+    c.out = out_ ? *out_ : at::empty_like(q_in);
+  }
+  // Contiguous (b, h, seqlen_q) in the kernel's view is the same memory as (b, num_heads, seqlen_q).
+  Tensor softmax_lse = at::empty({batch, plan.num_heads, plan.seqlen_q}, opts.dtype(at::kFloat));
+
+  if (batch > 0 && seqlen_q > 0 && num_heads > 0) {
+    flash::FwdParams p;
+    fill_common(p, c, alibi_slopes, wl, wr, softmax_scale, softcap);
+    p.softmax_lse_ptr = softmax_lse.data_ptr<float>();
+    p.lse_batch_stride = int64_t(plan.num_heads) * plan.seqlen_q;
+    p.lse_head_stride = plan.seqlen_q;
+    p.lse_row_stride = 1;
+    auto accum = set_splits(p, plan.num_splits, batch * plan.seqlen_q, opts);
+    launch(kernel, p);
+  }
+
+  Tensor out = c.out;
+  if (plan.swap_seqlen_ngroups) {
+    out = c.out.transpose(1, 2).reshape({batch, 1, num_heads, head_size});
+    if (out_) {
+      out_->copy_(out);
+      out = *out_;
+    }
+  }
+  return {out, softmax_lse.view({batch, num_heads, seqlen_q})};
+}
+
+// q: (total_q, num_heads, d); k, v: (total_k, num_heads_k, d), or paged
+// (num_blocks, page_block_size, num_heads_k, d) with block_table (batch, max_blocks_per_seq).
+std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_,
+                                   const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, OptTensor seqused_k,
+                                   OptTensor leftpad_k, OptTensor block_table, OptTensor alibi_slopes,
+                                   int max_seqlen_q, int max_seqlen_k, double p_dropout, double softmax_scale,
+                                   bool zero_tensors, bool is_causal, int window_left, int window_right,
+                                   double softcap, bool return_softmax, int num_splits) {
+  check_qkv_dtypes(q_in, k, v);
+  const bool paged = block_table.has_value();
+  TORCH_CHECK(q_in.dim() == 3, "q must have shape (total_q, num_heads, head_dim), got ", q_in.sizes());
+  TORCH_CHECK(k.dim() == (paged ? 4 : 3), "k must have shape ",
+              paged ? "(num_blocks, page_block_size, num_heads_k, head_dim) with block_table"
+                    : "(total_k, num_heads_k, head_dim)",
+              ", got ", k.sizes());
+  const int total_q = q_in.size(0), num_heads = q_in.size(1), head_size = q_in.size(2);
+  const int num_heads_k = k.size(-2);
+  const int batch = cu_seqlens_q.numel() - 1;
+  TORCH_CHECK(k.size(-1) == head_size, "k must have q's head_dim ", head_size, ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", v.sizes(), " and ", k.sizes());
+  check_head_dims(head_size, num_heads, num_heads_k);
+  check_options(p_dropout, return_softmax, window_left, window_right, softcap, num_splits);
+  TORCH_CHECK(batch >= 1, "cu_seqlens_q must have batch_size + 1 >= 2 elements, got ", cu_seqlens_q.numel());
+  check_int32_vector(cu_seqlens_q, "cu_seqlens_q", batch + 1);
+  check_int32_vector(cu_seqlens_k, "cu_seqlens_k", batch + 1);
+  if (seqused_k) check_int32_vector(*seqused_k, "seqused_k", batch);
+  if (leftpad_k) check_int32_vector(*leftpad_k, "leftpad_k", batch);
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0");
+  int page_block_size = 0;
+  if (paged) {
+    TORCH_CHECK(block_table->scalar_type() == at::kInt, "block_table must have dtype torch.int32");
+    TORCH_CHECK(block_table->dim() == 2 && block_table->size(0) == batch,
+                "block_table must have shape (batch_size, max_blocks_per_seq), got ", block_table->sizes());
+    TORCH_CHECK(block_table->stride(-1) == 1, "block_table must have contiguous last dimension");
+    page_block_size = k.size(1);
+    TORCH_CHECK(page_block_size % 16 == 0 && page_block_size > 0,
+                "page_block_size (k.size(1) with block_table) must be a positive multiple of 16, got ",
+                page_block_size);
+  }
+  check_alibi(alibi_slopes, batch, num_heads);
+  if (out_) check_out(*out_, q_in);
+  check_on_device(q_in, "q", q_in);
+  check_on_device(k, "k", q_in);
+  check_on_device(v, "v", q_in);
+  check_on_device(cu_seqlens_q, "cu_seqlens_q", q_in);
+  check_on_device(cu_seqlens_k, "cu_seqlens_k", q_in);
+  if (seqused_k) check_on_device(*seqused_k, "seqused_k", q_in);
+  if (leftpad_k) check_on_device(*leftpad_k, "leftpad_k", q_in);
+  if (paged) check_on_device(*block_table, "block_table", q_in);
+  if (out_) check_on_device(*out_, "out", q_in);
+  if (alibi_slopes) check_on_device(*alibi_slopes, "alibi_slopes", q_in);
+  const bool is_bf16 = q_in.scalar_type() == at::kBFloat16;
+  const flash::FwdLauncher kernel = find_kernel(head_size, is_bf16);
+
+  const at::cuda::CUDAGuard device_guard{q_in.device()};
+  auto [wl, wr] = normalize_window(is_causal, window_left, window_right, max_seqlen_q, max_seqlen_k);
+  // The swap views q as (b, g, h_k, d), which needs exactly one query per sequence.
+  const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && total_q == batch;
+  const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
+                                                      head_size, can_swap, device_sm_count(), num_splits);
+  const auto opts = q_in.options();
+  Call c{q_in, k, v, {}, batch, plan.num_heads, num_heads_k, plan.seqlen_q, max_seqlen_k, head_size,
+         !plan.swap_seqlen_ngroups, !paged};
+  if (plan.swap_seqlen_ngroups) {
+    c.q = q_in.reshape({batch, num_heads_k, plan.seqlen_q, head_size}).transpose(1, 2);
+    c.out = at::empty({batch, num_heads_k, plan.seqlen_q, head_size}, opts).transpose(1, 2);
+  } else {
+    c.out = out_ ? *out_ : at::empty_like(q_in);
+  }
+  Tensor softmax_lse = at::empty({num_heads, total_q}, opts.dtype(at::kFloat));
+  if (zero_tensors) {
+    c.out.zero_();
+    softmax_lse.fill_(-std::numeric_limits<float>::infinity());
+  }
+
+  if (total_q > 0 && max_seqlen_q > 0) {
+    flash::FwdParams p;
+    fill_common(p, c, alibi_slopes, wl, wr, softmax_scale, softcap);
+    p.cu_seqlens_q = plan.swap_seqlen_ngroups ? nullptr : cu_seqlens_q.data_ptr<int>();
+    p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+    p.seqused_k = seqused_k ? seqused_k->data_ptr<int>() : nullptr;
+    p.leftpad_k = leftpad_k ? leftpad_k->data_ptr<int>() : nullptr;
+    if (paged) {
+      p.block_table = block_table->data_ptr<int>();
+      p.block_table_batch_stride = block_table->stride(0);
+      p.page_block_size = page_block_size;
+      p.k_batch_stride = k.stride(0);
+      p.v_batch_stride = v.stride(0);
+    }
+    p.softmax_lse_ptr = softmax_lse.data_ptr<float>();
+    if (plan.swap_seqlen_ngroups) {
+      // Kernel element (b, kv head hk, row g) is query head hk * ngroups + g of sequence b.
+      p.lse_batch_stride = 1;
+      p.lse_head_stride = int64_t(plan.seqlen_q) * total_q;
+      p.lse_row_stride = total_q;
+    } else {
+      p.lse_batch_stride = 0;
+      p.lse_head_stride = total_q;
+      p.lse_row_stride = 1;
+    }
+    const int total_q_rows = plan.swap_seqlen_ngroups ? batch * plan.seqlen_q : total_q;
+    auto accum = set_splits(p, plan.num_splits, total_q_rows, opts);
+    launch(kernel, p);
+  }
+
+  Tensor out = c.out;
+  if (plan.swap_seqlen_ngroups) {
+    out = c.out.transpose(1, 2).reshape({total_q, num_heads, head_size});
+    if (out_) {
+      out_->copy_(out);
+      out = *out_;
+    }
+  }
+  return {out, softmax_lse};
+}
+
+int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
+                         int num_sms, int num_splits) {
+  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+  TORCH_CHECK(num_sms > 0, "num_sms must be positive");
+  check_head_dims(head_size, num_heads, num_heads_k);
+  return flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, /*can_swap=*/true,
+                             num_sms, num_splits)
+      .num_splits;
+}
+
+pybind11::dict build_info() {
+  pybind11::list headdims, dtypes;
+  bool any_fp16 = false, any_bf16 = false;
+  for (int i = 0; i < flash::kNumKernelHeadDims; ++i) {
+    const bool fp16 = flash::fwd_launchers[i][0] != nullptr, bf16 = flash::fwd_launchers[i][1] != nullptr;
+    if (fp16 || bf16) headdims.append(flash::kKernelHeadDims[i]);
+    any_fp16 |= fp16;
+    any_bf16 |= bf16;
+  }
+  if (any_fp16) dtypes.append("fp16");
+  if (any_bf16) dtypes.append("bf16");
+  pybind11::list archs;
+  for (int arch : std::vector<int>{FLASH_ATTN_ARCHS_LIST}) archs.append(std::to_string(arch));
+  pybind11::dict info;
+  info["headdims"] = headdims;
+  info["dtypes"] = dtypes;
+  info["archs"] = archs;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "FlashAttention-2 compatible forward attention with split-KV decoding";
+  m.def("fwd", &mha_fwd, "Forward attention, padded batch", pybind11::arg("q"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("alibi_slopes"), pybind11::arg("dropout_p"),
+        pybind11::arg("softmax_scale"), pybind11::arg("causal"), pybind11::arg("window_size_left"),
+        pybind11::arg("window_size_right"), pybind11::arg("softcap"), pybind11::arg("return_softmax"),
+        pybind11::arg("num_splits") = 0);
+  m.def("varlen_fwd", &mha_varlen_fwd, "Forward attention, variable-length batch", pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("cu_seqlens_q"),
+        pybind11::arg("cu_seqlens_k"), pybind11::arg("seqused_k"), pybind11::arg("leftpad_k"),
+        pybind11::arg("block_table"), pybind11::arg("alibi_slopes"), pybind11::arg("max_seqlen_q"),
+        pybind11::arg("max_seqlen_k"), pybind11::arg("dropout_p"), pybind11::arg("softmax_scale"),
+        pybind11::arg("zero_tensors"), pybind11::arg("causal"), pybind11::arg("window_size_left"),
+        pybind11::arg("window_size_right"), pybind11::arg("softcap"), pybind11::arg("return_softmax"),
+        pybind11::arg("num_splits") = 0);
+  m.def("num_splits_heuristic", &num_splits_heuristic,
+        "Number of key splits the dispatcher uses for these shapes (no window, no ALiBi)", pybind11::arg("batch"),
+        pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"), pybind11::arg("seqlen_k"),
+        pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
+  m.def("build_info", &build_info, "Compiled head dims, dtypes and CUDA architectures");
+}

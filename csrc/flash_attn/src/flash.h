@@ -1,0 +1,42 @@
+// Entry points of the compiled kernels, one per (head dim, dtype), as seen by the dispatcher.
+// Free of CUDA kernels and CUTLASS so flash_api.cpp compiles without them.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "flash_params.h"
+#include "tile_sizes.h"
+
+namespace flash {
+
+// Runs the forward (split + combine when params.num_splits > 1) on `stream`. Defined in
+// flash_fwd_launch_template.h, instantiated in the generated instantiations/*.cu files.
+template <int kHeadDim, bool kIsBf16>
+void run_fwd(const FwdParams& params, cudaStream_t stream);
+
+using FwdLauncher = void (*)(const FwdParams&, cudaStream_t);
+
+constexpr int kNumKernelHeadDims = sizeof(kKernelHeadDims) / sizeof(kKernelHeadDims[0]);
+
+constexpr int headdim_index(int kernel_headdim) {
+  for (int i = 0; i < kNumKernelHeadDims; ++i) {
+    if (kKernelHeadDims[i] == kernel_headdim) return i;
+  }
+  return -1;
+}
+
+// Kernels present in this build. Each instantiation file registers itself at load time, so a
+// reduced build (FLASH_ATTN_HEADDIMS / FLASH_ATTN_DTYPES) needs no list kept in sync by hand.
+inline FwdLauncher fwd_launchers[kNumKernelHeadDims][2] = {};
+
+inline bool register_fwd(int kernel_headdim, bool is_bf16, FwdLauncher launcher) {
+  fwd_launchers[headdim_index(kernel_headdim)][is_bf16] = launcher;
+  return true;
+}
+
+inline FwdLauncher find_fwd(int kernel_headdim, bool is_bf16) {
+  const int i = headdim_index(kernel_headdim);
+  return i < 0 ? nullptr : fwd_launchers[i][is_bf16];
+}
+
+}  // namespace flash

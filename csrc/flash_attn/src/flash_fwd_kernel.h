@@ -1,0 +1,263 @@
+// FlashAttention-2 forward: one thread block owns kBlockM query rows of one (batch, head) and
+// walks key blocks from last to first with an online softmax. The Q tile stays in shared memory;
+// K and V tiles stream in with cp.async, V's load overlapping S = Q K^T and the next K's load
+// overlapping the softmax and O += P V.
+//
+// kIsSplit: the block covers only its split's share of the key blocks and writes an fp32 partial
+// output and partial log-sum-exp, merged later by the combine kernel (split-KV decoding).
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "flash_params.h"
+#include "gmem_copy.h"
+#include "kernel_traits.h"
+#include "mma_utils.h"
+#include "score_mods.h"
+#include "seq_info.h"
+#include "softmax.h"
+
+namespace flash {
+
+using namespace cute;
+
+__device__ __forceinline__ int ceil_div_dev(int a, int b) { return (a + b - 1) / b; }
+
+// Pointer to key/value row j (0 = first visible key of the entry) of kv head `kv_head`.
+template <typename Element>
+struct KVRows {
+  const Element* base;  // start of the tensor
+  int64_t entry_offset;  // offset of this batch entry (contiguous layouts)
+  int64_t row_stride;
+  int64_t head_offset;
+  int row0;             // left padding
+  const int* block_table;  // this entry's row of the block table, or nullptr
+  int64_t page_stride;
+  int page_size;
+
+  __device__ __forceinline__ const Element* operator()(int j) const {
+    const int row = row0 + j;
+    if (block_table != nullptr) {
+      const int page = block_table[row / page_size];
+      return base + int64_t(page) * page_stride + int64_t(row % page_size) * row_stride + head_offset;
+    }
+    return base + entry_offset + int64_t(row) * row_stride + head_offset;
+  }
+};
+
+// Rows of this tile have no visible key in this block range: output 0 and the empty lse.
+template <typename Traits, bool kIsSplit>
+__device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bidb, int bidh, int split_idx,
+                                 int m_block, int rows_in_tile) {
+  using Element = typename Traits::Element;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  const int tidx = threadIdx.x;
+  const int m0 = m_block * Traits::kBlockM;
+  if constexpr (kIsSplit) {
+    const int64_t head_rows = (int64_t(split_idx) * p.h + bidh) * p.total_q_rows;
+    for (int i = tidx; i < rows_in_tile * kHeadDim; i += Traits::kNThreads) {
+      const int r = seq.q_row(p, bidb, m0 + i / kHeadDim);
+      p.oaccum_ptr[(head_rows + r) * kHeadDim + i % kHeadDim] = 0.f;
+    }
+    for (int i = tidx; i < rows_in_tile; i += Traits::kNThreads) {
+      p.lseaccum_ptr[head_rows + seq.q_row(p, bidb, m0 + i)] = -INFINITY;
+    }
+  } else {
+    Element* o = static_cast<Element*>(p.o_ptr) + seq.o_offset + bidh * p.o_head_stride;
+    for (int i = tidx; i < rows_in_tile * p.d; i += Traits::kNThreads) {
+      o[int64_t(m0 + i / p.d) * p.o_row_stride + i % p.d] = Element(0.f);
+    }
+    for (int i = tidx; i < rows_in_tile; i += Traits::kNThreads) {
+      p.softmax_lse_ptr[bidb * p.lse_batch_stride + bidh * p.lse_head_stride +
+                        int64_t(seq.q_start + m0 + i) * p.lse_row_stride] = INFINITY;
+    }
+  }
+}
+
+template <typename Traits, bool kIsSplit>
+__global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __grid_constant__ FwdParams params) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+  extern __shared__ __align__(128) char smem_buf[];
+  const int tidx = threadIdx.x;
+  // Later query tiles first: under a causal mask they see the most keys, so the longest blocks
+  // start in the first wave.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int split_idx = kIsSplit ? blockIdx.y : 0;
+  const int bidb = kIsSplit ? blockIdx.z / params.h : blockIdx.y;
+  const int bidh = kIsSplit ? blockIdx.z % params.h : blockIdx.z;
+
+  const SeqInfo seq(params, bidb);
+  const int m0 = m_block * kBlockM;
+  if (m0 >= seq.seqlen_q) return;
+  const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
+  const int diag = seq.seqlen_k - seq.seqlen_q;
+
+  // Key blocks this thread block visits: its split's share, cut by the causal/window band.
+  const int n_blocks_total = ceil_div_dev(seq.seqlen_k, kBlockN);
+  int n_block_min = 0;
+  int n_block_max = n_blocks_total;
+  if constexpr (kIsSplit) {
+    const int per_split = ceil_div_dev(n_blocks_total, params.num_splits);
+    n_block_min = split_idx * per_split;
+    n_block_max = min(n_block_max, n_block_min + per_split);
+  }
+  if (params.window_right >= 0) {
+    n_block_max = min(n_block_max, ceil_div_dev(m0 + rows_in_tile + diag + params.window_right, kBlockN));
+  }
+  if (params.window_left >= 0) {
+    n_block_min = max(n_block_min, (m0 + diag - params.window_left) / kBlockN);
+  }
+  if (n_block_max <= n_block_min) {
+    write_empty_tile<Traits, kIsSplit>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
+    return;
+  }
+
+  // Global addressing.
+  const Element* q_base = static_cast<const Element*>(params.q_ptr) + seq.q_offset + bidh * params.q_head_stride;
+  const int kv_head = bidh / params.h_h_k_ratio;
+  const int* block_table = params.block_table != nullptr ? params.block_table + bidb * params.block_table_batch_stride
+                                                         : nullptr;
+  const KVRows<Element> k_rows{static_cast<const Element*>(params.k_ptr), seq.k_offset, params.k_row_stride,
+                               kv_head * params.k_head_stride, seq.k_row0, block_table, params.k_batch_stride,
+                               params.page_block_size};
+  const KVRows<Element> v_rows{static_cast<const Element*>(params.v_ptr), seq.v_offset, params.v_row_stride,
+                               kv_head * params.v_head_stride, seq.k_row0, block_table, params.v_batch_stride,
+                               params.page_block_size};
+  auto q_row = [&](int r) { return q_base + int64_t(m0 + r) * params.q_row_stride; };
+  auto load_k = [&](auto& sK, int n_block) {
+    const int j0 = n_block * kBlockN;
+    load_tile_async<Traits>(sK, [&](int r) { return k_rows(j0 + r); }, seq.seqlen_k - j0, params.d, k_rows.base, tidx);
+  };
+  auto load_v = [&](auto& sV, int n_block) {
+    const int j0 = n_block * kBlockN;
+    load_tile_async<Traits>(sV, [&](int r) { return v_rows(j0 + r); }, seq.seqlen_k - j0, params.d, v_rows.base, tidx);
+  };
+
+  // Shared memory: Q | K | V.
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem_buf)), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
+  Tensor sVtNoSwizzle = make_tensor(sV.data(), typename Traits::SmemLayoutVtNoSwizzle{});
+
+  typename Traits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tidx);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);
+  Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);
+  Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+
+  auto smem_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_thr_copy_q = smem_copy_q.get_thread_slice(tidx);
+  Tensor tSsQ = smem_thr_copy_q.partition_S(sQ);
+  auto smem_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_thr_copy_k = smem_copy_k.get_thread_slice(tidx);
+  Tensor tSsK = smem_thr_copy_k.partition_S(sK);
+  auto smem_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+  auto smem_thr_copy_v = smem_copy_v.get_thread_slice(tidx);
+  Tensor tOsVt = smem_thr_copy_v.partition_S(sVt);
+
+  // (row, col) of every score and output element this thread holds.
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor tScS_rc = rowcol_view(tScS);
+  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  Tensor tOcO_rc = rowcol_view(tOcO);
+
+  const bool has_softcap = params.softcap_in > 0.f;
+  const float alibi_slope = params.alibi_slopes_ptr == nullptr ? 0.f
+      : params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax;
+
+  int n_block = n_block_max - 1;
+  load_tile_async<Traits>(sQ, q_row, rows_in_tile, params.d, q_base, tidx);
+  cp_async_fence();
+  load_k(sK, n_block);
+  cp_async_fence();
+  clear(acc_o);
+
+  constexpr int kRows = decltype(size<0>(rowcol_view(acc_o)))::value;
+  OnlineSoftmax<kRows> softmax;
+
+  for (bool first = true; n_block >= n_block_min; --n_block, first = false) {
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    cp_async_wait<0>();
+    __syncthreads();  // K[n_block] landed; every warp is done reading the previous V
+    load_v(sV, n_block);
+    cp_async_fence();
+
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, smem_thr_copy_q, smem_thr_copy_k);
+
+    Tensor s = rowcol_view(acc_s);
+    if (has_softcap) apply_softcap(acc_s, params.softcap_in);
+    const BlockCoords bc{m0, n_block * kBlockN, diag};
+    if (params.alibi_slopes_ptr != nullptr) apply_alibi(s, tScS_rc, bc, alibi_slope);
+    if (block_needs_mask(bc, kBlockN, rows_in_tile, seq.seqlen_k, params.window_left, params.window_right)) {
+      apply_mask(s, tScS_rc, bc, seq.seqlen_k, params.window_left, params.window_right);
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V[n_block] landed; every warp is done reading K
+    if (n_block > n_block_min) {
+      load_k(sK, n_block - 1);
+      cp_async_fence();
+    }
+
+    softmax.update(s, rowcol_view(acc_o), params.scale_softmax_log2, first);
+
+    Tensor rP = convert_fragment<Element>(acc_s);
+    Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand_layout(rP.layout()));
+    gemm_rs(acc_o, tOrP, tOrVt, tOsVt, tiled_mma, smem_copy_v, smem_thr_copy_v);
+  }
+
+  float lse[kRows];
+  softmax.finalize(rowcol_view(acc_o), params.scale_softmax, kIsSplit ? -INFINITY : INFINITY, lse);
+
+  // The quad lane holding column 0 of a row writes that row's lse.
+  const bool writes_lse = get<1>(tOcO_rc(0, 0)) == 0;
+
+  if constexpr (kIsSplit) {
+    const int64_t head_rows = (int64_t(split_idx) * params.h + bidh) * params.total_q_rows;
+    const int r0 = seq.q_row(params, bidb, m0);
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      const int row = get<0>(tOcO_rc(mi, 0));
+      if (writes_lse && row < rows_in_tile) params.lseaccum_ptr[head_rows + r0 + row] = lse[mi];
+    }
+    // fp32 partials straight from registers: accumulator elements 2i and 2i+1 are neighbours
+    // in a row.
+    float* oacc = params.oaccum_ptr + (head_rows + r0) * kHeadDim;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); i += 2) {
+      const int row = get<0>(tOcO(i));
+      const int col = get<1>(tOcO(i));
+      if (row < rows_in_tile) {
+        *reinterpret_cast<float2*>(oacc + int64_t(row) * kHeadDim + col) = make_float2(acc_o(i), acc_o(i + 1));
+      }
+    }
+  } else {
+    float* lse_out = params.softmax_lse_ptr + bidb * params.lse_batch_stride + bidh * params.lse_head_stride;
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      const int row = get<0>(tOcO_rc(mi, 0));
+      if (writes_lse && row < rows_in_tile) lse_out[int64_t(seq.q_start + m0 + row) * params.lse_row_stride] = lse[mi];
+    }
+    // Output through shared memory (Q's tile, no longer read) for 16-byte coalesced stores.
+    Tensor rO = convert_fragment<Element>(acc_o);
+    Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutQ{});
+    auto smem_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
+    auto smem_thr_copy_o = smem_copy_o.get_thread_slice(tidx);
+    Tensor taccOrO = smem_thr_copy_o.retile_S(rO);
+    Tensor taccOsO = smem_thr_copy_o.partition_D(sO);
+    copy(smem_copy_o, taccOrO, taccOsO);
+    __syncthreads();
+    Element* o_base = static_cast<Element*>(params.o_ptr) + seq.o_offset + bidh * params.o_head_stride;
+    store_tile<Traits>(sO, [&](int r) { return o_base + int64_t(m0 + r) * params.o_row_stride; }, rows_in_tile,
+                       params.d, tidx);
+  }
+}
+
+}  // namespace flash

@@ -1,0 +1,69 @@
+// Parameters of one forward attention call, packed by flash_api.cpp and read by the kernels.
+// Plain C++ on purpose: the dispatcher includes this without CUDA/CUTLASS headers.
+#pragma once
+
+#include <cstdint>
+
+namespace flash {
+
+struct FwdParams {
+  // Tensors. Strides are in elements; the last dimension (head dim) is contiguous.
+  const void* q_ptr;
+  const void* k_ptr;
+  const void* v_ptr;
+  void* o_ptr;
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+
+  // softmax_lse (fp32). Element (b, h, m) lives at
+  //   b * lse_batch_stride + h * lse_head_stride + (q_start(b) + m) * lse_row_stride
+  // where q_start(b) is cu_seqlens_q[b] for varlen queries and 0 otherwise.
+  float* softmax_lse_ptr;
+  int64_t lse_batch_stride, lse_head_stride, lse_row_stride;
+
+  // Shapes. seqlen_q / seqlen_k are the (max) padded lengths; d is the real head dim,
+  // at most the kernel's compile-time head dim.
+  int b, h, h_k, h_h_k_ratio;
+  int seqlen_q, seqlen_k;
+  int d;
+
+  // Variable lengths (all int32, nullable). q and k sides are independent: q may be
+  // batch-strided while k is varlen (the GQA seqlen/ngroups swap does this).
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  const int* seqused_k;   // number of keys used per batch entry
+  const int* leftpad_k;   // keys to skip at the start of each batch entry
+  const int* cache_batch_idx;  // k/v batch index per q batch entry (kv cache)
+
+  // Paged KV: k/v are (num_blocks, page_block_size, h_k, d) and row j of batch b lives in
+  // page block_table[b * block_table_batch_stride + j / page_block_size].
+  const int* block_table;
+  int64_t block_table_batch_stride;
+  int page_block_size;
+
+  // Scores: s = q.k; with softcap, s = tanh(s * softcap_in) and the softmax multiplier is softcap.
+  // p = exp2(s * scale_softmax_log2 - max), lse = max * scale_softmax + log(sum).
+  float scale_softmax;
+  float scale_softmax_log2;
+  float softcap_in;  // 0 when softcap is off
+  // ALiBi: bias -slope * |i + sk - sq - j| added to the scaled score (fp32 slopes, nullable).
+  const float* alibi_slopes_ptr;
+  int64_t alibi_slopes_batch_stride;
+
+  // Masking: key j is visible to query i iff
+  //   i + sk - sq - window_left <= j <= i + sk - sq + window_right   (a negative window is unbounded).
+  // Causal is window_right == 0 with window_left unbounded.
+  int window_left, window_right;
+
+  // Split-KV. num_splits > 1 makes the forward kernel write fp32 partials here, merged by the
+  // combine kernel. Partial rows are indexed by r = q_start(b) + m, or b * seqlen_q + m without
+  // cu_seqlens_q; there are total_q_rows of them per (split, head).
+  int num_splits;
+  float* oaccum_ptr;       // [num_splits][h][total_q_rows][kHeadDim]
+  float* lseaccum_ptr;     // [num_splits][h][total_q_rows]
+  int total_q_rows;
+};
+
+}  // namespace flash

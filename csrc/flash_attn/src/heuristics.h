@@ -1,0 +1,79 @@
+// Decisions the dispatcher takes from shapes alone: whether to fold GQA query groups into the
+// query-row dimension, and how many key splits to run. Pure host functions (no CUDA, no torch),
+// bound to Python as flash_attn.num_splits_heuristic so CPU tests check them.
+#pragma once
+
+#include <algorithm>
+
+#include "tile_sizes.h"
+
+namespace flash {
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Resident split-kernel thread blocks per SM (shared memory allows two of the 64-row tiles).
+constexpr int kSplitBlocksPerSm = 2;
+
+// Number of key splits for a grid of `blocks` thread blocks (batch x heads x query tiles), each
+// over `n_blocks` key blocks. A thread block walks its key blocks one after another, so its time
+// is about (key blocks per split + 1) block latencies, the +1 being the fixed cost of loading Q,
+// the first key block and writing the partial result. Splits multiply the blocks; past the
+// resident slots they run in waves. Minimise waves x per-block latency, with a small charge
+// per split for the partial results and the combine, so that ties go to fewer splits.
+inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits) {
+  if (blocks <= 0 || n_blocks <= 1 || blocks >= num_sms) return 1;
+  const int slots = num_sms * kSplitBlocksPerSm;
+  max_splits = std::min({max_splits, n_blocks, slots});
+  int best = 1;
+  float best_cost = 3.0e38f;
+  for (int s = 1; s <= max_splits; ++s) {
+    const int per_split = ceil_div(n_blocks, s);
+    // More splits that leave the longest split as long as before only add partials.
+    if (s > 1 && ceil_div(n_blocks, s - 1) == per_split) continue;
+    const int waves = ceil_div(blocks * s, slots);
+    const float cost = waves * (per_split + 1.0f) + 0.01f * s;
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = s;
+    }
+  }
+  return best;
+}
+
+struct ForwardPlan {
+  bool swap_seqlen_ngroups;  // run query groups of a kv head as the query rows of one head
+  int seqlen_q;              // query rows per (batch, head) the kernel sees
+  int num_heads;             // heads the kernel sees
+  int num_splits;
+};
+
+// The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
+// 0 = heuristic, 1 = never split, n > 1 = n splits clamped to the number of key blocks.
+// Split-KV is considered for every decoding step (max_seqlen_q == 1) whatever the head layout;
+// an explicit n > 1 is honoured for any seqlen_q.
+// `can_swap` is false when rows of a group would differ: a window or ALiBi (per position / head),
+// or a varlen batch that is not exactly one query per sequence.
+inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
+                                int max_seqlen_k, int headdim, bool can_swap, int num_sms,
+                                int requested) {
+  ForwardPlan plan{false, max_seqlen_q, num_heads, 1};
+  // One query per sequence and several query heads per kv head: the heads of a group share
+  // every key, so they become the rows of one query tile.
+  if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
+    plan.swap_seqlen_ngroups = true;
+    plan.seqlen_q = num_heads / num_heads_k;
+    plan.num_heads = num_heads_k;
+  }
+  const int n_blocks = std::max(1, ceil_div(max_seqlen_k, splitkv_tile(round_up_headdim(headdim)).block_n));
+  if (requested == 1) return plan;
+  if (requested > 1) {
+    plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
+    return plan;
+  }
+  if (max_seqlen_q != 1) return plan;
+  const int blocks = batch * plan.num_heads * ceil_div(plan.seqlen_q, splitkv_tile(round_up_headdim(headdim)).block_m);
+  plan.num_splits = num_splits_heuristic(blocks, num_sms, n_blocks, kMaxSplits);
+  return plan;
+}
+
+}  // namespace flash

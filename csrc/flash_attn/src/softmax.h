@@ -1,0 +1,70 @@
+// Online softmax over key blocks, kept per query row in registers (FlashAttention-2 style:
+// the running sum stays per-thread and is reduced across the quad only once, at the end).
+#pragma once
+
+#include <cmath>
+
+#include <cute/tensor.hpp>
+
+#include "mma_utils.h"
+
+namespace flash {
+
+using namespace cute;
+
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];
+  float row_sum[kRows];
+
+  // s: scores of this key block, o: output accumulator, both (rows, cols) views. On return s
+  // holds the unnormalised probabilities exp2(s * scale_log2 - max) and o is rescaled to the
+  // new running max.
+  template <typename TS, typename TO>
+  __device__ __forceinline__ void update(TS&& s, TO&& o, float scale_log2, bool is_first) {
+    static_assert(decltype(size<0>(s))::value == kRows);
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      float m = is_first ? -INFINITY : row_max[mi];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(s); ++ni) m = fmaxf(m, s(mi, ni));
+      m = quad_allreduce_max(m);
+      // A row that has seen no visible key keeps max -inf; shifting by 0 then yields exp2 = 0
+      // rather than NaN.
+      const float shift = m == -INFINITY ? 0.f : m * scale_log2;
+      if (is_first) {
+        row_sum[mi] = 0.f;
+      } else {
+        const float correction = exp2f(row_max[mi] * scale_log2 - shift);
+        row_sum[mi] *= correction;
+        CUTE_UNROLL
+        for (int ni = 0; ni < size<1>(o); ++ni) o(mi, ni) *= correction;
+      }
+      row_max[mi] = m;
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(s); ++ni) {
+        s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -shift));
+        sum += s(mi, ni);
+      }
+      row_sum[mi] += sum;
+    }
+  }
+
+  // Normalises o by the row sums and returns each row's log-sum-exp (natural log, in score
+  // units). A row with no visible key gets output 0 and lse `empty_lse`.
+  template <typename TO>
+  __device__ __forceinline__ void finalize(TO&& o, float scale_softmax, float empty_lse, float (&lse)[kRows]) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      const float sum = quad_allreduce_sum(row_sum[mi]);
+      const bool empty = sum == 0.f || sum != sum;
+      const float inv = empty ? 1.f : 1.f / sum;
+      lse[mi] = empty ? empty_lse : row_max[mi] * scale_softmax + __logf(sum);
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(o); ++ni) o(mi, ni) *= inv;
+    }
+  }
+};
+
+}  // namespace flash

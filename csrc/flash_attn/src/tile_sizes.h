@@ -1,0 +1,37 @@
+// Tile shapes of the forward kernels, as constexpr functions of the head dim.
+// Shared by the launch templates (which instantiate them) and the split heuristic (which needs
+// the key-block size), so neither can drift from the other. No CUDA/CUTLASS includes.
+#pragma once
+
+namespace flash {
+
+// Kernel head dims: a head dim d runs on the smallest of these that is >= d.
+constexpr int kKernelHeadDims[] = {32, 64, 96, 128, 192, 256};
+
+constexpr int round_up_headdim(int d) {
+  return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : d <= 192 ? 192 : 256;
+}
+
+struct TileShape {
+  int block_m;
+  int block_n;
+  int warps;
+};
+
+// Prefill / general forward. 4 warps up to head dim 128 keep the per-thread accumulators
+// (acc_s + acc_o) under the register file; 192 and 256 need 8 warps to do the same.
+constexpr TileShape fwd_tile(int headdim) {
+  return headdim <= 64 ? TileShape{128, 128, 4}
+                       : headdim <= 128 ? TileShape{128, 64, 4} : TileShape{128, 64, 8};
+}
+
+// Split-KV forward (decoding). Few query rows, so a 64-row tile; long key blocks so each
+// thread block streams more bytes per barrier.
+constexpr TileShape splitkv_tile(int headdim) {
+  return headdim <= 64 ? TileShape{64, 256, 4}
+                       : headdim <= 128 ? TileShape{64, 128, 4} : TileShape{64, 64, 4};
+}
+
+constexpr int kMaxSplits = 128;
+
+}  // namespace flash

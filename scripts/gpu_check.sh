@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# On a CUDA machine: build the extension, run the whole test suite and the benchmarks, and write
+# logs and results under $OUT (default ./out). Used on the H100 through the device tool:
+#
+#   bash scripts/gpu_check.sh                 # full build (all head dims, fp16+bf16), tests, benchmarks
+#   FLASH_ATTN_HEADDIMS=128 bash scripts/gpu_check.sh --no-bench   # iterate on a subset
+#
+# Options: --no-tests, --no-bench, --quick (quick benchmarks), --pytest-args "...".
+# If .whl/ holds wheels (nvidia-cutlass for a machine without it), they are installed first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+run_tests=1; run_bench=1; quick=""; pytest_args=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-tests) run_tests=0 ;;
+    --no-bench) run_bench=0 ;;
+    --quick) quick="--quick" ;;
+    --pytest-args) pytest_args="$2"; shift ;;
+    *) echo "unknown option $1"; exit 2 ;;
+  esac
+  shift
+done
+export PYTHONUNBUFFERED=1
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.log"
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/env.log"
+
+export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+status=$?
+echo "build: exit $status in $(( $(date +%s) - start )) s (archs $FLASH_ATTN_CUDA_ARCHS, head dims ${FLASH_ATTN_HEADDIMS:-all}, dtypes ${FLASH_ATTN_DTYPES:-all})" | tee -a "$OUT/env.log"
+if [ $status -ne 0 ]; then grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; fi
+grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | head -40 >>"$OUT/env.log"
+
+if [ $run_tests -eq 1 ]; then
+  start=$(date +%s)
+  python3 -m pytest tests -q -x --timeout=600 -p no:cacheprovider $pytest_args >"$OUT/tests.log" 2>&1
+  echo "tests: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
+  tail -25 "$OUT/tests.log"
+fi
+
+if [ $run_bench -eq 1 ]; then
+  mkdir -p "$OUT/results"
+  python3 benchmarks/benchmark_forward.py $quick --out-dir "$OUT/results" >"$OUT/bench.log" 2>&1
+  python3 benchmarks/benchmark_decode.py $quick --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
+  cat "$OUT/bench.log" | tail -80
+fi

@@ -1,0 +1,121 @@
+"""Builds flash_attn and its CUDA extension flash_attn_2_cuda.
+
+    pip install -r requirements.txt && pip install --no-build-isolation .
+
+Build knobs (environment variables):
+    FLASH_ATTN_HEADDIMS     kernel head dims to compile, e.g. "128" or "64,128" (default: all of
+                            32,64,96,128,192,256)
+    FLASH_ATTN_DTYPES       "fp16", "bf16" or "fp16,bf16" (default)
+    FLASH_ATTN_CUDA_ARCHS   CUDA architectures, e.g. "90" or "80;90" (default "80;90")
+    CUTLASS_DIR             a CUTLASS checkout or include folder (default: the nvidia-cutlass package)
+    MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
+"""
+import os
+import re
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc" / "flash_attn"
+ALL_HEADDIMS = [32, 64, 96, 128, 192, 256]
+ALL_DTYPES = ["fp16", "bf16"]
+CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
+
+
+def read_version() -> str:
+    text = (ROOT / "flash_attn" / "__init__.py").read_text()
+    return re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
+
+
+def env_list(name, default, cast=str):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return list(default)
+    return [cast(x) for x in re.split(r"[;,\s]+", raw) if x]
+
+
+def cutlass_include_dir() -> Path:
+    """CUTLASS_DIR if set, else the headers shipped in the nvidia-cutlass wheel."""
+    override = os.environ.get("CUTLASS_DIR")
+    if override:
+        for candidate in (Path(override) / "include", Path(override)):
+            if (candidate / "cute" / "tensor.hpp").exists():
+                return candidate
+        sys.exit(f"CUTLASS_DIR={override} has no include/cute/tensor.hpp")
+    try:
+        import cutlass_library
+    except ImportError:
+        sys.exit(f"CUTLASS headers not found: pip install {CUTLASS_PIN} (or set CUTLASS_DIR)")
+    include = Path(cutlass_library.__file__).resolve().parent / "source" / "include"
+    if not (include / "cute" / "tensor.hpp").exists():
+        sys.exit(f"{include} has no cute/tensor.hpp; reinstall {CUTLASS_PIN} or set CUTLASS_DIR")
+    return include
+
+
+def extension_modules():
+    try:
+        from torch.utils.cpp_extension import CUDAExtension
+    except ImportError:
+        sys.exit("torch must be installed before building flash_attn (pip install --no-build-isolation .)")
+
+    headdims = env_list("FLASH_ATTN_HEADDIMS", ALL_HEADDIMS, int)
+    dtypes = env_list("FLASH_ATTN_DTYPES", ALL_DTYPES)
+    archs = env_list("FLASH_ATTN_CUDA_ARCHS", ["80", "90"])
+    bad = [h for h in headdims if h not in ALL_HEADDIMS] + [d for d in dtypes if d not in ALL_DTYPES]
+    if bad:
+        sys.exit(f"unknown FLASH_ATTN_HEADDIMS/FLASH_ATTN_DTYPES entries {bad}; choose from {ALL_HEADDIMS} / {ALL_DTYPES}")
+
+    kernel_dir = CSRC / "src" / "instantiations"
+    kernels = [kernel_dir / f"flash_fwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
+    missing = [k for k in kernels if not k.exists()]
+    if missing:
+        sys.exit(f"missing {missing}; run csrc/flash_attn/src/generate_kernels.py")
+    sources = [CSRC / "flash_api.cpp"] + kernels
+    print(f"flash_attn: head dims {headdims}, dtypes {dtypes}, archs {archs}", flush=True)
+
+    arch_list = ",".join(archs)
+    cxx_flags = ["-O3", "-std=c++20", f"-DFLASH_ATTN_ARCHS_LIST={arch_list}"]
+    nvcc_flags = [
+        "-O3",
+        "-std=c++20",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "--expt-extended-lambda",
+        # torch disables half operators for its own kernels; CUTLASS needs them.
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_HALF2_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-DNDEBUG",
+    ] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return [
+        CUDAExtension(
+            name="flash_attn_2_cuda",
+            sources=[str(s.relative_to(ROOT)) for s in sources],
+            include_dirs=[str(CSRC), str(CSRC / "src"), str(cutlass_include_dir())],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    ]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        name="flash_attn",
+        version=read_version(),
+        description="FlashAttention-2 compatible attention for PyTorch with split-KV decoding for every head layout",
+        license="BSD-3-Clause",
+        packages=find_packages(include=["flash_attn", "flash_attn.*"]),
+        ext_modules=extension_modules(),
+        cmdclass={"build_ext": BuildExtension},
+        python_requires=">=3.9",
+        install_requires=["torch", "einops"],
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The split-KV heuristic (CPU only; a pure function of the shapes, runs in CI without a GPU).
+
+flash_attn.num_splits_heuristic(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim,
+num_sms=132, num_splits=0) returns the number of KV splits the dispatcher would use.
+"""
+
+import math
+
+import pytest
+
+flash_attn_gpu = pytest.importorskip("flash_attn_2_cuda")
+flash_attn = pytest.importorskip("flash_attn")
+
+SMS = 132  # H100 SXM
+
+
+def nsplits(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_sms=SMS, num_splits=0):
+    n = flash_attn.num_splits_heuristic(
+        batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_sms=num_sms, num_splits=num_splits
+    )
+    assert isinstance(n, int)
+    return n
+
+
+def key_blocks_64(seqlen_k):
+    return max(1, math.ceil(seqlen_k / 64))
+
+
+@pytest.mark.parametrize("seqlen_k", [2048, 8192, 32768])
+def test_batch1_mha_decode_splits(seqlen_k):
+    assert nsplits(1, 12, 12, 1, seqlen_k, 128) >= 4
+
+
+@pytest.mark.parametrize("seqlen_k", [4096, 8192, 32768])
+def test_batch1_gqa_decode_splits(seqlen_k):
+    assert nsplits(1, 32, 8, 1, seqlen_k, 128) > 1
+
+
+def test_mqa_decode_splits():
+    assert nsplits(1, 8, 1, 1, 16384, 128) > 1
+
+
+def test_full_gpu_no_split():
+    # batch * heads already fills the GPU many times over.
+    assert nsplits(128, 32, 32, 1, 8192, 128) == 1
+    assert nsplits(64, 32, 8, 1, 8192, 128) == 1
+
+
+@pytest.mark.parametrize("seqlen_q", [2, 16, 128, 4096])
+@pytest.mark.parametrize("requested", [0, 1, 4, 16])
+def test_seqlen_q_gt_1_never_splits(seqlen_q, requested):
+    assert nsplits(1, 12, 12, seqlen_q, 8192, 128, num_splits=requested) == 1
+
+
+@pytest.mark.parametrize("seqlen_k", [1, 100, 8192, 32768])
+def test_requested_one_is_one(seqlen_k):
+    assert nsplits(1, 12, 12, 1, seqlen_k, 128, num_splits=1) == 1
+
+
+@pytest.mark.parametrize("requested", [2, 3, 7, 8, 16, 200])
+@pytest.mark.parametrize("seqlen_k", [1, 63, 129, 1000, 4097, 32768])
+def test_requested_n_is_clamped(seqlen_k, requested):
+    n = nsplits(2, 16, 16, 1, seqlen_k, 128, num_splits=requested)
+    assert 1 <= n <= min(requested, 128)
+    assert n <= key_blocks_64(seqlen_k)
+
+
+def test_requested_n_honoured_for_long_keys():
+    assert nsplits(1, 12, 12, 1, 32768, 128, num_splits=8) == 8
+    assert nsplits(4, 32, 8, 1, 32768, 64, num_splits=8) == 8
+
+
+@pytest.mark.parametrize("headdim", [32, 64, 96, 128, 192, 256])
+def test_tiny_seqlen_k(headdim):
+    assert nsplits(1, 12, 12, 1, 1, headdim) == 1
+
+
+@pytest.mark.parametrize("num_sms", [1, 16, 108, 132])
+@pytest.mark.parametrize("headdim", [32, 64, 128, 256])
+@pytest.mark.parametrize("seqlen_k", [1, 7, 64, 65, 1000, 8192, 65536, 262144])
+@pytest.mark.parametrize("batch,nheads,nheads_k", [(1, 1, 1), (1, 12, 12), (2, 32, 8), (3, 8, 1), (512, 64, 8)])
+def test_sanity_bounds(batch, nheads, nheads_k, seqlen_k, headdim, num_sms):
+    n = nsplits(batch, nheads, nheads_k, 1, seqlen_k, headdim, num_sms=num_sms)
+    assert 1 <= n <= 128
+    assert n <= key_blocks_64(seqlen_k)
+
+
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+def test_more_keys_more_splits_batch1(headdim):
+    # Monotonic-ish: a long KV sequence gets at least as many splits as a short one.
+    short = nsplits(1, 12, 12, 1, 128, headdim)
+    long = nsplits(1, 12, 12, 1, 65536, headdim)
+    assert long >= short
+    assert long >= 4
+
+
+def test_pure_and_matches_extension():
+    args = (1, 12, 12, 1, 8192, 128, SMS, 0)
+    a = flash_attn.num_splits_heuristic(*args[:6], num_sms=SMS, num_splits=0)
+    b = flash_attn.num_splits_heuristic(*args[:6], num_sms=SMS, num_splits=0)
+    c = flash_attn_gpu.num_splits_heuristic(*args)
+    assert a == b == c
