@@ -42,7 +42,7 @@ grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | head -40 >>"$OUT/e
 
 if [ $run_tests -eq 1 ]; then
   start=$(date +%s)
-  python3 -m pytest tests -q -x --timeout=600 -p no:cacheprovider $pytest_args >"$OUT/tests.log" 2>&1
+  timeout 420 python3 -m pytest tests -q -rf --maxfail=${MAXFAIL:-40} -p no:cacheprovider $pytest_args >"$OUT/tests.log" 2>&1
   echo "tests: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
   tail -25 "$OUT/tests.log"
 fi

@@ -52,7 +52,8 @@ struct FwdKernelTraits {
   // kChunksPerRow chunks; consecutive threads take consecutive chunks of a row (coalesced).
   static constexpr int kElemsPerChunk = 16 / int(sizeof(Element));
   static constexpr int kChunksPerRow = kHeadDim / kElemsPerChunk;
-  static constexpr int kThreadsPerRow = kChunksPerRow < kNThreads ? kChunksPerRow : kNThreads;
+  // The largest power of two dividing the row's chunk count, at most a warp (head dim 96: 4).
+  static constexpr int kThreadsPerRow = (kChunksPerRow & -kChunksPerRow) < 32 ? (kChunksPerRow & -kChunksPerRow) : 32;
   static constexpr int kRowsPerPass = kNThreads / kThreadsPerRow;
   static constexpr int kChunksPerThreadRow = kChunksPerRow / kThreadsPerRow;
   static_assert(kChunksPerRow % kThreadsPerRow == 0 && kNThreads % kThreadsPerRow == 0);

@@ -18,18 +18,18 @@ struct TileShape {
   int warps;
 };
 
-// Prefill / general forward. 4 warps up to head dim 128 keep the per-thread accumulators
-// (acc_s + acc_o) under the register file; 192 and 256 need 8 warps to do the same.
+// Prefill / general forward. Per thread, a 4-warp tile holds (block_m / 64) * (block_n + headdim)
+// fp32 accumulators; keeping that near 192 leaves room for operands under 255 registers.
+// Head dims 192 and 256 need 8 warps for the same.
 constexpr TileShape fwd_tile(int headdim) {
-  return headdim <= 64 ? TileShape{128, 128, 4}
+  return headdim <= 32 ? TileShape{128, 128, 4}
                        : headdim <= 128 ? TileShape{128, 64, 4} : TileShape{128, 64, 8};
 }
 
-// Split-KV forward (decoding). Few query rows, so a 64-row tile; long key blocks so each
-// thread block streams more bytes per barrier.
+// Split-KV forward (decoding). Few query rows, so a 64-row tile; 128-key blocks (64 past head
+// dim 128, for registers) so each thread block streams many bytes per barrier.
 constexpr TileShape splitkv_tile(int headdim) {
-  return headdim <= 64 ? TileShape{64, 256, 4}
-                       : headdim <= 128 ? TileShape{64, 128, 4} : TileShape{64, 64, 4};
+  return headdim <= 128 ? TileShape{64, 128, 4} : TileShape{64, 64, 4};
 }
 
 constexpr int kMaxSplits = 128;
