@@ -90,6 +90,9 @@ def extension_modules():
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         "-DNDEBUG",
     ] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    if os.environ.get("FLASH_ATTN_FWD_TILE_OVERRIDE"):  # tuning experiments only
+        m, n, warps = os.environ["FLASH_ATTN_FWD_TILE_OVERRIDE"].split(",")
+        nvcc_flags += [f"-DFLASH_ATTN_FWD_TILE_M={m}", f"-DFLASH_ATTN_FWD_TILE_N={n}", f"-DFLASH_ATTN_FWD_TILE_WARPS={warps}"]
     return [
         CUDAExtension(
             name="flash_attn_2_cuda",

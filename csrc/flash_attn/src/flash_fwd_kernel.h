@@ -23,28 +23,6 @@ using namespace cute;
 
 __device__ __forceinline__ int ceil_div_dev(int a, int b) { return (a + b - 1) / b; }
 
-// Pointer to key/value row j (0 = first visible key of the entry) of kv head `kv_head`.
-template <typename Element>
-struct KVRows {
-  const Element* base;  // start of the tensor
-  int64_t entry_offset;  // offset of this batch entry (contiguous layouts)
-  int64_t row_stride;
-  int64_t head_offset;
-  int row0;             // left padding
-  const int* block_table;  // this entry's row of the block table, or nullptr
-  int64_t page_stride;
-  int page_size;
-
-  __device__ __forceinline__ const Element* operator()(int j) const {
-    const int row = row0 + j;
-    if (block_table != nullptr) {
-      const int page = block_table[row / page_size];
-      return base + int64_t(page) * page_stride + int64_t(row % page_size) * row_stride + head_offset;
-    }
-    return base + entry_offset + int64_t(row) * row_stride + head_offset;
-  }
-};
-
 // Rows of this tile have no visible key in this block range: output 0 and the empty lse.
 template <typename Traits, bool kIsSplit>
 __device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bidb, int bidh, int split_idx,
@@ -116,33 +94,42 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     return;
   }
 
-  // Global addressing.
-  const Element* q_base = static_cast<const Element*>(params.q_ptr) + seq.q_offset + bidh * params.q_head_stride;
-  const int kv_head = bidh / params.h_h_k_ratio;
-  const int* block_table = params.block_table != nullptr ? params.block_table + bidb * params.block_table_batch_stride
-                                                         : nullptr;
-  const KVRows<Element> k_rows{static_cast<const Element*>(params.k_ptr), seq.k_offset, params.k_row_stride,
-                               kv_head * params.k_head_stride, seq.k_row0, block_table, params.k_batch_stride,
-                               params.page_block_size};
-  const KVRows<Element> v_rows{static_cast<const Element*>(params.v_ptr), seq.v_offset, params.v_row_stride,
-                               kv_head * params.v_head_stride, seq.k_row0, block_table, params.v_batch_stride,
-                               params.page_block_size};
-  auto q_row = [&](int r) { return q_base + int64_t(m0 + r) * params.q_row_stride; };
-  auto load_k = [&](auto& sK, int n_block) {
-    const int j0 = n_block * kBlockN;
-    load_tile_async<Traits>(sK, [&](int r) { return k_rows(j0 + r); }, seq.seqlen_k - j0, params.d, k_rows.base, tidx);
-  };
-  auto load_v = [&](auto& sV, int n_block) {
-    const int j0 = n_block * kBlockN;
-    load_tile_async<Traits>(sV, [&](int r) { return v_rows(j0 + r); }, seq.seqlen_k - j0, params.d, v_rows.base, tidx);
-  };
-
   // Shared memory: Q | K | V.
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem_buf)), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
   Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
   Tensor sVtNoSwizzle = make_tensor(sV.data(), typename Traits::SmemLayoutVtNoSwizzle{});
+
+  // Global <-> shared copies: per-thread base pointers, then one stride multiply per row.
+  const GmemTileCopy<Traits> gcopy(tidx, params.d);
+  Tensor tQsQ = gcopy.partition(sQ, tidx);
+  Tensor tKsK = gcopy.partition(sK, tidx);
+  Tensor tVsV = gcopy.partition(sV, tidx);
+  const Element* q_base = static_cast<const Element*>(params.q_ptr) + seq.q_offset + bidh * params.q_head_stride;
+  const int kv_head = bidh / params.h_h_k_ratio;
+  const Element* k_head = static_cast<const Element*>(params.k_ptr) + kv_head * params.k_head_stride + gcopy.col0;
+  const Element* v_head = static_cast<const Element*>(params.v_ptr) + kv_head * params.v_head_stride + gcopy.col0;
+  const Element* k_thread = k_head + seq.k_offset + int64_t(seq.k_row0 + gcopy.r0) * params.k_row_stride;
+  const Element* v_thread = v_head + seq.v_offset + int64_t(seq.k_row0 + gcopy.r0) * params.v_row_stride;
+  const int* block_table = params.block_table != nullptr ? params.block_table + bidb * params.block_table_batch_stride
+                                                         : nullptr;
+  auto load_kv = [&](auto& tS, const Element* head, const Element* thread, int64_t row_stride, int64_t page_stride,
+                     int n_block) {
+    const int j0 = n_block * kBlockN;
+    if (block_table != nullptr) {
+      gcopy.load_paged(tS, head, seq.k_row0 + j0, seq.seqlen_k - j0, block_table, params.page_block_size,
+                       page_stride, row_stride);
+    } else {
+      gcopy.load_strided(tS, thread + int64_t(j0) * row_stride, row_stride, seq.seqlen_k - j0, head);
+    }
+  };
+  auto load_k = [&](int n_block) {
+    load_kv(tKsK, k_head, k_thread, params.k_row_stride, params.k_batch_stride, n_block);
+  };
+  auto load_v = [&](int n_block) {
+    load_kv(tVsV, v_head, v_thread, params.v_row_stride, params.v_batch_stride, n_block);
+  };
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tidx);
@@ -172,9 +159,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
       : params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax;
 
   int n_block = n_block_max - 1;
-  load_tile_async<Traits>(sQ, q_row, rows_in_tile, params.d, q_base, tidx);
+  gcopy.load_strided(tQsQ, q_base + int64_t(m0 + gcopy.r0) * params.q_row_stride + gcopy.col0, params.q_row_stride,
+                     rows_in_tile, q_base);
   cp_async_fence();
-  load_k(sK, n_block);
+  load_k(n_block);
   cp_async_fence();
   clear(acc_o);
 
@@ -186,7 +174,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     clear(acc_s);
     cp_async_wait<0>();
     __syncthreads();  // K[n_block] landed; every warp is done reading the previous V
-    load_v(sV, n_block);
+    load_v(n_block);
     cp_async_fence();
 
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, smem_thr_copy_q, smem_thr_copy_k);
@@ -202,7 +190,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     cp_async_wait<0>();
     __syncthreads();  // V[n_block] landed; every warp is done reading K
     if (n_block > n_block_min) {
-      load_k(sK, n_block - 1);
+      load_k(n_block - 1);
       cp_async_fence();
     }
 
@@ -254,9 +242,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     Tensor taccOsO = smem_thr_copy_o.partition_D(sO);
     copy(smem_copy_o, taccOrO, taccOsO);
     __syncthreads();
-    Element* o_base = static_cast<Element*>(params.o_ptr) + seq.o_offset + bidh * params.o_head_stride;
-    store_tile<Traits>(sO, [&](int r) { return o_base + int64_t(m0 + r) * params.o_row_stride; }, rows_in_tile,
-                       params.d, tidx);
+    Element* o_thread = static_cast<Element*>(params.o_ptr) + seq.o_offset + bidh * params.o_head_stride +
+                        int64_t(m0 + gcopy.r0) * params.o_row_stride + gcopy.col0;
+    Tensor tOsO = gcopy.partition(sO, tidx);
+    gcopy.store_strided(tOsO, o_thread, params.o_row_stride, rows_in_tile);
   }
 }
 

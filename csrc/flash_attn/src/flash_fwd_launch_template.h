@@ -17,24 +17,25 @@
 
 namespace flash {
 
-// Raise a kernel's dynamic shared memory limit once per device (the first launch there).
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, int bytes) {
+// Raise a kernel's dynamic shared memory limit once per device. One flag set per kernel: the
+// template parameter makes the static local distinct for every kernel instantiation.
+template <auto Kernel>
+void allow_dynamic_smem(int bytes) {
   static std::atomic<uint64_t> done_devices{0};
   if (bytes <= 48 * 1024) return;
   int device = 0;
   cudaGetDevice(&device);
   const uint64_t bit = uint64_t(1) << (device & 63);
   if (!(done_devices.load(std::memory_order_relaxed) & bit)) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     done_devices.fetch_or(bit, std::memory_order_relaxed);
   }
 }
 
 template <typename Traits, bool kIsSplit>
 void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
-  auto kernel = &flash_fwd_kernel<Traits, kIsSplit>;
-  allow_dynamic_smem(kernel, Traits::kSmemBytes);
+  constexpr auto kernel = &flash_fwd_kernel<Traits, kIsSplit>;
+  allow_dynamic_smem<kernel>(Traits::kSmemBytes);
   const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const dim3 grid = kIsSplit ? dim3(m_blocks, params.num_splits, params.b * params.h)
                              : dim3(m_blocks, params.b, params.h);

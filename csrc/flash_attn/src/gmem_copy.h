@@ -1,5 +1,10 @@
-// Tile copies between global and shared memory in 16-byte chunks. Rows are addressed through a
-// callable (row -> pointer), so contiguous, varlen and paged layouts share one loader.
+// Tile copies between global and shared memory in 16-byte chunks.
+//
+// Thread t owns row r0 = t / kThreadsPerRow of every kRowsPerPass-row slab and chunks
+// c0 + c * kThreadsPerRow of that row (consecutive threads read consecutive chunks: coalesced).
+// Shared-memory addresses come from a CuTe partition of the swizzled tile, so only the loop
+// indices vary at run time; global addresses are one base pointer per thread plus a row stride,
+// or a block-table lookup per row for paged K/V.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -9,51 +14,90 @@ namespace flash {
 
 using namespace cute;
 
-// Asynchronously copies rows [0, kRows) x cols [0, kHeadDim) into the swizzled shared tile `s`.
-// Rows >= valid_rows and columns >= d are zero-filled by cp.async itself (src-size 0), so no
-// separate stores race with the copies. `fallback` is any valid global address.
-template <typename Traits, typename SmemTensor, typename RowPtr, typename Element>
-__device__ __forceinline__ void load_tile_async(SmemTensor& s, RowPtr const& row_ptr, int valid_rows, int d,
-                                                const Element* fallback, int tidx) {
-  constexpr int kRows = decltype(size<0>(s))::value;
-  const int r0 = tidx / Traits::kThreadsPerRow;
-  const int c0 = tidx % Traits::kThreadsPerRow;
-  CUTE_UNROLL
-  for (int i = 0; i < kRows / Traits::kRowsPerPass; ++i) {
-    const int r = r0 + i * Traits::kRowsPerPass;
-    const bool row_ok = r < valid_rows;
-    const Element* src_row = row_ok ? row_ptr(r) : fallback;
-    CUTE_UNROLL
-    for (int c = 0; c < Traits::kChunksPerThreadRow; ++c) {
-      const int col = (c0 + c * Traits::kThreadsPerRow) * Traits::kElemsPerChunk;
-      const bool ok = row_ok && col < d;
-      const Element* src = ok ? src_row + col : fallback;
-      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
-                                                      *reinterpret_cast<uint128_t*>(&s(r, col)), ok);
-    }
-  }
-}
+template <typename Traits>
+struct GmemTileCopy {
+  using Element = typename Traits::Element;
+  static constexpr int kRowsPerPass = Traits::kRowsPerPass;
+  static constexpr int kChunkStride = Traits::kThreadsPerRow * Traits::kElemsPerChunk;  // elements
+  using ThreadLayout = Layout<Shape<Int<kRowsPerPass>, Int<Traits::kThreadsPerRow>>, Stride<Int<Traits::kThreadsPerRow>, _1>>;
+  using TiledCopy = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<uint128_t>, Element>{}, ThreadLayout{},
+                                             Layout<Shape<_1, Int<Traits::kElemsPerChunk>>>{}));
 
-// Stores rows [0, valid_rows) x cols [0, d) of the shared tile `s` to global memory.
-template <typename Traits, typename SmemTensor, typename RowPtr>
-__device__ __forceinline__ void store_tile(SmemTensor const& s, RowPtr const& row_ptr, int valid_rows, int d,
-                                           int tidx) {
-  constexpr int kRows = decltype(size<0>(s))::value;
-  const int r0 = tidx / Traits::kThreadsPerRow;
-  const int c0 = tidx % Traits::kThreadsPerRow;
-  CUTE_UNROLL
-  for (int i = 0; i < kRows / Traits::kRowsPerPass; ++i) {
-    const int r = r0 + i * Traits::kRowsPerPass;
-    if (r >= valid_rows) continue;
-    auto* dst_row = row_ptr(r);
+  int r0;               // this thread's row within each slab
+  int col0;             // element column of this thread's first chunk
+  uint32_t chunk_mask;  // bit c: chunk c lies inside the real head dim
+
+  __device__ GmemTileCopy(int tidx, int d)
+      : r0(tidx / Traits::kThreadsPerRow), col0((tidx % Traits::kThreadsPerRow) * Traits::kElemsPerChunk) {
+    chunk_mask = 0;
     CUTE_UNROLL
-    for (int c = 0; c < Traits::kChunksPerThreadRow; ++c) {
-      const int col = (c0 + c * Traits::kThreadsPerRow) * Traits::kElemsPerChunk;
-      if (col < d) {
-        *reinterpret_cast<uint128_t*>(dst_row + col) = *reinterpret_cast<const uint128_t*>(&s(r, col));
+    for (int c = 0; c < Traits::kChunksPerThreadRow; ++c) chunk_mask |= uint32_t(col0 + c * kChunkStride < d) << c;
+  }
+
+  // This thread's chunks of a shared tile: (chunk elements, slab, chunk).
+  template <typename SmemTensor>
+  __device__ auto partition(SmemTensor& s, int tidx) const {
+    return TiledCopy{}.get_thread_slice(tidx).partition_D(s);
+  }
+
+  __device__ static void cp_async(const Element* src, Element* dst, bool ok) {
+    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
+                                                    *reinterpret_cast<uint128_t*>(dst), ok);
+  }
+
+  // Rows at a fixed stride. `src` points at this thread's first chunk of row r0 of the tile;
+  // rows >= valid_rows and chunks past the head dim are zero-filled (cp.async src-size 0), so
+  // no plain stores race with the copies. `fallback` is any valid global address.
+  template <typename TS>
+  __device__ void load_strided(TS& tS, const Element* src, int64_t row_stride, int valid_rows,
+                               const Element* fallback) const {
+    CUTE_UNROLL
+    for (int i = 0; i < size<1>(tS); ++i) {
+      const bool row_ok = r0 + i * kRowsPerPass < valid_rows;
+      const Element* row = src + int64_t(i * kRowsPerPass) * row_stride;
+      CUTE_UNROLL
+      for (int c = 0; c < size<2>(tS); ++c) {
+        const bool ok = row_ok && (chunk_mask >> c & 1);
+        cp_async(ok ? row + c * kChunkStride : fallback, &tS(0, i, c), ok);
       }
     }
   }
-}
+
+  // Paged rows: tile row r is sequence row first_row + r, found in page
+  // block_table[row / page_size] at offset row % page_size. `head_base` points at this
+  // thread's first chunk of row 0 of page 0 for the kv head.
+  template <typename TS>
+  __device__ void load_paged(TS& tS, const Element* head_base, int first_row, int valid_rows, const int* block_table,
+                             int page_size, int64_t page_stride, int64_t row_stride) const {
+    CUTE_UNROLL
+    for (int i = 0; i < size<1>(tS); ++i) {
+      const bool row_ok = r0 + i * kRowsPerPass < valid_rows;
+      const int row = first_row + r0 + i * kRowsPerPass;
+      const int page = row_ok ? block_table[row / page_size] : 0;
+      const Element* src = head_base + int64_t(page) * page_stride + int64_t(row % page_size) * row_stride;
+      CUTE_UNROLL
+      for (int c = 0; c < size<2>(tS); ++c) {
+        const bool ok = row_ok && (chunk_mask >> c & 1);
+        cp_async(ok ? src + c * kChunkStride : head_base, &tS(0, i, c), ok);
+      }
+    }
+  }
+
+  // Shared tile -> global rows [0, valid_rows); `dst` points at this thread's first chunk of row r0.
+  template <typename TS>
+  __device__ void store_strided(TS const& tS, Element* dst, int64_t row_stride, int valid_rows) const {
+    CUTE_UNROLL
+    for (int i = 0; i < size<1>(tS); ++i) {
+      if (r0 + i * kRowsPerPass >= valid_rows) continue;
+      Element* row = dst + int64_t(i * kRowsPerPass) * row_stride;
+      CUTE_UNROLL
+      for (int c = 0; c < size<2>(tS); ++c) {
+        if (chunk_mask >> c & 1) {
+          *reinterpret_cast<uint128_t*>(row + c * kChunkStride) = *reinterpret_cast<const uint128_t*>(&tS(0, i, c));
+        }
+      }
+    }
+  }
+};
 
 }  // namespace flash

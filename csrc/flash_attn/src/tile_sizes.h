@@ -22,6 +22,9 @@ struct TileShape {
 // fp32 accumulators; keeping that near 192 leaves room for operands under 255 registers.
 // Head dims 192 and 256 need 8 warps for the same.
 constexpr TileShape fwd_tile(int headdim) {
+#ifdef FLASH_ATTN_FWD_TILE_M  // tuning experiments only (setup.py: FLASH_ATTN_FWD_TILE_OVERRIDE=m,n,warps)
+  return TileShape{FLASH_ATTN_FWD_TILE_M, FLASH_ATTN_FWD_TILE_N, FLASH_ATTN_FWD_TILE_WARPS};
+#endif
   return headdim <= 32 ? TileShape{128, 128, 4}
                        : headdim <= 128 ? TileShape{128, 64, 4} : TileShape{128, 64, 8};
 }
