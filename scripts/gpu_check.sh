@@ -5,18 +5,20 @@
 #   bash scripts/gpu_check.sh                 # full build (all head dims, fp16+bf16), tests, benchmarks
 #   FLASH_ATTN_HEADDIMS=128 bash scripts/gpu_check.sh --no-bench   # iterate on a subset
 #
-# Options: --no-tests, --no-bench, --quick (quick benchmarks), --pytest-args "...".
+# Options: --no-tests, --no-bench, --quick (quick benchmarks), --profile (Nsight Compute report
+# of one prefill and one decode launch), --pytest-args "...".
 # If .whl/ holds wheels (nvidia-cutlass for a machine without it), they are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-run_tests=1; run_bench=1; quick=""; pytest_args=""
+run_tests=1; run_bench=1; profile=0; quick=""; pytest_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-tests) run_tests=0 ;;
     --no-bench) run_bench=0 ;;
     --quick) quick="--quick" ;;
+    --profile) profile=1 ;;
     --pytest-args) pytest_args="$2"; shift ;;
     *) echo "unknown option $1"; exit 2 ;;
   esac
@@ -34,11 +36,10 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 
 export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
 start=$(date +%s)
-MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace >/tmp/build.log 2>&1
 status=$?
 echo "build: exit $status in $(( $(date +%s) - start )) s (archs $FLASH_ATTN_CUDA_ARCHS, head dims ${FLASH_ATTN_HEADDIMS:-all}, dtypes ${FLASH_ATTN_DTYPES:-all})" | tee -a "$OUT/env.log"
-if [ $status -ne 0 ]; then grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; fi
-grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | head -40 >>"$OUT/env.log"
+if [ $status -ne 0 ]; then cp /tmp/build.log "$OUT/build.log"; grep -E "error|Error" /tmp/build.log | head -40; exit 1; fi
 
 if [ $run_tests -eq 1 ]; then
   start=$(date +%s)
@@ -52,4 +53,11 @@ if [ $run_bench -eq 1 ]; then
   python3 benchmarks/benchmark_forward.py $quick --out-dir "$OUT/results" >"$OUT/bench.log" 2>&1
   python3 benchmarks/benchmark_decode.py $quick --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
   cat "$OUT/bench.log" | tail -80
+fi
+
+if [ $profile -eq 1 ]; then
+  ncu --kernel-name regex:flash_fwd --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+    --section WarpStateStats --section InstructionStats --section LaunchStats --section Occupancy \
+    --section MemoryWorkloadAnalysis python3 benchmarks/profile_forward.py >"$OUT/ncu.txt" 2>&1
+  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Stall|Registers|Achieved Occupancy" "$OUT/ncu.txt" | head -40
 fi

@@ -91,8 +91,12 @@ def _poisoned_out(shape, dtype, device):
 
 
 def _check_poisoned(o, out, canary):
-    # The kernel must write into the buffer it was given, and nowhere past its end.
-    assert o.data_ptr() == out.data_ptr(), "returned out is not the preallocated out tensor"
+    # The kernel must write the result into the buffer it was given (the returned tensor holds the
+    # same values; NaN left in `out` means unwritten), and nothing past the buffer's end.
+    assert o.shape == out.shape, (o.shape, out.shape)
+    assert o.data_ptr() == out.data_ptr() or torch.equal(o, out), (
+        "preallocated out does not hold the returned result (unwritten NaN left in it?)"
+    )
     assert torch.isnan(canary).all(), "kernel wrote past the end of the preallocated out"
 
 
@@ -111,7 +115,7 @@ def ext_fwd(q, k, v, *, alibi_slopes=None, softmax_scale=None, causal=False, win
     )
     o, lse = res[0], res[1]
     _check_poisoned(o, out, canary)
-    return o, lse
+    return out, lse
 
 
 def ext_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
@@ -131,7 +135,7 @@ def ext_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     )
     o, lse = res[0], res[1]
     _check_poisoned(o, out, canary)
-    return o, lse
+    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------

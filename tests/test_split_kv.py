@@ -120,7 +120,7 @@ FEATURES = {
 }
 
 
-@pytest.mark.parametrize("num_splits", [0, 1, 3, 8])
+@pytest.mark.parametrize("num_splits", [0, 5])  # num_splits=1 runs in every case too
 @pytest.mark.parametrize("seqlen_k", [129, 4097])
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))

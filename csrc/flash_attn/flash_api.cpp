@@ -28,9 +28,13 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-#define CHECK_SHAPE(x, ...)                                                                    \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ \
-              "), got ", (x).sizes())
+// Shapes are formatted here rather than by streaming IntArrayRef: c10's operator<< for it crashed
+// (segfault inside c10::str) with torch 2.11's libc10 on the H100 machine.
+std::string shape_str(const Tensor& t) {
+  std::string out = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + std::to_string(t.size(i));
+  return out + (t.dim() == 1 ? ",)" : ")");
+}
 
 void check_qkv_dtypes(const Tensor& q, const Tensor& k, const Tensor& v) {
   const auto dt = q.scalar_type();
@@ -66,12 +70,12 @@ void check_alibi(const OptTensor& alibi, int batch, int num_heads) {
   TORCH_CHECK(alibi->scalar_type() == at::kFloat, "alibi_slopes must have dtype torch.float32");
   TORCH_CHECK(alibi->stride(-1) == 1, "alibi_slopes must have contiguous last dimension");
   TORCH_CHECK(alibi->sizes() == at::IntArrayRef({num_heads}) || alibi->sizes() == at::IntArrayRef({batch, num_heads}),
-              "alibi_slopes must have shape (num_heads,) or (batch_size, num_heads), got ", alibi->sizes());
+              "alibi_slopes must have shape (num_heads,) or (batch_size, num_heads), got ", shape_str(*alibi));
 }
 
 void check_int32_vector(const Tensor& t, const char* name, int64_t numel) {
   TORCH_CHECK(t.scalar_type() == at::kInt, name, " must have dtype torch.int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.numel() == numel, name, " must have shape (", numel, ",), got ", t.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.numel() == numel, name, " must have shape (", numel, ",), got ", shape_str(t));
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
@@ -82,7 +86,7 @@ void check_on_device(const Tensor& t, const char* name, const Tensor& q) {
 
 void check_out(const Tensor& out, const Tensor& q) {
   TORCH_CHECK(out.scalar_type() == q.scalar_type(), "out must have the same dtype as q");
-  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the same shape as q, got ", out.sizes(), " and ", q.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the same shape as q, got ", shape_str(out), " and ", shape_str(q));
   TORCH_CHECK(out.stride(-1) == 1, "out must have contiguous last dimension");
 }
 
@@ -172,10 +176,13 @@ int device_sm_count() {
 }
 
 // Allocates the split-KV partial buffers (from PyTorch's caching allocator: no sync, graph-safe).
-std::pair<Tensor, Tensor> set_splits(flash::FwdParams& p, int num_splits, int total_q_rows, const at::TensorOptions& opts) {
+std::pair<Tensor, Tensor> set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows,
+                                     const at::TensorOptions& opts) {
+  const int num_splits = plan.num_splits;
+  p.split_kernel = plan.split_kernel;
   p.num_splits = num_splits;
   p.total_q_rows = total_q_rows;
-  if (num_splits <= 1) return {};
+  if (!plan.split_kernel) return {};
   const int kernel_hdim = flash::round_up_headdim(p.d);
   auto f32 = opts.dtype(at::kFloat);
   Tensor oaccum = at::empty({num_splits, p.h, total_q_rows, kernel_hdim}, f32);
@@ -195,13 +202,13 @@ std::vector<Tensor> mha_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v
                             double p_dropout, double softmax_scale, bool is_causal, int window_left, int window_right,
                             double softcap, bool return_softmax, int num_splits) {
   check_qkv_dtypes(q_in, k, v);
-  TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", q_in.sizes());
-  TORCH_CHECK(k.dim() == 4, "k must have shape (batch, seqlen_k, num_heads_k, head_dim), got ", k.sizes());
+  TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", shape_str(q_in));
+  TORCH_CHECK(k.dim() == 4, "k must have shape (batch, seqlen_k, num_heads_k, head_dim), got ", shape_str(k));
   const int batch = q_in.size(0), seqlen_q = q_in.size(1), num_heads = q_in.size(2), head_size = q_in.size(3);
   const int seqlen_k = k.size(1), num_heads_k = k.size(2);
   TORCH_CHECK(k.size(0) == batch && k.size(3) == head_size, "k must have shape (batch, seqlen_k, num_heads_k, ",
-              "head_dim) with q's batch and head_dim, got ", k.sizes(), " for q ", q_in.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", v.sizes(), " and ", k.sizes());
+              "head_dim) with q's batch and head_dim, got ", shape_str(k), " for q ", shape_str(q_in));
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", shape_str(v), " and ", shape_str(k));
   check_head_dims(head_size, num_heads, num_heads_k);
   check_options(p_dropout, return_softmax, window_left, window_right, softcap, num_splits);
   check_alibi(alibi_slopes, batch, num_heads);
@@ -238,7 +245,7 @@ std::vector<Tensor> mha_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v
     p.lse_batch_stride = int64_t(plan.num_heads) * plan.seqlen_q;
     p.lse_head_stride = plan.seqlen_q;
     p.lse_row_stride = 1;
-    auto accum = set_splits(p, plan.num_splits, batch * plan.seqlen_q, opts);
+    auto accum = set_splits(p, plan, batch * plan.seqlen_q, opts);
     launch(kernel, p);
   }
 
@@ -263,16 +270,16 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
                                    double softcap, bool return_softmax, int num_splits) {
   check_qkv_dtypes(q_in, k, v);
   const bool paged = block_table.has_value();
-  TORCH_CHECK(q_in.dim() == 3, "q must have shape (total_q, num_heads, head_dim), got ", q_in.sizes());
+  TORCH_CHECK(q_in.dim() == 3, "q must have shape (total_q, num_heads, head_dim), got ", shape_str(q_in));
   TORCH_CHECK(k.dim() == (paged ? 4 : 3), "k must have shape ",
               paged ? "(num_blocks, page_block_size, num_heads_k, head_dim) with block_table"
                     : "(total_k, num_heads_k, head_dim)",
-              ", got ", k.sizes());
+              ", got ", shape_str(k));
   const int total_q = q_in.size(0), num_heads = q_in.size(1), head_size = q_in.size(2);
   const int num_heads_k = k.size(-2);
   const int batch = cu_seqlens_q.numel() - 1;
-  TORCH_CHECK(k.size(-1) == head_size, "k must have q's head_dim ", head_size, ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", v.sizes(), " and ", k.sizes());
+  TORCH_CHECK(k.size(-1) == head_size, "k must have q's head_dim ", head_size, ", got ", shape_str(k));
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", shape_str(v), " and ", shape_str(k));
   check_head_dims(head_size, num_heads, num_heads_k);
   check_options(p_dropout, return_softmax, window_left, window_right, softcap, num_splits);
   TORCH_CHECK(batch >= 1, "cu_seqlens_q must have batch_size + 1 >= 2 elements, got ", cu_seqlens_q.numel());
@@ -285,7 +292,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
   if (paged) {
     TORCH_CHECK(block_table->scalar_type() == at::kInt, "block_table must have dtype torch.int32");
     TORCH_CHECK(block_table->dim() == 2 && block_table->size(0) == batch,
-                "block_table must have shape (batch_size, max_blocks_per_seq), got ", block_table->sizes());
+                "block_table must have shape (batch_size, max_blocks_per_seq), got ", shape_str(*block_table));
     TORCH_CHECK(block_table->stride(-1) == 1, "block_table must have contiguous last dimension");
     page_block_size = k.size(1);
     TORCH_CHECK(page_block_size % 16 == 0 && page_block_size > 0,
@@ -354,7 +361,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
       p.lse_row_stride = 1;
     }
     const int total_q_rows = plan.swap_seqlen_ngroups ? batch * plan.seqlen_q : total_q;
-    auto accum = set_splits(p, plan.num_splits, total_q_rows, opts);
+    auto accum = set_splits(p, plan, total_q_rows, opts);
     launch(kernel, p);
   }
 

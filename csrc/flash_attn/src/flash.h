@@ -9,7 +9,7 @@
 
 namespace flash {
 
-// Runs the forward (split + combine when params.num_splits > 1) on `stream`. Defined in
+// Runs the forward (split kernel + combine when params.split_kernel) on `stream`. Defined in
 // flash_fwd_launch_template.h, instantiated in the generated instantiations/*.cu files.
 template <int kHeadDim, bool kIsBf16>
 void run_fwd(const FwdParams& params, cudaStream_t stream);

@@ -52,7 +52,7 @@ __device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bid
   }
 }
 
-template <typename Traits, bool kIsSplit>
+template <typename Traits, bool kIsSplit, bool kHasExtras>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __grid_constant__ FwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   auto load_kv = [&](auto& tS, const Element* head, const Element* thread, int64_t row_stride, int64_t page_stride,
                      int n_block) {
     const int j0 = n_block * kBlockN;
-    if (block_table != nullptr) {
+    if (kHasExtras && block_table != nullptr) {
       gcopy.load_paged(tS, head, seq.k_row0 + j0, seq.seqlen_k - j0, block_table, params.page_block_size,
                        page_stride, row_stride);
     } else {
@@ -154,9 +154,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tOcO_rc = rowcol_view(tOcO);
 
-  const bool has_softcap = params.softcap_in > 0.f;
-  const float alibi_slope = params.alibi_slopes_ptr == nullptr ? 0.f
-      : params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax;
+  const bool has_softcap = kHasExtras && params.softcap_in > 0.f;
+  const bool has_alibi = kHasExtras && params.alibi_slopes_ptr != nullptr;
+  const float alibi_slope =
+      has_alibi ? params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax : 0.f;
 
   int n_block = n_block_max - 1;
   gcopy.load_strided(tQsQ, q_base + int64_t(m0 + gcopy.r0) * params.q_row_stride + gcopy.col0, params.q_row_stride,
@@ -180,9 +181,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_copy_k, smem_thr_copy_q, smem_thr_copy_k);
 
     Tensor s = rowcol_view(acc_s);
-    if (has_softcap) apply_softcap(acc_s, params.softcap_in);
     const BlockCoords bc{m0, n_block * kBlockN, diag};
-    if (params.alibi_slopes_ptr != nullptr) apply_alibi(s, tScS_rc, bc, alibi_slope);
+    if constexpr (kHasExtras) {
+      if (has_softcap) apply_softcap(acc_s, params.softcap_in);
+      if (has_alibi) apply_alibi(s, tScS_rc, bc, alibi_slope);
+    }
     if (block_needs_mask(bc, kBlockN, rows_in_tile, seq.seqlen_k, params.window_left, params.window_right)) {
       apply_mask(s, tScS_rc, bc, seq.seqlen_k, params.window_left, params.window_right);
     }

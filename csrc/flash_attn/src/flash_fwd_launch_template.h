@@ -32,14 +32,26 @@ void allow_dynamic_smem(int bytes) {
   }
 }
 
-template <typename Traits, bool kIsSplit>
+template <typename Traits, bool kIsSplit, bool kHasExtras>
 void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
-  constexpr auto kernel = &flash_fwd_kernel<Traits, kIsSplit>;
+  constexpr auto kernel = &flash_fwd_kernel<Traits, kIsSplit, kHasExtras>;
   allow_dynamic_smem<kernel>(Traits::kSmemBytes);
   const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const dim3 grid = kIsSplit ? dim3(m_blocks, params.num_splits, params.b * params.h)
                              : dim3(m_blocks, params.b, params.h);
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+}
+
+// Softcap, ALiBi and paged K/V get their own kernel so the common kernel's loop carries none of
+// their code (smaller loop body, fewer live registers).
+template <typename Traits, bool kIsSplit>
+void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
+  const bool extras = params.softcap_in > 0.f || params.alibi_slopes_ptr != nullptr || params.block_table != nullptr;
+  if (extras) {
+    launch_fwd_kernel<Traits, kIsSplit, true>(params, stream);
+  } else {
+    launch_fwd_kernel<Traits, kIsSplit, false>(params, stream);
+  }
 }
 
 template <int kHeadDim, typename Element>
@@ -51,7 +63,7 @@ void launch_combine_kernel(const FwdParams& params, cudaStream_t stream) {
 
 template <int kHeadDim, typename Element>
 void run_fwd_impl(const FwdParams& params, cudaStream_t stream) {
-  if (params.num_splits > 1) {
+  if (params.split_kernel) {
     constexpr TileShape t = splitkv_tile(kHeadDim);
     launch_fwd_kernel<FwdKernelTraits<kHeadDim, t.block_m, t.block_n, t.warps, Element>, true>(params, stream);
     launch_combine_kernel<kHeadDim, Element>(params, stream);

@@ -57,9 +57,10 @@ struct FwdParams {
   // Causal is window_right == 0 with window_left unbounded.
   int window_left, window_right;
 
-  // Split-KV. num_splits > 1 makes the forward kernel write fp32 partials here, merged by the
-  // combine kernel. Partial rows are indexed by r = q_start(b) + m, or b * seqlen_q + m without
+  // Split-KV. With split_kernel the forward kernel (split tile) writes fp32 partials of its
+  // num_splits key ranges (num_splits may be 1) here, merged by the combine kernel. Partial rows are indexed by r = q_start(b) + m, or b * seqlen_q + m without
   // cu_seqlens_q; there are total_q_rows of them per (split, head).
+  bool split_kernel;
   int num_splits;
   float* oaccum_ptr;       // [num_splits][h][total_q_rows][kHeadDim]
   float* lseaccum_ptr;     // [num_splits][h][total_q_rows]

@@ -40,6 +40,21 @@ struct GmemTileCopy {
     return TiledCopy{}.get_thread_slice(tidx).partition_D(s);
   }
 
+  // Shared address of this thread's chunk c in slab i. Slabs start on 8-row swizzle-atom
+  // boundaries when kRowsPerPass % 8 == 0; the swizzle then leaves the slab offset untouched, so
+  // slab i is slab 0 plus a constant and the compiler keeps one address instead of one per slab.
+  template <typename TS>
+  __device__ static auto chunk_ptr(TS& tS, int i, int c) {
+    if constexpr (kRowsPerPass % 8 == 0) {
+      // kRowsPerPass rows = kRowsPerPass / 8 atoms down; atoms of 8 x kSmemAtomCols elements are
+      // stacked along rows first (tile_to_shape's column-major atom order).
+      constexpr int kSlabStride = kRowsPerPass * Traits::kSmemAtomCols;
+      return &tS(0, 0, c) + i * kSlabStride;
+    } else {
+      return &tS(0, i, c);
+    }
+  }
+
   __device__ static void cp_async(const Element* src, Element* dst, bool ok) {
     SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
                                                     *reinterpret_cast<uint128_t*>(dst), ok);
@@ -58,7 +73,7 @@ struct GmemTileCopy {
       CUTE_UNROLL
       for (int c = 0; c < size<2>(tS); ++c) {
         const bool ok = row_ok && (chunk_mask >> c & 1);
-        cp_async(ok ? row + c * kChunkStride : fallback, &tS(0, i, c), ok);
+        cp_async(ok ? row + c * kChunkStride : fallback, chunk_ptr(tS, i, c), ok);
       }
     }
   }
@@ -78,7 +93,7 @@ struct GmemTileCopy {
       CUTE_UNROLL
       for (int c = 0; c < size<2>(tS); ++c) {
         const bool ok = row_ok && (chunk_mask >> c & 1);
-        cp_async(ok ? src + c * kChunkStride : head_base, &tS(0, i, c), ok);
+        cp_async(ok ? src + c * kChunkStride : head_base, chunk_ptr(tS, i, c), ok);
       }
     }
   }
@@ -93,7 +108,7 @@ struct GmemTileCopy {
       CUTE_UNROLL
       for (int c = 0; c < size<2>(tS); ++c) {
         if (chunk_mask >> c & 1) {
-          *reinterpret_cast<uint128_t*>(row + c * kChunkStride) = *reinterpret_cast<const uint128_t*>(&tS(0, i, c));
+          *reinterpret_cast<uint128_t*>(row + c * kChunkStride) = *reinterpret_cast<const uint128_t*>(chunk_ptr(tS, i, c));
         }
       }
     }

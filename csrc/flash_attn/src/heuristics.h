@@ -45,6 +45,9 @@ struct ForwardPlan {
   int seqlen_q;              // query rows per (batch, head) the kernel sees
   int num_heads;             // heads the kernel sees
   int num_splits;
+  // Run the split kernel + combine, also for num_splits == 1 when the query tile is short: its
+  // 64-row, 128-key tile streams K/V far better at decode than the prefill tile.
+  bool split_kernel;
 };
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
@@ -56,7 +59,7 @@ struct ForwardPlan {
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
                                 int requested) {
-  ForwardPlan plan{false, max_seqlen_q, num_heads, 1};
+  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
   if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
@@ -64,15 +67,15 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
     plan.seqlen_q = num_heads / num_heads_k;
     plan.num_heads = num_heads_k;
   }
-  const int n_blocks = std::max(1, ceil_div(max_seqlen_k, splitkv_tile(round_up_headdim(headdim)).block_n));
-  if (requested == 1) return plan;
+  const TileShape tile = splitkv_tile(round_up_headdim(headdim));
+  const int n_blocks = std::max(1, ceil_div(max_seqlen_k, tile.block_n));
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
-    return plan;
+  } else if (requested == 0 && max_seqlen_q == 1) {
+    const int blocks = batch * plan.num_heads * ceil_div(plan.seqlen_q, tile.block_m);
+    plan.num_splits = num_splits_heuristic(blocks, num_sms, n_blocks, kMaxSplits);
   }
-  if (max_seqlen_q != 1) return plan;
-  const int blocks = batch * plan.num_heads * ceil_div(plan.seqlen_q, splitkv_tile(round_up_headdim(headdim)).block_m);
-  plan.num_splits = num_splits_heuristic(blocks, num_sms, n_blocks, kMaxSplits);
+  plan.split_kernel = plan.num_splits > 1 || plan.seqlen_q <= tile.block_m;
   return plan;
 }
 
