@@ -28,8 +28,9 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Shapes are formatted here rather than by streaming IntArrayRef: c10's operator<< for it crashed
-// (segfault inside c10::str) with torch 2.11's libc10 on the H100 machine.
+// Error messages pass only strings to TORCH_CHECK (numbers through std::to_string, shapes through
+// shape_str): with torch 2.11 on the H100 machine, c10::str streaming an int or an IntArrayRef
+// from this extension segfaulted inside std::ostream's number formatting.
 std::string shape_str(const Tensor& t) {
   std::string out = "(";
   for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + std::to_string(t.size(i));
@@ -39,30 +40,32 @@ std::string shape_str(const Tensor& t) {
 void check_qkv_dtypes(const Tensor& q, const Tensor& k, const Tensor& v) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "q must have dtype torch.float16 or torch.bfloat16, got ",
-              dt);
-  TORCH_CHECK(k.scalar_type() == dt, "k must have the same dtype as q, got ", k.scalar_type(), " and ", dt);
-  TORCH_CHECK(v.scalar_type() == dt, "v must have the same dtype as q, got ", v.scalar_type(), " and ", dt);
+              c10::toString(dt));
+  TORCH_CHECK(k.scalar_type() == dt, "k must have the same dtype as q, got ", c10::toString(k.scalar_type()), " and ",
+              c10::toString(dt));
+  TORCH_CHECK(v.scalar_type() == dt, "v must have the same dtype as q, got ", c10::toString(v.scalar_type()), " and ",
+              c10::toString(dt));
   TORCH_CHECK(q.stride(-1) == 1, "q must have contiguous last dimension");
   TORCH_CHECK(k.stride(-1) == 1, "k must have contiguous last dimension");
   TORCH_CHECK(v.stride(-1) == 1, "v must have contiguous last dimension");
 }
 
 void check_head_dims(int head_size, int num_heads, int num_heads_k) {
-  TORCH_CHECK(head_size <= 256, "head_dim must be at most 256, got ", head_size);
-  TORCH_CHECK(head_size % 8 == 0 && head_size > 0, "head_dim must be a positive multiple of 8, got ", head_size,
+  TORCH_CHECK(head_size <= 256, "head_dim must be at most 256, got ", std::to_string(head_size));
+  TORCH_CHECK(head_size % 8 == 0 && head_size > 0, "head_dim must be a positive multiple of 8, got ", std::to_string(head_size),
               " (flash_attn's Python functions pad other sizes)");
   TORCH_CHECK(num_heads_k > 0 && num_heads % num_heads_k == 0, "num_heads must be divisible by num_heads_k, got ",
-              num_heads, " and ", num_heads_k);
+              std::to_string(num_heads), " and ", std::to_string(num_heads_k));
 }
 
 void check_options(float p_dropout, bool return_softmax, int window_left, int window_right, float softcap,
                    int num_splits) {
   TORCH_CHECK(p_dropout == 0.f, "dropout_p > 0 is not supported by this flash_attn build (forward only, no dropout)");
   TORCH_CHECK(!return_softmax, "return_softmax needs dropout_p > 0, which this build does not support");
-  TORCH_CHECK(window_left >= -1, "window_size_left must be >= -1, got ", window_left);
-  TORCH_CHECK(window_right >= -1, "window_size_right must be >= -1, got ", window_right);
-  TORCH_CHECK(softcap >= 0.f, "softcap must be >= 0, got ", softcap);
-  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+  TORCH_CHECK(window_left >= -1, "window_size_left must be >= -1, got ", std::to_string(window_left));
+  TORCH_CHECK(window_right >= -1, "window_size_right must be >= -1, got ", std::to_string(window_right));
+  TORCH_CHECK(softcap >= 0.f, "softcap must be >= 0, got ", std::to_string(softcap));
+  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", std::to_string(num_splits));
 }
 
 void check_alibi(const OptTensor& alibi, int batch, int num_heads) {
@@ -74,8 +77,8 @@ void check_alibi(const OptTensor& alibi, int batch, int num_heads) {
 }
 
 void check_int32_vector(const Tensor& t, const char* name, int64_t numel) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must have dtype torch.int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.numel() == numel, name, " must have shape (", numel, ",), got ", shape_str(t));
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must have dtype torch.int32, got ", c10::toString(t.scalar_type()));
+  TORCH_CHECK(t.dim() == 1 && t.numel() == numel, name, " must have shape (", std::to_string(numel), ",), got ", shape_str(t));
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
@@ -93,7 +96,7 @@ void check_out(const Tensor& out, const Tensor& q) {
 flash::FwdLauncher find_kernel(int head_size, bool is_bf16) {
   const int kernel_hdim = flash::round_up_headdim(head_size);
   flash::FwdLauncher launcher = flash::find_fwd(kernel_hdim, is_bf16);
-  TORCH_CHECK(launcher != nullptr, "head_dim ", head_size, " (kernel head dim ", kernel_hdim, ", ",
+  TORCH_CHECK(launcher != nullptr, "head_dim ", std::to_string(head_size), " (kernel head dim ", std::to_string(kernel_hdim), ", ",
               is_bf16 ? "bf16" : "fp16",
               ") was not compiled in this build; rebuild with FLASH_ATTN_HEADDIMS / FLASH_ATTN_DTYPES including it");
   return launcher;
@@ -278,11 +281,12 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
   const int total_q = q_in.size(0), num_heads = q_in.size(1), head_size = q_in.size(2);
   const int num_heads_k = k.size(-2);
   const int batch = cu_seqlens_q.numel() - 1;
-  TORCH_CHECK(k.size(-1) == head_size, "k must have q's head_dim ", head_size, ", got ", shape_str(k));
+  TORCH_CHECK(k.size(-1) == head_size, "k must have q's head_dim ", std::to_string(head_size), ", got ", shape_str(k));
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", shape_str(v), " and ", shape_str(k));
   check_head_dims(head_size, num_heads, num_heads_k);
   check_options(p_dropout, return_softmax, window_left, window_right, softcap, num_splits);
-  TORCH_CHECK(batch >= 1, "cu_seqlens_q must have batch_size + 1 >= 2 elements, got ", cu_seqlens_q.numel());
+  TORCH_CHECK(batch >= 1, "cu_seqlens_q must have batch_size + 1 >= 2 elements, got ",
+              std::to_string(cu_seqlens_q.numel()));
   check_int32_vector(cu_seqlens_q, "cu_seqlens_q", batch + 1);
   check_int32_vector(cu_seqlens_k, "cu_seqlens_k", batch + 1);
   if (seqused_k) check_int32_vector(*seqused_k, "seqused_k", batch);
@@ -297,7 +301,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
     page_block_size = k.size(1);
     TORCH_CHECK(page_block_size % 16 == 0 && page_block_size > 0,
                 "page_block_size (k.size(1) with block_table) must be a positive multiple of 16, got ",
-                page_block_size);
+                std::to_string(page_block_size));
   }
   check_alibi(alibi_slopes, batch, num_heads);
   if (out_) check_out(*out_, q_in);
@@ -378,7 +382,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
 
 int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
                          int num_sms, int num_splits) {
-  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", std::to_string(num_splits));
   TORCH_CHECK(num_sms > 0, "num_sms must be positive");
   check_head_dims(head_size, num_heads, num_heads_k);
   return flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, /*can_swap=*/true,
