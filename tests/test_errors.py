@@ -149,6 +149,17 @@ def test_varlen_block_table_int64():
         flash_attn_gpu.varlen_fwd(*varlen_args(k=k, v=v, block_table=bt))
 
 
+def test_varlen_paged_and_leftpad_refused_until_tested():
+    # Valid int32 block table / left padding: refused with a clear error, not run untested.
+    k = _t(4, 256, HK, D)
+    v = _t(4, 256, HK, D)
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"block_table .*not supported yet"):
+        flash_attn_gpu.varlen_fwd(*varlen_args(k=k, v=v, block_table=bt))
+    with pytest.raises(RuntimeError, match=r"leftpad_k .*not supported yet"):
+        flash_attn_gpu.varlen_fwd(*varlen_args(leftpad_k=torch.zeros(2, dtype=torch.int32)))
+
+
 def _assert_device_error(excinfo, arg="q"):
     msg = str(excinfo.value)
     assert re.search(r"(?i)cuda|gpu|device", msg), msg

@@ -303,6 +303,10 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
                 "page_block_size (k.size(1) with block_table) must be a positive multiple of 16, got ",
                 std::to_string(page_block_size));
   }
+  // The kernels have paged and left-padded K/V paths, but no test covers them yet (they come
+  // with flash_attn_with_kvcache); refuse rather than risk a wrong answer.
+  TORCH_CHECK(!paged, "block_table (paged KV) is not supported yet by this flash_attn build");
+  TORCH_CHECK(!leftpad_k, "leftpad_k is not supported yet by this flash_attn build");
   check_alibi(alibi_slopes, batch, num_heads);
   if (out_) check_out(*out_, q_in);
   check_on_device(q_in, "q", q_in);
