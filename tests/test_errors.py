@@ -140,22 +140,21 @@ def test_varlen_fwd_bad_argument(over, pattern):
         flash_attn_gpu.varlen_fwd(*varlen_args(**over))
 
 
+def _paged_args(block_table_dtype):
+    # Paged KV: k/v are (num_blocks, page_block_size, nheads_k, d) with a (batch, blocks) table.
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=block_table_dtype)
+    return varlen_args(k=_t(4, 256, HK, D), v=_t(4, 256, HK, D), block_table=bt)
+
+
 def test_varlen_block_table_int64():
-    # Paged KV: k/v are (num_blocks, page_block_size, nheads_k, d); the block table must be int32.
-    k = _t(4, 256, HK, D)
-    v = _t(4, 256, HK, D)
-    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int64)
     with pytest.raises(RuntimeError, match=r"block_table"):
-        flash_attn_gpu.varlen_fwd(*varlen_args(k=k, v=v, block_table=bt))
+        flash_attn_gpu.varlen_fwd(*_paged_args(torch.int64))
 
 
 def test_varlen_paged_and_leftpad_refused_until_tested():
     # Valid int32 block table / left padding: refused with a clear error, not run untested.
-    k = _t(4, 256, HK, D)
-    v = _t(4, 256, HK, D)
-    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"block_table .*not supported yet"):
-        flash_attn_gpu.varlen_fwd(*varlen_args(k=k, v=v, block_table=bt))
+        flash_attn_gpu.varlen_fwd(*_paged_args(torch.int32))
     with pytest.raises(RuntimeError, match=r"leftpad_k .*not supported yet"):
         flash_attn_gpu.varlen_fwd(*varlen_args(leftpad_k=torch.zeros(2, dtype=torch.int32)))
 
