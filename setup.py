@@ -9,6 +9,8 @@ Build knobs (environment variables):
     FLASH_ATTN_CUDA_ARCHS   CUDA architectures, e.g. "90" or "80;90" (default "80;90")
     CUTLASS_DIR             a CUTLASS checkout or include folder (default: the nvidia-cutlass package)
     MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
+    FLASH_ATTN_FWD_TILE_OVERRIDE   tuning experiments only: "m,n,warps" prefill tile for every
+                            compiled head dim (scripts/tune_fwd_tiles.sh)
 """
 import os
 import re
