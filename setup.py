@@ -74,7 +74,7 @@ def extension_modules():
     missing = [k for k in kernels if not k.exists()]
     if missing:
         sys.exit(f"missing {missing}; run csrc/flash_attn/src/generate_kernels.py")
-    sources = [CSRC / "flash_api.cpp"] + kernels
+    sources = [CSRC / "flash_api.cpp", CSRC / "src" / "kvcache_append.cu"] + kernels
     print(f"flash_attn: head dims {headdims}, dtypes {dtypes}, archs {archs}", flush=True)
 
     arch_list = ",".join(archs)
@@ -95,6 +95,12 @@ def extension_modules():
     if os.environ.get("FLASH_ATTN_FWD_TILE_OVERRIDE"):  # tuning experiments only
         m, n, warps = os.environ["FLASH_ATTN_FWD_TILE_OVERRIDE"].split(",")
         nvcc_flags += [f"-DFLASH_ATTN_FWD_TILE_M={m}", f"-DFLASH_ATTN_FWD_TILE_N={n}", f"-DFLASH_ATTN_FWD_TILE_WARPS={warps}"]
+    if os.environ.get("FLASH_ATTN_DECODE_TILE_OVERRIDE"):  # tuning experiments only
+        sub_n, stages, warps = os.environ["FLASH_ATTN_DECODE_TILE_OVERRIDE"].split(",")
+        decode_flags = [f"-DFLASH_ATTN_DECODE_SUB_N={sub_n}", f"-DFLASH_ATTN_DECODE_STAGES={stages}",
+                        f"-DFLASH_ATTN_DECODE_WARPS={warps}"]
+        nvcc_flags += decode_flags
+        cxx_flags += decode_flags  # the dispatcher's heuristic reads the same tile
     return [
         CUDAExtension(
             name="flash_attn_2_cuda",

@@ -37,7 +37,9 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 
 export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
 start=$(date +%s)
-MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace >/tmp/build.log 2>&1
+# pip install (not build_ext --inplace): the package metadata it records is what transformers'
+# is_flash_attn_2_available() looks for (tests/test_hf_integration.py).
+MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation --no-deps --no-cache-dir -v . >/tmp/build.log 2>&1
 status=$?
 echo "build: exit $status in $(( $(date +%s) - start )) s (archs $FLASH_ATTN_CUDA_ARCHS, head dims ${FLASH_ATTN_HEADDIMS:-all}, dtypes ${FLASH_ATTN_DTYPES:-all})" | tee -a "$OUT/env.log"
 if [ $status -ne 0 ]; then cp /tmp/build.log "$OUT/build.log"; grep -E "error|Error" /tmp/build.log | head -40; exit 1; fi

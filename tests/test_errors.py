@@ -151,11 +151,21 @@ def test_varlen_block_table_int64():
         flash_attn_gpu.varlen_fwd(*_paged_args(torch.int64))
 
 
-def test_varlen_paged_and_leftpad_refused_until_tested():
-    # Valid int32 block table / left padding: refused with a clear error, not run untested.
-    with pytest.raises(RuntimeError, match=r"block_table .*not supported yet"):
+def test_varlen_valid_paged_args_reach_the_device_check():
+    # A valid int32 block table passes every argument check; on CPU tensors the device check fires.
+    with pytest.raises(RuntimeError, match=r"(?i)cuda|device"):
         flash_attn_gpu.varlen_fwd(*_paged_args(torch.int32))
-    with pytest.raises(RuntimeError, match=r"leftpad_k .*not supported yet"):
+
+
+def test_varlen_paged_page_size_not_multiple_of_16():
+    bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"page_block_size"):
+        flash_attn_gpu.varlen_fwd(*varlen_args(k=_t(4, 24, HK, D), v=_t(4, 24, HK, D), block_table=bt))
+
+
+def test_varlen_leftpad_refused():
+    # Not exposed by flash_attn_varlen_func; the kv-cache API's cache_leftpad is the supported path.
+    with pytest.raises(RuntimeError, match=r"leftpad_k .*not supported"):
         flash_attn_gpu.varlen_fwd(*varlen_args(leftpad_k=torch.zeros(2, dtype=torch.int32)))
 
 

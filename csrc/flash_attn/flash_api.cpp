@@ -3,6 +3,7 @@
 // Argument checks that need no GPU run before the device checks, so CPU tests exercise them.
 
 #include <atomic>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -17,6 +18,7 @@
 #include "src/flash.h"
 #include "src/flash_params.h"
 #include "src/heuristics.h"
+#include "src/kvcache_append.h"
 
 // CUDA architectures compiled in, from setup.py (e.g. 80,90).
 #ifndef FLASH_ATTN_ARCHS_LIST
@@ -166,16 +168,24 @@ void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int
   p.num_splits = 1;
 }
 
-// SM count of the current device, cached per device (an attribute query costs a driver call).
-int device_sm_count() {
-  static std::atomic<int> cached[64] = {};
+// Per-device facts the plan needs, cached (an attribute query costs a driver call).
+struct DeviceInfo {
+  int sm_count;
+  bool pdl;  // programmatic dependent launch (sm_90+)
+};
+
+DeviceInfo device_info() {
+  static std::atomic<int> cached[64] = {};  // sm_count * 2 + pdl, 0 = not yet queried
   const int device = c10::cuda::current_device();
-  int n = cached[device & 63].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cached[device & 63].store(n, std::memory_order_relaxed);
+  int packed = cached[device & 63].load(std::memory_order_relaxed);
+  if (packed == 0) {
+    int sms = 0, major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    packed = sms * 2 + (major >= 9 ? 1 : 0);
+    cached[device & 63].store(packed, std::memory_order_relaxed);
   }
-  return n;
+  return {packed / 2, (packed & 1) != 0};
 }
 
 // Allocates the split-KV partial buffers (from PyTorch's caching allocator: no sync, graph-safe).
@@ -183,7 +193,9 @@ std::pair<Tensor, Tensor> set_splits(flash::FwdParams& p, const flash::ForwardPl
                                      const at::TensorOptions& opts) {
   const int num_splits = plan.num_splits;
   p.split_kernel = plan.split_kernel;
+  p.decode_kernel = plan.decode_kernel;
   p.num_splits = num_splits;
+  p.allow_pdl = device_info().pdl;
   p.total_q_rows = total_q_rows;
   if (!plan.split_kernel) return {};
   const int kernel_hdim = flash::round_up_headdim(p.d);
@@ -200,37 +212,43 @@ void launch(flash::FwdLauncher kernel, const flash::FwdParams& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// q: (batch, seqlen_q, num_heads, d); k, v: (batch, seqlen_k, num_heads_k, d).
-std::vector<Tensor> mha_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_, OptTensor alibi_slopes,
-                            double p_dropout, double softmax_scale, bool is_causal, int window_left, int window_right,
-                            double softcap, bool return_softmax, int num_splits) {
-  check_qkv_dtypes(q_in, k, v);
-  TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", shape_str(q_in));
-  TORCH_CHECK(k.dim() == 4, "k must have shape (batch, seqlen_k, num_heads_k, head_dim), got ", shape_str(k));
-  const int batch = q_in.size(0), seqlen_q = q_in.size(1), num_heads = q_in.size(2), head_size = q_in.size(3);
-  const int seqlen_k = k.size(1), num_heads_k = k.size(2);
-  TORCH_CHECK(k.size(0) == batch && k.size(3) == head_size, "k must have shape (batch, seqlen_k, num_heads_k, ",
-              "head_dim) with q's batch and head_dim, got ", shape_str(k), " for q ", shape_str(q_in));
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", shape_str(v), " and ", shape_str(k));
-  check_head_dims(head_size, num_heads, num_heads_k);
-  check_options(p_dropout, return_softmax, window_left, window_right, softcap, num_splits);
-  check_alibi(alibi_slopes, batch, num_heads);
-  if (out_) check_out(*out_, q_in);
-  check_on_device(q_in, "q", q_in);
-  check_on_device(k, "k", q_in);
-  check_on_device(v, "v", q_in);
-  if (out_) check_on_device(*out_, "out", q_in);
-  if (alibi_slopes) check_on_device(*alibi_slopes, "alibi_slopes", q_in);
-  const bool is_bf16 = q_in.scalar_type() == at::kBFloat16;
-  const flash::FwdLauncher kernel = find_kernel(head_size, is_bf16);
+// Batch-strided K/V beyond a plain (batch, seqlen_k, ...) tensor: the kv-cache layouts.
+// FLASH_ATTN_DECODE_KERNEL=0 runs decode on the 64-row split kernel instead of the decode
+// kernel: for A/B measurements in one build only.
+bool decode_kernel_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FLASH_ATTN_DECODE_KERNEL");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return enabled;
+}
 
-  const at::cuda::CUDAGuard device_guard{q_in.device()};
-  auto [wl, wr] = normalize_window(is_causal, window_left, window_right, seqlen_q, seqlen_k);
+struct KvLayout {
+  int seqlen_k;                      // rows per sequence the kernel may read
+  const int* seqused_k = nullptr;    // keys used per entry (absolute end, left padding included)
+  const int* leftpad_k = nullptr;
+  const int* cache_batch_idx = nullptr;
+  const int* block_table = nullptr;  // k, v are (num_pages, page_block_size, h_k, d)
+  int64_t block_table_batch_stride = 0;
+  int page_block_size = 0;
+  int num_pages = 0;
+};
+
+// Attention of batch-strided q (batch, seqlen_q, num_heads, d) against batch-strided or paged
+// K/V, after all checks: the plan (swap, splits), the output buffers and the launch.
+std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_,
+                                const OptTensor& alibi_slopes, double softmax_scale, bool is_causal, int window_left,
+                                int window_right, double softcap, int num_splits, const KvLayout& kv,
+                                flash::FwdLauncher kernel) {
+  const int batch = q_in.size(0), seqlen_q = q_in.size(1), num_heads = q_in.size(2), head_size = q_in.size(3);
+  const int num_heads_k = k.size(2);
+  auto [wl, wr] = normalize_window(is_causal, window_left, window_right, seqlen_q, kv.seqlen_k);
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes;
-  const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size,
-                                                      can_swap, device_sm_count(), num_splits);
+  const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k,
+                                                      head_size, can_swap, device_info().sm_count, num_splits,
+                                                      decode_kernel_enabled());
   const auto opts = q_in.options();
-  Call c{q_in, k, v, {}, batch, plan.num_heads, num_heads_k, plan.seqlen_q, seqlen_k, head_size, false, false};
+  Call c{q_in, k, v, {}, batch, plan.num_heads, num_heads_k, plan.seqlen_q, kv.seqlen_k, head_size, false, false};
   if (plan.swap_seqlen_ngroups) {
     // (b, 1, h_k * g, d) -> (b, g, h_k, d): the g query heads of a kv head become its query rows.
     c.q = q_in.reshape({batch, num_heads_k, plan.seqlen_q, head_size}).transpose(1, 2);
@@ -244,6 +262,15 @@ std::vector<Tensor> mha_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v
   if (batch > 0 && seqlen_q > 0 && num_heads > 0) {
     flash::FwdParams p;
     fill_common(p, c, alibi_slopes, wl, wr, softmax_scale, softcap);
+    p.seqused_k = kv.seqused_k;
+    p.leftpad_k = kv.leftpad_k;
+    p.cache_batch_idx = kv.cache_batch_idx;
+    if (kv.block_table != nullptr) {
+      p.block_table = kv.block_table;
+      p.block_table_batch_stride = kv.block_table_batch_stride;
+      p.page_block_size = kv.page_block_size;
+      p.num_pages = kv.num_pages;
+    }
     p.softmax_lse_ptr = softmax_lse.data_ptr<float>();
     p.lse_batch_stride = int64_t(plan.num_heads) * plan.seqlen_q;
     p.lse_head_stride = plan.seqlen_q;
@@ -261,6 +288,34 @@ std::vector<Tensor> mha_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v
     }
   }
   return {out, softmax_lse.view({batch, num_heads, seqlen_q})};
+}
+
+// q: (batch, seqlen_q, num_heads, d); k, v: (batch, seqlen_k, num_heads_k, d).
+std::vector<Tensor> mha_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_, OptTensor alibi_slopes,
+                            double p_dropout, double softmax_scale, bool is_causal, int window_left, int window_right,
+                            double softcap, bool return_softmax, int num_splits) {
+  check_qkv_dtypes(q_in, k, v);
+  TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", shape_str(q_in));
+  TORCH_CHECK(k.dim() == 4, "k must have shape (batch, seqlen_k, num_heads_k, head_dim), got ", shape_str(k));
+  const int batch = q_in.size(0), num_heads = q_in.size(2), head_size = q_in.size(3);
+  const int seqlen_k = k.size(1), num_heads_k = k.size(2);
+  TORCH_CHECK(k.size(0) == batch && k.size(3) == head_size, "k must have shape (batch, seqlen_k, num_heads_k, ",
+              "head_dim) with q's batch and head_dim, got ", shape_str(k), " for q ", shape_str(q_in));
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", shape_str(v), " and ", shape_str(k));
+  check_head_dims(head_size, num_heads, num_heads_k);
+  check_options(p_dropout, return_softmax, window_left, window_right, softcap, num_splits);
+  check_alibi(alibi_slopes, batch, num_heads);
+  if (out_) check_out(*out_, q_in);
+  check_on_device(q_in, "q", q_in);
+  check_on_device(k, "k", q_in);
+  check_on_device(v, "v", q_in);
+  if (out_) check_on_device(*out_, "out", q_in);
+  if (alibi_slopes) check_on_device(*alibi_slopes, "alibi_slopes", q_in);
+  const flash::FwdLauncher kernel = find_kernel(head_size, q_in.scalar_type() == at::kBFloat16);
+
+  const at::cuda::CUDAGuard device_guard{q_in.device()};
+  return run_batched(q_in, k, v, out_, alibi_slopes, softmax_scale, is_causal, window_left, window_right, softcap,
+                     num_splits, KvLayout{seqlen_k}, kernel);
 }
 
 // q: (total_q, num_heads, d); k, v: (total_k, num_heads_k, d), or paged
@@ -303,10 +358,10 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
                 "page_block_size (k.size(1) with block_table) must be a positive multiple of 16, got ",
                 std::to_string(page_block_size));
   }
-  // The kernels have paged and left-padded K/V paths, but no test covers them yet (they come
-  // with flash_attn_with_kvcache); refuse rather than risk a wrong answer.
-  TORCH_CHECK(!paged, "block_table (paged KV) is not supported yet by this flash_attn build");
-  TORCH_CHECK(!leftpad_k, "leftpad_k is not supported yet by this flash_attn build");
+  // Left padding of varlen K/V is not exposed by flash_attn_varlen_func (upstream neither) and has
+  // no test here; flash_attn_with_kvcache's cache_leftpad is the supported path.
+  TORCH_CHECK(!leftpad_k, "leftpad_k is not supported by varlen_fwd in this flash_attn build; use "
+              "flash_attn_with_kvcache(cache_leftpad=...)");
   check_alibi(alibi_slopes, batch, num_heads);
   if (out_) check_out(*out_, q_in);
   check_on_device(q_in, "q", q_in);
@@ -327,7 +382,8 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
   // The swap views q as (b, g, h_k, d), which needs exactly one query per sequence.
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && total_q == batch;
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
-                                                      head_size, can_swap, device_sm_count(), num_splits);
+                                                      head_size, can_swap, device_info().sm_count, num_splits,
+                                                      decode_kernel_enabled());
   const auto opts = q_in.options();
   Call c{q_in, k, v, {}, batch, plan.num_heads, num_heads_k, plan.seqlen_q, max_seqlen_k, head_size,
          !plan.swap_seqlen_ngroups, !paged};
@@ -354,6 +410,8 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
       p.block_table = block_table->data_ptr<int>();
       p.block_table_batch_stride = block_table->stride(0);
       p.page_block_size = page_block_size;
+      p.num_pages = k.size(0);
+      p.seqlen_k = block_table->size(1) * page_block_size;  // rows the table can address
       p.k_batch_stride = k.stride(0);
       p.v_batch_stride = v.stride(0);
     }
@@ -382,6 +440,238 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
     }
   }
   return {out, softmax_lse};
+}
+
+// Value checks of index tensors need their contents on the host: one small device->host copy,
+// a synchronisation. They run unless the stream is capturing a CUDA graph (no sync allowed; the
+// kernels then clamp bad indices so they never touch memory out of bounds) or
+// FLASH_ATTN_SKIP_VALUE_CHECKS=1 asks to skip them.
+bool value_checks_enabled(cudaStream_t stream) {
+  static const bool skip = [] {
+    const char* e = std::getenv("FLASH_ATTN_SKIP_VALUE_CHECKS");
+    return e != nullptr && *e != 0 && std::string(e) != "0";
+  }();
+  if (skip) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return status == cudaStreamCaptureStatusNone;
+}
+
+struct CacheShape {
+  int capacity;        // rows per sequence
+  int num_pages;       // paged only
+  int page_block_size; // paged only
+  int batch_cache;     // contiguous only
+};
+
+void check_cache_values(const Tensor& cache_seqlens, int seqlen_new, const OptTensor& leftpad,
+                        const OptTensor& cache_batch_idx, const OptTensor& block_table, const CacheShape& cs) {
+  std::vector<Tensor> bad;
+  std::vector<std::string> what;
+  const Tensor end = cache_seqlens + seqlen_new;
+  bad.push_back(((cache_seqlens < 0) | (end > cs.capacity)).any());
+  what.push_back("cache_seqlens (+ the new k/v rows) must lie in [0, " + std::to_string(cs.capacity) +
+                 "], the cache's rows per sequence");
+  if (leftpad) {
+    bad.push_back(((*leftpad < 0) | (*leftpad > cache_seqlens)).any());
+    what.push_back("cache_leftpad must lie in [0, cache_seqlens]");
+  }
+  if (cache_batch_idx) {
+    bad.push_back(((*cache_batch_idx < 0) | (*cache_batch_idx >= cs.batch_cache)).any());
+    what.push_back("cache_batch_idx must lie in [0, " + std::to_string(cs.batch_cache) + "), the cache's batch size");
+  }
+  if (block_table) {
+    const int width = block_table->size(1);
+    const Tensor used = (end.clamp(0, cs.capacity) + cs.page_block_size - 1).div(cs.page_block_size, "floor");
+    const Tensor in_use = at::arange(width, used.options()).unsqueeze(0) < used.unsqueeze(1);
+    bad.push_back((in_use & ((*block_table < 0) | (*block_table >= cs.num_pages))).any());
+    what.push_back("block_table entries in use must lie in [0, " + std::to_string(cs.num_pages) +
+                   "), the number of pages in k_cache");
+  }
+  const Tensor flags = at::stack(bad).cpu();
+  const bool* f = flags.data_ptr<bool>();
+  for (size_t i = 0; i < what.size(); ++i) TORCH_CHECK(!f[i], what[i]);
+}
+
+// flash_attn_with_kvcache. q: (batch, seqlen_q, num_heads, d); k_cache, v_cache:
+// (batch_cache, seqlen_cache, num_heads_k, d) or paged (num_pages, page_block_size, num_heads_k, d)
+// with block_table (batch, max_blocks_per_seq); optional new k, v: (batch, seqlen_new, num_heads_k, d)
+// appended in place at cache_seqlens, rotated with rotary_cos / rotary_sin (seqlen_ro, rotary_dim / 2)
+// as is q.
+std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_in, const Tensor& kcache, const Tensor& vcache, OptTensor k_,
+                                    OptTensor v_, OptTensor cache_seqlens, OptTensor rotary_cos, OptTensor rotary_sin,
+                                    OptTensor cache_batch_idx, OptTensor cache_leftpad, OptTensor block_table,
+                                    OptTensor alibi_slopes, OptTensor out_, double softmax_scale, bool is_causal,
+                                    int window_left, int window_right, double softcap, bool rotary_interleaved,
+                                    int num_splits) {
+  const auto dt = q_in.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "q must have dtype torch.float16 or torch.bfloat16, got ",
+              c10::toString(dt));
+  TORCH_CHECK(kcache.scalar_type() == dt, "k_cache must have the same dtype as q, got ",
+              c10::toString(kcache.scalar_type()), " and ", c10::toString(dt));
+  TORCH_CHECK(vcache.scalar_type() == dt, "v_cache must have the same dtype as q, got ",
+              c10::toString(vcache.scalar_type()), " and ", c10::toString(dt));
+  TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", shape_str(q_in));
+  TORCH_CHECK(q_in.stride(-1) == 1, "q must have contiguous last dimension");
+  TORCH_CHECK(kcache.stride(-1) == 1, "k_cache must have contiguous last dimension");
+  TORCH_CHECK(vcache.stride(-1) == 1, "v_cache must have contiguous last dimension");
+  const bool paged = block_table.has_value();
+  TORCH_CHECK(kcache.dim() == 4, "k_cache must have shape ",
+              paged ? "(num_blocks, page_block_size, num_heads_k, head_dim) with block_table"
+                    : "(batch_size_cache, seqlen_cache, num_heads_k, head_dim)",
+              ", got ", shape_str(kcache));
+  TORCH_CHECK(vcache.sizes() == kcache.sizes(), "v_cache must have the same shape as k_cache, got ", shape_str(vcache),
+              " and ", shape_str(kcache));
+  const int batch = q_in.size(0), seqlen_q = q_in.size(1), num_heads = q_in.size(2), head_size = q_in.size(3);
+  const int num_heads_k = kcache.size(2);
+  TORCH_CHECK(kcache.size(3) == head_size, "k_cache must have q's head_dim ", std::to_string(head_size), ", got ",
+              shape_str(kcache));
+  check_head_dims(head_size, num_heads, num_heads_k);
+  check_options(0.f, false, window_left, window_right, softcap, num_splits);
+
+  CacheShape cs{};
+  if (paged) {
+    TORCH_CHECK(block_table->scalar_type() == at::kInt, "block_table must have dtype torch.int32, got ",
+                c10::toString(block_table->scalar_type()));
+    TORCH_CHECK(block_table->dim() == 2 && block_table->size(0) == batch,
+                "block_table must have shape (batch_size, max_blocks_per_seq), got ", shape_str(*block_table));
+    TORCH_CHECK(block_table->stride(-1) == 1, "block_table must have contiguous last dimension");
+    TORCH_CHECK(!cache_batch_idx, "cache_batch_idx cannot be used with block_table (index the block table instead)");
+    cs.page_block_size = kcache.size(1);
+    cs.num_pages = kcache.size(0);
+    TORCH_CHECK(cs.page_block_size % 16 == 0 && cs.page_block_size > 0,
+                "page_block_size (k_cache.size(1) with block_table) must be a positive multiple of 16, got ",
+                std::to_string(cs.page_block_size));
+    TORCH_CHECK(cs.num_pages > 0, "k_cache must hold at least one page");
+    cs.capacity = block_table->size(1) * cs.page_block_size;
+  } else {
+    cs.capacity = kcache.size(1);
+    cs.batch_cache = kcache.size(0);
+    if (cache_batch_idx) {
+      check_int32_vector(*cache_batch_idx, "cache_batch_idx", batch);
+    } else {
+      TORCH_CHECK(cs.batch_cache >= batch, "k_cache must have at least q's batch size ", std::to_string(batch),
+                  " (or pass cache_batch_idx), got ", shape_str(kcache));
+    }
+  }
+
+  TORCH_CHECK(k_.has_value() == v_.has_value(), k_ ? "v must be given together with k" : "k must be given together with v");
+  int seqlen_new = 0;
+  if (k_) {
+    TORCH_CHECK(k_->scalar_type() == dt, "k must have the same dtype as q, got ", c10::toString(k_->scalar_type()));
+    TORCH_CHECK(v_->scalar_type() == dt, "v must have the same dtype as q, got ", c10::toString(v_->scalar_type()));
+    TORCH_CHECK(k_->dim() == 4 && k_->size(0) == batch && k_->size(2) == num_heads_k && k_->size(3) == head_size,
+                "k must have shape (batch, seqlen_new, num_heads_k, head_dim) = (", std::to_string(batch),
+                ", seqlen_new, ", std::to_string(num_heads_k), ", ", std::to_string(head_size), "), got ",
+                shape_str(*k_));
+    TORCH_CHECK(v_->sizes() == k_->sizes(), "v must have the same shape as k, got ", shape_str(*v_), " and ",
+                shape_str(*k_));
+    TORCH_CHECK(k_->stride(-1) == 1, "k must have contiguous last dimension");
+    TORCH_CHECK(v_->stride(-1) == 1, "v must have contiguous last dimension");
+    TORCH_CHECK(cache_seqlens.has_value(), "cache_seqlens is required when k and v are appended to the cache");
+    seqlen_new = k_->size(1);
+  }
+  if (cache_seqlens) check_int32_vector(*cache_seqlens, "cache_seqlens", batch);
+  if (cache_leftpad) check_int32_vector(*cache_leftpad, "cache_leftpad", batch);
+  const bool rotary = rotary_cos.has_value();
+  int rotary_dim = 0;
+  TORCH_CHECK(rotary_cos.has_value() == rotary_sin.has_value(), "rotary_cos and rotary_sin must be given together");
+  if (rotary) {
+    TORCH_CHECK(k_.has_value(), "rotary_cos / rotary_sin need the new k and v to rotate (pass k and v)");
+    for (const Tensor* t : {&*rotary_cos, &*rotary_sin}) {
+      const char* name = t == &*rotary_cos ? "rotary_cos" : "rotary_sin";
+      TORCH_CHECK(t->scalar_type() == dt, name, " must have the same dtype as q, got ", c10::toString(t->scalar_type()));
+      TORCH_CHECK(t->dim() == 2 && t->is_contiguous(), name, " must be a contiguous (seqlen_ro, rotary_dim / 2) tensor, got ",
+                  shape_str(*t));
+    }
+    TORCH_CHECK(rotary_sin->sizes() == rotary_cos->sizes(), "rotary_sin must have the same shape as rotary_cos");
+    rotary_dim = 2 * rotary_cos->size(1);
+    TORCH_CHECK(rotary_dim > 0 && rotary_dim <= head_size && rotary_dim % 16 == 0,
+                "rotary_dim (2 * rotary_cos.size(1)) must be a multiple of 16 and at most head_dim ",
+                std::to_string(head_size), ", got ", std::to_string(rotary_dim));
+    TORCH_CHECK(rotary_cos->size(0) >= cs.capacity, "rotary_cos must have at least as many rows as the cache (",
+                std::to_string(cs.capacity), "), got ", shape_str(*rotary_cos));
+  }
+  check_alibi(alibi_slopes, batch, num_heads);
+  if (out_) check_out(*out_, q_in);
+
+  check_on_device(q_in, "q", q_in);
+  check_on_device(kcache, "k_cache", q_in);
+  check_on_device(vcache, "v_cache", q_in);
+  for (auto [t, name] : {std::pair{&k_, "k"}, {&v_, "v"}, {&cache_seqlens, "cache_seqlens"}, {&rotary_cos, "rotary_cos"},
+                         {&rotary_sin, "rotary_sin"}, {&cache_batch_idx, "cache_batch_idx"},
+                         {&cache_leftpad, "cache_leftpad"}, {&block_table, "block_table"},
+                         {&alibi_slopes, "alibi_slopes"}, {&out_, "out"}}) {
+    if (t->has_value()) check_on_device(**t, name, q_in);
+  }
+  const bool is_bf16 = dt == at::kBFloat16;
+  const flash::FwdLauncher kernel = find_kernel(head_size, is_bf16);
+
+  const at::cuda::CUDAGuard device_guard{q_in.device()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (cache_seqlens && value_checks_enabled(stream)) {
+    check_cache_values(*cache_seqlens, seqlen_new, cache_leftpad, cache_batch_idx, block_table, cs);
+  }
+
+  KvLayout kv{cs.capacity};
+  kv.leftpad_k = cache_leftpad ? cache_leftpad->data_ptr<int>() : nullptr;
+  kv.cache_batch_idx = cache_batch_idx ? cache_batch_idx->data_ptr<int>() : nullptr;
+  if (paged) {
+    kv.block_table = block_table->data_ptr<int>();
+    kv.block_table_batch_stride = block_table->stride(0);
+    kv.page_block_size = cs.page_block_size;
+    kv.num_pages = cs.num_pages;
+  }
+  kv.seqused_k = cache_seqlens ? cache_seqlens->data_ptr<int>() : nullptr;
+
+  Tensor q = q_in, seqused;
+  if (k_) {
+    seqused = at::empty({batch}, cache_seqlens->options());
+    kv.seqused_k = seqused.data_ptr<int>();
+    flash::AppendKvParams a{};
+    a.knew_ptr = k_->data_ptr();
+    a.vnew_ptr = v_->data_ptr();
+    a.knew_batch_stride = k_->stride(0), a.knew_row_stride = k_->stride(1), a.knew_head_stride = k_->stride(2);
+    a.vnew_batch_stride = v_->stride(0), a.vnew_row_stride = v_->stride(1), a.vnew_head_stride = v_->stride(2);
+    a.kcache_ptr = kcache.data_ptr();
+    a.vcache_ptr = vcache.data_ptr();
+    a.kcache_batch_stride = kcache.stride(0), a.kcache_row_stride = kcache.stride(1), a.kcache_head_stride = kcache.stride(2);
+    a.vcache_batch_stride = vcache.stride(0), a.vcache_row_stride = vcache.stride(1), a.vcache_head_stride = vcache.stride(2);
+    a.block_table = kv.block_table;
+    a.block_table_batch_stride = kv.block_table_batch_stride;
+    a.page_block_size = cs.page_block_size;
+    a.num_pages = cs.num_pages;
+    a.capacity = cs.capacity;
+    a.cache_seqlens = cache_seqlens->data_ptr<int>();
+    a.cache_batch_idx = kv.cache_batch_idx;
+    a.b = batch, a.seqlen_new = seqlen_new, a.h_k = num_heads_k, a.d = head_size;
+    a.seqused_out = seqused.data_ptr<int>();
+    if (rotary) {
+      q = at::empty({batch, seqlen_q, num_heads, head_size}, q_in.options());
+      auto [wl, wr] = normalize_window(is_causal, window_left, window_right, seqlen_q, cs.capacity);
+      a.cos_ptr = rotary_cos->data_ptr();
+      a.sin_ptr = rotary_sin->data_ptr();
+      a.rotary_dim = rotary_dim;
+      a.seqlen_ro = rotary_cos->size(0);
+      a.interleaved = rotary_interleaved;
+      a.q_ptr = q_in.data_ptr();
+      a.q_batch_stride = q_in.stride(0), a.q_row_stride = q_in.stride(1), a.q_head_stride = q_in.stride(2);
+      a.qrot_ptr = q.data_ptr();
+      a.seqlen_q = seqlen_q, a.h = num_heads;
+      // Upstream's convention: with a causal or local mask query row t sits at cache_seqlens + t,
+      // otherwise every query row at cache_seqlens.
+      a.q_positions_per_row = wl >= 0 || wr >= 0;
+    }
+    if (batch > 0) {
+      flash::run_kvcache_append(a, is_bf16, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  return run_batched(q, kcache, vcache, out_, alibi_slopes, softmax_scale, is_causal, window_left, window_right,
+                     softcap, num_splits, kv, kernel);
 }
 
 int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
@@ -431,6 +721,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("zero_tensors"), pybind11::arg("causal"), pybind11::arg("window_size_left"),
         pybind11::arg("window_size_right"), pybind11::arg("softcap"), pybind11::arg("return_softmax"),
         pybind11::arg("num_splits") = 0);
+  m.def("fwd_kvcache", &mha_fwd_kvcache, "Forward attention against a KV cache, appending new keys / values",
+        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("cache_seqlens"), pybind11::arg("rotary_cos"), pybind11::arg("rotary_sin"),
+        pybind11::arg("cache_batch_idx"), pybind11::arg("cache_leftpad"), pybind11::arg("block_table"),
+        pybind11::arg("alibi_slopes"), pybind11::arg("out"), pybind11::arg("softmax_scale"), pybind11::arg("causal"),
+        pybind11::arg("window_size_left"), pybind11::arg("window_size_right"), pybind11::arg("softcap"),
+        pybind11::arg("rotary_interleaved"), pybind11::arg("num_splits") = 0);
   m.def("num_splits_heuristic", &num_splits_heuristic,
         "Number of key splits the dispatcher uses for these shapes (no window, no ALiBi)", pybind11::arg("batch"),
         pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"), pybind11::arg("seqlen_k"),

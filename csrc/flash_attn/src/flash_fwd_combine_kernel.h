@@ -30,6 +30,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32) flash_fwd_combine_kernel(c
   constexpr int kVec = kColsPerLane % 4 == 0 ? 4 : kColsPerLane % 2 == 0 ? 2 : 1;
   using Vec = cute::conditional_t<kVec == 4, float4, cute::conditional_t<kVec == 2, float2, float>>;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // launched early (programmatic dependent launch): wait for the partials
+#endif
   const int warp = blockIdx.x * kCombineWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= p.h * p.total_q_rows) return;

@@ -68,6 +68,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   const int bidb = kIsSplit ? blockIdx.z / params.h : blockIdx.y;
   const int bidh = kIsSplit ? blockIdx.z % params.h : blockIdx.z;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Let the combine kernel (a programmatic dependent launch) start launching now; it waits for
+  // this grid's completion before reading anything.
+  if constexpr (kIsSplit) asm volatile("griddepcontrol.launch_dependents;");
+#endif
   const SeqInfo seq(params, bidb);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) return;
@@ -119,7 +124,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     const int j0 = n_block * kBlockN;
     if (kHasExtras && block_table != nullptr) {
       gcopy.load_paged(tS, head, seq.k_row0 + j0, seq.seqlen_k - j0, block_table, params.page_block_size,
-                       page_stride, row_stride);
+                       params.num_pages, page_stride, row_stride);
     } else {
       gcopy.load_strided(tS, thread + int64_t(j0) * row_stride, row_stride, seq.seqlen_k - j0, head);
     }

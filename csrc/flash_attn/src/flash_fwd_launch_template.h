@@ -10,6 +10,8 @@
 #include <cutlass/numeric_types.h>
 
 #include "flash.h"
+#include "decode_kernel_traits.h"
+#include "flash_decode_kernel.h"
 #include "flash_fwd_combine_kernel.h"
 #include "flash_fwd_kernel.h"
 #include "kernel_traits.h"
@@ -32,38 +34,68 @@ void allow_dynamic_smem(int bytes) {
   }
 }
 
-template <typename Traits, bool kIsSplit, bool kHasExtras>
-void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
-  constexpr auto kernel = &flash_fwd_kernel<Traits, kIsSplit, kHasExtras>;
-  allow_dynamic_smem<kernel>(Traits::kSmemBytes);
-  const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  const dim3 grid = kIsSplit ? dim3(m_blocks, params.num_splits, params.b * params.h)
-                             : dim3(m_blocks, params.b, params.h);
-  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
-}
-
-// Softcap, ALiBi and paged K/V get their own kernel so the common kernel's loop carries none of
-// their code (smaller loop body, fewer live registers).
-template <typename Traits, bool kIsSplit>
-void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
+// Softcap, ALiBi and paged K/V get their own kernel instantiation so the common kernel's loop
+// carries none of their code (smaller loop body, fewer live registers).
+template <typename Launch>
+void with_extras(const FwdParams& params, Launch&& launch) {
   const bool extras = params.softcap_in > 0.f || params.alibi_slopes_ptr != nullptr || params.block_table != nullptr;
   if (extras) {
-    launch_fwd_kernel<Traits, kIsSplit, true>(params, stream);
+    launch(std::true_type{});
   } else {
-    launch_fwd_kernel<Traits, kIsSplit, false>(params, stream);
+    launch(std::false_type{});
   }
 }
 
+template <typename Traits, bool kIsSplit>
+void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
+  with_extras(params, [&](auto extras) {
+    constexpr auto kernel = &flash_fwd_kernel<Traits, kIsSplit, decltype(extras)::value>;
+    allow_dynamic_smem<kernel>(Traits::kSmemBytes);
+    const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+    const dim3 grid = kIsSplit ? dim3(m_blocks, params.num_splits, params.b * params.h)
+                               : dim3(m_blocks, params.b, params.h);
+    kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+  });
+}
+
+template <typename Traits>
+void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
+  with_extras(params, [&](auto extras) {
+    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(extras)::value>;
+    allow_dynamic_smem<kernel>(Traits::kSmemBytes);
+    const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+    kernel<<<dim3(m_blocks, params.num_splits, params.b * params.h), Traits::kNThreads, Traits::kSmemBytes, stream>>>(
+        params);
+  });
+}
+
+// The combine kernel is launched as a programmatic dependent of the split kernel on sm_90+: its
+// launch overlaps the split kernel's tail and it waits for the partials inside
+// (cudaGridDependencySynchronize), which hides most of a second launch's latency at decode.
 template <int kHeadDim, typename Element>
 void launch_combine_kernel(const FwdParams& params, cudaStream_t stream) {
   const int rows = params.h * params.total_q_rows;
-  const int blocks = (rows + kCombineWarps - 1) / kCombineWarps;
-  flash_fwd_combine_kernel<kHeadDim, Element><<<blocks, kCombineWarps * 32, 0, stream>>>(params);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((rows + kCombineWarps - 1) / kCombineWarps);
+  config.blockDim = dim3(kCombineWarps * 32);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  if (params.allow_pdl) {
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  cudaLaunchKernelEx(&config, flash_fwd_combine_kernel<kHeadDim, Element>, params);
 }
 
 template <int kHeadDim, typename Element>
 void run_fwd_impl(const FwdParams& params, cudaStream_t stream) {
-  if (params.split_kernel) {
+  if (params.decode_kernel) {
+    constexpr DecodeTile t = decode_tile(kHeadDim);
+    launch_decode_kernel<DecodeKernelTraits<kHeadDim, t.sub_n, t.stages, t.warps, Element>>(params, stream);
+    launch_combine_kernel<kHeadDim, Element>(params, stream);
+  } else if (params.split_kernel) {
     constexpr TileShape t = splitkv_tile(kHeadDim);
     launch_fwd_kernel<FwdKernelTraits<kHeadDim, t.block_m, t.block_n, t.warps, Element>, true>(params, stream);
     launch_combine_kernel<kHeadDim, Element>(params, stream);

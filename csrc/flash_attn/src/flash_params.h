@@ -42,6 +42,7 @@ struct FwdParams {
   const int* block_table;
   int64_t block_table_batch_stride;
   int page_block_size;
+  int num_pages;  // page indices are clamped to [0, num_pages): a bad table never reads out of bounds
 
   // Scores: s = q.k; with softcap, s = tanh(s * softcap_in) and the softmax multiplier is softcap.
   // p = exp2(s * scale_softmax_log2 - max), lse = max * scale_softmax + log(sum).
@@ -61,10 +62,12 @@ struct FwdParams {
   // num_splits key ranges (num_splits may be 1) here, merged by the combine kernel. Partial rows are indexed by r = q_start(b) + m, or b * seqlen_q + m without
   // cu_seqlens_q; there are total_q_rows of them per (split, head).
   bool split_kernel;
+  bool decode_kernel;  // with split_kernel: the 16-row decode kernel (flash_decode_kernel.h) writes the partials
   int num_splits;
   float* oaccum_ptr;       // [num_splits][h][total_q_rows][kHeadDim]
   float* lseaccum_ptr;     // [num_splits][h][total_q_rows]
   int total_q_rows;
+  bool allow_pdl;  // device supports programmatic dependent launch (sm_90+): overlap the combine's launch
 };
 
 }  // namespace flash

@@ -83,12 +83,12 @@ struct GmemTileCopy {
   // thread's first chunk of row 0 of page 0 for the kv head.
   template <typename TS>
   __device__ void load_paged(TS& tS, const Element* head_base, int first_row, int valid_rows, const int* block_table,
-                             int page_size, int64_t page_stride, int64_t row_stride) const {
+                             int page_size, int num_pages, int64_t page_stride, int64_t row_stride) const {
     CUTE_UNROLL
     for (int i = 0; i < size<1>(tS); ++i) {
       const bool row_ok = r0 + i * kRowsPerPass < valid_rows;
       const int row = first_row + r0 + i * kRowsPerPass;
-      const int page = row_ok ? block_table[row / page_size] : 0;
+      const int page = row_ok ? min(max(block_table[row / page_size], 0), num_pages - 1) : 0;
       const Element* src = head_base + int64_t(page) * page_stride + int64_t(row % page_size) * row_stride;
       CUTE_UNROLL
       for (int c = 0; c < size<2>(tS); ++c) {

@@ -20,9 +20,10 @@ constexpr int kSplitBlocksPerSm = 2;
 // the first key block and writing the partial result. Splits multiply the blocks; past the
 // resident slots they run in waves. Minimise waves x per-block latency, with a small charge
 // per split for the partial results and the combine, so that ties go to fewer splits.
-inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits) {
+inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits,
+                                int blocks_per_sm = kSplitBlocksPerSm) {
   if (blocks <= 0 || n_blocks <= 1 || blocks >= num_sms) return 1;
-  const int slots = num_sms * kSplitBlocksPerSm;
+  const int slots = num_sms * blocks_per_sm;
   max_splits = std::min({max_splits, n_blocks, slots});
   int best = 1;
   float best_cost = 3.0e38f;
@@ -45,9 +46,11 @@ struct ForwardPlan {
   int seqlen_q;              // query rows per (batch, head) the kernel sees
   int num_heads;             // heads the kernel sees
   int num_splits;
-  // Run the split kernel + combine, also for num_splits == 1 when the query tile is short: its
-  // 64-row, 128-key tile streams K/V far better at decode than the prefill tile.
+  // Run the split kernel + combine, also for a heuristic num_splits == 1 when the query tile is
+  // short: its 64-row, 128-key tile streams K/V far better at decode than the prefill tile. An
+  // explicit num_splits = 1 keeps upstream's behaviour: the unsplit forward kernel.
   bool split_kernel;
+  bool decode_kernel;  // the split kernel is the 16-row decode kernel
 };
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
@@ -58,8 +61,8 @@ struct ForwardPlan {
 // or a varlen batch that is not exactly one query per sequence.
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
-                                int requested) {
-  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false};
+                                int requested, bool allow_decode_kernel = true) {
+  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
   if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
@@ -67,15 +70,23 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
     plan.seqlen_q = num_heads / num_heads_k;
     plan.num_heads = num_heads_k;
   }
-  const TileShape tile = splitkv_tile(round_up_headdim(headdim));
-  const int n_blocks = std::max(1, ceil_div(max_seqlen_k, tile.block_n));
+  // Up to kDecodeBlockM rows: the decode kernel (16-row tile, warps split the keys); otherwise
+  // the split forward kernel's 64-row tile.
+  const int kernel_hdim = round_up_headdim(headdim);
+  const bool decode = allow_decode_kernel && plan.seqlen_q <= kDecodeBlockM;
+  const TileShape split_tile = splitkv_tile(kernel_hdim);
+  const int block_m = decode ? kDecodeBlockM : split_tile.block_m;
+  const int block_n = decode ? decode_keys_per_round(kernel_hdim) : split_tile.block_n;
+  const int blocks_per_sm = decode ? decode_blocks_per_sm(kernel_hdim) : kSplitBlocksPerSm;
+  const int n_blocks = std::max(1, ceil_div(max_seqlen_k, block_n));
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
   } else if (requested == 0 && max_seqlen_q == 1) {
-    const int blocks = batch * plan.num_heads * ceil_div(plan.seqlen_q, tile.block_m);
-    plan.num_splits = num_splits_heuristic(blocks, num_sms, n_blocks, kMaxSplits);
+    const int blocks = batch * plan.num_heads * ceil_div(plan.seqlen_q, block_m);
+    plan.num_splits = num_splits_heuristic(blocks, num_sms, n_blocks, kMaxSplits, blocks_per_sm);
   }
-  plan.split_kernel = plan.num_splits > 1 || plan.seqlen_q <= tile.block_m;
+  plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
+  plan.decode_kernel = plan.split_kernel && decode;
   return plan;
 }
 

@@ -33,10 +33,13 @@ struct SeqInfo {
     if (p.cu_seqlens_k != nullptr) {
       const int k_start = p.cu_seqlens_k[bidb];
       seqlen_k = p.seqused_k != nullptr ? p.seqused_k[bidb] : p.cu_seqlens_k[bidb + 1] - k_start;
+      // Paged K/V: the block table holds p.seqlen_k rows per sequence; never look past it.
+      if (p.block_table != nullptr) seqlen_k = min(seqlen_k, p.seqlen_k);
       k_offset = int64_t(k_start) * p.k_row_stride;
       v_offset = int64_t(k_start) * p.v_row_stride;
     } else {
-      seqlen_k = p.seqused_k != nullptr ? p.seqused_k[bidb] : p.seqlen_k;
+      // seqused_k past the padded length would read other entries' (or no) rows.
+      seqlen_k = p.seqused_k != nullptr ? min(p.seqused_k[bidb], p.seqlen_k) : p.seqlen_k;
       k_offset = int64_t(kv_batch) * p.k_batch_stride;
       v_offset = int64_t(kv_batch) * p.v_batch_stride;
     }

@@ -37,6 +37,44 @@ constexpr TileShape splitkv_tile(int headdim) {
   return headdim <= 128 ? TileShape{64, 128, 4} : TileShape{64, 64, 4};
 }
 
+// Decode forward (at most kDecodeBlockM query rows per (batch, head) after the GQA swap): one
+// 16-row MMA tile, and the warps split the keys instead of the rows, each warp streaming its own
+// kSubN-key sub-blocks through a kStages-deep cp.async ring with its own online softmax; the
+// warps' partial results are merged in shared memory at the end. A 64-row tile would spend 63/64
+// of its MMAs and shared-memory reads on padding rows for one query.
+constexpr int kDecodeBlockM = 16;
+
+struct DecodeTile {
+  int sub_n;   // keys per warp step
+  int stages;  // cp.async ring depth per warp
+  int warps;
+};
+
+constexpr DecodeTile decode_tile(int headdim) {
+#ifdef FLASH_ATTN_DECODE_SUB_N  // tuning experiments only (setup.py: FLASH_ATTN_DECODE_TILE_OVERRIDE=sub_n,stages,warps)
+  return DecodeTile{FLASH_ATTN_DECODE_SUB_N, FLASH_ATTN_DECODE_STAGES, FLASH_ATTN_DECODE_WARPS};
+#endif
+  return headdim <= 128 ? DecodeTile{32, 2, 4} : DecodeTile{16, 2, 4};
+}
+
+// Keys one decode thread block consumes per round (every warp one sub-block): the key-block unit
+// of the split heuristic for decode.
+constexpr int decode_keys_per_round(int headdim) { return decode_tile(headdim).sub_n * decode_tile(headdim).warps; }
+
+constexpr int decode_smem_bytes(int headdim, int elem_bytes = 2) {
+  const DecodeTile t = decode_tile(headdim);
+  const int q = kDecodeBlockM * headdim * elem_bytes;
+  const int ring = t.warps * t.stages * 2 * t.sub_n * headdim * elem_bytes;
+  const int merge = t.warps * kDecodeBlockM * headdim * 4;  // fp32 partial outputs, reuses the ring
+  return q + (ring > merge ? ring : merge);
+}
+
+// Resident decode blocks per SM on a 228 KB (sm_90) shared-memory SM, 1 KB reserved per block.
+constexpr int decode_blocks_per_sm(int headdim) {
+  const int n = (228 * 1024) / (decode_smem_bytes(headdim) + 1024);
+  return n < 1 ? 1 : n > 8 ? 8 : n;
+}
+
 constexpr int kMaxSplits = 128;
 
 }  // namespace flash

@@ -1,0 +1,245 @@
+// Decode forward: at most 16 query rows of one (batch, head) -- one query at decode, or the query
+// heads of a GQA group after the seqlen/ngroups swap -- against a split's range of keys.
+//
+// The 16-row tile fills one m16n8k16 MMA row block, so the warps split the keys instead of the
+// rows: warp w takes key sub-blocks w, w + kNWarps, ... of kSubN keys each, streams them through
+// its own kStages-deep cp.async ring and runs its own online softmax, synchronising only with
+// itself (__syncwarp). Q stays in registers. At the end the warps' results are merged in shared
+// memory by the log-sum-exp rule and written as this split's fp32 partial, which the combine
+// kernel merges across splits (as for the split forward kernel).
+#pragma once
+
+#include <cute/tensor.hpp>
+
+#include "decode_kernel_traits.h"
+#include "flash_fwd_kernel.h"
+#include "flash_params.h"
+#include "gmem_copy.h"
+#include "mma_utils.h"
+#include "score_mods.h"
+#include "seq_info.h"
+#include "softmax.h"
+
+namespace flash {
+
+using namespace cute;
+
+template <typename Traits, bool kHasExtras>
+__global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const __grid_constant__ FwdParams params) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kSubN = Traits::kSubN;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kNWarps = Traits::kNWarps;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may start launching
+#endif
+  extern __shared__ __align__(128) char smem_buf[];
+  const int tidx = threadIdx.x;
+  const int warp = tidx / 32;
+  const int lane = tidx % 32;
+  const int m_block = blockIdx.x;
+  const int split_idx = blockIdx.y;
+  const int bidb = blockIdx.z / params.h;
+  const int bidh = blockIdx.z % params.h;
+
+  const SeqInfo seq(params, bidb);
+  const int m0 = m_block * kBlockM;
+  if (m0 >= seq.seqlen_q) return;
+  const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
+  const int diag = seq.seqlen_k - seq.seqlen_q;
+
+  // This split's share of key rounds (kNWarps * kSubN keys), cut to sub-blocks by the
+  // sequence end and the causal / window band.
+  constexpr int kRound = Traits::kKeysPerRound;
+  const int n_rounds = ceil_div_dev(seq.seqlen_k, kRound);
+  const int per_split = ceil_div_dev(n_rounds, params.num_splits);
+  int sb_min = split_idx * per_split * (kRound / kSubN);
+  int sb_max = min(ceil_div_dev(seq.seqlen_k, kSubN), (split_idx + 1) * per_split * (kRound / kSubN));
+  if (params.window_right >= 0) {
+    sb_max = min(sb_max, ceil_div_dev(m0 + rows_in_tile + diag + params.window_right, kSubN));
+  }
+  if (params.window_left >= 0) sb_min = max(sb_min, (m0 + diag - params.window_left) / kSubN);
+  if (sb_max <= sb_min) {
+    write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
+    return;
+  }
+
+  // Shared memory: Q | per-warp rings of (K, V) sub-blocks.
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem_buf)), typename Traits::SmemLayoutQ{});
+  Element* ring = reinterpret_cast<Element*>(smem_buf + Traits::kSmemQBytes) + warp * kStages * 2 * Traits::kTileElems;
+  auto stage_k = [&](int s) { return make_tensor(make_smem_ptr(ring + (2 * s) * Traits::kTileElems), typename Traits::SmemLayoutKV{}); };
+  auto stage_v = [&](int s) { return make_tensor(make_smem_ptr(ring + (2 * s + 1) * Traits::kTileElems), typename Traits::SmemLayoutKV{}); };
+  auto stage_vt = [&](int s) { return make_tensor(make_smem_ptr(ring + (2 * s + 1) * Traits::kTileElems), typename Traits::SmemLayoutVt{}); };
+
+  using Copy = GmemTileCopy<typename Traits::WarpCopy>;
+  const Copy gcopy(lane, params.d);
+  const Element* q_base = static_cast<const Element*>(params.q_ptr) + seq.q_offset + bidh * params.q_head_stride;
+  if (warp == 0) {
+    Tensor tQsQ = gcopy.partition(sQ, lane);
+    gcopy.load_strided(tQsQ, q_base + int64_t(m0 + gcopy.r0) * params.q_row_stride + gcopy.col0, params.q_row_stride,
+                       rows_in_tile, q_base);
+  }
+  cp_async_fence();
+
+  const int kv_head = bidh / params.h_h_k_ratio;
+  const Element* k_head = static_cast<const Element*>(params.k_ptr) + kv_head * params.k_head_stride + gcopy.col0;
+  const Element* v_head = static_cast<const Element*>(params.v_ptr) + kv_head * params.v_head_stride + gcopy.col0;
+  const Element* k_thread = k_head + seq.k_offset + int64_t(seq.k_row0 + gcopy.r0) * params.k_row_stride;
+  const Element* v_thread = v_head + seq.v_offset + int64_t(seq.k_row0 + gcopy.r0) * params.v_row_stride;
+  const int* block_table = params.block_table != nullptr ? params.block_table + bidb * params.block_table_batch_stride
+                                                         : nullptr;
+  auto load_rows = [&](auto&& sT, const Element* head, const Element* thread, int64_t row_stride, int64_t page_stride,
+                       int sb) {
+    Tensor tS = gcopy.partition(sT, lane);
+    const int j0 = sb * kSubN;
+    if (kHasExtras && block_table != nullptr) {
+      gcopy.load_paged(tS, head, seq.k_row0 + j0, seq.seqlen_k - j0, block_table, params.page_block_size,
+                       params.num_pages, page_stride, row_stride);
+    } else {
+      gcopy.load_strided(tS, thread + int64_t(j0) * row_stride, row_stride, seq.seqlen_k - j0, head);
+    }
+  };
+  // This warp's i-th sub-block into ring stage i % kStages (one commit group per sub-block, empty
+  // past the end so the group count stays uniform).
+  const int my_first = sb_min + warp;
+  const int my_count = my_first < sb_max ? ceil_div_dev(sb_max - my_first, kNWarps) : 0;
+  auto load_stage = [&](int i) {
+    if (i < my_count) {
+      const int sb = my_first + i * kNWarps;
+      load_rows(stage_k(i % kStages), k_head, k_thread, params.k_row_stride, params.k_batch_stride, sb);
+      load_rows(stage_v(i % kStages), v_head, v_thread, params.v_row_stride, params.v_batch_stride, sb);
+    }
+    cp_async_fence();
+  };
+  CUTE_UNROLL
+  for (int i = 0; i < kStages - 1; ++i) load_stage(i);
+
+  typename Traits::WarpMma mma;
+  auto thr_mma = mma.get_thread_slice(lane);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
+  Tensor tSrK = thr_mma.partition_fragment_B(stage_k(0));
+  Tensor tOrVt = thr_mma.partition_fragment_B(make_tensor(make_smem_ptr(ring), typename Traits::SmemLayoutVtNoSwizzle{}));
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  clear(acc_o);
+
+  auto smem_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
+  auto smem_thr_copy_q = smem_copy_q.get_thread_slice(lane);
+  auto smem_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
+  auto smem_thr_copy_k = smem_copy_k.get_thread_slice(lane);
+  auto smem_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma);
+  auto smem_thr_copy_v = smem_copy_v.get_thread_slice(lane);
+
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kSubN>>{}));
+  Tensor tScS_rc = rowcol_view(tScS);
+  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  Tensor tOcO_rc = rowcol_view(tOcO);
+
+  const bool has_softcap = kHasExtras && params.softcap_in > 0.f;
+  const bool has_alibi = kHasExtras && params.alibi_slopes_ptr != nullptr;
+  const float alibi_slope =
+      has_alibi ? params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax : 0.f;
+
+  // Q: wait for warp 0's copy (its group is the oldest), then all of it into registers.
+  cp_async_wait<kStages - 1>();
+  __syncthreads();
+  copy(smem_copy_q, smem_thr_copy_q.partition_S(sQ), smem_thr_copy_q.retile_D(tSrQ));
+
+  constexpr int kRows = decltype(size<0>(rowcol_view(acc_o)))::value;
+  OnlineSoftmax<kRows> softmax;
+
+  for (int i = 0; i < my_count; ++i) {
+    load_stage(i + kStages - 1);
+    cp_async_wait<kStages - 1>();
+    __syncwarp();  // sub-block i landed for every lane
+    const int s = i % kStages;
+    const int sb = my_first + i * kNWarps;
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kSubN>>{});
+    clear(acc_s);
+    gemm_rs(acc_s, tSrQ, tSrK, smem_thr_copy_k.partition_S(stage_k(s)), mma, smem_copy_k, smem_thr_copy_k);
+
+    Tensor sc = rowcol_view(acc_s);
+    const BlockCoords bc{m0, sb * kSubN, diag};
+    if constexpr (kHasExtras) {
+      if (has_softcap) apply_softcap(acc_s, params.softcap_in);
+      if (has_alibi) apply_alibi(sc, tScS_rc, bc, alibi_slope);
+    }
+    if (block_needs_mask(bc, kSubN, rows_in_tile, seq.seqlen_k, params.window_left, params.window_right)) {
+      apply_mask(sc, tScS_rc, bc, seq.seqlen_k, params.window_left, params.window_right);
+    }
+    softmax.update(sc, rowcol_view(acc_o), params.scale_softmax_log2, i == 0);
+
+    Tensor rP = convert_fragment<Element>(acc_s);
+    Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand_layout(rP.layout()));
+    gemm_rs(acc_o, tOrP, tOrVt, smem_thr_copy_v.partition_S(stage_vt(s)), mma, smem_copy_v, smem_thr_copy_v);
+    __syncwarp();  // every lane is done reading stage s before it is refilled
+  }
+  cp_async_wait<0>();
+
+  // Merge the warps. Each warp's rows: lse_w (natural log; -inf without a visible key) and the
+  // normalised output o_w; the block's lse = log sum_w exp(lse_w), output = sum_w exp(lse_w - lse) o_w.
+  float lse_w[kRows];
+  if (my_count > 0) {
+    softmax.finalize(rowcol_view(acc_o), params.scale_softmax, -INFINITY, lse_w);
+  } else {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) lse_w[mi] = -INFINITY;
+  }
+  float* lse_smem = reinterpret_cast<float*>(smem_buf);  // Q is in registers now
+  float* o_smem = reinterpret_cast<float*>(smem_buf + Traits::kSmemQBytes);
+  __syncthreads();  // every warp is done with Q and its ring
+  const bool writes_lse = get<1>(tOcO_rc(0, 0)) == 0;
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    if (writes_lse) lse_smem[warp * kBlockM + get<0>(tOcO_rc(mi, 0))] = lse_w[mi];
+  }
+  __syncthreads();
+  float scale[kRows];
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    const int row = get<0>(tOcO_rc(mi, 0));
+    float mx = -INFINITY;
+    CUTE_UNROLL
+    for (int w = 0; w < kNWarps; ++w) mx = fmaxf(mx, lse_smem[w * kBlockM + row]);
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int w = 0; w < kNWarps; ++w) {
+      const float l = lse_smem[w * kBlockM + row];
+      sum += l == -INFINITY ? 0.f : __expf(l - mx);
+    }
+    const float lse = sum == 0.f ? -INFINITY : mx + __logf(sum);
+    scale[mi] = lse_w[mi] == -INFINITY ? 0.f : __expf(lse_w[mi] - lse);
+    if (warp == 0 && writes_lse) lse_smem[kNWarps * kBlockM + row] = lse;
+  }
+  Tensor o_rc = rowcol_view(acc_o);
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(o_rc); ++ni) o_rc(mi, ni) *= scale[mi];
+  }
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_o); i += 2) {
+    const int row = get<0>(tOcO(i)), col = get<1>(tOcO(i));
+    *reinterpret_cast<float2*>(o_smem + (warp * kBlockM + row) * kHeadDim + col) = make_float2(acc_o(i), acc_o(i + 1));
+  }
+  __syncthreads();
+
+  const int64_t head_rows = (int64_t(split_idx) * params.h + bidh) * params.total_q_rows;
+  const int r0 = seq.q_row(params, bidb, m0);
+  if (tidx < rows_in_tile) params.lseaccum_ptr[head_rows + r0 + tidx] = lse_smem[kNWarps * kBlockM + tidx];
+  float* oacc = params.oaccum_ptr + (head_rows + r0) * kHeadDim;
+  for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    CUTE_UNROLL
+    for (int w = 0; w < kNWarps; ++w) {
+      const float4 v = *reinterpret_cast<const float4*>(o_smem + w * kBlockM * kHeadDim + e);
+      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+    }
+    *reinterpret_cast<float4*>(oacc + e) = sum;
+  }
+}
+
+}  // namespace flash
