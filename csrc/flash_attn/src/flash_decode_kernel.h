@@ -91,26 +91,51 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   const Element* v_thread = v_head + seq.v_offset + int64_t(seq.k_row0 + gcopy.r0) * params.v_row_stride;
   const int* block_table = params.block_table != nullptr ? params.block_table + bidb * params.block_table_batch_stride
                                                          : nullptr;
-  auto load_rows = [&](auto&& sT, const Element* head, const Element* thread, int64_t row_stride, int64_t page_stride,
-                       int sb) {
+  auto load_rows = [&](auto&& sT, const Element* thread, int64_t row_stride, int sb) {
     Tensor tS = gcopy.partition(sT, lane);
     const int j0 = sb * kSubN;
-    if (kHasExtras && block_table != nullptr) {
-      gcopy.load_paged(tS, head, seq.k_row0 + j0, seq.seqlen_k - j0, block_table, params.page_block_size,
-                       params.num_pages, page_stride, row_stride);
-    } else {
-      gcopy.load_strided(tS, thread + int64_t(j0) * row_stride, row_stride, seq.seqlen_k - j0, head);
-    }
+    gcopy.load_strided(tS, thread + int64_t(j0) * row_stride, row_stride, seq.seqlen_k - j0, k_head);
   };
   // This warp's i-th sub-block into ring stage i % kStages (one commit group per sub-block, empty
   // past the end so the group count stays uniform).
   const int my_first = sb_min + warp;
   const int my_count = my_first < sb_max ? ceil_div_dev(sb_max - my_first, kNWarps) : 0;
+  // Paged K/V: the pages of sub-block i + 1 are looked up while sub-block i is issued, so the
+  // block-table load's latency never sits in front of a cp.async. Shared by K and V.
+  constexpr int kMaxPages = kSubN / 16 + 1;  // pages are >= 16 rows; left padding can misalign
+  int next_pages[kMaxPages];
+  auto fetch_pages = [&](int i) {
+    const int row0 = seq.k_row0 + (my_first + i * kNWarps) * kSubN;
+    const int base = row0 / params.page_block_size;
+    CUTE_UNROLL
+    for (int p = 0; p < kMaxPages; ++p) {
+      const bool used = i < my_count && (base + p) * params.page_block_size < seq.k_row0 + seq.seqlen_k;
+      next_pages[p] = used ? min(max(block_table[base + p], 0), params.num_pages - 1) : 0;
+    }
+  };
+  const bool paged = kHasExtras && block_table != nullptr;
+  if (paged) fetch_pages(0);
   auto load_stage = [&](int i) {
     if (i < my_count) {
       const int sb = my_first + i * kNWarps;
-      load_rows(stage_k(i % kStages), k_head, k_thread, params.k_row_stride, params.k_batch_stride, sb);
-      load_rows(stage_v(i % kStages), v_head, v_thread, params.v_row_stride, params.v_batch_stride, sb);
+      if (paged) {
+        int pages[kMaxPages];
+        CUTE_UNROLL
+        for (int p = 0; p < kMaxPages; ++p) pages[p] = next_pages[p];
+        fetch_pages(i + 1);
+        const int j0 = sb * kSubN;
+        Tensor sK = stage_k(i % kStages);
+        Tensor sV = stage_v(i % kStages);
+        Tensor tK = gcopy.partition(sK, lane);
+        Tensor tV = gcopy.partition(sV, lane);
+        gcopy.load_paged_prefetched(tK, k_head, seq.k_row0 + j0, seq.seqlen_k - j0, pages, params.page_block_size,
+                                    params.k_batch_stride, params.k_row_stride);
+        gcopy.load_paged_prefetched(tV, v_head, seq.k_row0 + j0, seq.seqlen_k - j0, pages, params.page_block_size,
+                                    params.v_batch_stride, params.v_row_stride);
+      } else {
+        load_rows(stage_k(i % kStages), k_thread, params.k_row_stride, sb);
+        load_rows(stage_v(i % kStages), v_thread, params.v_row_stride, sb);
+      }
     }
     cp_async_fence();
   };
