@@ -19,18 +19,27 @@ Implementations (all timed on the same K/V memory, layout (batch*seqlen_k, kv_he
               If cuDNN refuses GQA, K/V are expanded with repeat_interleave OUTSIDE the timed
               region (marked "*": that kernel then reads heads/kv_heads times more bytes), provided
               the expansion fits in --max-expand-gib; otherwise n/a.
+  paged16     (--paged, on by default; --no-paged skips) ours (num_splits=0) with a paged K/V cache:
+  paged256    the same K/V data copied into pages of 16 / 256 tokens, k/v (num_blocks, page, kv_heads, 128),
+              block_table (batch, seqlen_k / page) int32 holding a random permutation of the pages (no
+              two consecutive pages of a sequence are adjacent in memory, in general). One page size at
+              a time is allocated (peak 2x K+V); the paged columns of a cell are skipped when the free
+              GPU memory after allocating the contiguous K/V is below K+V bytes + --paged-margin-gib.
+              The page copy and the output check happen outside the timed region.
 
 Columns: speedups are time ratios nosplit/ours and torch_fa2/ours (>1 = ours faster);
 ours/cudnn is ours_us / cudnn_us (<1 = ours faster). bw_frac = (K+V bytes / ours time) /
 copy bandwidth, where copy bandwidth = (bytes read + written) / time of a 2 GiB D2D copy.
 maxdiff = max |ours auto - torch FA2| (outside timing; vs cuDNN when torch FA2 is n/a).
+paged16/ours and paged256/ours are time ratios (target <= 1.10: paged within 10% of contiguous);
+paged maxdiff = max |paged - contiguous ours| over both page sizes (same kernel plan: expected 0).
 
 Timing: CUDA events per call, 256 MiB L2 flush before each call (outside the event window),
 median (timing.py). --graph adds an "ours_graph_us" column: CUDA-graph replay of 20
 back-to-back calls (no flush: L2-warm for small cells, no launch overhead).
 
 Usage (repository root, GPU machine):
-  python benchmarks/benchmark_decode.py                 # ~25-50 s on an H100
+  python benchmarks/benchmark_decode.py                 # ~40-60 s on an H100 (~30 s with --no-paged)
   python benchmarks/benchmark_decode.py --quick
   python benchmarks/benchmark_decode.py --cells "batch=1"  --cells "batch=1|16,kv_heads=8"
 Outputs: benchmarks/results/decode_h100.json and benchmarks/results/decode_h100.md.
@@ -59,12 +68,14 @@ import torch.nn.functional as F  # noqa: E402
 from timing import (bench, bench_graph, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
                     markdown_table, short_err, sticky_cuda_error, measure_copy_bandwidth)
 from write_results import write_section  # noqa: E402
+from decode_grid import (SEQLENS_K, BATCHES, HEAD_CONFIGS, HEADDIM, CELL_KEYS,  # noqa: E402,F401
+                         add_grid_args, parse_cells, cell_matches, kv_bytes_of, cell_name, select_cells,
+                         skipped_line)
 
-SEQLENS_K = [2048, 4096, 8192, 32768]
-BATCHES = [1, 16, 128]
-HEAD_CONFIGS = [(12, 12), (32, 8), (32, 32)]
-HEADDIM = 128
-CELL_KEYS = ("batch", "seqlen_k", "heads", "kv_heads")
+DEVICE = "cuda"
+PAGE_SIZES = (16, 256)
+PAGED_TARGET = 1.10  # paged time / contiguous time
+
 FA2_POSITIONAL = ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p",
                   "is_causal", "return_debug_mask"]
 
@@ -76,48 +87,67 @@ def parse_args(argv=None):
     p.add_argument("--results-md", default=None,
                    help="markdown section output path (default OUT_DIR/decode_h100.md)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
-    p.add_argument("--cells", default=None,
-                   help='filter: comma-separated KEY=V1|V2 clauses over batch, seqlen_k, heads, kv_heads, '
-                        'all must match, e.g. "batch=1" or "batch=1|16,seqlen_k=32768"')
-    p.add_argument("--max-kv-gib", type=float, default=16.0,
-                   help="skip cells whose K+V bytes exceed this many GiB (default 16)")
+    add_grid_args(p)
     p.add_argument("--max-expand-gib", type=float, default=16.0,
                    help="largest GQA-expanded K+V for the cuDNN fallback (default 16 GiB)")
     p.add_argument("--graph", action="store_true",
                    help="also time ours (auto) with CUDA-graph replay (no L2 flush, no launch overhead)")
     p.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN column")
+    p.add_argument("--paged", dest="paged", action="store_true", default=True,
+                   help="time the paged-KV columns (pages of 16 and 256 tokens; default on)")
+    p.add_argument("--no-paged", dest="paged", action="store_false", help="skip the paged-KV columns")
+    p.add_argument("--paged-margin-gib", type=float, default=2.0,
+                   help="free GPU memory to keep beyond the paged copy of K/V (default %(default)s GiB)")
     p.add_argument("--time-budget-s", type=float, default=75.0,
                    help="after this many seconds, remaining cells use the minimum number of repeats")
     return p.parse_args(argv)
 
 
-def parse_cells(spec):
-    conds = {}
-    if not spec:
-        return conds
-    for clause in spec.split(","):
-        clause = clause.strip()
-        if not clause:
-            continue
-        if "=" not in clause:
-            raise SystemExit(f"--cells: bad clause {clause!r} (want KEY=V1|V2)")
-        key, vals = clause.split("=", 1)
-        key = key.strip()
-        if key not in CELL_KEYS:
-            raise SystemExit(f"--cells: unknown key {key!r}; keys: {', '.join(CELL_KEYS)}")
-        try:
-            conds[key] = {int(v) for v in vals.split("|") if v.strip()}
-        except ValueError:
-            raise SystemExit(f"--cells: values must be integers in {clause!r}")
-    return conds
+def make_paged(k, v, batch, seqlen_k, page):
+    """Copy K/V of layout (batch * seqlen_k, kv_heads, d) into a paged cache of `page`-token pages
+    stored in a random order. Returns (k_paged, v_paged, block_table): k_paged/v_paged
+    (batch * seqlen_k / page, page, kv_heads, d); block_table (batch, seqlen_k / page) int32, where
+    block_table[b, j] is the physical page holding tokens j*page .. (j+1)*page - 1 of sequence b.
+    Allocates K+V bytes once more; no temporary of that size."""
+    if seqlen_k % page:
+        raise ValueError(f"seqlen_k {seqlen_k} is not a multiple of the page size {page}")
+    npages = seqlen_k // page
+    nblocks = batch * npages
+    kv_heads, d = k.shape[1], k.shape[2]
+    perm = torch.randperm(nblocks, device=k.device)  # logical page i -> physical page perm[i]
+    k_paged = torch.empty((nblocks, page, kv_heads, d), dtype=k.dtype, device=k.device)
+    v_paged = torch.empty((nblocks, page, kv_heads, d), dtype=v.dtype, device=v.device)
+    k_paged.index_copy_(0, perm, k.view(nblocks, page, kv_heads, d))
+    v_paged.index_copy_(0, perm, v.view(nblocks, page, kv_heads, d))
+    block_table = perm.view(batch, npages).to(torch.int32).contiguous()
+    return k_paged, v_paged, block_table
 
 
-def cell_matches(conds, cell):
-    return all(cell[k] in vs for k, vs in conds.items())
+def available_gpu_bytes():
+    """Free device memory plus what PyTorch's caching allocator holds but does not use; None if unknown."""
+    try:
+        free, _total = torch.cuda.mem_get_info()
+        return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    except Exception:  # noqa: BLE001
+        return None
 
 
-def kv_bytes_of(batch, seqlen_k, kv_heads, headdim=HEADDIM, elem=2):
-    return 2 * batch * seqlen_k * kv_heads * headdim * elem
+def paged_summary(rows) -> str:
+    """One line: how many cells meet paged/ours <= PAGED_TARGET, per page size and for both."""
+    n = len(rows)
+    parts = []
+    for page in PAGE_SIZES:
+        rs = [r.get(f"paged{page}_ratio") for r in rows]
+        ok = sum(1 for x in rs if x is not None and x <= PAGED_TARGET)
+        na = sum(1 for x in rs if x is None)
+        worst = max((x for x in rs if x is not None), default=None)
+        parts.append(f"{page}-token pages {ok}/{n}" + (f" ({na} n/a)" if na else "")
+                     + f", worst {fmt(worst, '.2f')}")
+    both = sum(1 for r in rows
+               if all(r.get(f"paged{p}_ratio") is not None and r[f"paged{p}_ratio"] <= PAGED_TARGET
+                      for p in PAGE_SIZES))
+    return (f"paged KV within {round((PAGED_TARGET - 1) * 100)}% of contiguous (paged/ours <= {PAGED_TARGET:.2f}): "
+            f"{both}/{n} cells for both page sizes; " + "; ".join(parts))
 
 
 def time_impl(make_fn, ctx_factory, bench_kw):
@@ -238,20 +268,9 @@ def main(argv=None) -> int:
           f"{'quick' if args.quick else 'full'} ({base_kw})")
     print()
 
-    cells, skipped = [], []
-    for seqlen_k in SEQLENS_K:
-        for batch in BATCHES:
-            for heads, kv_heads in HEAD_CONFIGS:
-                c = dict(batch=batch, seqlen_k=seqlen_k, heads=heads, kv_heads=kv_heads)
-                if not cell_matches(conds, c):
-                    continue
-                if kv_bytes_of(batch, seqlen_k, kv_heads) > args.max_kv_gib * 2 ** 30:
-                    skipped.append(c)
-                    continue
-                cells.append(c)
+    cells, skipped = select_cells(conds, args.max_kv_gib)
     if skipped:
-        print("skipped (K+V > %.0f GiB): " % args.max_kv_gib
-              + ", ".join(f"b{c['batch']} s{c['seqlen_k']} h{c['heads']}/{c['kv_heads']}" for c in skipped))
+        print(skipped_line(skipped, args.max_kv_gib))
     if not cells:
         print("no cells selected")
 
@@ -259,29 +278,34 @@ def main(argv=None) -> int:
     rows, notes = [], []
     torch.manual_seed(0)
     dead = None
+    # per page size: None while the paged column is timed, else why it is skipped from then on
+    paged_off = {page: (None if args.paged else "skipped (--no-paged)") for page in PAGE_SIZES}
 
     for c in cells:
         if dead:
             break
         batch, seqlen_k, heads, kv_heads = c["batch"], c["seqlen_k"], c["heads"], c["kv_heads"]
         kw = base_kw if time.time() - t0 < args.time_budget_s else late_kw
-        name = f"b{batch} s{seqlen_k} h{heads}/{kv_heads}"
+        paged_kw = dict(kw, max_time_s=min(kw["max_time_s"], 0.15))  # half the per-cell budget of the others
+        name = cell_name(c)
         kvb = kv_bytes_of(batch, seqlen_k, kv_heads)
         row = dict(batch=batch, seqlen_k=seqlen_k, heads=heads, kv_heads=kv_heads,
                    ours_us=None, nosplit_us=None, torch_fa2_varlen_us=None, cudnn_us=None, bw_frac=None,
                    splits=None, maxdiff=None, cudnn_maxdiff=None, cudnn_kv_expanded=False,
                    kv_bytes=kvb, copy_bw_bytes_per_s=copy_bw, notes=[])
+        for page in PAGE_SIZES:
+            row.update({f"paged{page}_us": None, f"paged{page}_ratio": None, f"paged{page}_maxdiff": None})
         if args.graph:
             row["ours_graph_us"] = None
         q = k = v = cu_q = cu_k = None
         q4 = k4 = v4 = None
         o_ours = o_fa2 = o_cudnn = None
         try:
-            q = torch.randn(batch, heads, d, device="cuda", dtype=dtype)          # total_q = batch
-            k = torch.randn(batch * seqlen_k, kv_heads, d, device="cuda", dtype=dtype)
-            v = torch.randn(batch * seqlen_k, kv_heads, d, device="cuda", dtype=dtype)
-            cu_q = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32)
-            cu_k = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seqlen_k
+            q = torch.randn(batch, heads, d, device=DEVICE, dtype=dtype)          # total_q = batch
+            k = torch.randn(batch * seqlen_k, kv_heads, d, device=DEVICE, dtype=dtype)
+            v = torch.randn(batch * seqlen_k, kv_heads, d, device=DEVICE, dtype=dtype)
+            cu_q = torch.arange(0, batch + 1, device=DEVICE, dtype=torch.int32)
+            cu_k = torch.arange(0, batch + 1, device=DEVICE, dtype=torch.int32) * seqlen_k
 
             if heuristic is not None:
                 try:
@@ -314,6 +338,46 @@ def main(argv=None) -> int:
                     row["ours_graph_us"] = g.median_us
                 else:
                     row["notes"].append("ours_graph: CUDA graph capture/replay failed")
+
+            # ours on a paged K/V cache: same data in pages of 16 / 256 tokens, permuted page order
+            for page in PAGE_SIZES:
+                key = f"paged{page}"
+                if paged_off[page] is not None:
+                    continue
+                if ours_err is not None or o_ours is None:
+                    row["notes"].append(f"{key}: skipped (no contiguous ours output to compare with)")
+                    continue
+                if seqlen_k % page:
+                    row["notes"].append(f"{key}: skipped (seqlen_k not a multiple of {page})")
+                    continue
+                avail = available_gpu_bytes()
+                need = kvb + args.paged_margin_gib * 2 ** 30
+                if avail is not None and avail < need:
+                    row["notes"].append(f"{key}: skipped (available GPU memory {avail / 2**30:.1f} GiB < "
+                                        f"K+V {kvb / 2**30:.2f} GiB + {args.paged_margin_gib:g} GiB margin)")
+                    continue
+                kp = vp = bt = o_p = None
+                try:
+                    kp, vp, bt = make_paged(k, v, batch, seqlen_k, page)
+                    res, note, o_p = time_impl(
+                        lambda: (lambda: varlen(q, kp, vp, cu_q, cu_k, 1, seqlen_k, dropout_p=0.0,
+                                                softmax_scale=scale, causal=True, block_table=bt,
+                                                num_splits=0)),
+                        None, paged_kw)
+                    if res is not None:
+                        row[f"{key}_us"] = res.median_us
+                        if row["ours_us"]:
+                            row[f"{key}_ratio"] = res.median_us / row["ours_us"]
+                        row[f"{key}_maxdiff"] = (o_p.float() - o_ours.float()).abs().max().item()
+                    else:
+                        row["notes"].append(f"{key}: {note}")
+                        if "not supported" in note:
+                            paged_off[page] = note
+                            notes.append(f"{key} column skipped from {name} on: {note}")
+                finally:
+                    del kp, vp, bt, o_p
+                    gc.collect()
+                    torch.cuda.empty_cache()
 
             # PyTorch's vendored FA2 varlen
             if fa2_call is not None:
@@ -390,6 +454,8 @@ def main(argv=None) -> int:
               f"nosplit {fmt(row['nosplit_us'], '8.1f')}  torch_fa2 {fmt(row['torch_fa2_varlen_us'], '8.1f')}  "
               f"cudnn {fmt(row['cudnn_us'], '8.1f')}{'*' if row['cudnn_kv_expanded'] else ''} us  "
               f"bw_frac {fmt(row['bw_frac'], '.2f')}  maxdiff {fmt(row['maxdiff'], '.1e')}"
+              + (f"  paged16/ours {fmt(row['paged16_ratio'], '.2f')}  paged256/ours "
+                 f"{fmt(row['paged256_ratio'], '.2f')}" if args.paged else "")
               + (f"  graph {fmt(row.get('ours_graph_us'), '.1f')} us" if args.graph else ""), flush=True)
         for n in row["notes"]:
             notes.append(f"{name}: {n}")
@@ -408,6 +474,8 @@ def main(argv=None) -> int:
     headers = ["batch", "seqlen_k", "heads", "kv_heads", "splits", "ours_us", "nosplit_us",
                "torch_fa2_varlen_us", "cudnn_us", "speedup vs nosplit", "speedup vs torch_fa2",
                "ours/cudnn", "bw_frac", "maxdiff"]
+    if args.paged:
+        headers += ["paged16_us", "paged256_us", "paged16/ours", "paged256/ours", "paged maxdiff"]
     if args.graph:
         headers.append("ours_graph_us")
     trows = []
@@ -419,6 +487,10 @@ def main(argv=None) -> int:
               fmt(ratio(r["torch_fa2_varlen_us"], r["ours_us"]), ".2f"),
               fmt(ratio(r["ours_us"], r["cudnn_us"]), ".2f"),
               fmt(r["bw_frac"], ".2f"), fmt(r["maxdiff"], ".1e")]
+        if args.paged:
+            pdiffs = [r[f"paged{p}_maxdiff"] for p in PAGE_SIZES if r[f"paged{p}_maxdiff"] is not None]
+            tr += [fmt(r["paged16_us"]), fmt(r["paged256_us"]), fmt(r["paged16_ratio"], ".2f"),
+                   fmt(r["paged256_ratio"], ".2f"), fmt(max(pdiffs) if pdiffs else None, ".1e")]
         if args.graph:
             tr.append(fmt(r.get("ours_graph_us")))
         trows.append(tr)
@@ -431,12 +503,17 @@ def main(argv=None) -> int:
         print("\nn/a and other notes:")
         for n in notes:
             print("  - " + n)
+    psum = paged_summary(rows) if args.paged else None
+    if psum:
+        print("\n" + psum)
     print(f"\nelapsed {elapsed:.1f} s (cells only)")
 
     # ---- outputs
     json_keys = ["batch", "seqlen_k", "heads", "kv_heads", "ours_us", "nosplit_us", "torch_fa2_varlen_us",
                  "cudnn_us", "bw_frac", "splits", "maxdiff", "cudnn_maxdiff", "cudnn_kv_expanded", "kv_bytes",
-                 "copy_bw_bytes_per_s"] + (["ours_graph_us"] if args.graph else []) + ["notes"]
+                 "copy_bw_bytes_per_s"]
+    json_keys += [f"paged{p}_{s}" for p in PAGE_SIZES for s in ("us", "ratio", "maxdiff")]
+    json_keys += (["ours_graph_us"] if args.graph else []) + ["notes"]
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
         json.dump([{k: r.get(k) for k in json_keys} for r in rows], f, indent=1)
@@ -450,7 +527,11 @@ def main(argv=None) -> int:
         "torch_fa2_varlen = torch.ops.aten._flash_attention_forward, cuDNN = SDPA CUDNN_ATTENTION on "
         "strided (b, h, s, d) views of the same K/V (enable_gqa for GQA). speedups = other/ours; "
         "ours/cudnn = time ratio; bw_frac = (K+V bytes / ours time) / copy bandwidth"
-        + (f" ({copy_bw / 1e12:.2f} TB/s read+write, 2 GiB D2D copy)" if copy_bw else "") + ".",
+        + (f" ({copy_bw / 1e12:.2f} TB/s read+write, 2 GiB D2D copy)" if copy_bw else "") + "."
+        + (" paged16/paged256 = ours (num_splits=0) on the same K/V copied into a paged cache of 16 / 256-token "
+           "pages in random order (block_table); paged16/ours, paged256/ours = time ratios (target <= "
+           f"{PAGED_TARGET:.2f}); paged maxdiff = max |paged - contiguous| over both page sizes."
+           if args.paged else ""),
         "",
         "; ".join(env[2:]) if len(env) > 2 else "",
         "",
@@ -459,9 +540,10 @@ def main(argv=None) -> int:
     if any(r["cudnn_kv_expanded"] for r in rows):
         body += ["", "\\* cuDNN refused GQA: K/V expanded to `heads` (repeat_interleave) outside the timed "
                      "region, so that kernel reads heads/kv_heads times more bytes."]
+    if psum:
+        body += ["", psum + "."]
     if skipped:
-        body += ["", "Skipped (K+V > %.0f GiB): " % args.max_kv_gib
-                 + ", ".join(f"b{c['batch']} s{c['seqlen_k']} h{c['heads']}/{c['kv_heads']}" for c in skipped)]
+        body += ["", skipped_line(skipped, args.max_kv_gib)]
     if notes:
         body += ["", "Notes:"] + [f"- {n}" for n in notes]
     write_section(md_path, "Decode (seqlen_q = 1, fp16, head dim 128)", gpu_name(), today_utc(), "\n".join(body))

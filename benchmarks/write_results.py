@@ -14,6 +14,12 @@ replaces a section whose heading starts with the same "## <title> — " (or appe
 
     python benchmarks/write_results.py benchmarks/results/forward_h100.md \
         benchmarks/results/decode_h100.md --into benchmarks/RESULTS.md
+
+Without section files it merges every default section present in --results-dir (default
+benchmarks/results), in this order: forward_h100.md, decode_h100.md, splits_sweep_h100.md
+(sweep_num_splits.py), host_overhead_h100.md (host_overhead.py); missing ones are skipped:
+
+    python benchmarks/write_results.py --into benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import re
 import sys
 
 SEP = " \u2014 "  # " — "
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SECTIONS = ["forward_h100.md", "decode_h100.md", "splits_sweep_h100.md", "host_overhead_h100.md"]
 
 
 def section_text(title: str, gpu: str, date: str, body: str) -> str:
@@ -81,10 +89,26 @@ def merge_into(results_md: str, section: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sections", nargs="+", help="section .md files written by the benchmark scripts")
-    p.add_argument("--into", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
+    p.add_argument("sections", nargs="*",
+                   help="section .md files written by the benchmark scripts (default: the default sections "
+                        "present in --results-dir: " + ", ".join(DEFAULT_SECTIONS) + ")")
+    p.add_argument("--into", default=os.path.join(HERE, "RESULTS.md"))
+    p.add_argument("--results-dir", default=os.path.join(HERE, "results"),
+                   help="where to look for the default sections (default benchmarks/results)")
     a = p.parse_args(argv)
-    for path in a.sections:
+    sections = a.sections
+    if not sections:
+        sections = []
+        for name in DEFAULT_SECTIONS:
+            path = os.path.join(a.results_dir, name)
+            if os.path.exists(path):
+                sections.append(path)
+            else:
+                print(f"skipped {path} (not present)")
+        if not sections:
+            print(f"no section files found in {a.results_dir}")
+            return 1
+    for path in sections:
         with open(path, encoding="utf-8") as f:
             merge_into(a.into, f.read())
         print(f"merged {path} -> {a.into}")

@@ -197,7 +197,7 @@ std::pair<Tensor, Tensor> set_splits(flash::FwdParams& p, const flash::ForwardPl
   p.num_splits = num_splits;
   p.allow_pdl = device_info().pdl;
   p.total_q_rows = total_q_rows;
-  if (!plan.split_kernel) return {};
+  if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1)) return {};  // no partials to merge
   const int kernel_hdim = flash::round_up_headdim(p.d);
   auto f32 = opts.dtype(at::kFloat);
   Tensor oaccum = at::empty({num_splits, p.h, total_q_rows, kernel_hdim}, f32);

@@ -62,8 +62,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
     sb_max = min(sb_max, ceil_div_dev(m0 + rows_in_tile + diag + params.window_right, kSubN));
   }
   if (params.window_left >= 0) sb_min = max(sb_min, (m0 + diag - params.window_left) / kSubN);
+  // One split: this block's result is final, written in the input dtype with softmax_lse (no
+  // combine launch); otherwise an fp32 partial for the combine kernel.
+  const bool direct = params.num_splits == 1;
   if (sb_max <= sb_min) {
-    write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
+    if (direct) {
+      write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
+    } else {
+      write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
+    }
     return;
   }
 
@@ -252,18 +259,37 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   }
   __syncthreads();
 
-  const int64_t head_rows = (int64_t(split_idx) * params.h + bidh) * params.total_q_rows;
-  const int r0 = seq.q_row(params, bidb, m0);
-  if (tidx < rows_in_tile) params.lseaccum_ptr[head_rows + r0 + tidx] = lse_smem[kNWarps * kBlockM + tidx];
-  float* oacc = params.oaccum_ptr + (head_rows + r0) * kHeadDim;
-  for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
+  auto merged = [&](int e) {  // the warps' sum at element e = row * kHeadDim + col (4 elements)
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
     CUTE_UNROLL
     for (int w = 0; w < kNWarps; ++w) {
       const float4 v = *reinterpret_cast<const float4*>(o_smem + w * kBlockM * kHeadDim + e);
       sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
     }
-    *reinterpret_cast<float4*>(oacc + e) = sum;
+    return sum;
+  };
+  if (direct) {
+    float* lse_out = params.softmax_lse_ptr + bidb * params.lse_batch_stride + bidh * params.lse_head_stride;
+    if (tidx < rows_in_tile) {
+      const float lse = lse_smem[kNWarps * kBlockM + tidx];
+      lse_out[int64_t(seq.q_start + m0 + tidx) * params.lse_row_stride] = lse == -INFINITY ? INFINITY : lse;
+    }
+    Element* o = static_cast<Element*>(params.o_ptr) + seq.o_offset + bidh * params.o_head_stride;
+    for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
+      const int row = e / kHeadDim, col = e % kHeadDim;
+      if (col >= params.d) continue;  // d is a multiple of 8: 4 columns are all in or all out
+      const float4 v = merged(e);
+      Element out[4] = {Element(v.x), Element(v.y), Element(v.z), Element(v.w)};
+      *reinterpret_cast<uint2*>(o + int64_t(m0 + row) * params.o_row_stride + col) = *reinterpret_cast<const uint2*>(out);
+    }
+  } else {
+    const int64_t head_rows = (int64_t(split_idx) * params.h + bidh) * params.total_q_rows;
+    const int r0 = seq.q_row(params, bidb, m0);
+    if (tidx < rows_in_tile) params.lseaccum_ptr[head_rows + r0 + tidx] = lse_smem[kNWarps * kBlockM + tidx];
+    float* oacc = params.oaccum_ptr + (head_rows + r0) * kHeadDim;
+    for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
+      *reinterpret_cast<float4*>(oacc + e) = merged(e);
+    }
   }
 }
 
