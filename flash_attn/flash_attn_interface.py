@@ -96,12 +96,20 @@ def _check_no_dropout(dropout_p):
 
 
 def _prepare_qkv(q, k, v, softmax_scale):
-    """Default softmax_scale (from the original head dim), last-dim contiguity, head-dim padding."""
+    """Default softmax_scale (from the original head dim), last-dim contiguity, head-dim padding.
+    Written for the decode hot path: the common case (contiguous rows, head dim a multiple of 8)
+    costs three attribute reads."""
     head_size = q.shape[-1]
     if softmax_scale is None:
         softmax_scale = head_size ** (-0.5)
-    q, k, v = [_pad_to_multiple_of_8(_maybe_contiguous(x), head_size) for x in (q, k, v)]
+    if head_size % 8 != 0 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = [_pad_to_multiple_of_8(_maybe_contiguous(x), head_size) for x in (q, k, v)]
     return q, k, v, float(softmax_scale), head_size
+
+
+def _unpad(out, head_size):
+    # A slice is a tensor op (about a microsecond): only when the head dim was padded.
+    return out if head_size % 8 == 0 else out[..., :head_size]
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +210,7 @@ def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, 
         q, k, v, alibi_slopes, float(dropout_p), softmax_scale, bool(causal),
         int(window_size[0]), int(window_size[1]), float(softcap), int(num_splits),
     )
-    return out[..., :head_size], lse
+    return _unpad(out, head_size), lse
 
 
 def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -215,7 +223,7 @@ def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         int(max_seqlen_q), int(max_seqlen_k), float(dropout_p), softmax_scale, bool(causal),
         int(window_size[0]), int(window_size[1]), float(softcap), int(num_splits),
     )
-    return out[..., :head_size], lse
+    return _unpad(out, head_size), lse
 
 
 _NO_BACKWARD = (
