@@ -51,13 +51,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
   const int diag = seq.seqlen_k - seq.seqlen_q;
 
-  // This split's share of key rounds (kNWarps * kSubN keys), cut to sub-blocks by the
-  // sequence end and the causal / window band.
-  constexpr int kRound = Traits::kKeysPerRound;
-  const int n_rounds = ceil_div_dev(seq.seqlen_k, kRound);
-  const int per_split = ceil_div_dev(n_rounds, params.num_splits);
-  int sb_min = split_idx * per_split * (kRound / kSubN);
-  int sb_max = min(ceil_div_dev(seq.seqlen_k, kSubN), (split_idx + 1) * per_split * (kRound / kSubN));
+  // Keys come in rounds of kNWarps * kSubN (one sub-block per warp). Split s of S takes rounds
+  // s, s + S, s + 2S, ...: at any moment the splits of a head read neighbouring rounds, so the
+  // whole grid sweeps K/V nearly sequentially. (Contiguous ranges per split put tens of
+  // concurrent streams at large power-of-two-ish distances; at 32768 keys and 4-6 splits that
+  // ran 2-5x slower.) Sub-blocks are cut by the sequence end and the causal / window band.
+  int sb_min = 0;
+  int sb_max = ceil_div_dev(seq.seqlen_k, kSubN);
   if (params.window_right >= 0) {
     sb_max = min(sb_max, ceil_div_dev(m0 + rows_in_tile + diag + params.window_right, kSubN));
   }
@@ -105,14 +105,20 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   };
   // This warp's i-th sub-block into ring stage i % kStages (one commit group per sub-block, empty
   // past the end so the group count stays uniform).
-  const int my_first = sb_min + warp;
-  const int my_count = my_first < sb_max ? ceil_div_dev(sb_max - my_first, kNWarps) : 0;
+  // This warp's sub-blocks: sb(i) = (first_round + i * S) * kNWarps + warp, inside [sb_min, sb_max).
+  static_assert(Traits::kKeysPerRound == kNWarps * kSubN);
+  const int num_splits = params.num_splits;
+  const int round_lo = max(0, ceil_div_dev(sb_min - warp, kNWarps));       // first round in the band
+  const int round_hi = sb_max - warp > 0 ? (sb_max - warp - 1) / kNWarps + 1 : 0;  // one past the last
+  const int first_round = split_idx + max(0, ceil_div_dev(round_lo - split_idx, num_splits)) * num_splits;
+  const int my_count = first_round < round_hi ? ceil_div_dev(round_hi - first_round, num_splits) : 0;
+  auto sub_block = [&](int i) { return (first_round + i * num_splits) * kNWarps + warp; };
   // Paged K/V: the pages of sub-block i + 1 are looked up while sub-block i is issued, so the
   // block-table load's latency never sits in front of a cp.async. Shared by K and V.
   constexpr int kMaxPages = kSubN / 16 + 1;  // pages are >= 16 rows; left padding can misalign
   int next_pages[kMaxPages];
   auto fetch_pages = [&](int i) {
-    const int row0 = seq.k_row0 + (my_first + i * kNWarps) * kSubN;
+    const int row0 = seq.k_row0 + sub_block(i) * kSubN;
     const int base = row0 / params.page_block_size;
     CUTE_UNROLL
     for (int p = 0; p < kMaxPages; ++p) {
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   if (paged) fetch_pages(0);
   auto load_stage = [&](int i) {
     if (i < my_count) {
-      const int sb = my_first + i * kNWarps;
+      const int sb = sub_block(i);
       if (paged) {
         int pages[kMaxPages];
         CUTE_UNROLL
@@ -187,7 +193,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
     cp_async_wait<kStages - 1>();
     __syncwarp();  // sub-block i landed for every lane
     const int s = i % kStages;
-    const int sb = my_first + i * kNWarps;
+    const int sb = sub_block(i);
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kSubN>>{});
     clear(acc_s);

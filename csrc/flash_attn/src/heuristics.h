@@ -14,16 +14,25 @@ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 // Resident split-kernel thread blocks per SM (shared memory allows two of the 64-row tiles).
 constexpr int kSplitBlocksPerSm = 2;
 
+// Fraction of the SMs whose thread blocks, each streaming at one SM's top rate, already saturate
+// DRAM (H100: one decode block reads up to ~60 GB/s, the card ~3.1 TB/s: about 52 of 132 SMs).
+constexpr float kSaturatingSmFraction = 0.4f;
+
 // Number of key splits for a grid of `blocks` thread blocks (batch x heads x query tiles), each
-// over `n_blocks` key blocks. A thread block walks its key blocks one after another, so its time
-// is about (key blocks per split + 1) block latencies, the +1 being the fixed cost of loading Q,
-// the first key block and writing the partial result. Splits multiply the blocks; past the
-// resident slots they run in waves. Minimise waves x per-block latency, with a small charge
-// per split for the partial results and the combine, so that ties go to fewer splits.
+// over `n_blocks` key blocks, with `blocks_per_sm` resident blocks per SM. Time model, in units
+// of one key block read at a single block's top rate:
+//   waves x (key blocks per split / rate + 1) + 0.1 x splits
+// where rate = min(1, saturating SMs / concurrent blocks) is each block's share of the DRAM
+// bandwidth (a few blocks stream faster each than a full GPU's worth), +1 is a block's fixed cost
+// (Q, the first DRAM round trip, the epilogue) and 0.1 per split is the partials and their merge,
+// which with a 3% margin breaks ties towards fewer splits. Splitting pays when it fills a partial last wave or
+// when too few blocks run to saturate DRAM; measured against a full sweep in
+// benchmarks/sweep_num_splits.py.
 inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits,
                                 int blocks_per_sm = kSplitBlocksPerSm) {
-  if (blocks <= 0 || n_blocks <= 1 || blocks >= num_sms) return 1;
+  if (blocks <= 0 || n_blocks <= 1) return 1;
   const int slots = num_sms * blocks_per_sm;
+  const float saturating = std::max(1.0f, kSaturatingSmFraction * num_sms);
   max_splits = std::min({max_splits, n_blocks, slots});
   int best = 1;
   float best_cost = 3.0e38f;
@@ -31,9 +40,14 @@ inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_s
     const int per_split = ceil_div(n_blocks, s);
     // More splits that leave the longest split as long as before only add partials.
     if (s > 1 && ceil_div(n_blocks, s - 1) == per_split) continue;
-    const int waves = ceil_div(blocks * s, slots);
-    const float cost = waves * (per_split + 1.0f) + 0.01f * s;
-    if (cost < best_cost) {
+    const long long total = static_cast<long long>(blocks) * s;
+    const float waves = static_cast<float>((total + slots - 1) / slots);
+    const float concurrent = static_cast<float>(std::min<long long>(total, slots));
+    const float rate = std::min(1.0f, saturating / concurrent);
+    const float cost = waves * (per_split / rate + 1.0f) + 0.1f * s;
+    // A larger count must win by 3%: near-ties (large grids, where splits only shuffle wave
+    // quantisation) keep fewer partials.
+    if (cost < 0.97f * best_cost) {
       best_cost = cost;
       best = s;
     }
