@@ -35,7 +35,9 @@ paged16/ours and paged256/ours are time ratios (target <= 1.10: paged within 10%
 paged maxdiff = max |paged - contiguous ours| over both page sizes (same kernel plan: expected 0).
 
 Timing: CUDA events per call, 256 MiB L2 flush before each call (outside the event window),
-median (timing.py). --graph adds an "ours_graph_us" column: CUDA-graph replay of 20
+median (timing.py). Each cell first runs ours for >= 30 ms (timing.settle: the first thing timed
+after a heavy cell reads slow), and ours and cuDNN are timed a second time in reverse order, each
+keeping the lower of its two medians. --graph adds an "ours_graph_us" column: CUDA-graph replay of 20
 back-to-back calls (no flush: L2-warm for small cells, no launch overhead).
 
 Usage (repository root, GPU machine):
@@ -65,7 +67,7 @@ for _p in (REPO, HERE):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from timing import (bench, bench_graph, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
+from timing import (bench, bench_graph, settle, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
                     markdown_table, short_err, sticky_cuda_error, measure_copy_bandwidth)
 from write_results import write_section  # noqa: E402
 from decode_grid import (SEQLENS_K, BATCHES, HEAD_CONFIGS, HEADDIM, CELL_KEYS,  # noqa: E402,F401
@@ -313,6 +315,14 @@ def main(argv=None) -> int:
                 except Exception:  # noqa: BLE001
                     row["splits"] = None
 
+            # Settle the GPU on this cell's work before any timing (see timing.settle).
+            if ours_err is None:
+                try:
+                    settle(lambda: varlen(q, k, v, cu_q, cu_k, 1, seqlen_k, dropout_p=0.0, softmax_scale=scale,
+                                          causal=True, num_splits=0))
+                except Exception:  # noqa: BLE001
+                    pass
+
             # ours auto / ours no split
             for key, ns in (("ours", 0), ("nosplit", 1)):
                 if ours_err is not None:
@@ -429,6 +439,25 @@ def main(argv=None) -> int:
                     row["notes"].append(f"cudnn: {note}")
             else:
                 row["notes"].append(f"cudnn: {cudnn_err}")
+
+            # Second pass for the two closest competitors, in reverse order (cuDNN, then ours): each
+            # keeps the lower of its two medians, so neither gains from its position in the cell.
+            if row.get("cudnn_us") is not None and cudnn_ctx is not None and not row.get("cudnn_kv_expanded"):
+                res, _, o2 = time_impl(lambda: make_cudnn(k4, v4, heads != kv_heads), cudnn_ctx, kw)
+                del o2
+                if res is not None:
+                    row["cudnn_us"] = min(row["cudnn_us"], res.median_us)
+            if row.get("ours_us") is not None:
+                res, _, o2 = time_impl(
+                    lambda: (lambda: varlen(q, k, v, cu_q, cu_k, 1, seqlen_k, dropout_p=0.0,
+                                            softmax_scale=scale, causal=True, num_splits=0)),
+                    None, kw)
+                del o2
+                if res is not None:
+                    row["ours_us"] = min(row["ours_us"], res.median_us)
+                    for page in PAGE_SIZES:
+                        if row.get(f"paged{page}_us"):
+                            row[f"paged{page}_ratio"] = row[f"paged{page}_us"] / row["ours_us"]
 
             # cheap correctness check, outside timing
             if o_ours is not None:

@@ -55,7 +55,7 @@ for _p in (REPO, HERE):
 
 import torch  # noqa: E402
 
-from timing import (bench, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
+from timing import (bench, settle, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
                     markdown_table, short_err, sticky_cuda_error)
 from write_results import write_section  # noqa: E402
 from decode_grid import (HEADDIM, add_grid_args, parse_cells, select_cells, cell_name,  # noqa: E402
@@ -172,6 +172,11 @@ def sweep_cell(c, varlen, heuristic, num_sms, bench_kw, restricted, dtype=torch.
         cu_q = torch.arange(0, batch + 1, device=DEVICE, dtype=torch.int32)
         cu_k = torch.arange(0, batch + 1, device=DEVICE, dtype=torch.int32) * seqlen_k
         outs_diff = []
+        try:  # settle the GPU on this cell before timing (see timing.settle)
+            settle(lambda: varlen(q, k, v, cu_q, cu_k, 1, seqlen_k, dropout_p=0.0, softmax_scale=scale,
+                                  causal=True, num_splits=0))
+        except Exception:  # noqa: BLE001
+            pass
         for ns in [0] + vals:
             def fn(ns=ns):
                 return varlen(q, k, v, cu_q, cu_k, 1, seqlen_k, dropout_p=0.0, softmax_scale=scale,
