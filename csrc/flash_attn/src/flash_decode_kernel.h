@@ -24,9 +24,7 @@ namespace flash {
 
 using namespace cute;
 
-// kPaged: K/V through a block table. kScoreMods: softcap / ALiBi. Each its own instantiation, so the
-// common kernel carries neither.
-template <typename Traits, bool kPaged, bool kScoreMods>
+template <typename Traits, bool kHasExtras>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const __grid_constant__ FwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -128,13 +126,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
       next_pages[p] = used ? min(max(block_table[base + p], 0), params.num_pages - 1) : 0;
     }
   };
-  constexpr bool paged = kPaged;
-  const int page_shift = (params.page_block_size & (params.page_block_size - 1)) == 0 ? __ffs(params.page_block_size) - 1 : -1;
-  if constexpr (paged) fetch_pages(0);
+  const bool paged = kHasExtras && block_table != nullptr;
+  if (paged) fetch_pages(0);
   auto load_stage = [&](int i) {
     if (i < my_count) {
       const int sb = sub_block(i);
-      if constexpr (paged) {
+      if (paged) {
         int pages[kMaxPages];
         CUTE_UNROLL
         for (int p = 0; p < kMaxPages; ++p) pages[p] = next_pages[p];
@@ -145,9 +142,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
         Tensor tK = gcopy.partition(sK, lane);
         Tensor tV = gcopy.partition(sV, lane);
         gcopy.load_paged_prefetched(tK, k_head, seq.k_row0 + j0, seq.seqlen_k - j0, pages, params.page_block_size,
-                                    page_shift, params.k_batch_stride, params.k_row_stride);
+                                    params.k_batch_stride, params.k_row_stride);
         gcopy.load_paged_prefetched(tV, v_head, seq.k_row0 + j0, seq.seqlen_k - j0, pages, params.page_block_size,
-                                    page_shift, params.v_batch_stride, params.v_row_stride);
+                                    params.v_batch_stride, params.v_row_stride);
       } else {
         load_rows(stage_k(i % kStages), k_thread, params.k_row_stride, sb);
         load_rows(stage_v(i % kStages), v_thread, params.v_row_stride, sb);
@@ -178,8 +175,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tOcO_rc = rowcol_view(tOcO);
 
-  const bool has_softcap = kScoreMods && params.softcap_in > 0.f;
-  const bool has_alibi = kScoreMods && params.alibi_slopes_ptr != nullptr;
+  const bool has_softcap = kHasExtras && params.softcap_in > 0.f;
+  const bool has_alibi = kHasExtras && params.alibi_slopes_ptr != nullptr;
   const float alibi_slope =
       has_alibi ? params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax : 0.f;
 
@@ -204,7 +201,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
 
     Tensor sc = rowcol_view(acc_s);
     const BlockCoords bc{m0, sb * kSubN, diag};
-    if constexpr (kScoreMods) {
+    if constexpr (kHasExtras) {
       if (has_softcap) apply_softcap(acc_s, params.softcap_in);
       if (has_alibi) apply_alibi(sc, tScS_rc, bc, alibi_slope);
     }

@@ -58,25 +58,15 @@ void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
   });
 }
 
-template <typename Traits, bool kPaged, bool kScoreMods>
-void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
-  constexpr auto kernel = &flash_decode_kernel<Traits, kPaged, kScoreMods>;
-  allow_dynamic_smem<kernel>(Traits::kSmemBytes);
-  const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  kernel<<<dim3(m_blocks, params.num_splits, params.b * params.h), Traits::kNThreads, Traits::kSmemBytes, stream>>>(
-      params);
-}
-
-// Paged K/V and score modifiers (softcap, ALiBi) each select their own decode instantiation.
 template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
-  const bool paged = params.block_table != nullptr;
-  const bool mods = params.softcap_in > 0.f || params.alibi_slopes_ptr != nullptr;
-  if (paged) {
-    mods ? launch_decode_kernel<Traits, true, true>(params, stream) : launch_decode_kernel<Traits, true, false>(params, stream);
-  } else {
-    mods ? launch_decode_kernel<Traits, false, true>(params, stream) : launch_decode_kernel<Traits, false, false>(params, stream);
-  }
+  with_extras(params, [&](auto extras) {
+    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(extras)::value>;
+    allow_dynamic_smem<kernel>(Traits::kSmemBytes);
+    const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+    kernel<<<dim3(m_blocks, params.num_splits, params.b * params.h), Traits::kNThreads, Traits::kSmemBytes, stream>>>(
+        params);
+  });
 }
 
 // The combine kernel is launched as a programmatic dependent of the split kernel on sm_90+: its

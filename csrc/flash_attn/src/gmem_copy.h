@@ -101,22 +101,20 @@ struct GmemTileCopy {
   // Paged rows whose pages were looked up beforehand (so the block-table loads can be issued
   // early): tile row r is sequence row first_row + r, in page
   // pages[(first_row + r) / page_size - first_row / page_size].
-  // page_shift = log2(page_size) for power-of-two pages (shifts instead of integer divisions), else -1.
   template <int kMaxPages, typename TS>
   __device__ void load_paged_prefetched(TS& tS, const Element* head_base, int first_row, int valid_rows,
-                                        const int (&pages)[kMaxPages], int page_size, int page_shift,
-                                        int64_t page_stride, int64_t row_stride) const {
-    const int base_page = page_shift >= 0 ? first_row >> page_shift : first_row / page_size;
+                                        const int (&pages)[kMaxPages], int page_size, int64_t page_stride,
+                                        int64_t row_stride) const {
+    const int base_page = first_row / page_size;
     CUTE_UNROLL
     for (int i = 0; i < size<1>(tS); ++i) {
       const bool row_ok = r0 + i * kRowsPerPass < valid_rows;
       const int row = first_row + r0 + i * kRowsPerPass;
-      const int slot = (page_shift >= 0 ? row >> page_shift : row / page_size) - base_page;
-      const int in_page = page_shift >= 0 ? row & (page_size - 1) : row % page_size;
+      const int slot = row / page_size - base_page;
       int page = pages[0];
       CUTE_UNROLL
       for (int p = 1; p < kMaxPages; ++p) page = slot == p ? pages[p] : page;  // no local-memory indexing
-      const Element* src = head_base + int64_t(page) * page_stride + int64_t(in_page) * row_stride;
+      const Element* src = head_base + int64_t(page) * page_stride + int64_t(row % page_size) * row_stride;
       CUTE_UNROLL
       for (int c = 0; c < size<2>(tS); ++c) {
         const bool ok = row_ok && (chunk_mask >> c & 1);
