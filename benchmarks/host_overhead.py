@@ -60,7 +60,7 @@ for _p in (REPO, HERE):
 
 import torch  # noqa: E402
 
-from timing import (bench, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
+from timing import (bench, capture_graph, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
                     markdown_table, short_err)
 from write_results import write_section  # noqa: E402
 
@@ -202,20 +202,9 @@ def measure(fn, args, cycles_per_us, ctx=None, gpu=True) -> dict:
     return out
 
 
-def capture_graph(fn):
-    """Capture one fn() call into a CUDA graph (warm-up on a side stream first, as torch's docs
-    say). Returns (replay callable, static output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    sync()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_out = fn()
-    sync()
+def capture_graph_replay(fn):
+    """One fn() call captured in a CUDA graph: (replay callable, static output)."""
+    g, static_out = capture_graph(fn)
     return g.replay, static_out
 
 
@@ -223,7 +212,7 @@ def graph_check(fn, q, k, v, args, cycles_per_us) -> dict:
     """Capture fn (reading the static q/k/v), replay with new data, compare with eager calls."""
     res = {"replays": args.replays, "maxdiff": None, "stale_replays": None, "status": "FAIL"}
     try:
-        replay, static_out = capture_graph(fn)
+        replay, static_out = capture_graph_replay(fn)
         maxdiff, stale, prev = 0.0, 0, None
         for _ in range(args.replays):
             q.copy_(torch.randn_like(q))

@@ -160,6 +160,26 @@ def settle(fn: Callable[[], object], *, min_ms: float = 30.0, max_calls: int = 2
             break
 
 
+def capture_graph(fn: Callable[[], object], *, calls: int = 1, warmup: int = 3):
+    """Capture `calls` back-to-back fn() calls into one CUDA graph, after warm-up calls on a side
+    stream as torch's docs ask. Returns (graph, output of the last captured call)."""
+    cur = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            fn()
+    cur.wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    out = None
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            out = fn()
+    torch.cuda.synchronize()
+    return g, out
+
+
 def bench_graph(fn: Callable[[], object], *, calls_per_graph: int = 20, reps: int = 20,
                 warmup: int = 3) -> Optional[BenchResult]:
     """CUDA-graph replay timing: capture calls_per_graph back-to-back calls of fn into one
@@ -169,18 +189,7 @@ def bench_graph(fn: Callable[[], object], *, calls_per_graph: int = 20, reps: in
     excluded. Returns None (never raises) when capture or replay fails.
     """
     try:
-        cur = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            for _ in range(max(warmup, 1)):
-                fn()
-        cur.wait_stream(side)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls_per_graph):
-                fn()
+        g, _ = capture_graph(fn, calls=calls_per_graph, warmup=warmup)
         g.replay()  # warm replay
         torch.cuda.synchronize()
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
