@@ -481,8 +481,13 @@ def flash_attn_with_kvcache(
         out: (batch_size, seqlen_q, nheads, headdim), and softmax_lse
         (batch_size, nheads, seqlen_q) fp32 if return_softmax_lse.
     """
-    # Argument checks (cache layout included) live in the dispatcher, with messages naming them.
     ext = _ext()
+    if not hasattr(ext, "fwd_kvcache"):  # an extension built from an older tree
+        raise RuntimeError(
+            "flash_attn_with_kvcache: this build of the flash_attn_2_cuda extension has no "
+            "fwd_kvcache kernel"
+        )
+    # Argument checks (cache layout included) live in the dispatcher, with messages naming them.
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** (-0.5)
