@@ -67,7 +67,7 @@ for _p in (REPO, HERE):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from timing import (bench, bench_graph, settle, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
+from timing import (FLUSH_MODE, bench, bench_graph, settle, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
                     markdown_table, short_err, sticky_cuda_error, measure_copy_bandwidth)
 from write_results import write_section  # noqa: E402
 from decode_grid import (SEQLENS_K, BATCHES, HEAD_CONFIGS, HEADDIM, CELL_KEYS,  # noqa: E402,F401
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     else:
         base_kw = dict(warmup=3, reps=50, min_reps=5, max_time_s=0.3)
     late_kw = dict(warmup=1, reps=3, min_reps=3, max_time_s=0.03)
-    print(f"timing: CUDA events, 256 MiB L2 flush before each call, median; "
+    print(f"timing: CUDA events, 256 MiB L2 flush ({FLUSH_MODE}) before each call, median; "
           f"{'quick' if args.quick else 'full'} ({base_kw})")
     print()
 

@@ -2,9 +2,13 @@
 
 Method (see bench()):
   * warm up (default 3 calls), then synchronize;
-  * before every timed call, overwrite a 256 MiB buffer (``l2_flush.zero_()``) so the
-    50 MB L2 of an H100 holds none of the inputs; the flush runs OUTSIDE the CUDA-event
-    window (start event is recorded after the flush kernel, in stream order);
+  * before every timed call, read a 256 MiB buffer (evict_l2) so the 50 MB L2 of an H100
+    holds none of the inputs; the flush runs OUTSIDE the CUDA-event window (the start event
+    is recorded after the flush kernel, in stream order). It reads rather than writes: a
+    written buffer (``zero_()``, as Triton's do_bench does) leaves ~50 MB of dirty lines in L2,
+    which the timed kernel then has to write back to DRAM while it streams its own inputs
+    (~17 us on an H100, 20% of an 85 us decode call; benchmarks/NOTES.md, experiment 17).
+    FLASH_ATTN_BENCH_FLUSH=write restores the writing flush, for comparison;
   * CUDA events around each single call; all events are read after one final sync;
   * the flush kernel (~90 us) also keeps the GPU busy while the CPU enqueues the next
     call, so Python launch overhead is not counted for kernels shorter than the flush;
@@ -40,6 +44,9 @@ import torch
 L2_FLUSH_BYTES = 256 << 20  # 256 MiB, > 5x the 50 MB L2 of an H100
 
 _flush_buffers: dict = {}
+FLUSH_MODE = os.environ.get("FLASH_ATTN_BENCH_FLUSH", "read")
+if FLUSH_MODE not in ("read", "write"):
+    raise ValueError(f"FLASH_ATTN_BENCH_FLUSH must be 'read' or 'write', got {FLUSH_MODE!r}")
 
 
 def cuda_available() -> bool:
@@ -70,6 +77,15 @@ def l2_flush_buffer(nbytes: int = L2_FLUSH_BYTES, device=None) -> torch.Tensor:
 
 def free_flush_buffers() -> None:
     _flush_buffers.clear()
+
+
+def evict_l2(buf: torch.Tensor) -> None:
+    """Evict everything from L2 by streaming buf through it (see the module docstring): a
+    reduction that reads it (L2 left holding clean lines), or zero_() with FLUSH_MODE 'write'."""
+    if FLUSH_MODE == "write":
+        buf.zero_()
+    else:
+        buf.view(torch.int32).amax()
 
 
 @dataclass
@@ -113,7 +129,7 @@ def bench(fn: Callable[[], object], *, warmup: int = 3, reps: int = 50, min_reps
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     if buf is not None:
-        buf.zero_()
+        evict_l2(buf)
     start.record()
     fn()
     end.record()
@@ -130,7 +146,7 @@ def bench(fn: Callable[[], object], *, warmup: int = 3, reps: int = 50, min_reps
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
         if buf is not None:
-            buf.zero_()
+            evict_l2(buf)
         starts[i].record()
         fn()
         ends[i].record()
@@ -153,7 +169,7 @@ def settle(fn: Callable[[], object], *, min_ms: float = 30.0, max_calls: int = 2
     buf = l2_flush_buffer()
     t0 = time.perf_counter()
     for _ in range(max_calls):
-        buf.zero_()
+        evict_l2(buf)
         fn()
         torch.cuda.synchronize()
         if (time.perf_counter() - t0) * 1e3 >= min_ms:

@@ -130,11 +130,11 @@ def _fwd_impl(
     softcap: float,
     num_splits: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    res = _ext().fwd(
+    out, lse = (_ext_module or _ext()).fwd(
         q, k, v, None, alibi_slopes, dropout_p, softmax_scale, causal,
         window_size_left, window_size_right, softcap, False, num_splits,
     )
-    return res[0], res[1]
+    return out, lse
 
 
 def _fwd_fake(q, k, v, alibi_slopes, dropout_p, softmax_scale, causal,
@@ -162,12 +162,12 @@ def _varlen_fwd_impl(
     softcap: float,
     num_splits: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    res = _ext().varlen_fwd(
+    out, lse = (_ext_module or _ext()).varlen_fwd(
         q, k, v, None, cu_seqlens_q, cu_seqlens_k, None, None, block_table, alibi_slopes,
         max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, False, causal,
         window_size_left, window_size_right, softcap, False, num_splits,
     )
-    return res[0], res[1]
+    return out, lse
 
 
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
@@ -188,11 +188,13 @@ if hasattr(torch.library, "custom_op") and hasattr(torch.compiler, "is_compiling
 
     # The custom op costs ~10 us of dispatch per call, which matters for decoding; eager calls
     # go straight to the extension and only torch.compile traces see the op.
+    _is_compiling = torch.compiler.is_compiling
+
     def _fwd(*args):
-        return _fwd_op(*args) if torch.compiler.is_compiling() else _fwd_impl(*args)
+        return _fwd_op(*args) if _is_compiling() else _fwd_impl(*args)
 
     def _varlen_fwd(*args):
-        return _varlen_fwd_op(*args) if torch.compiler.is_compiling() else _varlen_fwd_impl(*args)
+        return _varlen_fwd_op(*args) if _is_compiling() else _varlen_fwd_impl(*args)
 
 else:  # older torch: call the extension directly
     _fwd, _varlen_fwd = _fwd_impl, _varlen_fwd_impl
@@ -216,14 +218,16 @@ def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, 
 def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                dropout_p, softmax_scale, causal, window_size, softcap,
                                alibi_slopes, block_table, num_splits):
-    _check_no_dropout(dropout_p)
+    # The decode hot path: kept flat (each Python call level costs host time per step).
+    if dropout_p:
+        _check_no_dropout(dropout_p)
     q, k, v, softmax_scale, head_size = _prepare_qkv(q, k, v, softmax_scale)
     out, lse = _varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
-        int(max_seqlen_q), int(max_seqlen_k), float(dropout_p), softmax_scale, bool(causal),
+        int(max_seqlen_q), int(max_seqlen_k), 0.0, softmax_scale, bool(causal),
         int(window_size[0]), int(window_size[1]), float(softcap), int(num_splits),
     )
-    return _unpad(out, head_size), lse
+    return (out if head_size % 8 == 0 else out[..., :head_size]), lse
 
 
 _NO_BACKWARD = (
@@ -391,7 +395,7 @@ def flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
         causal, window_size, softcap, alibi_slopes, block_table, num_splits,
     )
-    return _result(out, lse, return_attn_probs)
+    return (out, lse, None) if return_attn_probs else out
 
 
 def flash_attn_varlen_qkvpacked_func(

@@ -2,14 +2,19 @@
 // decisions (heuristics.h) and launches the kernel of the right head dim and dtype.
 // Argument checks that need no GPU run before the device checks, so CPU tests exercise them.
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include <ATen/cuda/EmptyTensor.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -135,21 +140,43 @@ void set_tensor(const Tensor& t, const void*& ptr, int64_t& batch_stride, int64_
   head_stride = t.stride(-2);
 }
 
+// q or out of one query per sequence, (batch, [1,] num_heads, d), seen by the kernel after the
+// seqlen/ngroups swap as (batch, groups rows, num_heads / groups heads): query head
+// hk * groups + g is row g of kv head hk. Strides only, no view tensors (each costs host time).
+void set_swapped_tensor(const Tensor& t, int groups, const void*& ptr, int64_t& batch_stride, int64_t& row_stride,
+                        int64_t& head_stride) {
+  ptr = t.data_ptr();
+  batch_stride = t.stride(0);
+  row_stride = t.stride(-2);
+  head_stride = groups * t.stride(-2);
+}
+
 // Everything after the checks: shared by the padded and the varlen entry points.
 struct Call {
-  Tensor q, k, v, out;  // as the kernel sees them (after a possible swap)
-  int batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size;
+  Tensor q, k, v, out;  // the caller's shapes; with swap_groups > 0, q and out are seen swapped
+  int batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size;  // as the kernel sees them
   bool varlen_q, varlen_k;
+  int swap_groups = 0;
 };
+
+// Output buffers straight from the CUDA allocator (at::empty's dispatch costs host time per call).
+Tensor empty_cuda(at::IntArrayRef sizes, at::ScalarType dtype, const Tensor& like) {
+  return Tensor(at::detail::empty_cuda(sizes, dtype, like.device(), std::nullopt));
+}
 
 void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int window_left, int window_right,
                  float softmax_scale, float softcap) {
   p = {};
   const void* o_const = nullptr;
-  set_tensor(c.q, p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride, !c.varlen_q);
+  if (c.swap_groups > 0) {
+    set_swapped_tensor(c.q, c.swap_groups, p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+    set_swapped_tensor(c.out, c.swap_groups, o_const, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  } else {
+    set_tensor(c.q, p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride, !c.varlen_q);
+    set_tensor(c.out, o_const, p.o_batch_stride, p.o_row_stride, p.o_head_stride, !c.varlen_q);
+  }
   set_tensor(c.k, p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride, !c.varlen_k);
   set_tensor(c.v, p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride, !c.varlen_k);
-  set_tensor(c.out, o_const, p.o_batch_stride, p.o_row_stride, p.o_head_stride, !c.varlen_q);
   p.o_ptr = const_cast<void*>(o_const);
   p.b = c.batch;
   p.h = c.num_heads;
@@ -188,9 +215,35 @@ DeviceInfo device_info() {
   return {packed / 2, (packed & 1) != 0};
 }
 
-// Allocates the split-KV partial buffers (from PyTorch's caching allocator: no sync, graph-safe).
-Tensor set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows,
-                                     const at::TensorOptions& opts) {
+// Zeroed int32 counters for the decode kernel's in-kernel split merge (FwdParams::tile_counters),
+// one buffer per (device, stream), grown on demand. Each launch leaves them all zero again (the
+// last split of a tile resets its counter), and launches on one stream run in order, so calls never
+// share a counter. Not used while a CUDA graph is captured: a replay could run on another stream
+// alongside eager calls, so graphs get the combine kernel instead.
+int* split_merge_counters(int64_t count, cudaStream_t stream, int device) {
+  static std::mutex mutex;
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, Tensor>();  // never freed: outlives CUDA at exit
+  std::lock_guard<std::mutex> lock(mutex);
+  Tensor& buf = (*buffers)[{device, stream}];
+  if (!buf.defined() || buf.numel() < count) {
+    const int64_t n = std::max<int64_t>({count, buf.defined() ? 2 * buf.numel() : 0, 4096});
+    buf = at::zeros({n}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device));  // memset on `stream`
+  }
+  return buf.data_ptr<int>();
+}
+
+bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;  // unknown: take the path that is safe under capture
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
+// graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
+c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const Tensor& q) {
   const int num_splits = plan.num_splits;
   p.split_kernel = plan.split_kernel;
   p.decode_kernel = plan.decode_kernel;
@@ -198,13 +251,18 @@ Tensor set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total
   p.allow_pdl = device_info().pdl;
   p.total_q_rows = total_q_rows;
   if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1)) return {};  // no partials to merge
-  // One allocation for both (an allocation costs about a microsecond of host time): the partial
-  // outputs [num_splits][h][rows][kernel_hdim], then the partial lse [num_splits][h][rows].
+  // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
+  // partial lse [num_splits][h][rows].
   const int kernel_hdim = flash::round_up_headdim(p.d);
   const int64_t lse_elems = int64_t(num_splits) * p.h * total_q_rows;
-  Tensor accum = at::empty({lse_elems * (kernel_hdim + 1)}, opts.dtype(at::kFloat));
-  p.oaccum_ptr = accum.data_ptr<float>();
+  c10::DataPtr accum = c10::cuda::CUDACachingAllocator::get()->allocate(lse_elems * (kernel_hdim + 1) * sizeof(float));
+  p.oaccum_ptr = static_cast<float*>(accum.get());
   p.lseaccum_ptr = p.oaccum_ptr + lse_elems * kernel_hdim;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (plan.decode_kernel && !stream_is_capturing(stream)) {
+    const int64_t tiles = int64_t(p.b) * p.h * flash::ceil_div(p.seqlen_q, flash::kDecodeBlockM);
+    p.tile_counters = split_merge_counters(tiles, stream, q.get_device());
+  }
   return accum;
 }
 
@@ -248,17 +306,13 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k,
                                                       head_size, can_swap, device_info().sm_count, num_splits,
                                                       decode_kernel_enabled());
-  const auto opts = q_in.options();
-  Call c{q_in, k, v, {}, batch, plan.num_heads, num_heads_k, plan.seqlen_q, kv.seqlen_k, head_size, false, false};
-  if (plan.swap_seqlen_ngroups) {
-    // (b, 1, h_k * g, d) -> (b, g, h_k, d): the g query heads of a kv head become its query rows.
-    c.q = q_in.reshape({batch, num_heads_k, plan.seqlen_q, head_size}).transpose(1, 2);
-    c.out = at::empty({batch, num_heads_k, plan.seqlen_q, head_size}, opts).transpose(1, 2);
-  } else {
-    c.out = out_ ? *out_ : at::empty_like(q_in);
-  }
+  // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
+  // become its query rows.
+  Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
+         batch, plan.num_heads, num_heads_k, plan.seqlen_q, kv.seqlen_k, head_size, false, false,
+         plan.swap_seqlen_ngroups ? plan.seqlen_q : 0};
   // Contiguous (b, h, seqlen_q) in the kernel's view is the same memory as (b, num_heads, seqlen_q).
-  Tensor softmax_lse = at::empty({batch, plan.num_heads, plan.seqlen_q}, opts.dtype(at::kFloat));
+  Tensor softmax_lse = empty_cuda({batch, num_heads, seqlen_q}, at::kFloat, q_in);
 
   if (batch > 0 && seqlen_q > 0 && num_heads > 0) {
     flash::FwdParams p;
@@ -276,19 +330,10 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
     p.lse_batch_stride = int64_t(plan.num_heads) * plan.seqlen_q;
     p.lse_head_stride = plan.seqlen_q;
     p.lse_row_stride = 1;
-    auto accum = set_splits(p, plan, batch * plan.seqlen_q, opts);
+    auto accum = set_splits(p, plan, batch * plan.seqlen_q, q_in);
     launch(kernel, p);
   }
-
-  Tensor out = c.out;
-  if (plan.swap_seqlen_ngroups) {
-    out = c.out.transpose(1, 2).reshape({batch, 1, num_heads, head_size});
-    if (out_) {
-      out_->copy_(out);
-      out = *out_;
-    }
-  }
-  return {out, softmax_lse.view({batch, num_heads, seqlen_q})};
+  return {c.out, softmax_lse};
 }
 
 // q: (batch, seqlen_q, num_heads, d); k, v: (batch, seqlen_k, num_heads_k, d).
@@ -385,16 +430,11 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
                                                       head_size, can_swap, device_info().sm_count, num_splits,
                                                       decode_kernel_enabled());
-  const auto opts = q_in.options();
-  Call c{q_in, k, v, {}, batch, plan.num_heads, num_heads_k, plan.seqlen_q, max_seqlen_k, head_size,
-         !plan.swap_seqlen_ngroups, !paged};
-  if (plan.swap_seqlen_ngroups) {
-    c.q = q_in.reshape({batch, num_heads_k, plan.seqlen_q, head_size}).transpose(1, 2);
-    c.out = at::empty({batch, num_heads_k, plan.seqlen_q, head_size}, opts).transpose(1, 2);
-  } else {
-    c.out = out_ ? *out_ : at::empty_like(q_in);
-  }
-  Tensor softmax_lse = at::empty({num_heads, total_q}, opts.dtype(at::kFloat));
+  // With the swap, q (total_q = batch, h_k * g, d) is seen batch-strided as (b, g, h_k, d).
+  Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
+         batch, plan.num_heads, num_heads_k, plan.seqlen_q, max_seqlen_k, head_size,
+         !plan.swap_seqlen_ngroups, !paged, plan.swap_seqlen_ngroups ? plan.seqlen_q : 0};
+  Tensor softmax_lse = empty_cuda({num_heads, total_q}, at::kFloat, q_in);
   if (zero_tensors) {
     c.out.zero_();
     softmax_lse.fill_(-std::numeric_limits<float>::infinity());
@@ -428,19 +468,10 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
       p.lse_row_stride = 1;
     }
     const int total_q_rows = plan.swap_seqlen_ngroups ? batch * plan.seqlen_q : total_q;
-    auto accum = set_splits(p, plan, total_q_rows, opts);
+    auto accum = set_splits(p, plan, total_q_rows, q_in);
     launch(kernel, p);
   }
-
-  Tensor out = c.out;
-  if (plan.swap_seqlen_ngroups) {
-    out = c.out.transpose(1, 2).reshape({total_q, num_heads, head_size});
-    if (out_) {
-      out_->copy_(out);
-      out = *out_;
-    }
-  }
-  return {out, softmax_lse};
+  return {c.out, softmax_lse};
 }
 
 // Value checks of index tensors need their contents on the host: one small device->host copy,

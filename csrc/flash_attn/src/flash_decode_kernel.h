@@ -5,13 +5,14 @@
 // rows: warp w takes key sub-blocks w, w + kNWarps, ... of kSubN keys each, streams them through
 // its own kStages-deep cp.async ring and runs its own online softmax, synchronising only with
 // itself (__syncwarp). Q stays in registers. At the end the warps' results are merged in shared
-// memory by the log-sum-exp rule and written as this split's fp32 partial, which the combine
-// kernel merges across splits (as for the split forward kernel).
+// memory by the log-sum-exp rule and written as this split's fp32 partial; the last split of a tile
+// to finish merges all of them (or, under CUDA-graph capture, the combine kernel does).
 #pragma once
 
 #include <cute/tensor.hpp>
 
 #include "decode_kernel_traits.h"
+#include "flash_fwd_combine_kernel.h"
 #include "flash_fwd_kernel.h"
 #include "flash_params.h"
 #include "gmem_copy.h"
@@ -65,11 +66,21 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   // One split: this block's result is final, written in the input dtype with softmax_lse (no
   // combine launch); otherwise an fp32 partial for the combine kernel.
   const bool direct = params.num_splits == 1;
+  // With several splits and params.tile_counters, the block finishing a tile's last split merges
+  // the tile's partials itself (no combine launch).
+  auto merge_if_last = [&]() {
+    if (params.tile_counters == nullptr) return;
+    if (!is_last_split_of_tile(params.tile_counters + blockIdx.z * gridDim.x + blockIdx.x, params.num_splits)) return;
+    for (int m = warp; m < rows_in_tile; m += kNWarps) {
+      combine_row<kHeadDim, Element>(params, bidh, seq.q_row(params, bidb, m0 + m), lane);
+    }
+  };
   if (sb_max <= sb_min) {
     if (direct) {
       write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     } else {
       write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
+      merge_if_last();
     }
     return;
   }
@@ -117,9 +128,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   // block-table load's latency never sits in front of a cp.async. Shared by K and V.
   constexpr int kMaxPages = kSubN / 16 + 1;  // pages are >= 16 rows; left padding can misalign
   int next_pages[kMaxPages];
+  int next_offset = 0;  // the sub-block's first row, counted from the start of next_pages[0]
   auto fetch_pages = [&](int i) {
     const int row0 = seq.k_row0 + sub_block(i) * kSubN;
     const int base = row0 / params.page_block_size;
+    next_offset = row0 - base * params.page_block_size;
     CUTE_UNROLL
     for (int p = 0; p < kMaxPages; ++p) {
       const bool used = i < my_count && (base + p) * params.page_block_size < seq.k_row0 + seq.seqlen_k;
@@ -135,15 +148,16 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
         int pages[kMaxPages];
         CUTE_UNROLL
         for (int p = 0; p < kMaxPages; ++p) pages[p] = next_pages[p];
+        const int offset = next_offset;
         fetch_pages(i + 1);
-        const int j0 = sb * kSubN;
+        const int valid_rows = seq.seqlen_k - sb * kSubN;
         Tensor sK = stage_k(i % kStages);
         Tensor sV = stage_v(i % kStages);
         Tensor tK = gcopy.partition(sK, lane);
         Tensor tV = gcopy.partition(sV, lane);
-        gcopy.load_paged_prefetched(tK, k_head, seq.k_row0 + j0, seq.seqlen_k - j0, pages, params.page_block_size,
+        gcopy.load_paged_prefetched(tK, k_head, offset, valid_rows, pages, params.page_block_size,
                                     params.k_batch_stride, params.k_row_stride);
-        gcopy.load_paged_prefetched(tV, v_head, seq.k_row0 + j0, seq.seqlen_k - j0, pages, params.page_block_size,
+        gcopy.load_paged_prefetched(tV, v_head, offset, valid_rows, pages, params.page_block_size,
                                     params.v_batch_stride, params.v_row_stride);
       } else {
         load_rows(stage_k(i % kStages), k_thread, params.k_row_stride, sb);
@@ -296,6 +310,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
     for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
       *reinterpret_cast<float4*>(oacc + e) = merged(e);
     }
+    merge_if_last();
   }
 }
 

@@ -23,21 +23,16 @@ __device__ __forceinline__ float warp_allreduce_sum(float x) {
   return x;
 }
 
+// Merges the splits of one (head, partial row r): the combine kernel runs it per warp, and the
+// decode kernel's last split of a tile runs it in place of a combine launch. The partials may
+// have been written by other SMs during the same kernel, so they are read through L2 (ld.cg).
 template <int kHeadDim, typename Element>
-__global__ void __launch_bounds__(kCombineWarps * 32) flash_fwd_combine_kernel(const __grid_constant__ FwdParams p) {
+__device__ void combine_row(const FwdParams& p, int bidh, int r, int lane) {
   constexpr int kSplitsPerLane = kMaxSplits / 32;
   constexpr int kColsPerLane = kHeadDim / 32;
   constexpr int kVec = kColsPerLane % 4 == 0 ? 4 : kColsPerLane % 2 == 0 ? 2 : 1;
   using Vec = cute::conditional_t<kVec == 4, float4, cute::conditional_t<kVec == 2, float2, float>>;
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");  // launched early (programmatic dependent launch): wait for the partials
-#endif
-  const int warp = blockIdx.x * kCombineWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (warp >= p.h * p.total_q_rows) return;
-  const int bidh = warp / p.total_q_rows;
-  const int r = warp % p.total_q_rows;
   const int64_t split_stride = int64_t(p.h) * p.total_q_rows;
   const int64_t row = int64_t(bidh) * p.total_q_rows + r;
 
@@ -47,7 +42,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) flash_fwd_combine_kernel(c
   CUTE_UNROLL
   for (int i = 0; i < kSplitsPerLane; ++i) {
     const int s = lane + 32 * i;
-    lse_s[i] = s < p.num_splits ? p.lseaccum_ptr[s * split_stride + row] : -INFINITY;
+    lse_s[i] = s < p.num_splits ? __ldcg(p.lseaccum_ptr + s * split_stride + row) : -INFINITY;
     lse_max = fmaxf(lse_max, lse_s[i]);
   }
   lse_max = warp_allreduce_max(lse_max);
@@ -72,7 +67,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) flash_fwd_combine_kernel(c
       const float* src = p.oaccum_ptr + ((32 * i + l) * split_stride + row) * kHeadDim + lane * kColsPerLane;
       CUTE_UNROLL
       for (int j = 0; j < kColsPerLane; j += kVec) {
-        const Vec v = *reinterpret_cast<const Vec*>(src + j);
+        const Vec v = __ldcg(reinterpret_cast<const Vec*>(src + j));
         const float* vf = reinterpret_cast<const float*>(&v);
         CUTE_UNROLL
         for (int t = 0; t < kVec; ++t) acc[j + t] = fmaf(w, vf[t], acc[j + t]);
@@ -95,6 +90,32 @@ __global__ void __launch_bounds__(kCombineWarps * 32) flash_fwd_combine_kernel(c
   for (int j = 0; j < kColsPerLane; ++j) {
     if (lane * kColsPerLane + j < p.d) out[j] = Element(acc[j]);
   }
+}
+
+template <int kHeadDim, typename Element>
+__global__ void __launch_bounds__(kCombineWarps * 32) flash_fwd_combine_kernel(const __grid_constant__ FwdParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // launched early (programmatic dependent launch): wait for the partials
+#endif
+  const int warp = blockIdx.x * kCombineWarps + threadIdx.x / 32;
+  if (warp >= p.h * p.total_q_rows) return;
+  combine_row<kHeadDim, Element>(p, warp / p.total_q_rows, warp % p.total_q_rows, threadIdx.x % 32);
+}
+
+// In-kernel merge (FwdParams::tile_counters): after a block has written its split's partials it
+// takes a ticket for its tile; the block holding the last ticket sees every split's partials and
+// merges them. It also resets the counter, so the buffer is all zeros again after the launch.
+__device__ __forceinline__ bool is_last_split_of_tile(int* counter, int num_splits) {
+  __shared__ bool last;
+  __threadfence();  // this block's partials are visible device-wide before its ticket is
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(counter, 1) == num_splits - 1;
+    if (last) *counter = 0;
+  }
+  __syncthreads();
+  if (last) __threadfence();  // order the ticket before reading the other splits' partials
+  return last;
 }
 
 }  // namespace flash

@@ -99,27 +99,49 @@ struct GmemTileCopy {
   }
 
   // Paged rows whose pages were looked up beforehand (so the block-table loads can be issued
-  // early): tile row r is sequence row first_row + r, in page
-  // pages[(first_row + r) / page_size - first_row / page_size].
+  // early): tile row r lies `first_offset + r` rows past the start of page pages[0], pages
+  // following one another in `pages`. Page sizes are multiples of 16, so when first_offset is too
+  // (no left padding, or a multiple of 16) every 16-row group of the tile sits in one page: one
+  // page lookup per group, then rows at a fixed stride as in load_strided. Otherwise each row
+  // finds its page.
   template <int kMaxPages, typename TS>
-  __device__ void load_paged_prefetched(TS& tS, const Element* head_base, int first_row, int valid_rows,
+  __device__ void load_paged_prefetched(TS& tS, const Element* head_base, int first_offset, int valid_rows,
                                         const int (&pages)[kMaxPages], int page_size, int64_t page_stride,
                                         int64_t row_stride) const {
-    const int base_page = first_row / page_size;
-    CUTE_UNROLL
-    for (int i = 0; i < size<1>(tS); ++i) {
-      const bool row_ok = r0 + i * kRowsPerPass < valid_rows;
-      const int row = first_row + r0 + i * kRowsPerPass;
-      const int slot = row / page_size - base_page;
+    constexpr int kGroupRows = 16;
+    constexpr int kPasses = decltype(size<1>(tS))::value;
+    constexpr int kPassesPerGroup = kGroupRows / kRowsPerPass;
+    static_assert(kGroupRows % kRowsPerPass == 0 && kPasses % kPassesPerGroup == 0);
+    // Row offset `in_page` from the start of pages[0] -> (page, offset inside it), by selects.
+    auto locate = [&](int in_page) {
       int page = pages[0];
       CUTE_UNROLL
-      for (int p = 1; p < kMaxPages; ++p) page = slot == p ? pages[p] : page;  // no local-memory indexing
-      const Element* src = head_base + int64_t(page) * page_stride + int64_t(row % page_size) * row_stride;
+      for (int p = 1; p < kMaxPages; ++p) {
+        const bool next = in_page >= page_size;
+        page = next ? pages[p] : page;
+        in_page = next ? in_page - page_size : in_page;
+      }
+      return head_base + int64_t(page) * page_stride + int64_t(in_page) * row_stride;
+    };
+    auto copy_row = [&](int i, const Element* src) {
+      const bool row_ok = r0 + i * kRowsPerPass < valid_rows;
       CUTE_UNROLL
       for (int c = 0; c < size<2>(tS); ++c) {
         const bool ok = row_ok && (chunk_mask >> c & 1);
         cp_async(ok ? src + c * kChunkStride : head_base, chunk_ptr(tS, i, c), ok);
       }
+    };
+    if (first_offset % kGroupRows == 0) {
+      const int64_t pass_stride = kRowsPerPass * row_stride;
+      CUTE_UNROLL
+      for (int g = 0; g < kPasses / kPassesPerGroup; ++g) {
+        const Element* src = locate(first_offset + g * kGroupRows + r0);
+        CUTE_UNROLL
+        for (int j = 0; j < kPassesPerGroup; ++j, src += pass_stride) copy_row(g * kPassesPerGroup + j, src);
+      }
+    } else {
+      CUTE_UNROLL
+      for (int i = 0; i < kPasses; ++i) copy_row(i, locate(first_offset + r0 + i * kRowsPerPass));
     }
   }
 
