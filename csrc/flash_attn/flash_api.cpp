@@ -232,6 +232,16 @@ int* split_merge_counters(int64_t count, cudaStream_t stream, int device) {
   return buf.data_ptr<int>();
 }
 
+// FLASH_ATTN_SPLIT_MERGE=combine merges decode splits with the combine kernel even in eager calls:
+// for A/B measurements in one build only.
+bool in_kernel_merge_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FLASH_ATTN_SPLIT_MERGE");
+    return e == nullptr || std::string(e) != "combine";
+  }();
+  return enabled;
+}
+
 bool stream_is_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
@@ -259,7 +269,7 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   p.oaccum_ptr = static_cast<float*>(accum.get());
   p.lseaccum_ptr = p.oaccum_ptr + lse_elems * kernel_hdim;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (plan.decode_kernel && !stream_is_capturing(stream)) {
+  if (plan.decode_kernel && in_kernel_merge_enabled() && !stream_is_capturing(stream)) {
     const int64_t tiles = int64_t(p.b) * p.h * flash::ceil_div(p.seqlen_q, flash::kDecodeBlockM);
     p.tile_counters = split_merge_counters(tiles, stream, q.get_device());
   }

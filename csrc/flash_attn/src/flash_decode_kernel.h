@@ -124,11 +124,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   const int first_round = split_idx + max(0, ceil_div_dev(round_lo - split_idx, num_splits)) * num_splits;
   const int my_count = first_round < round_hi ? ceil_div_dev(round_hi - first_round, num_splits) : 0;
   auto sub_block = [&](int i) { return (first_round + i * num_splits) * kNWarps + warp; };
-  // Paged K/V: the pages of sub-block i + 1 are looked up while sub-block i is issued, so the
-  // block-table load's latency never sits in front of a cp.async. Shared by K and V.
+  // Paged K/V: the pages of sub-block i + 1 are loaded from the block table while sub-block i is
+  // issued, and only used (clamped) one sub-block later, so the table load's latency never sits in
+  // front of a cp.async: any instruction reading the loaded value right away would wait for it.
+  // Shared by K and V.
   constexpr int kMaxPages = kSubN / 16 + 1;  // pages are >= 16 rows; left padding can misalign
-  int next_pages[kMaxPages];
-  int next_offset = 0;  // the sub-block's first row, counted from the start of next_pages[0]
+  int next_pages[kMaxPages];  // raw table entries, in flight until the next load_stage
+  int next_offset = 0;        // the sub-block's first row, counted from the start of next_pages[0]
   auto fetch_pages = [&](int i) {
     const int row0 = seq.k_row0 + sub_block(i) * kSubN;
     const int base = row0 / params.page_block_size;
@@ -136,7 +138,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
     CUTE_UNROLL
     for (int p = 0; p < kMaxPages; ++p) {
       const bool used = i < my_count && (base + p) * params.page_block_size < seq.k_row0 + seq.seqlen_k;
-      next_pages[p] = used ? min(max(block_table[base + p], 0), params.num_pages - 1) : 0;
+      int entry = 0;
+      if (used) entry = block_table[base + p];  // a predicated load: nothing reads it until it is used
+      next_pages[p] = entry;
     }
   };
   const bool paged = kHasExtras && block_table != nullptr;
@@ -147,7 +151,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
       if (paged) {
         int pages[kMaxPages];
         CUTE_UNROLL
-        for (int p = 0; p < kMaxPages; ++p) pages[p] = next_pages[p];
+        for (int p = 0; p < kMaxPages; ++p) pages[p] = min(max(next_pages[p], 0), params.num_pages - 1);
         const int offset = next_offset;
         fetch_pages(i + 1);
         const int valid_rows = seq.seqlen_k - sb * kSubN;
@@ -226,7 +230,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
 
     Tensor rP = convert_fragment<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand_layout(rP.layout()));
-    gemm_rs(acc_o, tOrP, tOrVt, smem_thr_copy_v.partition_S(stage_vt(s)), mma, smem_copy_v, smem_thr_copy_v);
+    gemm_rs_n_outer(acc_o, tOrP, tOrVt, smem_thr_copy_v.partition_S(stage_vt(s)), mma, smem_copy_v, smem_thr_copy_v);
     __syncwarp();  // every lane is done reading stage s before it is refilled
   }
   cp_async_wait<0>();

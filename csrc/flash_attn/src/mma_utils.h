@@ -44,6 +44,35 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RA const& rA, RB& rB, SB const
   }
 }
 
+// acc += A * B like gemm_rs, but walking B one copy n-step at a time (all its k-slices) instead of
+// one k-slice at a time (all of N): for a short K and a wide N -- P V at decode, K = 32 keys, N =
+// the head dim -- only a few registers of B are live, not a k-slice of the whole head dim (8
+// instead of 32 per slice at head dim 128). A copy n-step (one ldmatrix.x4) fills the registers of
+// several MMA n-steps; the MMAs whose registers it filled run right after it (the offsets are
+// compile-time constants, so the test folds away). One-row-block MMA tiles only (MMA_M = 1).
+template <typename Acc, typename RA, typename RB, typename SB, typename TiledMma, typename CopyB,
+          typename ThrCopyB>
+__device__ __forceinline__ void gemm_rs_n_outer(Acc& acc, RA const& rA, RB& rB, SB const& sB, TiledMma const& mma,
+                                                CopyB const& copy_b, ThrCopyB const& thr_copy_b) {
+  static_assert(decltype(size<1>(rA))::value == 1, "one MMA row block");
+  Tensor rB_view = thr_copy_b.retile_D(rB);
+  static_assert(decltype(size<2>(rB_view))::value == decltype(size<2>(rB))::value, "copy and MMA k-steps differ");
+  CUTE_UNROLL
+  for (int c = 0; c < size<1>(rB_view); ++c) {
+    copy(copy_b, sB(_, c, _), rB_view(_, c, _));
+    CUTE_UNROLL
+    for (int n = 0; n < size<1>(rB); ++n) {
+      bool filled = false;  // MMA n-step n's first register is one this copy wrote
+      CUTE_UNROLL
+      for (int v = 0; v < size<0>(rB_view); ++v) filled |= rB.layout()(0, n, 0) == rB_view.layout()(v, c, 0);
+      if (filled) {
+        CUTE_UNROLL
+        for (int k = 0; k < size<2>(rB); ++k) cute::gemm(mma, rA(_, 0, k), rB(_, n, k), acc(_, 0, n));
+      }
+    }
+  }
+}
+
 // An SM80 accumulator fragment ((2 cols, 2 rows), MMA_M, MMA_N) viewed as (rows, cols):
 // ((2, MMA_M), (2, MMA_N)), so softmax can walk whole rows.
 template <typename Layout>
