@@ -5,8 +5,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <map>
-#include <mutex>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -215,45 +213,9 @@ DeviceInfo device_info() {
   return {packed / 2, (packed & 1) != 0};
 }
 
-// Zeroed int32 counters for the decode kernel's in-kernel split merge (FwdParams::tile_counters),
-// one buffer per (device, stream), grown on demand. Each launch leaves them all zero again (the
-// last split of a tile resets its counter), and launches on one stream run in order, so calls never
-// share a counter. Not used while a CUDA graph is captured: a replay could run on another stream
-// alongside eager calls, so graphs get the combine kernel instead.
-int* split_merge_counters(int64_t count, cudaStream_t stream, int device) {
-  static std::mutex mutex;
-  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, Tensor>();  // never freed: outlives CUDA at exit
-  std::lock_guard<std::mutex> lock(mutex);
-  Tensor& buf = (*buffers)[{device, stream}];
-  if (!buf.defined() || buf.numel() < count) {
-    const int64_t n = std::max<int64_t>({count, buf.defined() ? 2 * buf.numel() : 0, 4096});
-    buf = at::zeros({n}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device));  // memset on `stream`
-  }
-  return buf.data_ptr<int>();
-}
-
-// FLASH_ATTN_SPLIT_MERGE=combine merges decode splits with the combine kernel even in eager calls:
-// for A/B measurements in one build only.
-bool in_kernel_merge_enabled() {
-  static const bool enabled = [] {
-    const char* e = std::getenv("FLASH_ATTN_SPLIT_MERGE");
-    return e == nullptr || std::string(e) != "combine";
-  }();
-  return enabled;
-}
-
-bool stream_is_capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return true;  // unknown: take the path that is safe under capture
-  }
-  return status != cudaStreamCaptureStatusNone;
-}
-
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
-c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const Tensor& q) {
+c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows) {
   const int num_splits = plan.num_splits;
   p.split_kernel = plan.split_kernel;
   p.decode_kernel = plan.decode_kernel;
@@ -268,11 +230,6 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   c10::DataPtr accum = c10::cuda::CUDACachingAllocator::get()->allocate(lse_elems * (kernel_hdim + 1) * sizeof(float));
   p.oaccum_ptr = static_cast<float*>(accum.get());
   p.lseaccum_ptr = p.oaccum_ptr + lse_elems * kernel_hdim;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  if (plan.decode_kernel && in_kernel_merge_enabled() && !stream_is_capturing(stream)) {
-    const int64_t tiles = int64_t(p.b) * p.h * flash::ceil_div(p.seqlen_q, flash::kDecodeBlockM);
-    p.tile_counters = split_merge_counters(tiles, stream, q.get_device());
-  }
   return accum;
 }
 
@@ -340,7 +297,7 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
     p.lse_batch_stride = int64_t(plan.num_heads) * plan.seqlen_q;
     p.lse_head_stride = plan.seqlen_q;
     p.lse_row_stride = 1;
-    auto accum = set_splits(p, plan, batch * plan.seqlen_q, q_in);
+    auto accum = set_splits(p, plan, batch * plan.seqlen_q);
     launch(kernel, p);
   }
   return {c.out, softmax_lse};
@@ -478,7 +435,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Te
       p.lse_row_stride = 1;
     }
     const int total_q_rows = plan.swap_seqlen_ngroups ? batch * plan.seqlen_q : total_q;
-    auto accum = set_splits(p, plan, total_q_rows, q_in);
+    auto accum = set_splits(p, plan, total_q_rows);
     launch(kernel, p);
   }
   return {c.out, softmax_lse};

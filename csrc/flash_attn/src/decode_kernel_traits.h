@@ -65,7 +65,15 @@ struct DecodeKernelTraits {
   static constexpr int kSmemQBytes = kBlockM * kHeadDim * int(sizeof(Element));
   static constexpr int kSmemRingBytes = kNWarps * kStages * 2 * kTileElems * int(sizeof(Element));
   static constexpr int kSmemMergeBytes = kNWarps * kBlockM * kHeadDim * 4;
-  static constexpr int kSmemBytes = kSmemQBytes + (kSmemRingBytes > kSmemMergeBytes ? kSmemRingBytes : kSmemMergeBytes);
+  // Paged K/V: per warp, a ring of kStages + 1 slots of block-table entries (a 32-key sub-block
+  // spans at most kMaxPages pages of >= 16 rows), after the K/V ring.
+  static constexpr int kMaxPages = kSubN / 16 + 1;
+  static constexpr int kPageSlots = kStages + 1;
+  static constexpr int kPageSlotInts = kMaxPages <= 4 ? 4 : 8;
+  static constexpr int kSmemPagesBytes = kNWarps * kPageSlots * kPageSlotInts * 4;
+  static constexpr int kSmemBytes =
+      kSmemQBytes + (kSmemRingBytes + kSmemPagesBytes > kSmemMergeBytes ? kSmemRingBytes + kSmemPagesBytes : kSmemMergeBytes);
+  static_assert(kSmemBytes == decode_smem_bytes(kHeadDim, int(sizeof(Element))), "tile_sizes.h disagrees");
 };
 
 }  // namespace flash

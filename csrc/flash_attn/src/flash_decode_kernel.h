@@ -5,14 +5,13 @@
 // rows: warp w takes key sub-blocks w, w + kNWarps, ... of kSubN keys each, streams them through
 // its own kStages-deep cp.async ring and runs its own online softmax, synchronising only with
 // itself (__syncwarp). Q stays in registers. At the end the warps' results are merged in shared
-// memory by the log-sum-exp rule and written as this split's fp32 partial; the last split of a tile
-// to finish merges all of them (or, under CUDA-graph capture, the combine kernel does).
+// memory by the log-sum-exp rule and written as this split's fp32 partial, which the combine
+// kernel merges across splits (as for the split forward kernel).
 #pragma once
 
 #include <cute/tensor.hpp>
 
 #include "decode_kernel_traits.h"
-#include "flash_fwd_combine_kernel.h"
 #include "flash_fwd_kernel.h"
 #include "flash_params.h"
 #include "gmem_copy.h"
@@ -66,21 +65,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   // One split: this block's result is final, written in the input dtype with softmax_lse (no
   // combine launch); otherwise an fp32 partial for the combine kernel.
   const bool direct = params.num_splits == 1;
-  // With several splits and params.tile_counters, the block finishing a tile's last split merges
-  // the tile's partials itself (no combine launch).
-  auto merge_if_last = [&]() {
-    if (params.tile_counters == nullptr) return;
-    if (!is_last_split_of_tile(params.tile_counters + blockIdx.z * gridDim.x + blockIdx.x, params.num_splits)) return;
-    for (int m = warp; m < rows_in_tile; m += kNWarps) {
-      combine_row<kHeadDim, Element>(params, bidh, seq.q_row(params, bidb, m0 + m), lane);
-    }
-  };
   if (sb_max <= sb_min) {
     if (direct) {
       write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     } else {
       write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
-      merge_if_last();
     }
     return;
   }
@@ -124,36 +113,40 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   const int first_round = split_idx + max(0, ceil_div_dev(round_lo - split_idx, num_splits)) * num_splits;
   const int my_count = first_round < round_hi ? ceil_div_dev(round_hi - first_round, num_splits) : 0;
   auto sub_block = [&](int i) { return (first_round + i * num_splits) * kNWarps + warp; };
-  // Paged K/V: the pages of sub-block i + 1 are loaded from the block table while sub-block i is
-  // issued, and only used (clamped) one sub-block later, so the table load's latency never sits in
-  // front of a cp.async: any instruction reading the loaded value right away would wait for it.
-  // Shared by K and V.
-  constexpr int kMaxPages = kSubN / 16 + 1;  // pages are >= 16 rows; left padding can misalign
-  int next_pages[kMaxPages];  // raw table entries, in flight until the next load_stage
-  int next_offset = 0;        // the sub-block's first row, counted from the start of next_pages[0]
-  auto fetch_pages = [&](int i) {
-    const int row0 = seq.k_row0 + sub_block(i) * kSubN;
-    const int base = row0 / params.page_block_size;
-    next_offset = row0 - base * params.page_block_size;
-    CUTE_UNROLL
-    for (int p = 0; p < kMaxPages; ++p) {
-      const bool used = i < my_count && (base + p) * params.page_block_size < seq.k_row0 + seq.seqlen_k;
-      int entry = 0;
-      if (used) entry = block_table[base + p];  // a predicated load: nothing reads it until it is used
-      next_pages[p] = entry;
+  // Paged K/V: the block-table entries of sub-block j are copied (cp.async) into this warp's small
+  // shared ring kStages sub-blocks before they are needed, inside an earlier stage's commit group,
+  // so neither a register holding an in-flight load (a spill of one waits for the load) nor a
+  // load-use stall sits in front of the K/V copies. Shared by K and V.
+  constexpr int kMaxPages = Traits::kMaxPages;  // pages are >= 16 rows; left padding can misalign
+  int* page_ring = reinterpret_cast<int*>(smem_buf + Traits::kSmemQBytes + Traits::kSmemRingBytes) +
+                   warp * Traits::kPageSlots * Traits::kPageSlotInts;
+  const bool paged = kHasExtras && block_table != nullptr;
+  auto fetch_pages = [&](int j) {  // lane p < kMaxPages copies sub-block j's p-th page entry
+    if (lane < kMaxPages) {
+      const int entry = (seq.k_row0 + sub_block(j) * kSubN) / params.page_block_size + lane;
+      const bool used = j < my_count && entry * params.page_block_size < seq.k_row0 + seq.seqlen_k;
+      SM80_CP_ASYNC_CACHEALWAYS_ZFILL<int32_t>::copy(used ? block_table[entry] : block_table[0],
+                                                     page_ring[(j % Traits::kPageSlots) * Traits::kPageSlotInts + lane], used);
     }
   };
-  const bool paged = kHasExtras && block_table != nullptr;
-  if (paged) fetch_pages(0);
+  if (paged) {
+    CUTE_UNROLL
+    for (int j = 0; j < kStages; ++j) fetch_pages(j);
+    cp_async_fence();
+    cp_async_wait<0>();
+    __syncwarp();
+  }
   auto load_stage = [&](int i) {
     if (i < my_count) {
       const int sb = sub_block(i);
       if (paged) {
+        fetch_pages(i + kStages);  // landed by the time load_stage(i + kStages) runs
+        const int* slot = page_ring + (i % Traits::kPageSlots) * Traits::kPageSlotInts;
         int pages[kMaxPages];
         CUTE_UNROLL
-        for (int p = 0; p < kMaxPages; ++p) pages[p] = min(max(next_pages[p], 0), params.num_pages - 1);
-        const int offset = next_offset;
-        fetch_pages(i + 1);
+        for (int p = 0; p < kMaxPages; ++p) pages[p] = min(max(slot[p], 0), params.num_pages - 1);
+        const int row0 = seq.k_row0 + sb * kSubN;
+        const int offset = row0 - row0 / params.page_block_size * params.page_block_size;
         const int valid_rows = seq.seqlen_k - sb * kSubN;
         Tensor sK = stage_k(i % kStages);
         Tensor sV = stage_v(i % kStages);
@@ -314,7 +307,6 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
     for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
       *reinterpret_cast<float4*>(oacc + e) = merged(e);
     }
-    merge_if_last();
   }
 }
 

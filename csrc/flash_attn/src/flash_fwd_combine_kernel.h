@@ -23,9 +23,7 @@ __device__ __forceinline__ float warp_allreduce_sum(float x) {
   return x;
 }
 
-// Merges the splits of one (head, partial row r): the combine kernel runs it per warp, and the
-// decode kernel's last split of a tile runs it in place of a combine launch. The partials may
-// have been written by other SMs during the same kernel, so they are read through L2 (ld.cg).
+// Merges the splits of one (head, partial row r); the partials are read once, through L2 (ld.cg).
 template <int kHeadDim, typename Element>
 __device__ void combine_row(const FwdParams& p, int bidh, int r, int lane) {
   constexpr int kSplitsPerLane = kMaxSplits / 32;
@@ -100,22 +98,6 @@ __global__ void __launch_bounds__(kCombineWarps * 32) flash_fwd_combine_kernel(c
   const int warp = blockIdx.x * kCombineWarps + threadIdx.x / 32;
   if (warp >= p.h * p.total_q_rows) return;
   combine_row<kHeadDim, Element>(p, warp / p.total_q_rows, warp % p.total_q_rows, threadIdx.x % 32);
-}
-
-// In-kernel merge (FwdParams::tile_counters): after a block has written its split's partials it
-// takes a ticket for its tile; the block holding the last ticket sees every split's partials and
-// merges them. It also resets the counter, so the buffer is all zeros again after the launch.
-__device__ __forceinline__ bool is_last_split_of_tile(int* counter, int num_splits) {
-  __shared__ bool last;
-  __threadfence();  // this block's partials are visible device-wide before its ticket is
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(counter, 1) == num_splits - 1;
-    if (last) *counter = 0;
-  }
-  __syncthreads();
-  if (last) __threadfence();  // order the ticket before reading the other splits' partials
-  return last;
 }
 
 }  // namespace flash

@@ -94,8 +94,7 @@ void run_fwd_impl(const FwdParams& params, cudaStream_t stream) {
   if (params.decode_kernel) {
     constexpr DecodeTile t = decode_tile(kHeadDim);
     launch_decode_kernel<DecodeKernelTraits<kHeadDim, t.sub_n, t.stages, t.warps, Element>>(params, stream);
-    // One split writes the output directly; several are merged in the kernel with tile_counters.
-    if (params.num_splits > 1 && params.tile_counters == nullptr) launch_combine_kernel<kHeadDim, Element>(params, stream);
+    if (params.num_splits > 1) launch_combine_kernel<kHeadDim, Element>(params, stream);  // else written directly
   } else if (params.split_kernel) {
     constexpr TileShape t = splitkv_tile(kHeadDim);
     launch_fwd_kernel<FwdKernelTraits<kHeadDim, t.block_m, t.block_n, t.warps, Element>, true>(params, stream);

@@ -67,9 +67,6 @@ struct FwdParams {
   float* oaccum_ptr;       // [num_splits][h][total_q_rows][kHeadDim]
   float* lseaccum_ptr;     // [num_splits][h][total_q_rows]
   int total_q_rows;
-  // Decode kernel only: zeroed int32 counters, one per (batch * head, query tile). When set, the
-  // last split of each tile merges the partials in the kernel and no combine kernel runs.
-  int* tile_counters;
   bool allow_pdl;  // device supports programmatic dependent launch (sm_90+): overlap the combine's launch
 };
 

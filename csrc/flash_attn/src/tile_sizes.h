@@ -64,7 +64,9 @@ constexpr int decode_keys_per_round(int headdim) { return decode_tile(headdim).s
 constexpr int decode_smem_bytes(int headdim, int elem_bytes = 2) {
   const DecodeTile t = decode_tile(headdim);
   const int q = kDecodeBlockM * headdim * elem_bytes;
-  const int ring = t.warps * t.stages * 2 * t.sub_n * headdim * elem_bytes;
+  const int max_pages = t.sub_n / 16 + 1;
+  const int page_ring = t.warps * (t.stages + 1) * (max_pages <= 4 ? 4 : 8) * 4;  // paged K/V block-table entries
+  const int ring = t.warps * t.stages * 2 * t.sub_n * headdim * elem_bytes + page_ring;
   const int merge = t.warps * kDecodeBlockM * headdim * 4;  // fp32 partial outputs, reuses the ring
   return q + (ring > merge ? ring : merge);
 }
