@@ -390,7 +390,8 @@ def flash_attn_varlen_func(
         out: (total_q, nheads, headdim), or
         (out, softmax_lse (nheads, total_q) fp32, None) if return_attn_probs.
     """
-    fwd = FlashAttnVarlenFunc.apply if _needs_autograd(q, k, v) else _flash_attn_varlen_forward
+    needs_autograd = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    fwd = FlashAttnVarlenFunc.apply if needs_autograd else _flash_attn_varlen_forward
     out, lse = fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
         causal, window_size, softcap, alibi_slopes, block_table, num_splits,

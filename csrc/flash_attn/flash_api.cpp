@@ -213,6 +213,16 @@ DeviceInfo device_info() {
   return {packed / 2, (packed & 1) != 0};
 }
 
+// FLASH_ATTN_COMBINE_PDL=0 launches the combine kernel without programmatic dependent launch: for
+// A/B measurements of its host and GPU cost in one build only.
+bool combine_pdl_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FLASH_ATTN_COMBINE_PDL");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return enabled;
+}
+
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
 c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows) {
@@ -220,7 +230,7 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   p.split_kernel = plan.split_kernel;
   p.decode_kernel = plan.decode_kernel;
   p.num_splits = num_splits;
-  p.allow_pdl = device_info().pdl;
+  p.allow_pdl = device_info().pdl && combine_pdl_enabled();
   p.total_q_rows = total_q_rows;
   if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1)) return {};  // no partials to merge
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the

@@ -24,7 +24,12 @@ namespace flash {
 
 using namespace cute;
 
-template <typename Traits, bool kHasExtras>
+// kScoreMods: softcap and ALiBi; kPaged: K/V through a block table. Each gets its own
+// instantiation so the common kernel carries none of their code or registers (the paged loop spilled
+// heavily while it shared one kernel with the score modifiers). The paged-only kernel requires the
+// key rows to start on a 16-row boundary of their pages (no left padding that is not a multiple of
+// 16); the score-modifier kernel pages any alignment.
+template <typename Traits, bool kScoreMods, bool kPaged>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const __grid_constant__ FwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -120,7 +125,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   constexpr int kMaxPages = Traits::kMaxPages;  // pages are >= 16 rows; left padding can misalign
   int* page_ring = reinterpret_cast<int*>(smem_buf + Traits::kSmemQBytes + Traits::kSmemRingBytes) +
                    warp * Traits::kPageSlots * Traits::kPageSlotInts;
-  const bool paged = kHasExtras && block_table != nullptr;
+  const bool paged = kPaged && block_table != nullptr;
   auto fetch_pages = [&](int j) {  // lane p < kMaxPages copies sub-block j's p-th page entry
     if (lane < kMaxPages) {
       const int entry = (seq.k_row0 + sub_block(j) * kSubN) / params.page_block_size + lane;
@@ -152,9 +157,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
         Tensor sV = stage_v(i % kStages);
         Tensor tK = gcopy.partition(sK, lane);
         Tensor tV = gcopy.partition(sV, lane);
-        gcopy.load_paged_prefetched(tK, k_head, offset, valid_rows, pages, params.page_block_size,
+        constexpr bool kAligned = !kScoreMods;
+        gcopy.template load_paged_prefetched<kAligned>(tK, k_head, offset, valid_rows, pages, params.page_block_size,
                                     params.k_batch_stride, params.k_row_stride);
-        gcopy.load_paged_prefetched(tV, v_head, offset, valid_rows, pages, params.page_block_size,
+        gcopy.template load_paged_prefetched<kAligned>(tV, v_head, offset, valid_rows, pages, params.page_block_size,
                                     params.v_batch_stride, params.v_row_stride);
       } else {
         load_rows(stage_k(i % kStages), k_thread, params.k_row_stride, sb);
@@ -186,8 +192,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tOcO_rc = rowcol_view(tOcO);
 
-  const bool has_softcap = kHasExtras && params.softcap_in > 0.f;
-  const bool has_alibi = kHasExtras && params.alibi_slopes_ptr != nullptr;
+  const bool has_softcap = kScoreMods && params.softcap_in > 0.f;
+  const bool has_alibi = kScoreMods && params.alibi_slopes_ptr != nullptr;
   const float alibi_slope =
       has_alibi ? params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax : 0.f;
 
@@ -212,7 +218,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
 
     Tensor sc = rowcol_view(acc_s);
     const BlockCoords bc{m0, sb * kSubN, diag};
-    if constexpr (kHasExtras) {
+    if constexpr (kScoreMods) {
       if (has_softcap) apply_softcap(acc_s, params.softcap_in);
       if (has_alibi) apply_alibi(sc, tScS_rc, bc, alibi_slope);
     }

@@ -58,10 +58,26 @@ void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
   });
 }
 
+// Decode: three instantiations -- plain, paged (key rows aligned to 16-row page groups: no left
+// padding), and score modifiers (softcap / ALiBi), which also serves the rare combinations: paging
+// with score modifiers, and paging with left padding (any alignment).
+template <typename Launch>
+void with_decode_features(const FwdParams& params, Launch&& launch) {
+  const bool score_mods = params.softcap_in > 0.f || params.alibi_slopes_ptr != nullptr;
+  const bool paged = params.block_table != nullptr;
+  if (score_mods || (paged && params.leftpad_k != nullptr)) {
+    launch(std::true_type{}, std::true_type{});
+  } else if (paged) {
+    launch(std::false_type{}, std::true_type{});
+  } else {
+    launch(std::false_type{}, std::false_type{});
+  }
+}
+
 template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
-  with_extras(params, [&](auto extras) {
-    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(extras)::value>;
+  with_decode_features(params, [&](auto score_mods, auto paged) {
+    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
     allow_dynamic_smem<kernel>(Traits::kSmemBytes);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
     kernel<<<dim3(m_blocks, params.num_splits, params.b * params.h), Traits::kNThreads, Traits::kSmemBytes, stream>>>(

@@ -103,8 +103,9 @@ struct GmemTileCopy {
   // following one another in `pages`. Page sizes are multiples of 16, so when first_offset is too
   // (no left padding, or a multiple of 16) every 16-row group of the tile sits in one page: one
   // page lookup per group, then rows at a fixed stride as in load_strided. Otherwise each row
-  // finds its page.
-  template <int kMaxPages, typename TS>
+  // finds its page. kAlignedOnly: the caller guarantees the aligned case (no per-row code at all;
+  // with both paths in one loop the compiler predicates them together).
+  template <bool kAlignedOnly, int kMaxPages, typename TS>
   __device__ void load_paged_prefetched(TS& tS, const Element* head_base, int first_offset, int valid_rows,
                                         const int (&pages)[kMaxPages], int page_size, int64_t page_stride,
                                         int64_t row_stride) const {
@@ -131,7 +132,7 @@ struct GmemTileCopy {
         cp_async(ok ? src + c * kChunkStride : head_base, chunk_ptr(tS, i, c), ok);
       }
     };
-    if (first_offset % kGroupRows == 0) {
+    if (kAlignedOnly || first_offset % kGroupRows == 0) {
       const int64_t pass_stride = kRowsPerPass * row_stride;
       CUTE_UNROLL
       for (int g = 0; g < kPasses / kPassesPerGroup; ++g) {
