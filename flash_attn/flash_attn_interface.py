@@ -193,11 +193,11 @@ if hasattr(torch.library, "custom_op") and hasattr(torch.compiler, "is_compiling
     def _fwd(*args):
         return _fwd_op(*args) if _is_compiling() else _fwd_impl(*args)
 
-    def _varlen_fwd(*args):
-        return _varlen_fwd_op(*args) if _is_compiling() else _varlen_fwd_impl(*args)
-
 else:  # older torch: call the extension directly
-    _fwd, _varlen_fwd = _fwd_impl, _varlen_fwd_impl
+    _fwd, _varlen_fwd_op = _fwd_impl, _varlen_fwd_impl
+
+    def _is_compiling():
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,11 +222,10 @@ def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     if dropout_p:
         _check_no_dropout(dropout_p)
     q, k, v, softmax_scale, head_size = _prepare_qkv(q, k, v, softmax_scale)
-    out, lse = _varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
-        int(max_seqlen_q), int(max_seqlen_k), 0.0, softmax_scale, bool(causal),
-        int(window_size[0]), int(window_size[1]), float(softcap), int(num_splits),
-    )
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
+            int(max_seqlen_q), int(max_seqlen_k), 0.0, softmax_scale, bool(causal),
+            int(window_size[0]), int(window_size[1]), float(softcap), int(num_splits))
+    out, lse = _varlen_fwd_op(*args) if _is_compiling() else _varlen_fwd_impl(*args)
     return (out if head_size % 8 == 0 else out[..., :head_size]), lse
 
 
