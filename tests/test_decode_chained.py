@@ -1,8 +1,9 @@
-"""GPU tests of the decode kernel's in-kernel split merge: the last split of each query tile to
-finish merges the tile's partials, found through per-stream counters that every launch leaves at
-zero. A counter left non-zero, a buffer shared by two streams, or a grown buffer that loses its
-zeros would give wrong outputs in a later call, so these tests chain many calls of changing shapes
-and compare every one with the fp32 reference (and with the unsplit kernel).
+"""GPU tests of split-KV decoding across chained calls: many calls of changing shapes in a row
+(partials buffers reused by the caching allocator, split counts and grids changing every call), calls
+on two streams at once, and a captured graph replayed between eager calls of another shape. Every
+result is compared with the fp32 reference and with the unsplit kernel. (These were written for an
+in-kernel split merge with per-stream counters, since dropped for the combine kernel; they still
+guard the buffer and stream handling of the split path.)
 """
 
 import random
@@ -17,8 +18,8 @@ pytestmark = requires_gpu
 
 DTYPE = torch.float16
 D = 128
-# (batch, nheads, nheads_k, seqlen_k, num_splits): MHA and GQA, splits from 2 to 64, and one
-# grid of 64 x 80 = 5120 tiles, more than the counter buffer's first size (4096), so it grows.
+# (batch, nheads, nheads_k, seqlen_k, num_splits): MHA, GQA and MQA, splits from 2 to 64, and one
+# large grid (64 x 80 = 5120 query tiles).
 SHAPES = [
     (1, 12, 12, 2048, 0),
     (3, 32, 8, 1000, 3),
@@ -60,8 +61,7 @@ def test_chained_calls_of_changing_shapes(require_kernel):
 
 
 def test_two_streams_concurrently(require_kernel):
-    """Calls queued on two streams with no synchronisation between them: each stream has its own
-    counters, so both results are right."""
+    """Calls queued on two streams with no synchronisation between them: both results are right."""
     require_kernel(D, DTYPE)
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
     a = _decode_inputs(4, 32, 8, 3000, seed=11)
@@ -82,8 +82,8 @@ def test_two_streams_concurrently(require_kernel):
 
 @pytest.mark.parametrize("num_splits", [0, 4])
 def test_graph_replay_between_eager_calls(num_splits, require_kernel):
-    """A captured call (combine kernel) replayed between eager calls (in-kernel merge) of another
-    shape on the same stream: both stay right and the graph equals eager bitwise."""
+    """A captured call replayed between eager calls of another shape on the same stream: both stay
+    right and the graph equals eager bitwise."""
     require_kernel(D, DTYPE)
     q, k, v = _decode_inputs(2, 32, 8, 4097, seed=21)
     q2, k2, v2 = _decode_inputs(3, 12, 12, 1500, seed=22)
