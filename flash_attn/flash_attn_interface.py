@@ -96,14 +96,15 @@ def _check_no_dropout(dropout_p):
 
 
 def _prepare_qkv(q, k, v, softmax_scale):
-    """Default softmax_scale (from the original head dim), last-dim contiguity, head-dim padding.
-    Written for the decode hot path: the common case (contiguous rows, head dim a multiple of 8)
-    costs three attribute reads."""
+    """Default softmax_scale (from the original head dim) and head-dim padding. Written for the
+    decode hot path: one attribute read when the head dim is a multiple of 8. A strided last
+    dimension is made contiguous by the extension (flash_api.cpp, contiguous_last_dim), as
+    upstream's maybe_contiguous does here."""
     head_size = q.shape[-1]
     if softmax_scale is None:
         softmax_scale = head_size ** (-0.5)
-    if head_size % 8 != 0 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        q, k, v = [_pad_to_multiple_of_8(_maybe_contiguous(x), head_size) for x in (q, k, v)]
+    if head_size % 8 != 0:
+        q, k, v = [_pad_to_multiple_of_8(x, head_size) for x in (q, k, v)]
     return q, k, v, float(softmax_scale), head_size
 
 

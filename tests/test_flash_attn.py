@@ -454,3 +454,33 @@ def test_large_values_no_overflow(dtype, require_kernel):
         out_pt, _ = attention_ref(q, k, v, causal=causal, upcast=False)
         assert_out_close(out, out_ref, out_pt)
         assert_lse_close(lse, lse_ref, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# A strided last dimension (stride(-1) != 1) is accepted and copied by the extension, as
+# upstream's Python wrapper (maybe_contiguous) does.
+# ---------------------------------------------------------------------------------------------
+
+def _strided_last_dim(x):
+    y = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert y.stride(-1) != 1 and torch.equal(y, x)
+    return y
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 77])
+def test_strided_last_dim(seqlen_q, require_kernel):
+    require_kernel(128, torch.float16)
+    batch, seqlen_k, nheads, nheads_k, d = 2, 300, 8, 2, 128
+    q = torch.randn(batch, seqlen_q, nheads, d, device=DEVICE, dtype=torch.float16)
+    k = torch.randn(batch, seqlen_k, nheads_k, d, device=DEVICE, dtype=torch.float16)
+    v = torch.randn(batch, seqlen_k, nheads_k, d, device=DEVICE, dtype=torch.float16)
+    ref = flash_attn.flash_attn_func(q, k, v, causal=True)
+    out = flash_attn.flash_attn_func(_strided_last_dim(q), _strided_last_dim(k), _strided_last_dim(v), causal=True)
+    assert torch.equal(out, ref)
+    qv, kv, vv = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    cu_q = torch.arange(0, batch + 1, device=DEVICE, dtype=torch.int32) * seqlen_q
+    cu_k = torch.arange(0, batch + 1, device=DEVICE, dtype=torch.int32) * seqlen_k
+    ref_v = flash_attn.flash_attn_varlen_func(qv, kv, vv, cu_q, cu_k, seqlen_q, seqlen_k, causal=True)
+    out_v = flash_attn.flash_attn_varlen_func(_strided_last_dim(qv), _strided_last_dim(kv), _strided_last_dim(vv),
+                                              cu_q, cu_k, seqlen_q, seqlen_k, causal=True)
+    assert torch.equal(out_v, ref_v)

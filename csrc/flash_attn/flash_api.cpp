@@ -55,6 +55,12 @@ void check_qkv_dtypes(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(v.stride(-1) == 1, "v must have contiguous last dimension");
 }
 
+// A strided last dimension is copied, as upstream's Python wrapper (maybe_contiguous) does; done here
+// so the Python hot path needs no stride queries (each costs host time per decode step).
+Tensor contiguous_last_dim(const Tensor& t) {
+  return t.dim() > 0 && t.stride(-1) != 1 ? t.contiguous() : t;
+}
+
 void check_head_dims(int head_size, int num_heads, int num_heads_k) {
   TORCH_CHECK(head_size <= 256, "head_dim must be at most 256, got ", std::to_string(head_size));
   TORCH_CHECK(head_size % 8 == 0 && head_size > 0, "head_dim must be a positive multiple of 8, got ", std::to_string(head_size),
@@ -314,9 +320,10 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
 }
 
 // q: (batch, seqlen_q, num_heads, d); k, v: (batch, seqlen_k, num_heads_k, d).
-std::vector<Tensor> mha_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_, OptTensor alibi_slopes,
-                            double p_dropout, double softmax_scale, bool is_causal, int window_left, int window_right,
-                            double softcap, bool return_softmax, int num_splits) {
+std::vector<Tensor> mha_fwd(const Tensor& q_arg, const Tensor& k_arg, const Tensor& v_arg, OptTensor out_,
+                            OptTensor alibi_slopes, double p_dropout, double softmax_scale, bool is_causal,
+                            int window_left, int window_right, double softcap, bool return_softmax, int num_splits) {
+  const Tensor q_in = contiguous_last_dim(q_arg), k = contiguous_last_dim(k_arg), v = contiguous_last_dim(v_arg);
   check_qkv_dtypes(q_in, k, v);
   TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", shape_str(q_in));
   TORCH_CHECK(k.dim() == 4, "k must have shape (batch, seqlen_k, num_heads_k, head_dim), got ", shape_str(k));
@@ -343,12 +350,13 @@ std::vector<Tensor> mha_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v
 
 // q: (total_q, num_heads, d); k, v: (total_k, num_heads_k, d), or paged
 // (num_blocks, page_block_size, num_heads_k, d) with block_table (batch, max_blocks_per_seq).
-std::vector<Tensor> mha_varlen_fwd(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_,
+std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, const Tensor& v_arg, OptTensor out_,
                                    const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, OptTensor seqused_k,
                                    OptTensor leftpad_k, OptTensor block_table, OptTensor alibi_slopes,
                                    int max_seqlen_q, int max_seqlen_k, double p_dropout, double softmax_scale,
                                    bool zero_tensors, bool is_causal, int window_left, int window_right,
                                    double softcap, bool return_softmax, int num_splits) {
+  const Tensor q_in = contiguous_last_dim(q_arg), k = contiguous_last_dim(k_arg), v = contiguous_last_dim(v_arg);
   check_qkv_dtypes(q_in, k, v);
   const bool paged = block_table.has_value();
   TORCH_CHECK(q_in.dim() == 3, "q must have shape (total_q, num_heads, head_dim), got ", shape_str(q_in));
