@@ -70,6 +70,7 @@ import torch.nn.functional as F  # noqa: E402
 from timing import (FLUSH_MODE, bench, bench_graph, settle, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
                     markdown_table, short_err, sticky_cuda_error, measure_copy_bandwidth)
 from write_results import write_section  # noqa: E402
+from paged_cache import make_paged  # noqa: E402
 from decode_grid import (SEQLENS_K, BATCHES, HEAD_CONFIGS, HEADDIM, CELL_KEYS,  # noqa: E402,F401
                          add_grid_args, parse_cells, cell_matches, kv_bytes_of, cell_name, select_cells,
                          skipped_line)
@@ -103,26 +104,6 @@ def parse_args(argv=None):
     p.add_argument("--time-budget-s", type=float, default=75.0,
                    help="after this many seconds, remaining cells use the minimum number of repeats")
     return p.parse_args(argv)
-
-
-def make_paged(k, v, batch, seqlen_k, page):
-    """Copy K/V of layout (batch * seqlen_k, kv_heads, d) into a paged cache of `page`-token pages
-    stored in a random order. Returns (k_paged, v_paged, block_table): k_paged/v_paged
-    (batch * seqlen_k / page, page, kv_heads, d); block_table (batch, seqlen_k / page) int32, where
-    block_table[b, j] is the physical page holding tokens j*page .. (j+1)*page - 1 of sequence b.
-    Allocates K+V bytes once more; no temporary of that size."""
-    if seqlen_k % page:
-        raise ValueError(f"seqlen_k {seqlen_k} is not a multiple of the page size {page}")
-    npages = seqlen_k // page
-    nblocks = batch * npages
-    kv_heads, d = k.shape[1], k.shape[2]
-    perm = torch.randperm(nblocks, device=k.device)  # logical page i -> physical page perm[i]
-    k_paged = torch.empty((nblocks, page, kv_heads, d), dtype=k.dtype, device=k.device)
-    v_paged = torch.empty((nblocks, page, kv_heads, d), dtype=v.dtype, device=v.device)
-    k_paged.index_copy_(0, perm, k.view(nblocks, page, kv_heads, d))
-    v_paged.index_copy_(0, perm, v.view(nblocks, page, kv_heads, d))
-    block_table = perm.view(batch, npages).to(torch.int32).contiguous()
-    return k_paged, v_paged, block_table
 
 
 def available_gpu_bytes():

@@ -58,6 +58,7 @@ for _p in (REPO, HERE):
 
 import torch  # noqa: E402
 
+from paged_cache import make_paged  # noqa: E402
 from timing import (bench, settle, require_cuda, environment_lines, gpu_name, now_utc, git_rev,  # noqa: E402
                     fmt, short_err, free_flush_buffers)
 
@@ -109,26 +110,6 @@ def cell_label(cell) -> str:
 def kv_bytes(cell) -> int:
     b, s, _h, hk = cell
     return 2 * b * s * hk * HEADDIM * 2  # K and V, fp16
-
-
-def make_paged(k, v, batch, seqlen_k, page, shuffle):
-    """K/V of layout (batch*seqlen_k, kv_heads, d) as a paged cache of `page`-token pages:
-    (k_paged, v_paged, block_table), k_paged (batch*seqlen_k/page, page, kv_heads, d), block_table
-    (batch, seqlen_k/page) int32 (block_table[b, j] = physical page of tokens j*page.. of sequence b).
-    shuffle=False: a view of k/v (no copy), block_table = arange. shuffle=True: pages copied to a
-    random permutation (same logic as benchmark_decode.make_paged)."""
-    npages = seqlen_k // page
-    nblocks = batch * npages
-    kv_heads, d = k.shape[1], k.shape[2]
-    k_lin, v_lin = k.view(nblocks, page, kv_heads, d), v.view(nblocks, page, kv_heads, d)
-    if not shuffle:
-        perm = torch.arange(nblocks, device=k.device)
-        return k_lin, v_lin, perm.view(batch, npages).to(torch.int32).contiguous()
-    perm = torch.randperm(nblocks, device=k.device)  # logical page i -> physical page perm[i]
-    k_paged, v_paged = torch.empty_like(k_lin), torch.empty_like(v_lin)
-    k_paged.index_copy_(0, perm, k_lin)
-    v_paged.index_copy_(0, perm, v_lin)
-    return k_paged, v_paged, perm.view(batch, npages).to(torch.int32).contiguous()
 
 
 def unpage(k_paged, block_table):

@@ -31,9 +31,13 @@ split and the combine, so where auto_splits = 1 the auto and "1" columns are dif
 Summary: fraction of cells with regret <= 1.05, worst regret. maxdiff = max |out(N) - out(auto)|
 over all N (outside timing; a sanity check of every split count).
 
+--page-size N sweeps the same cells with K/V in a paged cache of N-token pages in random order
+(block_table; outputs splits_sweep_paged{N}_h100.*): the heuristic does not know about paging.
+
 Usage (repository root, GPU machine; about 15-40 s on an H100, budget < 150 s):
   python benchmarks/sweep_num_splits.py
   python benchmarks/sweep_num_splits.py --quick --cells "batch=1"
+  python benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1"
 Outputs: OUT_DIR/splits_sweep_h100.json (one row per cell) and OUT_DIR/splits_sweep_h100.md
 (OUT_DIR = --out-dir, default benchmarks/results).
 """
@@ -58,6 +62,7 @@ import torch  # noqa: E402
 from timing import (bench, settle, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
                     markdown_table, short_err, sticky_cuda_error)
 from write_results import write_section  # noqa: E402
+from paged_cache import make_paged  # noqa: E402
 from decode_grid import (HEADDIM, add_grid_args, parse_cells, select_cells, cell_name,  # noqa: E402
                          skipped_line)
 
@@ -83,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--restrict-factor", type=float, default=2.0,
                    help="cells with batch*heads >= this * SMs sweep only num_splits in {1,2,3,4} + auto "
                         "(default %(default)s)")
+    p.add_argument("--page-size", type=int, default=0,
+                   help="sweep a paged K/V cache of this many tokens per page, pages shuffled "
+                        "(block_table; default 0: the contiguous cache)")
     p.add_argument("--time-budget-s", type=float, default=120.0,
                    help="cells started after this many seconds sweep only {1,2,3,4} + auto with the "
                         "minimum repeats (default %(default)s)")
@@ -148,12 +156,13 @@ def summary_line(s) -> str:
             f"({100 * s['frac_regret_ok']:.0f}%); worst regret {s['worst_regret']:.3f} ({s['worst_cell']})")
 
 
-def sweep_cell(c, varlen, heuristic, num_sms, bench_kw, restricted, dtype=torch.float16):
+def sweep_cell(c, varlen, heuristic, num_sms, bench_kw, restricted, page_size=0, dtype=torch.float16):
     """Time auto and every explicit split value for one cell -> row dict (never raises)."""
     batch, seqlen_k, heads, kv_heads = c["batch"], c["seqlen_k"], c["heads"], c["kv_heads"]
     d = HEADDIM
     scale = d ** -0.5
-    row = dict(batch=batch, seqlen_k=seqlen_k, heads=heads, kv_heads=kv_heads, key_blocks=n_key_blocks(seqlen_k),
+    row = dict(batch=batch, seqlen_k=seqlen_k, heads=heads, kv_heads=kv_heads, page_size=page_size,
+               key_blocks=n_key_blocks(seqlen_k),
                split_cap=None, restricted=restricted, swept=[], auto_splits=None, auto_us=None, auto_first_us=None, best_splits=None,
                best_us=None, regret=None, nosplit_us=None, times_us={}, maxdiff=None, notes=[])
     try:
@@ -164,17 +173,21 @@ def sweep_cell(c, varlen, heuristic, num_sms, bench_kw, restricted, dtype=torch.
         row["notes"].append("heuristic: " + short_err(e))
     vals = split_values(seqlen_k, restricted, row["auto_splits"], row["split_cap"])
     row["swept"] = vals
-    q = k = v = cu_q = cu_k = o_auto = None
+    q = k = v = cu_q = cu_k = o_auto = paged_kw = None
     try:
         q = torch.randn(batch, heads, d, device=DEVICE, dtype=dtype)
         k = torch.randn(batch * seqlen_k, kv_heads, d, device=DEVICE, dtype=dtype)
         v = torch.randn(batch * seqlen_k, kv_heads, d, device=DEVICE, dtype=dtype)
         cu_q = torch.arange(0, batch + 1, device=DEVICE, dtype=torch.int32)
         cu_k = torch.arange(0, batch + 1, device=DEVICE, dtype=torch.int32) * seqlen_k
+        paged_kw = {}
+        if page_size:
+            k, v, block_table = make_paged(k, v, batch, seqlen_k, page_size)
+            paged_kw = dict(block_table=block_table)
         outs_diff = []
         try:  # settle the GPU on this cell before timing (see timing.settle)
             settle(lambda: varlen(q, k, v, cu_q, cu_k, 1, seqlen_k, dropout_p=0.0, softmax_scale=scale,
-                                  causal=True, num_splits=0))
+                                  causal=True, num_splits=0, **paged_kw))
         except Exception:  # noqa: BLE001
             pass
         # auto is timed first and again last; the regret uses the last timing, taken in the same
@@ -183,7 +196,7 @@ def sweep_cell(c, varlen, heuristic, num_sms, bench_kw, restricted, dtype=torch.
         for pos, ns in enumerate([0] + vals + [0]):
             def fn(ns=ns):
                 return varlen(q, k, v, cu_q, cu_k, 1, seqlen_k, dropout_p=0.0, softmax_scale=scale,
-                              causal=True, num_splits=ns)
+                              causal=True, num_splits=ns, **paged_kw)
             try:
                 o = fn()
                 if ns == 0 and o_auto is None:
@@ -204,7 +217,7 @@ def sweep_cell(c, varlen, heuristic, num_sms, bench_kw, restricted, dtype=torch.
     except Exception as e:  # noqa: BLE001
         row["notes"].append("cell: " + short_err(e))
     finally:
-        del q, k, v, cu_q, cu_k, o_auto
+        del q, k, v, cu_q, cu_k, o_auto, paged_kw
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
@@ -298,8 +311,9 @@ def main(argv=None) -> int:
     conds = parse_cells(args.cells)
     require_cuda("sweep_num_splits.py")
     os.makedirs(args.out_dir, exist_ok=True)
-    json_path = args.json or os.path.join(args.out_dir, "splits_sweep_h100.json")
-    md_path = args.results_md or os.path.join(args.out_dir, "splits_sweep_h100.md")
+    stem = f"splits_sweep_paged{args.page_size}_h100" if args.page_size else "splits_sweep_h100"
+    json_path = args.json or os.path.join(args.out_dir, stem + ".json")
+    md_path = args.results_md or os.path.join(args.out_dir, stem + ".md")
 
     env = environment_lines(REPO)
     for line in env:
@@ -327,7 +341,7 @@ def main(argv=None) -> int:
     for c in cells:
         late = time.time() - t0 > args.time_budget_s
         restricted = (not args.full and is_restricted(c, num_sms, args.restrict_factor)) or late
-        r = sweep_cell(c, varlen, heuristic, num_sms, bench_kwargs(args, late), restricted)
+        r = sweep_cell(c, varlen, heuristic, num_sms, bench_kwargs(args, late), restricted, args.page_size)
         if late:
             r["notes"].append(f"reached after the {args.time_budget_s:g} s budget: restricted set, minimum repeats")
         rows.append(r)

@@ -56,6 +56,7 @@ if [ $run_bench -eq 1 ]; then
   python3 benchmarks/benchmark_forward.py $quick --out-dir "$OUT/results" >"$OUT/bench.log" 2>&1
   python3 benchmarks/benchmark_decode.py $quick --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
   python3 benchmarks/sweep_num_splits.py $quick --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
+  python3 benchmarks/sweep_num_splits.py $quick --page-size 16 --cells "batch=1|16" --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
   python3 benchmarks/host_overhead.py --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
   cat "$OUT/bench.log" | grep -vE "^\|" | tail -60
   # The device tool returns at most 8 files: the result files travel as one archive.
