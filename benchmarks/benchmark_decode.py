@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import sys
 import time
@@ -69,7 +68,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from timing import (FLUSH_MODE, bench, bench_graph, settle, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
                     markdown_table, short_err, sticky_cuda_error, measure_copy_bandwidth)
-from write_results import write_section  # noqa: E402
+from write_results import write_json, write_section  # noqa: E402
 from paged_cache import make_paged  # noqa: E402
 from decode_grid import (SEQLENS_K, BATCHES, HEAD_CONFIGS, HEADDIM, CELL_KEYS,  # noqa: E402,F401
                          add_grid_args, parse_cells, cell_matches, kv_bytes_of, cell_name, select_cells,
@@ -524,10 +523,7 @@ def main(argv=None) -> int:
                  "copy_bw_bytes_per_s"]
     json_keys += [f"paged{p}_{s}" for p in PAGE_SIZES for s in ("us", "ratio", "maxdiff")]
     json_keys += (["ours_graph_us"] if args.graph else []) + ["notes"]
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump([{k: r.get(k) for k in json_keys} for r in rows], f, indent=1)
-    print(f"wrote {json_path}")
+    write_json(json_path, [{k: r.get(k) for k in json_keys} for r in rows])
 
     body = [
         "fp16, head dim 128, one query per sequence (flash_attn_varlen_func, max_seqlen_q=1, causal=True), "

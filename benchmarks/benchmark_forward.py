@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import sys
 import time
@@ -42,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from timing import (bench, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
                     markdown_table, short_err, sticky_cuda_error)
-from write_results import write_section  # noqa: E402
+from write_results import write_json, write_section  # noqa: E402
 
 SHAPES = [(32, 512), (16, 1024), (8, 2048), (4, 4096), (2, 8192), (1, 16384)]
 HEADDIMS = [64, 128]
@@ -260,10 +259,7 @@ def main(argv=None) -> int:
         jr.update(nheads=r["nheads"], ours_us=r["ours_us"], torch_fa2_us=r["torch_fa2_us"],
                   cudnn_us=r["cudnn_us"], maxdiff=r["maxdiff"], dtype=args.dtype, notes=r["notes"])
         json_rows.append(jr)
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(json_rows, f, indent=1)
-    print(f"wrote {json_path}")
+    write_json(json_path, json_rows)
 
     body = [
         f"{args.dtype}, model dim {MODEL_DIM} (nheads = {MODEL_DIM} / headdim). "

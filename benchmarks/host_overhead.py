@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -69,8 +68,8 @@ for _p in (REPO, HERE):
 import torch  # noqa: E402
 
 from timing import (bench, capture_graph, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
-                    markdown_table, short_err)
-from write_results import write_section  # noqa: E402
+                    markdown_table, short_err, sticky_cuda_error)
+from write_results import write_json, write_section  # noqa: E402
 
 DEVICE = "cuda"
 HEADDIM = 128
@@ -216,10 +215,7 @@ def measure(fn, args, cycles_per_us, ctx=None, gpu=True) -> dict:
                 out["gpu_warm_us"] = gpu_single_warm(fn, 50, cycles_per_us)
     except Exception as e:  # noqa: BLE001
         out["error"] = short_err(e)
-        try:
-            sync()
-        except Exception:  # noqa: BLE001
-            pass
+        sticky_cuda_error()  # synchronise after the failure, never raising
     return out
 
 
@@ -256,10 +252,7 @@ def graph_check(fn, q, k, v, args, cycles_per_us) -> dict:
             res["replay_timing_error"] = m["error"]
     except Exception as e:  # noqa: BLE001
         res["error"] = short_err(e)
-        try:
-            sync()
-        except Exception:  # noqa: BLE001
-            pass
+        sticky_cuda_error()  # synchronise after the failure, never raising
     return res
 
 
@@ -414,10 +407,7 @@ def main(argv=None) -> int:
     result = {"gpu": gpu_name(), "env": env, "n_calls": args.n, "host_batch_calls": args.batch_calls,
               "sleep_cycles_per_us": cycles_per_us, "target_us": TARGET_US, "floors": floors, "configs": configs,
               "elapsed_s": elapsed}
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {json_path}")
+    write_json(json_path, result)
 
     body = [
         f"Decode call flash_attn_varlen_func(q (1, heads, 128), k/v ({SEQLEN_K}, kv_heads, 128), cu_seqlens, "

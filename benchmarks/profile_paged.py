@@ -58,6 +58,7 @@ for _p in (REPO, HERE):
 
 import torch  # noqa: E402
 
+from write_results import write_json  # noqa: E402
 from paged_cache import make_paged  # noqa: E402
 from timing import (bench, settle, require_cuda, environment_lines, gpu_name, now_utc, git_rev,  # noqa: E402
                     fmt, short_err, free_flush_buffers)
@@ -286,11 +287,9 @@ def run_timing(cells, pages, args) -> int:
     print(format_table(all_rows))
     path = args.json or (os.path.join(os.environ["OUT"], "profile_paged.json") if os.environ.get("OUT")
                          else os.path.join(HERE, "results", "profile_paged_h100.json"))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"gpu": gpu_name(), "date": now_utc(), "rev": git_rev(REPO), "pages": pages,
-                   "rounds": args.rounds, "cells": cell_records}, f, indent=1)
-    print(f"\nwrote {path}")
+    print()
+    write_json(path, {"gpu": gpu_name(), "date": now_utc(), "rev": git_rev(REPO), "pages": pages,
+                      "rounds": args.rounds, "cells": cell_records})
     return 0
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -61,7 +60,7 @@ import torch  # noqa: E402
 
 from timing import (bench, settle, require_cuda, environment_lines, gpu_name, today_utc, fmt,  # noqa: E402
                     markdown_table, short_err, sticky_cuda_error)
-from write_results import write_section  # noqa: E402
+from write_results import write_json, write_section  # noqa: E402
 from paged_cache import make_paged  # noqa: E402
 from decode_grid import (HEADDIM, add_grid_args, parse_cells, select_cells, cell_name,  # noqa: E402
                          skipped_line)
@@ -373,10 +372,7 @@ def main(argv=None) -> int:
               + ", ".join(summary["restricted_cells"]))
     print(f"elapsed {elapsed:.1f} s (cells only)")
 
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {json_path}")
+    write_json(json_path, rows)
     write_section(md_path, TITLE, gpu_name(), today_utc(), body)
     print(f"wrote {md_path}")
     return 0 if not dead else 2

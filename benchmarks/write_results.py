@@ -25,6 +25,7 @@ benchmarks/results), in this order: forward_h100.md, decode_h100.md, splits_swee
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -32,6 +33,14 @@ import sys
 SEP = " \u2014 "  # " — "
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SECTIONS = ["forward_h100.md", "decode_h100.md", "splits_sweep_h100.md", "host_overhead_h100.md"]
+
+
+def write_json(path: str, obj) -> None:
+    """Write a benchmark's raw rows (creating the folder) and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    print(f"wrote {path}")
 
 
 def section_text(title: str, gpu: str, date: str, body: str) -> str:

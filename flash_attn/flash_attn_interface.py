@@ -261,10 +261,10 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
         raise NotImplementedError(_NO_BACKWARD)
 
 
-def _needs_autograd(*tensors):
+def _needs_autograd(q, k, v):
     # Going through autograd.Function costs a few microseconds per call; only pay it when
     # autograd would record the call (so that backward reports that it is not implemented).
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def _result(out, lse, return_attn_probs):
@@ -390,8 +390,7 @@ def flash_attn_varlen_func(
         out: (total_q, nheads, headdim), or
         (out, softmax_lse (nheads, total_q) fp32, None) if return_attn_probs.
     """
-    needs_autograd = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    fwd = FlashAttnVarlenFunc.apply if needs_autograd else _flash_attn_varlen_forward
+    fwd = FlashAttnVarlenFunc.apply if _needs_autograd(q, k, v) else _flash_attn_varlen_forward
     out, lse = fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
         causal, window_size, softcap, alibi_slopes, block_table, num_splits,

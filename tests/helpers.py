@@ -216,3 +216,20 @@ def assert_empty_rows_zero(out, empty_rows):
         assert (vals == 0).all(), (
             f"rows with no allowed key must be 0, max |out| there = {vals.abs().max().item():.3e}"
         )
+
+
+def capture_graph(fn):
+    """One fn() call captured in a CUDA graph, after warm-up calls on a side stream as torch's
+    docs ask. Returns (graph, static output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn()
+    torch.cuda.synchronize()
+    return graph, static_out

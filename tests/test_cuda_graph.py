@@ -15,7 +15,7 @@ heuristic) under CUDA graphs, and its run-to-run determinism.
 import pytest
 import torch
 
-from helpers import DEVICE, flash_attn, requires_gpu
+from helpers import DEVICE, capture_graph, flash_attn, requires_gpu
 
 pytestmark = requires_gpu
 
@@ -44,21 +44,6 @@ def _decode(q, k, v, cu_q, cu_k, max_seqlen_k, num_splits=0):
     )
 
 
-def _capture(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn()
-    torch.cuda.synchronize()
-    return graph, static_out
-
-
 def _assert_bitwise(out, ref, what):
     assert out.shape == ref.shape, (what, out.shape, ref.shape)
     assert not torch.isnan(out).any(), f"{what}: NaN in the output"
@@ -80,7 +65,7 @@ def test_cuda_graph_decode_replay(layout, lengths, require_kernel):
     def fn():
         return _decode(q, k, v, cu_q, cu_k, max_k)
 
-    graph, static_out = _capture(fn)
+    graph, static_out = capture_graph(fn)
     prev = None
     for step in range(5):
         q.copy_(torch.randn_like(q))
@@ -107,7 +92,7 @@ def test_cuda_graph_decode_new_lengths(layout, require_kernel):
     def fn():
         return _decode(q, k, v, cu_q, cu_k, max_k)
 
-    graph, static_out = _capture(fn)
+    graph, static_out = capture_graph(fn)
     for step, lens in enumerate([[4096, 1, 2000], [129, 4096, 4095], [1000, 3000, 64]]):
         offsets = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)
         cu_k.copy_(offsets.to(DEVICE))

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from helpers import DEVICE, assert_out_close, flash_attn, max_abs_diff, requires_gpu
+from helpers import DEVICE, assert_out_close, capture_graph, flash_attn, max_abs_diff, requires_gpu
 from reference import attention_ref
 
 pytestmark = requires_gpu
@@ -88,15 +88,7 @@ def test_graph_replay_between_eager_calls(num_splits, require_kernel):
     q, k, v = _decode_inputs(2, 32, 8, 4097, seed=21)
     q2, k2, v2 = _decode_inputs(3, 12, 12, 1500, seed=22)
     fn = lambda: flash_attn.flash_attn_func(q, k, v, num_splits=num_splits)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn()
+    graph, static_out = capture_graph(fn)
     for _ in range(5):
         graph.replay()
         eager2 = flash_attn.flash_attn_func(q2, k2, v2, num_splits=num_splits)

@@ -219,24 +219,29 @@ DeviceInfo device_info() {
   return {packed / 2, (packed & 1) != 0};
 }
 
+// A run-time switch: -1 when the variable is unset or empty, 0 when it is "0", 1 otherwise.
+// Callers read it once (a static), never on every call.
+int env_switch(const char* name) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == 0) return -1;
+  return std::string(e) == "0" ? 0 : 1;
+}
+
 // FLASH_ATTN_COMBINE_PDL=0 launches the combine kernel without programmatic dependent launch: for
 // A/B measurements of its host and GPU cost in one build only.
 bool combine_pdl_enabled() {
-  static const bool enabled = [] {
-    const char* e = std::getenv("FLASH_ATTN_COMBINE_PDL");
-    return e == nullptr || std::string(e) != "0";
-  }();
+  static const bool enabled = env_switch("FLASH_ATTN_COMBINE_PDL") != 0;
   return enabled;
 }
 
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
-c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows) {
+c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev) {
   const int num_splits = plan.num_splits;
   p.split_kernel = plan.split_kernel;
   p.decode_kernel = plan.decode_kernel;
   p.num_splits = num_splits;
-  p.allow_pdl = device_info().pdl && combine_pdl_enabled();
+  p.allow_pdl = dev.pdl && combine_pdl_enabled();
   p.total_q_rows = total_q_rows;
   if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1)) return {};  // no partials to merge
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
@@ -254,17 +259,14 @@ void launch(flash::FwdLauncher kernel, const flash::FwdParams& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Batch-strided K/V beyond a plain (batch, seqlen_k, ...) tensor: the kv-cache layouts.
 // FLASH_ATTN_DECODE_KERNEL=0 runs decode on the 64-row split kernel instead of the decode
 // kernel: for A/B measurements in one build only.
 bool decode_kernel_enabled() {
-  static const bool enabled = [] {
-    const char* e = std::getenv("FLASH_ATTN_DECODE_KERNEL");
-    return e == nullptr || std::string(e) != "0";
-  }();
+  static const bool enabled = env_switch("FLASH_ATTN_DECODE_KERNEL") != 0;
   return enabled;
 }
 
+// Batch-strided K/V beyond a plain (batch, seqlen_k, ...) tensor: the kv-cache layouts.
 struct KvLayout {
   int seqlen_k;                      // rows per sequence the kernel may read
   const int* seqused_k = nullptr;    // keys used per entry (absolute end, left padding included)
@@ -277,17 +279,17 @@ struct KvLayout {
 };
 
 // Attention of batch-strided q (batch, seqlen_q, num_heads, d) against batch-strided or paged
-// K/V, after all checks: the plan (swap, splits), the output buffers and the launch.
+// K/V, after all checks: the plan (swap, splits), the output buffers and the launch. wl / wr are
+// the window after normalize_window (the caller needs it too: rotary positions).
 std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_,
-                                const OptTensor& alibi_slopes, double softmax_scale, bool is_causal, int window_left,
-                                int window_right, double softcap, int num_splits, const KvLayout& kv,
-                                flash::FwdLauncher kernel) {
+                                const OptTensor& alibi_slopes, double softmax_scale, int wl, int wr, double softcap,
+                                int num_splits, const KvLayout& kv, flash::FwdLauncher kernel) {
   const int batch = q_in.size(0), seqlen_q = q_in.size(1), num_heads = q_in.size(2), head_size = q_in.size(3);
   const int num_heads_k = k.size(2);
-  auto [wl, wr] = normalize_window(is_causal, window_left, window_right, seqlen_q, kv.seqlen_k);
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes;
+  const DeviceInfo dev = device_info();
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k,
-                                                      head_size, can_swap, device_info().sm_count, num_splits,
+                                                      head_size, can_swap, dev.sm_count, num_splits,
                                                       decode_kernel_enabled());
   // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
   // become its query rows.
@@ -313,7 +315,7 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
     p.lse_batch_stride = int64_t(plan.num_heads) * plan.seqlen_q;
     p.lse_head_stride = plan.seqlen_q;
     p.lse_row_stride = 1;
-    auto accum = set_splits(p, plan, batch * plan.seqlen_q);
+    auto accum = set_splits(p, plan, batch * plan.seqlen_q, dev);
     launch(kernel, p);
   }
   return {c.out, softmax_lse};
@@ -344,7 +346,8 @@ std::vector<Tensor> mha_fwd(const Tensor& q_arg, const Tensor& k_arg, const Tens
   const flash::FwdLauncher kernel = find_kernel(head_size, q_in.scalar_type() == at::kBFloat16);
 
   const at::cuda::CUDAGuard device_guard{q_in.device()};
-  return run_batched(q_in, k, v, out_, alibi_slopes, softmax_scale, is_causal, window_left, window_right, softcap,
+  const auto [wl, wr] = normalize_window(is_causal, window_left, window_right, q_in.size(1), seqlen_k);
+  return run_batched(q_in, k, v, out_, alibi_slopes, softmax_scale, wl, wr, softcap,
                      num_splits, KvLayout{seqlen_k}, kernel);
 }
 
@@ -412,8 +415,9 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
   auto [wl, wr] = normalize_window(is_causal, window_left, window_right, max_seqlen_q, max_seqlen_k);
   // The swap views q as (b, g, h_k, d), which needs exactly one query per sequence.
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && total_q == batch;
+  const DeviceInfo dev = device_info();
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
-                                                      head_size, can_swap, device_info().sm_count, num_splits,
+                                                      head_size, can_swap, dev.sm_count, num_splits,
                                                       decode_kernel_enabled());
   // With the swap, q (total_q = batch, h_k * g, d) is seen batch-strided as (b, g, h_k, d).
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
@@ -453,7 +457,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
       p.lse_row_stride = 1;
     }
     const int total_q_rows = plan.swap_seqlen_ngroups ? batch * plan.seqlen_q : total_q;
-    auto accum = set_splits(p, plan, total_q_rows);
+    auto accum = set_splits(p, plan, total_q_rows, dev);
     launch(kernel, p);
   }
   return {c.out, softmax_lse};
@@ -464,10 +468,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
 // kernels then clamp bad indices so they never touch memory out of bounds) or
 // FLASH_ATTN_SKIP_VALUE_CHECKS=1 asks to skip them.
 bool value_checks_enabled(cudaStream_t stream) {
-  static const bool skip = [] {
-    const char* e = std::getenv("FLASH_ATTN_SKIP_VALUE_CHECKS");
-    return e != nullptr && *e != 0 && std::string(e) != "0";
-  }();
+  static const bool skip = env_switch("FLASH_ATTN_SKIP_VALUE_CHECKS") == 1;
   if (skip) return false;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
@@ -644,6 +645,7 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_in, const Tensor& kcache, co
   }
   kv.seqused_k = cache_seqlens ? cache_seqlens->data_ptr<int>() : nullptr;
 
+  const auto [wl, wr] = normalize_window(is_causal, window_left, window_right, seqlen_q, kv.seqlen_k);
   Tensor q = q_in, seqused;
   if (k_) {
     seqused = at::empty({batch}, cache_seqlens->options());
@@ -668,7 +670,6 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_in, const Tensor& kcache, co
     a.seqused_out = seqused.data_ptr<int>();
     if (rotary) {
       q = at::empty({batch, seqlen_q, num_heads, head_size}, q_in.options());
-      auto [wl, wr] = normalize_window(is_causal, window_left, window_right, seqlen_q, cs.capacity);
       a.cos_ptr = rotary_cos->data_ptr();
       a.sin_ptr = rotary_sin->data_ptr();
       a.rotary_dim = rotary_dim;
@@ -687,8 +688,7 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_in, const Tensor& kcache, co
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
-  return run_batched(q, kcache, vcache, out_, alibi_slopes, softmax_scale, is_causal, window_left, window_right,
-                     softcap, num_splits, kv, kernel);
+  return run_batched(q, kcache, vcache, out_, alibi_slopes, softmax_scale, wl, wr, softcap, num_splits, kv, kernel);
 }
 
 int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
