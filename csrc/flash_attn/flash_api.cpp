@@ -234,6 +234,16 @@ bool combine_pdl_enabled() {
   return enabled;
 }
 
+// FLASH_ATTN_DECODE_CLUSTER_MERGE=0 merges decode splits with the combine kernel even where a
+// thread-block cluster could: for A/B measurements in one build only.
+bool cluster_merge_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("FLASH_ATTN_DECODE_CLUSTER_MERGE");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  return enabled;
+}
+
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
 c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev) {
@@ -243,7 +253,10 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   p.num_splits = num_splits;
   p.allow_pdl = dev.pdl && combine_pdl_enabled();
   p.total_q_rows = total_q_rows;
-  if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1)) return {};  // no partials to merge
+  // sm_90 (the pdl flag) runs a decode tile's splits as one thread-block cluster that merges them.
+  p.cluster_merge = plan.decode_kernel && num_splits > 1 && num_splits <= flash::kMaxClusterSplits &&
+                    device_info().pdl && cluster_merge_enabled();
+  if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1) || p.cluster_merge) return {};  // no partials
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
   // partial lse [num_splits][h][rows].
   const int kernel_hdim = flash::round_up_headdim(p.d);

@@ -9,6 +9,7 @@
 // kernel merges across splits (as for the split forward kernel).
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cute/tensor.hpp>
 
 #include "decode_kernel_traits.h"
@@ -70,9 +71,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   // One split: this block's result is final, written in the input dtype with softmax_lse (no
   // combine launch); otherwise an fp32 partial for the combine kernel.
   const bool direct = params.num_splits == 1;
-  if (sb_max <= sb_min) {
-    if (direct) {
-      write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
+  if (sb_max <= sb_min) {  // the same for every split of the tile (a cluster exits as one)
+    if (direct || params.cluster_merge) {
+      if (split_idx == 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     } else {
       write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     }
@@ -291,20 +292,70 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
     }
     return sum;
   };
-  if (direct) {
+  // The tile's final output and softmax_lse: value(e) gives 4 output elements at e = row * kHeadDim + col,
+  // lse_of(row) the row's natural-log lse (-inf without a visible key: written as +inf, as upstream).
+  auto write_output = [&](auto&& value, auto&& lse_of) {
     float* lse_out = params.softmax_lse_ptr + bidb * params.lse_batch_stride + bidh * params.lse_head_stride;
     if (tidx < rows_in_tile) {
-      const float lse = lse_smem[kNWarps * kBlockM + tidx];
+      const float lse = lse_of(tidx);
       lse_out[int64_t(seq.q_start + m0 + tidx) * params.lse_row_stride] = lse == -INFINITY ? INFINITY : lse;
     }
     Element* o = static_cast<Element*>(params.o_ptr) + seq.o_offset + bidh * params.o_head_stride;
     for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
       const int row = e / kHeadDim, col = e % kHeadDim;
       if (col >= params.d) continue;  // d is a multiple of 8: 4 columns are all in or all out
-      const float4 v = merged(e);
+      const float4 v = value(e);
       Element out[4] = {Element(v.x), Element(v.y), Element(v.z), Element(v.w)};
       *reinterpret_cast<uint2*>(o + int64_t(m0 + row) * params.o_row_stride + col) = *reinterpret_cast<const uint2*>(out);
     }
+  };
+  if (direct) {
+    write_output(merged, [&](int row) { return lse_smem[kNWarps * kBlockM + row]; });
+  } else if (params.cluster_merge) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // The splits of this tile are one thread-block cluster (sm_90): each leaves its result in its
+    // own shared memory, and split 0 merges them through distributed shared memory -- no fp32
+    // partials in global memory, no combine launch.
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
+      *reinterpret_cast<float4*>(o_smem + e) = merged(e);  // in place over warp 0's slot: one thread per e
+    }
+    cluster.sync();  // every split's result is in its shared memory
+    if (cluster.block_rank() == 0) {
+      const int splits = int(cluster.num_blocks());
+      float* weight = lse_smem + (kNWarps + 1) * kBlockM;  // [split][row], then the merged lse per row
+      if (tidx < rows_in_tile) {
+        float mx = -INFINITY;
+        for (int r = 0; r < splits; ++r) mx = fmaxf(mx, cluster.map_shared_rank(lse_smem, r)[kNWarps * kBlockM + tidx]);
+        float sum = 0.f;
+        for (int r = 0; r < splits; ++r) {
+          const float l = cluster.map_shared_rank(lse_smem, r)[kNWarps * kBlockM + tidx];
+          sum += l == -INFINITY ? 0.f : __expf(l - mx);
+        }
+        const float lse = sum == 0.f ? -INFINITY : mx + __logf(sum);
+        for (int r = 0; r < splits; ++r) {
+          const float l = cluster.map_shared_rank(lse_smem, r)[kNWarps * kBlockM + tidx];
+          weight[r * kBlockM + tidx] = l == -INFINITY ? 0.f : __expf(l - lse);
+        }
+        weight[splits * kBlockM + tidx] = lse;
+      }
+      __syncthreads();
+      write_output(
+          [&](int e) {
+            const int row = e / kHeadDim;
+            float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int r = 0; r < splits; ++r) {  // fixed order: deterministic
+              const float w = weight[r * kBlockM + row];
+              const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(o_smem, r) + e);
+              sum.x += w * v.x, sum.y += w * v.y, sum.z += w * v.z, sum.w += w * v.w;
+            }
+            return sum;
+          },
+          [&](int row) { return weight[splits * kBlockM + row]; });
+    }
+    cluster.sync();  // split 0 has read every split's shared memory before any block exits
+#endif
   } else {
     const int64_t head_rows = (int64_t(split_idx) * params.h + bidh) * params.total_q_rows;
     const int r0 = seq.q_row(params, bidb, m0);

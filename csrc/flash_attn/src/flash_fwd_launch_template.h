@@ -80,8 +80,25 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
     constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
     allow_dynamic_smem<kernel>(Traits::kSmemBytes);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-    kernel<<<dim3(m_blocks, params.num_splits, params.b * params.h), Traits::kNThreads, Traits::kSmemBytes, stream>>>(
-        params);
+    const dim3 grid(m_blocks, params.num_splits, params.b * params.h);
+    if (!params.cluster_merge) {
+      kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+      return;
+    }
+    // The splits of a query tile form one cluster (1, num_splits, 1): they merge in the kernel.
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = dim3(Traits::kNThreads);
+    config.dynamicSmemBytes = Traits::kSmemBytes;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = 1;
+    attribute[0].val.clusterDim.y = params.num_splits;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    cudaLaunchKernelEx(&config, kernel, params);
   });
 }
 
@@ -110,7 +127,8 @@ void run_fwd_impl(const FwdParams& params, cudaStream_t stream) {
   if (params.decode_kernel) {
     constexpr DecodeTile t = decode_tile(kHeadDim);
     launch_decode_kernel<DecodeKernelTraits<kHeadDim, t.sub_n, t.stages, t.warps, Element>>(params, stream);
-    if (params.num_splits > 1) launch_combine_kernel<kHeadDim, Element>(params, stream);  // else written directly
+    // One split writes the output directly, a cluster of splits merges in the kernel.
+    if (params.num_splits > 1 && !params.cluster_merge) launch_combine_kernel<kHeadDim, Element>(params, stream);
   } else if (params.split_kernel) {
     constexpr TileShape t = splitkv_tile(kHeadDim);
     launch_fwd_kernel<FwdKernelTraits<kHeadDim, t.block_m, t.block_n, t.warps, Element>, true>(params, stream);

@@ -68,6 +68,9 @@ struct FwdParams {
   float* lseaccum_ptr;     // [num_splits][h][total_q_rows]
   int total_q_rows;
   bool allow_pdl;  // device supports programmatic dependent launch (sm_90+): overlap the combine's launch
+  // Decode kernel, sm_90, 2 <= num_splits <= kMaxClusterSplits: the splits of a query tile run as one
+  // thread-block cluster and merge through distributed shared memory (no partials, no combine).
+  bool cluster_merge;
 };
 
 }  // namespace flash

@@ -79,4 +79,7 @@ constexpr int decode_blocks_per_sm(int headdim) {
 
 constexpr int kMaxSplits = 128;
 
+// Largest split count merged inside a thread-block cluster (the portable cluster size on sm_90).
+constexpr int kMaxClusterSplits = 8;
+
 }  // namespace flash
