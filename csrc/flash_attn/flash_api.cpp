@@ -237,10 +237,7 @@ bool combine_pdl_enabled() {
 // FLASH_ATTN_DECODE_CLUSTER_MERGE=0 merges decode splits with the combine kernel even where a
 // thread-block cluster could: for A/B measurements in one build only.
 bool cluster_merge_enabled() {
-  static const bool enabled = [] {
-    const char* e = std::getenv("FLASH_ATTN_DECODE_CLUSTER_MERGE");
-    return e == nullptr || std::string(e) != "0";
-  }();
+  static const bool enabled = env_switch("FLASH_ATTN_DECODE_CLUSTER_MERGE") != 0;
   return enabled;
 }
 
@@ -255,7 +252,7 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   p.total_q_rows = total_q_rows;
   // sm_90 (the pdl flag) runs a decode tile's splits as one thread-block cluster that merges them.
   p.cluster_merge = plan.decode_kernel && num_splits > 1 && num_splits <= flash::kMaxClusterSplits &&
-                    device_info().pdl && cluster_merge_enabled();
+                    dev.pdl && cluster_merge_enabled();
   if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1) || p.cluster_merge) return {};  // no partials
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
   // partial lse [num_splits][h][rows].
