@@ -325,6 +325,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
     if (cluster.block_rank() == 0) {
       const int splits = int(cluster.num_blocks());
       float* weight = lse_smem + (kNWarps + 1) * kBlockM;  // [split][row], then the merged lse per row
+      static_assert((kNWarps + 2 + kMaxClusterSplits) * kBlockM * 4 <= Traits::kSmemQBytes,
+                    "the cluster merge's weights must fit in Q's shared memory");
       if (tidx < rows_in_tile) {
         float mx = -INFINITY;
         for (int r = 0; r < splits; ++r) mx = fmaxf(mx, cluster.map_shared_rank(lse_smem, r)[kNWarps * kBlockM + tidx]);
@@ -355,6 +357,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
           [&](int row) { return weight[splits * kBlockM + row]; });
     }
     cluster.sync();  // split 0 has read every split's shared memory before any block exits
+#else
+    __trap();  // the dispatcher asks for a cluster merge only on sm_90+, whose code has it
 #endif
   } else {
     const int64_t head_rows = (int64_t(split_idx) * params.h + bidh) * params.total_q_rows;
