@@ -55,12 +55,13 @@ def build_info() -> dict:
 
 
 def num_splits_heuristic(
-    batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_sms=None, num_splits=0
+    batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_sms=None, num_splits=0, paged=False
 ) -> int:
     """Number of KV splits the dispatcher would use for these shapes (no dropout, window or alibi).
 
-    num_splits is the requested value (0 = heuristic). num_sms defaults to the current CUDA
-    device's multiprocessor count, or 132 (H100 SXM) when CUDA is unavailable.
+    num_splits is the requested value (0 = heuristic); paged: K/V through a block_table. num_sms
+    defaults to the current CUDA device's multiprocessor count, or 132 (H100 SXM) when CUDA is
+    unavailable.
     """
     if num_sms is None:
         if torch.cuda.is_available():
@@ -71,7 +72,7 @@ def num_splits_heuristic(
     return int(
         _ext().num_splits_heuristic(
             int(batch), int(nheads), int(nheads_k), int(seqlen_q), int(seqlen_k), int(headdim),
-            int(num_sms), int(num_splits),
+            int(num_sms), int(num_splits), bool(paged),
         )
     )
 

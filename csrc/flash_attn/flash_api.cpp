@@ -241,6 +241,13 @@ bool cluster_merge_enabled() {
   return enabled;
 }
 
+// FLASH_ATTN_DECODE_CLUSTER_SPREAD=0 lets a merge cluster's blocks share SMs (they do not ask
+// for more than half an SM's shared memory): for A/B measurements in one build only.
+bool cluster_spread_enabled() {
+  static const bool enabled = env_switch("FLASH_ATTN_DECODE_CLUSTER_SPREAD") != 0;
+  return enabled;
+}
+
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
 c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev) {
@@ -251,8 +258,8 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   p.allow_pdl = dev.pdl && combine_pdl_enabled();
   p.total_q_rows = total_q_rows;
   // sm_90 (the pdl flag) runs a decode tile's splits as one thread-block cluster that merges them.
-  p.cluster_merge = plan.decode_kernel && num_splits > 1 && num_splits <= flash::kMaxClusterSplits &&
-                    dev.pdl && cluster_merge_enabled();
+  p.cluster_merge = plan.cluster_merge && dev.pdl && cluster_merge_enabled();
+  p.cluster_spread = cluster_spread_enabled();
   if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1) || p.cluster_merge) return {};  // no partials
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
   // partial lse [num_splits][h][rows].
@@ -300,7 +307,7 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
   const DeviceInfo dev = device_info();
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k,
                                                       head_size, can_swap, dev.sm_count, num_splits,
-                                                      decode_kernel_enabled());
+                                                      decode_kernel_enabled(), kv.block_table != nullptr);
   // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
   // become its query rows.
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
@@ -428,7 +435,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
   const DeviceInfo dev = device_info();
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
                                                       head_size, can_swap, dev.sm_count, num_splits,
-                                                      decode_kernel_enabled());
+                                                      decode_kernel_enabled(), paged);
   // With the swap, q (total_q = batch, h_k * g, d) is seen batch-strided as (b, g, h_k, d).
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
          batch, plan.num_heads, num_heads_k, plan.seqlen_q, max_seqlen_k, head_size,
@@ -701,14 +708,27 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_in, const Tensor& kcache, co
   return run_batched(q, kcache, vcache, out_, alibi_slopes, softmax_scale, wl, wr, softcap, num_splits, kv, kernel);
 }
 
-int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
-                         int num_sms, int num_splits) {
+flash::ForwardPlan checked_plan(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
+                                int num_sms, int num_splits, bool paged) {
   TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", std::to_string(num_splits));
   TORCH_CHECK(num_sms > 0, "num_sms must be positive");
   check_head_dims(head_size, num_heads, num_heads_k);
   return flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, /*can_swap=*/true,
-                             num_sms, num_splits)
+                             num_sms, num_splits, /*allow_decode_kernel=*/true, paged);
+}
+
+int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
+                         int num_sms, int num_splits, bool paged) {
+  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits, paged)
       .num_splits;
+}
+
+// Whether the plan lets a decode tile's splits merge inside a thread-block cluster (sm_90 decides
+// the rest at run time).
+bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
+                           int num_sms, int num_splits, bool paged) {
+  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits, paged)
+      .cluster_merge;
 }
 
 pybind11::dict build_info() {
@@ -758,6 +778,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("num_splits_heuristic", &num_splits_heuristic,
         "Number of key splits the dispatcher uses for these shapes (no window, no ALiBi)", pybind11::arg("batch"),
         pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"), pybind11::arg("seqlen_k"),
-        pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
+        pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0,
+        pybind11::arg("paged") = false);
+  m.def("cluster_merge_planned", &cluster_merge_planned,
+        "Whether the decode splits of these shapes may merge inside a thread-block cluster (sm_90)",
+        pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
+        pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0,
+        pybind11::arg("paged") = false);
   m.def("build_info", &build_info, "Compiled head dims, dtypes and CUDA architectures");
 }

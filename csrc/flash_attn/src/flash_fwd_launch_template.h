@@ -3,6 +3,7 @@
 // Included only by the generated instantiation files.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <type_traits>
 
@@ -19,18 +20,18 @@
 
 namespace flash {
 
-// Raise a kernel's dynamic shared memory limit once per device. One flag set per kernel: the
+// Raise a kernel's dynamic shared memory limit to at least `bytes`, once per device and size: the
 // template parameter makes the static local distinct for every kernel instantiation.
 template <auto Kernel>
 void allow_dynamic_smem(int bytes) {
-  static std::atomic<uint64_t> done_devices{0};
+  static std::atomic<int> allowed[64] = {};  // per device, the limit already set
   if (bytes <= 48 * 1024) return;
   int device = 0;
   cudaGetDevice(&device);
-  const uint64_t bit = uint64_t(1) << (device & 63);
-  if (!(done_devices.load(std::memory_order_relaxed) & bit)) {
+  std::atomic<int>& limit = allowed[device & 63];
+  if (limit.load(std::memory_order_relaxed) < bytes) {
     cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    done_devices.fetch_or(bit, std::memory_order_relaxed);
+    limit.store(bytes, std::memory_order_relaxed);
   }
 }
 
@@ -78,7 +79,11 @@ template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
   with_decode_features(params, [&](auto score_mods, auto paged) {
     constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
-    allow_dynamic_smem<kernel>(Traits::kSmemBytes);
+    // Without the spread the cluster scheduler may stack a cluster's blocks on one SM (up to
+    // decode_blocks_per_sm fit), which cuts their bandwidth when the grid has fewer blocks than SMs.
+    const int smem = params.cluster_merge && params.cluster_spread ? std::max(Traits::kSmemBytes, kOneBlockPerSmSmemBytes)
+                                                                   : Traits::kSmemBytes;
+    allow_dynamic_smem<kernel>(smem);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
     const dim3 grid(m_blocks, params.num_splits, params.b * params.h);
     if (!params.cluster_merge) {
@@ -89,7 +94,7 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = dim3(Traits::kNThreads);
-    config.dynamicSmemBytes = Traits::kSmemBytes;
+    config.dynamicSmemBytes = smem;
     config.stream = stream;
     cudaLaunchAttribute attribute[1];
     attribute[0].id = cudaLaunchAttributeClusterDimension;

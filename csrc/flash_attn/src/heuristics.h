@@ -17,6 +17,9 @@ constexpr int kSplitBlocksPerSm = 2;
 // Fraction of the SMs whose thread blocks, each streaming at one SM's top rate, already saturate
 // DRAM (H100: one decode block reads up to ~60 GB/s, the card ~3.1 TB/s: about 52 of 132 SMs).
 constexpr float kSaturatingSmFraction = 0.4f;
+// The paged decode kernel streams less per block (a page lookup per 16-row group, a shared-memory
+// ring of table entries): about twice as many blocks saturate DRAM (paged sweep, batch 1).
+constexpr float kSaturatingSmFractionPaged = 0.8f;
 
 // Number of key splits for a grid of `blocks` thread blocks (batch x heads x query tiles), each
 // over `n_blocks` key blocks, with `blocks_per_sm` resident blocks per SM. Time model, in units
@@ -29,10 +32,11 @@ constexpr float kSaturatingSmFraction = 0.4f;
 // when too few blocks run to saturate DRAM; measured against a full sweep in
 // benchmarks/sweep_num_splits.py.
 inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits,
-                                int blocks_per_sm = kSplitBlocksPerSm) {
+                                int blocks_per_sm = kSplitBlocksPerSm,
+                                float saturating_fraction = kSaturatingSmFraction) {
   if (blocks <= 0 || n_blocks <= 1) return 1;
   const int slots = num_sms * blocks_per_sm;
-  const float saturating = std::max(1.0f, kSaturatingSmFraction * num_sms);
+  const float saturating = std::max(1.0f, saturating_fraction * num_sms);
   max_splits = std::min({max_splits, n_blocks, slots});
   int best = 1;
   float best_cost = 3.0e38f;
@@ -65,6 +69,12 @@ struct ForwardPlan {
   // explicit num_splits = 1 keeps upstream's behaviour: the unsplit forward kernel.
   bool split_kernel;
   bool decode_kernel;  // the split kernel is the 16-row decode kernel
+  // The decode splits of a query tile may run as one thread-block cluster that merges them in
+  // shared memory (no partials, no combine launch; the dispatcher adds the sm_90 condition):
+  // 2..kMaxClusterSplits splits and at most one block per SM. With more blocks than SMs the
+  // cluster's co-scheduling and its wait for the slowest split cost more than the combine
+  // (b16 s2048 12/12, 2 splits: 82.3 us against 78.7).
+  bool cluster_merge;
 };
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
@@ -73,10 +83,11 @@ struct ForwardPlan {
 // an explicit n > 1 is honoured for any seqlen_q.
 // `can_swap` is false when rows of a group would differ: a window or ALiBi (per position / head),
 // or a varlen batch that is not exactly one query per sequence.
+// `paged`: K/V come through a block table (the paged decode kernel's rate).
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
-                                int requested, bool allow_decode_kernel = true) {
-  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false};
+                                int requested, bool allow_decode_kernel = true, bool paged = false) {
+  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
   if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
@@ -93,14 +104,18 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   const int block_n = decode ? decode_keys_per_round(kernel_hdim) : split_tile.block_n;
   const int blocks_per_sm = decode ? decode_blocks_per_sm(kernel_hdim) : kSplitBlocksPerSm;
   const int n_blocks = std::max(1, ceil_div(max_seqlen_k, block_n));
+  const long long blocks = static_cast<long long>(batch) * plan.num_heads * ceil_div(plan.seqlen_q, block_m);
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
   } else if (requested == 0 && max_seqlen_q == 1) {
-    const int blocks = batch * plan.num_heads * ceil_div(plan.seqlen_q, block_m);
-    plan.num_splits = num_splits_heuristic(blocks, num_sms, n_blocks, kMaxSplits, blocks_per_sm);
+    const float saturating = decode && paged ? kSaturatingSmFractionPaged : kSaturatingSmFraction;
+    plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
+                                           kMaxSplits, blocks_per_sm, saturating);
   }
   plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
   plan.decode_kernel = plan.split_kernel && decode;
+  plan.cluster_merge = plan.decode_kernel && plan.num_splits > 1 && plan.num_splits <= kMaxClusterSplits &&
+                       blocks * plan.num_splits <= num_sms;
   return plan;
 }
 
