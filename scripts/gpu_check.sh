@@ -6,7 +6,8 @@
 #   FLASH_ATTN_HEADDIMS=128 bash scripts/gpu_check.sh --no-bench   # iterate on a subset
 #
 # Options: --no-tests, --no-bench, --quick (quick benchmarks), --profile (Nsight Compute report
-# of one prefill and one decode launch), --pytest-args "...".
+# of one prefill and one decode launch), --pytest-args "...". SKIP_FORWARD_BENCH=1 leaves out the
+# prefill benchmark; BENCH_TIMEOUT (default 300 s) bounds each benchmark.
 # If .whl/ holds wheels (nvidia-cutlass for a machine without it), they are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,14 +54,21 @@ fi
 
 if [ $run_bench -eq 1 ]; then
   mkdir -p "$OUT/results"
-  python3 benchmarks/benchmark_forward.py $quick --out-dir "$OUT/results" >"$OUT/bench.log" 2>&1
-  python3 benchmarks/benchmark_decode.py $quick --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
-  python3 benchmarks/sweep_num_splits.py $quick --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
-  python3 benchmarks/sweep_num_splits.py $quick --page-size 16 --cells "batch=1|16" --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
-  python3 benchmarks/host_overhead.py --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
-  cat "$OUT/bench.log" | grep -vE "^\|" | tail -60
-  # The device tool returns at most 8 files: the result files travel as one archive.
-  tar -C "$OUT" -cf "$OUT/results.tar" results && rm -rf "$OUT/results"
+  # Each benchmark's files join one archive as soon as it ends (the device tool returns at most 8
+  # files, and a run stopped at its time limit still returns what is archived).
+  bench() {
+    local start=$(date +%s)
+    timeout "${BENCH_TIMEOUT:-300}" python3 "$@" $quick --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
+    echo "bench $(basename "$1") ${*:2}: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
+    tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"
+  }
+  [ "${SKIP_FORWARD_BENCH:-0}" = 1 ] || bench benchmarks/benchmark_forward.py
+  bench benchmarks/benchmark_decode.py
+  bench benchmarks/host_overhead.py
+  bench benchmarks/sweep_num_splits.py
+  bench benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1|16"
+  grep -vE "^\|" "$OUT/bench.log" | tail -60
+  rm -rf "$OUT/results"
 fi
 
 if [ $profile -eq 1 ]; then

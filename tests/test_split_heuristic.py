@@ -120,9 +120,12 @@ def test_cluster_merge_at_batch1(nheads, nheads_k, paged):
         2 <= flash_attn.num_splits_heuristic(1, nheads, nheads_k, 1, 2048, 128, num_sms=SMS, paged=True) <= 8)
 
 
-def test_no_cluster_merge_beyond_one_block_per_sm():
+def test_no_cluster_merge_beyond_one_wave_of_clusters():
     assert nsplits(16, 12, 12, 1, 2048, 128) == 2  # 384 blocks: the combine kernel merges
     assert not cluster_merge(16, 12, 12, 1, 2048)
+    # 128 blocks in clusters of 4 do not all fit at once on 132 SMs (clusters pack per GPC).
+    assert not cluster_merge(1, 32, 32, 1, 8192, num_splits=4)
+    assert cluster_merge(1, 32, 32, 1, 8192, num_splits=3)
 
 
 @pytest.mark.parametrize("requested", [1, 9, 16])

@@ -241,13 +241,6 @@ bool cluster_merge_enabled() {
   return enabled;
 }
 
-// FLASH_ATTN_DECODE_CLUSTER_SPREAD=0 lets a merge cluster's blocks share SMs (they do not ask
-// for more than half an SM's shared memory): for A/B measurements in one build only.
-bool cluster_spread_enabled() {
-  static const bool enabled = env_switch("FLASH_ATTN_DECODE_CLUSTER_SPREAD") != 0;
-  return enabled;
-}
-
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
 c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev) {
@@ -259,7 +252,6 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   p.total_q_rows = total_q_rows;
   // sm_90 (the pdl flag) runs a decode tile's splits as one thread-block cluster that merges them.
   p.cluster_merge = plan.cluster_merge && dev.pdl && cluster_merge_enabled();
-  p.cluster_spread = cluster_spread_enabled();
   if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1) || p.cluster_merge) return {};  // no partials
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
   // partial lse [num_splits][h][rows].

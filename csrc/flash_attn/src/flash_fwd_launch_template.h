@@ -79,11 +79,7 @@ template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
   with_decode_features(params, [&](auto score_mods, auto paged) {
     constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
-    // Without the spread the cluster scheduler may stack a cluster's blocks on one SM (up to
-    // decode_blocks_per_sm fit), which cuts their bandwidth when the grid has fewer blocks than SMs.
-    const int smem = params.cluster_merge && params.cluster_spread ? std::max(Traits::kSmemBytes, kOneBlockPerSmSmemBytes)
-                                                                   : Traits::kSmemBytes;
-    allow_dynamic_smem<kernel>(smem);
+    allow_dynamic_smem<kernel>(Traits::kSmemBytes);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
     const dim3 grid(m_blocks, params.num_splits, params.b * params.h);
     if (!params.cluster_merge) {
@@ -94,7 +90,7 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = dim3(Traits::kNThreads);
-    config.dynamicSmemBytes = smem;
+    config.dynamicSmemBytes = Traits::kSmemBytes;
     config.stream = stream;
     cudaLaunchAttribute attribute[1];
     attribute[0].id = cudaLaunchAttributeClusterDimension;

@@ -71,7 +71,6 @@ struct FwdParams {
   // Decode kernel, sm_90, 2 <= num_splits <= kMaxClusterSplits: the splits of a query tile run as one
   // thread-block cluster and merge through distributed shared memory (no partials, no combine).
   bool cluster_merge;
-  bool cluster_spread;  // a merge cluster asks for more than half an SM's shared memory: one block per SM
 };
 
 }  // namespace flash

@@ -18,22 +18,38 @@ constexpr int kSplitBlocksPerSm = 2;
 // DRAM (H100: one decode block reads up to ~60 GB/s, the card ~3.1 TB/s: about 52 of 132 SMs).
 constexpr float kSaturatingSmFraction = 0.4f;
 // The paged decode kernel streams less per block (a page lookup per 16-row group, a shared-memory
-// ring of table entries): about twice as many blocks saturate DRAM (paged sweep, batch 1).
-constexpr float kSaturatingSmFractionPaged = 0.8f;
+// ring of table entries): more blocks are needed to saturate DRAM (paged sweep, batch 1: 8 splits
+// for 12 heads where contiguous K/V wants 4-5).
+constexpr float kSaturatingSmFractionPaged = 0.7f;
+
+// Decode splits merge inside a thread-block cluster (sm_90) when 2..kMaxClusterSplits of them run
+// and the whole grid takes at most this fraction of the SMs: every cluster must be resident at
+// once, and clusters pack per GPC (H100: 14-18 SMs a GPC), so a grid near the SM count does not
+// fit in one wave (b1 32/32 with 4 splits, 128 blocks in clusters of 4: 1.45x the 3-split time).
+constexpr float kClusterSmFraction = 0.75f;
+
+inline bool cluster_mergeable(long long blocks, int splits, int num_sms) {
+  return splits >= 2 && splits <= kMaxClusterSplits && blocks * splits <= kClusterSmFraction * num_sms;
+}
+
+// The combine kernel's cost beyond a cluster merge, in the model's units (one key block at one
+// block's top rate, ~1 us on H100): a second kernel and the fp32 partials' round trip.
+constexpr float kCombineCost = 1.0f;
 
 // Number of key splits for a grid of `blocks` thread blocks (batch x heads x query tiles), each
 // over `n_blocks` key blocks, with `blocks_per_sm` resident blocks per SM. Time model, in units
 // of one key block read at a single block's top rate:
-//   waves x (key blocks per split / rate + 1) + 0.1 x splits
+//   waves x (key blocks per split / rate + 1) + merge
 // where rate = min(1, saturating SMs / concurrent blocks) is each block's share of the DRAM
 // bandwidth (a few blocks stream faster each than a full GPU's worth), +1 is a block's fixed cost
-// (Q, the first DRAM round trip, the epilogue) and 0.1 per split is the partials and their merge,
-// which with a 3% margin breaks ties towards fewer splits. Splitting pays when it fills a partial last wave or
-// when too few blocks run to saturate DRAM; measured against a full sweep in
-// benchmarks/sweep_num_splits.py.
+// (Q, the first DRAM round trip, the epilogue) and merge = 0.1 per split for the partials (with a
+// 3% margin it breaks ties towards fewer splits), plus kCombineCost unless the splits merge in a
+// cluster (`cluster_merge`: the decode kernel). Splitting pays when it fills a partial last wave
+// or when too few blocks run to saturate DRAM; measured against full sweeps in
+// benchmarks/sweep_num_splits.py (contiguous and paged).
 inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits,
                                 int blocks_per_sm = kSplitBlocksPerSm,
-                                float saturating_fraction = kSaturatingSmFraction) {
+                                float saturating_fraction = kSaturatingSmFraction, bool cluster_merge = false) {
   if (blocks <= 0 || n_blocks <= 1) return 1;
   const int slots = num_sms * blocks_per_sm;
   const float saturating = std::max(1.0f, saturating_fraction * num_sms);
@@ -48,7 +64,9 @@ inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_s
     const float waves = static_cast<float>((total + slots - 1) / slots);
     const float concurrent = static_cast<float>(std::min<long long>(total, slots));
     const float rate = std::min(1.0f, saturating / concurrent);
-    const float cost = waves * (per_split / rate + 1.0f) + 0.1f * s;
+    const float merge = s == 1 ? 0.f
+                        : 0.1f * s + (cluster_merge && cluster_mergeable(blocks, s, num_sms) ? 0.f : kCombineCost);
+    const float cost = waves * (per_split / rate + 1.0f) + merge;
     // A larger count must win by 3%: near-ties (large grids, where splits only shuffle wave
     // quantisation) keep fewer partials.
     if (cost < 0.97f * best_cost) {
@@ -71,9 +89,8 @@ struct ForwardPlan {
   bool decode_kernel;  // the split kernel is the 16-row decode kernel
   // The decode splits of a query tile may run as one thread-block cluster that merges them in
   // shared memory (no partials, no combine launch; the dispatcher adds the sm_90 condition):
-  // 2..kMaxClusterSplits splits and at most one block per SM. With more blocks than SMs the
-  // cluster's co-scheduling and its wait for the slowest split cost more than the combine
-  // (b16 s2048 12/12, 2 splits: 82.3 us against 78.7).
+  // see cluster_mergeable. A grid beyond one wave of clusters merges with the combine kernel
+  // (b16 s2048 12/12, 2 splits in clusters: 82.3 us against 78.7).
   bool cluster_merge;
 };
 
@@ -110,12 +127,11 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   } else if (requested == 0 && max_seqlen_q == 1) {
     const float saturating = decode && paged ? kSaturatingSmFractionPaged : kSaturatingSmFraction;
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
-                                           kMaxSplits, blocks_per_sm, saturating);
+                                           kMaxSplits, blocks_per_sm, saturating, decode);
   }
   plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
   plan.decode_kernel = plan.split_kernel && decode;
-  plan.cluster_merge = plan.decode_kernel && plan.num_splits > 1 && plan.num_splits <= kMaxClusterSplits &&
-                       blocks * plan.num_splits <= num_sms;
+  plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
   return plan;
 }
 

@@ -82,7 +82,4 @@ constexpr int kMaxSplits = 128;
 // Largest split count merged inside a thread-block cluster (the portable cluster size on sm_90).
 constexpr int kMaxClusterSplits = 8;
 
-// Dynamic shared memory that leaves room for one block per SM only (sm_90: 228 KB per SM).
-constexpr int kOneBlockPerSmSmemBytes = 115 * 1024;
-
 }  // namespace flash
