@@ -7,19 +7,21 @@
 #
 # Options: --no-tests, --no-bench, --quick (quick benchmarks), --profile (Nsight Compute report
 # of one prefill and one decode launch), --pytest-args "...". SKIP_FORWARD_BENCH=1 leaves out the
-# prefill benchmark; BENCH_TIMEOUT (default 300 s) bounds each benchmark.
+# prefill benchmark; BENCH_TIMEOUT (default 300 s) bounds each benchmark. --sanitize runs
+# compute-sanitizer memcheck and racecheck on decode tests (split, cluster-merged, paged; fp16, d 128).
 # If .whl/ holds wheels (nvidia-cutlass for a machine without it), they are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-run_tests=1; run_bench=1; profile=0; quick=""; pytest_args=""
+run_tests=1; run_bench=1; profile=0; sanitize=0; quick=""; pytest_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-tests) run_tests=0 ;;
     --no-bench) run_bench=0 ;;
     --quick) quick="--quick" ;;
     --profile) profile=1 ;;
+    --sanitize) sanitize=1 ;;
     --pytest-args) pytest_args="$2"; shift ;;
     *) echo "unknown option $1"; exit 2 ;;
   esac
@@ -69,6 +71,17 @@ if [ $run_bench -eq 1 ]; then
   bench benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1|16"
   grep -vE "^\|" "$OUT/bench.log" | tail -60
   rm -rf "$OUT/results"
+fi
+
+if [ $sanitize -eq 1 ]; then
+  sel="fp16 and 128 and (test_split_kv_decode or test_paged_varlen)"
+  for tool in memcheck racecheck; do
+    start=$(date +%s)
+    timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest \
+      tests/test_split_kv.py tests/test_paged_varlen.py -q -x -p no:cacheprovider -k "$sel" >"$OUT/sanitize_$tool.log" 2>&1
+    echo "sanitize $tool: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
+    grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -3
+  done
 fi
 
 if [ $profile -eq 1 ]; then
