@@ -107,7 +107,7 @@ void check_out(const Tensor& out, const Tensor& q) {
 flash::FwdLauncher find_kernel(int head_size, bool is_bf16) {
   const int kernel_hdim = flash::round_up_headdim(head_size);
   flash::FwdLauncher launcher = flash::find_fwd(kernel_hdim, is_bf16);
-  TORCH_CHECK(launcher != nullptr, "head_dim ", std::to_string(head_size), " (kernel head dim ", std::to_string(kernel_hdim), ", ",
+  TORCH_CHECK(launcher.run != nullptr, "head_dim ", std::to_string(head_size), " (kernel head dim ", std::to_string(kernel_hdim), ", ",
               is_bf16 ? "bf16" : "fp16",
               ") was not compiled in this build; rebuild with FLASH_ATTN_HEADDIMS / FLASH_ATTN_DTYPES including it");
   return launcher;
@@ -243,7 +243,8 @@ bool cluster_merge_enabled() {
 
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
-c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev) {
+c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev,
+                        const flash::FwdLauncher& kernel) {
   const int num_splits = plan.num_splits;
   p.split_kernel = plan.split_kernel;
   p.decode_kernel = plan.decode_kernel;
@@ -251,7 +252,12 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   p.allow_pdl = dev.pdl && combine_pdl_enabled();
   p.total_q_rows = total_q_rows;
   // sm_90 (the pdl flag) runs a decode tile's splits as one thread-block cluster that merges them.
-  p.cluster_merge = plan.cluster_merge && dev.pdl && cluster_merge_enabled();
+  // The plan's rule of thumb (grid <= 0.75 x SMs), then what this device can hold at once: every
+  // cluster must be resident, or split 0 of a late cluster waits a whole wave.
+  if (plan.cluster_merge && dev.pdl && cluster_merge_enabled()) {
+    const int64_t clusters = int64_t(flash::ceil_div(p.seqlen_q, flash::kDecodeBlockM)) * p.b * p.h;
+    p.cluster_merge = clusters <= kernel.max_decode_clusters(p, num_splits);
+  }
   if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1) || p.cluster_merge) return {};  // no partials
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
   // partial lse [num_splits][h][rows].
@@ -263,8 +269,8 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   return accum;
 }
 
-void launch(flash::FwdLauncher kernel, const flash::FwdParams& p) {
-  kernel(p, c10::cuda::getCurrentCUDAStream().stream());
+void launch(const flash::FwdLauncher& kernel, const flash::FwdParams& p) {
+  kernel.run(p, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -292,7 +298,7 @@ struct KvLayout {
 // the window after normalize_window (the caller needs it too: rotary positions).
 std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_,
                                 const OptTensor& alibi_slopes, double softmax_scale, int wl, int wr, double softcap,
-                                int num_splits, const KvLayout& kv, flash::FwdLauncher kernel) {
+                                int num_splits, const KvLayout& kv, const flash::FwdLauncher& kernel) {
   const int batch = q_in.size(0), seqlen_q = q_in.size(1), num_heads = q_in.size(2), head_size = q_in.size(3);
   const int num_heads_k = k.size(2);
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes;
@@ -324,7 +330,7 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
     p.lse_batch_stride = int64_t(plan.num_heads) * plan.seqlen_q;
     p.lse_head_stride = plan.seqlen_q;
     p.lse_row_stride = 1;
-    auto accum = set_splits(p, plan, batch * plan.seqlen_q, dev);
+    auto accum = set_splits(p, plan, batch * plan.seqlen_q, dev, kernel);
     launch(kernel, p);
   }
   return {c.out, softmax_lse};
@@ -466,7 +472,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
       p.lse_row_stride = 1;
     }
     const int total_q_rows = plan.swap_seqlen_ngroups ? batch * plan.seqlen_q : total_q;
-    auto accum = set_splits(p, plan, total_q_rows, dev);
+    auto accum = set_splits(p, plan, total_q_rows, dev, kernel);
     launch(kernel, p);
   }
   return {c.out, softmax_lse};
@@ -723,11 +729,21 @@ bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen
       .cluster_merge;
 }
 
+// Clusters of `cluster_size` plain decode blocks the current device holds at once (0: none, e.g.
+// before sm_90): what bounds the cluster merge at run time.
+int decode_cluster_capacity(int head_size, bool is_bf16, int cluster_size) {
+  TORCH_CHECK(cluster_size >= 1 && cluster_size <= flash::kMaxClusterSplits, "cluster_size must lie in [1, ",
+              std::to_string(flash::kMaxClusterSplits), "], got ", std::to_string(cluster_size));
+  const flash::FwdLauncher kernel = find_kernel(head_size, is_bf16);
+  const at::cuda::CUDAGuard device_guard{c10::Device(c10::kCUDA, c10::cuda::current_device())};
+  return kernel.max_decode_clusters(flash::FwdParams{}, cluster_size);
+}
+
 pybind11::dict build_info() {
   pybind11::list headdims, dtypes;
   bool any_fp16 = false, any_bf16 = false;
   for (int i = 0; i < flash::kNumKernelHeadDims; ++i) {
-    const bool fp16 = flash::fwd_launchers[i][0] != nullptr, bf16 = flash::fwd_launchers[i][1] != nullptr;
+    const bool fp16 = flash::fwd_launchers[i][0].run != nullptr, bf16 = flash::fwd_launchers[i][1].run != nullptr;
     if (fp16 || bf16) headdims.append(flash::kKernelHeadDims[i]);
     any_fp16 |= fp16;
     any_bf16 |= bf16;
@@ -777,5 +793,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
         pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0,
         pybind11::arg("paged") = false);
+  m.def("decode_cluster_capacity", &decode_cluster_capacity,
+        "Thread-block clusters of cluster_size decode blocks the current CUDA device holds at once",
+        pybind11::arg("head_size"), pybind11::arg("is_bf16"), pybind11::arg("cluster_size"));
   m.def("build_info", &build_info, "Compiled head dims, dtypes and CUDA architectures");
 }

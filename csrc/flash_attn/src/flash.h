@@ -14,7 +14,16 @@ namespace flash {
 template <int kHeadDim, bool kIsBf16>
 void run_fwd(const FwdParams& params, cudaStream_t stream);
 
-using FwdLauncher = void (*)(const FwdParams&, cudaStream_t);
+// Thread-block clusters of `cluster_size` decode blocks (of the decode variant `params` selects)
+// that the current device can hold at once; 0 when it cannot launch such clusters. Cached.
+template <int kHeadDim, bool kIsBf16>
+int max_decode_clusters(const FwdParams& params, int cluster_size);
+
+// One (head dim, dtype)'s entry points.
+struct FwdLauncher {
+  void (*run)(const FwdParams&, cudaStream_t) = nullptr;
+  int (*max_decode_clusters)(const FwdParams&, int cluster_size) = nullptr;
+};
 
 constexpr int kNumKernelHeadDims = sizeof(kKernelHeadDims) / sizeof(kKernelHeadDims[0]);
 
@@ -29,14 +38,14 @@ constexpr int headdim_index(int kernel_headdim) {
 // reduced build (FLASH_ATTN_HEADDIMS / FLASH_ATTN_DTYPES) needs no list kept in sync by hand.
 inline FwdLauncher fwd_launchers[kNumKernelHeadDims][2] = {};
 
-inline bool register_fwd(int kernel_headdim, bool is_bf16, FwdLauncher launcher) {
+inline bool register_fwd(int kernel_headdim, bool is_bf16, const FwdLauncher& launcher) {
   fwd_launchers[headdim_index(kernel_headdim)][is_bf16] = launcher;
   return true;
 }
 
 inline FwdLauncher find_fwd(int kernel_headdim, bool is_bf16) {
   const int i = headdim_index(kernel_headdim);
-  return i < 0 ? nullptr : fwd_launchers[i][is_bf16];
+  return i < 0 ? FwdLauncher{} : fwd_launchers[i][is_bf16];
 }
 
 }  // namespace flash

@@ -103,6 +103,46 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
   });
 }
 
+// Clusters of `cluster_size` blocks of this decode variant that fit on the device at once (the
+// cluster merge needs every cluster resident: clusters pack per GPC, so fewer fit than SMs /
+// cluster_size). One occupancy query per (device, variant, size), cached.
+template <typename Traits>
+int decode_cluster_capacity(const FwdParams& params, int cluster_size) {
+  if (cluster_size < 1 || cluster_size > kMaxClusterSplits) return 0;
+  int capacity = 0;
+  with_decode_features(params, [&](auto score_mods, auto paged) {
+    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
+    static std::atomic<int> cached[64][kMaxClusterSplits + 1] = {};  // capacity + 1, 0 = not yet asked
+    int device = 0;
+    cudaGetDevice(&device);
+    std::atomic<int>& slot = cached[device & 63][cluster_size];
+    int known = slot.load(std::memory_order_relaxed);
+    if (known == 0) {
+      allow_dynamic_smem<kernel>(Traits::kSmemBytes);
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(1, cluster_size, 1);
+      config.blockDim = dim3(Traits::kNThreads);
+      config.dynamicSmemBytes = Traits::kSmemBytes;
+      cudaLaunchAttribute attribute[1];
+      attribute[0].id = cudaLaunchAttributeClusterDimension;
+      attribute[0].val.clusterDim.x = 1;
+      attribute[0].val.clusterDim.y = cluster_size;
+      attribute[0].val.clusterDim.z = 1;
+      config.attrs = attribute;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+        (void)cudaGetLastError();  // no cluster support (pre-sm_90): report none, leave no error behind
+        clusters = 0;
+      }
+      known = clusters + 1;
+      slot.store(known, std::memory_order_relaxed);
+    }
+    capacity = known - 1;
+  });
+  return capacity;
+}
+
 // The combine kernel is launched as a programmatic dependent of the split kernel on sm_90+: its
 // launch overlaps the split kernel's tail and it waits for the partials inside
 // (cudaGridDependencySynchronize), which hides most of a second launch's latency at decode.
@@ -143,6 +183,13 @@ void run_fwd_impl(const FwdParams& params, cudaStream_t stream) {
 template <int kHeadDim, bool kIsBf16>
 void run_fwd(const FwdParams& params, cudaStream_t stream) {
   run_fwd_impl<kHeadDim, std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>>(params, stream);
+}
+
+template <int kHeadDim, bool kIsBf16>
+int max_decode_clusters(const FwdParams& params, int cluster_size) {
+  constexpr DecodeTile t = decode_tile(kHeadDim);
+  using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
+  return decode_cluster_capacity<DecodeKernelTraits<kHeadDim, t.sub_n, t.stages, t.warps, Element>>(params, cluster_size);
 }
 
 }  // namespace flash

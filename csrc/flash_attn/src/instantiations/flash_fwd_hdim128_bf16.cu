@@ -3,5 +3,7 @@
 
 namespace flash {
 template void run_fwd<128, true>(const FwdParams&, cudaStream_t);
-static const bool kRegistered = register_fwd(128, true, &run_fwd<128, true>);
+template int max_decode_clusters<128, true>(const FwdParams&, int);
+static const bool kRegistered =
+    register_fwd(128, true, FwdLauncher{&run_fwd<128, true>, &max_decode_clusters<128, true>});
 }  // namespace flash

@@ -3,5 +3,7 @@
 
 namespace flash {
 template void run_fwd<128, false>(const FwdParams&, cudaStream_t);
-static const bool kRegistered = register_fwd(128, false, &run_fwd<128, false>);
+template int max_decode_clusters<128, false>(const FwdParams&, int);
+static const bool kRegistered =
+    register_fwd(128, false, FwdLauncher{&run_fwd<128, false>, &max_decode_clusters<128, false>});
 }  // namespace flash

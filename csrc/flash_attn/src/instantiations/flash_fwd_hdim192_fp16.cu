@@ -3,5 +3,7 @@
 
 namespace flash {
 template void run_fwd<192, false>(const FwdParams&, cudaStream_t);
-static const bool kRegistered = register_fwd(192, false, &run_fwd<192, false>);
+template int max_decode_clusters<192, false>(const FwdParams&, int);
+static const bool kRegistered =
+    register_fwd(192, false, FwdLauncher{&run_fwd<192, false>, &max_decode_clusters<192, false>});
 }  // namespace flash

@@ -3,5 +3,7 @@
 
 namespace flash {
 template void run_fwd<256, false>(const FwdParams&, cudaStream_t);
-static const bool kRegistered = register_fwd(256, false, &run_fwd<256, false>);
+template int max_decode_clusters<256, false>(const FwdParams&, int);
+static const bool kRegistered =
+    register_fwd(256, false, FwdLauncher{&run_fwd<256, false>, &max_decode_clusters<256, false>});
 }  // namespace flash

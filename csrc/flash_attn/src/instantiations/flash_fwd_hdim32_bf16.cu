@@ -3,5 +3,7 @@
 
 namespace flash {
 template void run_fwd<32, true>(const FwdParams&, cudaStream_t);
-static const bool kRegistered = register_fwd(32, true, &run_fwd<32, true>);
+template int max_decode_clusters<32, true>(const FwdParams&, int);
+static const bool kRegistered =
+    register_fwd(32, true, FwdLauncher{&run_fwd<32, true>, &max_decode_clusters<32, true>});
 }  // namespace flash

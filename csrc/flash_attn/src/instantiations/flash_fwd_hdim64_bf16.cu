@@ -3,5 +3,7 @@
 
 namespace flash {
 template void run_fwd<64, true>(const FwdParams&, cudaStream_t);
-static const bool kRegistered = register_fwd(64, true, &run_fwd<64, true>);
+template int max_decode_clusters<64, true>(const FwdParams&, int);
+static const bool kRegistered =
+    register_fwd(64, true, FwdLauncher{&run_fwd<64, true>, &max_decode_clusters<64, true>});
 }  // namespace flash

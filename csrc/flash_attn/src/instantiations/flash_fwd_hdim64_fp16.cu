@@ -3,5 +3,7 @@
 
 namespace flash {
 template void run_fwd<64, false>(const FwdParams&, cudaStream_t);
-static const bool kRegistered = register_fwd(64, false, &run_fwd<64, false>);
+template int max_decode_clusters<64, false>(const FwdParams&, int);
+static const bool kRegistered =
+    register_fwd(64, false, FwdLauncher{&run_fwd<64, false>, &max_decode_clusters<64, false>});
 }  // namespace flash
