@@ -734,9 +734,8 @@ bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen
 int decode_cluster_capacity(int head_size, bool is_bf16, int cluster_size) {
   TORCH_CHECK(cluster_size >= 1 && cluster_size <= flash::kMaxClusterSplits, "cluster_size must lie in [1, ",
               std::to_string(flash::kMaxClusterSplits), "], got ", std::to_string(cluster_size));
-  const flash::FwdLauncher kernel = find_kernel(head_size, is_bf16);
-  const at::cuda::CUDAGuard device_guard{c10::Device(c10::kCUDA, c10::cuda::current_device())};
-  return kernel.max_decode_clusters(flash::FwdParams{}, cluster_size);
+  // The current device's answer (max_decode_clusters asks cudaGetDevice): no guard needed.
+  return find_kernel(head_size, is_bf16).max_decode_clusters(flash::FwdParams{}, cluster_size);
 }
 
 pybind11::dict build_info() {
