@@ -225,7 +225,7 @@ def _paged_pair(k_cache, v_cache, page):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("case", list(PAGED_CASES))
-@pytest.mark.parametrize("page", [16, 64, 256])
+@pytest.mark.parametrize("page", [16, 48, 64, 256])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kvcache_paged(dtype, d, page, case, causal, require_kernel):
@@ -296,13 +296,16 @@ LEFTPAD_CASES = {
 }
 
 
+@pytest.mark.parametrize("paged", [None, 48], ids=["contiguous", "paged48"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("case", list(LEFTPAD_CASES))
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_kvcache_leftpad(dtype, d, case, causal, require_kernel):
+def test_kvcache_leftpad(dtype, d, case, causal, paged, require_kernel):
     """Keys [cache_leftpad, cache_seqlens + seqlen_new); the rows before cache_leftpad are NaN
-    (never read). With new rows, one entry has cache_leftpad == cache_seqlens (only new keys)."""
+    (never read). With new rows, one entry has cache_leftpad == cache_seqlens (only new keys).
+    paged48: the same through 48-token pages (not a power of two; left padding off the 16-row
+    page groups)."""
     require_kernel(d, dtype)
     seqlen_q, seqlen_new, rotary = LEFTPAD_CASES[case]
     nheads, nheads_k = 6, 2
@@ -317,9 +320,12 @@ def test_kvcache_leftpad(dtype, d, case, causal, require_kernel):
         v_cache[i, :lp[i]] = NAN
     k, v = _new_kv(batch, seqlen_new, nheads_k, d, dtype)
     rotary_dim = d if rotary == "interleaved" else 32
-    rot = _rotary(rotary, s_cache + seqlen_q, rotary_dim, dtype)
-    _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=_i32(cs), cache_leftpad=_i32(lp),
-                   causal=causal, **rot)
+    capacity = num_pages(s_cache, paged) * paged if paged else s_cache  # rotary tables cover the whole cache
+    rot = _rotary(rotary, capacity + seqlen_q, rotary_dim, dtype)
+    kw = dict(cache_seqlens=_i32(cs), cache_leftpad=_i32(lp), causal=causal, **rot)
+    if paged:
+        k_cache, v_cache, kw["block_table"] = _paged_pair(k_cache, v_cache, paged)
+    _check_kvcache(q, k_cache, v_cache, k, v, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,10 +438,11 @@ FEATURES = {
 FEATURE_SQ_NEW = [(1, 1), (4, 4), (64, 2)]
 
 
+@pytest.mark.parametrize("paged", [None, 48], ids=["contiguous", "paged48"])
 @pytest.mark.parametrize("seqlen_q,seqlen_new", FEATURE_SQ_NEW, ids=[f"sq{a}_new{b}" for a, b in FEATURE_SQ_NEW])
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_kvcache_features(dtype, feature, seqlen_q, seqlen_new, require_kernel):
+def test_kvcache_features(dtype, feature, seqlen_q, seqlen_new, paged, require_kernel):
     d = 128
     require_kernel(d, dtype)
     f = FEATURES[feature]
@@ -446,10 +453,13 @@ def test_kvcache_features(dtype, feature, seqlen_q, seqlen_new, require_kernel):
     k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
     v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
     k, v = _new_kv(batch, seqlen_new, nheads_k, d, dtype)
+    capacity = num_pages(s_cache, paged) * paged if paged else s_cache  # rotary tables cover the whole cache
     kw = dict(cache_seqlens=_i32(cs), window_size=f.get("window_size", (-1, -1)),
-              softcap=f.get("softcap", 0.0), **_rotary(f.get("rotary"), s_cache + seqlen_q, 64, dtype))
+              softcap=f.get("softcap", 0.0), **_rotary(f.get("rotary"), capacity + seqlen_q, 64, dtype))
     if "alibi" in f:
         kw["alibi_slopes"] = make_alibi_slopes(f["alibi"], batch, nheads, DEVICE)
     if "softmax_scale" in f:
         kw["softmax_scale"] = f["softmax_scale"]
+    if paged:  # windows with paging: the decode kernel fetches page entries after the lengths
+        k_cache, v_cache, kw["block_table"] = _paged_pair(k_cache, v_cache, paged)
     _check_kvcache(q, k_cache, v_cache, k, v, **kw)

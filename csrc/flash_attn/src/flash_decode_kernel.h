@@ -11,6 +11,7 @@
 
 #include <cooperative_groups.h>
 #include <cute/tensor.hpp>
+#include <cutlass/fast_math.h>
 
 #include "decode_kernel_traits.h"
 #include "flash_fwd_kernel.h"
@@ -31,7 +32,8 @@ using namespace cute;
 // key rows to start on a 16-row boundary of their pages (no left padding that is not a multiple of
 // 16); the score-modifier kernel pages any alignment.
 template <typename Traits, bool kScoreMods, bool kPaged>
-__global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const __grid_constant__ FwdParams params) {
+__global__ void __launch_bounds__(Traits::kNThreads)
+flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::FastDivmod page_div) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kSubN = Traits::kSubN;
@@ -51,9 +53,47 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   const int bidb = blockIdx.z / params.h;
   const int bidh = blockIdx.z % params.h;
 
+  // Paged K/V in the paged-only kernel (no left padding: key row j of the sequence is row j of its
+  // pages, and every 16-row group of a sub-block lies in one page). Per warp, a shared ring of
+  // kPageSlots slots: slot j % kPageSlots holds sub-block j's kGroups page entries, copied
+  // (cp.async) from the block table kStages sub-blocks before they are needed inside an earlier
+  // stage's commit group -- no register holds an in-flight load, no load-use stall sits in front
+  // of the K/V copies -- and their in-page row offsets (plain stores by the same lanes).
+  constexpr bool kGroupPaged = kPaged && !kScoreMods;
+  constexpr int kGroups = kSubN / 16;
+  static_assert(2 * kGroups <= Traits::kPageSlotInts);
+  int* page_ring = reinterpret_cast<int*>(smem_buf + Traits::kSmemQBytes + Traits::kSmemRingBytes) +
+                   warp * Traits::kPageSlots * Traits::kPageSlotInts;
+  const int* block_table = params.block_table != nullptr ? params.block_table + bidb * params.block_table_batch_stride
+                                                         : nullptr;
+  const bool paged = kGroupPaged || (kPaged && block_table != nullptr);  // the paged-only kernel always has a table
+  auto fetch_groups = [&](int j, int sb, bool used) {  // lane g < kGroups: group g of sub-block sb
+    if (lane < kGroups) {
+      const int row = sb * kSubN + 16 * lane;
+      int entry, in_page;
+      page_div(entry, in_page, row);
+      const bool ok = used && row < params.seqlen_k;  // seqlen_k: the rows the block table addresses
+      int* slot = page_ring + (j % Traits::kPageSlots) * Traits::kPageSlotInts;
+      SM80_CP_ASYNC_CACHEALWAYS_ZFILL<int32_t>::copy(block_table[ok ? entry : 0], slot[lane], ok);
+      slot[kGroups + lane] = in_page;
+    }
+  };
+  // Without a window's left edge, split s's first sub-blocks are rounds s, s + S, ... whatever the
+  // sequence lengths are: their page entries are fetched before the lengths load, so the
+  // block-table read overlaps the length reads instead of following them.
+  const bool early_pages = kGroupPaged && paged && params.window_left < 0;
+  if (early_pages) {
+    CUTE_UNROLL
+    for (int j = 0; j < kStages; ++j) fetch_groups(j, (split_idx + j * params.num_splits) * kNWarps + warp, true);
+    cp_async_fence();
+  }
+
   const SeqInfo seq(params, bidb);
   const int m0 = m_block * kBlockM;
-  if (m0 >= seq.seqlen_q) return;
+  if (m0 >= seq.seqlen_q) {
+    cp_async_wait<0>();  // no copy into shared memory outlives the block
+    return;
+  }
   const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
   const int diag = seq.seqlen_k - seq.seqlen_q;
 
@@ -77,6 +117,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
     } else {
       write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     }
+    cp_async_wait<0>();
     return;
   }
 
@@ -102,15 +143,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   const Element* v_head = static_cast<const Element*>(params.v_ptr) + kv_head * params.v_head_stride + gcopy.col0;
   const Element* k_thread = k_head + seq.k_offset + int64_t(seq.k_row0 + gcopy.r0) * params.k_row_stride;
   const Element* v_thread = v_head + seq.v_offset + int64_t(seq.k_row0 + gcopy.r0) * params.v_row_stride;
-  const int* block_table = params.block_table != nullptr ? params.block_table + bidb * params.block_table_batch_stride
-                                                         : nullptr;
-  auto load_rows = [&](auto&& sT, const Element* thread, int64_t row_stride, int sb) {
-    Tensor tS = gcopy.partition(sT, lane);
-    const int j0 = sb * kSubN;
-    gcopy.load_strided(tS, thread + int64_t(j0) * row_stride, row_stride, seq.seqlen_k - j0, k_head);
-  };
-  // This warp's i-th sub-block into ring stage i % kStages (one commit group per sub-block, empty
-  // past the end so the group count stays uniform).
+  // A sub-block inside the sequence with the whole head dim used (warp-uniform): its copies need
+  // no predicates (every sub-block but the last when d == kHeadDim).
+  const bool full_width = params.d == kHeadDim;
+  auto full_sub_block = [&](int sb) { return full_width && (sb + 1) * kSubN <= seq.seqlen_k; };
   // This warp's sub-blocks: sb(i) = (first_round + i * S) * kNWarps + warp, inside [sb_min, sb_max).
   static_assert(Traits::kKeysPerRound == kNWarps * kSubN);
   const int num_splits = params.num_splits;
@@ -119,15 +155,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
   const int first_round = split_idx + max(0, ceil_div_dev(round_lo - split_idx, num_splits)) * num_splits;
   const int my_count = first_round < round_hi ? ceil_div_dev(round_hi - first_round, num_splits) : 0;
   auto sub_block = [&](int i) { return (first_round + i * num_splits) * kNWarps + warp; };
-  // Paged K/V: the block-table entries of sub-block j are copied (cp.async) into this warp's small
-  // shared ring kStages sub-blocks before they are needed, inside an earlier stage's commit group,
-  // so neither a register holding an in-flight load (a spill of one waits for the load) nor a
-  // load-use stall sits in front of the K/V copies. Shared by K and V.
-  constexpr int kMaxPages = Traits::kMaxPages;  // pages are >= 16 rows; left padding can misalign
-  int* page_ring = reinterpret_cast<int*>(smem_buf + Traits::kSmemQBytes + Traits::kSmemRingBytes) +
-                   warp * Traits::kPageSlots * Traits::kPageSlotInts;
-  const bool paged = kPaged && block_table != nullptr;
-  auto fetch_pages = [&](int j) {  // lane p < kMaxPages copies sub-block j's p-th page entry
+  // Paged K/V in the score-modifier kernel, at any alignment (left padding): lane p < kMaxPages
+  // copies the p-th page entry that sub-block j touches into the same ring.
+  constexpr int kMaxPages = Traits::kMaxPages;
+  auto fetch_pages = [&](int j) {
     if (lane < kMaxPages) {
       const int entry = (seq.k_row0 + sub_block(j) * kSubN) / params.page_block_size + lane;
       const bool used = j < my_count && entry * params.page_block_size < seq.k_row0 + seq.seqlen_k;
@@ -135,37 +166,69 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
                                                      page_ring[(j % Traits::kPageSlots) * Traits::kPageSlotInts + lane], used);
     }
   };
-  if (paged) {
+  if (paged && !early_pages) {
     CUTE_UNROLL
-    for (int j = 0; j < kStages; ++j) fetch_pages(j);
+    for (int j = 0; j < kStages; ++j) {
+      if constexpr (kGroupPaged) {
+        fetch_groups(j, sub_block(j), j < my_count);
+      } else {
+        fetch_pages(j);
+      }
+    }
     cp_async_fence();
-    cp_async_wait<0>();
-    __syncwarp();
   }
+  if (paged) {
+    cp_async_wait<0>();
+    __syncwarp();  // every lane's entries and offsets are in the ring
+  }
+  // This warp's i-th sub-block into ring stage i % kStages (one commit group per sub-block, empty
+  // past the end so the group count stays uniform).
   auto load_stage = [&](int i) {
     if (i < my_count) {
       const int sb = sub_block(i);
-      if (paged) {
-        fetch_pages(i + kStages);  // landed by the time load_stage(i + kStages) runs
-        const int* slot = page_ring + (i % Traits::kPageSlots) * Traits::kPageSlotInts;
+      const int valid_rows = seq.seqlen_k - sb * kSubN;
+      Tensor sK = stage_k(i % kStages);
+      Tensor sV = stage_v(i % kStages);
+      Tensor tK = gcopy.partition(sK, lane);
+      Tensor tV = gcopy.partition(sV, lane);
+      const int* slot = page_ring + (i % Traits::kPageSlots) * Traits::kPageSlotInts;
+      if constexpr (kGroupPaged) {
+        fetch_groups(i + kStages, sub_block(i + kStages), i + kStages < my_count);  // landed when needed
+        int page[kGroups], in_page[kGroups];
+        CUTE_UNROLL
+        for (int g = 0; g < kGroups; ++g) {
+          page[g] = min(max(slot[g], 0), params.num_pages - 1);  // a bad table never reads out of bounds
+          in_page[g] = slot[kGroups + g];
+        }
+        // Always the predicated copies: with a predicate-free variant for full sub-blocks beside
+        // them the paged loop ran slower on long sequences (NOTES 35).
+        gcopy.load_paged_groups(tK, k_head, page, in_page, valid_rows, params.k_batch_stride, params.k_row_stride);
+        gcopy.load_paged_groups(tV, v_head, page, in_page, valid_rows, params.v_batch_stride, params.v_row_stride);
+      } else if (kPaged && paged) {
+        fetch_pages(i + kStages);
         int pages[kMaxPages];
         CUTE_UNROLL
         for (int p = 0; p < kMaxPages; ++p) pages[p] = min(max(slot[p], 0), params.num_pages - 1);
         const int row0 = seq.k_row0 + sb * kSubN;
         const int offset = row0 - row0 / params.page_block_size * params.page_block_size;
-        const int valid_rows = seq.seqlen_k - sb * kSubN;
-        Tensor sK = stage_k(i % kStages);
-        Tensor sV = stage_v(i % kStages);
-        Tensor tK = gcopy.partition(sK, lane);
-        Tensor tV = gcopy.partition(sV, lane);
-        constexpr bool kAligned = !kScoreMods;
-        gcopy.template load_paged_prefetched<kAligned>(tK, k_head, offset, valid_rows, pages, params.page_block_size,
+        gcopy.load_paged_prefetched(tK, k_head, offset, valid_rows, pages, params.page_block_size,
                                     params.k_batch_stride, params.k_row_stride);
-        gcopy.template load_paged_prefetched<kAligned>(tV, v_head, offset, valid_rows, pages, params.page_block_size,
+        gcopy.load_paged_prefetched(tV, v_head, offset, valid_rows, pages, params.page_block_size,
                                     params.v_batch_stride, params.v_row_stride);
       } else {
-        load_rows(stage_k(i % kStages), k_thread, params.k_row_stride, sb);
-        load_rows(stage_v(i % kStages), v_thread, params.v_row_stride, sb);
+        const int j0 = sb * kSubN;
+        auto load_kv = [&](auto full) {
+          constexpr bool kFull = decltype(full)::value;
+          gcopy.template load_strided<kFull>(tK, k_thread + int64_t(j0) * params.k_row_stride, params.k_row_stride,
+                                             valid_rows, k_head);
+          gcopy.template load_strided<kFull>(tV, v_thread + int64_t(j0) * params.v_row_stride, params.v_row_stride,
+                                             valid_rows, k_head);
+        };
+        if (full_sub_block(sb)) {
+          load_kv(std::true_type{});
+        } else {
+          load_kv(std::false_type{});
+        }
       }
     }
     cp_async_fence();
@@ -328,17 +391,21 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
       static_assert((kNWarps + 2 + kMaxClusterSplits) * kBlockM * 4 <= Traits::kSmemQBytes,
                     "the cluster merge's weights must fit in Q's shared memory");
       if (tidx < rows_in_tile) {
+        // Every split's lse of this row in registers at once (one round of remote loads).
+        float l[kMaxClusterSplits];
         float mx = -INFINITY;
-        for (int r = 0; r < splits; ++r) mx = fmaxf(mx, cluster.map_shared_rank(lse_smem, r)[kNWarps * kBlockM + tidx]);
-        float sum = 0.f;
-        for (int r = 0; r < splits; ++r) {
-          const float l = cluster.map_shared_rank(lse_smem, r)[kNWarps * kBlockM + tidx];
-          sum += l == -INFINITY ? 0.f : __expf(l - mx);
+        CUTE_UNROLL
+        for (int r = 0; r < kMaxClusterSplits; ++r) {
+          l[r] = r < splits ? cluster.map_shared_rank(lse_smem, r)[kNWarps * kBlockM + tidx] : -INFINITY;
+          mx = fmaxf(mx, l[r]);
         }
+        float sum = 0.f;
+        CUTE_UNROLL
+        for (int r = 0; r < kMaxClusterSplits; ++r) sum += l[r] == -INFINITY ? 0.f : __expf(l[r] - mx);
         const float lse = sum == 0.f ? -INFINITY : mx + __logf(sum);
-        for (int r = 0; r < splits; ++r) {
-          const float l = cluster.map_shared_rank(lse_smem, r)[kNWarps * kBlockM + tidx];
-          weight[r * kBlockM + tidx] = l == -INFINITY ? 0.f : __expf(l - lse);
+        CUTE_UNROLL
+        for (int r = 0; r < kMaxClusterSplits; ++r) {
+          if (r < splits) weight[r * kBlockM + tidx] = l[r] == -INFINITY ? 0.f : __expf(l[r] - lse);
         }
         weight[splits * kBlockM + tidx] = lse;
       }
@@ -346,11 +413,18 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_kernel(const _
       write_output(
           [&](int e) {
             const int row = e / kHeadDim;
+            float4 v[kMaxClusterSplits];  // every split's values first (one round of remote loads)
+            CUTE_UNROLL
+            for (int r = 0; r < kMaxClusterSplits; ++r) {
+              if (r < splits) v[r] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(o_smem, r) + e);
+            }
             float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-            for (int r = 0; r < splits; ++r) {  // fixed order: deterministic
-              const float w = weight[r * kBlockM + row];
-              const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(o_smem, r) + e);
-              sum.x += w * v.x, sum.y += w * v.y, sum.z += w * v.z, sum.w += w * v.w;
+            CUTE_UNROLL
+            for (int r = 0; r < kMaxClusterSplits; ++r) {  // fixed order: deterministic
+              if (r < splits) {
+                const float w = weight[r * kBlockM + row];
+                sum.x += w * v[r].x, sum.y += w * v[r].y, sum.z += w * v[r].z, sum.w += w * v[r].w;
+              }
             }
             return sum;
           },

@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include <cuda_runtime.h>
+#include <cutlass/fast_math.h>
 #include <cutlass/numeric_types.h>
 
 #include "flash.h"
@@ -82,8 +83,11 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
     allow_dynamic_smem<kernel>(Traits::kSmemBytes);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
     const dim3 grid(m_blocks, params.num_splits, params.b * params.h);
+    // Row -> (block-table entry, row in page) by multiply and shift: the divisor's magic numbers
+    // are computed here once instead of a division per sub-block in the kernel.
+    const cutlass::FastDivmod page_div(params.block_table != nullptr ? params.page_block_size : 1);
     if (!params.cluster_merge) {
-      kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+      kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params, page_div);
       return;
     }
     // The splits of a query tile form one cluster (1, num_splits, 1): they merge in the kernel.
@@ -99,7 +103,7 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
     attribute[0].val.clusterDim.z = 1;
     config.attrs = attribute;
     config.numAttrs = 1;
-    cudaLaunchKernelEx(&config, kernel, params);
+    cudaLaunchKernelEx(&config, kernel, params, page_div);
   });
 }
 

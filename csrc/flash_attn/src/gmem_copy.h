@@ -60,21 +60,38 @@ struct GmemTileCopy {
                                                     *reinterpret_cast<uint128_t*>(dst), ok);
   }
 
-  // Rows at a fixed stride. `src` points at this thread's first chunk of row r0 of the tile;
-  // rows >= valid_rows and chunks past the head dim are zero-filled (cp.async src-size 0), so
-  // no plain stores race with the copies. `fallback` is any valid global address.
-  template <typename TS>
+  // A chunk known to lie inside the tensor: no predicate, no fallback address.
+  __device__ static void cp_async_unmasked(const Element* src, Element* dst) {
+    SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(src),
+                                              *reinterpret_cast<uint128_t*>(dst));
+  }
+
+  // Row pass i of the tile from `src` (this thread's first chunk of that row). Rows >= valid_rows
+  // and chunks past the head dim are zero-filled (cp.async src-size 0), so no plain stores race
+  // with the copies; `fallback` is any valid global address. kFull: the caller knows the row is
+  // valid and the head dim fills the tile: no predicate and no select (a tile's 16-32 row
+  // predicates overflow the predicate registers, so the compiler packs and unpacks them per copy).
+  template <bool kFull, typename TS>
+  __device__ void copy_pass(TS& tS, int i, const Element* src, int valid_rows, const Element* fallback) const {
+    const bool row_ok = r0 + i * kRowsPerPass < valid_rows;
+    CUTE_UNROLL
+    for (int c = 0; c < size<2>(tS); ++c) {
+      if constexpr (kFull) {
+        cp_async_unmasked(src + c * kChunkStride, chunk_ptr(tS, i, c));
+      } else {
+        const bool ok = row_ok && (chunk_mask >> c & 1);
+        cp_async(ok ? src + c * kChunkStride : fallback, chunk_ptr(tS, i, c), ok);
+      }
+    }
+  }
+
+  // Rows at a fixed stride. `src` points at this thread's first chunk of row r0 of the tile.
+  template <bool kFull = false, typename TS>
   __device__ void load_strided(TS& tS, const Element* src, int64_t row_stride, int valid_rows,
                                const Element* fallback) const {
     CUTE_UNROLL
     for (int i = 0; i < size<1>(tS); ++i) {
-      const bool row_ok = r0 + i * kRowsPerPass < valid_rows;
-      const Element* row = src + int64_t(i * kRowsPerPass) * row_stride;
-      CUTE_UNROLL
-      for (int c = 0; c < size<2>(tS); ++c) {
-        const bool ok = row_ok && (chunk_mask >> c & 1);
-        cp_async(ok ? row + c * kChunkStride : fallback, chunk_ptr(tS, i, c), ok);
-      }
+      copy_pass<kFull>(tS, i, src + int64_t(i * kRowsPerPass) * row_stride, valid_rows, fallback);
     }
   }
 
@@ -90,22 +107,35 @@ struct GmemTileCopy {
       const int row = first_row + r0 + i * kRowsPerPass;
       const int page = row_ok ? min(max(block_table[row / page_size], 0), num_pages - 1) : 0;
       const Element* src = head_base + int64_t(page) * page_stride + int64_t(row % page_size) * row_stride;
+      copy_pass<false>(tS, i, src, valid_rows, head_base);
+    }
+  }
+
+  // Paged rows in 16-row groups that each lie inside one page (page sizes are multiples of 16 and
+  // the tile starts on a group boundary): group g is rows in_page[g] .. + 15 of page page[g], both
+  // looked up beforehand. One address per group, then rows at a fixed stride as in load_strided.
+  template <int kGroups, typename TS>
+  __device__ void load_paged_groups(TS& tS, const Element* head_base, const int (&page)[kGroups],
+                                    const int (&in_page)[kGroups], int valid_rows, int64_t page_stride,
+                                    int64_t row_stride) const {
+    constexpr int kPassesPerGroup = 16 / kRowsPerPass;
+    static_assert(16 % kRowsPerPass == 0 && decltype(size<1>(tS))::value == kGroups * kPassesPerGroup);
+    CUTE_UNROLL
+    for (int g = 0; g < kGroups; ++g) {
+      const Element* src = head_base + int64_t(page[g]) * page_stride + int64_t(in_page[g] + r0) * row_stride;
       CUTE_UNROLL
-      for (int c = 0; c < size<2>(tS); ++c) {
-        const bool ok = row_ok && (chunk_mask >> c & 1);
-        cp_async(ok ? src + c * kChunkStride : head_base, chunk_ptr(tS, i, c), ok);
+      for (int j = 0; j < kPassesPerGroup; ++j) {
+        copy_pass<false>(tS, g * kPassesPerGroup + j, src + int64_t(j * kRowsPerPass) * row_stride, valid_rows,
+                         head_base);
       }
     }
   }
 
-  // Paged rows whose pages were looked up beforehand (so the block-table loads can be issued
-  // early): tile row r lies `first_offset + r` rows past the start of page pages[0], pages
-  // following one another in `pages`. Page sizes are multiples of 16, so when first_offset is too
-  // (no left padding, or a multiple of 16) every 16-row group of the tile sits in one page: one
-  // page lookup per group, then rows at a fixed stride as in load_strided. Otherwise each row
-  // finds its page. kAlignedOnly: the caller guarantees the aligned case (no per-row code at all;
-  // with both paths in one loop the compiler predicates them together).
-  template <bool kAlignedOnly, int kMaxPages, typename TS>
+  // Paged rows at any alignment (left padding that is not a multiple of 16), pages looked up
+  // beforehand: tile row r lies `first_offset + r` rows past the start of page pages[0], pages
+  // following one another in `pages`. When first_offset is a multiple of 16 every 16-row group
+  // sits in one page (one lookup per group); otherwise each row finds its page.
+  template <int kMaxPages, typename TS>
   __device__ void load_paged_prefetched(TS& tS, const Element* head_base, int first_offset, int valid_rows,
                                         const int (&pages)[kMaxPages], int page_size, int64_t page_stride,
                                         int64_t row_stride) const {
@@ -124,25 +154,21 @@ struct GmemTileCopy {
       }
       return head_base + int64_t(page) * page_stride + int64_t(in_page) * row_stride;
     };
-    auto copy_row = [&](int i, const Element* src) {
-      const bool row_ok = r0 + i * kRowsPerPass < valid_rows;
-      CUTE_UNROLL
-      for (int c = 0; c < size<2>(tS); ++c) {
-        const bool ok = row_ok && (chunk_mask >> c & 1);
-        cp_async(ok ? src + c * kChunkStride : head_base, chunk_ptr(tS, i, c), ok);
-      }
-    };
-    if (kAlignedOnly || first_offset % kGroupRows == 0) {
+    if (first_offset % kGroupRows == 0) {
       const int64_t pass_stride = kRowsPerPass * row_stride;
       CUTE_UNROLL
       for (int g = 0; g < kPasses / kPassesPerGroup; ++g) {
         const Element* src = locate(first_offset + g * kGroupRows + r0);
         CUTE_UNROLL
-        for (int j = 0; j < kPassesPerGroup; ++j, src += pass_stride) copy_row(g * kPassesPerGroup + j, src);
+        for (int j = 0; j < kPassesPerGroup; ++j, src += pass_stride) {
+          copy_pass<false>(tS, g * kPassesPerGroup + j, src, valid_rows, head_base);
+        }
       }
     } else {
       CUTE_UNROLL
-      for (int i = 0; i < kPasses; ++i) copy_row(i, locate(first_offset + r0 + i * kRowsPerPass));
+      for (int i = 0; i < kPasses; ++i) {
+        copy_pass<false>(tS, i, locate(first_offset + r0 + i * kRowsPerPass), valid_rows, head_base);
+      }
     }
   }
 
