@@ -32,7 +32,7 @@ Summary: fraction of cells with regret <= 1.05, worst regret. maxdiff = max |out
 over all N (outside timing; a sanity check of every split count).
 
 --page-size N sweeps the same cells with K/V in a paged cache of N-token pages in random order
-(block_table; outputs splits_sweep_paged{N}_h100.*); the heuristic is asked with paged=True.
+(block_table; outputs splits_sweep_paged{N}_h100.*); paged K/V get the same plan as contiguous K/V.
 
 Usage (repository root, GPU machine; about 15-40 s on an H100, budget < 150 s):
   python benchmarks/sweep_num_splits.py
@@ -165,9 +165,9 @@ def sweep_cell(c, varlen, heuristic, num_sms, bench_kw, restricted, page_size=0,
                split_cap=None, restricted=restricted, swept=[], auto_splits=None, auto_us=None, auto_first_us=None, best_splits=None,
                best_us=None, regret=None, nosplit_us=None, times_us={}, maxdiff=None, notes=[])
     try:
-        row["auto_splits"] = int(heuristic(batch, heads, kv_heads, 1, seqlen_k, d, num_sms, 0, bool(page_size)))
+        row["auto_splits"] = int(heuristic(batch, heads, kv_heads, 1, seqlen_k, d, num_sms, 0))
         # The dispatcher clamps an explicit num_splits to min(N, key blocks, 128): ask it for a huge N.
-        row["split_cap"] = int(heuristic(batch, heads, kv_heads, 1, seqlen_k, d, num_sms, 1 << 20, bool(page_size)))
+        row["split_cap"] = int(heuristic(batch, heads, kv_heads, 1, seqlen_k, d, num_sms, 1 << 20))
     except Exception as e:  # noqa: BLE001
         row["notes"].append("heuristic: " + short_err(e))
     vals = split_values(seqlen_k, restricted, row["auto_splits"], row["split_cap"])

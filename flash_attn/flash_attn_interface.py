@@ -55,11 +55,11 @@ def build_info() -> dict:
 
 
 def num_splits_heuristic(
-    batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_sms=None, num_splits=0, paged=False
+    batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_sms=None, num_splits=0
 ) -> int:
     """Number of KV splits the dispatcher would use for these shapes (no dropout, window or alibi).
 
-    num_splits is the requested value (0 = heuristic); paged: K/V through a block_table. num_sms
+    num_splits is the requested value (0 = heuristic); paged and contiguous K/V plan alike. num_sms
     defaults to the current CUDA device's multiprocessor count, or 132 (H100 SXM) when CUDA is
     unavailable.
     """
@@ -72,7 +72,7 @@ def num_splits_heuristic(
     return int(
         _ext().num_splits_heuristic(
             int(batch), int(nheads), int(nheads_k), int(seqlen_q), int(seqlen_k), int(headdim),
-            int(num_sms), int(num_splits), bool(paged),
+            int(num_sms), int(num_splits),
         )
     )
 

@@ -74,11 +74,13 @@ if [ $run_bench -eq 1 ]; then
 fi
 
 if [ $sanitize -eq 1 ]; then
-  sel="fp16 and 128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen)"
+  # split and cluster-merged decode, paged varlen (pages 16/48/64/256), and paged kv-cache calls
+  # with a window (page entries fetched after the lengths) or left padding (any-alignment loader)
+  sel="fp16 and 128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))"
   for tool in memcheck racecheck; do
     start=$(date +%s)
     timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest \
-      tests/test_split_kv.py tests/test_paged_varlen.py -q -x -p no:cacheprovider -k "$sel" >"$OUT/sanitize_$tool.log" 2>&1
+      tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py -q -x -p no:cacheprovider -k "$sel" >"$OUT/sanitize_$tool.log" 2>&1
     echo "sanitize $tool: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
     grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -3
   done

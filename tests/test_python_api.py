@@ -56,7 +56,6 @@ EXPECTED_SIGNATURES = {
     "num_splits_heuristic": [
         ("batch", _REQ), ("nheads", _REQ), ("nheads_k", _REQ), ("seqlen_q", _REQ),
         ("seqlen_k", _REQ), ("headdim", _REQ), ("num_sms", None), ("num_splits", 0),
-        ("paged", False),
     ],
     "build_info": [],
     "unpad_input": [("hidden_states", _REQ), ("attention_mask", _REQ), ("unused_mask", None)],
@@ -191,8 +190,8 @@ class FakeExt:
         return torch.stack(outs), torch.stack(lses)
 
     def num_splits_heuristic(self, batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim,
-                             num_sms, num_splits, paged):
-        self.calls.append(("num_splits_heuristic", dict(num_sms=num_sms, num_splits=num_splits, paged=paged)))
+                             num_sms, num_splits):
+        self.calls.append(("num_splits_heuristic", dict(num_sms=num_sms, num_splits=num_splits)))
         if num_splits > 0:
             return num_splits
         return 1 if seqlen_q > 1 else 4
@@ -381,9 +380,9 @@ def test_kvcache_missing_in_extension(monkeypatch):
 def test_num_splits_heuristic_and_build_info(ext, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert flash_attn.num_splits_heuristic(1, 32, 8, 1, 8192, 128) == 4
-    assert ext.calls[-1][1] == {"num_sms": 132, "num_splits": 0, "paged": False}
-    assert flash_attn.num_splits_heuristic(1, 32, 8, 1, 8192, 128, num_sms=78, num_splits=3, paged=True) == 3
-    assert ext.calls[-1][1] == {"num_sms": 78, "num_splits": 3, "paged": True}
+    assert ext.calls[-1][1] == {"num_sms": 132, "num_splits": 0}
+    assert flash_attn.num_splits_heuristic(1, 32, 8, 1, 8192, 128, num_sms=78, num_splits=3) == 3
+    assert ext.calls[-1][1] == {"num_sms": 78, "num_splits": 3}
     assert flash_attn.num_splits_heuristic(1, 32, 8, 7, 8192, 128) == 1
     info = flash_attn.build_info()
     assert info["headdims"] == [64, 128] and isinstance(info, dict)

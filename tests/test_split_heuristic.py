@@ -104,20 +104,16 @@ def test_pure_and_matches_extension():
     assert a == b == c
 
 
-def cluster_merge(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0, paged=False):
-    return flash_attn_gpu.cluster_merge_planned(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, SMS,
-                                                num_splits, paged)
+def cluster_merge(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0):
+    return flash_attn_gpu.cluster_merge_planned(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, SMS, num_splits)
 
 
 @pytest.mark.parametrize("nheads,nheads_k", [(12, 12), (32, 8), (32, 32)])
-@pytest.mark.parametrize("paged", [False, True])
-def test_cluster_merge_at_batch1(nheads, nheads_k, paged):
+def test_cluster_merge_at_batch1(nheads, nheads_k):
     # Batch 1 with 2..8 splits fits in one block per SM: merged inside a thread-block cluster.
     n = nsplits(1, nheads, nheads_k, 1, 2048, 128)
     assert 2 <= n <= 8
     assert cluster_merge(1, nheads, nheads_k, 1, 2048)
-    assert cluster_merge(1, nheads, nheads_k, 1, 2048, paged=True) == (
-        2 <= flash_attn.num_splits_heuristic(1, nheads, nheads_k, 1, 2048, 128, num_sms=SMS, paged=True) <= 8)
 
 
 def test_no_cluster_merge_beyond_one_wave_of_clusters():
@@ -137,12 +133,3 @@ def test_no_cluster_merge_outside_2_to_8_splits(requested):
 def test_no_cluster_merge_without_decode_kernel():
     # 128 query rows run on the 64-row split kernel: partials and the combine kernel.
     assert not cluster_merge(1, 4, 4, 128, 32768, num_splits=4)
-
-
-@pytest.mark.parametrize("seqlen_k", [2048, 8192, 32768])
-@pytest.mark.parametrize("nheads,nheads_k", [(12, 12), (32, 8), (32, 32)])
-def test_paged_splits_at_least_contiguous(seqlen_k, nheads, nheads_k):
-    # The paged decode kernel streams less per block: it never gets fewer splits at batch 1.
-    contiguous = nsplits(1, nheads, nheads_k, 1, seqlen_k, 128)
-    paged = flash_attn.num_splits_heuristic(1, nheads, nheads_k, 1, seqlen_k, 128, num_sms=SMS, paged=True)
-    assert paged >= contiguous

@@ -305,7 +305,7 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
   const DeviceInfo dev = device_info();
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k,
                                                       head_size, can_swap, dev.sm_count, num_splits,
-                                                      decode_kernel_enabled(), kv.block_table != nullptr);
+                                                      decode_kernel_enabled());
   // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
   // become its query rows.
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
@@ -433,7 +433,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
   const DeviceInfo dev = device_info();
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
                                                       head_size, can_swap, dev.sm_count, num_splits,
-                                                      decode_kernel_enabled(), paged);
+                                                      decode_kernel_enabled());
   // With the swap, q (total_q = batch, h_k * g, d) is seen batch-strided as (b, g, h_k, d).
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
          batch, plan.num_heads, num_heads_k, plan.seqlen_q, max_seqlen_k, head_size,
@@ -707,25 +707,24 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_in, const Tensor& kcache, co
 }
 
 flash::ForwardPlan checked_plan(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
-                                int num_sms, int num_splits, bool paged) {
+                                int num_sms, int num_splits) {
   TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", std::to_string(num_splits));
   TORCH_CHECK(num_sms > 0, "num_sms must be positive");
   check_head_dims(head_size, num_heads, num_heads_k);
   return flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, /*can_swap=*/true,
-                             num_sms, num_splits, /*allow_decode_kernel=*/true, paged);
+                             num_sms, num_splits, /*allow_decode_kernel=*/true);
 }
 
 int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
-                         int num_sms, int num_splits, bool paged) {
-  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits, paged)
-      .num_splits;
+                         int num_sms, int num_splits) {
+  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits).num_splits;
 }
 
 // Whether the plan lets a decode tile's splits merge inside a thread-block cluster (sm_90 decides
 // the rest at run time).
 bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
-                           int num_sms, int num_splits, bool paged) {
-  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits, paged)
+                           int num_sms, int num_splits) {
+  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits)
       .cluster_merge;
 }
 
@@ -785,13 +784,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("num_splits_heuristic", &num_splits_heuristic,
         "Number of key splits the dispatcher uses for these shapes (no window, no ALiBi)", pybind11::arg("batch"),
         pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"), pybind11::arg("seqlen_k"),
-        pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0,
-        pybind11::arg("paged") = false);
+        pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
   m.def("cluster_merge_planned", &cluster_merge_planned,
         "Whether the decode splits of these shapes may merge inside a thread-block cluster (sm_90)",
         pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
-        pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0,
-        pybind11::arg("paged") = false);
+        pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
   m.def("decode_cluster_capacity", &decode_cluster_capacity,
         "Thread-block clusters of cluster_size decode blocks the current CUDA device holds at once",
         pybind11::arg("head_size"), pybind11::arg("is_bf16"), pybind11::arg("cluster_size"));

@@ -17,10 +17,8 @@ constexpr int kSplitBlocksPerSm = 2;
 // Fraction of the SMs whose thread blocks, each streaming at one SM's top rate, already saturate
 // DRAM (H100: one decode block reads up to ~60 GB/s, the card ~3.1 TB/s: about 52 of 132 SMs).
 constexpr float kSaturatingSmFraction = 0.4f;
-// The paged decode kernel streams less per block (a page lookup per 16-row group, a shared-memory
-// ring of table entries): more blocks are needed to saturate DRAM (paged sweep, batch 1: 8 splits
-// for 12 heads where contiguous K/V wants 4-5).
-constexpr float kSaturatingSmFractionPaged = 0.7f;
+// Paged K/V uses the same rate: the paged decode kernel streams as fast as the contiguous one
+// (paged sweep with contiguous picks: regret <= 1.05 in 24/24 cells, NOTES 38).
 
 // Decode splits merge inside a thread-block cluster (sm_90) when 2..kMaxClusterSplits of them run
 // and the whole grid takes at most this fraction of the SMs: every cluster must be resident at
@@ -100,10 +98,9 @@ struct ForwardPlan {
 // an explicit n > 1 is honoured for any seqlen_q.
 // `can_swap` is false when rows of a group would differ: a window or ALiBi (per position / head),
 // or a varlen batch that is not exactly one query per sequence.
-// `paged`: K/V come through a block table (the paged decode kernel's rate).
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
-                                int requested, bool allow_decode_kernel = true, bool paged = false) {
+                                int requested, bool allow_decode_kernel = true) {
   ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
@@ -125,9 +122,8 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
   } else if (requested == 0 && max_seqlen_q == 1) {
-    const float saturating = decode && paged ? kSaturatingSmFractionPaged : kSaturatingSmFraction;
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
-                                           kMaxSplits, blocks_per_sm, saturating, decode);
+                                           kMaxSplits, blocks_per_sm, kSaturatingSmFraction, decode);
   }
   plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
   plan.decode_kernel = plan.split_kernel && decode;
