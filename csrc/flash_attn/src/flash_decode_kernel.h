@@ -28,9 +28,9 @@ using namespace cute;
 
 // kScoreMods: softcap and ALiBi; kPaged: K/V through a block table. Each gets its own
 // instantiation so the common kernel carries none of their code or registers (the paged loop spilled
-// heavily while it shared one kernel with the score modifiers). The paged-only kernel requires the
-// key rows to start on a 16-row boundary of their pages (no left padding that is not a multiple of
-// 16); the score-modifier kernel pages any alignment.
+// heavily while it shared one kernel with the score modifiers). The paged-only kernel requires no
+// left padding (the launch sends paged calls with left padding to the score-modifier kernel, which
+// pages any alignment).
 template <typename Traits, bool kScoreMods, bool kPaged>
 __global__ void __launch_bounds__(Traits::kNThreads)
 flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::FastDivmod page_div) {
