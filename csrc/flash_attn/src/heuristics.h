@@ -16,9 +16,8 @@ constexpr int kSplitBlocksPerSm = 2;
 
 // Fraction of the SMs whose thread blocks, each streaming at one SM's top rate, already saturate
 // DRAM (H100: one decode block reads up to ~60 GB/s, the card ~3.1 TB/s: about 52 of 132 SMs).
+// Paged K/V alike: the paged decode kernel streams as fast as the contiguous one (NOTES 38).
 constexpr float kSaturatingSmFraction = 0.4f;
-// Paged K/V uses the same rate: the paged decode kernel streams as fast as the contiguous one
-// (paged sweep with contiguous picks: regret <= 1.05 in 24/24 cells, NOTES 38).
 
 // Decode splits merge inside a thread-block cluster (sm_90) when 2..kMaxClusterSplits of them run
 // and the whole grid takes at most this fraction of the SMs: every cluster must be resident at
@@ -46,11 +45,10 @@ constexpr float kCombineCost = 1.0f;
 // or when too few blocks run to saturate DRAM; measured against full sweeps in
 // benchmarks/sweep_num_splits.py (contiguous and paged).
 inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits,
-                                int blocks_per_sm = kSplitBlocksPerSm,
-                                float saturating_fraction = kSaturatingSmFraction, bool cluster_merge = false) {
+                                int blocks_per_sm = kSplitBlocksPerSm, bool cluster_merge = false) {
   if (blocks <= 0 || n_blocks <= 1) return 1;
   const int slots = num_sms * blocks_per_sm;
-  const float saturating = std::max(1.0f, saturating_fraction * num_sms);
+  const float saturating = std::max(1.0f, kSaturatingSmFraction * num_sms);
   max_splits = std::min({max_splits, n_blocks, slots});
   int best = 1;
   float best_cost = 3.0e38f;
@@ -123,7 +121,7 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
   } else if (requested == 0 && max_seqlen_q == 1) {
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
-                                           kMaxSplits, blocks_per_sm, kSaturatingSmFraction, decode);
+                                           kMaxSplits, blocks_per_sm, decode);
   }
   plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
   plan.decode_kernel = plan.split_kernel && decode;
