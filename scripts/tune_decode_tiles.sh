@@ -5,6 +5,8 @@
 # (a `git diff` file) applied, so a code change is timed against the tree in the same run. Usage:
 #   bash scripts/tune_decode_tiles.sh "32,2,4" "16,4,4" "32,2,4+out/x.patch" ... [-- --cells "batch=1" ...]
 # Writes $OUT/tune_decode.log. Needs nvidia-cutlass importable (gpu_check.sh installs .whl/).
+# TUNE_CUDNN=1 keeps the cuDNN column; TUNE_SWEEP_ARGS="..." also runs sweep_num_splits.py with
+# those arguments for each variant (output in $OUT/sweep_<variant>.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -34,6 +36,12 @@ for variant in "${tiles[@]}"; do
   tag=$(tag_of "$variant")
   echo "== decode variant $variant" | tee -a "$log"
   if ! ls /tmp/dec_$tag/flash_attn_2_cuda*.so >/dev/null 2>&1; then grep -E "error" /tmp/dec_build_$tag.log | head -5 | tee -a "$log"; continue; fi
-  PYTHONPATH=/tmp/dec_$tag:$PYTHONPATH python3 benchmarks/benchmark_decode.py --no-cudnn --out-dir /tmp/dec_res_$tag \
+  cudnn_flag=--no-cudnn; [ "${TUNE_CUDNN:-0}" = 1 ] && cudnn_flag=
+  PYTHONPATH=/tmp/dec_$tag:$PYTHONPATH python3 benchmarks/benchmark_decode.py $cudnn_flag --out-dir /tmp/dec_res_$tag \
     "${bench_args[@]}" 2>&1 | grep -E "^b[0-9]" | tee -a "$log"
+  if [ -n "${TUNE_SWEEP_ARGS:-}" ]; then
+    # shellcheck disable=SC2086  # word-split on purpose: several arguments
+    PYTHONPATH=/tmp/dec_$tag:$PYTHONPATH python3 benchmarks/sweep_num_splits.py --out-dir /tmp/dec_sweep_$tag \
+      $TUNE_SWEEP_ARGS >"$OUT/sweep_$tag.log" 2>&1
+  fi
 done
