@@ -217,17 +217,14 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
                                     params.v_batch_stride, params.v_row_stride);
       } else {
         const int j0 = sb * kSubN;
-        auto load_kv = [&](auto full) {
-          constexpr bool kFull = decltype(full)::value;
-          gcopy.template load_strided<kFull>(tK, k_thread + int64_t(j0) * params.k_row_stride, params.k_row_stride,
-                                             valid_rows, k_head);
-          gcopy.template load_strided<kFull>(tV, v_thread + int64_t(j0) * params.v_row_stride, params.v_row_stride,
-                                             valid_rows, k_head);
-        };
+        const Element* k_src = k_thread + int64_t(j0) * params.k_row_stride;
+        const Element* v_src = v_thread + int64_t(j0) * params.v_row_stride;
         if (full_sub_block(sb)) {
-          load_kv(std::true_type{});
-        } else {
-          load_kv(std::false_type{});
+          gcopy.template load_strided<true>(tK, k_src, params.k_row_stride, valid_rows, k_head);
+          gcopy.template load_strided<true>(tV, v_src, params.v_row_stride, valid_rows, v_head);
+        } else {  // the sequence's last sub-block, or a head dim short of the tile
+          gcopy.load_strided_rolled(tK, k_src, params.k_row_stride, valid_rows, k_head);
+          gcopy.load_strided_rolled(tV, v_src, params.v_row_stride, valid_rows, v_head);
         }
       }
     }
@@ -289,7 +286,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     if (block_needs_mask(bc, kSubN, rows_in_tile, seq.seqlen_k, params.window_left, params.window_right)) {
       apply_mask(sc, tScS_rc, bc, seq.seqlen_k, params.window_left, params.window_right);
     }
-    softmax.update(sc, rowcol_view(acc_o), params.scale_softmax_log2, i == 0);
+    softmax.template update</*kSkipUnmoved=*/true>(sc, rowcol_view(acc_o), params.scale_softmax_log2, i == 0);
 
     Tensor rP = convert_fragment<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand_layout(rP.layout()));

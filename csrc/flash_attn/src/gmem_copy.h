@@ -95,6 +95,20 @@ struct GmemTileCopy {
     }
   }
 
+  // load_strided<false>'s copies in a loop kept rolled, for a path that runs once per sequence
+  // beside an unrolled kFull path: ptxas if-converts two unrolled variants of a branch into one
+  // predicated block that issues both (the decode loop's copies: ~400 instructions per sub-block
+  // where the kFull path alone is ~130), but it cannot predicate a loop.
+  template <typename TS>
+  __device__ void load_strided_rolled(TS& tS, const Element* src, int64_t row_stride, int valid_rows,
+                                      const Element* fallback) const {
+#pragma unroll 1
+    for (int i = 0; i < size<1>(tS); ++i) {
+      copy_pass<false>(tS, i, src, valid_rows, fallback);
+      src += int64_t(kRowsPerPass) * row_stride;
+    }
+  }
+
   // Paged rows: tile row r is sequence row first_row + r, found in page
   // block_table[row / page_size] at offset row % page_size. `head_base` points at this
   // thread's first chunk of row 0 of page 0 for the kv head.

@@ -19,28 +19,41 @@ struct OnlineSoftmax {
 
   // s: scores of this key block, o: output accumulator, both (rows, cols) views. On return s
   // holds the unnormalised probabilities exp2(s * scale_log2 - max) and o is rescaled to the
-  // new running max.
-  template <typename TS, typename TO>
+  // new running max. kSkipUnmoved (warp-uniform callers only): when no row's max moved in the
+  // whole warp, the rescale (a multiply by exactly 1) is skipped -- the decode loop's 64 FMULs
+  // per sub-block, on a path whose time follows its instruction count.
+  template <bool kSkipUnmoved = false, typename TS, typename TO>
   __device__ __forceinline__ void update(TS&& s, TO&& o, float scale_log2, bool is_first) {
     static_assert(decltype(size<0>(s))::value == kRows);
+    float new_max[kRows];
+    bool moved = false;
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       float m = is_first ? -INFINITY : row_max[mi];
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(s); ++ni) m = fmaxf(m, s(mi, ni));
-      m = quad_allreduce_max(m);
-      // A row that has seen no visible key keeps max -inf; shifting by 0 then yields exp2 = 0
-      // rather than NaN.
-      const float shift = m == -INFINITY ? 0.f : m * scale_log2;
-      if (is_first) {
-        row_sum[mi] = 0.f;
-      } else {
-        const float correction = exp2f(row_max[mi] * scale_log2 - shift);
+      new_max[mi] = quad_allreduce_max(m);
+      moved |= !is_first && new_max[mi] != row_max[mi];
+    }
+    // A row that has seen no visible key keeps max -inf; shifting by 0 then yields exp2 = 0
+    // rather than NaN.
+    auto shift_of = [&](int mi) { return new_max[mi] == -INFINITY ? 0.f : new_max[mi] * scale_log2; };
+    if (is_first) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) row_sum[mi] = 0.f;
+    } else if (!kSkipUnmoved || __any_sync(0xffffffffu, moved)) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        const float correction = exp2f(row_max[mi] * scale_log2 - shift_of(mi));
         row_sum[mi] *= correction;
         CUTE_UNROLL
         for (int ni = 0; ni < size<1>(o); ++ni) o(mi, ni) *= correction;
       }
-      row_max[mi] = m;
+    }
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      row_max[mi] = new_max[mi];
+      const float shift = shift_of(mi);
       float sum = 0.f;
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(s); ++ni) {
