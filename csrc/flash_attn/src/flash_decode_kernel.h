@@ -200,10 +200,19 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
           page[g] = min(max(slot[g], 0), params.num_pages - 1);  // a bad table never reads out of bounds
           in_page[g] = slot[kGroups + g];
         }
-        // Always the predicated copies: with a predicate-free variant for full sub-blocks beside
-        // them the paged loop ran slower on long sequences (NOTES 35).
-        gcopy.load_paged_groups(tK, k_head, page, in_page, valid_rows, params.k_batch_stride, params.k_row_stride);
-        gcopy.load_paged_groups(tV, v_head, page, in_page, valid_rows, params.v_batch_stride, params.v_row_stride);
+        // Predicate-free copies for full sub-blocks; the predicated ones for the last, rolled so
+        // that ptxas keeps them out of the full path (NOTES 40-41).
+        if (full_sub_block(sb)) {
+          gcopy.template load_paged_groups<true>(tK, k_head, page, in_page, valid_rows, params.k_batch_stride,
+                                                 params.k_row_stride);
+          gcopy.template load_paged_groups<true>(tV, v_head, page, in_page, valid_rows, params.v_batch_stride,
+                                                 params.v_row_stride);
+        } else {
+          gcopy.template load_paged_groups<false, true>(tK, k_head, page, in_page, valid_rows, params.k_batch_stride,
+                                                        params.k_row_stride);
+          gcopy.template load_paged_groups<false, true>(tV, v_head, page, in_page, valid_rows, params.v_batch_stride,
+                                                        params.v_row_stride);
+        }
       } else if (kPaged && paged) {
         fetch_pages(i + kStages);
         int pages[kMaxPages];

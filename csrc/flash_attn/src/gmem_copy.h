@@ -128,7 +128,10 @@ struct GmemTileCopy {
   // Paged rows in 16-row groups that each lie inside one page (page sizes are multiples of 16 and
   // the tile starts on a group boundary): group g is rows in_page[g] .. + 15 of page page[g], both
   // looked up beforehand. One address per group, then rows at a fixed stride as in load_strided.
-  template <int kGroups, typename TS>
+  // kFull: every row valid and the head dim fills the tile (no predicates); kRolled: the passes of
+  // a group in a loop kept rolled, for the one partial sub-block beside a kFull path (see
+  // load_strided_rolled).
+  template <bool kFull, bool kRolled = false, int kGroups, typename TS>
   __device__ void load_paged_groups(TS& tS, const Element* head_base, const int (&page)[kGroups],
                                     const int (&in_page)[kGroups], int valid_rows, int64_t page_stride,
                                     int64_t row_stride) const {
@@ -137,10 +140,18 @@ struct GmemTileCopy {
     CUTE_UNROLL
     for (int g = 0; g < kGroups; ++g) {
       const Element* src = head_base + int64_t(page[g]) * page_stride + int64_t(in_page[g] + r0) * row_stride;
-      CUTE_UNROLL
-      for (int j = 0; j < kPassesPerGroup; ++j) {
-        copy_pass<false>(tS, g * kPassesPerGroup + j, src + int64_t(j * kRowsPerPass) * row_stride, valid_rows,
-                         head_base);
+      if constexpr (kRolled) {
+#pragma unroll 1
+        for (int j = 0; j < kPassesPerGroup; ++j) {
+          copy_pass<kFull>(tS, g * kPassesPerGroup + j, src, valid_rows, head_base);
+          src += int64_t(kRowsPerPass) * row_stride;
+        }
+      } else {
+        CUTE_UNROLL
+        for (int j = 0; j < kPassesPerGroup; ++j) {
+          copy_pass<kFull>(tS, g * kPassesPerGroup + j, src + int64_t(j * kRowsPerPass) * row_stride, valid_rows,
+                           head_base);
+        }
       }
     }
   }
