@@ -125,8 +125,8 @@ def test_cluster_merge_at_batch1(nheads, nheads_k):
 
 
 def test_no_cluster_merge_beyond_one_wave_of_clusters():
-    assert nsplits(16, 12, 12, 1, 2048, 128) == 2  # 384 blocks: the combine kernel merges
-    assert not cluster_merge(16, 12, 12, 1, 2048)
+    # 384 blocks (an explicit 2 splits of b16 12/12): the combine kernel merges.
+    assert not cluster_merge(16, 12, 12, 1, 2048, num_splits=2)
     # 128 blocks in clusters of 4 do not all fit at once on 132 SMs (clusters pack per GPC).
     assert not cluster_merge(1, 32, 32, 1, 8192, num_splits=4)
     assert cluster_merge(1, 32, 32, 1, 8192, num_splits=3)
