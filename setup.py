@@ -101,6 +101,8 @@ def extension_modules():
                         f"-DFLASH_ATTN_DECODE_WARPS={warps}"]
         nvcc_flags += decode_flags
         cxx_flags += decode_flags  # the dispatcher's heuristic reads the same tile
+    if os.environ.get("FLASH_ATTN_DECODE_TIMELINE") == "1":  # diagnostics: per-block timestamps
+        nvcc_flags += ["-DFLASH_ATTN_DECODE_TIMELINE"]
     return [
         CUDAExtension(
             name="flash_attn_2_cuda",

@@ -255,8 +255,7 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   // The plan's rule of thumb (grid <= 0.75 x SMs), then what this device can hold at once: every
   // cluster must be resident, or split 0 of a late cluster waits a whole wave.
   if (plan.cluster_merge && dev.pdl && cluster_merge_enabled()) {
-    const int64_t clusters = int64_t(flash::ceil_div(p.seqlen_q, flash::kDecodeBlockM)) * p.b * p.h;
-    p.cluster_merge = clusters <= kernel.max_decode_clusters(p, num_splits);
+    p.cluster_merge = plan.tiles <= kernel.max_decode_clusters(p, num_splits);  // one cluster per tile
   }
   if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1) || p.cluster_merge) return {};  // no partials
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the

@@ -14,6 +14,7 @@
 #include <cutlass/fast_math.h>
 
 #include "decode_kernel_traits.h"
+#include "decode_timeline.h"
 #include "flash_fwd_kernel.h"
 #include "flash_params.h"
 #include "gmem_copy.h"
@@ -44,6 +45,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may start launching
 #endif
+  FLASH_DECODE_TIMELINE_MARK(0);
   extern __shared__ __align__(128) char smem_buf[];
   const int tidx = threadIdx.x;
   const int warp = tidx / 32;
@@ -89,6 +91,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   }
 
   const SeqInfo seq(params, bidb);
+  FLASH_DECODE_TIMELINE_MARK(1);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) {
     cp_async_wait<0>();  // no copy into shared memory outlives the block
@@ -279,6 +282,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     load_stage(i + kStages - 1);
     cp_async_wait<kStages - 1>();
     __syncwarp();  // sub-block i landed for every lane
+    if (i == 0) FLASH_DECODE_TIMELINE_MARK(2);
     const int s = i % kStages;
     const int sb = sub_block(i);
 
@@ -303,6 +307,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     __syncwarp();  // every lane is done reading stage s before it is refilled
   }
   cp_async_wait<0>();
+  FLASH_DECODE_TIMELINE_MARK(3);
 
   // Merge the warps. Each warp's rows: lse_w (natural log; -inf without a visible key) and the
   // normalised output o_w; the block's lse = log sum_w exp(lse_w), output = sum_w exp(lse_w - lse) o_w.
@@ -449,6 +454,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
       *reinterpret_cast<float4*>(oacc + e) = merged(e);
     }
   }
+  FLASH_DECODE_TIMELINE_MARK(4);
 }
 
 }  // namespace flash

@@ -76,6 +76,28 @@ void with_decode_features(const FwdParams& params, Launch&& launch) {
   }
 }
 
+// Launch configuration of a decode grid whose splits of a query tile form one thread-block
+// cluster (1, splits, 1). Not copyable: the config points at its own attribute.
+template <typename Traits>
+struct DecodeClusterLaunch {
+  cudaLaunchAttribute attribute[1];
+  cudaLaunchConfig_t config;
+  DecodeClusterLaunch(dim3 grid, int splits, cudaStream_t stream) : attribute{}, config{} {
+    config.gridDim = grid;
+    config.blockDim = dim3(Traits::kNThreads);
+    config.dynamicSmemBytes = Traits::kSmemBytes;
+    config.stream = stream;
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = 1;
+    attribute[0].val.clusterDim.y = splits;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  DecodeClusterLaunch(const DecodeClusterLaunch&) = delete;
+  DecodeClusterLaunch& operator=(const DecodeClusterLaunch&) = delete;
+};
+
 template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
   with_decode_features(params, [&](auto score_mods, auto paged) {
@@ -86,24 +108,13 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
     // Row -> (block-table entry, row in page) by multiply and shift: the divisor's magic numbers
     // are computed here once instead of a division per sub-block in the kernel.
     const cutlass::FastDivmod page_div(params.block_table != nullptr ? params.page_block_size : 1);
-    if (!params.cluster_merge) {
+    FLASH_DECODE_TIMELINE_RECORD(grid, stream);
+    if (params.cluster_merge) {  // the splits of a query tile merge inside the kernel
+      const DecodeClusterLaunch<Traits> launch(grid, params.num_splits, stream);
+      cudaLaunchKernelEx(&launch.config, kernel, params, page_div);
+    } else {
       kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params, page_div);
-      return;
     }
-    // The splits of a query tile form one cluster (1, num_splits, 1): they merge in the kernel.
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid;
-    config.blockDim = dim3(Traits::kNThreads);
-    config.dynamicSmemBytes = Traits::kSmemBytes;
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = 1;
-    attribute[0].val.clusterDim.y = params.num_splits;
-    attribute[0].val.clusterDim.z = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    cudaLaunchKernelEx(&config, kernel, params, page_div);
   });
 }
 
@@ -123,19 +134,9 @@ int decode_cluster_capacity(const FwdParams& params, int cluster_size) {
     int known = slot.load(std::memory_order_relaxed);
     if (known == 0) {
       allow_dynamic_smem<kernel>(Traits::kSmemBytes);
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(1, cluster_size, 1);
-      config.blockDim = dim3(Traits::kNThreads);
-      config.dynamicSmemBytes = Traits::kSmemBytes;
-      cudaLaunchAttribute attribute[1];
-      attribute[0].id = cudaLaunchAttributeClusterDimension;
-      attribute[0].val.clusterDim.x = 1;
-      attribute[0].val.clusterDim.y = cluster_size;
-      attribute[0].val.clusterDim.z = 1;
-      config.attrs = attribute;
-      config.numAttrs = 1;
+      const DecodeClusterLaunch<Traits> launch(dim3(1, cluster_size, 1), cluster_size, nullptr);
       int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
         (void)cudaGetLastError();  // no cluster support (pre-sm_90): report none, leave no error behind
         clusters = 0;
       }

@@ -94,6 +94,7 @@ struct ForwardPlan {
   // see cluster_mergeable. A grid beyond one wave of clusters merges with the combine kernel
   // (b16 s2048 12/12, 2 splits in clusters: 82.3 us against 78.7).
   bool cluster_merge;
+  long long tiles;  // thread blocks per split: batch x heads x query tiles of the kernel chosen
 };
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
@@ -105,7 +106,7 @@ struct ForwardPlan {
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
                                 int requested, bool allow_decode_kernel = true) {
-  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false};
+  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
   if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
@@ -132,6 +133,7 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
   plan.decode_kernel = plan.split_kernel && decode;
   plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
+  plan.tiles = blocks;
   return plan;
 }
 
