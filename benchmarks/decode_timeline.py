@@ -10,7 +10,9 @@ For each --cell "batch,seqlen_k,heads,kv_heads[,num_splits]" (num_splits 0 = the
 runs flash_attn_varlen_func as benchmark_decode.py does (fp16, head dim 128, L2 flushed before the
 recorded call) and prints: the block span (first start to last exit) and the K+V bandwidth over it,
 the median / spread of each phase, active blocks per microsecond, and blocks per SM. Raw records
-go to OUT_DIR/decode_timeline.npz (per cell: int64 [blocks, 16] = smid, then (ns, clock) x 5).
+go to OUT_DIR/decode_timeline.npz (per cell: int64 [blocks, 16] = smid, then (ns, clock) per mark:
+0 start, 1 lengths loaded, 2 first sub-block landed, 3 loop done, 4 exit, 5 / 6 around the first
+cluster barrier when the splits merge in a cluster).
 """
 
 import argparse
@@ -27,6 +29,8 @@ from timing import evict_l2, l2_flush_buffer, require_cuda  # noqa: E402
 
 DEFAULT_CELLS = ["16,2048,12,12", "16,2048,32,8", "1,8192,12,12", "128,2048,32,8"]
 PHASES = [("lengths", 0, 1), ("first data", 1, 2), ("loop", 2, 3), ("epilogue", 3, 4), ("total", 0, 4)]
+# Marks 5 and 6 exist with a cluster merge only: the epilogue split at the first cluster barrier.
+CLUSTER_PHASES = [("warp merge", 3, 5), ("cluster wait", 5, 6), ("split merge", 6, 4)]
 
 
 def record(cell, flush, path):
@@ -66,17 +70,22 @@ def record(cell, flush, path):
 
 
 def summarize(name, grid, rows, kv_bytes):
-    ns = rows[:, 1:11:2]
+    ns = rows[:, 1:15:2]  # marks 0-6 (5, 6: cluster merge only, else 0)
     rel = (ns - ns[:, 0].min()) / 1e3  # us since the first block started
     span = rel[:, 4].max()
     print(f"{name}: grid {grid} = {len(rows)} blocks, span {span:.1f} us, "
           f"K+V {kv_bytes / 1e6:.0f} MB -> {kv_bytes / span / 1e6:.2f} TB/s over the span")
     print(f"   starts: median {np.median(rel[:, 0]):.2f} max {rel[:, 0].max():.2f} us; "
           f"exits: min {rel[:, 4].min():.1f} median {np.median(rel[:, 4]):.1f} max {span:.1f} us")
-    for label, a, b in PHASES:
+    clustered = bool((rows[:, 11] != 0).all())
+    for label, a, b in PHASES + (CLUSTER_PHASES if clustered else []):
         dt = rel[:, b] - rel[:, a]
         print(f"   {label:10s} median {np.median(dt):7.2f}  p10 {np.percentile(dt, 10):7.2f}  "
               f"p90 {np.percentile(dt, 90):7.2f}  max {dt.max():7.2f} us")
+    if clustered:  # split 0 merges the cluster: its own phases after the first barrier
+        split = (np.arange(len(rows)) // grid[0]) % grid[1]
+        dt = rel[split == 0, 4] - rel[split == 0, 6]
+        print(f"   split 0's merge (past the barrier to exit): median {np.median(dt):.2f} max {dt.max():.2f} us")
     active = [int(((rel[:, 0] <= t) & (rel[:, 4] > t)).sum()) for t in np.arange(0.0, span + 1.0, 1.0)]
     print("   active blocks per us:", " ".join(map(str, active)))
     per_sm = np.bincount(rows[:, 0], minlength=int(rows[:, 0].max()) + 1)

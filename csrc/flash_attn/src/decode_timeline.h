@@ -1,6 +1,7 @@
 // Diagnostics only (setup.py: FLASH_ATTN_DECODE_TIMELINE=1; benchmarks/decode_timeline.py reads
-// the dump): per decode thread block, the SM it ran on and %globaltimer / clock64 at five marks --
-// 0 kernel start, 1 sequence lengths loaded, 2 first sub-block landed, 3 main loop done, 4 exit.
+// the dump): per decode thread block, the SM it ran on and %globaltimer / clock64 at marks --
+// 0 kernel start, 1 sequence lengths loaded, 2 first sub-block landed, 3 main loop done, 4 exit,
+// and with a cluster merge 5 warps merged (before the first cluster barrier), 6 past it.
 // Shows where a decode launch loses time to the bandwidth floor: waves, unequal block speeds,
 // prologue and epilogue (NOTES 39). Without the macro every hook compiles to nothing.
 #pragma once

@@ -395,7 +395,9 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
       *reinterpret_cast<float4*>(o_smem + e) = merged(e);  // in place over warp 0's slot: one thread per e
     }
+    FLASH_DECODE_TIMELINE_MARK(5);
     cluster.sync();  // every split's result is in its shared memory
+    FLASH_DECODE_TIMELINE_MARK(6);
     if (cluster.block_rank() == 0) {
       const int splits = int(cluster.num_blocks());
       float* weight = lse_smem + (kNWarps + 1) * kBlockM;  // [split][row], then the merged lse per row
