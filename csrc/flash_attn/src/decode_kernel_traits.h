@@ -64,7 +64,8 @@ struct DecodeKernelTraits {
   static constexpr int kTileElems = kSubN * kHeadDim;  // one K or V sub-block
   static constexpr int kSmemQBytes = kBlockM * kHeadDim * int(sizeof(Element));
   static constexpr int kSmemRingBytes = kNWarps * kStages * 2 * kTileElems * int(sizeof(Element));
-  static constexpr int kSmemMergeBytes = kNWarps * kBlockM * kHeadDim * 4;
+  static constexpr int kMergeRowStride = kHeadDim + 4;  // floats: padded against bank conflicts
+  static constexpr int kSmemMergeBytes = kNWarps * kBlockM * kMergeRowStride * 4;
   // Paged K/V: per warp, a ring of kStages + 1 slots of block-table entries (a 32-key sub-block
   // spans at most kMaxPages pages of >= 16 rows), after the K/V ring.
   static constexpr int kMaxPages = kSubN / 16 + 1;

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cooperative_groups.h>
+#include <cute/arch/cluster_sm90.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/fast_math.h>
 
@@ -319,7 +320,11 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     for (int mi = 0; mi < kRows; ++mi) lse_w[mi] = -INFINITY;
   }
   float* lse_smem = reinterpret_cast<float*>(smem_buf);  // Q is in registers now
+  // Per warp kBlockM rows of kOStride floats: the pad shifts each row by 4 banks, so the eight
+  // rows an MMA fragment store touches at once hit different banks (unpadded: 8-way conflicts).
+  constexpr int kOStride = Traits::kMergeRowStride;
   float* o_smem = reinterpret_cast<float*>(smem_buf + Traits::kSmemQBytes);
+  auto o_index = [](int e) { return e / kHeadDim * kOStride + e % kHeadDim; };  // e = row * kHeadDim + col
   __syncthreads();  // every warp is done with Q and its ring
   const bool writes_lse = get<1>(tOcO_rc(0, 0)) == 0;
   CUTE_UNROLL
@@ -351,9 +356,11 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     for (int ni = 0; ni < size<1>(o_rc); ++ni) o_rc(mi, ni) *= scale[mi];
   }
   CUTE_UNROLL
-  for (int i = 0; i < size(acc_o); i += 2) {
+  for (int i = 0; i < size(acc_o); i += 2) {  // the tile's rows only: the rest is MMA padding
     const int row = get<0>(tOcO(i)), col = get<1>(tOcO(i));
-    *reinterpret_cast<float2*>(o_smem + (warp * kBlockM + row) * kHeadDim + col) = make_float2(acc_o(i), acc_o(i + 1));
+    if (row < rows_in_tile) {
+      *reinterpret_cast<float2*>(o_smem + (warp * kBlockM + row) * kOStride + col) = make_float2(acc_o(i), acc_o(i + 1));
+    }
   }
   __syncthreads();
 
@@ -361,7 +368,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
     CUTE_UNROLL
     for (int w = 0; w < kNWarps; ++w) {
-      const float4 v = *reinterpret_cast<const float4*>(o_smem + w * kBlockM * kHeadDim + e);
+      const float4 v = *reinterpret_cast<const float4*>(o_smem + w * kBlockM * kOStride + o_index(e));
       sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
     }
     return sum;
@@ -393,10 +400,10 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
     for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
-      *reinterpret_cast<float4*>(o_smem + e) = merged(e);  // in place over warp 0's slot: one thread per e
+      *reinterpret_cast<float4*>(o_smem + o_index(e)) = merged(e);  // in place over warp 0's slot: one thread per e
     }
     FLASH_DECODE_TIMELINE_MARK(5);
-    cluster.sync();  // every split's result is in its shared memory
+    cluster.sync();  // every split's result is in its shared memory (a releasing arrive)
     FLASH_DECODE_TIMELINE_MARK(6);
     if (cluster.block_rank() == 0) {
       const int splits = int(cluster.num_blocks());
@@ -429,7 +436,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
             float4 v[kMaxClusterSplits];  // every split's values first (one round of remote loads)
             CUTE_UNROLL
             for (int r = 0; r < kMaxClusterSplits; ++r) {
-              if (r < splits) v[r] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(o_smem, r) + e);
+              if (r < splits) v[r] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(o_smem, r) + o_index(e));
             }
             float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
             CUTE_UNROLL
@@ -443,7 +450,11 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
           },
           [&](int row) { return weight[splits * kBlockM + row]; });
     }
-    cluster.sync();  // split 0 has read every split's shared memory before any block exits
+    // Split 0 has read every split's shared memory before any block exits. A relaxed arrive: split
+    // 0's remote loads are complete (their values were stored), and its output stores need not be
+    // visible to the cluster -- a releasing arrive waited for them (~1 us of the b1 epilogue).
+    cute::cluster_arrive_relaxed();
+    cute::cluster_wait();
 #else
     __trap();  // the dispatcher asks for a cluster merge only on sm_90+, whose code has it
 #endif

@@ -67,7 +67,7 @@ constexpr int decode_smem_bytes(int headdim, int elem_bytes = 2) {
   const int max_pages = t.sub_n / 16 + 1;
   const int page_ring = t.warps * (t.stages + 1) * (max_pages <= 4 ? 4 : 8) * 4;  // paged K/V block-table entries
   const int ring = t.warps * t.stages * 2 * t.sub_n * headdim * elem_bytes + page_ring;
-  const int merge = t.warps * kDecodeBlockM * headdim * 4;  // fp32 partial outputs, reuses the ring
+  const int merge = t.warps * kDecodeBlockM * (headdim + 4) * 4;  // fp32 partial outputs (rows padded), reuses the ring
   return q + (ring > merge ? ring : merge);
 }
 
