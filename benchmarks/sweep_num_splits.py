@@ -373,7 +373,8 @@ def main(argv=None) -> int:
     print(f"elapsed {elapsed:.1f} s (cells only)")
 
     write_json(json_path, rows)
-    write_section(md_path, TITLE, gpu_name(), today_utc(), body)
+    title = (f"num_splits sweep, paged K/V ({args.page_size}-token pages, shuffled)" if args.page_size else TITLE)
+    write_section(md_path, title, gpu_name(), today_utc(), body)
     print(f"wrote {md_path}")
     return 0 if not dead else 2
 
