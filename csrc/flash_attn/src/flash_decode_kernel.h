@@ -205,7 +205,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
           in_page[g] = slot[kGroups + g];
         }
         // Predicate-free copies for full sub-blocks; the predicated ones for the last, rolled so
-        // that ptxas keeps them out of the full path (NOTES 40-41).
+        // that ptxas keeps them out of the full path (NOTES 40, 42).
         if (full_sub_block(sb)) {
           gcopy.template load_paged_groups<true>(tK, k_head, page, in_page, valid_rows, params.k_batch_stride,
                                                  params.k_row_stride);
