@@ -25,42 +25,39 @@ struct OnlineSoftmax {
   template <bool kSkipUnmoved = false, typename TS, typename TO>
   __device__ __forceinline__ void update(TS&& s, TO&& o, float scale_log2, bool is_first) {
     static_assert(decltype(size<0>(s))::value == kRows);
-    float new_max[kRows];
-    bool moved = false;
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      float m = is_first ? -INFINITY : row_max[mi];
-      CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(s); ++ni) m = fmaxf(m, s(mi, ni));
-      new_max[mi] = quad_allreduce_max(m);
-      moved |= !is_first && new_max[mi] != row_max[mi];
-    }
-    // A row that has seen no visible key keeps max -inf; shifting by 0 then yields exp2 = 0
-    // rather than NaN.
-    auto shift_of = [&](int mi) { return new_max[mi] == -INFINITY ? 0.f : new_max[mi] * scale_log2; };
-    if (is_first) {
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) row_sum[mi] = 0.f;
-    } else if (!kSkipUnmoved || __any_sync(0xffffffffu, moved)) {
+    if constexpr (kSkipUnmoved) {
+      float new_max[kRows];
+      bool moved = false;
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi) {
-        const float correction = exp2f(row_max[mi] * scale_log2 - shift_of(mi));
-        row_sum[mi] *= correction;
+        new_max[mi] = running_max(s, mi, is_first);
+        moved |= !is_first && new_max[mi] != row_max[mi];
+      }
+      if (is_first) {
         CUTE_UNROLL
-        for (int ni = 0; ni < size<1>(o); ++ni) o(mi, ni) *= correction;
+        for (int mi = 0; mi < kRows; ++mi) row_sum[mi] = 0.f;
+      } else if (__any_sync(0xffffffffu, moved)) {
+        CUTE_UNROLL
+        for (int mi = 0; mi < kRows; ++mi) rescale(o, mi, row_max[mi] * scale_log2 - shift_of(new_max[mi], scale_log2));
       }
-    }
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      row_max[mi] = new_max[mi];
-      const float shift = shift_of(mi);
-      float sum = 0.f;
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(s); ++ni) {
-        s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -shift));
-        sum += s(mi, ni);
+      for (int mi = 0; mi < kRows; ++mi) {
+        row_max[mi] = new_max[mi];
+        exponentiate(s, mi, scale_log2, shift_of(new_max[mi], scale_log2));
       }
-      row_sum[mi] += sum;
+    } else {
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        const float m = running_max(s, mi, is_first);
+        const float shift = shift_of(m, scale_log2);
+        if (is_first) {
+          row_sum[mi] = 0.f;
+        } else {
+          rescale(o, mi, row_max[mi] * scale_log2 - shift);
+        }
+        row_max[mi] = m;
+        exponentiate(s, mi, scale_log2, shift);
+      }
     }
   }
 
@@ -77,6 +74,38 @@ struct OnlineSoftmax {
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(o); ++ni) o(mi, ni) *= inv;
     }
+  }
+
+ private:
+  // Row mi's max over this block and the running max (quad-reduced: a row spans 4 threads).
+  template <typename TS>
+  __device__ __forceinline__ float running_max(TS& s, int mi, bool is_first) const {
+    float m = is_first ? -INFINITY : row_max[mi];
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(s); ++ni) m = fmaxf(m, s(mi, ni));
+    return quad_allreduce_max(m);
+  }
+  // A row that has seen no visible key keeps max -inf; shifting by 0 then yields exp2 = 0 rather
+  // than NaN.
+  __device__ __forceinline__ static float shift_of(float m, float scale_log2) {
+    return m == -INFINITY ? 0.f : m * scale_log2;
+  }
+  template <typename TO>
+  __device__ __forceinline__ void rescale(TO& o, int mi, float log2_correction) {
+    const float correction = exp2f(log2_correction);
+    row_sum[mi] *= correction;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(o); ++ni) o(mi, ni) *= correction;
+  }
+  template <typename TS>
+  __device__ __forceinline__ void exponentiate(TS& s, int mi, float scale_log2, float shift) {
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int ni = 0; ni < size<1>(s); ++ni) {
+      s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -shift));
+      sum += s(mi, ni);
+    }
+    row_sum[mi] += sum;
   }
 };
 
