@@ -236,8 +236,8 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
           gcopy.template load_strided<true>(tK, k_src, params.k_row_stride, valid_rows, k_head);
           gcopy.template load_strided<true>(tV, v_src, params.v_row_stride, valid_rows, v_head);
         } else {  // the sequence's last sub-block, or a head dim short of the tile
-          gcopy.load_strided_rolled(tK, k_src, params.k_row_stride, valid_rows, k_head);
-          gcopy.load_strided_rolled(tV, v_src, params.v_row_stride, valid_rows, v_head);
+          gcopy.template load_strided<false, true>(tK, k_src, params.k_row_stride, valid_rows, k_head);
+          gcopy.template load_strided<false, true>(tV, v_src, params.v_row_stride, valid_rows, v_head);
         }
       }
     }

@@ -85,28 +85,33 @@ struct GmemTileCopy {
     }
   }
 
-  // Rows at a fixed stride. `src` points at this thread's first chunk of row r0 of the tile.
-  template <bool kFull = false, typename TS>
-  __device__ void load_strided(TS& tS, const Element* src, int64_t row_stride, int valid_rows,
-                               const Element* fallback) const {
-    CUTE_UNROLL
-    for (int i = 0; i < size<1>(tS); ++i) {
-      copy_pass<kFull>(tS, i, src + int64_t(i * kRowsPerPass) * row_stride, valid_rows, fallback);
+  // kPasses row passes from pass `first`, rows at a fixed stride from `src`. kRolled keeps the loop
+  // rolled, for a path that runs once per sequence beside an unrolled kFull one: ptxas if-converts
+  // two unrolled variants of a branch into one predicated block that issues both (the decode loop's
+  // copies: ~400 instructions per sub-block where the kFull path alone is ~130), but it cannot
+  // predicate a loop.
+  template <bool kFull, bool kRolled, int kPasses, typename TS>
+  __device__ void copy_passes(TS& tS, int first, const Element* src, int64_t row_stride, int valid_rows,
+                              const Element* fallback) const {
+    if constexpr (kRolled) {
+#pragma unroll 1
+      for (int j = 0; j < kPasses; ++j) {
+        copy_pass<kFull>(tS, first + j, src, valid_rows, fallback);
+        src += int64_t(kRowsPerPass) * row_stride;
+      }
+    } else {
+      CUTE_UNROLL
+      for (int j = 0; j < kPasses; ++j) {
+        copy_pass<kFull>(tS, first + j, src + int64_t(j * kRowsPerPass) * row_stride, valid_rows, fallback);
+      }
     }
   }
 
-  // load_strided<false>'s copies in a loop kept rolled, for a path that runs once per sequence
-  // beside an unrolled kFull path: ptxas if-converts two unrolled variants of a branch into one
-  // predicated block that issues both (the decode loop's copies: ~400 instructions per sub-block
-  // where the kFull path alone is ~130), but it cannot predicate a loop.
-  template <typename TS>
-  __device__ void load_strided_rolled(TS& tS, const Element* src, int64_t row_stride, int valid_rows,
-                                      const Element* fallback) const {
-#pragma unroll 1
-    for (int i = 0; i < size<1>(tS); ++i) {
-      copy_pass<false>(tS, i, src, valid_rows, fallback);
-      src += int64_t(kRowsPerPass) * row_stride;
-    }
+  // Rows at a fixed stride. `src` points at this thread's first chunk of row r0 of the tile.
+  template <bool kFull = false, bool kRolled = false, typename TS>
+  __device__ void load_strided(TS& tS, const Element* src, int64_t row_stride, int valid_rows,
+                               const Element* fallback) const {
+    copy_passes<kFull, kRolled, decltype(size<1>(tS))::value>(tS, 0, src, row_stride, valid_rows, fallback);
   }
 
   // Paged rows: tile row r is sequence row first_row + r, found in page
@@ -127,10 +132,8 @@ struct GmemTileCopy {
 
   // Paged rows in 16-row groups that each lie inside one page (page sizes are multiples of 16 and
   // the tile starts on a group boundary): group g is rows in_page[g] .. + 15 of page page[g], both
-  // looked up beforehand. One address per group, then rows at a fixed stride as in load_strided.
-  // kFull: every row valid and the head dim fills the tile (no predicates); kRolled: the passes of
-  // a group in a loop kept rolled, for the one partial sub-block beside a kFull path (see
-  // load_strided_rolled).
+  // looked up beforehand. One address per group, then rows at a fixed stride as in load_strided
+  // (kFull, kRolled likewise).
   template <bool kFull, bool kRolled = false, int kGroups, typename TS>
   __device__ void load_paged_groups(TS& tS, const Element* head_base, const int (&page)[kGroups],
                                     const int (&in_page)[kGroups], int valid_rows, int64_t page_stride,
@@ -140,19 +143,7 @@ struct GmemTileCopy {
     CUTE_UNROLL
     for (int g = 0; g < kGroups; ++g) {
       const Element* src = head_base + int64_t(page[g]) * page_stride + int64_t(in_page[g] + r0) * row_stride;
-      if constexpr (kRolled) {
-#pragma unroll 1
-        for (int j = 0; j < kPassesPerGroup; ++j) {
-          copy_pass<kFull>(tS, g * kPassesPerGroup + j, src, valid_rows, head_base);
-          src += int64_t(kRowsPerPass) * row_stride;
-        }
-      } else {
-        CUTE_UNROLL
-        for (int j = 0; j < kPassesPerGroup; ++j) {
-          copy_pass<kFull>(tS, g * kPassesPerGroup + j, src + int64_t(j * kRowsPerPass) * row_stride, valid_rows,
-                           head_base);
-        }
-      }
+      copy_passes<kFull, kRolled, kPassesPerGroup>(tS, g * kPassesPerGroup, src, row_stride, valid_rows, head_base);
     }
   }
 
