@@ -141,3 +141,28 @@ def test_no_cluster_merge_outside_2_to_8_splits(requested):
 def test_no_cluster_merge_without_decode_kernel():
     # 128 query rows run on the 64-row split kernel: partials and the combine kernel.
     assert not cluster_merge(1, 4, 4, 128, 32768, num_splits=4)
+
+
+def stream_k(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0, num_sms=SMS):
+    return flash_attn_gpu.stream_k_planned(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_sms, num_splits)
+
+
+@pytest.mark.parametrize("nheads,nheads_k", [(12, 12), (32, 32)])
+@pytest.mark.parametrize("batch", [16, 128])
+def test_stream_k_beyond_one_wave(batch, nheads, nheads_k):
+    # 192-4096 single-split decode tiles on 132 SMs (one head-dim-128 decode block per SM).
+    assert nsplits(batch, nheads, nheads_k, 1, 4096, 128) == 1
+    assert stream_k(batch, nheads, nheads_k, 1, 4096)
+
+
+def test_no_stream_k_within_one_wave():
+    assert not stream_k(16, 32, 8, 1, 4096)  # 128 tiles (GQA swap: one tile per kv head)
+    assert not stream_k(1, 12, 12, 1, 8192)  # split instead
+    assert stream_k(17, 32, 8, 1, 4096)  # 136 tiles
+    assert not stream_k(17, 32, 8, 1, 4096, num_sms=136)
+
+
+def test_no_stream_k_when_splits_are_requested_or_prefill():
+    assert not stream_k(16, 12, 12, 1, 4096, num_splits=1)  # upstream's unsplit kernel
+    assert not stream_k(16, 12, 12, 1, 4096, num_splits=2)
+    assert not stream_k(16, 12, 12, 128, 4096)  # prefill: not the decode kernel

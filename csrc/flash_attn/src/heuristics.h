@@ -33,6 +33,12 @@ inline bool cluster_mergeable(long long blocks, int splits, int num_sms) {
 // block's top rate, ~1 us on H100): a second kernel and the fp32 partials' round trip.
 constexpr float kCombineCost = 1.0f;
 
+// Stream-K pays for a single-split decode grid of `tiles` blocks when they exceed the `slots`
+// resident blocks: a grid of 1.45 waves (b16 12/12, 192 tiles on 132 SMs) otherwise ends with a
+// second wave on 60 SMs, and every grid of several waves pays each block's prologue and epilogue
+// on an SM that could be streaming. Cut tiles cost a combine launch (partials of two pieces).
+inline bool stream_k_pays(long long tiles, long long slots) { return slots > 0 && tiles > slots; }
+
 // Number of key splits for a grid of `blocks` thread blocks (batch x heads x query tiles), each
 // over `n_blocks` key blocks, with `blocks_per_sm` resident blocks per SM. Time model, in units
 // of one key block read at a single block's top rate:
@@ -41,12 +47,15 @@ constexpr float kCombineCost = 1.0f;
 // bandwidth (a few blocks stream faster each than a full GPU's worth), +1 is a block's fixed cost
 // (Q, the first DRAM round trip, the epilogue) and merge = 0.1 per split for the partials (with a
 // 3% margin it breaks ties towards fewer splits), plus kCombineCost unless the splits merge in a
-// cluster (`cluster_merge`: the decode kernel). Splitting pays when too few blocks run to
+// cluster (`cluster_merge`: the decode kernel). With `stream_k` (plain decode) one split of more
+// blocks than slots runs the stream-K grid: blocks / slots full waves' time, + 1, + kCombineCost.
+// Splitting pays when too few blocks run to
 // saturate DRAM; a partial last wave is cheap (its blocks stream faster), so grids of more than
 // one wave rarely split. Measured against full sweeps in
 // benchmarks/sweep_num_splits.py (contiguous and paged).
 inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits,
-                                int blocks_per_sm = kSplitBlocksPerSm, bool cluster_merge = false) {
+                                int blocks_per_sm = kSplitBlocksPerSm, bool cluster_merge = false,
+                                bool stream_k = false) {
   if (blocks <= 0 || n_blocks <= 1) return 1;
   const int slots = num_sms * blocks_per_sm;
   const float saturating = std::max(1.0f, kSaturatingSmFraction * num_sms);
@@ -68,7 +77,10 @@ inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_s
     const long long full_waves = total / slots, last_wave = total % slots;
     const float merge = s == 1 ? 0.f
                         : 0.1f * s + (cluster_merge && cluster_mergeable(blocks, s, num_sms) ? 0.f : kCombineCost);
-    const float cost = static_cast<float>(full_waves) * wave_cost(slots) + (last_wave > 0 ? wave_cost(last_wave) : 0.f) + merge;
+    float cost = static_cast<float>(full_waves) * wave_cost(slots) + (last_wave > 0 ? wave_cost(last_wave) : 0.f) + merge;
+    if (s == 1 && stream_k && stream_k_pays(total, slots)) {
+      cost = static_cast<float>(total) / slots * (wave_cost(slots) - 1.0f) + 1.0f + kCombineCost;
+    }
     // A larger count must win by 3%: near-ties (large grids, where splits only shuffle wave
     // quantisation) keep fewer partials.
     if (cost < 0.97f * best_cost) {
@@ -95,7 +107,13 @@ struct ForwardPlan {
   // (b16 s2048 12/12, 2 splits in clusters: 82.3 us against 78.7).
   bool cluster_merge;
   long long tiles;  // thread blocks per split: batch x heads x query tiles of the kernel chosen
+  // Decode at one (heuristic) split with more tiles than resident blocks: the stream-K grid
+  // (flash_decode_streamk_kernel), one block per resident slot, each streaming an equal range of
+  // (tile, key round) -- see stream_k_pays. The dispatcher confirms it against the kernel's real
+  // occupancy.
+  bool stream_k;
 };
+
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
 // 0 = heuristic, 1 = never split, n > 1 = n splits clamped to the number of key blocks.
@@ -103,10 +121,12 @@ struct ForwardPlan {
 // an explicit n > 1 is honoured for any seqlen_q.
 // `can_swap` is false when rows of a group would differ: a window or ALiBi (per position / head),
 // or a varlen batch that is not exactly one query per sequence.
+// `plain_kv`: contiguous K/V without score modifiers (softcap, ALiBi), the only case the stream-K
+// decode kernel is built for.
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
-                                int requested, bool allow_decode_kernel = true) {
-  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0};
+                                int requested, bool allow_decode_kernel = true, bool plain_kv = true) {
+  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0, false};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
   if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
@@ -128,12 +148,14 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
   } else if (requested == 0 && max_seqlen_q == 1) {
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
-                                           kMaxSplits, blocks_per_sm, decode);
+                                           kMaxSplits, blocks_per_sm, decode, decode && plain_kv);
   }
   plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
   plan.decode_kernel = plan.split_kernel && decode;
   plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
   plan.tiles = blocks;
+  plan.stream_k = plan.decode_kernel && requested == 0 && plan.num_splits == 1 && plain_kv &&
+                  stream_k_pays(blocks, static_cast<long long>(num_sms) * blocks_per_sm);
   return plan;
 }
 
