@@ -166,3 +166,9 @@ def test_no_stream_k_when_splits_are_requested_or_prefill():
     assert not stream_k(16, 12, 12, 1, 4096, num_splits=1)  # upstream's unsplit kernel
     assert not stream_k(16, 12, 12, 1, 4096, num_splits=2)
     assert not stream_k(16, 12, 12, 128, 4096)  # prefill: not the decode kernel
+
+
+def test_no_stream_k_when_one_sequence_exceeds_the_slots():
+    # The stream-K grid is made of groups of one block per tile of a sequence.
+    assert not stream_k(2, 200, 200, 1, 4096)
+    assert stream_k(2, 100, 100, 1, 4096)

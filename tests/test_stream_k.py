@@ -36,9 +36,16 @@ def _sms():
     return torch.cuda.get_device_properties(0).multi_processor_count
 
 
-def _batch_for(kv_tiles_per_seq, factor=1.5):
-    """Enough sequences that the tiles exceed the SMs by `factor`."""
-    return int(factor * _sms() / kv_tiles_per_seq) + 1
+def _planned(batch, nheads, nheads_k, max_sk, d, **kw):
+    return flash_attn_gpu.stream_k_planned(batch, nheads, nheads_k, 1, max_sk, d, _sms(), 0, **kw)
+
+
+def _stream_k_batch(nheads, nheads_k, max_sk, d):
+    """The smallest batch (>= 8, so every CYCLE length occurs) that runs on the stream-K grid."""
+    for batch in range(8, 4096):
+        if _planned(batch, nheads, nheads_k, max_sk, d):
+            return batch
+    raise AssertionError("no batch plans stream-K")
 
 
 def _inputs(k_lens, nheads, nheads_k, d, dtype):
@@ -54,10 +61,6 @@ def _inputs(k_lens, nheads, nheads_k, d, dtype):
     return q, k, v, qmask, kmask, q_u, k_u, v_u, cu_q, cu_k, max_sk
 
 
-def _planned(batch, nheads, nheads_k, max_sk, d):
-    return flash_attn_gpu.stream_k_planned(batch, nheads, nheads_k, 1, max_sk, d, _sms(), 0)
-
-
 # (heads, kv heads): tiles per sequence after the GQA swap = kv heads.
 LAYOUTS = {"mha": (12, 12), "gqa": (32, 8), "mqa": (8, 1)}
 
@@ -68,10 +71,9 @@ LAYOUTS = {"mha": (12, 12), "gqa": (32, 8), "mqa": (8, 1)}
 def test_stream_k_varlen_decode(dtype, d, layout, require_kernel):
     require_kernel(d, dtype)
     nheads, nheads_k = LAYOUTS[layout]
-    batch = _batch_for(nheads_k)
+    batch = _stream_k_batch(nheads, nheads_k, max(CYCLE), d)
     k_lens = [CYCLE[i % len(CYCLE)] for i in range(batch)]
     q, k, v, qmask, kmask, q_u, k_u, v_u, cu_q, cu_k, max_sk = _inputs(k_lens, nheads, nheads_k, d, dtype)
-    assert _planned(batch, nheads, nheads_k, max_sk, d)
     out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask)
     out_pt, _ = attention_ref(q, k, v, qmask, kmask, upcast=False)
     out_ref, out_pt = pack(out_ref, qmask)[0], pack(out_pt, qmask)[0]
@@ -98,7 +100,8 @@ def test_stream_k_varlen_decode_masks(dtype, case, require_kernel):
     d = 128
     require_kernel(d, dtype)
     nheads, nheads_k = 16, 4
-    batch = _batch_for(nheads if case == "window" else nheads_k)
+    # A window keeps the query heads apart (no GQA swap): tiles are query heads then.
+    batch = _stream_k_batch(nheads, nheads if case == "window" else nheads_k, max(CYCLE) + 5, d)
     k_lens = [CYCLE[i % len(CYCLE)] + 5 for i in range(batch)]
     q, k, v, qmask, kmask, q_u, k_u, v_u, cu_q, cu_k, max_sk = _inputs(k_lens, nheads, nheads_k, d, dtype)
     kw, used_t, mask = {}, None, kmask
@@ -132,14 +135,13 @@ def test_stream_k_kvcache(dtype, require_kernel):
     d = 128
     require_kernel(d, dtype)
     nheads, nheads_k = 12, 12
-    batch = _batch_for(nheads_k)
     cache_len = 1100
+    batch = _stream_k_batch(nheads, nheads_k, cache_len, d)
     lens = [min(cache_len, CYCLE[i % len(CYCLE)] + 1) for i in range(batch)]
     q = torch.randn(batch, 1, nheads, d, device=DEVICE, dtype=dtype)
     k_cache = torch.randn(batch, cache_len, nheads_k, d, device=DEVICE, dtype=dtype)
     v_cache = torch.randn(batch, cache_len, nheads_k, d, device=DEVICE, dtype=dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    assert _planned(batch, nheads, nheads_k, cache_len, d)
     out = flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens)
     qmask = torch.ones(batch, 1, dtype=torch.bool, device=DEVICE)
     kmask = lengths_to_mask(torch.tensor(lens), cache_len).to(DEVICE)

@@ -264,13 +264,16 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   if (plan.cluster_merge && dev.pdl && cluster_merge_enabled()) {
     p.cluster_merge = plan.tiles <= kernel.max_decode_clusters(p, num_splits);  // one cluster per tile
   }
-  // Stream-K: one block per resident slot of this device (the kernel's real occupancy), when the
-  // tiles exceed them; two partial slots for the tiles cut between two blocks.
+  // Stream-K: groups of one block per tile of a sequence in this device's resident slots (the
+  // kernel's real occupancy), when the tiles exceed them; two partial slots for the tiles cut
+  // between two blocks.
   if (plan.stream_k && stream_k_enabled()) {
     const long long resident = static_cast<long long>(dev.sm_count) * kernel.decode_streamk_blocks_per_sm();
-    if (flash::stream_k_pays(plan.tiles, resident)) {
+    const long long tiles_per_seq = static_cast<long long>(p.h) * flash::ceil_div(p.seqlen_q, flash::kDecodeBlockM);
+    const long long grid = flash::stream_k_grid(plan.tiles, tiles_per_seq, resident);
+    if (grid > 0) {
       p.stream_k = true;
-      p.stream_k_blocks = static_cast<int>(resident);
+      p.stream_k_blocks = static_cast<int>(grid);
       p.num_splits = 2;
     }
   }

@@ -504,13 +504,17 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   FLASH_DECODE_TIMELINE_MARK(4);
 }
 
-// Stream-K grid for more tiles than resident blocks (plain K/V, no score modifiers): the
-// (tile, round) space, tiles x ceil(seqlen_k / keys per round), is cut into gridDim.x equal
-// contiguous ranges, one per block, so every SM streams the same number of rounds -- no partial
-// last wave. The grid never exceeds the tiles, so a range is at least one tile long and a tile
-// spans at most two blocks: a whole tile is written final (and flagged for the combine kernel),
-// a cut tile's two pieces go to partial slots 0 (its head) and 1 (its tail). Fixed ranges for a
-// given shape and grid: the result is deterministic.
+// Stream-K grid for more tiles than resident blocks (plain K/V, no score modifiers). The blocks
+// form groups of one block per query tile of a sequence (heads x m-blocks); group j takes an
+// equal contiguous range of the (sequence, 128-key round) space, every block of the group the
+// same range for its own head, so the blocks reading a sequence at a time are its heads, as in
+// the tile grid: K/V rows interleave the heads, and the group reads whole rows together (a range
+// per single tile spread the concurrent reads over all rows: 3-9% slower, NOTES 46). Every SM
+// streams the same number of rounds: no partial last wave. A range is at least one sequence
+// long (the host keeps the groups below the batch), so a tile spans at most two blocks: a whole
+// tile is written final (and flagged for the combine kernel), a cut tile's two pieces go to
+// partial slots 0 (its head) and 1 (its tail). Fixed ranges for a given shape and grid: the result
+// is deterministic.
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_streamk_kernel(const __grid_constant__ FwdParams params) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -520,17 +524,20 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_decode_streamk_kernel
   extern __shared__ __align__(128) char smem_buf[];
   const int rounds = max(1, ceil_div_dev(params.seqlen_k, Traits::kKeysPerRound));
   const int m_blocks = ceil_div_dev(params.seqlen_q, Traits::kBlockM);
-  const int64_t total = int64_t(m_blocks) * params.b * params.h * rounds;
-  int64_t x = total * blockIdx.x / gridDim.x;
-  const int64_t end = total * (blockIdx.x + 1) / gridDim.x;
+  const int group_size = m_blocks * params.h;
+  const int groups = gridDim.x / group_size;
+  const int group = blockIdx.x / group_size;
+  const int tile_in_seq = blockIdx.x % group_size;
+  const int64_t total = int64_t(params.b) * rounds;
+  int64_t x = total * group / groups;
+  const int64_t end = total * (group + 1) / groups;
   const cutlass::FastDivmod no_pages(1);
   while (x < end) {
-    const int64_t tile = x / rounds;
-    const int r_lo = int(x - tile * rounds);
+    const int bidb = int(x / rounds);
+    const int r_lo = int(x - int64_t(bidb) * rounds);
     const int r_hi = int(min<int64_t>(rounds, r_lo + (end - x)));
-    const int z = int(tile / m_blocks);
     const bool whole = r_lo == 0 && r_hi == rounds;
-    const DecodeWork work{int(tile % m_blocks), z / params.h, z % params.h, r_lo, 1, r_hi,
+    const DecodeWork work{tile_in_seq % m_blocks, bidb, tile_in_seq / m_blocks, r_lo, 1, r_hi,
                           whole ? kFinalSlot : (r_lo == 0 ? 0 : 1), whole};
     __syncthreads();  // the previous tile's epilogue is done with shared memory
     decode_tile_range<Traits, false, false>(params, no_pages, smem_buf, work);

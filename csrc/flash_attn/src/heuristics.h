@@ -33,11 +33,16 @@ inline bool cluster_mergeable(long long blocks, int splits, int num_sms) {
 // block's top rate, ~1 us on H100): a second kernel and the fp32 partials' round trip.
 constexpr float kCombineCost = 1.0f;
 
-// Stream-K pays for a single-split decode grid of `tiles` blocks when they exceed the `slots`
-// resident blocks: a grid of 1.45 waves (b16 12/12, 192 tiles on 132 SMs) otherwise ends with a
-// second wave on 60 SMs, and every grid of several waves pays each block's prologue and epilogue
-// on an SM that could be streaming. Cut tiles cost a combine launch (partials of two pieces).
-inline bool stream_k_pays(long long tiles, long long slots) { return slots > 0 && tiles > slots; }
+// Blocks of the stream-K decode grid (flash_decode_streamk_kernel) for a single-split grid of
+// `tiles` query tiles, `tiles_per_seq` of them per sequence, on `slots` resident blocks: whole
+// groups of tiles_per_seq blocks, as many as fit; 0 when stream-K does not apply (the tiles fit
+// in one wave, or one sequence's tiles exceed the slots). It pays beyond one wave: a grid of 1.45
+// waves (b16 12/12, 192 tiles on 132 SMs) otherwise ends with a second wave on 60 SMs. Cut tiles
+// cost a combine launch (partials of two pieces).
+inline long long stream_k_grid(long long tiles, long long tiles_per_seq, long long slots) {
+  if (tiles <= slots || tiles_per_seq <= 0 || tiles_per_seq > slots) return 0;
+  return slots / tiles_per_seq * tiles_per_seq;
+}
 
 // Number of key splits for a grid of `blocks` thread blocks (batch x heads x query tiles), each
 // over `n_blocks` key blocks, with `blocks_per_sm` resident blocks per SM. Time model, in units
@@ -47,15 +52,16 @@ inline bool stream_k_pays(long long tiles, long long slots) { return slots > 0 &
 // bandwidth (a few blocks stream faster each than a full GPU's worth), +1 is a block's fixed cost
 // (Q, the first DRAM round trip, the epilogue) and merge = 0.1 per split for the partials (with a
 // 3% margin it breaks ties towards fewer splits), plus kCombineCost unless the splits merge in a
-// cluster (`cluster_merge`: the decode kernel). With `stream_k` (plain decode) one split of more
-// blocks than slots runs the stream-K grid: blocks / slots full waves' time, + 1, + kCombineCost.
+// cluster (`cluster_merge`: the decode kernel). With `stream_k_group` > 0 (plain decode: tiles per
+// sequence) one split of more blocks than slots runs the stream-K grid of stream_k_grid blocks:
+// blocks / grid full waves' time, + 1, + kCombineCost.
 // Splitting pays when too few blocks run to
 // saturate DRAM; a partial last wave is cheap (its blocks stream faster), so grids of more than
 // one wave rarely split. Measured against full sweeps in
 // benchmarks/sweep_num_splits.py (contiguous and paged).
 inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits,
                                 int blocks_per_sm = kSplitBlocksPerSm, bool cluster_merge = false,
-                                bool stream_k = false) {
+                                int stream_k_group = 0) {
   if (blocks <= 0 || n_blocks <= 1) return 1;
   const int slots = num_sms * blocks_per_sm;
   const float saturating = std::max(1.0f, kSaturatingSmFraction * num_sms);
@@ -78,8 +84,9 @@ inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_s
     const float merge = s == 1 ? 0.f
                         : 0.1f * s + (cluster_merge && cluster_mergeable(blocks, s, num_sms) ? 0.f : kCombineCost);
     float cost = static_cast<float>(full_waves) * wave_cost(slots) + (last_wave > 0 ? wave_cost(last_wave) : 0.f) + merge;
-    if (s == 1 && stream_k && stream_k_pays(total, slots)) {
-      cost = static_cast<float>(total) / slots * (wave_cost(slots) - 1.0f) + 1.0f + kCombineCost;
+    const long long sk_grid = s == 1 && stream_k_group > 0 ? stream_k_grid(total, stream_k_group, slots) : 0;
+    if (sk_grid > 0) {
+      cost = static_cast<float>(total) / sk_grid * (wave_cost(sk_grid) - 1.0f) + 1.0f + kCombineCost;
     }
     // A larger count must win by 3%: near-ties (large grids, where splits only shuffle wave
     // quantisation) keep fewer partials.
@@ -108,9 +115,8 @@ struct ForwardPlan {
   bool cluster_merge;
   long long tiles;  // thread blocks per split: batch x heads x query tiles of the kernel chosen
   // Decode at one (heuristic) split with more tiles than resident blocks: the stream-K grid
-  // (flash_decode_streamk_kernel), one block per resident slot, each streaming an equal range of
-  // (tile, key round) -- see stream_k_pays. The dispatcher confirms it against the kernel's real
-  // occupancy.
+  // (flash_decode_streamk_kernel) -- see stream_k_grid. The dispatcher sizes it with the kernel's
+  // real occupancy.
   bool stream_k;
 };
 
@@ -143,19 +149,20 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   const int block_n = decode ? decode_keys_per_round(kernel_hdim) : split_tile.block_n;
   const int blocks_per_sm = decode ? decode_blocks_per_sm(kernel_hdim) : kSplitBlocksPerSm;
   const int n_blocks = std::max(1, ceil_div(max_seqlen_k, block_n));
-  const long long blocks = static_cast<long long>(batch) * plan.num_heads * ceil_div(plan.seqlen_q, block_m);
+  const int tiles_per_seq = plan.num_heads * ceil_div(plan.seqlen_q, block_m);
+  const long long blocks = static_cast<long long>(batch) * tiles_per_seq;
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
   } else if (requested == 0 && max_seqlen_q == 1) {
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
-                                           kMaxSplits, blocks_per_sm, decode, decode && plain_kv);
+                                           kMaxSplits, blocks_per_sm, decode, decode && plain_kv ? tiles_per_seq : 0);
   }
   plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
   plan.decode_kernel = plan.split_kernel && decode;
   plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
   plan.tiles = blocks;
   plan.stream_k = plan.decode_kernel && requested == 0 && plan.num_splits == 1 && plain_kv &&
-                  stream_k_pays(blocks, static_cast<long long>(num_sms) * blocks_per_sm);
+                  stream_k_grid(blocks, tiles_per_seq, static_cast<long long>(num_sms) * blocks_per_sm) > 0;
   return plan;
 }
 
