@@ -241,10 +241,10 @@ bool cluster_merge_enabled() {
   return enabled;
 }
 
-// FLASH_ATTN_DECODE_STREAM_K=0 runs multi-wave single-split decode grids as one block per tile
-// instead of the stream-K grid: for A/B measurements in one build only.
-bool stream_k_enabled() {
-  static const bool enabled = env_switch("FLASH_ATTN_DECODE_STREAM_K") != 0;
+// FLASH_ATTN_DECODE_TAIL_SPLIT=0 runs single-split decode grids as one block per tile instead of
+// the tail-split grid: for A/B measurements in one build only.
+bool tail_split_enabled() {
+  static const bool enabled = env_switch("FLASH_ATTN_DECODE_TAIL_SPLIT") != 0;
   return enabled;
 }
 
@@ -264,18 +264,11 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   if (plan.cluster_merge && dev.pdl && cluster_merge_enabled()) {
     p.cluster_merge = plan.tiles <= kernel.max_decode_clusters(p, num_splits);  // one cluster per tile
   }
-  // Stream-K: groups of one block per tile of a sequence in this device's resident slots (the
-  // kernel's real occupancy), when the tiles exceed them; two partial slots for the tiles cut
-  // between two blocks.
-  if (plan.stream_k && stream_k_enabled()) {
-    const long long resident = static_cast<long long>(dev.sm_count) * kernel.decode_streamk_blocks_per_sm();
-    const long long tiles_per_seq = static_cast<long long>(p.h) * flash::ceil_div(p.seqlen_q, flash::kDecodeBlockM);
-    const long long grid = flash::stream_k_grid(plan.tiles, tiles_per_seq, resident);
-    if (grid > 0) {
-      p.stream_k = true;
-      p.stream_k_blocks = static_cast<int>(grid);
-      p.num_splits = 2;
-    }
+  // Tail split: two partial slots per tile, head and tail.
+  if (plan.tail_split && tail_split_enabled()) {
+    p.tail_split = true;
+    p.tail_rounds = flash::tail_rounds(flash::ceil_div(p.seqlen_k, flash::decode_keys_per_round(flash::round_up_headdim(p.d))));
+    p.num_splits = 2;
   }
   if (!plan.split_kernel || (plan.decode_kernel && p.num_splits == 1) || p.cluster_merge) return {};  // no partials
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
@@ -749,12 +742,11 @@ bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen
       .cluster_merge;
 }
 
-// Whether the plan runs these shapes on the stream-K decode grid (contiguous K/V, no score
-// modifiers; slots from the decode tile's shared memory: the dispatcher confirms them with the
-// kernel's real occupancy).
-bool stream_k_planned(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
+// Whether the plan runs these shapes on the tail-split decode grid (contiguous K/V, no score
+// modifiers).
+bool tail_split_planned(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
                       int num_sms, int num_splits) {
-  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits).stream_k;
+  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits).tail_split;
 }
 
 // Clusters of `cluster_size` plain decode blocks the current device holds at once (0: none, e.g.
@@ -818,8 +810,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the decode splits of these shapes may merge inside a thread-block cluster (sm_90)",
         pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
         pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
-  m.def("stream_k_planned", &stream_k_planned,
-        "Whether single-split decode of these shapes runs on the stream-K grid (plain K/V)", pybind11::arg("batch"),
+  m.def("tail_split_planned", &tail_split_planned,
+        "Whether single-split decode of these shapes runs on the tail-split grid (plain K/V)", pybind11::arg("batch"),
         pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"), pybind11::arg("seqlen_k"),
         pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
   m.def("decode_cluster_capacity", &decode_cluster_capacity,

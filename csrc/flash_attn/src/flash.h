@@ -19,16 +19,10 @@ void run_fwd(const FwdParams& params, cudaStream_t stream);
 template <int kHeadDim, bool kIsBf16>
 int max_decode_clusters(const FwdParams& params, int cluster_size);
 
-// Blocks of the stream-K decode kernel that one SM of the current device holds at once (its
-// occupancy: shared memory and registers). Cached.
-template <int kHeadDim, bool kIsBf16>
-int decode_streamk_blocks_per_sm();
-
 // One (head dim, dtype)'s entry points.
 struct FwdLauncher {
   void (*run)(const FwdParams&, cudaStream_t) = nullptr;
   int (*max_decode_clusters)(const FwdParams&, int cluster_size) = nullptr;
-  int (*decode_streamk_blocks_per_sm)() = nullptr;
 };
 
 constexpr int kNumKernelHeadDims = sizeof(kKernelHeadDims) / sizeof(kKernelHeadDims[0]);

@@ -36,8 +36,7 @@ using namespace cute;
 struct DecodeWork {
   int m_block, bidb, bidh;
   int round0, round_stride, round_end;
-  int slot;          // kFinalSlot: the tile's output and softmax_lse; else the fp32 partial's split slot
-  bool mark_final;   // stream-K: also flag the tile as final for the combine kernel (+inf in slot 0's lse)
+  int slot;  // kFinalSlot: the tile's output and softmax_lse; else the fp32 partial's split slot
 };
 constexpr int kFinalSlot = -1;
 
@@ -125,15 +124,9 @@ __device__ __forceinline__ void decode_tile_range(const FwdParams& params, const
   // The final slot: this block's result is the tile's, written in the input dtype with
   // softmax_lse; otherwise an fp32 partial for the combine kernel (or the cluster merge).
   const bool direct = work.slot == kFinalSlot;
-  // Stream-K: the combine kernel leaves rows flagged final alone.
-  auto mark_final = [&]() {
-    const int64_t head_rows = int64_t(bidh) * params.total_q_rows;
-    if (tidx < rows_in_tile) params.lseaccum_ptr[head_rows + seq.q_row(params, bidb, m0 + tidx)] = INFINITY;
-  };
   if (sb_max <= sb_min) {  // the same for every split of the tile (a cluster exits as one)
     if (direct || params.cluster_merge) {
       if (work.slot <= 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, 0, m_block, rows_in_tile);
-      if (work.mark_final) mark_final();
     } else {
       write_empty_tile<Traits, true>(params, seq, bidb, bidh, work.slot, m_block, rows_in_tile);
     }
@@ -409,7 +402,6 @@ __device__ __forceinline__ void decode_tile_range(const FwdParams& params, const
   };
   if (direct) {
     write_output(merged, [&](int row) { return lse_smem[kNWarps * kBlockM + row]; });
-    if (work.mark_final) mark_final();
   } else if (params.cluster_merge) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // The splits of this tile are one thread-block cluster (sm_90): each leaves its result in its
@@ -499,50 +491,33 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   const int split_idx = blockIdx.y;
   const DecodeWork work{int(blockIdx.x), int(blockIdx.z) / params.h, int(blockIdx.z) % params.h,
                         split_idx, params.num_splits, INT_MAX,
-                        params.num_splits == 1 ? kFinalSlot : split_idx, false};
+                        params.num_splits == 1 ? kFinalSlot : split_idx};
   decode_tile_range<Traits, kScoreMods, kPaged>(params, page_div, smem_buf, work);
   FLASH_DECODE_TIMELINE_MARK(4);
 }
 
-// Stream-K grid for more tiles than resident blocks (plain K/V, no score modifiers). The blocks
-// form groups of one block per query tile of a sequence (heads x m-blocks); group j takes an
-// equal contiguous range of the (sequence, 128-key round) space, every block of the group the
-// same range for its own head, so the blocks reading a sequence at a time are its heads, as in
-// the tile grid: K/V rows interleave the heads, and the group reads whole rows together (a range
-// per single tile spread the concurrent reads over all rows: 3-9% slower, NOTES 46). Every SM
-// streams the same number of rounds: no partial last wave. A range is at least one sequence
-// long (the host keeps the groups below the batch), so a tile spans at most two blocks: a whole
-// tile is written final (and flagged for the combine kernel), a cut tile's two pieces go to
-// partial slots 0 (its head) and 1 (its tail). Fixed ranges for a given shape and grid: the result
-// is deterministic.
+// Tail-split grid (plain K/V, no score modifiers), 2 x tiles blocks in one dimension: block
+// L < tiles runs the head of tile L, rounds [0, rounds - tail), into partial slot 0; block
+// tiles + L its tail, the last tail_rounds rounds, into slot 1. Blocks are dispatched in index
+// order, so every head starts before any tail, and the SMs that finish their heads first take the
+// tails (see heuristics.h tail_rounds). Fixed pieces: the result is deterministic.
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kNThreads) flash_decode_streamk_kernel(const __grid_constant__ FwdParams params) {
+__global__ void __launch_bounds__(Traits::kNThreads) flash_decode_tail_kernel(const __grid_constant__ FwdParams params) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may start launching
 #endif
   FLASH_DECODE_TIMELINE_MARK(0);
   extern __shared__ __align__(128) char smem_buf[];
-  const int rounds = max(1, ceil_div_dev(params.seqlen_k, Traits::kKeysPerRound));
+  const int rounds = ceil_div_dev(params.seqlen_k, Traits::kKeysPerRound);
+  const int head_end = rounds - params.tail_rounds;
   const int m_blocks = ceil_div_dev(params.seqlen_q, Traits::kBlockM);
-  const int group_size = m_blocks * params.h;
-  const int groups = gridDim.x / group_size;
-  const int group = blockIdx.x / group_size;
-  const int tile_in_seq = blockIdx.x % group_size;
-  const int64_t total = int64_t(params.b) * rounds;
-  int64_t x = total * group / groups;
-  const int64_t end = total * (group + 1) / groups;
-  const cutlass::FastDivmod no_pages(1);
-  while (x < end) {
-    const int bidb = int(x / rounds);
-    const int r_lo = int(x - int64_t(bidb) * rounds);
-    const int r_hi = int(min<int64_t>(rounds, r_lo + (end - x)));
-    const bool whole = r_lo == 0 && r_hi == rounds;
-    const DecodeWork work{tile_in_seq % m_blocks, bidb, tile_in_seq / m_blocks, r_lo, 1, r_hi,
-                          whole ? kFinalSlot : (r_lo == 0 ? 0 : 1), whole};
-    __syncthreads();  // the previous tile's epilogue is done with shared memory
-    decode_tile_range<Traits, false, false>(params, no_pages, smem_buf, work);
-    x += r_hi - r_lo;
-  }
+  const int tiles = m_blocks * params.b * params.h;
+  const bool tail = int(blockIdx.x) >= tiles;
+  const int tile = tail ? blockIdx.x - tiles : blockIdx.x;
+  const int z = tile / m_blocks;
+  const DecodeWork work{tile % m_blocks, z / params.h, z % params.h, tail ? head_end : 0, 1,
+                        tail ? INT_MAX : head_end, tail ? 1 : 0};
+  decode_tile_range<Traits, false, false>(params, cutlass::FastDivmod(1), smem_buf, work);
   FLASH_DECODE_TIMELINE_MARK(4);
 }
 

@@ -100,10 +100,11 @@ struct DecodeClusterLaunch {
 
 template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
-  if (params.stream_k) {  // plain K/V only (the plan's condition)
-    constexpr auto kernel = &flash_decode_streamk_kernel<Traits>;
+  if (params.tail_split) {  // plain K/V only (the plan's condition)
+    constexpr auto kernel = &flash_decode_tail_kernel<Traits>;
     allow_dynamic_smem<kernel>(Traits::kSmemBytes);
-    const dim3 grid(params.stream_k_blocks);
+    const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+    const dim3 grid(2 * m_blocks * params.b * params.h);
     FLASH_DECODE_TIMELINE_RECORD(grid, stream);
     kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
     return;
@@ -196,30 +197,6 @@ void run_fwd_impl(const FwdParams& params, cudaStream_t stream) {
 template <int kHeadDim, bool kIsBf16>
 void run_fwd(const FwdParams& params, cudaStream_t stream) {
   run_fwd_impl<kHeadDim, std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>>(params, stream);
-}
-
-template <int kHeadDim, bool kIsBf16>
-int decode_streamk_blocks_per_sm() {
-  constexpr DecodeTile t = decode_tile(kHeadDim);
-  using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
-  using Traits = DecodeKernelTraits<kHeadDim, t.sub_n, t.stages, t.warps, Element>;
-  constexpr auto kernel = &flash_decode_streamk_kernel<Traits>;
-  static std::atomic<int> cached[64] = {};  // blocks per SM + 1, 0 = not yet asked
-  int device = 0;
-  cudaGetDevice(&device);
-  std::atomic<int>& slot = cached[device & 63];
-  int known = slot.load(std::memory_order_relaxed);
-  if (known == 0) {
-    allow_dynamic_smem<kernel>(Traits::kSmemBytes);
-    int blocks = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, Traits::kNThreads, Traits::kSmemBytes) != cudaSuccess) {
-      (void)cudaGetLastError();
-      blocks = 0;
-    }
-    known = blocks + 1;
-    slot.store(known, std::memory_order_relaxed);
-  }
-  return known - 1;
 }
 
 template <int kHeadDim, bool kIsBf16>

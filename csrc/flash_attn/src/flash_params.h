@@ -71,11 +71,10 @@ struct FwdParams {
   // Decode kernel, sm_90, 2 <= num_splits <= kMaxClusterSplits: the splits of a query tile run as one
   // thread-block cluster and merge through distributed shared memory (no partials, no combine).
   bool cluster_merge;
-  // Decode, stream-K grid of stream_k_blocks blocks (flash_decode_streamk_kernel): num_splits is 2,
-  // the partial slots of a tile cut between two blocks; a whole tile's block writes the output
-  // and flags its rows' slot-0 lse +inf so the combine kernel skips them.
-  bool stream_k;
-  int stream_k_blocks;
+  // Decode, tail-split grid (flash_decode_tail_kernel): every tile as a head piece (partial slot 0)
+  // and a tail piece of its last tail_rounds key rounds (slot 1); num_splits is 2.
+  bool tail_split;
+  int tail_rounds;
 };
 
 }  // namespace flash

@@ -33,17 +33,6 @@ inline bool cluster_mergeable(long long blocks, int splits, int num_sms) {
 // block's top rate, ~1 us on H100): a second kernel and the fp32 partials' round trip.
 constexpr float kCombineCost = 1.0f;
 
-// Blocks of the stream-K decode grid (flash_decode_streamk_kernel) for a single-split grid of
-// `tiles` query tiles, `tiles_per_seq` of them per sequence, on `slots` resident blocks: whole
-// groups of tiles_per_seq blocks, as many as fit; 0 when stream-K does not apply (the tiles fit
-// in one wave, or one sequence's tiles exceed the slots). It pays beyond one wave: a grid of 1.45
-// waves (b16 12/12, 192 tiles on 132 SMs) otherwise ends with a second wave on 60 SMs. Cut tiles
-// cost a combine launch (partials of two pieces).
-inline long long stream_k_grid(long long tiles, long long tiles_per_seq, long long slots) {
-  if (tiles <= slots || tiles_per_seq <= 0 || tiles_per_seq > slots) return 0;
-  return slots / tiles_per_seq * tiles_per_seq;
-}
-
 // Number of key splits for a grid of `blocks` thread blocks (batch x heads x query tiles), each
 // over `n_blocks` key blocks, with `blocks_per_sm` resident blocks per SM. Time model, in units
 // of one key block read at a single block's top rate:
@@ -52,16 +41,12 @@ inline long long stream_k_grid(long long tiles, long long tiles_per_seq, long lo
 // bandwidth (a few blocks stream faster each than a full GPU's worth), +1 is a block's fixed cost
 // (Q, the first DRAM round trip, the epilogue) and merge = 0.1 per split for the partials (with a
 // 3% margin it breaks ties towards fewer splits), plus kCombineCost unless the splits merge in a
-// cluster (`cluster_merge`: the decode kernel). With `stream_k_group` > 0 (plain decode: tiles per
-// sequence) one split of more blocks than slots runs the stream-K grid of stream_k_grid blocks:
-// blocks / grid full waves' time, + 1, + kCombineCost.
-// Splitting pays when too few blocks run to
+// cluster (`cluster_merge`: the decode kernel). Splitting pays when too few blocks run to
 // saturate DRAM; a partial last wave is cheap (its blocks stream faster), so grids of more than
 // one wave rarely split. Measured against full sweeps in
 // benchmarks/sweep_num_splits.py (contiguous and paged).
 inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits,
-                                int blocks_per_sm = kSplitBlocksPerSm, bool cluster_merge = false,
-                                int stream_k_group = 0) {
+                                int blocks_per_sm = kSplitBlocksPerSm, bool cluster_merge = false) {
   if (blocks <= 0 || n_blocks <= 1) return 1;
   const int slots = num_sms * blocks_per_sm;
   const float saturating = std::max(1.0f, kSaturatingSmFraction * num_sms);
@@ -83,11 +68,7 @@ inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_s
     const long long full_waves = total / slots, last_wave = total % slots;
     const float merge = s == 1 ? 0.f
                         : 0.1f * s + (cluster_merge && cluster_mergeable(blocks, s, num_sms) ? 0.f : kCombineCost);
-    float cost = static_cast<float>(full_waves) * wave_cost(slots) + (last_wave > 0 ? wave_cost(last_wave) : 0.f) + merge;
-    const long long sk_grid = s == 1 && stream_k_group > 0 ? stream_k_grid(total, stream_k_group, slots) : 0;
-    if (sk_grid > 0) {
-      cost = static_cast<float>(total) / sk_grid * (wave_cost(sk_grid) - 1.0f) + 1.0f + kCombineCost;
-    }
+    const float cost = static_cast<float>(full_waves) * wave_cost(slots) + (last_wave > 0 ? wave_cost(last_wave) : 0.f) + merge;
     // A larger count must win by 3%: near-ties (large grids, where splits only shuffle wave
     // quantisation) keep fewer partials.
     if (cost < 0.97f * best_cost) {
@@ -114,12 +95,18 @@ struct ForwardPlan {
   // (b16 s2048 12/12, 2 splits in clusters: 82.3 us against 78.7).
   bool cluster_merge;
   long long tiles;  // thread blocks per split: batch x heads x query tiles of the kernel chosen
-  // Decode at one (heuristic) split with more tiles than resident blocks: the stream-K grid
-  // (flash_decode_streamk_kernel) -- see stream_k_grid. The dispatcher sizes it with the kernel's
-  // real occupancy.
-  bool stream_k;
+  // Decode at one (heuristic) split: each tile runs as a head piece and a tail piece of
+  // tail_rounds(rounds) key rounds, the tails dispatched after every head (see tail_rounds).
+  bool tail_split;
 };
 
+// Key rounds of the tail piece of a single-split decode tile of `rounds` rounds (0: no tail
+// split). The heads of all tiles are dispatched first, their tails after them: an SM that
+// finishes its head early takes the tail of a slower one. One wave of equal blocks ends with its
+// slowest block, and the blocks of one wave read at unequal speeds (b16 2048 32/8: loops of
+// 29.6-40.4 us, NOTES 39); the tails even the SMs out, for one partial round trip and a combine.
+constexpr int kTailDivisor = 8;
+inline int tail_rounds(int rounds) { return rounds >= 2 * kTailDivisor ? rounds / kTailDivisor : 0; }
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
 // 0 = heuristic, 1 = never split, n > 1 = n splits clamped to the number of key blocks.
@@ -127,7 +114,7 @@ struct ForwardPlan {
 // an explicit n > 1 is honoured for any seqlen_q.
 // `can_swap` is false when rows of a group would differ: a window or ALiBi (per position / head),
 // or a varlen batch that is not exactly one query per sequence.
-// `plain_kv`: contiguous K/V without score modifiers (softcap, ALiBi), the only case the stream-K
+// `plain_kv`: contiguous K/V without score modifiers (softcap, ALiBi), the only case the tail-split
 // decode kernel is built for.
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
@@ -149,20 +136,19 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   const int block_n = decode ? decode_keys_per_round(kernel_hdim) : split_tile.block_n;
   const int blocks_per_sm = decode ? decode_blocks_per_sm(kernel_hdim) : kSplitBlocksPerSm;
   const int n_blocks = std::max(1, ceil_div(max_seqlen_k, block_n));
-  const int tiles_per_seq = plan.num_heads * ceil_div(plan.seqlen_q, block_m);
-  const long long blocks = static_cast<long long>(batch) * tiles_per_seq;
+  const long long blocks = static_cast<long long>(batch) * plan.num_heads * ceil_div(plan.seqlen_q, block_m);
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
   } else if (requested == 0 && max_seqlen_q == 1) {
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
-                                           kMaxSplits, blocks_per_sm, decode, decode && plain_kv ? tiles_per_seq : 0);
+                                           kMaxSplits, blocks_per_sm, decode);
   }
   plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
   plan.decode_kernel = plan.split_kernel && decode;
   plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
   plan.tiles = blocks;
-  plan.stream_k = plan.decode_kernel && requested == 0 && plan.num_splits == 1 && plain_kv &&
-                  stream_k_grid(blocks, tiles_per_seq, static_cast<long long>(num_sms) * blocks_per_sm) > 0;
+  plan.tail_split = plan.decode_kernel && requested == 0 && plan.num_splits == 1 && plain_kv &&
+                    tail_rounds(n_blocks) > 0;
   return plan;
 }
 

@@ -4,8 +4,6 @@
 namespace flash {
 template void run_fwd<192, true>(const FwdParams&, cudaStream_t);
 template int max_decode_clusters<192, true>(const FwdParams&, int);
-template int decode_streamk_blocks_per_sm<192, true>();
 static const bool kRegistered =
-    register_fwd(192, true, FwdLauncher{&run_fwd<192, true>, &max_decode_clusters<192, true>,
-                                                &decode_streamk_blocks_per_sm<192, true>});
+    register_fwd(192, true, FwdLauncher{&run_fwd<192, true>, &max_decode_clusters<192, true>});
 }  // namespace flash

@@ -4,8 +4,6 @@
 namespace flash {
 template void run_fwd<256, false>(const FwdParams&, cudaStream_t);
 template int max_decode_clusters<256, false>(const FwdParams&, int);
-template int decode_streamk_blocks_per_sm<256, false>();
 static const bool kRegistered =
-    register_fwd(256, false, FwdLauncher{&run_fwd<256, false>, &max_decode_clusters<256, false>,
-                                                &decode_streamk_blocks_per_sm<256, false>});
+    register_fwd(256, false, FwdLauncher{&run_fwd<256, false>, &max_decode_clusters<256, false>});
 }  // namespace flash

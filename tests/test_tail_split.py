@@ -1,8 +1,8 @@
-"""GPU tests of the stream-K decode grid: single-split decode with more query tiles than resident
-thread blocks (batch x kv heads > SMs) runs one block per SM, each over an equal range of
-(tile, key round); a tile cut between two blocks is merged by the combine kernel, a whole tile is
-written by its block. Checked against the fp32 reference and the unsplit kernel, with ragged and
-empty sequences, seqused_k, windows, the kv-cache API and bitwise repeats.
+"""GPU tests of the tail-split decode grid: single-split decode (batch x kv heads near or above the
+SM count) runs every query tile as a head piece and a tail piece of its last key rounds, merged by
+the combine kernel. Checked against the fp32 reference and the unsplit kernel, with ragged and
+empty sequences (tails past a short sequence's end are empty), seqused_k, windows, the kv-cache
+API and bitwise repeats.
 
 Rule as elsewhere: max|out - ref| <= 2 * max|out_pt - ref| + 1e-5.
 """
@@ -28,7 +28,7 @@ pytestmark = requires_gpu
 DTYPES = [torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp16", "bf16"]
 # Lengths cycle through: 1 key, less than a round, not multiples of the 128-key round, an empty
-# sequence; long enough that a block's range cuts tiles mid-sequence.
+# sequence, and 4097 keys (33 rounds: a tail of 4 rounds) that sets the split point.
 CYCLE = [1, 7, 300, 0, 1000, 129, 4097, 63]
 
 
@@ -37,15 +37,15 @@ def _sms():
 
 
 def _planned(batch, nheads, nheads_k, max_sk, d, **kw):
-    return flash_attn_gpu.stream_k_planned(batch, nheads, nheads_k, 1, max_sk, d, _sms(), 0, **kw)
+    return flash_attn_gpu.tail_split_planned(batch, nheads, nheads_k, 1, max_sk, d, _sms(), 0, **kw)
 
 
-def _stream_k_batch(nheads, nheads_k, max_sk, d):
-    """The smallest batch (>= 8, so every CYCLE length occurs) that runs on the stream-K grid."""
+def _tail_split_batch(nheads, nheads_k, max_sk, d):
+    """The smallest batch (>= 8, so every CYCLE length occurs) that runs on the tail-split grid."""
     for batch in range(8, 4096):
         if _planned(batch, nheads, nheads_k, max_sk, d):
             return batch
-    raise AssertionError("no batch plans stream-K")
+    raise AssertionError("no batch plans a tail split")
 
 
 def _inputs(k_lens, nheads, nheads_k, d, dtype):
@@ -68,10 +68,10 @@ LAYOUTS = {"mha": (12, 12), "gqa": (32, 8), "mqa": (8, 1)}
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_stream_k_varlen_decode(dtype, d, layout, require_kernel):
+def test_tail_split_varlen_decode(dtype, d, layout, require_kernel):
     require_kernel(d, dtype)
     nheads, nheads_k = LAYOUTS[layout]
-    batch = _stream_k_batch(nheads, nheads_k, max(CYCLE), d)
+    batch = _tail_split_batch(nheads, nheads_k, max(CYCLE), d)
     k_lens = [CYCLE[i % len(CYCLE)] for i in range(batch)]
     q, k, v, qmask, kmask, q_u, k_u, v_u, cu_q, cu_k, max_sk = _inputs(k_lens, nheads, nheads_k, d, dtype)
     out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask)
@@ -86,7 +86,7 @@ def test_stream_k_varlen_decode(dtype, d, layout, require_kernel):
     out_unsplit = flash_attn.flash_attn_varlen_func(q_u, k_u, v_u, cu_q, cu_k, 1, max_sk, num_splits=1)
     err_pt = max_abs_diff(out_pt, out_ref)
     assert max_abs_diff(out, out_unsplit) <= 2 * err_pt + 1e-5
-    # Fixed ranges per block: the same bits on every call.
+    # Fixed pieces: the same bits on every call.
     for _ in range(2):
         again, lse_again = ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, 1, max_sk, num_splits=0)
         assert torch.equal(again, out) and torch.equal(lse_again, lse)
@@ -94,14 +94,14 @@ def test_stream_k_varlen_decode(dtype, d, layout, require_kernel):
 
 @pytest.mark.parametrize("case", ["seqused_k", "window", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_stream_k_varlen_decode_masks(dtype, case, require_kernel):
-    """seqused_k (keys past it are NaN and must not be read) and a local window (rounds before the
-    band are empty) on the stream-K grid; without the GQA swap (window) tiles are query heads."""
+def test_tail_split_varlen_decode_masks(dtype, case, require_kernel):
+    """seqused_k (keys past it are NaN and must not be read) and a local window (the head piece's
+    rounds before the band are empty) on the tail-split grid; without the GQA swap (window) tiles are
+    query heads."""
     d = 128
     require_kernel(d, dtype)
     nheads, nheads_k = 16, 4
-    # A window keeps the query heads apart (no GQA swap): tiles are query heads then.
-    batch = _stream_k_batch(nheads, nheads if case == "window" else nheads_k, max(CYCLE) + 5, d)
+    batch = _tail_split_batch(nheads, nheads if case == "window" else nheads_k, max(CYCLE) + 5, d)
     k_lens = [CYCLE[i % len(CYCLE)] + 5 for i in range(batch)]
     q, k, v, qmask, kmask, q_u, k_u, v_u, cu_q, cu_k, max_sk = _inputs(k_lens, nheads, nheads_k, d, dtype)
     kw, used_t, mask = {}, None, kmask
@@ -130,13 +130,13 @@ def test_stream_k_varlen_decode_masks(dtype, case, require_kernel):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_stream_k_kvcache(dtype, require_kernel):
-    """flash_attn_with_kvcache at decode with more tiles than SMs: ragged cache_seqlens."""
+def test_tail_split_kvcache(dtype, require_kernel):
+    """flash_attn_with_kvcache at decode on the tail-split grid: ragged cache_seqlens."""
     d = 128
     require_kernel(d, dtype)
     nheads, nheads_k = 12, 12
-    cache_len = 1100
-    batch = _stream_k_batch(nheads, nheads_k, cache_len, d)
+    cache_len = 2100
+    batch = _tail_split_batch(nheads, nheads_k, cache_len, d)
     lens = [min(cache_len, CYCLE[i % len(CYCLE)] + 1) for i in range(batch)]
     q = torch.randn(batch, 1, nheads, d, device=DEVICE, dtype=dtype)
     k_cache = torch.randn(batch, cache_len, nheads_k, d, device=DEVICE, dtype=dtype)
