@@ -141,27 +141,3 @@ def test_no_cluster_merge_outside_2_to_8_splits(requested):
 def test_no_cluster_merge_without_decode_kernel():
     # 128 query rows run on the 64-row split kernel: partials and the combine kernel.
     assert not cluster_merge(1, 4, 4, 128, 32768, num_splits=4)
-
-
-def tail_split(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0, num_sms=SMS):
-    return flash_attn_gpu.tail_split_planned(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_sms, num_splits)
-
-
-@pytest.mark.parametrize("nheads,nheads_k", [(12, 12), (32, 8), (32, 32)])
-@pytest.mark.parametrize("batch", [16, 128])
-def test_tail_split_at_one_split(batch, nheads, nheads_k):
-    # Single-split decode grids of 128-4096 tiles, 16+ key rounds: heads, then tails.
-    assert nsplits(batch, nheads, nheads_k, 1, 4096, 128) == 1
-    assert tail_split(batch, nheads, nheads_k, 1, 4096)
-
-
-def test_no_tail_split_for_short_sequences_or_splits():
-    assert not tail_split(16, 32, 8, 1, 1920)  # 15 rounds of 128 keys: no tail
-    assert tail_split(16, 32, 8, 1, 2048)
-    assert not tail_split(1, 12, 12, 1, 8192)  # split instead
-
-
-def test_no_tail_split_when_splits_are_requested_or_prefill():
-    assert not tail_split(16, 12, 12, 1, 4096, num_splits=1)  # upstream's unsplit kernel
-    assert not tail_split(16, 12, 12, 1, 4096, num_splits=2)
-    assert not tail_split(16, 12, 12, 128, 4096)  # prefill: not the decode kernel

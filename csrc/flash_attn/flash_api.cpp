@@ -241,13 +241,6 @@ bool cluster_merge_enabled() {
   return enabled;
 }
 
-// FLASH_ATTN_DECODE_TAIL_SPLIT=0 runs single-split decode grids as one block per tile instead of
-// the tail-split grid: for A/B measurements in one build only.
-bool tail_split_enabled() {
-  static const bool enabled = env_switch("FLASH_ATTN_DECODE_TAIL_SPLIT") != 0;
-  return enabled;
-}
-
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
 c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev,
@@ -264,17 +257,11 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   if (plan.cluster_merge && dev.pdl && cluster_merge_enabled()) {
     p.cluster_merge = plan.tiles <= kernel.max_decode_clusters(p, num_splits);  // one cluster per tile
   }
-  // Tail split: two partial slots per tile, head and tail.
-  if (plan.tail_split && tail_split_enabled()) {
-    p.tail_split = true;
-    p.tail_rounds = flash::tail_rounds(flash::ceil_div(p.seqlen_k, flash::decode_keys_per_round(flash::round_up_headdim(p.d))));
-    p.num_splits = 2;
-  }
-  if (!plan.split_kernel || (plan.decode_kernel && p.num_splits == 1) || p.cluster_merge) return {};  // no partials
+  if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1) || p.cluster_merge) return {};  // no partials
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
   // partial lse [num_splits][h][rows].
   const int kernel_hdim = flash::round_up_headdim(p.d);
-  const int64_t lse_elems = int64_t(p.num_splits) * p.h * total_q_rows;
+  const int64_t lse_elems = int64_t(num_splits) * p.h * total_q_rows;
   c10::DataPtr accum = c10::cuda::CUDACachingAllocator::get()->allocate(lse_elems * (kernel_hdim + 1) * sizeof(float));
   p.oaccum_ptr = static_cast<float*>(accum.get());
   p.lseaccum_ptr = p.oaccum_ptr + lse_elems * kernel_hdim;
@@ -315,10 +302,9 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
   const int num_heads_k = k.size(2);
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes;
   const DeviceInfo dev = device_info();
-  const bool plain_kv = !alibi_slopes && softcap == 0.0 && kv.block_table == nullptr;
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k,
                                                       head_size, can_swap, dev.sm_count, num_splits,
-                                                      decode_kernel_enabled(), plain_kv);
+                                                      decode_kernel_enabled());
   // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
   // become its query rows.
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
@@ -444,10 +430,9 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
   // The swap views q as (b, g, h_k, d), which needs exactly one query per sequence.
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && total_q == batch;
   const DeviceInfo dev = device_info();
-  const bool plain_kv = !alibi_slopes && softcap == 0.0 && !paged;
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
                                                       head_size, can_swap, dev.sm_count, num_splits,
-                                                      decode_kernel_enabled(), plain_kv);
+                                                      decode_kernel_enabled());
   // With the swap, q (total_q = batch, h_k * g, d) is seen batch-strided as (b, g, h_k, d).
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
          batch, plan.num_heads, num_heads_k, plan.seqlen_q, max_seqlen_k, head_size,
@@ -742,13 +727,6 @@ bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen
       .cluster_merge;
 }
 
-// Whether the plan runs these shapes on the tail-split decode grid (contiguous K/V, no score
-// modifiers).
-bool tail_split_planned(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
-                      int num_sms, int num_splits) {
-  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits).tail_split;
-}
-
 // Clusters of `cluster_size` plain decode blocks the current device holds at once (0: none, e.g.
 // before sm_90): what bounds the cluster merge at run time.
 int decode_cluster_capacity(int head_size, bool is_bf16, int cluster_size) {
@@ -810,10 +788,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the decode splits of these shapes may merge inside a thread-block cluster (sm_90)",
         pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
         pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
-  m.def("tail_split_planned", &tail_split_planned,
-        "Whether single-split decode of these shapes runs on the tail-split grid (plain K/V)", pybind11::arg("batch"),
-        pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"), pybind11::arg("seqlen_k"),
-        pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
   m.def("decode_cluster_capacity", &decode_cluster_capacity,
         "Thread-block clusters of cluster_size decode blocks the current CUDA device holds at once",
         pybind11::arg("head_size"), pybind11::arg("is_bf16"), pybind11::arg("cluster_size"));

@@ -100,15 +100,6 @@ struct DecodeClusterLaunch {
 
 template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
-  if (params.tail_split) {  // plain K/V only (the plan's condition)
-    constexpr auto kernel = &flash_decode_tail_kernel<Traits>;
-    allow_dynamic_smem<kernel>(Traits::kSmemBytes);
-    const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-    const dim3 grid(2 * m_blocks * params.b * params.h);
-    FLASH_DECODE_TIMELINE_RECORD(grid, stream);
-    kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
-    return;
-  }
   with_decode_features(params, [&](auto score_mods, auto paged) {
     constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
     allow_dynamic_smem<kernel>(Traits::kSmemBytes);

@@ -71,10 +71,6 @@ struct FwdParams {
   // Decode kernel, sm_90, 2 <= num_splits <= kMaxClusterSplits: the splits of a query tile run as one
   // thread-block cluster and merge through distributed shared memory (no partials, no combine).
   bool cluster_merge;
-  // Decode, tail-split grid (flash_decode_tail_kernel): every tile as a head piece (partial slot 0)
-  // and a tail piece of its last tail_rounds key rounds (slot 1); num_splits is 2.
-  bool tail_split;
-  int tail_rounds;
 };
 
 }  // namespace flash

@@ -95,18 +95,7 @@ struct ForwardPlan {
   // (b16 s2048 12/12, 2 splits in clusters: 82.3 us against 78.7).
   bool cluster_merge;
   long long tiles;  // thread blocks per split: batch x heads x query tiles of the kernel chosen
-  // Decode at one (heuristic) split: each tile runs as a head piece and a tail piece of
-  // tail_rounds(rounds) key rounds, the tails dispatched after every head (see tail_rounds).
-  bool tail_split;
 };
-
-// Key rounds of the tail piece of a single-split decode tile of `rounds` rounds (0: no tail
-// split). The heads of all tiles are dispatched first, their tails after them: an SM that
-// finishes its head early takes the tail of a slower one. One wave of equal blocks ends with its
-// slowest block, and the blocks of one wave read at unequal speeds (b16 2048 32/8: loops of
-// 29.6-40.4 us, NOTES 39); the tails even the SMs out, for one partial round trip and a combine.
-constexpr int kTailDivisor = 8;
-inline int tail_rounds(int rounds) { return rounds >= 2 * kTailDivisor ? rounds / kTailDivisor : 0; }
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
 // 0 = heuristic, 1 = never split, n > 1 = n splits clamped to the number of key blocks.
@@ -114,12 +103,10 @@ inline int tail_rounds(int rounds) { return rounds >= 2 * kTailDivisor ? rounds 
 // an explicit n > 1 is honoured for any seqlen_q.
 // `can_swap` is false when rows of a group would differ: a window or ALiBi (per position / head),
 // or a varlen batch that is not exactly one query per sequence.
-// `plain_kv`: contiguous K/V without score modifiers (softcap, ALiBi), the only case the tail-split
-// decode kernel is built for.
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
-                                int requested, bool allow_decode_kernel = true, bool plain_kv = true) {
-  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0, false};
+                                int requested, bool allow_decode_kernel = true) {
+  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
   if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
@@ -147,8 +134,6 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   plan.decode_kernel = plan.split_kernel && decode;
   plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
   plan.tiles = blocks;
-  plan.tail_split = plan.decode_kernel && requested == 0 && plan.num_splits == 1 && plain_kv &&
-                    tail_rounds(n_blocks) > 0;
   return plan;
 }
 
