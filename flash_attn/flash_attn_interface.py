@@ -81,10 +81,6 @@ def num_splits_heuristic(
 # Argument plumbing shared by all entry points
 # --------------------------------------------------------------------------------------------
 
-def _maybe_contiguous(x):
-    return x.contiguous() if x is not None and x.stride(-1) != 1 else x
-
-
 def _pad_to_multiple_of_8(x, head_size):
     return x if head_size % 8 == 0 else F.pad(x, [0, 8 - head_size % 8])
 
@@ -492,8 +488,8 @@ def flash_attn_with_kvcache(
             "flash_attn_with_kvcache: this build of the flash_attn_2_cuda extension has no "
             "fwd_kvcache kernel"
         )
-    # Argument checks (cache layout included) live in the dispatcher, with messages naming them.
-    q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    # Argument checks (cache layout included) live in the dispatcher, with messages naming them;
+    # it also copies a strided last dimension of q, k and v (not of the caches, written in place).
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** (-0.5)
     if isinstance(cache_seqlens, int):

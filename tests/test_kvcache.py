@@ -463,3 +463,25 @@ def test_kvcache_features(dtype, feature, seqlen_q, seqlen_new, paged, require_k
     if paged:  # windows with paging: the decode kernel fetches page entries after the lengths
         k_cache, v_cache, kw["block_table"] = _paged_pair(k_cache, v_cache, paged)
     _check_kvcache(q, k_cache, v_cache, k, v, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_kvcache_strided_last_dim(dtype, require_kernel):
+    """q and the new k / v with a strided head dim are copied by the dispatcher (as upstream's
+    maybe_contiguous): the same bits as contiguous inputs."""
+    d = 128
+    require_kernel(d, dtype)
+    batch, nheads, nheads_k, s_cache, s_new = 3, 6, 2, 300, 2
+    k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    seqlens = torch.tensor([5, 100, 250], dtype=torch.int32, device=DEVICE)
+    wide = [_randn(batch, n, h, 2 * d, dtype=dtype) for n, h in ((1, nheads), (s_new, nheads_k), (s_new, nheads_k))]
+    q_s, k_s, v_s = [x[..., ::2] for x in wide]
+    assert q_s.stride(-1) == 2
+    kc1, vc1 = k_cache.clone(), v_cache.clone()
+    out_s = flash_attn.flash_attn_with_kvcache(q_s, kc1, vc1, k_s, v_s, cache_seqlens=seqlens)
+    kc2, vc2 = k_cache.clone(), v_cache.clone()
+    out_c = flash_attn.flash_attn_with_kvcache(q_s.contiguous(), kc2, vc2, k_s.contiguous(), v_s.contiguous(),
+                                               cache_seqlens=seqlens)
+    assert torch.equal(out_s, out_c)
+    assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)

@@ -533,12 +533,17 @@ void check_cache_values(const Tensor& cache_seqlens, int seqlen_new, const OptTe
 // with block_table (batch, max_blocks_per_seq); optional new k, v: (batch, seqlen_new, num_heads_k, d)
 // appended in place at cache_seqlens, rotated with rotary_cos / rotary_sin (seqlen_ro, rotary_dim / 2)
 // as is q.
-std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_in, const Tensor& kcache, const Tensor& vcache, OptTensor k_,
-                                    OptTensor v_, OptTensor cache_seqlens, OptTensor rotary_cos, OptTensor rotary_sin,
+std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_arg, const Tensor& kcache, const Tensor& vcache, OptTensor k_arg,
+                                    OptTensor v_arg, OptTensor cache_seqlens, OptTensor rotary_cos, OptTensor rotary_sin,
                                     OptTensor cache_batch_idx, OptTensor cache_leftpad, OptTensor block_table,
                                     OptTensor alibi_slopes, OptTensor out_, double softmax_scale, bool is_causal,
                                     int window_left, int window_right, double softcap, bool rotary_interleaved,
                                     int num_splits) {
+  // q and the new k / v are read only: a strided last dimension is copied. The caches are
+  // written in place, so theirs must already be contiguous.
+  const Tensor q_in = contiguous_last_dim(q_arg);
+  const OptTensor k_ = k_arg ? OptTensor(contiguous_last_dim(*k_arg)) : OptTensor();
+  const OptTensor v_ = v_arg ? OptTensor(contiguous_last_dim(*v_arg)) : OptTensor();
   const auto dt = q_in.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "q must have dtype torch.float16 or torch.bfloat16, got ",
               c10::toString(dt));
@@ -547,7 +552,6 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_in, const Tensor& kcache, co
   TORCH_CHECK(vcache.scalar_type() == dt, "v_cache must have the same dtype as q, got ",
               c10::toString(vcache.scalar_type()), " and ", c10::toString(dt));
   TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", shape_str(q_in));
-  TORCH_CHECK(q_in.stride(-1) == 1, "q must have contiguous last dimension");
   TORCH_CHECK(kcache.stride(-1) == 1, "k_cache must have contiguous last dimension");
   TORCH_CHECK(vcache.stride(-1) == 1, "v_cache must have contiguous last dimension");
   const bool paged = block_table.has_value();
@@ -601,8 +605,6 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_in, const Tensor& kcache, co
                 shape_str(*k_));
     TORCH_CHECK(v_->sizes() == k_->sizes(), "v must have the same shape as k, got ", shape_str(*v_), " and ",
                 shape_str(*k_));
-    TORCH_CHECK(k_->stride(-1) == 1, "k must have contiguous last dimension");
-    TORCH_CHECK(v_->stride(-1) == 1, "v must have contiguous last dimension");
     TORCH_CHECK(cache_seqlens.has_value(), "cache_seqlens is required when k and v are appended to the cache");
     seqlen_new = k_->size(1);
   }
@@ -633,7 +635,7 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_in, const Tensor& kcache, co
   check_on_device(q_in, "q", q_in);
   check_on_device(kcache, "k_cache", q_in);
   check_on_device(vcache, "v_cache", q_in);
-  for (auto [t, name] : {std::pair{&k_, "k"}, {&v_, "v"}, {&cache_seqlens, "cache_seqlens"}, {&rotary_cos, "rotary_cos"},
+  for (auto [t, name] : {std::pair<const OptTensor*, const char*>{&k_, "k"}, {&v_, "v"}, {&cache_seqlens, "cache_seqlens"}, {&rotary_cos, "rotary_cos"},
                          {&rotary_sin, "rotary_sin"}, {&cache_batch_idx, "cache_batch_idx"},
                          {&cache_leftpad, "cache_leftpad"}, {&block_table, "block_table"},
                          {&alibi_slopes, "alibi_slopes"}, {&out_, "out"}}) {
