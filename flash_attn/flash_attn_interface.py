@@ -188,11 +188,8 @@ if hasattr(torch.library, "custom_op") and hasattr(torch.compiler, "is_compiling
     # go straight to the extension and only torch.compile traces see the op.
     _is_compiling = torch.compiler.is_compiling
 
-    def _fwd(*args):
-        return _fwd_op(*args) if _is_compiling() else _fwd_impl(*args)
-
 else:  # older torch: call the extension directly
-    _fwd, _varlen_fwd_op = _fwd_impl, _varlen_fwd_impl
+    _fwd_op, _varlen_fwd_op = _fwd_impl, _varlen_fwd_impl
 
     def _is_compiling():
         return False
@@ -206,10 +203,9 @@ def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, 
                         alibi_slopes, num_splits):
     _check_no_dropout(dropout_p)
     q, k, v, softmax_scale, head_size = _prepare_qkv(q, k, v, softmax_scale)
-    out, lse = _fwd(
-        q, k, v, alibi_slopes, float(dropout_p), softmax_scale, bool(causal),
-        int(window_size[0]), int(window_size[1]), float(softcap), int(num_splits),
-    )
+    args = (q, k, v, alibi_slopes, float(dropout_p), softmax_scale, bool(causal),
+            int(window_size[0]), int(window_size[1]), float(softcap), int(num_splits))
+    out, lse = _fwd_op(*args) if _is_compiling() else _fwd_impl(*args)
     return _unpad(out, head_size), lse
 
 
