@@ -141,28 +141,3 @@ def test_no_cluster_merge_outside_2_to_8_splits(requested):
 def test_no_cluster_merge_without_decode_kernel():
     # 128 query rows run on the 64-row split kernel: partials and the combine kernel.
     assert not cluster_merge(1, 4, 4, 128, 32768, num_splits=4)
-
-
-def narrow(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0, num_sms=SMS):
-    return flash_attn_gpu.decode_narrow_planned(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_sms,
-                                                num_splits)
-
-
-@pytest.mark.parametrize("seqlen_k", [2048, 4096, 8192, 32768])
-def test_narrow_decode_tile_between_one_and_two_waves(seqlen_k):
-    # b16 12/12: 192 single-split tiles, more than one wave of the head-dim-128 decode tile (one
-    # block per SM) and at most one of the narrow tile (two per SM).
-    assert nsplits(16, 12, 12, 1, seqlen_k, 128) == 1
-    assert narrow(16, 12, 12, 1, seqlen_k)
-    assert not narrow(16, 32, 8, 1, seqlen_k)  # 128 tiles: one wave already
-    assert not narrow(16, 32, 32, 1, seqlen_k)  # 512 tiles: several waves either way
-
-
-def test_narrow_decode_tile_only_for_head_dim_128_and_the_heuristic():
-    assert narrow(16, 12, 12, 1, 4096, headdim=128)
-    assert narrow(16, 12, 12, 1, 4096, headdim=120)  # runs the head-dim-128 kernel
-    assert not narrow(16, 12, 12, 1, 4096, headdim=64)
-    assert not narrow(16, 12, 12, 1, 4096, headdim=256)
-    assert not narrow(16, 12, 12, 1, 4096, num_splits=1)  # upstream's unsplit kernel
-    assert not narrow(16, 12, 12, 1, 4096, num_splits=2)
-    assert not narrow(16, 12, 12, 128, 4096)  # prefill

@@ -241,13 +241,6 @@ bool cluster_merge_enabled() {
   return enabled;
 }
 
-// FLASH_ATTN_DECODE_NARROW=0 keeps the default decode tile where the plan picks the narrow one:
-// for A/B measurements in one build only.
-bool decode_narrow_enabled() {
-  static const bool enabled = env_switch("FLASH_ATTN_DECODE_NARROW") != 0;
-  return enabled;
-}
-
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
 c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev,
@@ -255,7 +248,6 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   const int num_splits = plan.num_splits;
   p.split_kernel = plan.split_kernel;
   p.decode_kernel = plan.decode_kernel;
-  p.decode_narrow = plan.decode_narrow && decode_narrow_enabled();
   p.num_splits = num_splits;
   p.allow_pdl = dev.pdl && combine_pdl_enabled();
   p.total_q_rows = total_q_rows;
@@ -737,13 +729,6 @@ bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen
       .cluster_merge;
 }
 
-// Whether single-split decode of these shapes runs on the narrow decode tile (tile_sizes.h
-// decode_tile_narrow; the plain and paged-only kernels).
-bool decode_narrow_planned(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
-                           int num_sms, int num_splits) {
-  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits).decode_narrow;
-}
-
 // Clusters of `cluster_size` plain decode blocks the current device holds at once (0: none, e.g.
 // before sm_90): what bounds the cluster merge at run time.
 int decode_cluster_capacity(int head_size, bool is_bf16, int cluster_size) {
@@ -803,10 +788,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
   m.def("cluster_merge_planned", &cluster_merge_planned,
         "Whether the decode splits of these shapes may merge inside a thread-block cluster (sm_90)",
-        pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
-        pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
-  m.def("decode_narrow_planned", &decode_narrow_planned,
-        "Whether single-split decode of these shapes runs on the narrow decode tile (two blocks per SM)",
         pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
         pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
   m.def("decode_cluster_capacity", &decode_cluster_capacity,

@@ -74,8 +74,7 @@ struct DecodeKernelTraits {
   static constexpr int kSmemPagesBytes = kNWarps * kPageSlots * kPageSlotInts * 4;
   static constexpr int kSmemBytes =
       kSmemQBytes + (kSmemRingBytes + kSmemPagesBytes > kSmemMergeBytes ? kSmemRingBytes + kSmemPagesBytes : kSmemMergeBytes);
-  static_assert(kSmemBytes == decode_smem_bytes(kHeadDim, int(sizeof(Element)), DecodeTile{kSubN, kStages, kNWarps}),
-                "tile_sizes.h disagrees");
+  static_assert(kSmemBytes == decode_smem_bytes(kHeadDim, int(sizeof(Element))), "tile_sizes.h disagrees");
 };
 
 }  // namespace flash

@@ -63,18 +63,12 @@ void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
 // Decode: three instantiations -- plain, paged (key rows aligned to 16-row page groups: no left
 // padding), and score modifiers (softcap / ALiBi), which also serves the rare combinations: paging
 // with score modifiers, and paging with left padding (any alignment).
-inline bool needs_score_mod_kernel(const FwdParams& params) {
-  return params.softcap_in > 0.f || params.alibi_slopes_ptr != nullptr ||
-         (params.block_table != nullptr && params.leftpad_k != nullptr);
-}
-
-// kWithScoreMods = false leaves the score-modifier variant out (callers check
-// needs_score_mod_kernel first): the narrow decode tile has only the other two.
-template <bool kWithScoreMods = true, typename Launch>
+template <typename Launch>
 void with_decode_features(const FwdParams& params, Launch&& launch) {
+  const bool score_mods = params.softcap_in > 0.f || params.alibi_slopes_ptr != nullptr;
   const bool paged = params.block_table != nullptr;
-  if (needs_score_mod_kernel(params)) {
-    if constexpr (kWithScoreMods) launch(std::true_type{}, std::true_type{});
+  if (score_mods || (paged && params.leftpad_k != nullptr)) {
+    launch(std::true_type{}, std::true_type{});
   } else if (paged) {
     launch(std::false_type{}, std::true_type{});
   } else {
@@ -104,9 +98,9 @@ struct DecodeClusterLaunch {
   DecodeClusterLaunch& operator=(const DecodeClusterLaunch&) = delete;
 };
 
-template <typename Traits, bool kWithScoreMods = true>
+template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
-  with_decode_features<kWithScoreMods>(params, [&](auto score_mods, auto paged) {
+  with_decode_features(params, [&](auto score_mods, auto paged) {
     constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
     allow_dynamic_smem<kernel>(Traits::kSmemBytes);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
@@ -178,16 +172,7 @@ template <int kHeadDim, typename Element>
 void run_fwd_impl(const FwdParams& params, cudaStream_t stream) {
   if (params.decode_kernel) {
     constexpr DecodeTile t = decode_tile(kHeadDim);
-    constexpr DecodeTile narrow = decode_tile_narrow(kHeadDim);
-    bool launched = false;
-    if constexpr (narrow.sub_n > 0) {
-      if (params.decode_narrow && !needs_score_mod_kernel(params)) {
-        launch_decode_kernel<DecodeKernelTraits<kHeadDim, narrow.sub_n, narrow.stages, narrow.warps, Element>, false>(
-            params, stream);
-        launched = true;
-      }
-    }
-    if (!launched) launch_decode_kernel<DecodeKernelTraits<kHeadDim, t.sub_n, t.stages, t.warps, Element>>(params, stream);
+    launch_decode_kernel<DecodeKernelTraits<kHeadDim, t.sub_n, t.stages, t.warps, Element>>(params, stream);
     // One split writes the output directly, a cluster of splits merges in the kernel.
     if (params.num_splits > 1 && !params.cluster_merge) launch_combine_kernel<kHeadDim, Element>(params, stream);
   } else if (params.split_kernel) {

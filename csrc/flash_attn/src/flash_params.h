@@ -71,8 +71,6 @@ struct FwdParams {
   // Decode kernel, sm_90, 2 <= num_splits <= kMaxClusterSplits: the splits of a query tile run as one
   // thread-block cluster and merge through distributed shared memory (no partials, no combine).
   bool cluster_merge;
-  // Decode on decode_tile_narrow (tile_sizes.h) for the plain and paged-only kernels.
-  bool decode_narrow;
 };
 
 }  // namespace flash

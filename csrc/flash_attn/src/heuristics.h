@@ -95,9 +95,6 @@ struct ForwardPlan {
   // (b16 s2048 12/12, 2 splits in clusters: 82.3 us against 78.7).
   bool cluster_merge;
   long long tiles;  // thread blocks per split: batch x heads x query tiles of the kernel chosen
-  // Single-split decode on decode_tile_narrow: more tiles than one wave of the default tile, at
-  // most one wave of the narrow one. The launch uses it for the plain and paged-only kernels.
-  bool decode_narrow;
 };
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
@@ -109,7 +106,7 @@ struct ForwardPlan {
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
                                 int requested, bool allow_decode_kernel = true) {
-  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0, false};
+  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
   if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
@@ -137,10 +134,6 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   plan.decode_kernel = plan.split_kernel && decode;
   plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
   plan.tiles = blocks;
-  const DecodeTile narrow = decode_tile_narrow(kernel_hdim);
-  plan.decode_narrow = plan.decode_kernel && plan.num_splits == 1 && narrow.sub_n > 0 &&
-                       blocks > static_cast<long long>(num_sms) * blocks_per_sm &&
-                       blocks <= static_cast<long long>(num_sms) * kDecodeNarrowBlocksPerSm;
   return plan;
 }
 

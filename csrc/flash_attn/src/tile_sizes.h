@@ -57,21 +57,12 @@ constexpr DecodeTile decode_tile(int headdim) {
   return headdim <= 128 ? DecodeTile{32, 2, 4} : DecodeTile{16, 2, 4};
 }
 
-// A narrower decode tile where the default takes a whole SM (head dim 128): half the shared
-// memory, so two blocks share an SM (registers, ~220 x 128 threads, allow two; its shared memory
-// alone would allow three). Single-split grids of one to two waves of the default tile run on it
-// as one wave: on a slower H100 the second wave of b16 12/12 (192 tiles) cost 3.5-4.4%, which
-// this tile recovers; on grids of several waves it is ~2% slower (NOTES 50). {0, 0, 0}: none.
-constexpr DecodeTile decode_tile_narrow(int headdim) {
-  return headdim == 128 ? DecodeTile{16, 2, 4} : DecodeTile{0, 0, 0};
-}
-constexpr int kDecodeNarrowBlocksPerSm = 2;
-
 // Keys one decode thread block consumes per round (every warp one sub-block): the key-block unit
 // of the split heuristic for decode.
 constexpr int decode_keys_per_round(int headdim) { return decode_tile(headdim).sub_n * decode_tile(headdim).warps; }
 
-constexpr int decode_smem_bytes(int headdim, int elem_bytes, DecodeTile t) {
+constexpr int decode_smem_bytes(int headdim, int elem_bytes = 2) {
+  const DecodeTile t = decode_tile(headdim);
   const int q = kDecodeBlockM * headdim * elem_bytes;
   const int max_pages = t.sub_n / 16 + 1;
   const int page_ring = t.warps * (t.stages + 1) * (max_pages <= 4 ? 4 : 8) * 4;  // paged K/V block-table entries
@@ -79,7 +70,6 @@ constexpr int decode_smem_bytes(int headdim, int elem_bytes, DecodeTile t) {
   const int merge = t.warps * kDecodeBlockM * (headdim + 4) * 4;  // fp32 partial outputs (rows padded), reuses the ring
   return q + (ring > merge ? ring : merge);
 }
-constexpr int decode_smem_bytes(int headdim, int elem_bytes = 2) { return decode_smem_bytes(headdim, elem_bytes, decode_tile(headdim)); }
 
 // Resident decode blocks per SM on a 228 KB (sm_90) shared-memory SM, 1 KB reserved per block.
 constexpr int decode_blocks_per_sm(int headdim) {
