@@ -157,7 +157,7 @@ def test_last_wave_split_of_a_half_empty_wave(seqlen_k):
     assert tail_tiles(16, 32, 8, 1, seqlen_k) == 0  # 128 tiles: one wave
     assert tail_tiles(16, 32, 32, 1, seqlen_k) == 0  # 512 tiles: a last wave of 116, full enough
     assert tail_tiles(128, 12, 12, 1, seqlen_k) == 0  # 1536: 84
-    assert tail_tiles(128, 32, 32, 1, seqlen_k) == 0  # 4096: 4 after 31 full waves
+    assert tail_tiles(128, 32, 32, 1, seqlen_k) == 4  # 4096: 4
 
 
 def test_no_last_wave_split_for_explicit_splits_or_prefill():

@@ -83,11 +83,9 @@ inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_s
 // `slots` resident ones, when that wave is at most half full: b16 12/12 is 192 tiles on 132 SMs,
 // and on some H100s its second wave of 60 blocks streams at 0.85-0.94 of the copy bandwidth,
 // 3.5-4.4% behind cuDNN (NOTES 50). Its tiles split into pieces that fill the wave (2 x 60 there)
-// and merge in the combine kernel. Only after a single full wave: behind many (b128 32/32, 4 tiles
-// after 31 waves) the pieces and a combine over every row cost more than the last wave lost
-// (+0.4-0.8%, NOTES 52). 1: no split.
+// and merge in the combine kernel. 1: no split.
 inline int last_wave_pieces(long long tiles, long long slots, int n_blocks) {
-  if (slots <= 0 || tiles <= slots || tiles >= 2 * slots) return 1;
+  if (slots <= 0 || tiles <= slots) return 1;
   const long long rem = tiles % slots;
   if (rem == 0 || 2 * rem > slots) return 1;
   return static_cast<int>(std::min<long long>({slots / rem, static_cast<long long>(n_blocks), kMaxClusterSplits}));
