@@ -141,27 +141,3 @@ def test_no_cluster_merge_outside_2_to_8_splits(requested):
 def test_no_cluster_merge_without_decode_kernel():
     # 128 query rows run on the 64-row split kernel: partials and the combine kernel.
     assert not cluster_merge(1, 4, 4, 128, 32768, num_splits=4)
-
-
-def tail_tiles(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0, num_sms=SMS):
-    return flash_attn_gpu.tail_tiles_planned(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_sms,
-                                             num_splits)
-
-
-@pytest.mark.parametrize("seqlen_k", [2048, 4096, 8192, 32768])
-def test_last_wave_split_of_a_half_empty_wave(seqlen_k):
-    # b16 12/12: 192 single-split tiles on 132 SMs (one head-dim-128 decode block per SM): the 60
-    # of the second wave run in pieces.
-    assert nsplits(16, 12, 12, 1, seqlen_k, 128) == 1
-    assert tail_tiles(16, 12, 12, 1, seqlen_k) == 60
-    assert tail_tiles(16, 32, 8, 1, seqlen_k) == 0  # 128 tiles: one wave
-    assert tail_tiles(16, 32, 32, 1, seqlen_k) == 0  # 512 tiles: a last wave of 116, full enough
-    assert tail_tiles(128, 12, 12, 1, seqlen_k) == 0  # 1536: 84
-    assert tail_tiles(128, 32, 32, 1, seqlen_k) == 4  # 4096: 4
-
-
-def test_no_last_wave_split_for_explicit_splits_or_prefill():
-    assert tail_tiles(16, 12, 12, 1, 4096, num_splits=1) == 0  # upstream's unsplit kernel
-    assert tail_tiles(16, 12, 12, 1, 4096, num_splits=2) == 0
-    assert tail_tiles(16, 12, 12, 128, 4096) == 0  # prefill
-    assert tail_tiles(1, 12, 12, 1, 8192) == 0  # split instead

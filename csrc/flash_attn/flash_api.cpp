@@ -241,13 +241,6 @@ bool cluster_merge_enabled() {
   return enabled;
 }
 
-// FLASH_ATTN_DECODE_TAIL_SPLIT=0 runs the last wave's tiles whole where the plan splits them:
-// for A/B measurements in one build only.
-bool tail_split_enabled() {
-  static const bool enabled = env_switch("FLASH_ATTN_DECODE_TAIL_SPLIT") != 0;
-  return enabled;
-}
-
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
 c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev,
@@ -264,15 +257,11 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   if (plan.cluster_merge && dev.pdl && cluster_merge_enabled()) {
     p.cluster_merge = plan.tiles <= kernel.max_decode_clusters(p, num_splits);  // one cluster per tile
   }
-  if (plan.tail_tiles > 0 && tail_split_enabled()) {
-    p.tail_tiles = plan.tail_tiles;
-    p.num_splits = plan.tail_pieces;
-  }
-  if (!plan.split_kernel || (plan.decode_kernel && p.num_splits == 1) || p.cluster_merge) return {};  // no partials
+  if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1) || p.cluster_merge) return {};  // no partials
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
   // partial lse [num_splits][h][rows].
   const int kernel_hdim = flash::round_up_headdim(p.d);
-  const int64_t lse_elems = int64_t(p.num_splits) * p.h * total_q_rows;
+  const int64_t lse_elems = int64_t(num_splits) * p.h * total_q_rows;
   c10::DataPtr accum = c10::cuda::CUDACachingAllocator::get()->allocate(lse_elems * (kernel_hdim + 1) * sizeof(float));
   p.oaccum_ptr = static_cast<float*>(accum.get());
   p.lseaccum_ptr = p.oaccum_ptr + lse_elems * kernel_hdim;
@@ -740,12 +729,6 @@ bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen
       .cluster_merge;
 }
 
-// Tiles of the last wave that single-split decode of these shapes runs in pieces (0: none).
-int tail_tiles_planned(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
-                       int num_sms, int num_splits) {
-  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits).tail_tiles;
-}
-
 // Clusters of `cluster_size` plain decode blocks the current device holds at once (0: none, e.g.
 // before sm_90): what bounds the cluster merge at run time.
 int decode_cluster_capacity(int head_size, bool is_bf16, int cluster_size) {
@@ -805,10 +788,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
   m.def("cluster_merge_planned", &cluster_merge_planned,
         "Whether the decode splits of these shapes may merge inside a thread-block cluster (sm_90)",
-        pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
-        pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
-  m.def("tail_tiles_planned", &tail_tiles_planned,
-        "Tiles of the last wave that single-split decode of these shapes runs in pieces (0: none)",
         pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
         pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
   m.def("decode_cluster_capacity", &decode_cluster_capacity,

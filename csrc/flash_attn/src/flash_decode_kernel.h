@@ -9,8 +9,6 @@
 // kernel merges across splits (as for the split forward kernel).
 #pragma once
 
-#include <climits>
-
 #include <cooperative_groups.h>
 #include <cute/arch/cluster_sm90.hpp>
 #include <cute/tensor.hpp>
@@ -30,25 +28,14 @@ namespace flash {
 
 using namespace cute;
 
-// One thread block's share of one query tile: key rounds round0, round0 + round_stride, ...
-// below round_end (a round is kNWarps sub-blocks of kSubN keys, one per warp), and where the
-// result goes.
-struct DecodeWork {
-  int m_block, bidb, bidh;
-  int round0, round_stride, round_end;
-  int slot;          // kFinalSlot: the tile's output and softmax_lse; else the fp32 partial's split slot
-  bool mark_final;   // also flag the tile as final for the combine kernel (+inf in slot 0's lse)
-};
-constexpr int kFinalSlot = -1;
-
 // kScoreMods: softcap and ALiBi; kPaged: K/V through a block table. Each gets its own
 // instantiation so the common kernel carries none of their code or registers (the paged loop spilled
 // heavily while it shared one kernel with the score modifiers). The paged-only kernel requires no
 // left padding (the launch sends paged calls with left padding to the score-modifier kernel, which
 // pages any alignment).
 template <typename Traits, bool kScoreMods, bool kPaged>
-__device__ __forceinline__ void decode_tile_range(const FwdParams& params, const cutlass::FastDivmod& page_div,
-                                                  char* smem_buf, const DecodeWork& work) {
+__global__ void __launch_bounds__(Traits::kNThreads)
+flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::FastDivmod page_div) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kSubN = Traits::kSubN;
@@ -56,12 +43,18 @@ __device__ __forceinline__ void decode_tile_range(const FwdParams& params, const
   constexpr int kNWarps = Traits::kNWarps;
   constexpr int kHeadDim = Traits::kHeadDim;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may start launching
+#endif
+  FLASH_DECODE_TIMELINE_MARK(0);
+  extern __shared__ __align__(128) char smem_buf[];
   const int tidx = threadIdx.x;
   const int warp = tidx / 32;
   const int lane = tidx % 32;
-  const int m_block = work.m_block;
-  const int bidb = work.bidb;
-  const int bidh = work.bidh;
+  const int m_block = blockIdx.x;
+  const int split_idx = blockIdx.y;
+  const int bidb = blockIdx.z / params.h;
+  const int bidh = blockIdx.z % params.h;
 
   // Paged K/V in the paged-only kernel (no left padding: key row j of the sequence is row j of its
   // pages, and every 16-row group of a sub-block lies in one page). Per warp, a shared ring of
@@ -88,16 +81,13 @@ __device__ __forceinline__ void decode_tile_range(const FwdParams& params, const
       slot[kGroups + lane] = in_page;
     }
   };
-  // Without a window's left edge, the first sub-blocks are rounds round0, round0 + stride, ...
-  // whatever the sequence lengths are: their page entries are fetched before the lengths load, so
-  // the block-table read overlaps the length reads instead of following them.
+  // Without a window's left edge, split s's first sub-blocks are rounds s, s + S, ... whatever the
+  // sequence lengths are: their page entries are fetched before the lengths load, so the
+  // block-table read overlaps the length reads instead of following them.
   const bool early_pages = kGroupPaged && paged && params.window_left < 0;
   if (early_pages) {
     CUTE_UNROLL
-    for (int j = 0; j < kStages; ++j) {
-      const int round = work.round0 + j * work.round_stride;
-      fetch_groups(j, round * kNWarps + warp, round < work.round_end);
-    }
+    for (int j = 0; j < kStages; ++j) fetch_groups(j, (split_idx + j * params.num_splits) * kNWarps + warp, true);
     cp_async_fence();
   }
 
@@ -122,20 +112,14 @@ __device__ __forceinline__ void decode_tile_range(const FwdParams& params, const
     sb_max = min(sb_max, ceil_div_dev(m0 + rows_in_tile + diag + params.window_right, kSubN));
   }
   if (params.window_left >= 0) sb_min = max(sb_min, (m0 + diag - params.window_left) / kSubN);
-  // The final slot: this block's result is the tile's, written in the input dtype with
-  // softmax_lse; otherwise an fp32 partial for the combine kernel (or the cluster merge).
-  const bool direct = work.slot == kFinalSlot;
-  // A last-wave split grid: the combine kernel leaves rows flagged final alone.
-  auto mark_final = [&]() {
-    const int64_t head_rows = int64_t(bidh) * params.total_q_rows;
-    if (tidx < rows_in_tile) params.lseaccum_ptr[head_rows + seq.q_row(params, bidb, m0 + tidx)] = INFINITY;
-  };
+  // One split: this block's result is final, written in the input dtype with softmax_lse (no
+  // combine launch); otherwise an fp32 partial for the combine kernel.
+  const bool direct = params.num_splits == 1;
   if (sb_max <= sb_min) {  // the same for every split of the tile (a cluster exits as one)
     if (direct || params.cluster_merge) {
-      if (work.slot <= 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, 0, m_block, rows_in_tile);
-      if (work.mark_final) mark_final();
+      if (split_idx == 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     } else {
-      write_empty_tile<Traits, true>(params, seq, bidb, bidh, work.slot, m_block, rows_in_tile);
+      write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     }
     cp_async_wait<0>();
     return;
@@ -167,15 +151,14 @@ __device__ __forceinline__ void decode_tile_range(const FwdParams& params, const
   // no predicates (every sub-block but the last when d == kHeadDim).
   const bool full_width = params.d == kHeadDim;
   auto full_sub_block = [&](int sb) { return full_width && (sb + 1) * kSubN <= seq.seqlen_k; };
-  // This warp's sub-blocks: sb(i) = (first_round + i * S) * kNWarps + warp, inside [sb_min, sb_max)
-  // and below round_end.
+  // This warp's sub-blocks: sb(i) = (first_round + i * S) * kNWarps + warp, inside [sb_min, sb_max).
   static_assert(Traits::kKeysPerRound == kNWarps * kSubN);
-  const int stride = work.round_stride;
+  const int num_splits = params.num_splits;
   const int round_lo = max(0, ceil_div_dev(sb_min - warp, kNWarps));       // first round in the band
-  const int round_hi = min(work.round_end, sb_max - warp > 0 ? (sb_max - warp - 1) / kNWarps + 1 : 0);  // one past the last
-  const int first_round = work.round0 + max(0, ceil_div_dev(round_lo - work.round0, stride)) * stride;
-  const int my_count = first_round < round_hi ? ceil_div_dev(round_hi - first_round, stride) : 0;
-  auto sub_block = [&](int i) { return (first_round + i * stride) * kNWarps + warp; };
+  const int round_hi = sb_max - warp > 0 ? (sb_max - warp - 1) / kNWarps + 1 : 0;  // one past the last
+  const int first_round = split_idx + max(0, ceil_div_dev(round_lo - split_idx, num_splits)) * num_splits;
+  const int my_count = first_round < round_hi ? ceil_div_dev(round_hi - first_round, num_splits) : 0;
+  auto sub_block = [&](int i) { return (first_round + i * num_splits) * kNWarps + warp; };
   // Paged K/V in the score-modifier kernel, at any alignment (left padding): lane p < kMaxPages
   // copies the p-th page entry that sub-block j touches into the same ring.
   constexpr int kMaxPages = Traits::kMaxPages;
@@ -409,7 +392,6 @@ __device__ __forceinline__ void decode_tile_range(const FwdParams& params, const
   };
   if (direct) {
     write_output(merged, [&](int row) { return lse_smem[kNWarps * kBlockM + row]; });
-    if (work.mark_final) mark_final();
   } else if (params.cluster_merge) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // The splits of this tile are one thread-block cluster (sm_90): each leaves its result in its
@@ -477,45 +459,13 @@ __device__ __forceinline__ void decode_tile_range(const FwdParams& params, const
     __trap();  // the dispatcher asks for a cluster merge only on sm_90+, whose code has it
 #endif
   } else {
-    const int64_t head_rows = (int64_t(work.slot) * params.h + bidh) * params.total_q_rows;
+    const int64_t head_rows = (int64_t(split_idx) * params.h + bidh) * params.total_q_rows;
     const int r0 = seq.q_row(params, bidb, m0);
     if (tidx < rows_in_tile) params.lseaccum_ptr[head_rows + r0 + tidx] = lse_smem[kNWarps * kBlockM + tidx];
     float* oacc = params.oaccum_ptr + (head_rows + r0) * kHeadDim;
     for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
       *reinterpret_cast<float4*>(oacc + e) = merged(e);
     }
-  }
-}
-
-// The split grid (m_blocks, num_splits, batch x heads): split s of a tile takes rounds s, s + S, ...
-// With params.tail_tiles > 0 (a single-split grid whose last wave would be at most half full,
-// heuristics.h last_wave_pieces) the grid is one-dimensional instead: block L < whole runs tile L
-// whole (written final and flagged for the combine kernel), and the last tail_tiles tiles run as
-// num_splits interleaved pieces each in the blocks after them, filling the last wave.
-template <typename Traits, bool kScoreMods, bool kPaged>
-__global__ void __launch_bounds__(Traits::kNThreads)
-flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::FastDivmod page_div) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may start launching
-#endif
-  FLASH_DECODE_TIMELINE_MARK(0);
-  extern __shared__ __align__(128) char smem_buf[];
-  if (params.tail_tiles > 0) {
-    const int m_blocks = ceil_div_dev(params.seqlen_q, Traits::kBlockM);
-    const int whole = m_blocks * params.b * params.h - params.tail_tiles;
-    const int block = blockIdx.x;
-    const int piece = block < whole ? -1 : (block - whole) % params.num_splits;
-    const int tile = block < whole ? block : whole + (block - whole) / params.num_splits;
-    const int z = tile / m_blocks;
-    const DecodeWork work{tile % m_blocks, z / params.h, z % params.h, max(piece, 0), piece < 0 ? 1 : params.num_splits,
-                          INT_MAX, piece < 0 ? kFinalSlot : piece, piece < 0};
-    decode_tile_range<Traits, kScoreMods, kPaged>(params, page_div, smem_buf, work);
-  } else {
-    const int split_idx = blockIdx.y;
-    const DecodeWork work{int(blockIdx.x), int(blockIdx.z) / params.h, int(blockIdx.z) % params.h,
-                          split_idx, params.num_splits, INT_MAX,
-                          params.num_splits == 1 ? kFinalSlot : split_idx, false};
-    decode_tile_range<Traits, kScoreMods, kPaged>(params, page_div, smem_buf, work);
   }
   FLASH_DECODE_TIMELINE_MARK(4);
 }

@@ -43,9 +43,6 @@ __device__ void combine_row(const FwdParams& p, int bidh, int r, int lane) {
     lse_s[i] = s < p.num_splits ? __ldcg(p.lseaccum_ptr + s * split_stride + row) : -INFINITY;
     lse_max = fmaxf(lse_max, lse_s[i]);
   }
-  // A last-wave split grid: a tile that one block ran whole has its output already (slot 0's lse
-  // is +inf, which no partial lse can be).
-  if (__shfl_sync(0xffffffff, lse_s[0], 0) == INFINITY) return;
   lse_max = warp_allreduce_max(lse_max);
   float sum = 0.f;
   CUTE_UNROLL

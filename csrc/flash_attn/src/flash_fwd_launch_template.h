@@ -104,9 +104,7 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
     constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
     allow_dynamic_smem<kernel>(Traits::kSmemBytes);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-    const int tiles = m_blocks * params.b * params.h;
-    const dim3 grid = params.tail_tiles > 0 ? dim3(tiles + params.tail_tiles * (params.num_splits - 1))
-                                            : dim3(m_blocks, params.num_splits, params.b * params.h);
+    const dim3 grid(m_blocks, params.num_splits, params.b * params.h);
     // Row -> (block-table entry, row in page) by multiply and shift: the divisor's magic numbers
     // are computed here once instead of a division per sub-block in the kernel.
     const cutlass::FastDivmod page_div(params.block_table != nullptr ? params.page_block_size : 1);

@@ -71,10 +71,6 @@ struct FwdParams {
   // Decode kernel, sm_90, 2 <= num_splits <= kMaxClusterSplits: the splits of a query tile run as one
   // thread-block cluster and merge through distributed shared memory (no partials, no combine).
   bool cluster_merge;
-  // Decode, last-wave split (heuristics.h last_wave_pieces): the last tail_tiles tiles run as
-  // num_splits pieces each, the others whole (written final, their rows flagged for the combine
-  // kernel by +inf in slot 0's lse). 0: the plain split grid.
-  int tail_tiles;
 };
 
 }  // namespace flash

@@ -79,18 +79,6 @@ inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_s
   return best;
 }
 
-// Pieces for each tile of the last wave of a single-split decode grid of `tiles` blocks on
-// `slots` resident ones, when that wave is at most half full: b16 12/12 is 192 tiles on 132 SMs,
-// and on some H100s its second wave of 60 blocks streams at 0.85-0.94 of the copy bandwidth,
-// 3.5-4.4% behind cuDNN (NOTES 50). Its tiles split into pieces that fill the wave (2 x 60 there)
-// and merge in the combine kernel. 1: no split.
-inline int last_wave_pieces(long long tiles, long long slots, int n_blocks) {
-  if (slots <= 0 || tiles <= slots) return 1;
-  const long long rem = tiles % slots;
-  if (rem == 0 || 2 * rem > slots) return 1;
-  return static_cast<int>(std::min<long long>({slots / rem, static_cast<long long>(n_blocks), kMaxClusterSplits}));
-}
-
 struct ForwardPlan {
   bool swap_seqlen_ngroups;  // run query groups of a kv head as the query rows of one head
   int seqlen_q;              // query rows per (batch, head) the kernel sees
@@ -107,10 +95,6 @@ struct ForwardPlan {
   // (b16 s2048 12/12, 2 splits in clusters: 82.3 us against 78.7).
   bool cluster_merge;
   long long tiles;  // thread blocks per split: batch x heads x query tiles of the kernel chosen
-  // Decode at one heuristic split: the last wave's tiles in tail_pieces pieces each (see
-  // last_wave_pieces); tail_tiles = 0 when none.
-  int tail_tiles;
-  int tail_pieces;
 };
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
@@ -122,7 +106,7 @@ struct ForwardPlan {
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
                                 int requested, bool allow_decode_kernel = true) {
-  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0, 0, 1};
+  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
   if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
@@ -150,11 +134,6 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   plan.decode_kernel = plan.split_kernel && decode;
   plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
   plan.tiles = blocks;
-  if (plan.decode_kernel && requested == 0 && plan.num_splits == 1) {
-    const long long slots = static_cast<long long>(num_sms) * blocks_per_sm;
-    plan.tail_pieces = last_wave_pieces(blocks, slots, n_blocks);
-    if (plan.tail_pieces > 1) plan.tail_tiles = static_cast<int>(blocks % slots);
-  }
   return plan;
 }
 
