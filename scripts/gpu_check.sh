@@ -8,7 +8,8 @@
 # Options: --no-tests, --no-bench, --quick (quick benchmarks), --profile (Nsight Compute report
 # of one prefill and one decode launch), --pytest-args "...". SKIP_FORWARD_BENCH=1 leaves out the
 # prefill benchmark; BENCH_TIMEOUT (default 300 s) bounds each benchmark. --sanitize runs
-# compute-sanitizer memcheck and racecheck on decode tests (split, cluster-merged, paged; fp16, d 128).
+# compute-sanitizer memcheck and racecheck on decode tests (split, cluster-merged, paged; fp16, d 128);
+# SANITIZE_CHUNK=0|1 takes half of them, SANITIZE_TOOLS="racecheck" one tool.
 # If .whl/ holds wheels (nvidia-cutlass for a machine without it), they are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,11 +77,23 @@ fi
 if [ $sanitize -eq 1 ]; then
   # split and cluster-merged decode, paged varlen (pages 16/48/64/256), and paged kv-cache calls
   # with a window (page entries fetched after the lengths) or left padding (any-alignment loader)
+  # SANITIZE_CHUNK=0 / 1 runs only the first / second half of these 79 tests (racecheck over all of
+  # them takes ~10 minutes on an H100); SANITIZE_TOOLS narrows the tools.
   sel="fp16 and 128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))"
-  for tool in memcheck racecheck; do
+  files="tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py"
+  # shellcheck disable=SC2086  # word-split on purpose: several files / test ids
+  ids=$(python3 -m pytest $files --collect-only -q -p no:cacheprovider -k "$sel" 2>/dev/null | grep "::")
+  n=$(echo "$ids" | wc -l); half=$(( (n + 1) / 2 ))
+  case "${SANITIZE_CHUNK:-}" in
+    0) ids=$(echo "$ids" | head -n $half) ;;
+    1) ids=$(echo "$ids" | tail -n +$((half + 1))) ;;
+  esac
+  echo "sanitize: $(echo "$ids" | wc -l) of $n tests" | tee -a "$OUT/env.log"
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     start=$(date +%s)
+    # shellcheck disable=SC2086
     timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest \
-      tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py -q -x -p no:cacheprovider -k "$sel" >"$OUT/sanitize_$tool.log" 2>&1
+      -q -x -p no:cacheprovider $ids >"$OUT/sanitize_$tool.log" 2>&1
     echo "sanitize $tool: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
     grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -3
   done
