@@ -201,6 +201,7 @@ void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int
 
 // Per-device facts the plan needs, cached (an attribute query costs a driver call).
 struct DeviceInfo {
+  int device;
   int sm_count;
   bool pdl;  // programmatic dependent launch (sm_90+)
 };
@@ -216,7 +217,7 @@ DeviceInfo device_info() {
     packed = sms * 2 + (major >= 9 ? 1 : 0);
     cached[device & 63].store(packed, std::memory_order_relaxed);
   }
-  return {packed / 2, (packed & 1) != 0};
+  return {device, packed / 2, (packed & 1) != 0};
 }
 
 // A run-time switch: -1 when the variable is unset or empty, 0 when it is "0", 1 otherwise.
@@ -249,6 +250,7 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   p.split_kernel = plan.split_kernel;
   p.decode_kernel = plan.decode_kernel;
   p.num_splits = num_splits;
+  p.device = dev.device;
   p.allow_pdl = dev.pdl && combine_pdl_enabled();
   p.total_q_rows = total_q_rows;
   // sm_90 (the pdl flag) runs a decode tile's splits as one thread-block cluster that merges them.
@@ -734,8 +736,10 @@ bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen
 int decode_cluster_capacity(int head_size, bool is_bf16, int cluster_size) {
   TORCH_CHECK(cluster_size >= 1 && cluster_size <= flash::kMaxClusterSplits, "cluster_size must lie in [1, ",
               std::to_string(flash::kMaxClusterSplits), "], got ", std::to_string(cluster_size));
-  // The current device's answer (max_decode_clusters asks cudaGetDevice): no guard needed.
-  return find_kernel(head_size, is_bf16).max_decode_clusters(flash::FwdParams{}, cluster_size);
+  // The current device's answer: no guard needed.
+  flash::FwdParams p{};
+  p.device = c10::cuda::current_device();
+  return find_kernel(head_size, is_bf16).max_decode_clusters(p, cluster_size);
 }
 
 pybind11::dict build_info() {

@@ -21,18 +21,17 @@
 
 namespace flash {
 
-// Raise a kernel's dynamic shared memory limit to at least `bytes`, once per device and size: the
-// template parameter makes the static local distinct for every kernel instantiation.
-template <auto Kernel>
-void allow_dynamic_smem(int bytes) {
-  static std::atomic<int> allowed[64] = {};  // per device, the limit already set
-  if (bytes <= 48 * 1024) return;
-  int device = 0;
-  cudaGetDevice(&device);
-  std::atomic<int>& limit = allowed[device & 63];
-  if (limit.load(std::memory_order_relaxed) < bytes) {
-    cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    limit.store(bytes, std::memory_order_relaxed);
+// Raise a kernel's dynamic shared memory limit to kBytes (what its launches always ask for), once
+// per device: the template parameters make the static flags distinct for every instantiation.
+template <auto Kernel, int kBytes>
+void allow_dynamic_smem(int device) {
+  if constexpr (kBytes > 48 * 1024) {
+    static std::atomic<bool> raised[64] = {};  // per device
+    std::atomic<bool>& done = raised[device & 63];
+    if (!done.load(std::memory_order_relaxed)) {
+      cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+      done.store(true, std::memory_order_relaxed);
+    }
   }
 }
 
@@ -52,7 +51,7 @@ template <typename Traits, bool kIsSplit>
 void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
   with_extras(params, [&](auto extras) {
     constexpr auto kernel = &flash_fwd_kernel<Traits, kIsSplit, decltype(extras)::value>;
-    allow_dynamic_smem<kernel>(Traits::kSmemBytes);
+    allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
     const dim3 grid = kIsSplit ? dim3(m_blocks, params.num_splits, params.b * params.h)
                                : dim3(m_blocks, params.b, params.h);
@@ -102,7 +101,7 @@ template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
   with_decode_features(params, [&](auto score_mods, auto paged) {
     constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
-    allow_dynamic_smem<kernel>(Traits::kSmemBytes);
+    allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
     const dim3 grid(m_blocks, params.num_splits, params.b * params.h);
     // Row -> (block-table entry, row in page) by multiply and shift: the divisor's magic numbers
@@ -128,12 +127,10 @@ int decode_cluster_capacity(const FwdParams& params, int cluster_size) {
   with_decode_features(params, [&](auto score_mods, auto paged) {
     constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
     static std::atomic<int> cached[64][kMaxClusterSplits + 1] = {};  // capacity + 1, 0 = not yet asked
-    int device = 0;
-    cudaGetDevice(&device);
-    std::atomic<int>& slot = cached[device & 63][cluster_size];
+    std::atomic<int>& slot = cached[params.device & 63][cluster_size];
     int known = slot.load(std::memory_order_relaxed);
     if (known == 0) {
-      allow_dynamic_smem<kernel>(Traits::kSmemBytes);
+      allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
       const DecodeClusterLaunch<Traits> launch(dim3(1, cluster_size, 1), cluster_size, nullptr);
       int clusters = 0;
       if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {

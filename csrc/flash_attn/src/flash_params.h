@@ -67,6 +67,7 @@ struct FwdParams {
   float* oaccum_ptr;       // [num_splits][h][total_q_rows][kHeadDim]
   float* lseaccum_ptr;     // [num_splits][h][total_q_rows]
   int total_q_rows;
+  int device;      // the CUDA device the call runs on (per-device launch state without a cudaGetDevice)
   bool allow_pdl;  // device supports programmatic dependent launch (sm_90+): overlap the combine's launch
   // Decode kernel, sm_90, 2 <= num_splits <= kMaxClusterSplits: the splits of a query tile run as one
   // thread-block cluster and merge through distributed shared memory (no partials, no combine).
