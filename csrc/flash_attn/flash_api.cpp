@@ -270,34 +270,6 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   return accum;
 }
 
-// FLASH_ATTN_DECODE_TMA=0 keeps the decode kernel's K/V loads on cp.async: for A/B measurements
-// in one build only.
-bool decode_tma_enabled() {
-  static const bool enabled = env_switch("FLASH_ATTN_DECODE_TMA") != 0;
-  return enabled;
-}
-
-// The plain decode kernel (no block table, softcap or ALiBi) on sm_90 loads its full K/V
-// sub-blocks through TMA where tensor maps of 64-column boxes describe K and V: the head dim
-// fills the kernel's tile in whole boxes, base addresses and strides are 16-byte multiples.
-// k, v: (total_k, h_k, d) for varlen K/V, else (batch, seqlen_k, h_k, d).
-void set_decode_tma(flash::FwdParams& p, const Tensor& k, const Tensor& v, bool varlen_k, const DeviceInfo& dev) {
-  if (!p.decode_kernel || !dev.pdl || !decode_tma_enabled()) return;
-  if (p.block_table != nullptr || p.softcap_in > 0.f || p.alibi_slopes_ptr != nullptr) return;
-  if (p.d % flash::kDecodeTmaBoxCols != 0 || flash::round_up_headdim(p.d) != p.d) return;
-  auto mappable = [&](const Tensor& t) {
-    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-    for (int i = 0; i + 1 < t.dim(); ++i) {
-      if (t.stride(i) <= 0 || t.stride(i) % 8 != 0) return false;  // 16 bytes of 2-byte elements
-    }
-    return true;
-  };
-  if (k.size(0) == 0 || !mappable(k) || !mappable(v)) return;
-  p.decode_tma = true;
-  p.kv_rows = varlen_k ? k.size(0) : k.size(1);
-  p.kv_batches = varlen_k ? 1 : k.size(0);
-}
-
 void launch(const flash::FwdLauncher& kernel, const flash::FwdParams& p) {
   kernel.run(p, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -360,7 +332,6 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
     p.lse_head_stride = plan.seqlen_q;
     p.lse_row_stride = 1;
     auto accum = set_splits(p, plan, batch * plan.seqlen_q, dev, kernel);
-    set_decode_tma(p, k, v, /*varlen_k=*/false, dev);
     launch(kernel, p);
   }
   return {c.out, softmax_lse};
@@ -503,7 +474,6 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
     }
     const int total_q_rows = plan.swap_seqlen_ngroups ? batch * plan.seqlen_q : total_q;
     auto accum = set_splits(p, plan, total_q_rows, dev, kernel);
-    set_decode_tma(p, k, v, /*varlen_k=*/!paged, dev);
     launch(kernel, p);
   }
   return {c.out, softmax_lse};

@@ -15,7 +15,6 @@
 #include <cutlass/fast_math.h>
 
 #include "decode_kernel_traits.h"
-#include "decode_tma.h"
 #include "decode_timeline.h"
 #include "flash_fwd_kernel.h"
 #include "flash_params.h"
@@ -36,8 +35,7 @@ using namespace cute;
 // pages any alignment).
 template <typename Traits, bool kScoreMods, bool kPaged>
 __global__ void __launch_bounds__(Traits::kNThreads)
-flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::FastDivmod page_div,
-                    const __grid_constant__ DecodeTmaMaps tma_maps) {
+flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::FastDivmod page_div) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kSubN = Traits::kSubN;
@@ -49,7 +47,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may start launching
 #endif
   FLASH_DECODE_TIMELINE_MARK(0);
-  extern __shared__ __align__(1024) char smem_buf[];  // 1024: TMA's 128-byte swizzle pattern
+  extern __shared__ __align__(128) char smem_buf[];
   const int tidx = threadIdx.x;
   const int warp = tidx / 32;
   const int lane = tidx % 32;
@@ -72,11 +70,6 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   const int* block_table = params.block_table != nullptr ? params.block_table + bidb * params.block_table_batch_stride
                                                          : nullptr;
   const bool paged = kGroupPaged || (kPaged && block_table != nullptr);  // the paged-only kernel always has a table
-  // The plain kernel's full sub-blocks through TMA (decode_tma.h); its stage barriers live where
-  // the paged kernels keep their page ring.
-  const bool use_tma = !kPaged && !kScoreMods && params.decode_tma;
-  uint64_t* tma_bar = reinterpret_cast<uint64_t*>(page_ring);
-  static_assert(Traits::kPageSlots * Traits::kPageSlotInts * 4 >= Traits::kStages * 8, "no room for the stage barriers");
   auto fetch_groups = [&](int j, int sb, bool used) {  // lane g < kGroups: group g of sub-block sb
     if (lane < kGroups) {
       const int row = sb * kSubN + 16 * lane;
@@ -235,11 +228,6 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
                                     params.k_batch_stride, params.k_row_stride);
         gcopy.load_paged_prefetched(tV, v_head, offset, valid_rows, pages, params.page_block_size,
                                     params.v_batch_stride, params.v_row_stride);
-      } else if (use_tma && full_sub_block(sb)) {
-        if (lane == 0) {
-          tma_load_kv<kSubN, kHeadDim>(tma_maps, tma_bar[i % kStages], &sK(0), &sV(0), kv_head,
-                                       seq.k_first_row + seq.k_row0 + sb * kSubN, seq.kv_batch);
-        }
       } else {
         const int j0 = sb * kSubN;
         const Element* k_src = k_thread + int64_t(j0) * params.k_row_stride;
@@ -255,7 +243,6 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     }
     cp_async_fence();
   };
-  if (use_tma) init_tma_barriers(tma_bar, kStages, lane);
   CUTE_UNROLL
   for (int i = 0; i < kStages - 1; ++i) load_stage(i);
 
@@ -296,10 +283,9 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     load_stage(i + kStages - 1);
     cp_async_wait<kStages - 1>();
     __syncwarp();  // sub-block i landed for every lane
+    if (i == 0) FLASH_DECODE_TIMELINE_MARK(2);
     const int s = i % kStages;
     const int sb = sub_block(i);
-    if (use_tma && full_sub_block(sb)) wait_tma_stage(tma_bar[s], (i / kStages) & 1);  // only the last may not be
-    if (i == 0) FLASH_DECODE_TIMELINE_MARK(2);
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kSubN>>{});
     clear(acc_s);

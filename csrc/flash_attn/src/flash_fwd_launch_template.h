@@ -13,7 +13,6 @@
 
 #include "flash.h"
 #include "decode_kernel_traits.h"
-#include "decode_tma.h"
 #include "flash_decode_kernel.h"
 #include "flash_fwd_combine_kernel.h"
 #include "flash_fwd_kernel.h"
@@ -108,24 +107,12 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
     // Row -> (block-table entry, row in page) by multiply and shift: the divisor's magic numbers
     // are computed here once instead of a division per sub-block in the kernel.
     const cutlass::FastDivmod page_div(params.block_table != nullptr ? params.page_block_size : 1);
-    // K/V tensor maps for the plain kernel's TMA loads (the dispatcher decided they apply).
-    DecodeTmaMaps maps{};
-    const FwdParams* p = &params;
-    FwdParams without_tma;
-    if constexpr (!decltype(score_mods)::value && !decltype(paged)::value) {
-      constexpr bool kBf16 = std::is_same_v<typename Traits::Element, cutlass::bfloat16_t>;
-      if (params.decode_tma && !encode_decode_tma_maps(params, Traits::kSubN, kBf16, maps)) {
-        without_tma = params;  // the driver refused the maps: the same kernel, cp.async only
-        without_tma.decode_tma = false;
-        p = &without_tma;
-      }
-    }
     FLASH_DECODE_TIMELINE_RECORD(grid, stream);
     if (params.cluster_merge) {  // the splits of a query tile merge inside the kernel
       const DecodeClusterLaunch<Traits> launch(grid, params.num_splits, stream);
-      cudaLaunchKernelEx(&launch.config, kernel, *p, page_div, maps);
+      cudaLaunchKernelEx(&launch.config, kernel, params, page_div);
     } else {
-      kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(*p, page_div, maps);
+      kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params, page_div);
     }
   });
 }

@@ -72,10 +72,6 @@ struct FwdParams {
   // Decode kernel, sm_90, 2 <= num_splits <= kMaxClusterSplits: the splits of a query tile run as one
   // thread-block cluster and merge through distributed shared memory (no partials, no combine).
   bool cluster_merge;
-  // Plain decode kernel on sm_90: full K/V sub-blocks through TMA (decode_tma.h) over K/V seen as
-  // (d, h_k, kv_rows, kv_batches): rows per batch entry (all of them for varlen K/V) and entries.
-  bool decode_tma;
-  int kv_rows, kv_batches;
 };
 
 }  // namespace flash

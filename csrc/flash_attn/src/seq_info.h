@@ -15,8 +15,6 @@ struct SeqInfo {
   int64_t k_offset;  // unused with a block table
   int64_t v_offset;
   int k_row0;      // first key row (left padding) within the entry / its pages
-  int k_first_row;   // row of the entry's row 0 in K seen as (rows, h_k, d) per kv batch entry
-  int kv_batch;      // that kv batch entry (0 for varlen K/V)
 
   __device__ SeqInfo(const FwdParams& p, int bidb) {
     if (p.cu_seqlens_q != nullptr) {
@@ -31,12 +29,9 @@ struct SeqInfo {
       o_offset = int64_t(bidb) * p.o_batch_stride;
     }
     k_row0 = p.leftpad_k != nullptr ? p.leftpad_k[bidb] : 0;
-    kv_batch = p.cache_batch_idx != nullptr ? p.cache_batch_idx[bidb] : bidb;
-    k_first_row = 0;
+    const int kv_batch = p.cache_batch_idx != nullptr ? p.cache_batch_idx[bidb] : bidb;
     if (p.cu_seqlens_k != nullptr) {
       const int k_start = p.cu_seqlens_k[bidb];
-      k_first_row = k_start;
-      kv_batch = 0;
       seqlen_k = p.seqused_k != nullptr ? p.seqused_k[bidb] : p.cu_seqlens_k[bidb + 1] - k_start;
       // Paged K/V: the block table holds p.seqlen_k rows per sequence; never look past it.
       if (p.block_table != nullptr) seqlen_k = min(seqlen_k, p.seqlen_k);

@@ -43,9 +43,6 @@ constexpr TileShape splitkv_tile(int headdim) {
 // warps' partial results are merged in shared memory at the end. A 64-row tile would spend 63/64
 // of its MMAs and shared-memory reads on padding rows for one query.
 constexpr int kDecodeBlockM = 16;
-// Width of the decode kernel's TMA boxes (decode_tma.h): 64 16-bit columns, 128 bytes, the
-// widest box of the 128-byte swizzle that the K/V tiles use.
-constexpr int kDecodeTmaBoxCols = 64;
 
 struct DecodeTile {
   int sub_n;   // keys per warp step
