@@ -270,3 +270,37 @@ def test_split_kv_varlen_decode_features(dtype, layout, feature, num_splits, req
     _check_split(out2, out_unsplit, out_ref, out_pt, num_splits)
     if check_lse:
         assert_lse_close(lse2, lse_ref, lse_pt, pt_factor=pt_factor)
+
+
+
+# Head layouts with an odd number of decode blocks per sequence (kv heads after the GQA swap).
+ODD_HEAD_LAYOUTS = {"mha": (9, 9), "gqa": (9, 3), "mqa": (8, 1)}
+
+
+@pytest.mark.parametrize("parity", ["even", "odd"])
+@pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_single_split_decode_grids(dtype, layout, parity, require_kernel):
+    """Ragged batches the heuristic runs in one split: on sm_90 the decode blocks launch in clusters
+    of two when their number (batch x kv heads after the GQA swap) is even, unclustered when odd."""
+    d = 128
+    require_kernel(d, dtype)
+    nheads, nheads_k = (HEAD_LAYOUTS if parity == "even" else ODD_HEAD_LAYOUTS)[layout]
+    max_len = 300
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch = 34 if parity == "even" else 33
+    while flash_attn.num_splits_heuristic(batch, nheads, nheads_k, 1, max_len, d, num_sms=sms) != 1:
+        batch += 2  # keeps the parity
+    assert batch * nheads_k % 2 == (0 if parity == "even" else 1)
+    gen = torch.Generator().manual_seed(batch)
+    k_lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
+    k_lens[0], k_lens[-1] = 1, max_len
+    q, k, v, qmask, kmask, q_u, k_u, v_u, cu_q, cu_k, max_sk = _varlen_decode_inputs(
+        k_lens, nheads, nheads_k, d, dtype)
+    out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask)
+    out_pt, _ = attention_ref(q, k, v, qmask, kmask, upcast=False)
+    out_ref, out_pt = pack(out_ref, qmask)[0], pack(out_pt, qmask)[0]
+    lse_ref = pack_lse(lse_ref, qmask)
+    out, lse = ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, 1, max_sk, causal=True, num_splits=0)
+    assert_out_close(out, out_ref, out_pt)
+    assert_lse_close(lse, lse_ref)

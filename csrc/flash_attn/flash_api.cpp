@@ -242,6 +242,13 @@ bool cluster_merge_enabled() {
   return enabled;
 }
 
+// FLASH_ATTN_DECODE_PAIRS=0 launches single-split decode grids without clusters of two: for A/B
+// measurements in one build only.
+bool pair_clusters_enabled() {
+  static const bool enabled = env_switch("FLASH_ATTN_DECODE_PAIRS") != 0;
+  return enabled;
+}
+
 // Allocates the split-KV partial buffers straight from PyTorch's caching allocator (no sync,
 // graph-safe, no tensor object). The returned pointer must live until the launch is enqueued.
 c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev,
@@ -259,6 +266,11 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   if (plan.cluster_merge && dev.pdl && cluster_merge_enabled()) {
     p.cluster_merge = plan.tiles <= kernel.max_decode_clusters(p, num_splits);  // one cluster per tile
   }
+  // One split on sm_90: blocks of consecutive heads in clusters of two, which the hardware places
+  // on the two SMs of a TPC; busy TPCs then all carry two blocks (NOTES 55). The grid's head
+  // dimension (b * h blocks) must split into whole pairs.
+  p.decode_pair_clusters = plan.decode_kernel && num_splits == 1 && dev.pdl && (int64_t(p.b) * p.h) % 2 == 0 &&
+                           pair_clusters_enabled();
   if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1) || p.cluster_merge) return {};  // no partials
   // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
   // partial lse [num_splits][h][rows].

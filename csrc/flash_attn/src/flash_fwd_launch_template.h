@@ -75,21 +75,22 @@ void with_decode_features(const FwdParams& params, Launch&& launch) {
   }
 }
 
-// Launch configuration of a decode grid whose splits of a query tile form one thread-block
-// cluster (1, splits, 1). Not copyable: the config points at its own attribute.
+// Launch configuration of a decode grid in thread-block clusters: the splits of a query tile
+// (1, splits, 1) for the cluster merge, or pairs of heads (1, 1, 2). Not copyable: the config
+// points at its own attribute.
 template <typename Traits>
 struct DecodeClusterLaunch {
   cudaLaunchAttribute attribute[1];
   cudaLaunchConfig_t config;
-  DecodeClusterLaunch(dim3 grid, int splits, cudaStream_t stream) : attribute{}, config{} {
+  DecodeClusterLaunch(dim3 grid, dim3 cluster, cudaStream_t stream) : attribute{}, config{} {
     config.gridDim = grid;
     config.blockDim = dim3(Traits::kNThreads);
     config.dynamicSmemBytes = Traits::kSmemBytes;
     config.stream = stream;
     attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = 1;
-    attribute[0].val.clusterDim.y = splits;
-    attribute[0].val.clusterDim.z = 1;
+    attribute[0].val.clusterDim.x = cluster.x;
+    attribute[0].val.clusterDim.y = cluster.y;
+    attribute[0].val.clusterDim.z = cluster.z;
     config.attrs = attribute;
     config.numAttrs = 1;
   }
@@ -108,8 +109,10 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
     // are computed here once instead of a division per sub-block in the kernel.
     const cutlass::FastDivmod page_div(params.block_table != nullptr ? params.page_block_size : 1);
     FLASH_DECODE_TIMELINE_RECORD(grid, stream);
-    if (params.cluster_merge) {  // the splits of a query tile merge inside the kernel
-      const DecodeClusterLaunch<Traits> launch(grid, params.num_splits, stream);
+    if (params.cluster_merge || params.decode_pair_clusters) {
+      // The splits of a query tile merge inside the kernel, or pairs of heads share a TPC.
+      const dim3 cluster = params.cluster_merge ? dim3(1, params.num_splits, 1) : dim3(1, 1, 2);
+      const DecodeClusterLaunch<Traits> launch(grid, cluster, stream);
       cudaLaunchKernelEx(&launch.config, kernel, params, page_div);
     } else {
       kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params, page_div);
@@ -131,7 +134,7 @@ int decode_cluster_capacity(const FwdParams& params, int cluster_size) {
     int known = slot.load(std::memory_order_relaxed);
     if (known == 0) {
       allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
-      const DecodeClusterLaunch<Traits> launch(dim3(1, cluster_size, 1), cluster_size, nullptr);
+      const DecodeClusterLaunch<Traits> launch(dim3(1, cluster_size, 1), dim3(1, cluster_size, 1), nullptr);
       int clusters = 0;
       if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
         (void)cudaGetLastError();  // no cluster support (pre-sm_90): report none, leave no error behind

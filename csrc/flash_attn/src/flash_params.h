@@ -72,6 +72,9 @@ struct FwdParams {
   // Decode kernel, sm_90, 2 <= num_splits <= kMaxClusterSplits: the splits of a query tile run as one
   // thread-block cluster and merge through distributed shared memory (no partials, no combine).
   bool cluster_merge;
+  // Decode kernel, one split, sm_90: blocks launch in clusters of two (consecutive heads), so
+  // every busy TPC holds two blocks and a one-wave grid's blocks stream at one rate (NOTES 55).
+  bool decode_pair_clusters;
 };
 
 }  // namespace flash
