@@ -8,7 +8,7 @@
 # Options: --no-tests, --no-bench, --quick (quick benchmarks), --profile (Nsight Compute report
 # of one prefill and one decode launch), --pytest-args "...". SKIP_FORWARD_BENCH=1 leaves out the
 # prefill benchmark; BENCH_TIMEOUT (default 300 s) bounds each benchmark. --sanitize runs
-# compute-sanitizer memcheck and racecheck on decode tests (split, cluster-merged, paged; fp16, d 128);
+# compute-sanitizer memcheck and racecheck on decode tests (split, cluster-merged, paired single-split, paged; fp16);
 # SANITIZE_CHUNK=0|1 takes half of them, SANITIZE_TOOLS="racecheck" one tool.
 # If .whl/ holds wheels (nvidia-cutlass for a machine without it), they are installed first.
 set -uo pipefail
@@ -75,11 +75,11 @@ if [ $run_bench -eq 1 ]; then
 fi
 
 if [ $sanitize -eq 1 ]; then
-  # split and cluster-merged decode, paged varlen (pages 16/48/64/256), and paged kv-cache calls
+  # split, cluster-merged and single-split (clusters of two) decode, paged varlen (pages 16/48/64/256), and paged kv-cache calls
   # with a window (page entries fetched after the lengths) or left padding (any-alignment loader)
-  # SANITIZE_CHUNK=0 / 1 runs only the first / second half of these 79 tests (racecheck over all of
+  # SANITIZE_CHUNK=0 / 1 runs only the first / second half of these 85 tests (racecheck over all of
   # them takes ~10 minutes on an H100); SANITIZE_TOOLS narrows the tools.
-  sel="fp16 and 128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))"
+  sel="fp16 and ((128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))) or test_single_split_decode_grids)"
   files="tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py"
   # shellcheck disable=SC2086  # word-split on purpose: several files / test ids
   ids=$(python3 -m pytest $files --collect-only -q -p no:cacheprovider -k "$sel" 2>/dev/null | grep "::")
