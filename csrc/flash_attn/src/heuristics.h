@@ -29,6 +29,10 @@ inline bool cluster_mergeable(long long blocks, int splits, int num_sms) {
   return splits >= 2 && splits <= kMaxClusterSplits && blocks * splits <= kClusterSmFraction * num_sms;
 }
 
+// Splits of at least this many key blocks are long: the streaming rate of a partial last wave,
+// not the blocks' fixed costs, decides between split counts.
+constexpr int kLongSplitBlocks = 64;
+
 // The combine kernel's cost beyond a cluster merge, in the model's units (one key block at one
 // block's top rate, ~1 us on H100): a second kernel and the fp32 partials' round trip.
 constexpr float kCombineCost = 1.0f;
@@ -66,9 +70,15 @@ inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_s
       return per_split / rate + 1.0f;
     };
     const long long full_waves = total / slots, last_wave = total % slots;
+    // How much faster the few blocks of a last wave stream depends on the card. For long splits
+    // after full waves, a last wave of at most half the slots is charged a full wave's time: b16
+    // 12/12 at 8192 / 32768 keys (1.45 waves in one split) ran 2 splits 4-5% faster than 1 on two
+    // H100s and within +0.8 / -1.4% of it on others (NOTES 56).
+    const bool slow_tail = full_waves > 0 && 2 * last_wave <= slots && per_split >= kLongSplitBlocks;
     const float merge = s == 1 ? 0.f
                         : 0.1f * s + (cluster_merge && cluster_mergeable(blocks, s, num_sms) ? 0.f : kCombineCost);
-    const float cost = static_cast<float>(full_waves) * wave_cost(slots) + (last_wave > 0 ? wave_cost(last_wave) : 0.f) + merge;
+    const float tail = last_wave == 0 ? 0.f : wave_cost(slow_tail ? slots : last_wave);
+    const float cost = static_cast<float>(full_waves) * wave_cost(slots) + tail + merge;
     // A larger count must win by 3%: near-ties (large grids, where splits only shuffle wave
     // quantisation) keep fewer partials.
     if (cost < 0.97f * best_cost) {
