@@ -177,6 +177,13 @@ def _varlen_decode_inputs(k_lens, nheads, nheads_k, d, dtype):
     return q, k, v, qmask, kmask, q_u, k_u, v_u, cu_q, cu_k, max_sk
 
 
+def _packed_reference(q, k, v, qmask, kmask, **kw):
+    """The fp32 reference and PyTorch in the input dtype, packed like the varlen output, and the lse."""
+    out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask, **kw)
+    out_pt, _ = attention_ref(q, k, v, qmask, kmask, upcast=False, **kw)
+    return pack(out_ref, qmask)[0], pack(out_pt, qmask)[0], pack_lse(lse_ref, qmask)
+
+
 @pytest.mark.parametrize("num_splits", NUM_SPLITS)
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
 @pytest.mark.parametrize("d", HEADDIMS)
@@ -187,10 +194,7 @@ def test_split_kv_varlen_decode(dtype, d, layout, num_splits, require_kernel):
     k_lens = list(RAGGED_K)
     q, k, v, qmask, kmask, q_u, k_u, v_u, cu_q, cu_k, max_sk = _varlen_decode_inputs(
         k_lens, nheads, nheads_k, d, dtype)
-    out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask)
-    out_pt, _ = attention_ref(q, k, v, qmask, kmask, upcast=False)
-    out_ref, out_pt = pack(out_ref, qmask)[0], pack(out_pt, qmask)[0]
-    lse_ref = pack_lse(lse_ref, qmask)
+    out_ref, out_pt, lse_ref = _packed_reference(q, k, v, qmask, kmask)
 
     out_unsplit = flash_attn.flash_attn_varlen_func(q_u, k_u, v_u, cu_q, cu_k, 1, max_sk, num_splits=1)
     assert_out_close(out_unsplit, out_ref, out_pt, name="out (num_splits=1)")
@@ -224,10 +228,7 @@ def test_split_kv_varlen_decode_seqused_k(dtype, d, layout, num_splits, causal, 
         v_u[cu[b] + used[b]: cu[b + 1]] = float("nan")
     used_t = torch.tensor(used, dtype=torch.int32, device=DEVICE)
     usedmask = lengths_to_mask(torch.tensor(used), max_sk).to(DEVICE)
-    out_ref, lse_ref = attention_ref(q, k, v, qmask, usedmask, causal=causal)
-    out_pt, _ = attention_ref(q, k, v, qmask, usedmask, causal=causal, upcast=False)
-    out_ref, out_pt = pack(out_ref, qmask)[0], pack(out_pt, qmask)[0]
-    lse_ref = pack_lse(lse_ref, qmask)
+    out_ref, out_pt, lse_ref = _packed_reference(q, k, v, qmask, usedmask, causal=causal)
     out, lse = ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, 1, max_sk, seqused_k=used_t, causal=causal,
                               num_splits=num_splits)
     assert_out_close(out, out_ref, out_pt)
@@ -297,10 +298,7 @@ def test_single_split_decode_grids(dtype, layout, parity, require_kernel):
     k_lens[0], k_lens[-1] = 1, max_len
     q, k, v, qmask, kmask, q_u, k_u, v_u, cu_q, cu_k, max_sk = _varlen_decode_inputs(
         k_lens, nheads, nheads_k, d, dtype)
-    out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask)
-    out_pt, _ = attention_ref(q, k, v, qmask, kmask, upcast=False)
-    out_ref, out_pt = pack(out_ref, qmask)[0], pack(out_pt, qmask)[0]
-    lse_ref = pack_lse(lse_ref, qmask)
+    out_ref, out_pt, lse_ref = _packed_reference(q, k, v, qmask, kmask)
     out, lse = ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, 1, max_sk, causal=True, num_splits=0)
     assert_out_close(out, out_ref, out_pt)
     assert_lse_close(lse, lse_ref)
