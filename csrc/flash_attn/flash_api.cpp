@@ -649,7 +649,8 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_arg, const Tensor& kcache, c
   check_on_device(q_in, "q", q_in);
   check_on_device(kcache, "k_cache", q_in);
   check_on_device(vcache, "v_cache", q_in);
-  for (auto [t, name] : {std::pair<const OptTensor*, const char*>{&k_, "k"}, {&v_, "v"}, {&cache_seqlens, "cache_seqlens"}, {&rotary_cos, "rotary_cos"},
+  for (auto [t, name] : {std::pair<const OptTensor*, const char*>{&k_, "k"}, {&v_, "v"},
+                         {&cache_seqlens, "cache_seqlens"}, {&rotary_cos, "rotary_cos"},
                          {&rotary_sin, "rotary_sin"}, {&cache_batch_idx, "cache_batch_idx"},
                          {&cache_leftpad, "cache_leftpad"}, {&block_table, "block_table"},
                          {&alibi_slopes, "alibi_slopes"}, {&out_, "out"}}) {

@@ -20,8 +20,10 @@ struct OnlineSoftmax {
   // s: scores of this key block, o: output accumulator, both (rows, cols) views. On return s
   // holds the unnormalised probabilities exp2(s * scale_log2 - max) and o is rescaled to the
   // new running max. kSkipUnmoved (warp-uniform callers only): when no row's max moved in the
-  // whole warp, the rescale (a multiply by exactly 1) is skipped -- the decode loop's 64 FMULs
-  // per sub-block, on a path whose time follows its instruction count.
+  // whole warp, the rescale (a multiply by exactly 1) is skipped -- 64 FMULs per sub-block of
+  // the decode loop. The two branches differ only in that test and in the order of the per-row
+  // steps; merged, the prefill kernel's SASS changes (+64 instructions), so they stay apart until
+  // a GPU run can time it.
   template <bool kSkipUnmoved = false, typename TS, typename TO>
   __device__ __forceinline__ void update(TS&& s, TO&& o, float scale_log2, bool is_first) {
     static_assert(decltype(size<0>(s))::value == kRows);
