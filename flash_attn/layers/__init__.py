@@ -1,0 +1,1 @@
+"""Neural-network layers built on flash_attn kernels (rotary embeddings)."""
