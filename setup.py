@@ -9,8 +9,6 @@ Build knobs (environment variables):
     FLASH_ATTN_CUDA_ARCHS   CUDA architectures, e.g. "90" or "80;90" (default "80;90")
     CUTLASS_DIR             a CUTLASS checkout or include folder (default: the nvidia-cutlass package)
     MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
-    FLASH_ATTN_FWD_TILE_OVERRIDE   tuning experiments only: "m,n,warps" prefill tile for every
-                            compiled head dim (scripts/tune_fwd_tiles.sh)
 """
 import os
 import re
@@ -74,7 +72,8 @@ def extension_modules():
     missing = [k for k in kernels if not k.exists()]
     if missing:
         sys.exit(f"missing {missing}; run csrc/flash_attn/src/generate_kernels.py")
-    sources = [CSRC / "flash_api.cpp", CSRC / "src" / "kvcache_append.cu"] + kernels
+    api = CSRC / "api"
+    sources = sorted(api.glob("*.cpp")) + [CSRC / "src" / "kernels" / "kvcache_append.cu"] + kernels
     print(f"flash_attn: head dims {headdims}, dtypes {dtypes}, archs {archs}", flush=True)
 
     arch_list = ",".join(archs)
@@ -92,17 +91,6 @@ def extension_modules():
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         "-DNDEBUG",
     ] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    if os.environ.get("FLASH_ATTN_FWD_TILE_OVERRIDE"):  # tuning experiments only
-        m, n, warps = os.environ["FLASH_ATTN_FWD_TILE_OVERRIDE"].split(",")
-        nvcc_flags += [f"-DFLASH_ATTN_FWD_TILE_M={m}", f"-DFLASH_ATTN_FWD_TILE_N={n}", f"-DFLASH_ATTN_FWD_TILE_WARPS={warps}"]
-    if os.environ.get("FLASH_ATTN_DECODE_TILE_OVERRIDE"):  # tuning experiments only
-        sub_n, stages, warps = os.environ["FLASH_ATTN_DECODE_TILE_OVERRIDE"].split(",")
-        decode_flags = [f"-DFLASH_ATTN_DECODE_SUB_N={sub_n}", f"-DFLASH_ATTN_DECODE_STAGES={stages}",
-                        f"-DFLASH_ATTN_DECODE_WARPS={warps}"]
-        nvcc_flags += decode_flags
-        cxx_flags += decode_flags  # the dispatcher's heuristic reads the same tile
-    if os.environ.get("FLASH_ATTN_DECODE_TIMELINE") == "1":  # diagnostics: per-block timestamps
-        nvcc_flags += ["-DFLASH_ATTN_DECODE_TIMELINE"]
     return [
         CUDAExtension(
             name="flash_attn_2_cuda",

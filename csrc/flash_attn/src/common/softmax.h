@@ -6,7 +6,7 @@
 
 #include <cute/tensor.hpp>
 
-#include "mma_utils.h"
+#include "common/mma_utils.h"
 
 namespace flash {
 

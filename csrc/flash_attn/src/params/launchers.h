@@ -4,8 +4,8 @@
 
 #include <cuda_runtime_api.h>
 
-#include "flash_params.h"
-#include "tile_sizes.h"
+#include "params/fwd_params.h"
+#include "plan/tile_sizes.h"
 
 namespace flash {
 

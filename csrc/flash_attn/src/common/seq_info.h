@@ -2,7 +2,8 @@
 // seqused_k, left-padded and kv-cache layouts.
 #pragma once
 
-#include "flash_params.h"
+#include "common/index_guard.h"
+#include "params/fwd_params.h"
 
 namespace flash {
 
@@ -28,8 +29,10 @@ struct SeqInfo {
       q_offset = int64_t(bidb) * p.q_batch_stride;
       o_offset = int64_t(bidb) * p.o_batch_stride;
     }
-    k_row0 = p.leftpad_k != nullptr ? p.leftpad_k[bidb] : 0;
-    const int kv_batch = p.cache_batch_idx != nullptr ? p.cache_batch_idx[bidb] : bidb;
+    const int kv_batch = p.cache_batch_idx == nullptr
+                             ? bidb
+                             : guard_index(p.cache_batch_idx[bidb], 0, p.num_cache_batches - 1, p.index_errors,
+                                           kCacheBatchIdxOutOfRange);
     if (p.cu_seqlens_k != nullptr) {
       const int k_start = p.cu_seqlens_k[bidb];
       seqlen_k = p.seqused_k != nullptr ? p.seqused_k[bidb] : p.cu_seqlens_k[bidb + 1] - k_start;
@@ -39,10 +42,14 @@ struct SeqInfo {
       v_offset = int64_t(k_start) * p.v_row_stride;
     } else {
       // seqused_k past the padded length would read other entries' (or no) rows.
-      seqlen_k = p.seqused_k != nullptr ? min(p.seqused_k[bidb], p.seqlen_k) : p.seqlen_k;
+      seqlen_k = p.seqused_k != nullptr
+                     ? guard_index(p.seqused_k[bidb], 0, p.seqlen_k, p.index_errors, kSeqlensOutOfRange)
+                     : p.seqlen_k;
       k_offset = int64_t(kv_batch) * p.k_batch_stride;
       v_offset = int64_t(kv_batch) * p.v_batch_stride;
     }
+    k_row0 = p.leftpad_k != nullptr ? guard_index(p.leftpad_k[bidb], 0, seqlen_k, p.index_errors, kLeftpadOutOfRange)
+                                    : 0;
     seqlen_k -= k_row0;
   }
 

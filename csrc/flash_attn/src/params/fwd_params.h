@@ -35,7 +35,8 @@ struct FwdParams {
   const int* cu_seqlens_k;
   const int* seqused_k;   // number of keys used per batch entry
   const int* leftpad_k;   // keys to skip at the start of each batch entry
-  const int* cache_batch_idx;  // k/v batch index per q batch entry (kv cache)
+  const int* cache_batch_idx;  // k/v batch index per q batch entry (kv cache), clamped to [0, num_cache_batches)
+  int num_cache_batches;
 
   // Paged KV: k/v are (num_blocks, page_block_size, h_k, d) and row j of batch b lives in
   // page block_table[b * block_table_batch_stride + j / page_block_size].
@@ -43,6 +44,10 @@ struct FwdParams {
   int64_t block_table_batch_stride;
   int page_block_size;
   int num_pages;  // page indices are clamped to [0, num_pages): a bad table never reads out of bounds
+
+  // Error words of bad index values (params/index_errors.h), kNumIndexErrors of them, in mapped
+  // host memory; nullable.
+  unsigned* index_errors;
 
   // Scores: s = q.k; with softcap, s = tanh(s * softcap_in) and the softmax multiplier is softcap.
   // p = exp2(s * scale_softmax_log2 - max), lse = max * scale_softmax + log(sum).
@@ -73,7 +78,7 @@ struct FwdParams {
   // thread-block cluster and merge through distributed shared memory (no partials, no combine).
   bool cluster_merge;
   // Decode kernel, one split, sm_90: blocks launch in clusters of two (consecutive heads), so
-  // every busy TPC holds two blocks and a one-wave grid's blocks stream at one rate (NOTES 55).
+  // every busy TPC holds two blocks and a one-wave grid's blocks stream at one rate.
   bool decode_pair_clusters;
 };
 

@@ -6,7 +6,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "kvcache_append.h"
+#include "common/index_guard.h"
+#include "params/kvcache_append.h"
 
 namespace flash {
 namespace {
@@ -59,7 +60,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) kvcache_append_kernel(con
 
   if (blockIdx.x == 0) {
     for (int bi = threadIdx.x; bi < p.b; bi += blockDim.x) {
-      p.seqused_out[bi] = min(max(p.cache_seqlens[bi], 0) + p.seqlen_new, p.capacity);
+      // Reports cache_seqlens whose new rows would not fit; those rows are dropped below.
+      p.seqused_out[bi] = guard_index(p.cache_seqlens[bi] + p.seqlen_new, p.seqlen_new, p.capacity, p.index_errors,
+                                      kSeqlensOutOfRange);
     }
   }
 
@@ -71,13 +74,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) kvcache_append_kernel(con
     if (row < 0 || row >= p.capacity) return;
     int64_t k_dst, v_dst;
     if (p.block_table != nullptr) {
-      const int page = min(max(p.block_table[bi * p.block_table_batch_stride + row / p.page_block_size], 0),
-                           p.num_pages - 1);
+      const int page = guard_page(p.block_table[bi * p.block_table_batch_stride + row / p.page_block_size],
+                                  p.num_pages, p.index_errors);
       const int r = row % p.page_block_size;
       k_dst = page * p.kcache_batch_stride + r * p.kcache_row_stride;
       v_dst = page * p.vcache_batch_stride + r * p.vcache_row_stride;
     } else {
-      const int cb = p.cache_batch_idx != nullptr ? p.cache_batch_idx[bi] : bi;
+      const int cb = p.cache_batch_idx == nullptr ? bi
+                                                  : guard_index(p.cache_batch_idx[bi], 0, p.num_cache_batches - 1,
+                                                                p.index_errors, kCacheBatchIdxOutOfRange);
       k_dst = cb * p.kcache_batch_stride + int64_t(row) * p.kcache_row_stride;
       v_dst = cb * p.vcache_batch_stride + int64_t(row) * p.vcache_row_stride;
     }

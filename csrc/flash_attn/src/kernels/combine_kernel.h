@@ -6,8 +6,8 @@
 
 #include <cute/tensor.hpp>
 
-#include "flash_params.h"
-#include "tile_sizes.h"
+#include "params/fwd_params.h"
+#include "plan/tile_sizes.h"
 
 namespace flash {
 

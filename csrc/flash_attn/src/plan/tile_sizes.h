@@ -22,9 +22,6 @@ struct TileShape {
 // fp32 accumulators; keeping that near 192 leaves room for operands under 255 registers.
 // Head dims 192 and 256 need 8 warps for the same.
 constexpr TileShape fwd_tile(int headdim) {
-#ifdef FLASH_ATTN_FWD_TILE_M  // tuning experiments only (setup.py: FLASH_ATTN_FWD_TILE_OVERRIDE=m,n,warps)
-  return TileShape{FLASH_ATTN_FWD_TILE_M, FLASH_ATTN_FWD_TILE_N, FLASH_ATTN_FWD_TILE_WARPS};
-#endif
   return headdim <= 32   ? TileShape{128, 128, 4}
          : headdim <= 96  ? TileShape{128, 64, 4}
          : headdim <= 128 ? TileShape{128, 32, 4}  // H100: 0.89-1.03x torch FA2 vs 0.85-0.98x for 128x64
@@ -51,9 +48,6 @@ struct DecodeTile {
 };
 
 constexpr DecodeTile decode_tile(int headdim) {
-#ifdef FLASH_ATTN_DECODE_SUB_N  // tuning experiments only (setup.py: FLASH_ATTN_DECODE_TILE_OVERRIDE=sub_n,stages,warps)
-  return DecodeTile{FLASH_ATTN_DECODE_SUB_N, FLASH_ATTN_DECODE_STAGES, FLASH_ATTN_DECODE_WARPS};
-#endif
   return headdim <= 128 ? DecodeTile{32, 2, 4} : DecodeTile{16, 2, 4};
 }
 

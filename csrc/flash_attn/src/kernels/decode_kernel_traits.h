@@ -7,7 +7,7 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
-#include "tile_sizes.h"
+#include "plan/tile_sizes.h"
 
 namespace flash {
 

@@ -11,13 +11,13 @@
 #include <cutlass/fast_math.h>
 #include <cutlass/numeric_types.h>
 
-#include "flash.h"
-#include "decode_kernel_traits.h"
-#include "flash_decode_kernel.h"
-#include "flash_fwd_combine_kernel.h"
-#include "flash_fwd_kernel.h"
-#include "kernel_traits.h"
-#include "tile_sizes.h"
+#include "params/launchers.h"
+#include "kernels/decode_kernel_traits.h"
+#include "kernels/decode_kernel.h"
+#include "kernels/combine_kernel.h"
+#include "kernels/fwd_kernel.h"
+#include "common/kernel_traits.h"
+#include "plan/tile_sizes.h"
 
 namespace flash {
 
@@ -108,7 +108,6 @@ void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
     // Row -> (block-table entry, row in page) by multiply and shift: the divisor's magic numbers
     // are computed here once instead of a division per sub-block in the kernel.
     const cutlass::FastDivmod page_div(params.block_table != nullptr ? params.page_block_size : 1);
-    FLASH_DECODE_TIMELINE_RECORD(grid, stream);
     if (params.cluster_merge || params.decode_pair_clusters) {
       // The splits of a query tile merge inside the kernel, or pairs of heads share a TPC.
       const dim3 cluster = params.cluster_merge ? dim3(1, params.num_splits, 1) : dim3(1, 1, 2);

@@ -10,6 +10,8 @@
 #include <cute/tensor.hpp>
 #include <cute/arch/copy_sm80.hpp>
 
+#include "common/index_guard.h"
+
 namespace flash {
 
 using namespace cute;
@@ -119,12 +121,13 @@ struct GmemTileCopy {
   // thread's first chunk of row 0 of page 0 for the kv head.
   template <typename TS>
   __device__ void load_paged(TS& tS, const Element* head_base, int first_row, int valid_rows, const int* block_table,
-                             int page_size, int num_pages, int64_t page_stride, int64_t row_stride) const {
+                             int page_size, int num_pages, unsigned* index_errors, int64_t page_stride,
+                             int64_t row_stride) const {
     CUTE_UNROLL
     for (int i = 0; i < size<1>(tS); ++i) {
       const bool row_ok = r0 + i * kRowsPerPass < valid_rows;
       const int row = first_row + r0 + i * kRowsPerPass;
-      const int page = row_ok ? min(max(block_table[row / page_size], 0), num_pages - 1) : 0;
+      const int page = row_ok ? guard_page(block_table[row / page_size], num_pages, index_errors) : 0;
       const Element* src = head_base + int64_t(page) * page_stride + int64_t(row % page_size) * row_stride;
       copy_pass<false>(tS, i, src, valid_rows, head_base);
     }

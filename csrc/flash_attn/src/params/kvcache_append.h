@@ -30,7 +30,9 @@ struct AppendKvParams {
   int capacity;  // rows per sequence: cache seqlen, or max_blocks_per_seq * page_block_size
 
   const int* cache_seqlens;    // end of each entry's valid cache: new row t goes to cache_seqlens[b] + t
-  const int* cache_batch_idx;  // nullable: cache batch row of each entry
+  const int* cache_batch_idx;  // nullable: cache batch row of each entry, clamped to [0, num_cache_batches)
+  int num_cache_batches;
+  unsigned* index_errors;      // nullable: reports of clamped index values (params/index_errors.h)
   int b, seqlen_new, h_k, d;
   int* seqused_out;            // cache_seqlens[b] + seqlen_new, clamped to capacity
 

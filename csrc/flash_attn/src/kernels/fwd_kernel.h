@@ -9,13 +9,13 @@
 
 #include <cute/tensor.hpp>
 
-#include "flash_params.h"
-#include "gmem_copy.h"
-#include "kernel_traits.h"
-#include "mma_utils.h"
-#include "score_mods.h"
-#include "seq_info.h"
-#include "softmax.h"
+#include "params/fwd_params.h"
+#include "common/gmem_copy.h"
+#include "common/kernel_traits.h"
+#include "common/mma_utils.h"
+#include "common/score_mods.h"
+#include "common/seq_info.h"
+#include "common/softmax.h"
 
 namespace flash {
 
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     const int j0 = n_block * kBlockN;
     if (kHasExtras && block_table != nullptr) {
       gcopy.load_paged(tS, head, seq.k_row0 + j0, seq.seqlen_k - j0, block_table, params.page_block_size,
-                       params.num_pages, page_stride, row_stride);
+                       params.num_pages, params.index_errors, page_stride, row_stride);
     } else {
       gcopy.load_strided(tS, thread + int64_t(j0) * row_stride, row_stride, seq.seqlen_k - j0, head);
     }

@@ -5,7 +5,7 @@
 
 #include <algorithm>
 
-#include "tile_sizes.h"
+#include "plan/tile_sizes.h"
 
 namespace flash {
 

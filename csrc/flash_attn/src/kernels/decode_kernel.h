@@ -14,15 +14,14 @@
 #include <cute/tensor.hpp>
 #include <cutlass/fast_math.h>
 
-#include "decode_kernel_traits.h"
-#include "decode_timeline.h"
-#include "flash_fwd_kernel.h"
-#include "flash_params.h"
-#include "gmem_copy.h"
-#include "mma_utils.h"
-#include "score_mods.h"
-#include "seq_info.h"
-#include "softmax.h"
+#include "kernels/decode_kernel_traits.h"
+#include "kernels/fwd_kernel.h"
+#include "params/fwd_params.h"
+#include "common/gmem_copy.h"
+#include "common/mma_utils.h"
+#include "common/score_mods.h"
+#include "common/seq_info.h"
+#include "common/softmax.h"
 
 namespace flash {
 
@@ -46,7 +45,6 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");  // the combine kernel may start launching
 #endif
-  FLASH_DECODE_TIMELINE_MARK(0);
   extern __shared__ __align__(128) char smem_buf[];
   const int tidx = threadIdx.x;
   const int warp = tidx / 32;
@@ -92,7 +90,6 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   }
 
   const SeqInfo seq(params, bidb);
-  FLASH_DECODE_TIMELINE_MARK(1);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) {
     cp_async_wait<0>();  // no copy into shared memory outlives the block
@@ -201,11 +198,11 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
         int page[kGroups], in_page[kGroups];
         CUTE_UNROLL
         for (int g = 0; g < kGroups; ++g) {
-          page[g] = min(max(slot[g], 0), params.num_pages - 1);  // a bad table never reads out of bounds
+          page[g] = guard_page(slot[g], params.num_pages, params.index_errors);
           in_page[g] = slot[kGroups + g];
         }
         // Predicate-free copies for full sub-blocks; the predicated ones for the last, rolled so
-        // that ptxas keeps them out of the full path (NOTES 40, 42).
+        // that ptxas keeps them out of the full path.
         if (full_sub_block(sb)) {
           gcopy.template load_paged_groups<true>(tK, k_head, page, in_page, valid_rows, params.k_batch_stride,
                                                  params.k_row_stride);
@@ -221,7 +218,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
         fetch_pages(i + kStages);
         int pages[kMaxPages];
         CUTE_UNROLL
-        for (int p = 0; p < kMaxPages; ++p) pages[p] = min(max(slot[p], 0), params.num_pages - 1);
+        for (int p = 0; p < kMaxPages; ++p) pages[p] = guard_page(slot[p], params.num_pages, params.index_errors);
         const int row0 = seq.k_row0 + sb * kSubN;
         const int offset = row0 - row0 / params.page_block_size * params.page_block_size;
         gcopy.load_paged_prefetched(tK, k_head, offset, valid_rows, pages, params.page_block_size,
@@ -283,7 +280,6 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     load_stage(i + kStages - 1);
     cp_async_wait<kStages - 1>();
     __syncwarp();  // sub-block i landed for every lane
-    if (i == 0) FLASH_DECODE_TIMELINE_MARK(2);
     const int s = i % kStages;
     const int sb = sub_block(i);
 
@@ -308,7 +304,6 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     __syncwarp();  // every lane is done reading stage s before it is refilled
   }
   cp_async_wait<0>();
-  FLASH_DECODE_TIMELINE_MARK(3);
 
   // Merge the warps. Each warp's rows: lse_w (natural log; -inf without a visible key) and the
   // normalised output o_w; the block's lse = log sum_w exp(lse_w), output = sum_w exp(lse_w - lse) o_w.
@@ -402,9 +397,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     for (int e = tidx * 4; e < rows_in_tile * kHeadDim; e += Traits::kNThreads * 4) {
       *reinterpret_cast<float4*>(o_smem + o_index(e)) = merged(e);  // in place over warp 0's slot: one thread per e
     }
-    FLASH_DECODE_TIMELINE_MARK(5);
     cluster.sync();  // every split's result is in its shared memory (a releasing arrive)
-    FLASH_DECODE_TIMELINE_MARK(6);
     if (cluster.block_rank() == 0) {
       const int splits = int(cluster.num_blocks());
       float* weight = lse_smem + (kNWarps + 1) * kBlockM;  // [split][row], then the merged lse per row
@@ -467,7 +460,6 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
       *reinterpret_cast<float4*>(oacc + e) = merged(e);
     }
   }
-  FLASH_DECODE_TIMELINE_MARK(4);
 }
 
 }  // namespace flash

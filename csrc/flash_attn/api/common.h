@@ -1,0 +1,96 @@
+// Shared by the dispatcher's entry points (fwd.cpp, kvcache.cpp, module.cpp): argument checks whose
+// messages name the argument, packing of FwdParams, the device facts the plan needs, and the plan
+// and launch of one batch-strided forward call. Free of pybind11 and torch/extension.h, so each
+// entry point compiles against ATen alone.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Allocator.h>
+
+#include "params/fwd_params.h"
+#include "params/launchers.h"
+#include "plan/heuristics.h"
+
+namespace flash_api {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ---- argument checks (checks.cpp) ----
+// Error messages pass only strings to TORCH_CHECK (numbers through std::to_string, shapes through
+// shape_str): with torch 2.11 on the H100 machine, c10::str streaming an int or an IntArrayRef
+// from this extension segfaulted inside std::ostream's number formatting.
+std::string shape_str(const Tensor& t);
+void check_qkv_dtypes(const Tensor& q, const Tensor& k, const Tensor& v);
+// A strided last dimension is copied, as upstream's Python wrapper (maybe_contiguous) does; done here
+// so the Python hot path needs no stride queries (each costs host time per decode step).
+Tensor contiguous_last_dim(const Tensor& t);
+void check_head_dims(int head_size, int num_heads, int num_heads_k);
+void check_options(float p_dropout, bool return_softmax, int window_left, int window_right, float softcap,
+                   int num_splits);
+void check_alibi(const OptTensor& alibi, int batch, int num_heads);
+void check_int32_vector(const Tensor& t, const char* name, int64_t numel);
+void check_on_device(const Tensor& t, const char* name, const Tensor& q);
+void check_out(const Tensor& out, const Tensor& q);
+flash::FwdLauncher find_kernel(int head_size, bool is_bf16);
+// Causal with one query row attends every key (bottom-right alignment); windows reaching past the
+// sequence are unbounded. Returns (left, right), -1 = unbounded.
+std::pair<int, int> normalize_window(bool is_causal, int window_left, int window_right, int max_seqlen_q,
+                                     int max_seqlen_k);
+
+// ---- packing, plan and launch (forward_call.cpp) ----
+// Output buffers straight from the CUDA allocator (at::empty's dispatch costs host time per call).
+Tensor empty_cuda(at::IntArrayRef sizes, at::ScalarType dtype, const Tensor& like);
+
+// Per-device facts the plan needs, cached (an attribute query costs a driver call).
+struct DeviceInfo {
+  int device;
+  int sm_count;
+  bool pdl;  // programmatic dependent launch and thread-block clusters (sm_90+)
+};
+DeviceInfo device_info();
+
+// Everything after the checks: shared by the padded and the varlen entry points.
+struct Call {
+  Tensor q, k, v, out;  // the caller's shapes; with swap_groups > 0, q and out are seen swapped
+  int batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size;  // as the kernel sees them
+  bool varlen_q, varlen_k;
+  int swap_groups = 0;
+};
+void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int window_left, int window_right,
+                 float softmax_scale, float softcap);
+
+// Copies the plan's kernel choice into p and allocates the split-KV partials straight from
+// PyTorch's caching allocator (no sync, graph-safe, no tensor object). The returned pointer must
+// live until the launch is enqueued.
+c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev,
+                        const flash::FwdLauncher& kernel);
+void launch(const flash::FwdLauncher& kernel, const flash::FwdParams& p);
+
+// Batch-strided K/V beyond a plain (batch, seqlen_k, ...) tensor: the kv-cache layouts.
+struct KvLayout {
+  int seqlen_k;                      // rows per sequence the kernel may read
+  const int* seqused_k = nullptr;    // keys used per entry (absolute end, left padding included)
+  const int* leftpad_k = nullptr;
+  const int* cache_batch_idx = nullptr;
+  int batch_cache = 0;               // with cache_batch_idx: the cache's batch size
+  const int* block_table = nullptr;  // k, v are (num_pages, page_block_size, h_k, d)
+  int64_t block_table_batch_stride = 0;
+  int page_block_size = 0;
+  int num_pages = 0;
+};
+
+// Attention of batch-strided q (batch, seqlen_q, num_heads, d) against batch-strided or paged
+// K/V, after all checks: the plan (swap, splits), the output buffers and the launch. wl / wr are
+// the window after normalize_window (the caller needs it too: rotary positions). Returns
+// {out, softmax_lse}.
+std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_,
+                                const OptTensor& alibi_slopes, double softmax_scale, int wl, int wr, double softcap,
+                                int num_splits, const KvLayout& kv, const flash::FwdLauncher& kernel);
+
+}  // namespace flash_api

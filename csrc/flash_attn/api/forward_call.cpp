@@ -1,0 +1,178 @@
+// Packing of FwdParams, the plan and the launch of one forward call, shared by the padded, varlen
+// and kv-cache entry points.
+#include <atomic>
+#include <string>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/EmptyTensor.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "api/common.h"
+#include "api/index_errors.h"
+
+namespace flash_api {
+
+namespace {
+
+void set_scores(flash::FwdParams& p, float softmax_scale, float softcap) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  if (softcap > 0.f) {
+    p.softcap_in = softmax_scale / softcap;
+    p.scale_softmax = softcap;
+  } else {
+    p.softcap_in = 0.f;
+    p.scale_softmax = softmax_scale;
+  }
+  p.scale_softmax_log2 = p.scale_softmax * kLog2e;
+}
+
+void set_tensor(const Tensor& t, const void*& ptr, int64_t& batch_stride, int64_t& row_stride,
+                int64_t& head_stride, bool batched) {
+  ptr = t.data_ptr();
+  batch_stride = batched ? t.stride(0) : 0;
+  row_stride = t.stride(-3);
+  head_stride = t.stride(-2);
+}
+
+// q or out of one query per sequence, (batch, [1,] num_heads, d), seen by the kernel after the
+// seqlen/ngroups swap as (batch, groups rows, num_heads / groups heads): query head
+// hk * groups + g is row g of kv head hk. Strides only, no view tensors (each costs host time).
+void set_swapped_tensor(const Tensor& t, int groups, const void*& ptr, int64_t& batch_stride, int64_t& row_stride,
+                        int64_t& head_stride) {
+  ptr = t.data_ptr();
+  batch_stride = t.stride(0);
+  row_stride = t.stride(-2);
+  head_stride = groups * t.stride(-2);
+}
+
+}  // namespace
+
+Tensor empty_cuda(at::IntArrayRef sizes, at::ScalarType dtype, const Tensor& like) {
+  return Tensor(at::detail::empty_cuda(sizes, dtype, like.device(), std::nullopt));
+}
+
+void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int window_left, int window_right,
+                 float softmax_scale, float softcap) {
+  p = {};
+  const void* o_const = nullptr;
+  if (c.swap_groups > 0) {
+    set_swapped_tensor(c.q, c.swap_groups, p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+    set_swapped_tensor(c.out, c.swap_groups, o_const, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  } else {
+    set_tensor(c.q, p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride, !c.varlen_q);
+    set_tensor(c.out, o_const, p.o_batch_stride, p.o_row_stride, p.o_head_stride, !c.varlen_q);
+  }
+  set_tensor(c.k, p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride, !c.varlen_k);
+  set_tensor(c.v, p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride, !c.varlen_k);
+  p.o_ptr = const_cast<void*>(o_const);
+  p.b = c.batch;
+  p.h = c.num_heads;
+  p.h_k = c.num_heads_k;
+  p.h_h_k_ratio = c.num_heads / c.num_heads_k;
+  p.seqlen_q = c.seqlen_q;
+  p.seqlen_k = c.seqlen_k;
+  p.d = c.head_size;
+  set_scores(p, softmax_scale, softcap);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  if (alibi) {
+    p.alibi_slopes_ptr = alibi->data_ptr<float>();
+    p.alibi_slopes_batch_stride = alibi->dim() == 2 ? alibi->stride(0) : 0;
+  }
+  p.num_splits = 1;
+}
+
+DeviceInfo device_info() {
+  static std::atomic<int> cached[64] = {};  // sm_count * 2 + pdl, 0 = not yet queried
+  const int device = c10::cuda::current_device();
+  int packed = cached[device & 63].load(std::memory_order_relaxed);
+  if (packed == 0) {
+    int sms = 0, major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    packed = sms * 2 + (major >= 9 ? 1 : 0);
+    cached[device & 63].store(packed, std::memory_order_relaxed);
+  }
+  return {device, packed / 2, (packed & 1) != 0};
+}
+
+c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev,
+                        const flash::FwdLauncher& kernel) {
+  const int num_splits = plan.num_splits;
+  p.split_kernel = plan.split_kernel;
+  p.decode_kernel = plan.decode_kernel;
+  p.num_splits = num_splits;
+  p.device = dev.device;
+  p.allow_pdl = dev.pdl;
+  p.total_q_rows = total_q_rows;
+  // sm_90 (the pdl flag) runs a decode tile's splits as one thread-block cluster that merges them.
+  // The plan's rule of thumb (grid <= 0.75 x SMs), then what this device can hold at once: every
+  // cluster must be resident, or split 0 of a late cluster waits a whole wave.
+  if (plan.cluster_merge && dev.pdl) {
+    p.cluster_merge = plan.tiles <= kernel.max_decode_clusters(p, num_splits);  // one cluster per tile
+  }
+  // One split on sm_90: blocks of consecutive heads in clusters of two, which the hardware places
+  // on the two SMs of a TPC; busy TPCs then all carry two blocks. The grid's head
+  // dimension (b * h blocks) must split into whole pairs.
+  p.decode_pair_clusters = plan.decode_kernel && num_splits == 1 && dev.pdl && (int64_t(p.b) * p.h) % 2 == 0;
+  if (!plan.split_kernel || (plan.decode_kernel && num_splits == 1) || p.cluster_merge) return {};  // no partials
+  // One allocation for both: the partial outputs [num_splits][h][rows][kernel_hdim], then the
+  // partial lse [num_splits][h][rows].
+  const int kernel_hdim = flash::round_up_headdim(p.d);
+  const int64_t lse_elems = int64_t(num_splits) * p.h * total_q_rows;
+  c10::DataPtr accum = c10::cuda::CUDACachingAllocator::get()->allocate(lse_elems * (kernel_hdim + 1) * sizeof(float));
+  p.oaccum_ptr = static_cast<float*>(accum.get());
+  p.lseaccum_ptr = p.oaccum_ptr + lse_elems * kernel_hdim;
+  return accum;
+}
+
+void launch(const flash::FwdLauncher& kernel, const flash::FwdParams& p) {
+  kernel.run(p, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_,
+                                const OptTensor& alibi_slopes, double softmax_scale, int wl, int wr, double softcap,
+                                int num_splits, const KvLayout& kv, const flash::FwdLauncher& kernel) {
+  const int batch = q_in.size(0), seqlen_q = q_in.size(1), num_heads = q_in.size(2), head_size = q_in.size(3);
+  const int num_heads_k = k.size(2);
+  const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes;
+  const DeviceInfo dev = device_info();
+  const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k,
+                                                      head_size, can_swap, dev.sm_count, num_splits);
+  // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
+  // become its query rows.
+  Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
+         batch, plan.num_heads, num_heads_k, plan.seqlen_q, kv.seqlen_k, head_size, false, false,
+         plan.swap_seqlen_ngroups ? plan.seqlen_q : 0};
+  // Contiguous (b, h, seqlen_q) in the kernel's view is the same memory as (b, num_heads, seqlen_q).
+  Tensor softmax_lse = empty_cuda({batch, num_heads, seqlen_q}, at::kFloat, q_in);
+
+  if (batch > 0 && seqlen_q > 0 && num_heads > 0) {
+    flash::FwdParams p;
+    fill_common(p, c, alibi_slopes, wl, wr, softmax_scale, softcap);
+    p.seqused_k = kv.seqused_k;
+    p.leftpad_k = kv.leftpad_k;
+    p.cache_batch_idx = kv.cache_batch_idx;
+    p.num_cache_batches = kv.batch_cache;
+    p.index_errors = index_error_words(dev.device);
+    if (kv.block_table != nullptr) {
+      p.block_table = kv.block_table;
+      p.block_table_batch_stride = kv.block_table_batch_stride;
+      p.page_block_size = kv.page_block_size;
+      p.num_pages = kv.num_pages;
+    }
+    p.softmax_lse_ptr = softmax_lse.data_ptr<float>();
+    p.lse_batch_stride = int64_t(plan.num_heads) * plan.seqlen_q;
+    p.lse_head_stride = plan.seqlen_q;
+    p.lse_row_stride = 1;
+    auto accum = set_splits(p, plan, batch * plan.seqlen_q, dev, kernel);
+    launch(kernel, p);
+  }
+  return {c.out, softmax_lse};
+}
+
+}  // namespace flash_api

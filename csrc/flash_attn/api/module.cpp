@@ -1,0 +1,117 @@
+// The Python module flash_attn_2_cuda: binds the entry points with upstream flash-attn 2's names and
+// argument order, and the plan queries (num_splits_heuristic, ...) the Python package and the CPU
+// tests use.
+#include <string>
+#include <vector>
+
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/extension.h>
+
+#include "api/common.h"
+#include "api/entry_points.h"
+#include "api/index_errors.h"
+
+// CUDA architectures compiled in, from setup.py (e.g. 80,90).
+#ifndef FLASH_ATTN_ARCHS_LIST
+#define FLASH_ATTN_ARCHS_LIST
+#endif
+
+namespace flash_api {
+namespace {
+
+flash::ForwardPlan checked_plan(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
+                                int num_sms, int num_splits) {
+  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", std::to_string(num_splits));
+  TORCH_CHECK(num_sms > 0, "num_sms must be positive");
+  check_head_dims(head_size, num_heads, num_heads_k);
+  return flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, /*can_swap=*/true,
+                             num_sms, num_splits, /*allow_decode_kernel=*/true);
+}
+
+int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
+                         int num_sms, int num_splits) {
+  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits).num_splits;
+}
+
+// Whether the plan lets a decode tile's splits merge inside a thread-block cluster (sm_90 decides
+// the rest at run time).
+bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
+                           int num_sms, int num_splits) {
+  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits)
+      .cluster_merge;
+}
+
+// Clusters of `cluster_size` plain decode blocks the current device holds at once (0: none, e.g.
+// before sm_90): what bounds the cluster merge at run time.
+int decode_cluster_capacity(int head_size, bool is_bf16, int cluster_size) {
+  TORCH_CHECK(cluster_size >= 1 && cluster_size <= flash::kMaxClusterSplits, "cluster_size must lie in [1, ",
+              std::to_string(flash::kMaxClusterSplits), "], got ", std::to_string(cluster_size));
+  // The current device's answer: no guard needed.
+  flash::FwdParams p{};
+  p.device = c10::cuda::current_device();
+  return find_kernel(head_size, is_bf16).max_decode_clusters(p, cluster_size);
+}
+
+pybind11::dict build_info() {
+  pybind11::list headdims, dtypes;
+  bool any_fp16 = false, any_bf16 = false;
+  for (int i = 0; i < flash::kNumKernelHeadDims; ++i) {
+    const bool fp16 = flash::fwd_launchers[i][0].run != nullptr, bf16 = flash::fwd_launchers[i][1].run != nullptr;
+    if (fp16 || bf16) headdims.append(flash::kKernelHeadDims[i]);
+    any_fp16 |= fp16;
+    any_bf16 |= bf16;
+  }
+  if (any_fp16) dtypes.append("fp16");
+  if (any_bf16) dtypes.append("bf16");
+  pybind11::list archs;
+  for (int arch : std::vector<int>{FLASH_ATTN_ARCHS_LIST}) archs.append(std::to_string(arch));
+  pybind11::dict info;
+  info["headdims"] = headdims;
+  info["dtypes"] = dtypes;
+  info["archs"] = archs;
+  return info;
+}
+
+}  // namespace
+}  // namespace flash_api
+
+using namespace flash_api;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "FlashAttention-2 compatible attention with split-KV decoding";
+  m.def("fwd", &mha_fwd, "Forward attention, padded batch", pybind11::arg("q"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("alibi_slopes"), pybind11::arg("dropout_p"),
+        pybind11::arg("softmax_scale"), pybind11::arg("causal"), pybind11::arg("window_size_left"),
+        pybind11::arg("window_size_right"), pybind11::arg("softcap"), pybind11::arg("return_softmax"),
+        pybind11::arg("gen") = pybind11::none(), pybind11::arg("num_splits") = 0);
+  m.def("varlen_fwd", &mha_varlen_fwd, "Forward attention, variable-length batch", pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("cu_seqlens_q"),
+        pybind11::arg("cu_seqlens_k"), pybind11::arg("seqused_k"), pybind11::arg("leftpad_k"),
+        pybind11::arg("block_table"), pybind11::arg("alibi_slopes"), pybind11::arg("max_seqlen_q"),
+        pybind11::arg("max_seqlen_k"), pybind11::arg("dropout_p"), pybind11::arg("softmax_scale"),
+        pybind11::arg("zero_tensors"), pybind11::arg("causal"), pybind11::arg("window_size_left"),
+        pybind11::arg("window_size_right"), pybind11::arg("softcap"), pybind11::arg("return_softmax"),
+        pybind11::arg("gen") = pybind11::none(), pybind11::arg("num_splits") = 0);
+  m.def("fwd_kvcache", &mha_fwd_kvcache, "Forward attention against a KV cache, appending new keys / values",
+        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("cache_seqlens"), pybind11::arg("rotary_cos"), pybind11::arg("rotary_sin"),
+        pybind11::arg("cache_batch_idx"), pybind11::arg("cache_leftpad"), pybind11::arg("block_table"),
+        pybind11::arg("alibi_slopes"), pybind11::arg("out"), pybind11::arg("softmax_scale"), pybind11::arg("causal"),
+        pybind11::arg("window_size_left"), pybind11::arg("window_size_right"), pybind11::arg("softcap"),
+        pybind11::arg("rotary_interleaved"), pybind11::arg("num_splits") = 0);
+  m.def("num_splits_heuristic", &num_splits_heuristic,
+        "Number of key splits the dispatcher uses for these shapes (no window, no ALiBi)", pybind11::arg("batch"),
+        pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"), pybind11::arg("seqlen_k"),
+        pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
+  m.def("cluster_merge_planned", &cluster_merge_planned,
+        "Whether the decode splits of these shapes may merge inside a thread-block cluster (sm_90)",
+        pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
+        pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
+  m.def("decode_cluster_capacity", &decode_cluster_capacity,
+        "Thread-block clusters of cluster_size decode blocks the current CUDA device holds at once",
+        pybind11::arg("head_size"), pybind11::arg("is_bf16"), pybind11::arg("cluster_size"));
+  m.def("build_info", &build_info, "Compiled head dims, dtypes and CUDA architectures");
+  m.def("check_index_errors", &check_index_errors,
+        "Synchronises the current CUDA device and raises if a kernel reported out-of-range index values");
+}
+
