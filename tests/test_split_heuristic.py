@@ -51,7 +51,7 @@ def test_partial_last_wave_no_split(seqlen_k):
 @pytest.mark.parametrize("seqlen_k", [8192, 32768])
 def test_long_partial_last_wave_splits(seqlen_k):
     # The same grid with long keys: how fast the 60 blocks of the last wave stream depends on the
-    # card (NOTES 56), so 2 splits fill the waves (2.9 waves of 384 blocks).
+    # card, so 2 splits fill the waves (2.9 waves of 384 blocks).
     assert nsplits(16, 12, 12, 1, seqlen_k, 128) == 2
 
 
@@ -148,3 +148,38 @@ def test_no_cluster_merge_outside_2_to_8_splits(requested):
 def test_no_cluster_merge_without_decode_kernel():
     # 128 query rows run on the 64-row split kernel: partials and the combine kernel.
     assert not cluster_merge(1, 4, 4, 128, 32768, num_splits=4)
+
+
+# A few queries per sequence (speculative verification, chunked decode): one query tile holds
+# every row of a (batch, head), so the grid is batch x heads blocks and splits pay as at decode.
+@pytest.mark.parametrize("seqlen_q", [2, 4, 8, 16])
+@pytest.mark.parametrize("heads", [(12, 12), (32, 8)])
+@pytest.mark.parametrize("seqlen_k", [8192, 32768])
+def test_small_seqlen_q_splits_at_batch1(seqlen_q, heads, seqlen_k):
+    assert nsplits(1, heads[0], heads[1], seqlen_q, seqlen_k, 128) >= 4
+
+
+@pytest.mark.parametrize("seqlen_q", [2, 8, 16, 64])
+def test_small_seqlen_q_plan_matches_decode_rule(seqlen_q):
+    # The same cost model as one query: a grid of batch x heads blocks over the same key blocks.
+    for batch, seqlen_k in [(1, 4096), (4, 16384), (16, 32768)]:
+        n = nsplits(batch, 12, 12, seqlen_q, seqlen_k, 128)
+        assert 1 <= n <= 128
+        if batch * 12 >= 2 * SMS:
+            assert n <= 2
+
+
+def test_small_seqlen_q_full_gpu_no_split():
+    assert nsplits(128, 32, 32, 4, 8192, 128) == 1
+
+
+def test_long_queries_never_split_by_heuristic():
+    # Past the split tile's 64 rows the grid has query tiles to spread; upstream's unsplit kernel.
+    assert nsplits(1, 12, 12, 65, 32768, 128) == 1
+    assert nsplits(1, 12, 12, 4096, 32768, 128) == 1
+
+
+@pytest.mark.parametrize("seqlen_q", [2, 16])
+def test_small_seqlen_q_explicit_splits_kept(seqlen_q):
+    assert nsplits(1, 12, 12, seqlen_q, 32768, 128, num_splits=1) == 1
+    assert nsplits(1, 12, 12, seqlen_q, 32768, 128, num_splits=7) == 7

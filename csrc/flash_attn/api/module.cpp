@@ -25,7 +25,7 @@ flash::ForwardPlan checked_plan(int batch, int num_heads, int num_heads_k, int s
   TORCH_CHECK(num_sms > 0, "num_sms must be positive");
   check_head_dims(head_size, num_heads, num_heads_k);
   return flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, /*can_swap=*/true,
-                             num_sms, num_splits, /*allow_decode_kernel=*/true);
+                             num_sms, num_splits);
 }
 
 int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,

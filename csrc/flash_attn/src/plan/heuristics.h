@@ -16,7 +16,7 @@ constexpr int kSplitBlocksPerSm = 2;
 
 // Fraction of the SMs whose thread blocks, each streaming at one SM's top rate, already saturate
 // DRAM (H100: one decode block reads up to ~60 GB/s, the card ~3.1 TB/s: about 52 of 132 SMs).
-// Paged K/V alike: the paged decode kernel streams as fast as the contiguous one (NOTES 38).
+// Paged K/V alike: the paged decode kernel streams as fast as the contiguous one.
 constexpr float kSaturatingSmFraction = 0.4f;
 
 // Decode splits merge inside a thread-block cluster (sm_90) when 2..kMaxClusterSplits of them run
@@ -73,7 +73,7 @@ inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_s
     // How much faster the few blocks of a last wave stream depends on the card. For long splits
     // after full waves, a last wave of at most half the slots is charged a full wave's time: b16
     // 12/12 at 8192 / 32768 keys (1.45 waves in one split) ran 2 splits 4-5% faster than 1 on two
-    // H100s and within +0.8 / -1.4% of it on others (NOTES 56).
+    // H100s and within +0.8 / -1.4% of it on others.
     const bool slow_tail = full_waves > 0 && 2 * last_wave <= slots && per_split >= kLongSplitBlocks;
     const float merge = s == 1 ? 0.f
                         : 0.1f * s + (cluster_merge && cluster_mergeable(blocks, s, num_sms) ? 0.f : kCombineCost);
@@ -109,13 +109,16 @@ struct ForwardPlan {
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
 // 0 = heuristic, 1 = never split, n > 1 = n splits clamped to the number of key blocks.
-// Split-KV is considered for every decoding step (max_seqlen_q == 1) whatever the head layout;
-// an explicit n > 1 is honoured for any seqlen_q.
+// Split-KV is considered whenever a query tile holds every query row of a (batch, head) -- every
+// decoding step (max_seqlen_q == 1) whatever the head layout, and the few queries per sequence of
+// speculative verification or chunked decode (up to the split tile's 64 rows) -- since then the
+// grid is batch x heads blocks, too few to stream K/V at full bandwidth at small batch; an
+// explicit n > 1 is honoured for any seqlen_q.
 // `can_swap` is false when rows of a group would differ: a window or ALiBi (per position / head),
 // or a varlen batch that is not exactly one query per sequence.
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
-                                int requested, bool allow_decode_kernel = true) {
+                                int requested) {
   ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
@@ -127,7 +130,7 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   // Up to kDecodeBlockM rows: the decode kernel (16-row tile, warps split the keys); otherwise
   // the split forward kernel's 64-row tile.
   const int kernel_hdim = round_up_headdim(headdim);
-  const bool decode = allow_decode_kernel && plan.seqlen_q <= kDecodeBlockM;
+  const bool decode = plan.seqlen_q <= kDecodeBlockM;
   const TileShape split_tile = splitkv_tile(kernel_hdim);
   const int block_m = decode ? kDecodeBlockM : split_tile.block_m;
   const int block_n = decode ? decode_keys_per_round(kernel_hdim) : split_tile.block_n;
@@ -136,7 +139,7 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   const long long blocks = static_cast<long long>(batch) * plan.num_heads * ceil_div(plan.seqlen_q, block_m);
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
-  } else if (requested == 0 && max_seqlen_q == 1) {
+  } else if (requested == 0 && plan.seqlen_q <= split_tile.block_m) {
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
                                            kMaxSplits, blocks_per_sm, decode);
   }
