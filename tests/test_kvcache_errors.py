@@ -2,9 +2,14 @@
 
 Argument checks (dtypes, page size, k without v, block_table dtype, rotary without k, cache_batch_idx
 together with block_table) run before the device check, so they are exercised on CPU tensors
-where the extension is importable, and on CUDA tensors where a GPU is present. Value checks that
-read tensor contents (cache_seqlens past the cache's end, block_table entries out of range) are
-GPU-only; after such an error the caches must be unchanged (validation comes before the append).
+where the extension is importable, and on CUDA tensors where a GPU is present.
+
+Bad index *values* (cache_seqlens past the cache's end, block_table entries out of range,
+cache_batch_idx, cache_leftpad) are found by the kernels without a device-to-host copy: they clamp
+the value (never touching memory out of bounds), drop appended rows that have no valid slot, and
+report the argument; the error is raised by the next call on the device once the bad call's
+kernels ran, or by flash_attn_2_cuda.check_index_errors() (which synchronises), or right at the bad
+call with FLASH_ATTN_STRICT_INDEX_CHECKS=1.
 
 Every message must name the offending argument; only the name is matched.
 """
@@ -206,19 +211,80 @@ VALUE_CASES = [
 ]
 
 
+def _raise_pending():
+    """Synchronises and raises what the kernels reported (the documented check)."""
+    flash_attn_gpu.check_index_errors()
+
+
 @needs_api
 @needs_cuda
 @pytest.mark.parametrize("name,pattern", VALUE_CASES, ids=[c[0] for c in VALUE_CASES])
-def test_kvcache_bad_value(name, pattern, require_kernel):
+def test_kvcache_bad_value_reported_by_check(name, pattern, require_kernel):
     require_kernel(D, F16)
+    _raise_pending()  # nothing left over from earlier tests
     kw = _value_case(name)
-    k_cache0, v_cache0 = kw["k_cache"].clone(), kw["v_cache"].clone()
+    out = flash_attn.flash_attn_with_kvcache(**kw)  # asynchronous: no copy, no sync, no error yet
     with pytest.raises(API_ERRORS, match=pattern):
-        flash_attn.flash_attn_with_kvcache(**kw)
-        torch.cuda.synchronize()
-    torch.cuda.synchronize()  # the CUDA context is still usable
-    assert_bitwise_equal(kw["k_cache"], k_cache0, "k_cache after a rejected call")
-    assert_bitwise_equal(kw["v_cache"], v_cache0, "v_cache after a rejected call")
+        _raise_pending()
+    _raise_pending()  # the report is cleared once raised
+    assert out.shape == kw["q"].shape  # the CUDA context is still usable
+
+
+@needs_api
+@needs_cuda
+@pytest.mark.parametrize("name,pattern", VALUE_CASES[:1] + VALUE_CASES[4:5], ids=["cache_seqlens", "block_table"])
+def test_kvcache_bad_value_raised_by_next_call(name, pattern, require_kernel):
+    require_kernel(D, F16)
+    _raise_pending()
+    flash_attn.flash_attn_with_kvcache(**_value_case(name))
+    torch.cuda.synchronize()
+    good = valid_kwargs("cuda", paged="block_table" in name)
+    with pytest.raises(API_ERRORS, match=pattern):
+        flash_attn.flash_attn_with_kvcache(**good)
+    out = flash_attn.flash_attn_with_kvcache(**good)  # reported once
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any()
+
+
+@needs_api
+@needs_cuda
+def test_kvcache_bad_rows_leave_other_sequences_untouched(require_kernel):
+    """A new row whose page is out of range is dropped, not clamped into another page."""
+    require_kernel(D, F16)
+    _raise_pending()
+    kw = _value_case("block_table_negative")
+    k_cache0 = kw["k_cache"].clone()
+    flash_attn.flash_attn_with_kvcache(**kw)
+    with pytest.raises(API_ERRORS, match="block_table"):
+        _raise_pending()
+    # Sequence 0 appended its row 20 (entry 1 of [5, 0, 3]: page 0, row 4); nothing else changed.
+    changed = (kw["k_cache"] != k_cache0).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [0], changed
+
+
+@needs_api
+@needs_cuda
+def test_kvcache_strict_mode_raises_at_the_call(require_kernel, tmp_path):
+    """FLASH_ATTN_STRICT_INDEX_CHECKS=1 (read once per process) synchronises after the call."""
+    require_kernel(D, F16)
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "strict.py"
+    script.write_text(
+        "import torch, flash_attn\n"
+        "q = torch.randn(1, 1, 4, 64, device='cuda', dtype=torch.float16)\n"
+        "kc = torch.randn(1, 48, 2, 64, device='cuda', dtype=torch.float16)\n"
+        "seqlens = torch.tensor([49], dtype=torch.int32, device='cuda')\n"
+        "try:\n"
+        "    flash_attn.flash_attn_with_kvcache(q, kc, kc.clone(), cache_seqlens=seqlens)\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', 'cache_seqlens' in str(e))\n"
+    )
+    env = dict(os.environ, FLASH_ATTN_STRICT_INDEX_CHECKS="1")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert "RAISED True" in res.stdout, res.stdout + res.stderr
 
 
 @needs_api

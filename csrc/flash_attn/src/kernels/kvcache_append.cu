@@ -1,8 +1,9 @@
 // KV-cache append: one warp per (entry, row, head) vector. New key rows are rotated (if rotary is
 // on) and stored into their cache slot together with the value rows; query rows are rotated into
-// a separate buffer. Positions past the cache's capacity are dropped and page indices are clamped
-// to the page pool, so bad cache_seqlens / block_table values never touch memory out of bounds
-// (the dispatcher reports them as errors when it can check them).
+// a separate buffer. Rows past the cache's capacity, in a page outside the pool or at a cache batch
+// index outside the cache are dropped, so bad cache_seqlens / block_table / cache_batch_idx values
+// never touch memory out of bounds nor another sequence's rows; each is reported
+// (common/index_guard.h) and raised by the dispatcher's next call.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -73,16 +74,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) kvcache_append_kernel(con
     const int row = p.cache_seqlens[bi] + t;
     if (row < 0 || row >= p.capacity) return;
     int64_t k_dst, v_dst;
+    // A bad page or cache batch index drops the row (reported): clamped, it would overwrite another
+    // sequence's cache.
     if (p.block_table != nullptr) {
-      const int page = guard_page(p.block_table[bi * p.block_table_batch_stride + row / p.page_block_size],
-                                  p.num_pages, p.index_errors);
+      const int entry = p.block_table[bi * p.block_table_batch_stride + row / p.page_block_size];
+      const int page = guard_page(entry, p.num_pages, p.index_errors);
+      if (page != entry) return;
       const int r = row % p.page_block_size;
       k_dst = page * p.kcache_batch_stride + r * p.kcache_row_stride;
       v_dst = page * p.vcache_batch_stride + r * p.vcache_row_stride;
     } else {
-      const int cb = p.cache_batch_idx == nullptr ? bi
-                                                  : guard_index(p.cache_batch_idx[bi], 0, p.num_cache_batches - 1,
-                                                                p.index_errors, kCacheBatchIdxOutOfRange);
+      const int entry = p.cache_batch_idx == nullptr ? bi : p.cache_batch_idx[bi];
+      const int cb = guard_index(entry, 0, p.num_cache_batches - 1, p.index_errors, kCacheBatchIdxOutOfRange);
+      if (cb != entry) return;
       k_dst = cb * p.kcache_batch_stride + int64_t(row) * p.kcache_row_stride;
       v_dst = cb * p.vcache_batch_stride + int64_t(row) * p.vcache_row_stride;
     }
