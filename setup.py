@@ -91,6 +91,9 @@ def extension_modules():
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         "-DNDEBUG",
     ] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    # PTX of the lowest architecture too, so GPUs newer than every listed one JIT-compile it.
+    lowest = min(archs, key=int)
+    nvcc_flags += [f"-gencode=arch=compute_{lowest},code=compute_{lowest}"]
     return [
         CUDAExtension(
             name="flash_attn_2_cuda",

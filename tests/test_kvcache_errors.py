@@ -299,3 +299,13 @@ def test_kvcache_valid_baselines_run(require_kernel):
             kw["cache_seqlens"] = _i32([3, (PAGE * BLOCKS_PER_SEQ if paged else S_CACHE) - s_new], "cuda")
             out = flash_attn.flash_attn_with_kvcache(**kw)
             assert out.shape == kw["q"].shape and not torch.isnan(out).any()
+
+
+@needs_api
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_kvcache_head_dim_not_multiple_of_8_names_head_dim(device):
+    """The caches are used in place (16-byte rows), so a head dim of 59 is refused with the fix."""
+    q = _t(B, SQ, H, 59, device=device)
+    k_cache = _t(B, S_CACHE, HK, 59, device=device)
+    with pytest.raises(API_ERRORS, match=r"head_dim 59.*zero-padded to 64"):
+        flash_attn.flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=_i32([3, 4], device))

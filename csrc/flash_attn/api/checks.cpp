@@ -1,11 +1,18 @@
 // Argument checks of the forward entry points. Checks that need no GPU run before the device
 // checks, so CPU tests reach them.
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include "api/common.h"
+
+// CUDA architectures compiled in, from setup.py (e.g. 80,90).
+#ifndef FLASH_ATTN_ARCHS_LIST
+#define FLASH_ATTN_ARCHS_LIST
+#endif
 
 namespace flash_api {
 
@@ -91,6 +98,24 @@ std::pair<int, int> normalize_window(bool is_causal, int window_left, int window
   if (window_left >= max_seqlen_k) window_left = -1;
   if (window_right >= max_seqlen_k) window_right = -1;
   return {window_left, window_right};
+}
+
+std::string unsupported_gpu_message(const std::string& gpu_name, int major, int minor) {
+  const std::vector<int> archs{FLASH_ATTN_ARCHS_LIST};
+  const int capability = major * 10 + minor;
+  const int lowest = archs.empty() ? 0 : *std::min_element(archs.begin(), archs.end());
+  if (capability >= 80 && !archs.empty() && capability >= lowest) return "";
+  std::string built;
+  for (int a : archs) built += (built.empty() ? "sm_" : ", sm_") + std::to_string(a);
+  std::string message = "flash_attn does not run on " + gpu_name + " (compute capability " + std::to_string(major) +
+                        "." + std::to_string(minor) + "): ";
+  if (capability < 80) {
+    message += "its kernels need compute capability 8.0 (Ampere) or newer";
+  } else {
+    message += "this build compiled " + (built.empty() ? std::string("no architecture") : built) +
+               "; rebuild with FLASH_ATTN_CUDA_ARCHS including " + std::to_string(capability);
+  }
+  return message + " (built: " + (built.empty() ? std::string("none") : built) + ")";
 }
 
 }  // namespace flash_api

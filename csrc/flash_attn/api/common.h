@@ -43,11 +43,17 @@ flash::FwdLauncher find_kernel(int head_size, bool is_bf16);
 std::pair<int, int> normalize_window(bool is_causal, int window_left, int window_right, int max_seqlen_q,
                                      int max_seqlen_k);
 
+// Empty when the build's kernels run on a GPU of compute capability major.minor, else the error
+// message naming the GPU, its capability and the architectures this build compiled. The build
+// embeds PTX of its lowest architecture, so any GPU at or above it (and at least sm_80) runs.
+std::string unsupported_gpu_message(const std::string& gpu_name, int major, int minor);
+
 // ---- packing, plan and launch (forward_call.cpp) ----
 // Output buffers straight from the CUDA allocator (at::empty's dispatch costs host time per call).
 Tensor empty_cuda(at::IntArrayRef sizes, at::ScalarType dtype, const Tensor& like);
 
-// Per-device facts the plan needs, cached (an attribute query costs a driver call).
+// Per-device facts the plan needs, cached (an attribute query costs a driver call). Raises, before
+// any kernel launches, on a GPU this build cannot run on (unsupported_gpu_message).
 struct DeviceInfo {
   int device;
   int sm_count;

@@ -86,15 +86,22 @@ void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int
 }
 
 DeviceInfo device_info() {
-  static std::atomic<int> cached[64] = {};  // sm_count * 2 + pdl, 0 = not yet queried
+  // sm_count * 2 + pdl; 0 = not yet queried, -1 = a GPU this build cannot run on.
+  static std::atomic<int> cached[64] = {};
   const int device = c10::cuda::current_device();
   int packed = cached[device & 63].load(std::memory_order_relaxed);
   if (packed == 0) {
-    int sms = 0, major = 0;
+    int sms = 0, major = 0, minor = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    packed = sms * 2 + (major >= 9 ? 1 : 0);
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    packed = unsupported_gpu_message("", major, minor).empty() ? sms * 2 + (major >= 9 ? 1 : 0) : -1;
     cached[device & 63].store(packed, std::memory_order_relaxed);
+  }
+  if (packed < 0) {
+    cudaDeviceProp prop{};
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    TORCH_CHECK(false, unsupported_gpu_message(prop.name, prop.major, prop.minor));
   }
   return {device, packed / 2, (packed & 1) != 0};
 }

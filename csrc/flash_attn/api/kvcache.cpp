@@ -64,6 +64,12 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_arg, const Tensor& kcache, c
   const int num_heads_k = kcache.size(2);
   TORCH_CHECK(kcache.size(3) == head_size, "k_cache must have q's head_dim ", std::to_string(head_size), ", got ",
               shape_str(kcache));
+  // The caches are read and written in place with 16-byte vector copies, so their rows must be a
+  // multiple of 8 elements; padding them (as upstream does) would copy the whole cache on every call.
+  TORCH_CHECK(head_size % 8 == 0 || head_size > 256, "flash_attn_with_kvcache: head_dim ", std::to_string(head_size),
+              " is not a multiple of 8; the caches are used in place, so allocate k_cache / v_cache (and q, k, v) with "
+              "the head dim zero-padded to ", std::to_string((head_size + 7) / 8 * 8),
+              " (zeros change no score; slice the output back)");
   check_head_dims(head_size, num_heads, num_heads_k);
   check_options(0.f, false, window_left, window_right, softcap, num_splits);
 
@@ -147,6 +153,7 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_arg, const Tensor& kcache, c
   const at::cuda::CUDAGuard device_guard{q_in.device()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int device = q_in.get_device();
+  device_info();  // an unsupported GPU raises before the append launches
   raise_pending_index_errors(device);
 
   KvLayout kv{cs.capacity};

@@ -111,6 +111,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Thread-block clusters of cluster_size decode blocks the current CUDA device holds at once",
         pybind11::arg("head_size"), pybind11::arg("is_bf16"), pybind11::arg("cluster_size"));
   m.def("build_info", &build_info, "Compiled head dims, dtypes and CUDA architectures");
+  m.def("unsupported_gpu_message", &unsupported_gpu_message,
+        "Empty if this build runs on a GPU of that capability, else the error a call there raises",
+        pybind11::arg("gpu_name"), pybind11::arg("major"), pybind11::arg("minor"));
   m.def("check_index_errors", &check_index_errors,
         "Synchronises the current CUDA device and raises if a kernel reported out-of-range index values");
 }
