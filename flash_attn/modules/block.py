@@ -1,0 +1,1 @@
+raise ImportError('flash_attn.modules.block (Block, ParallelBlock) is not provided by this build of flash_attn; use a torch.nn.Module of your own, with flash_attn.ops.triton.layer_norm.layer_norm_fn for the fused residual + norm instead.')

@@ -1,0 +1,1 @@
+raise ImportError('flash_attn.ops.activations (bias_gelu, swiglu, sqrelu, ...) is not provided by this build of flash_attn; use torch.nn.functional.gelu(approximate="tanh"), torch.nn.functional.silu and torch.nn.functional.relu instead.')

@@ -1,0 +1,1 @@
+raise ImportError('flash_attn.ops.layer_norm (dropout_add_layer_norm, the dropout_layer_norm CUDA extension) is not provided by this build of flash_attn; use flash_attn.ops.triton.layer_norm.layer_norm_fn / LayerNorm (dropout, residual, prenorm, rowscale), or torch.nn.functional.layer_norm instead.')

@@ -1,0 +1,1 @@
+raise ImportError('flash_attn.ops.rms_norm (dropout_add_rms_norm, the dropout_layer_norm CUDA extension) is not provided by this build of flash_attn; use flash_attn.ops.triton.layer_norm.rms_norm_fn / RMSNorm (dropout, residual, prenorm, rowscale), or torch.nn.functional.rms_norm instead.')
