@@ -1,14 +1,24 @@
-"""Python interface of the flash_attn_2_cuda extension.
+"""Python interface of the flash_attn_2_cuda extension: upstream flash-attn 2.8.3's surface.
 
-Public functions keep upstream flash-attn 2.x's signatures, defaults and return values.
+Public functions, autograd Functions (FlashAttnFunc, FlashAttnKVPackedFunc, ...) and the private
+_flash_attn_forward / _flash_attn_varlen_forward / _flash_attn_backward /
+_flash_attn_varlen_backward keep upstream's signatures, defaults and return values; the private
+functions are the custom ops torch.ops.flash_attn.<name> (with fake implementations), so that
+torch.compile(fullgraph=True) traces a training step, forward and backward, without a graph break.
+
 Differences from upstream:
-  * forward only: calling backward raises NotImplementedError; dropout_p > 0 raises RuntimeError;
-  * flash_attn_func and flash_attn_varlen_func take one extra trailing keyword, num_splits
-    (0 = heuristic, 1 = never split the KV sequence, n > 1 = n splits), like flash_attn_with_kvcache;
-  * with return_attn_probs=True the third returned value (S_dmask) is None: without dropout the
-    kernels never materialise the attention probabilities.
+  * flash_attn_func, flash_attn_varlen_func, their autograd Functions and the private forwards
+    take one extra trailing argument, num_splits (0 = heuristic, 1 = never split the KV sequence,
+    n > 1 = n splits), like flash_attn_with_kvcache;
+  * flash_attn_with_kvcache is a custom op too, torch.ops.flash_attn._flash_attn_with_kvcache,
+    declaring its in-place writes into k_cache and v_cache;
+  * eager calls that autograd does not record go straight to the extension: the autograd.Function
+    and the custom-op dispatch cost microseconds that a decode loop pays at every step;
+  * the custom ops are registered for every device type (upstream: "cuda"), so that their
+    plumbing can be checked on the CPU with a stand-in extension.
 """
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -78,78 +88,221 @@ def num_splits_heuristic(
 
 
 # --------------------------------------------------------------------------------------------
-# Argument plumbing shared by all entry points
+# Argument plumbing
 # --------------------------------------------------------------------------------------------
 
-def _pad_to_multiple_of_8(x, head_size):
+def _maybe_contiguous(x):
+    return x.contiguous() if x is not None and x.stride(-1) != 1 else x
+
+
+def _contiguous(x):
+    # The dispatcher takes the small int32 index tensors contiguous only; .contiguous() of a
+    # contiguous tensor costs less host time than testing its strides first.
+    return None if x is None else x.contiguous()
+
+
+def _pad_head_dim(x):
+    """Zero-pads the last dimension to a multiple of 8, the granularity of the kernels' head dims:
+    zero features change neither QK^T nor the first head_size features of PV."""
+    head_size = x.shape[-1]
     return x if head_size % 8 == 0 else F.pad(x, [0, 8 - head_size % 8])
 
 
-def _check_no_dropout(dropout_p):
-    if dropout_p > 0:
-        raise RuntimeError(
-            "dropout_p > 0 is not supported by this flash_attn build (forward-only, no dropout)"
-        )
+def _softmax_dmask(S_dmask, q):
+    # The extension returns None when it did not materialise the probabilities (no dropout);
+    # upstream returns an empty tensor there, and the custom ops' schemas return a Tensor.
+    return torch.empty((0,), dtype=q.dtype, device=q.device) if S_dmask is None else S_dmask
 
 
-def _prepare_qkv(q, k, v, softmax_scale):
-    """Default softmax_scale (from the original head dim) and head-dim padding. Written for the
-    decode hot path: one attribute read when the head dim is a multiple of 8. A strided last
-    dimension is made contiguous by the extension (flash_api.cpp, contiguous_last_dim), as
-    upstream's maybe_contiguous does here."""
-    head_size = q.shape[-1]
-    if softmax_scale is None:
-        softmax_scale = head_size ** (-0.5)
-    if head_size % 8 != 0:
-        q, k, v = [_pad_to_multiple_of_8(x, head_size) for x in (q, k, v)]
-    return q, k, v, float(softmax_scale), head_size
-
-
-def _unpad(out, head_size):
-    # A slice is a tensor op (about a microsecond): only when the head dim was padded.
-    return out if head_size % 8 == 0 else out[..., :head_size]
+def _round_multiple(x, m):
+    return (x + m - 1) // m * m
 
 
 # --------------------------------------------------------------------------------------------
-# Extension calls, registered as torch.library custom ops (opaque to torch.compile, with fake
-# implementations for shape propagation) when this torch supports it.
+# Custom ops: each private function is registered as torch.ops.flash_attn.<its name>. Under
+# torch.compile a call goes through the op (opaque to the compiler, shapes from its fake
+# implementation); in eager mode it calls the extension directly. `<function>.direct` is the
+# function without that routing, for callers that already know they are not compiling.
 # --------------------------------------------------------------------------------------------
 
-def _fwd_impl(
+if hasattr(torch.library, "custom_op"):
+    _is_compiling = torch.compiler.is_compiling
+
+    def _registered_op(name, mutates_args):
+        def register(fn):
+            torch.library.custom_op(f"flash_attn::{name}", fn, mutates_args=mutates_args)
+            op = getattr(torch.ops.flash_attn, name)
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                return (op if _is_compiling() else fn)(*args, **kwargs)
+
+            call.register_fake = functools.partial(torch.library.register_fake, f"flash_attn::{name}")
+            call.direct = fn
+            return call
+
+        return register
+
+else:  # torch < 2.4: no custom ops; the functions call the extension directly
+
+    def _is_compiling():
+        return False
+
+    def _registered_op(name, mutates_args):
+        def register(fn):
+            fn.register_fake = lambda fake: fake
+            fn.direct = fn
+            return fn
+
+        return register
+
+
+@_registered_op("_flash_attn_forward", mutates_args=())
+def _flash_attn_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    alibi_slopes: Optional[torch.Tensor],
     dropout_p: float,
     softmax_scale: float,
     causal: bool,
     window_size_left: int,
     window_size_right: int,
     softcap: float,
-    num_splits: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = (_ext_module or _ext()).fwd(
-        q, k, v, None, alibi_slopes, dropout_p, softmax_scale, causal,
-        window_size_left, window_size_right, softcap, False, num_splits,
+    alibi_slopes: Optional[torch.Tensor],
+    return_softmax: bool,
+    num_splits: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded-batch forward of head dims that are multiples of 8.
+    Returns (out, softmax_lse, S_dmask (empty unless return_softmax), rng_state)."""
+    out, softmax_lse, S_dmask, rng_state = _ext().fwd(
+        q, k, v, None, alibi_slopes, dropout_p, softmax_scale, causal, window_size_left,
+        window_size_right, softcap, return_softmax, None, num_splits,
     )
-    return out, lse
+    return out, softmax_lse, _softmax_dmask(S_dmask, q), rng_state
 
 
-def _fwd_fake(q, k, v, alibi_slopes, dropout_p, softmax_scale, causal,
-              window_size_left, window_size_right, softcap, num_splits):
+@_flash_attn_forward.register_fake
+def _flash_attn_forward_fake(q, k, v, dropout_p, softmax_scale, causal, window_size_left,
+                             window_size_right, softcap, alibi_slopes, return_softmax,
+                             num_splits=0):
     batch, seqlen_q, nheads, _ = q.shape
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    return torch.empty_like(q), lse
+    seqlen_k = k.shape[1]
+    softmax_lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    S_dmask_shape = (
+        (batch, nheads, _round_multiple(seqlen_q, 128), _round_multiple(seqlen_k, 128))
+        if return_softmax else (0,)
+    )
+    S_dmask = torch.empty(S_dmask_shape, dtype=q.dtype, device=q.device)
+    rng_state = torch.empty((2,), dtype=torch.int64, device=q.device)
+    return torch.empty_like(q), softmax_lse, S_dmask, rng_state
 
 
-def _varlen_fwd_impl(
+@_registered_op("_flash_attn_varlen_forward", mutates_args=())
+def _flash_attn_varlen_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
-    block_table: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    softmax_scale: float,
+    causal: bool,
+    window_size_left: int = -1,
+    window_size_right: int = -1,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    return_softmax: bool = False,
+    block_table: Optional[torch.Tensor] = None,
+    leftpad_k: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+    zero_tensors: bool = False,
+    num_splits: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Variable-length forward of head dims that are multiples of 8.
+    Returns (out, softmax_lse, S_dmask (empty unless return_softmax), rng_state)."""
+    out, softmax_lse, S_dmask, rng_state = _ext().varlen_fwd(
+        q, k, v, None, cu_seqlens_q, cu_seqlens_k, seqused_k, leftpad_k, block_table,
+        alibi_slopes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, zero_tensors, causal,
+        window_size_left, window_size_right, softcap, return_softmax, None, num_splits,
+    )
+    return out, softmax_lse, _softmax_dmask(S_dmask, q), rng_state
+
+
+@_flash_attn_varlen_forward.register_fake
+def _flash_attn_varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, dropout_p, softmax_scale, causal,
+                                    window_size_left=-1, window_size_right=-1, softcap=0.0,
+                                    alibi_slopes=None, return_softmax=False, block_table=None,
+                                    leftpad_k=None, seqused_k=None, zero_tensors=False,
+                                    num_splits=0):
+    total_q, nheads, _ = q.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    softmax_lse = torch.empty((nheads, total_q), dtype=torch.float32, device=q.device)
+    S_dmask_shape = (
+        (batch, nheads, _round_multiple(max_seqlen_q, 128), _round_multiple(max_seqlen_k, 128))
+        if return_softmax else (0,)
+    )
+    S_dmask = torch.empty(S_dmask_shape, dtype=q.dtype, device=q.device)
+    rng_state = torch.empty((2,), dtype=torch.int64, device=q.device)
+    return torch.empty_like(q), softmax_lse, S_dmask, rng_state
+
+
+@_registered_op("_flash_attn_backward", mutates_args=("dq", "dk", "dv"))
+def _flash_attn_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    dq: Optional[torch.Tensor],
+    dk: Optional[torch.Tensor],
+    dv: Optional[torch.Tensor],
+    dropout_p: float,
+    softmax_scale: float,
+    causal: bool,
+    window_size_left: int,
+    window_size_right: int,
+    softcap: float,
     alibi_slopes: Optional[torch.Tensor],
+    deterministic: bool,
+    rng_state: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Padded-batch backward of head dims that are multiples of 8: writes the gradients into dq,
+    dk, dv (dk, dv of k's shape under MQA/GQA) and returns softmax_d."""
+    dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
+    _, _, _, softmax_d = _ext().bwd(
+        dout, q, k, v, out, softmax_lse, dq, dk, dv, alibi_slopes, dropout_p, softmax_scale,
+        causal, window_size_left, window_size_right, softcap, deterministic, None, rng_state,
+    )
+    return softmax_d
+
+
+@_flash_attn_backward.register_fake
+def _flash_attn_backward_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p,
+                              softmax_scale, causal, window_size_left, window_size_right, softcap,
+                              alibi_slopes, deterministic, rng_state=None):
+    batch, seqlen_q, nheads, _ = q.shape
+    return torch.empty(
+        (batch, nheads, _round_multiple(seqlen_q, 128)), dtype=torch.float32, device=q.device
+    )
+
+
+@_registered_op("_flash_attn_varlen_backward", mutates_args=("dq", "dk", "dv"))
+def _flash_attn_varlen_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    dq: Optional[torch.Tensor],
+    dk: Optional[torch.Tensor],
+    dv: Optional[torch.Tensor],
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
     dropout_p: float,
@@ -158,116 +311,401 @@ def _varlen_fwd_impl(
     window_size_left: int,
     window_size_right: int,
     softcap: float,
+    alibi_slopes: Optional[torch.Tensor],
+    deterministic: bool,
+    rng_state: Optional[torch.Tensor] = None,
+    zero_tensors: bool = False,
+) -> torch.Tensor:
+    """Variable-length backward of head dims that are multiples of 8: writes the gradients into
+    dq, dk, dv and returns softmax_d."""
+    dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
+    _, _, _, softmax_d = _ext().varlen_bwd(
+        dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+        max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, zero_tensors, causal,
+        window_size_left, window_size_right, softcap, deterministic, None, rng_state,
+    )
+    return softmax_d
+
+
+@_flash_attn_varlen_backward.register_fake
+def _flash_attn_varlen_backward_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q,
+                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                     softmax_scale, causal, window_size_left, window_size_right,
+                                     softcap, alibi_slopes, deterministic, rng_state=None,
+                                     zero_tensors=False):
+    total_q, nheads, _ = q.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    return torch.empty((nheads, total_q + 128 * batch), dtype=torch.float32, device=q.device)
+
+
+@_registered_op("_flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    cache_seqlens: Optional[torch.Tensor],
+    rotary_cos: Optional[torch.Tensor],
+    rotary_sin: Optional[torch.Tensor],
+    cache_batch_idx: Optional[torch.Tensor],
+    cache_leftpad: Optional[torch.Tensor],
+    block_table: Optional[torch.Tensor],
+    alibi_slopes: Optional[torch.Tensor],
+    softmax_scale: float,
+    causal: bool,
+    window_size_left: int,
+    window_size_right: int,
+    softcap: float,
+    rotary_interleaved: bool,
     num_splits: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    out, lse = (_ext_module or _ext()).varlen_fwd(
-        q, k, v, None, cu_seqlens_q, cu_seqlens_k, None, None, block_table, alibi_slopes,
-        max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, False, causal,
-        window_size_left, window_size_right, softcap, False, num_splits,
+    """Attention against a KV cache, appending k / v into k_cache / v_cache in place first.
+    Returns (out, softmax_lse)."""
+    out, softmax_lse = (_ext_module or _ext()).fwd_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, cache_batch_idx,
+        cache_leftpad, block_table, alibi_slopes, None, softmax_scale, causal, window_size_left,
+        window_size_right, softcap, rotary_interleaved, num_splits,
     )
-    return out, lse
+    return out, softmax_lse
 
 
-def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
-                     max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                     window_size_left, window_size_right, softcap, num_splits):
-    total_q, nheads, _ = q.shape
-    lse = torch.empty((nheads, total_q), dtype=torch.float32, device=q.device)
-    return torch.empty_like(q), lse
-
-
-if hasattr(torch.library, "custom_op") and hasattr(torch.compiler, "is_compiling"):
-    _fwd_op = torch.library.custom_op("flash_attn_fwd_only::fwd", _fwd_impl, mutates_args=())
-    _fwd_op.register_fake(_fwd_fake)
-    _varlen_fwd_op = torch.library.custom_op(
-        "flash_attn_fwd_only::varlen_fwd", _varlen_fwd_impl, mutates_args=()
-    )
-    _varlen_fwd_op.register_fake(_varlen_fwd_fake)
-
-    # The custom op costs ~10 us of dispatch per call, which matters for decoding; eager calls
-    # go straight to the extension and only torch.compile traces see the op.
-    _is_compiling = torch.compiler.is_compiling
-
-else:  # older torch: call the extension directly
-    _fwd_op, _varlen_fwd_op = _fwd_impl, _varlen_fwd_impl
-
-    def _is_compiling():
-        return False
+@_flash_attn_with_kvcache.register_fake
+def _flash_attn_with_kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos,
+                                  rotary_sin, cache_batch_idx, cache_leftpad, block_table,
+                                  alibi_slopes, softmax_scale, causal, window_size_left,
+                                  window_size_right, softcap, rotary_interleaved, num_splits):
+    batch, seqlen_q, nheads, _ = q.shape
+    softmax_lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    return torch.empty_like(q), softmax_lse
 
 
 # --------------------------------------------------------------------------------------------
-# Forward passes, and the autograd.Functions wrapping them (backward is not implemented)
+# Autograd Functions (upstream's argument lists; FlashAttnFunc and FlashAttnVarlenFunc take a
+# trailing num_splits). Head dims that are not multiples of 8 are zero-padded for the kernels
+# and the outputs / gradients sliced back.
 # --------------------------------------------------------------------------------------------
 
-def _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                        alibi_slopes, num_splits):
-    _check_no_dropout(dropout_p)
-    q, k, v, softmax_scale, head_size = _prepare_qkv(q, k, v, softmax_scale)
-    args = (q, k, v, alibi_slopes, float(dropout_p), softmax_scale, bool(causal),
-            int(window_size[0]), int(window_size[1]), float(softcap), int(num_splits))
-    out, lse = _fwd_op(*args) if _is_compiling() else _fwd_impl(*args)
-    return _unpad(out, head_size), lse
+class FlashAttnQKVPackedFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                deterministic, return_softmax, is_grad_enabled):
+        needs_grad = is_grad_enabled and qkv.requires_grad
+        head_size = qkv.shape[-1]
+        if softmax_scale is None:
+            softmax_scale = head_size ** (-0.5)
+        q, k, v = [_pad_head_dim(qkv[:, :, i].detach()) for i in range(3)]
+        out, softmax_lse, S_dmask, rng_state = _flash_attn_forward(
+            q, k, v, dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
+            alibi_slopes, return_softmax and dropout_p > 0,
+        )
+        if needs_grad:
+            ctx.save_for_backward(q, k, v, out, softmax_lse, rng_state)
+            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
+            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
+            ctx.deterministic = deterministic
+        out = out[..., :head_size]
+        return (out, softmax_lse, S_dmask) if return_softmax else out
+
+    @staticmethod
+    def backward(ctx, dout, *args):
+        q, k, v, out, softmax_lse, rng_state = ctx.saved_tensors
+        # One buffer for the three gradients: the packed gradient needs no concatenation.
+        dqkv = torch.empty((*q.shape[:-2], 3, *q.shape[-2:]), dtype=q.dtype, device=q.device)
+        _flash_attn_backward(
+            _pad_head_dim(dout), q, k, v, out, softmax_lse, dqkv[:, :, 0], dqkv[:, :, 1],
+            dqkv[:, :, 2], ctx.dropout_p, ctx.softmax_scale, ctx.causal, ctx.window_size[0],
+            ctx.window_size[1], ctx.softcap, ctx.alibi_slopes, ctx.deterministic, rng_state,
+        )
+        return dqkv[..., : dout.shape[-1]], *(None,) * 9
 
 
-def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               dropout_p, softmax_scale, causal, window_size, softcap,
-                               alibi_slopes, block_table, num_splits):
-    # The decode hot path: kept flat (each Python call level costs host time per step).
-    if dropout_p:
-        _check_no_dropout(dropout_p)
-    q, k, v, softmax_scale, head_size = _prepare_qkv(q, k, v, softmax_scale)
-    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, alibi_slopes,
-            int(max_seqlen_q), int(max_seqlen_k), 0.0, softmax_scale, bool(causal),
-            int(window_size[0]), int(window_size[1]), float(softcap), int(num_splits))
-    out, lse = _varlen_fwd_op(*args) if _is_compiling() else _varlen_fwd_impl(*args)
-    return (out if head_size % 8 == 0 else out[..., :head_size]), lse
+class FlashAttnKVPackedFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                deterministic, return_softmax, is_grad_enabled):
+        needs_grad = is_grad_enabled and (q.requires_grad or kv.requires_grad)
+        head_size = q.shape[-1]
+        if softmax_scale is None:
+            softmax_scale = head_size ** (-0.5)
+        q = _pad_head_dim(q)
+        k, v = [_pad_head_dim(kv[:, :, i].detach()) for i in range(2)]
+        out, softmax_lse, S_dmask, rng_state = _flash_attn_forward(
+            q, k, v, dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
+            alibi_slopes, return_softmax and dropout_p > 0,
+        )
+        if needs_grad:
+            ctx.save_for_backward(q, k, v, out, softmax_lse, rng_state)
+            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
+            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
+            ctx.deterministic = deterministic
+        out = out[..., :head_size]
+        return (out, softmax_lse, S_dmask) if return_softmax else out
 
-
-_NO_BACKWARD = (
-    "flash_attn: backward is not implemented in this build (forward-only FlashAttention-2 "
-    "with split-KV decoding); use it under torch.no_grad() / torch.inference_mode(), or use "
-    "upstream flash-attn for training"
-)
+    @staticmethod
+    def backward(ctx, dout, *args):
+        q, k, v, out, softmax_lse, rng_state = ctx.saved_tensors
+        dq = torch.empty_like(q)
+        dkv = torch.empty((*k.shape[:-2], 2, *k.shape[-2:]), dtype=k.dtype, device=k.device)
+        _flash_attn_backward(
+            _pad_head_dim(dout), q, k, v, out, softmax_lse, dq, dkv[:, :, 0], dkv[:, :, 1],
+            ctx.dropout_p, ctx.softmax_scale, ctx.causal, ctx.window_size[0], ctx.window_size[1],
+            ctx.softcap, ctx.alibi_slopes, ctx.deterministic, rng_state,
+        )
+        head_size = dout.shape[-1]
+        return dq[..., :head_size], dkv[..., :head_size], *(None,) * 9
 
 
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, *args):
-        out, lse = _flash_attn_forward(*args)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+    def forward(ctx, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                alibi_slopes, deterministic, return_softmax, is_grad_enabled, num_splits=0):
+        needs_grad = is_grad_enabled and (q.requires_grad or k.requires_grad or v.requires_grad)
+        head_size = q.shape[-1]
+        if softmax_scale is None:
+            softmax_scale = head_size ** (-0.5)
+        q, k, v = _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v)
+        out, softmax_lse, S_dmask, rng_state = _flash_attn_forward(
+            q, k, v, dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
+            alibi_slopes, return_softmax and dropout_p > 0, num_splits,
+        )
+        if needs_grad:
+            ctx.save_for_backward(q, k, v, out, softmax_lse, rng_state)
+            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
+            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
+            ctx.deterministic = deterministic
+        out = out[..., :head_size]
+        return (out, softmax_lse, S_dmask) if return_softmax else out
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(_NO_BACKWARD)
+    def backward(ctx, dout, *args):
+        q, k, v, out, softmax_lse, rng_state = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _flash_attn_backward(
+            _pad_head_dim(dout), q, k, v, out, softmax_lse, dq, dk, dv, ctx.dropout_p,
+            ctx.softmax_scale, ctx.causal, ctx.window_size[0], ctx.window_size[1], ctx.softcap,
+            ctx.alibi_slopes, ctx.deterministic, rng_state,
+        )
+        head_size = dout.shape[-1]
+        return dq[..., :head_size], dk[..., :head_size], dv[..., :head_size], *(None,) * 10
+
+
+class FlashAttnVarlenQKVPackedFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                softcap, alibi_slopes, deterministic, return_softmax, is_grad_enabled):
+        needs_grad = is_grad_enabled and qkv.requires_grad
+        head_size = qkv.shape[-1]
+        if softmax_scale is None:
+            softmax_scale = head_size ** (-0.5)
+        q, k, v = [_pad_head_dim(qkv[:, i].detach()) for i in range(3)]
+        out, softmax_lse, S_dmask, rng_state = _flash_attn_varlen_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+            causal, window_size[0], window_size[1], softcap, alibi_slopes,
+            return_softmax and dropout_p > 0,
+        )
+        if needs_grad:
+            ctx.save_for_backward(q, k, v, out, softmax_lse, cu_seqlens, rng_state)
+            ctx.max_seqlen = max_seqlen
+            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
+            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
+            ctx.deterministic = deterministic
+        out = out[..., :head_size]
+        return (out, softmax_lse, S_dmask) if return_softmax else out
+
+    @staticmethod
+    def backward(ctx, dout, *args):
+        q, k, v, out, softmax_lse, cu_seqlens, rng_state = ctx.saved_tensors
+        dqkv = torch.empty((q.shape[0], 3, *q.shape[1:]), dtype=q.dtype, device=q.device)
+        _flash_attn_varlen_backward(
+            _pad_head_dim(dout), q, k, v, out, softmax_lse, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2],
+            cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, ctx.dropout_p,
+            ctx.softmax_scale, ctx.causal, ctx.window_size[0], ctx.window_size[1], ctx.softcap,
+            ctx.alibi_slopes, ctx.deterministic, rng_state,
+        )
+        return dqkv[..., : dout.shape[-1]], *(None,) * 11
+
+
+class FlashAttnVarlenKVPackedFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                return_softmax, is_grad_enabled):
+        needs_grad = is_grad_enabled and (q.requires_grad or kv.requires_grad)
+        head_size = q.shape[-1]
+        if softmax_scale is None:
+            softmax_scale = head_size ** (-0.5)
+        q = _pad_head_dim(q)
+        k, v = [_pad_head_dim(kv[:, i].detach()) for i in range(2)]
+        out, softmax_lse, S_dmask, rng_state = _flash_attn_varlen_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size[0], window_size[1], softcap, alibi_slopes,
+            return_softmax and dropout_p > 0,
+        )
+        if needs_grad:
+            ctx.save_for_backward(q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, rng_state)
+            ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
+            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
+            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
+            ctx.deterministic = deterministic
+        out = out[..., :head_size]
+        return (out, softmax_lse, S_dmask) if return_softmax else out
+
+    @staticmethod
+    def backward(ctx, dout, *args):
+        q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
+        dq = torch.empty_like(q)
+        dkv = torch.empty((k.shape[0], 2, *k.shape[1:]), dtype=k.dtype, device=k.device)
+        _flash_attn_varlen_backward(
+            _pad_head_dim(dout), q, k, v, out, softmax_lse, dq, dkv[:, 0], dkv[:, 1],
+            cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.dropout_p,
+            ctx.softmax_scale, ctx.causal, ctx.window_size[0], ctx.window_size[1], ctx.softcap,
+            ctx.alibi_slopes, ctx.deterministic, rng_state,
+        )
+        head_size = dout.shape[-1]
+        return dq[..., :head_size], dkv[..., :head_size], *(None,) * 13
 
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, *args):
-        out, lse = _flash_attn_varlen_forward(*args)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                return_softmax, block_table, is_grad_enabled, num_splits=0):
+        needs_grad = is_grad_enabled and (q.requires_grad or k.requires_grad or v.requires_grad)
+        head_size = q.shape[-1]
+        if softmax_scale is None:
+            softmax_scale = head_size ** (-0.5)
+        q, k, v = _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v)
+        out, softmax_lse, S_dmask, rng_state = _flash_attn_varlen_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size[0], window_size[1], softcap, alibi_slopes,
+            return_softmax and dropout_p > 0, block_table, num_splits=num_splits,
+        )
+        if needs_grad:
+            ctx.save_for_backward(q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, rng_state)
+            ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
+            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
+            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
+            ctx.deterministic = deterministic
+        out = out[..., :head_size]
+        return (out, softmax_lse, S_dmask) if return_softmax else out
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(_NO_BACKWARD)
-
-
-def _needs_autograd(q, k, v):
-    # Going through autograd.Function costs a few microseconds per call; only pay it when
-    # autograd would record the call (so that backward reports that it is not implemented).
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-
-
-def _result(out, lse, return_attn_probs):
-    # Upstream returns (out, softmax_lse, S_dmask); S_dmask only exists with dropout.
-    return (out, lse, None) if return_attn_probs else out
+    def backward(ctx, dout, *args):
+        q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _flash_attn_varlen_backward(
+            _pad_head_dim(dout), q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q,
+            cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.dropout_p, ctx.softmax_scale,
+            ctx.causal, ctx.window_size[0], ctx.window_size[1], ctx.softcap, ctx.alibi_slopes,
+            ctx.deterministic, rng_state,
+        )
+        head_size = dout.shape[-1]
+        return dq[..., :head_size], dk[..., :head_size], dv[..., :head_size], *(None,) * 15
 
 
 # --------------------------------------------------------------------------------------------
-# Public API (upstream flash-attn 2.x signatures)
+# Calls that autograd does not record and torch.compile does not trace: straight to the
+# extension, flat (each Python call level costs host time at every decode step).
 # --------------------------------------------------------------------------------------------
+
+def _direct_call(q, k, v):
+    """Whether to skip the autograd.Function: nothing requires grad (or grad mode is off), and
+    torch.compile is not tracing (it traces the Function and its custom ops)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return not _is_compiling()
+
+
+def _forward_direct(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                    alibi_slopes, return_attn_probs, num_splits):
+    head_size = q.shape[-1]
+    if softmax_scale is None:
+        softmax_scale = head_size ** (-0.5)
+    if head_size % 8 != 0:
+        q, k, v = _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v)
+    out, softmax_lse, S_dmask, _ = (_ext_module or _ext()).fwd(
+        q, k, v, None, alibi_slopes, float(dropout_p), float(softmax_scale), bool(causal),
+        int(window_size[0]), int(window_size[1]), float(softcap),
+        bool(return_attn_probs) and dropout_p > 0, None, int(num_splits),
+    )
+    if head_size % 8 != 0:
+        out = out[..., :head_size]
+    return (out, softmax_lse, _softmax_dmask(S_dmask, q)) if return_attn_probs else out
+
+
+def _varlen_forward_direct(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           return_attn_probs, block_table, num_splits):
+    head_size = q.shape[-1]
+    if softmax_scale is None:
+        softmax_scale = head_size ** (-0.5)
+    if head_size % 8 != 0:
+        q, k, v = _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v)
+    out, softmax_lse, S_dmask, _ = (_ext_module or _ext()).varlen_fwd(
+        q, k, v, None, cu_seqlens_q, cu_seqlens_k, None, None, block_table, alibi_slopes,
+        int(max_seqlen_q), int(max_seqlen_k), float(dropout_p), float(softmax_scale), False,
+        bool(causal), int(window_size[0]), int(window_size[1]), float(softcap),
+        bool(return_attn_probs) and dropout_p > 0, None, int(num_splits),
+    )
+    if head_size % 8 != 0:
+        out = out[..., :head_size]
+    return (out, softmax_lse, _softmax_dmask(S_dmask, q)) if return_attn_probs else out
+
+
+# --------------------------------------------------------------------------------------------
+# Public API (upstream flash-attn 2.8.3 signatures)
+# --------------------------------------------------------------------------------------------
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """flash_attn_func with qkv: (batch_size, seqlen, 3, nheads, headdim). The backward pass
+    writes the gradient into one (batch_size, seqlen, 3, nheads, headdim) tensor."""
+    if _direct_call(qkv, qkv, qkv):
+        return _forward_direct(
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
+            window_size, softcap, alibi_slopes, return_attn_probs, 0,
+        )
+    return FlashAttnQKVPackedFunc.apply(
+        qkv, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs, torch.is_grad_enabled(),
+    )
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """flash_attn_func with q: (batch_size, seqlen_q, nheads, headdim) and
+    kv: (batch_size, seqlen_k, 2, nheads_k, headdim). The backward pass writes the gradient of kv
+    into one tensor."""
+    if _direct_call(q, kv, kv):
+        return _forward_direct(
+            q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+            alibi_slopes, return_attn_probs, 0,
+        )
+    return FlashAttnKVPackedFunc.apply(
+        q, kv, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        deterministic, return_attn_probs, torch.is_grad_enabled(),
+    )
+
 
 def flash_attn_func(
     q,
@@ -289,7 +727,7 @@ def flash_attn_func(
         q: (batch_size, seqlen_q, nheads, headdim)
         k, v: (batch_size, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (MQA/GQA:
             query head h uses kv head h // (nheads // nheads_k)).
-        dropout_p: must be 0.0 (this build has no dropout).
+        dropout_p: dropout probability (0.0 at evaluation).
         softmax_scale: scaling of QK^T before softmax; default 1 / sqrt(headdim).
         causal: causal mask aligned to the bottom-right corner of the attention matrix
             (query i attends key j iff j <= i + seqlen_k - seqlen_q).
@@ -298,22 +736,28 @@ def flash_attn_func(
         softcap: > 0 applies softcap * tanh(score / softcap).
         alibi_slopes: (nheads,) or (batch_size, nheads), fp32; adds
             -slope * |i + seqlen_k - seqlen_q - j| to the score.
-        deterministic: accepted for compatibility (concerns the backward pass only).
-        return_attn_probs: also return softmax_lse (and None in place of S_dmask).
-        num_splits: split-KV parallelism (0 = heuristic, 1 = no split, n > 1 = n splits).
+        deterministic: use the deterministic backward pass (slightly slower, more memory).
+        return_attn_probs: also return softmax_lse and S_dmask (the attention probabilities
+            with the dropout pattern; an empty tensor without dropout).
+        num_splits: split-KV parallelism of the forward pass (0 = heuristic, 1 = no split,
+            n > 1 = n splits).
     Return:
-        out: (batch_size, seqlen_q, nheads, headdim), or
-        (out, softmax_lse (batch_size, nheads, seqlen_q) fp32, None) if return_attn_probs.
+        out: (batch_size, seqlen_q, nheads, headdim), or (out, softmax_lse (batch_size, nheads,
+        seqlen_q) fp32, S_dmask) if return_attn_probs.
     """
-    fwd = FlashAttnFunc.apply if _needs_autograd(q, k, v) else _flash_attn_forward
-    out, lse = fwd(
-        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits
+    if _direct_call(q, k, v):
+        return _forward_direct(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                               alibi_slopes, return_attn_probs, num_splits)
+    return FlashAttnFunc.apply(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        deterministic, return_attn_probs, torch.is_grad_enabled(), num_splits,
     )
-    return _result(out, lse, return_attn_probs)
 
 
-def flash_attn_qkvpacked_func(
+def flash_attn_varlen_qkvpacked_func(
     qkv,
+    cu_seqlens,
+    max_seqlen,
     dropout_p=0.0,
     softmax_scale=None,
     causal=False,
@@ -323,16 +767,27 @@ def flash_attn_qkvpacked_func(
     deterministic=False,
     return_attn_probs=False,
 ):
-    """flash_attn_func with qkv: (batch_size, seqlen, 3, nheads, headdim)."""
-    return flash_attn_func(
-        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
-        softcap, alibi_slopes, deterministic, return_attn_probs,
+    """flash_attn_varlen_func with qkv: (total, 3, nheads, headdim). The backward pass writes the
+    gradient into one (total, 3, nheads, headdim) tensor."""
+    if _direct_call(qkv, qkv, qkv):
+        return _varlen_forward_direct(
+            qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+            return_attn_probs, None, 0,
+        )
+    return FlashAttnVarlenQKVPackedFunc.apply(
+        qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
+        alibi_slopes, deterministic, return_attn_probs, torch.is_grad_enabled(),
     )
 
 
-def flash_attn_kvpacked_func(
+def flash_attn_varlen_kvpacked_func(
     q,
     kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
     dropout_p=0.0,
     softmax_scale=None,
     causal=False,
@@ -342,11 +797,19 @@ def flash_attn_kvpacked_func(
     deterministic=False,
     return_attn_probs=False,
 ):
-    """flash_attn_func with q: (batch_size, seqlen_q, nheads, headdim) and
-    kv: (batch_size, seqlen_k, 2, nheads_k, headdim)."""
-    return flash_attn_func(
-        q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
-        alibi_slopes, deterministic, return_attn_probs,
+    """flash_attn_varlen_func with q: (total_q, nheads, headdim) and
+    kv: (total_k, 2, nheads_k, headdim). The backward pass writes the gradient of kv into one
+    tensor."""
+    if _direct_call(q, kv, kv):
+        return _varlen_forward_direct(
+            q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+            return_attn_probs, None, 0,
+        )
+    return FlashAttnVarlenKVPackedFunc.apply(
+        q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+        causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+        torch.is_grad_enabled(),
     )
 
 
@@ -380,60 +843,19 @@ def flash_attn_varlen_func(
         block_table: optional (batch_size, max_num_blocks_per_seq) int32.
         Other arguments as in flash_attn_func.
     Return:
-        out: (total_q, nheads, headdim), or
-        (out, softmax_lse (nheads, total_q) fp32, None) if return_attn_probs.
+        out: (total_q, nheads, headdim), or (out, softmax_lse (nheads, total_q) fp32, S_dmask)
+        if return_attn_probs.
     """
-    fwd = FlashAttnVarlenFunc.apply if _needs_autograd(q, k, v) else _flash_attn_varlen_forward
-    out, lse = fwd(
+    if _direct_call(q, k, v):
+        return _varlen_forward_direct(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+            block_table, num_splits,
+        )
+    return FlashAttnVarlenFunc.apply(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-        causal, window_size, softcap, alibi_slopes, block_table, num_splits,
-    )
-    return (out, lse, None) if return_attn_probs else out
-
-
-def flash_attn_varlen_qkvpacked_func(
-    qkv,
-    cu_seqlens,
-    max_seqlen,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),  # -1 means infinite context window
-    softcap=0.0,  # 0.0 means deactivated
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-):
-    """flash_attn_varlen_func with qkv: (total, 3, nheads, headdim)."""
-    return flash_attn_varlen_func(
-        qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-        return_attn_probs,
-    )
-
-
-def flash_attn_varlen_kvpacked_func(
-    q,
-    kv,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),  # -1 means infinite context window
-    softcap=0.0,  # 0.0 means deactivated
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
-):
-    """flash_attn_varlen_func with q: (total_q, nheads, headdim) and
-    kv: (total_k, 2, nheads_k, headdim)."""
-    return flash_attn_varlen_func(
-        q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-        return_attn_probs,
+        causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
+        torch.is_grad_enabled(), num_splits,
     )
 
 
@@ -478,27 +900,19 @@ def flash_attn_with_kvcache(
         out: (batch_size, seqlen_q, nheads, headdim), and softmax_lse
         (batch_size, nheads, seqlen_q) fp32 if return_softmax_lse.
     """
-    ext = _ext()
-    if not hasattr(ext, "fwd_kvcache"):  # an extension built from an older tree
-        raise RuntimeError(
-            "flash_attn_with_kvcache: this build of the flash_attn_2_cuda extension has no "
-            "fwd_kvcache kernel"
-        )
     # Argument checks (cache layout included) live in the dispatcher, with messages naming them;
     # it also copies a strided last dimension of q, k and v (not of the caches, written in place).
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** (-0.5)
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    cache_seqlens, cache_batch_idx, cache_leftpad, block_table = [
-        x.contiguous() if x is not None else None
-        for x in (cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
-    ]
-    res = ext.fwd_kvcache(
-        q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, cache_batch_idx,
-        cache_leftpad, block_table, alibi_slopes, None, float(softmax_scale), bool(causal),
+    # One routing decision here instead of one more call level on the decode hot path.
+    kvcache = _flash_attn_with_kvcache if _is_compiling() else _flash_attn_with_kvcache.direct
+    out, softmax_lse = kvcache(
+        q, k_cache, v_cache, k, v, _contiguous(cache_seqlens), rotary_cos, rotary_sin,
+        _contiguous(cache_batch_idx), _contiguous(cache_leftpad), _contiguous(block_table),
+        alibi_slopes, float(softmax_scale), bool(causal),
         int(window_size[0]), int(window_size[1]), float(softcap), bool(rotary_interleaved),
         int(num_splits),
     )
-    out, lse = res[0], res[1]
-    return (out, lse) if return_softmax_lse else out
+    return (out, softmax_lse) if return_softmax_lse else out
