@@ -6,7 +6,7 @@
   a kernel forgets to write shows up as NaN;
 * assert_close: the tolerance rule: our error against the float32 reference may be at most twice
   the error of the same computation done by PyTorch in the input dtype, plus about one ulp of the
-  reference's largest value.
+  reference's largest magnitude.
 """
 
 import os
@@ -57,7 +57,8 @@ def assert_close(out, ref, torch_lowp, name="output"):
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten or overflowed)"
     err = (out - ref).abs().max().item()
     torch_err = (torch_lowp.float() - ref).abs().max().item()
-    eps = _ULP_EPS[torch_lowp.dtype] * max(1.0, ref.abs().max().item())
+    # The smallest normal number keeps an all-zero reference from demanding exact zeros.
+    eps = _ULP_EPS[torch_lowp.dtype] * ref.abs().max().item() + torch.finfo(torch_lowp.dtype).tiny
     assert err <= 2 * torch_err + eps, (
         f"{name}: max error {err:.3g} > 2 x {torch_err:.3g} (PyTorch in {torch_lowp.dtype}) + {eps:.3g}"
     )
