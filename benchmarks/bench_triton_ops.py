@@ -77,9 +77,9 @@ def rotary_cases(dtype):
     angles = torch.rand(seqlen, headdim // 2, device="cuda") * 2 * math.pi
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     shape = f"{batch}x{seqlen}x{nheads}x{headdim}"
-    yield "rotary", shape, "fwd", forward_only(apply_rotary_emb, (x, cos, sin)), forward_only(rotary_eager, (x, cos, sin))
-    yield ("rotary", shape, "fwd+bwd", forward_backward(apply_rotary_emb, (x, cos, sin)),
-           forward_backward(rotary_eager, (x, cos, sin)))
+    inputs = (x, cos, sin)
+    yield "rotary", shape, "fwd", forward_only(apply_rotary_emb, inputs), forward_only(rotary_eager, inputs)
+    yield "rotary", shape, "fwd+bwd", forward_backward(apply_rotary_emb, inputs), forward_backward(rotary_eager, inputs)
 
 
 def norm_cases(dtype):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="flash_attn.losses.cross_entropy runs Triton kernels; triton is not installed")
 
-from triton_testing import DEVICE, DTYPES, assert_close, gpu_only, poison_empty, requires_device  # noqa: E402
+# poison_empty is imported for pytest to find the fixture named in pytestmark.
+from triton_testing import DEVICE, DTYPES, assert_close, gpu_only, poison_empty, requires_device  # noqa: E402, F401
 
 from flash_attn.losses.cross_entropy import CrossEntropyLoss  # noqa: E402
 from flash_attn.ops.triton.cross_entropy import cross_entropy_loss  # noqa: E402

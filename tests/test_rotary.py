@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("triton", reason="flash_attn.layers.rotary runs Triton kernels; triton is not installed")
 
-from triton_testing import DEVICE, DTYPES, assert_close, gpu_only, poison_empty, requires_device  # noqa: E402
+# poison_empty is imported for pytest to find the fixture named in pytestmark.
+from triton_testing import DEVICE, DTYPES, assert_close, gpu_only, poison_empty, requires_device  # noqa: E402, F401
 
 from flash_attn.layers.rotary import (  # noqa: E402
     RotaryEmbedding,

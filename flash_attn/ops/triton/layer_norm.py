@@ -530,7 +530,10 @@ def _norm_reference(x, weight, bias, residual, eps, dropout_p, rowscale, prenorm
     if rowscale is not None:
         x = x * rowscale[..., None]
     if dropout_p > 0.0:
-        x = x.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p) if dropout_mask is not None else F.dropout(x, dropout_p)
+        if dropout_mask is not None:
+            x = x.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+        else:
+            x = F.dropout(x, dropout_p)
     if residual is not None:
         x = (x + residual).to(x.dtype)
     out = normalize(x, weight, bias).to(dtype)
