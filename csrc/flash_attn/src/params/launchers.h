@@ -49,3 +49,32 @@ inline FwdLauncher find_fwd(int kernel_headdim, bool is_bf16) {
 }
 
 }  // namespace flash
+
+#include "params/bwd_params.h"
+
+namespace flash {
+
+// Runs the backward (preprocess, dK/dV with dQ atomics or the deterministic dQ kernel, dQ
+// conversion) on `stream`. Defined in launch/bwd_launch.h, instantiated in the generated
+// instantiations/flash_bwd_*.cu files.
+template <int kHeadDim, bool kIsBf16>
+void run_bwd(const BwdParams& params, cudaStream_t stream);
+
+struct BwdLauncher {
+  void (*run)(const BwdParams&, cudaStream_t) = nullptr;
+};
+
+// Backward kernels present in this build, registered at load time like the forward's.
+inline BwdLauncher bwd_launchers[kNumKernelHeadDims][2] = {};
+
+inline bool register_bwd(int kernel_headdim, bool is_bf16, const BwdLauncher& launcher) {
+  bwd_launchers[headdim_index(kernel_headdim)][is_bf16] = launcher;
+  return true;
+}
+
+inline BwdLauncher find_bwd(int kernel_headdim, bool is_bf16) {
+  const int i = headdim_index(kernel_headdim);
+  return i < 0 ? BwdLauncher{} : bwd_launchers[i][is_bf16];
+}
+
+}  // namespace flash

@@ -77,3 +77,24 @@ constexpr int kMaxSplits = 128;
 constexpr int kMaxClusterSplits = 8;
 
 }  // namespace flash
+
+namespace flash {
+
+// Backward dK/dV kernel: one thread block owns block_n keys of one (batch, kv head) and walks the
+// query tiles of every query head of its GQA group; dK and dV accumulate in registers over the
+// whole walk, so per thread (2 * block_n * headdim) / (32 * warps) fp32 values stay live. 8 warps
+// and 64-row query tiles keep that at 128 up to head dim 256 (128 keys up to head dim 128, 64
+// beyond), like FlashAttention-2's tiles.
+constexpr TileShape bwd_tile(int headdim) {
+  return headdim <= 128 ? TileShape{64, 128, 8} : TileShape{64, 64, 8};
+}
+
+// Deterministic dQ kernel: one thread block owns block_m query rows of one (batch, head) and walks
+// its key blocks in order (forward-style: warps split the rows, dS stays in registers as the A
+// operand of dQ += dS K). The dQ accumulator holds headdim / 2 fp32 values per thread; shorter key
+// blocks past head dim 128 keep S and dP small beside it.
+constexpr TileShape bwd_dq_tile(int headdim) {
+  return headdim <= 128 ? TileShape{64, 64, 4} : TileShape{64, 32, 4};
+}
+
+}  // namespace flash
