@@ -69,6 +69,7 @@ def extension_modules():
 
     kernel_dir = CSRC / "src" / "instantiations"
     kernels = [kernel_dir / f"flash_fwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
+    kernels += [kernel_dir / f"flash_bwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
     missing = [k for k in kernels if not k.exists()]
     if missing:
         sys.exit(f"missing {missing}; run csrc/flash_attn/src/generate_kernels.py")

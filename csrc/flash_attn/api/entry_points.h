@@ -39,3 +39,26 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q, const Tensor& kcache, const
                                     int num_splits);
 
 }  // namespace flash_api
+
+namespace flash_api {
+
+// Backward of mha_fwd. dout, q, out: (batch, seqlen_q, num_heads, d); k, v: (batch, seqlen_k,
+// num_heads_k, d); softmax_lse: (batch, num_heads, seqlen_q). dq / dk / dv, when given, are written
+// in place (any strides with a contiguous last dimension). Returns {dq, dk, dv, softmax_d}.
+std::vector<Tensor> mha_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                            const Tensor& softmax_lse, OptTensor dq, OptTensor dk, OptTensor dv,
+                            OptTensor alibi_slopes, double p_dropout, double softmax_scale, bool is_causal,
+                            int window_left, int window_right, double softcap, bool deterministic,
+                            std::optional<at::Generator> gen, OptTensor rng_state);
+
+// Backward of mha_varlen_fwd (no paged K/V). dout, q, out: (total_q, num_heads, d); k, v:
+// (total_k, num_heads_k, d); softmax_lse: (num_heads, total_q). Returns {dq, dk, dv, softmax_d}.
+std::vector<Tensor> mha_varlen_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const Tensor& out, const Tensor& softmax_lse, OptTensor dq, OptTensor dk,
+                                   OptTensor dv, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                   OptTensor alibi_slopes, int max_seqlen_q, int max_seqlen_k, double p_dropout,
+                                   double softmax_scale, bool zero_tensors, bool is_causal, int window_left,
+                                   int window_right, double softcap, bool deterministic,
+                                   std::optional<at::Generator> gen, OptTensor rng_state);
+
+}  // namespace flash_api
