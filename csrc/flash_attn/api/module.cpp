@@ -92,6 +92,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("zero_tensors"), pybind11::arg("causal"), pybind11::arg("window_size_left"),
         pybind11::arg("window_size_right"), pybind11::arg("softcap"), pybind11::arg("return_softmax"),
         pybind11::arg("gen") = pybind11::none(), pybind11::arg("num_splits") = 0);
+  m.def("bwd", &mha_bwd, "Backward attention, padded batch", pybind11::arg("dout"), pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("softmax_lse"),
+        pybind11::arg("dq"), pybind11::arg("dk"), pybind11::arg("dv"), pybind11::arg("alibi_slopes"),
+        pybind11::arg("dropout_p"), pybind11::arg("softmax_scale"), pybind11::arg("causal"),
+        pybind11::arg("window_size_left"), pybind11::arg("window_size_right"), pybind11::arg("softcap"),
+        pybind11::arg("deterministic"), pybind11::arg("gen") = pybind11::none(),
+        pybind11::arg("rng_state") = pybind11::none());
+  m.def("varlen_bwd", &mha_varlen_bwd, "Backward attention, variable-length batch", pybind11::arg("dout"),
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"),
+        pybind11::arg("softmax_lse"), pybind11::arg("dq"), pybind11::arg("dk"), pybind11::arg("dv"),
+        pybind11::arg("cu_seqlens_q"), pybind11::arg("cu_seqlens_k"), pybind11::arg("alibi_slopes"),
+        pybind11::arg("max_seqlen_q"), pybind11::arg("max_seqlen_k"), pybind11::arg("dropout_p"),
+        pybind11::arg("softmax_scale"), pybind11::arg("zero_tensors"), pybind11::arg("causal"),
+        pybind11::arg("window_size_left"), pybind11::arg("window_size_right"), pybind11::arg("softcap"),
+        pybind11::arg("deterministic"), pybind11::arg("gen") = pybind11::none(),
+        pybind11::arg("rng_state") = pybind11::none());
   m.def("fwd_kvcache", &mha_fwd_kvcache, "Forward attention against a KV cache, appending new keys / values",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("cache_seqlens"), pybind11::arg("rotary_cos"), pybind11::arg("rotary_sin"),
