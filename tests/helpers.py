@@ -111,7 +111,7 @@ def ext_fwd(q, k, v, *, alibi_slopes=None, softmax_scale=None, causal=False, win
     out, canary = _poisoned_out(q.shape, q.dtype, q.device)
     res = flash_attn_gpu.fwd(
         q, k, v, out, alibi_slopes, 0.0, float(softmax_scale), bool(causal),
-        int(window_size[0]), int(window_size[1]), float(softcap), False, int(num_splits),
+        int(window_size[0]), int(window_size[1]), float(softcap), False, None, int(num_splits),
     )
     o, lse = res[0], res[1]
     _check_poisoned(o, out, canary)
@@ -131,7 +131,7 @@ def ext_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     res = flash_attn_gpu.varlen_fwd(
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, None, None, alibi_slopes,
         int(max_seqlen_q), int(max_seqlen_k), 0.0, float(softmax_scale), False, bool(causal),
-        int(window_size[0]), int(window_size[1]), float(softcap), False, int(num_splits),
+        int(window_size[0]), int(window_size[1]), float(softcap), False, None, int(num_splits),
     )
     o, lse = res[0], res[1]
     _check_poisoned(o, out, canary)

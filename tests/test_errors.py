@@ -34,7 +34,7 @@ def fwd_args(**over):
     a = dict(
         q=_t(B, SQ, H, D), k=_t(B, SK, HK, D), v=_t(B, SK, HK, D), out=None, alibi_slopes=None,
         dropout_p=0.0, softmax_scale=D ** -0.5, causal=False, window_size_left=-1,
-        window_size_right=-1, softcap=0.0, return_softmax=False, num_splits=0,
+        window_size_right=-1, softcap=0.0, return_softmax=False, gen=None, num_splits=0,
     )
     a.update(over)
     return list(a.values())
@@ -58,7 +58,7 @@ def varlen_args(**over):
         cu_seqlens_q=_cu(LENS_Q), cu_seqlens_k=_cu(LENS_K), seqused_k=None, leftpad_k=None,
         block_table=None, alibi_slopes=None, max_seqlen_q=max(LENS_Q), max_seqlen_k=max(LENS_K),
         dropout_p=0.0, softmax_scale=D ** -0.5, zero_tensors=False, causal=False,
-        window_size_left=-1, window_size_right=-1, softcap=0.0, return_softmax=False, num_splits=0,
+        window_size_left=-1, window_size_right=-1, softcap=0.0, return_softmax=False, gen=None, num_splits=0,
     )
     a.update(over)
     return list(a.values())

@@ -78,7 +78,7 @@ def _ext_paged(t, causal, num_splits):
     res = flash_attn_gpu.varlen_fwd(
         q, t["k_paged"], t["v_paged"], out, t["cu_q"], t["cu_k"], None, None, t["table"], None,
         int(t["max_sq"]), int(t["max_sk"]), 0.0, float(q.shape[-1] ** -0.5), False, bool(causal),
-        -1, -1, 0.0, False, int(num_splits),
+        -1, -1, 0.0, False, None, int(num_splits),
     )
     _check_poisoned(res[0], out, canary)
     return out, res[1]
