@@ -62,11 +62,9 @@ def test_full_gpu_no_split():
 
 
 @pytest.mark.parametrize("seqlen_q", [2, 16, 128, 4096])
-@pytest.mark.parametrize("requested", [0, 1])
-def test_seqlen_q_gt_1_never_splits(seqlen_q, requested):
-    # The heuristic (and num_splits=1) never splits when seqlen_q > 1. (An explicit n > 1 with
-    # seqlen_q > 1 is not pinned down here: see the contract's num_splits semantics.)
-    assert nsplits(1, 12, 12, seqlen_q, 8192, 128, num_splits=requested) == 1
+def test_requested_one_never_splits(seqlen_q):
+    # num_splits=1 is upstream's unsplit kernel for every query length.
+    assert nsplits(1, 12, 12, seqlen_q, 8192, 128, num_splits=1) == 1
 
 
 @pytest.mark.parametrize("seqlen_k", [1, 100, 8192, 32768])

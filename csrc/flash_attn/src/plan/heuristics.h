@@ -49,11 +49,16 @@ constexpr float kCombineCost = 1.0f;
 // saturate DRAM; a partial last wave is cheap (its blocks stream faster), so grids of more than
 // one wave rarely split. Measured against full sweeps in
 // benchmarks/sweep_num_splits.py (contiguous and paged).
+//
+// kv_sharing: how many of the grid's blocks read the same K/V (the query heads of a kv head when
+// they are not folded into one tile's rows). Such blocks run together and their reads meet in L2,
+// so DRAM saturates only at kv_sharing times as many blocks.
 inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits,
-                                int blocks_per_sm = kSplitBlocksPerSm, bool cluster_merge = false) {
+                                int blocks_per_sm = kSplitBlocksPerSm, bool cluster_merge = false,
+                                int kv_sharing = 1) {
   if (blocks <= 0 || n_blocks <= 1) return 1;
   const int slots = num_sms * blocks_per_sm;
-  const float saturating = std::max(1.0f, kSaturatingSmFraction * num_sms);
+  const float saturating = std::max(1.0f, kSaturatingSmFraction * num_sms * std::max(1, kv_sharing));
   max_splits = std::min({max_splits, n_blocks, slots});
   int best = 1;
   float best_cost = 3.0e38f;
@@ -140,8 +145,9 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
   } else if (requested == 0 && plan.seqlen_q <= split_tile.block_m) {
+    const int kv_sharing = plan.swap_seqlen_ngroups ? 1 : num_heads / std::max(1, num_heads_k);
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
-                                           kMaxSplits, blocks_per_sm, decode);
+                                           kMaxSplits, blocks_per_sm, decode, kv_sharing);
   }
   plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
   plan.decode_kernel = plan.split_kernel && decode;
