@@ -609,6 +609,13 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
 # extension, flat (each Python call level costs host time at every decode step).
 # --------------------------------------------------------------------------------------------
 
+def _distinct(cu_seqlens_k, cu_seqlens_q):
+    # Self-attention callers (transformers among them) pass one tensor as both cu_seqlens, and
+    # torch.compile cannot trace an autograd.Function given the same tensor twice: a view is
+    # another tensor to it, with the same values.
+    return cu_seqlens_k[:] if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k
+
+
 def _direct_call(q, k, v):
     """Whether to skip the autograd.Function: nothing requires grad (or grad mode is off), and
     torch.compile is not tracing (it traces the Function and its custom ops)."""
@@ -807,7 +814,7 @@ def flash_attn_varlen_kvpacked_func(
             return_attn_probs, None, 0,
         )
     return FlashAttnVarlenKVPackedFunc.apply(
-        q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+        q, kv, cu_seqlens_q, _distinct(cu_seqlens_k, cu_seqlens_q), max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
         causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
         torch.is_grad_enabled(),
     )
@@ -853,7 +860,7 @@ def flash_attn_varlen_func(
             block_table, num_splits,
         )
     return FlashAttnVarlenFunc.apply(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+        q, k, v, cu_seqlens_q, _distinct(cu_seqlens_k, cu_seqlens_q), max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
         causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
         torch.is_grad_enabled(), num_splits,
     )

@@ -1025,7 +1025,8 @@ def test_compile_training_step_varlen_and_packed(ext):
         a = flash_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 5, causal=True,
                                               deterministic=True)
         kv = torch.stack([k, v], dim=1)
-        b = flash_attn.flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, 4, 5)
+        # one tensor as both cu_seqlens, as self-attention callers pass it
+        b = flash_attn.flash_attn_varlen_kvpacked_func(q, kv[:8], cu_q, cu_q, 4, 4)
         return a + b
 
     loss = _compiled_training_step(fn, rec.backend)(q, k, v)
