@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Figures from committed results: docs/img/decode_<card>.png (decode time per cell, ours against
+torch FA2 and cuDNN, relative to cuDNN), docs/img/forward_<card>.png and, when the result exists,
+docs/img/backward_<card>.png (TFLOP/s per sequence length, one panel per dtype / head dim /
+causal). Needs matplotlib (a development dependency: pip install matplotlib); no GPU.
+  python benchmarks/plot.py [--card h100] [--results-dir benchmarks/results] [--out-dir docs/img]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COLORS = {"ours": "#1f77b4", "torch FA2": "#ff7f0e", "cuDNN": "#2ca02c", "ours deterministic": "#9ecae1"}
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    return (data["rows"], data.get("device")) if isinstance(data, dict) else (data, None)
+
+
+def subtitle(device) -> str:
+    if not device:
+        return ""
+    return f"\n{device['card']}, commit {device.get('commit') or '?'}, {device['date'][:10]}"
+
+
+def plot_decode(plt, rows, device, title, path):
+    """Time relative to cuDNN per cell (< 1: faster than cuDNN); torch FA2 reaches 12x, so the axis
+    is logarithmic."""
+    rows = [r for r in rows if r.get("ours_us") and r.get("cudnn_us")]
+    names = {"ours": "ours_us", "torch FA2": "torch_fa2_varlen_us", "cuDNN": "cudnn_us"}
+    fig, ax = plt.subplots(figsize=(14, 5))
+    width = 0.27
+    for i, (label, key) in enumerate(names.items()):
+        ys = [r[key] / r["cudnn_us"] if r.get(key) else 0 for r in rows]
+        ax.bar([x + (i - 1) * width for x in range(len(rows))], ys, width, label=label, color=COLORS[label])
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("time / cuDNN time (lower is faster)")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"b{r['batch']} {r['seqlen_k'] // 1024}k\n{r['heads']}/{r['kv_heads']}" for r in rows],
+                       fontsize=7)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_title(title + subtitle(device))
+    ax.legend(loc="upper right")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print(f"wrote {path}")
+
+
+def plot_throughput(plt, rows, device, title, path, series):
+    """TFLOP/s against sequence length, one panel per (dtype, head dim, causal)."""
+    panels = sorted({(r.get("dtype", "fp16"), r["headdim"], r["causal"]) for r in rows})
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), squeeze=False, sharey=True)
+    for ax, (dtype, headdim, causal) in zip(axes.flat, panels):
+        cell = sorted((r for r in rows if (r.get("dtype", "fp16"), r["headdim"], r["causal"]) == (dtype, headdim, causal)),
+                      key=lambda r: r["seqlen"])
+        for label, key in series.items():
+            pts = [(r["seqlen"], r[key]) for r in cell if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label, color=COLORS[label])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([r["seqlen"] for r in cell])
+        ax.set_xticklabels([f"{r['seqlen'] // 1024}k" if r["seqlen"] >= 1024 else str(r["seqlen"]) for r in cell],
+                           fontsize=7)
+        ax.set_title(f"{dtype}, head dim {headdim}, {'causal' if causal else 'not causal'}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("TFLOP/s")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title + subtitle(device))
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--card", default="h100")
+    p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(HERE), "docs", "img"))
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot.py needs matplotlib, a development dependency: pip install matplotlib")
+        return 1
+    os.makedirs(args.out_dir, exist_ok=True)
+    figures = {
+        "decode": lambda rows, dev, path: plot_decode(
+            plt, rows, dev, "Decode (one query, fp16, head dim 128), L2 flushed", path),
+        "forward": lambda rows, dev, path: plot_throughput(
+            plt, rows, dev, "Prefill forward, model dim 2048", path,
+            {"ours": "ours_tflops", "torch FA2": "torch_fa2_tflops", "cuDNN": "cudnn_tflops"}),
+        "backward": lambda rows, dev, path: plot_throughput(
+            plt, rows, dev, "Backward, model dim 2048", path,
+            {"ours": "ours_bwd_tflops", "ours deterministic": "ours_det_bwd_tflops",
+             "torch FA2": "torch_fa2_bwd_tflops", "cuDNN": "cudnn_bwd_tflops"}),
+    }
+    drawn = 0
+    for name, draw in figures.items():
+        src = os.path.join(args.results_dir, f"{name}_{args.card}.json")
+        if os.path.exists(src):
+            draw(*load(src), os.path.join(args.out_dir, f"{name}_{args.card}.png"))
+            drawn += 1
+        else:
+            print(f"skipped {name}: no {src}")
+    return 0 if drawn else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
