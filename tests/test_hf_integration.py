@@ -21,6 +21,13 @@ Checks, for a left-padded batch of 2 (varlen path) and an unpadded batch of 1 (f
     scale unless something is actually wrong);
   * the flash_attn extension was really called (fwd for the unpadded batch, varlen_fwd for the
     padded one).
+
+And a training step (model.train(), loss from labels, loss.backward()) for a right-padded batch
+of 2 (varlen path) and an unpadded batch of 1, in fp16 and bf16, against the same weights with
+"sdpa" in that dtype and in fp32 (the reference): the loss and every parameter's gradient obey
+the suite's rule max|fa - ref| <= 2 * max|sdpa - ref| + atol, atol 1e-4 (fp16) / 1e-3 (bf16)
+times max(1, max|ref|) (the rule's absolute term assumes values of order 1; gradients of a whole
+model span orders of magnitude), and the backward kernels were really called.
 """
 
 import copy
@@ -28,7 +35,9 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import helpers
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 
 def _fa2_available():
@@ -44,6 +53,7 @@ def _fa2_available():
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(helpers.flash_attn_gpu is None, reason="flash_attn_2_cuda extension not built"),
     pytest.mark.skipif(not _fa2_available(),
                        reason="transformers reports flash-attention-2 unavailable (flash_attn not installed?)"),
 ]
@@ -189,10 +199,7 @@ class _CallCounter:
 
 @pytest.fixture(scope="module")
 def models():
-    import helpers
-
-    if helpers.flash_attn is not None and helpers.flash_attn_gpu is not None:
-        helpers.require_kernel(HEAD_DIM, torch.float16)
+    helpers.require_kernel(HEAD_DIM, torch.float16)
     config = make_config()
     weights = make_weights(config)
     dev = "cuda"
@@ -248,3 +255,75 @@ def test_llama_generate_and_logits_match_sdpa(kind, models, count_ext_calls):
     assert diff <= 2e-2 * scale, f"logits: max|fa - sdpa| = {diff:.3e} > 2e-2 * max|ref| ({scale:.3f})"
 
     check_greedy_agree(seq_fa, seq_sdpa, prompt_len, lg_fa, lg_sdpa)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_ATOL = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def make_training_batch(kind, device, seed=SEED + 2):
+    """(input_ids, attention_mask, labels): 'padded' = batch 2, the second right-padded by 7
+    (no query row without a key under causal masking, whatever the attention backend);
+    'single' = batch 1, no padding. Padding positions are excluded from the loss (-100)."""
+    g = torch.Generator().manual_seed(seed)
+    batch, seqlen = (2, 24) if kind == "padded" else (1, 37)
+    ids = torch.randint(3, VOCAB, (batch, seqlen), generator=g)
+    mask = torch.ones(batch, seqlen, dtype=torch.long)
+    if kind == "padded":
+        mask[1, -7:] = 0
+        ids[mask == 0] = PAD
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def loss_and_grads(model, ids, mask, labels):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    grads = {name: p.grad.float() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float(), grads
+
+
+def assert_rule(name, value, value_sdpa, ref, atol):
+    err = (value - ref).abs().max().item()
+    err_sdpa = (value_sdpa - ref).abs().max().item()
+    tol = 2 * err_sdpa + atol * max(1.0, ref.abs().max().item())
+    assert err <= tol, (
+        f"{name}: max|fa - ref| = {err:.3e} > 2 * max|sdpa - ref| ({err_sdpa:.3e}) + atol scaled "
+        f"(tolerance {tol:.3e})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["padded", "single"])
+def test_llama_training_step_matches_sdpa(kind, dtype, count_ext_calls):
+    if not hasattr(helpers.flash_attn_gpu, "bwd"):
+        pytest.skip("this flash_attn_2_cuda build has no backward kernel (bwd)")
+    helpers.require_kernel(HEAD_DIM, dtype)
+    config = make_config()
+    weights = make_weights(config, dtype=dtype)  # values every model holds exactly
+    batch = make_training_batch(kind, "cuda")
+    results = {}
+    for name, impl, model_dtype in [("fa", "flash_attention_2", dtype), ("sdpa", "sdpa", dtype),
+                                    ("ref", "sdpa", torch.float32)]:
+        model = build_model(config, impl, model_dtype, "cuda", weights)
+        results[name] = loss_and_grads(model, *batch)
+        del model
+
+    used = dict(count_ext_calls)
+    if kind == "padded":
+        assert used.get("varlen_bwd", 0) > 0, f"flash_attn varlen backward not used: {used}"
+    else:
+        assert used.get("bwd", 0) + used.get("varlen_bwd", 0) > 0, f"flash_attn backward not used: {used}"
+
+    (loss_fa, grads_fa), (loss_sdpa, grads_sdpa), (loss_ref, grads_ref) = (
+        results["fa"], results["sdpa"], results["ref"])
+    assert torch.isfinite(loss_fa), "flash_attention_2 loss not finite"
+    assert_rule("loss", loss_fa, loss_sdpa, loss_ref, TRAIN_ATOL[dtype])
+    assert grads_fa.keys() == grads_ref.keys() == grads_sdpa.keys()
+    for name, g_ref in grads_ref.items():
+        assert torch.isfinite(grads_fa[name]).all(), f"{name}: non-finite gradient"
+        assert_rule(f"grad {name}", grads_fa[name], grads_sdpa[name], g_ref, TRAIN_ATOL[dtype])
