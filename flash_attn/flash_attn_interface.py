@@ -137,7 +137,8 @@ if hasattr(torch.library, "custom_op"):
             def call(*args, **kwargs):
                 return (op if _is_compiling() else fn)(*args, **kwargs)
 
-            call.register_fake = functools.partial(torch.library.register_fake, f"flash_attn::{name}")
+            call.register_fake = functools.partial(torch.library.register_fake,
+                                                   f"flash_attn::{name}")
             call.direct = fn
             return call
 
@@ -814,8 +815,8 @@ def flash_attn_varlen_kvpacked_func(
             return_attn_probs, None, 0,
         )
     return FlashAttnVarlenKVPackedFunc.apply(
-        q, kv, cu_seqlens_q, _distinct(cu_seqlens_k, cu_seqlens_q), max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-        causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+        q, kv, cu_seqlens_q, _distinct(cu_seqlens_k, cu_seqlens_q), max_seqlen_q, max_seqlen_k,
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
         torch.is_grad_enabled(),
     )
 
@@ -860,8 +861,8 @@ def flash_attn_varlen_func(
             block_table, num_splits,
         )
     return FlashAttnVarlenFunc.apply(
-        q, k, v, cu_seqlens_q, _distinct(cu_seqlens_k, cu_seqlens_q), max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
-        causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
+        q, k, v, cu_seqlens_q, _distinct(cu_seqlens_k, cu_seqlens_q), max_seqlen_q, max_seqlen_k,
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
         torch.is_grad_enabled(), num_splits,
     )
 

@@ -119,19 +119,23 @@ def make_case(path, dtype, d, nheads, nheads_k, shapes=SHAPES, **kw):
         return lambda *x, upcast: f(*x, upcast=upcast, **kw)
 
     if path == "func":
-        inputs = (randn(BATCH, sq, nheads, d, dtype=dtype), randn(BATCH, sk, nheads_k, d, dtype=dtype),
+        inputs = (randn(BATCH, sq, nheads, d, dtype=dtype),
+                  randn(BATCH, sk, nheads_k, d, dtype=dtype),
                   randn(BATCH, sk, nheads_k, d, dtype=dtype))
-        run = lambda q, k, v, **more: flash_attn.flash_attn_func(q, k, v, **kw, **more)  # noqa: E731
+        run = lambda q, k, v, **more: flash_attn.flash_attn_func(  # noqa: E731
+            q, k, v, **kw, **more)
         return inputs, run, ref(attention_reference)
     if path == "kvpacked":
         inputs = (randn(BATCH, sq, nheads, d, dtype=dtype),
                   randn(BATCH, sk, 2, nheads_k, d, dtype=dtype))
-        run = lambda q, kv, **more: flash_attn.flash_attn_kvpacked_func(q, kv, **kw, **more)  # noqa: E731
+        run = lambda q, kv, **more: flash_attn.flash_attn_kvpacked_func(  # noqa: E731
+            q, kv, **kw, **more)
         return inputs, run, ref(
             lambda q, kv, **r: attention_reference(q, kv[:, :, 0], kv[:, :, 1], **r))
     if path == "qkvpacked":
         inputs = (randn(BATCH, sk, 3, nheads, d, dtype=dtype),)
-        run = lambda qkv, **more: flash_attn.flash_attn_qkvpacked_func(qkv, **kw, **more)  # noqa: E731
+        run = lambda qkv, **more: flash_attn.flash_attn_qkvpacked_func(  # noqa: E731
+            qkv, **kw, **more)
         return inputs, run, ref(
             lambda qkv, **r: attention_reference(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], **r))
     if path == "varlen":

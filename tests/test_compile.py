@@ -16,7 +16,7 @@ from helpers import DEVICE, flash_attn, flash_attn_gpu, requires_gpu
 pytestmark = [
     *requires_gpu,
     pytest.mark.skipif(not hasattr(torch.library, "custom_op"),
-                       reason="torch < 2.4: no torch.library.custom_op, nothing to compile through"),
+                       reason="torch < 2.4: no torch.library.custom_op to compile through"),
 ]
 
 needs_bwd = pytest.mark.skipif(
@@ -104,8 +104,9 @@ def test_training_step_packed(require_kernel):
         return a + b
 
     total = sum(lens)
-    inputs = (randn(total, 3, 4, 64, dtype=torch.bfloat16), randn(total, 4, 64, dtype=torch.bfloat16),
-              randn(total, 2, 4, 64, dtype=torch.bfloat16))
+    bf16 = torch.bfloat16
+    inputs = (randn(total, 3, 4, 64, dtype=bf16), randn(total, 4, 64, dtype=bf16),
+              randn(total, 2, 4, 64, dtype=bf16))
     assert_same_step(loss_of(attention), inputs)
 
 

@@ -317,7 +317,8 @@ def test_llama_training_step_matches_sdpa(kind, dtype, count_ext_calls):
     if kind == "padded":
         assert used.get("varlen_bwd", 0) > 0, f"flash_attn varlen backward not used: {used}"
     else:
-        assert used.get("bwd", 0) + used.get("varlen_bwd", 0) > 0, f"flash_attn backward not used: {used}"
+        assert used.get("bwd", 0) + used.get("varlen_bwd", 0) > 0, (
+            f"flash_attn backward not used: {used}")
 
     (loss_fa, grads_fa), (loss_sdpa, grads_sdpa), (loss_ref, grads_ref) = (
         results["fa"], results["sdpa"], results["ref"])
