@@ -1,6 +1,6 @@
 """What the benchmark scripts share: arguments, the per-cell timing of several implementations,
 PyTorch's FA2 op, the decode grid, paged copies of a cache, and result files
-(OUT_DIR/<measurement>_<card>[_<label>].json and .md, headed by the card description)."""
+(OUT_DIR/<measurement>_<card>.json and .md, headed by the card description)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats, one timing pass (smoke run)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"), help="default %(default)s")
-    p.add_argument("--label", default="", help="suffix of the result files, e.g. before / after")
     return p
 
 
@@ -39,8 +38,7 @@ def start(script: str, args) -> dict:
     desc = timing.describe_device(REPO)
     import flash_attn
     desc["flash_attn"] = os.path.dirname(flash_attn.__file__)
-    desc["label"] = args.label or None
-    print(timing.device_line(desc) + (f" [{args.label}]" if args.label else ""))
+    print(timing.device_line(desc))
     print(f"flash_attn from {desc['flash_attn']}; L2 flush: {timing.FLUSH_MODE}")
     return desc
 
@@ -82,7 +80,7 @@ def card_slug(name: str) -> str:
 
 def save(args, measurement: str, desc: dict, rows, report: str) -> None:
     """Write the rows (JSON, under the card description) and the printed report (markdown)."""
-    stem = f"{measurement}_{card_slug(desc['card'])}" + (f"_{args.label}" if args.label else "")
+    stem = f"{measurement}_{card_slug(desc['card'])}"
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, stem)
     with open(path + ".json", "w") as f:

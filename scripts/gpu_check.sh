@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# On a CUDA machine: build the extension, run the whole test suite and the benchmarks, and write
-# logs and results under $OUT (default ./out). Used on the H100 through the device tool:
+# On a CUDA machine: build the extension, run the test suite and the benchmarks, and write logs and
+# results under $OUT (default ./out):
 #
-#   bash scripts/gpu_check.sh                 # full build (all head dims, fp16+bf16), tests, benchmarks
+#   bash scripts/gpu_check.sh                                      # full build, tests, benchmarks
 #   FLASH_ATTN_HEADDIMS=128 bash scripts/gpu_check.sh --no-bench   # iterate on a subset
+#   BENCH="decode specdec" bash scripts/gpu_check.sh --no-tests --baseline base   # before/after
 #
-# Options: --no-tests, --no-bench, --quick (quick benchmarks), --profile (Nsight Compute report
-# of one prefill and one decode launch), --pytest-args "...". SKIP_FORWARD_BENCH=1 leaves out the
-# prefill benchmark; BENCH_TIMEOUT (default 300 s) bounds each benchmark. --sanitize runs
-# compute-sanitizer memcheck and racecheck on decode tests (split, cluster-merged, paired single-split, paged; fp16);
-# SANITIZE_CHUNK=0|1 takes half of them, SANITIZE_TOOLS="racecheck" one tool.
+# Options: --no-tests, --no-bench, --quick (quick benchmarks), --sanitize, --profile (Nsight Compute
+# report of one prefill and one decode launch), --pytest-args "...", --baseline DIR.
+# Environment: BENCH, the benchmarks to run, a subset of "decode specdec forward backward host sweep
+# triton" (default "decode specdec host sweep"); BENCH_TIMEOUT (s per benchmark, default 300);
+# MAXFAIL (pytest --maxfail, default 40); BENCH_COMMIT (the commit of this tree, for result headers
+# when the copy here has no git metadata of its own); SANITIZE_CHUNK=0|1 (half of the sanitizer
+# tests), SANITIZE_TOOLS ("memcheck racecheck"), SANITIZE_TIMEOUT.
+# --baseline DIR: DIR holds another commit's source tree, made on the development machine with
+#   git archive REV | tar -x -C DIR && git rev-parse --short REV >DIR/COMMIT
+# It is built in place with the same FLASH_ATTN_* knobs and MAX_JOBS, then every chosen benchmark
+# runs twice back to back on this card: with PYTHONPATH=DIR (results *_before) and with this tree's
+# build (*_after); benchmarks/tools/compare.py prints the per-cell ratios (compare.log).
 # If .whl/ holds wheels (nvidia-cutlass for a machine without it), they are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-run_tests=1; run_bench=1; profile=0; sanitize=0; quick=""; pytest_args=""
+run_tests=1; run_bench=1; profile=0; sanitize=0; quick=""; pytest_args=""; baseline=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-tests) run_tests=0 ;;
@@ -24,61 +32,101 @@ while [ $# -gt 0 ]; do
     --profile) profile=1 ;;
     --sanitize) sanitize=1 ;;
     --pytest-args) pytest_args="$2"; shift ;;
+    --baseline) baseline=$(cd "$2" && pwd) || { echo "--baseline: no folder $2"; exit 2; }; shift ;;
     *) echo "unknown option $1"; exit 2 ;;
   esac
   shift
 done
 export PYTHONUNBUFFERED=1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the in-place build and the package, for scripts in subfolders
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package, for scripts in subfolders
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.log"
+nvidia-smi --query-gpu=name,serial,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.log"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/env.log"
 
 export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
+export MAX_JOBS=${MAX_JOBS:-16}
 start=$(date +%s)
 # pip install (not build_ext --inplace): the package metadata it records is what transformers'
 # is_flash_attn_2_available() looks for (tests/test_hf_integration.py).
-MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install --no-build-isolation --no-deps --no-cache-dir -v . >/tmp/build.log 2>&1
+python3 -m pip install --no-build-isolation --no-deps --no-cache-dir -v . >/tmp/build.log 2>&1
 status=$?
 echo "build: exit $status in $(( $(date +%s) - start )) s (archs $FLASH_ATTN_CUDA_ARCHS, head dims ${FLASH_ATTN_HEADDIMS:-all}, dtypes ${FLASH_ATTN_DTYPES:-all})" | tee -a "$OUT/env.log"
 if [ $status -ne 0 ]; then cp /tmp/build.log "$OUT/build.log"; grep -E "error|Error" /tmp/build.log | head -40; exit 1; fi
 
+if [ -n "$baseline" ] && [ $run_bench -eq 1 ]; then
+  start=$(date +%s)
+  (cd "$baseline" && python3 setup.py build_ext --inplace) >/tmp/baseline_build.log 2>&1
+  status=$?
+  echo "baseline build ($baseline, commit $(cat "$baseline/COMMIT" 2>/dev/null || echo unknown)): exit $status in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
+  if [ $status -ne 0 ]; then cp /tmp/baseline_build.log "$OUT/baseline_build.log"; grep -E "error|Error" /tmp/baseline_build.log | head -40; exit 1; fi
+fi
+
 if [ $run_tests -eq 1 ]; then
   start=$(date +%s)
-  timeout 420 python3 -m pytest tests -q -rf --maxfail=${MAXFAIL:-40} -p no:cacheprovider $pytest_args >"$OUT/tests.log" 2>&1
+  timeout 420 python3 -m pytest tests -q -rf --maxfail="${MAXFAIL:-40}" -p no:cacheprovider $pytest_args >"$OUT/tests.log" 2>&1
   echo "tests: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
   tail -25 "$OUT/tests.log"
 fi
 
+# bench NAME SCRIPT ARGS...: one benchmark (before and after with --baseline, back to back); its
+# files join one archive as soon as it ends (the device tool returns at most 8 files, and a run
+# stopped at its time limit still returns what is archived).
+bench() {
+  local name=$1 label dir start status
+  shift
+  [ -f "$1" ] || { echo "bench $name: no $1, skipped" | tee -a "$OUT/env.log"; return; }
+  for label in ${baseline:+before} after; do
+    dir="$OUT/results/$label"; mkdir -p "$dir"; start=$(date +%s)
+    if [ "$label" = before ]; then
+      PYTHONPATH=$baseline:$PYTHONPATH BENCH_COMMIT=$(cat "$baseline/COMMIT" 2>/dev/null || echo "unknown-baseline") \
+        timeout "${BENCH_TIMEOUT:-300}" python3 "$@" $quick --out-dir "$dir" >>"$OUT/bench.log" 2>&1
+    else
+      timeout "${BENCH_TIMEOUT:-300}" python3 "$@" $quick --out-dir "$dir" >>"$OUT/bench.log" 2>&1
+    fi
+    status=$?
+    echo "bench $name${baseline:+ ($label)}: exit $status in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
+  done
+  if [ -n "$baseline" ]; then
+    for f in "$OUT"/results/before/*.json; do
+      after="$OUT/results/after/$(basename "$f")"
+      [ -f "$f" ] && [ -f "$after" ] && python3 benchmarks/tools/compare.py "$f" "$after" 2>&1 | tee -a "$OUT/compare.log" | grep -E "^[a-z_0-9]+:"
+    done
+  fi
+  for f in "$OUT"/results/*/*; do  # results/LABEL/X.ext -> results/X_LABEL.ext (no suffix without --baseline)
+    label=$(basename "$(dirname "$f")"); base=$(basename "$f")
+    mv "$f" "$OUT/results/${base%.*}${baseline:+_$label}.${base##*.}"
+  done
+  rm -rf "$OUT"/results/*/
+  tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results"
+}
+
 if [ $run_bench -eq 1 ]; then
-  mkdir -p "$OUT/results"
-  # Each benchmark's files join one archive as soon as it ends (the device tool returns at most 8
-  # files, and a run stopped at its time limit still returns what is archived).
-  bench() {
-    local start=$(date +%s)
-    timeout "${BENCH_TIMEOUT:-300}" python3 "$@" $quick --out-dir "$OUT/results" >>"$OUT/bench.log" 2>&1
-    echo "bench $(basename "$1") ${*:2}: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
-    tar -C "$OUT" -rf "$OUT/results.tar" results && rm -rf "$OUT/results" && mkdir -p "$OUT/results"
-  }
-  [ "${SKIP_FORWARD_BENCH:-0}" = 1 ] || bench benchmarks/benchmark_forward.py
-  bench benchmarks/benchmark_decode.py
-  bench benchmarks/host_overhead.py
-  bench benchmarks/sweep_num_splits.py
-  bench benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1|16"
+  for b in ${BENCH:-decode specdec host sweep}; do
+    case "$b" in
+      decode) bench decode benchmarks/benchmark_decode.py ;;
+      specdec) bench specdec benchmarks/benchmark_decode.py --grid specdec ;;
+      forward) bench forward benchmarks/benchmark_forward.py ;;
+      backward) bench backward benchmarks/benchmark_backward.py ;;
+      host) bench host benchmarks/host_overhead.py ;;
+      sweep) bench sweep benchmarks/sweep_num_splits.py
+             bench sweep_paged16 benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1|16" ;;
+      triton) bench triton benchmarks/bench_triton_ops.py ;;
+      *) echo "BENCH: unknown benchmark $b (decode specdec forward backward host sweep triton)" | tee -a "$OUT/env.log" ;;
+    esac
+  done
   grep -vE "^\|" "$OUT/bench.log" | tail -60
-  rm -rf "$OUT/results"
 fi
 
 if [ $sanitize -eq 1 ]; then
-  # split, cluster-merged and single-split (clusters of two) decode, paged varlen (pages 16/48/64/256), and paged kv-cache calls
-  # with a window (page entries fetched after the lengths) or left padding (any-alignment loader)
-  # SANITIZE_CHUNK=0 / 1 runs only the first / second half of these 85 tests (racecheck over all of
-  # them takes ~10 minutes on an H100); SANITIZE_TOOLS narrows the tools.
+  # split, cluster-merged and single-split (clusters of two) decode, paged varlen (pages 16/48/64/256),
+  # and paged kv-cache calls with a window (page entries fetched after the lengths) or left padding
+  # (any-alignment loader). SANITIZE_CHUNK=0 / 1 runs the first / second half of them (racecheck over
+  # all takes ~10 minutes on an H100); SANITIZE_TOOLS narrows the tools.
   sel="fp16 and ((128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))) or test_single_split_decode_grids)"
   files="tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py"
   # shellcheck disable=SC2086  # word-split on purpose: several files / test ids
@@ -102,6 +150,6 @@ fi
 if [ $profile -eq 1 ]; then
   ncu --kernel-name regex:flash_fwd --launch-skip 2 --launch-count 2 --section SpeedOfLight \
     --section WarpStateStats --section InstructionStats --section LaunchStats --section Occupancy \
-    --section MemoryWorkloadAnalysis python3 benchmarks/profile_forward.py >"$OUT/ncu.txt" 2>&1
+    --section MemoryWorkloadAnalysis python3 benchmarks/tools/profile_target.py >"$OUT/ncu.txt" 2>&1
   grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Stall|Registers|Achieved Occupancy" "$OUT/ncu.txt" | head -40
 fi

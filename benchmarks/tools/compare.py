@@ -5,6 +5,7 @@ TFLOP/s: > 1 = after faster) for the main measured columns, and how many cells l
   python benchmarks/tools/compare.py results/decode_h100_before.json results/decode_h100_after.json
 """
 import json
+import os
 import sys
 
 CELL_KEYS = ("dtype", "causal", "headdim", "seqlen", "batch", "seqlen_q", "seqlen_k", "heads", "kv_heads", "page_size")
@@ -25,9 +26,9 @@ def main(before_path, after_path) -> int:
     cells = [c for c in before if c in after]
     columns = [k for k in COLUMNS if any(before[c].get(k) and after[c].get(k) for c in cells)]
     if not columns:
-        print(f"{after_path}: no cells to compare with {before_path}")
+        print(f"{os.path.basename(after_path)}: no cells to compare with {before_path}")
         return 1
-    print(f"after vs before ({after_path}): speed ratio per cell, > 1 = after faster")
+    print(f"{os.path.basename(after_path)}: after vs before, speed ratio per cell (> 1: after faster)")
     print("| cell | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
     speeds = {k: [] for k in columns}
     for c in cells:
