@@ -285,10 +285,10 @@ def _flash_attn_backward(
 def _flash_attn_backward_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p,
                               softmax_scale, causal, window_size_left, window_size_right, softcap,
                               alibi_slopes, deterministic, rng_state=None):
+    # The kernels write softmax_d unpadded: (batch, nheads, seqlen_q) (upstream rounds seqlen_q up
+    # to 128; only its first seqlen_q entries carry values there).
     batch, seqlen_q, nheads, _ = q.shape
-    return torch.empty(
-        (batch, nheads, _round_multiple(seqlen_q, 128)), dtype=torch.float32, device=q.device
-    )
+    return torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
 
 
 @_registered_op("_flash_attn_varlen_backward", mutates_args=("dq", "dk", "dv"))
@@ -334,9 +334,9 @@ def _flash_attn_varlen_backward_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv
                                      softmax_scale, causal, window_size_left, window_size_right,
                                      softcap, alibi_slopes, deterministic, rng_state=None,
                                      zero_tensors=False):
+    # (nheads, total_q), as the kernels write it (upstream pads each sequence by 128 rows).
     total_q, nheads, _ = q.shape
-    batch = cu_seqlens_q.shape[0] - 1
-    return torch.empty((nheads, total_q + 128 * batch), dtype=torch.float32, device=q.device)
+    return torch.empty((nheads, total_q), dtype=torch.float32, device=q.device)
 
 
 @_registered_op("_flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))

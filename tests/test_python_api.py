@@ -423,7 +423,7 @@ class FakeExt:
                 acc[b] = gb
         dq, dk, dv = self._write_grads(c, *grads)
         batch, seqlen_q, nheads, _ = q.shape
-        softmax_d = torch.zeros(batch, nheads, (seqlen_q + 127) // 128 * 128)
+        softmax_d = torch.zeros(batch, nheads, seqlen_q)  # the extension's unpadded layout
         return [dq, dk, dv, softmax_d]
 
     def varlen_bwd(self, *args):
@@ -440,7 +440,7 @@ class FakeExt:
                             _alibi_row(c["alibi_slopes"], b, q.shape[1]))
             grads[0][rq], grads[1][rk], grads[2][rk] = g
         dq, dk, dv = self._write_grads(c, *grads)
-        softmax_d = torch.zeros(q.shape[1], q.shape[0] + 128 * batch)
+        softmax_d = torch.zeros(q.shape[1], q.shape[0])
         return [dq, dk, dv, softmax_d]
 
     def fwd_kvcache(self, *args):
