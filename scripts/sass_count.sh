@@ -41,8 +41,9 @@ print(f"{'instructions':>12}  {'main loop':>9}  kernel (NOP padding not counted)
 for mangled, pretty in sorted(zip(names, demangled), key=lambda x: x[1]):
     ins = kernels[mangled]
     # Backward branches: "BRA 0x..." to a lower address; the longest one spans the main loop.
-    loops = [(addr - int(t, 16)) // 16 + 1 for addr, op in ins
-             for t in re.findall(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", op) if int(t, 16) < addr]
+    targets = [(addr, int(re.findall(r"0x([0-9a-f]+)", op)[-1], 16)) for addr, op in ins
+               if re.search(r"\bBRA\b", op) and "0x" in op]
+    loops = [(addr - target) // 16 + 1 for addr, target in targets if target < addr]
     loop = max(loops, default=0)
     short = re.sub(r"cute::|cutlass::|flash::", "", pretty)
     print(f"{sum(not op.startswith('NOP') for _, op in ins):12d}  {loop if 'decode' in pretty.lower() else '':>9}  {short[:150]}")
