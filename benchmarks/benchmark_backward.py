@@ -15,29 +15,24 @@ its lower median. An implementation whose forward or backward raises is n/a, wit
 
 from __future__ import annotations
 
-import gc
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import common
-from benchmark_forward import DTYPES, MODEL_DIM, SEQLENS, TOKENS, forward_flops
+from benchmark_forward import DTYPES, MODEL_DIM, TOKENS, cell_line, forward_flops, grid
 from common import fmt, ratio
 
 BACKWARD_FLOPS_FACTOR = 2.5
-RESULT_KEYS = ["ours_bwd_ms", "ours_det_bwd_ms", "ours_bwd_tflops", "torch_fa2_bwd_tflops", "cudnn_bwd_tflops"]
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__)
+    p = common.parser(__doc__, time_budget_s=200.0)
     p.add_argument("--dtypes", default="fp16,bf16", help="default %(default)s")
     p.add_argument("--headdims", default="64,128,256", help="default %(default)s")
     p.add_argument("--causal", choices=["both", "true", "false"], default="both")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout_p for ours and torch FA2 (default 0)")
-    p.add_argument("--time-budget-s", type=float, default=200.0,
-                   help="cells started after this many seconds get the minimum repeats (default 200)")
     return p.parse_args(argv)
 
 
@@ -50,11 +45,12 @@ def backward_of(forward, q, k, v):
     return make
 
 
-def cell(dtype, headdim, causal, seqlen, kw, passes, dropout):
+def measure(c, kw, passes, dropout):
     from flash_attn import flash_attn_func
-    heads, batch = MODEL_DIM // headdim, TOKENS // seqlen
-    q, k, v = (torch.randn(batch, seqlen, heads, headdim, device="cuda", dtype=DTYPES[dtype], requires_grad=True)
-               for _ in range(3))
+    causal, seqlen = c["causal"], c["seqlen"]
+    heads, batch = MODEL_DIM // c["headdim"], TOKENS // seqlen
+    q, k, v = (torch.randn(batch, seqlen, heads, c["headdim"], device="cuda", dtype=DTYPES[c["dtype"]],
+                           requires_grad=True) for _ in range(3))
 
     def sdpa(p):
         return lambda q, k, v: F.scaled_dot_product_attention(
@@ -68,46 +64,20 @@ def cell(dtype, headdim, causal, seqlen, kw, passes, dropout):
         "cudnn": (backward_of(sdpa(0.0), q, k, v), common.sdpa_context("CUDNN_ATTENTION")),
     }
     times, notes, _ = common.time_impls(impls, kw, passes)
-    flops = BACKWARD_FLOPS_FACTOR * forward_flops(batch, heads, seqlen, headdim, causal)
-    row = dict(dtype=dtype, causal=causal, headdim=headdim, seqlen=seqlen, batch=batch, nheads=heads,
-               dropout_p=dropout, notes=[f"{n}: {t}" for n, t in notes.items()])
+    flops = BACKWARD_FLOPS_FACTOR * forward_flops(batch, heads, seqlen, c["headdim"], causal)
+    row = dict(c, batch=batch, nheads=heads, dropout_p=dropout, notes=[f"{n}: {t}" for n, t in notes.items()])
     for name in impls:
         row[f"{name}_bwd_ms"] = times[name] / 1e3 if times[name] else None
         row[f"{name}_bwd_tflops"] = flops / (times[name] * 1e-6) / 1e12 if times[name] else None
-    return row
+    return [row]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     desc = common.start("benchmark_backward.py", args)
-    kw, late_kw = common.bench_kwargs(args, 0.2), dict(warmup=1, reps=3, min_reps=3, max_time_s=0.05)
-    causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
     torch.manual_seed(0)
-    t0, rows = time.time(), []
-    for dtype in args.dtypes.split(","):
-        for headdim in map(int, args.headdims.split(",")):
-            for causal in causals:
-                for seqlen in SEQLENS:
-                    cell_kw = kw if time.time() - t0 < args.time_budget_s else late_kw
-                    try:
-                        r = cell(dtype, headdim, causal, seqlen, cell_kw, 1 if args.quick else 2, args.dropout)
-                    except Exception as e:  # noqa: BLE001 - one broken cell is reported, the run goes on
-                        r = dict(dict.fromkeys(RESULT_KEYS), dtype=dtype, causal=causal, headdim=headdim,
-                                 seqlen=seqlen, notes=["cell: " + common.short_err(e)])
-                    rows.append(r)
-                    print(f"{dtype} hd{headdim} {'causal' if causal else 'full  '} s{seqlen:<6d} ours "
-                          f"{fmt(r.get('ours_bwd_tflops'), '6.1f')} det {fmt(r.get('ours_det_bwd_tflops'), '6.1f')} "
-                          f"torch_fa2 {fmt(r.get('torch_fa2_bwd_tflops'), '6.1f')} cudnn "
-                          f"{fmt(r.get('cudnn_bwd_tflops'), '6.1f')} TFLOP/s", flush=True)
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    if r["notes"] and common.context_dead():
-                        print("the CUDA context is unusable; stopping")
-                        return finish(args, desc, rows, t0)
-    return finish(args, desc, rows, t0)
-
-
-def finish(args, desc, rows, t0) -> int:
+    rows = common.run_cells(grid(args), lambda c, kw, late: measure(c, kw, 1 if args.quick else 2, args.dropout),
+                            args, common.bench_kwargs(args, 0.2), lambda r: cell_line(r, "bwd_tflops"))
     headers = ["dtype", "headdim", "causal", "seqlen", "ours ms", "ours det ms", "ours TFLOP/s", "ours det TFLOP/s",
                "torch FA2 TFLOP/s", "cuDNN TFLOP/s", "ours/torch_fa2"]
     table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"], fmt(r.get("ours_bwd_ms"), ".3f"),
@@ -117,7 +87,7 @@ def finish(args, desc, rows, t0) -> int:
     notes = sorted({n for r in rows for n in r["notes"]})
     report = (common.markdown_table(headers, table) + f"\n\ndropout_p {args.dropout:g} (ours, torch FA2; cuDNN 0)"
               + "".join(f"\n- {n}" for n in notes[:20]))
-    print("\n" + report + f"\n\nelapsed {time.time() - t0:.0f} s")
+    print("\n" + report)
     common.save(args, "backward", desc, rows, report)
     return 0
 

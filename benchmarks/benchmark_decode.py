@@ -22,9 +22,7 @@ reverse order, keeping its lower median.
 
 from __future__ import annotations
 
-import gc
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +41,7 @@ D = 128
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__)
+    p = common.parser(__doc__, time_budget_s=90.0)
     p.add_argument("--grid", choices=["decode", "specdec"], default="decode")
     common.add_cell_args(p)
     p.add_argument("--no-cudnn", action="store_true", help="leave out the cuDNN column")
@@ -53,8 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--max-expand-gib", type=float, default=16.0,
                    help="largest K+V expanded to all heads when cuDNN refuses GQA (default 16)")
     p.add_argument("--graph", action="store_true", help="decode grid: also ours by CUDA-graph replay (L2-warm)")
-    p.add_argument("--time-budget-s", type=float, default=90.0,
-                   help="cells started after this many seconds get the minimum repeats (default 90)")
     return p.parse_args(argv)
 
 
@@ -178,9 +174,6 @@ def specdec_cells(c0, args, kw, api):
                     other = outs[name].transpose(1, 2) if name == "cudnn" else outs[name].view(b, sq, h, D)
                     row[f"{name}_maxdiff"] = (outs["ours"].float() - other.float()).abs().max().item()
         rows.append(row)
-        print(f"{common.cell_name(c):24s} ours {fmt(row['ours_us'], '8.1f')} kvcache {fmt(row['ours_kvcache_us'], '8.1f')}"
-              f" fa2 {fmt(row['torch_fa2_dense_us'], '8.1f')} cudnn {fmt(row['cudnn_us'], '8.1f')} best "
-              f"{fmt(row['best_explicit_us'], '8.1f')} ({row['best_splits']} vs auto {row['auto_splits']}) us", flush=True)
     return rows
 
 
@@ -236,48 +229,40 @@ class Api:
         self.fa2, self.fa2_note = common.torch_fa2_forward()
 
 
+def decode_line(r) -> str:
+    return (f"{common.cell_name(r):22s} splits {fmt(r.get('splits'), '3d')} " + " ".join(
+        f"{name} {fmt(r.get(f'{name}_us'), '8.1f')}" for name in ("ours", "nosplit", "torch_fa2_varlen", "cudnn"))
+        + f" us bw_frac {fmt(r.get('bw_frac'), '.2f')}")
+
+
+def specdec_line(r) -> str:
+    return (f"{common.cell_name(r):24s} " + " ".join(f"{name} {fmt(r.get(f'{name}_us'), '8.1f')}" for name in (
+        "ours", "ours_kvcache", "torch_fa2_dense", "cudnn", "best_explicit"))
+        + f" us (best {r.get('best_splits')} vs auto {r.get('auto_splits')} splits)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     common.parse_cells(args.cells)
     desc = common.start("benchmark_decode.py", args)
     api = Api()
+    kw = common.bench_kwargs(args, 0.3)
+    torch.manual_seed(0)
     if args.grid == "decode":
         copy_bw = timing.copy_bandwidth(reps=10 if args.quick else 20)
         print(f"copy bandwidth (2 GiB copy, read + write): {copy_bw / 1e12:.3f} TB/s")
-        cells = common.select_cells(common.decode_cells(), args)
+        paged_off = {p: (None if args.paged else "--no-paged") for p in PAGES}
+        rows = common.run_cells(common.select_cells(common.decode_cells(), args),
+                                lambda c, kw, late: [decode_cell(c, args, kw, api, copy_bw, paged_off)],
+                                args, kw, decode_line)
     else:
-        cells = common.select_cells([dict(batch=b, seqlen_k=s, heads=h, kv_heads=hk) for s in SPECDEC_SEQLENS_K
-                                     for b in SPECDEC_BATCHES for h, hk in SPECDEC_HEADS], args)
-    kw = common.bench_kwargs(args, 0.3)
-    late_kw = dict(warmup=1, reps=3, min_reps=3, max_time_s=0.03)
-    paged_off = {p: (None if args.paged else "--no-paged") for p in PAGES}
-    torch.manual_seed(0)
-    t0, rows = time.time(), []
-    for c in cells:
-        cell_kw = kw if time.time() - t0 < args.time_budget_s else late_kw
-        first = len(rows)
-        try:
-            if args.grid == "decode":
-                rows.append(decode_cell(c, args, cell_kw, api, copy_bw, paged_off))
-                r = rows[-1]
-                print(f"{common.cell_name(c):22s} splits {fmt(r['splits'], '3d')} ours {fmt(r['ours_us'], '8.1f')} nosplit "
-                      f"{fmt(r['nosplit_us'], '8.1f')} fa2 {fmt(r.get('torch_fa2_varlen_us'), '8.1f')} cudnn "
-                      f"{fmt(r.get('cudnn_us'), '8.1f')} us bw_frac {fmt(r['bw_frac'], '.2f')}", flush=True)
-            else:
-                rows += specdec_cells(c, args, cell_kw, api)
-        except Exception as e:  # noqa: BLE001 - one broken cell is reported, the run goes on
-            rows.append(dict(c, notes=["cell: " + common.short_err(e)]))
-        notes = [n for r in rows[first:] for n in r["notes"]]
-        print("".join(f"    {n}\n" for n in notes), end="")
-        gc.collect()
-        torch.cuda.empty_cache()
-        if notes and common.context_dead():
-            print("the CUDA context is unusable; stopping")
-            break
-    rows = [r for r in rows if "ours_us" in r] + [r for r in rows if "ours_us" not in r]
-    done = [r for r in rows if "ours_us" in r]
+        cells = [dict(batch=b, seqlen_k=s, heads=h, kv_heads=hk) for s in SPECDEC_SEQLENS_K for b in SPECDEC_BATCHES
+                 for h, hk in SPECDEC_HEADS]
+        rows = common.run_cells(common.select_cells(cells, args), lambda c, kw, late: specdec_cells(c, args, kw, api),
+                                args, kw, specdec_line)
+    done = [r for r in rows if "ours_us" in r]  # cells that ran (a failing one holds only its error)
     report = decode_report(done, args, copy_bw) if args.grid == "decode" else specdec_report(done)
-    print("\n" + report + f"\n\nelapsed {time.time() - t0:.0f} s")
+    print("\n" + report)
     common.save(args, args.grid, desc, rows, report)
     return 0
 

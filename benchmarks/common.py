@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
 import re
 import sys
+import time
 import warnings
 
 import torch
@@ -25,10 +27,13 @@ if REPO not in sys.path:
     sys.path.append(REPO)
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
+def parser(doc: str, time_budget_s=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats, one timing pass (smoke run)")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"), help="default %(default)s")
+    if time_budget_s:
+        p.add_argument("--time-budget-s", type=float, default=time_budget_s,
+                       help="cells started after this many seconds get the minimum repeats (default %(default)s)")
     return p
 
 
@@ -94,6 +99,32 @@ def bench_kwargs(args, max_time_s: float) -> dict:
     if args.quick:
         return dict(warmup=2, reps=10, min_reps=3, max_time_s=max_time_s / 3)
     return dict(warmup=3, reps=50, min_reps=5, max_time_s=max_time_s)
+
+
+LATE_KW = dict(warmup=1, reps=3, min_reps=3, max_time_s=0.03)
+
+
+def run_cells(cells, measure, args, kw, line):
+    """rows of measure(cell, bench kwargs, late) over the cells, each printed with line(row); cells
+    started after --time-budget-s get LATE_KW (late=True), so that one run keeps to its time. A
+    failing cell becomes a row holding its error; an unusable CUDA context ends the run."""
+    t0, rows = time.time(), []
+    for c in cells:
+        late = time.time() - t0 > args.time_budget_s
+        try:
+            new = measure(c, LATE_KW if late else kw, late)
+        except Exception as e:  # noqa: BLE001 - one broken cell is reported, the run goes on
+            new = [dict(c, notes=["cell: " + short_err(e)])]
+        for r in new:
+            print(line(r) + "".join(f"\n    {n}" for n in r["notes"]), flush=True)
+        rows += new
+        gc.collect()
+        torch.cuda.empty_cache()
+        if any(r["notes"] for r in new) and context_dead():
+            print("the CUDA context is unusable; stopping")
+            break
+    print(f"elapsed {time.time() - t0:.0f} s")
+    return rows
 
 
 def time_impl(make_fn, kw, ctx=None):

@@ -17,9 +17,7 @@ Result: splits_sweep_<card>.json.
 
 from __future__ import annotations
 
-import gc
 import sys
-import time
 
 import torch
 
@@ -33,14 +31,13 @@ REGRET_OK = 1.05
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__)
+    p = common.parser(__doc__, time_budget_s=120.0)
     common.add_cell_args(p)
     p.add_argument("--reps", type=int, default=None, help="timed repeats per value (default 15, --quick 5)")
     p.add_argument("--full", action="store_true", help="sweep every value in every cell")
     p.add_argument("--restrict-factor", type=float, default=2.0, help="default %(default)s")
     p.add_argument("--page-size", type=int, default=0, help="paged cache of this many tokens per page (default 0: "
                    "contiguous)")
-    p.add_argument("--time-budget-s", type=float, default=120.0, help="default %(default)s")
     args = p.parse_args(argv)
     args.reps = args.reps or (5 if args.quick else 15)
     return args
@@ -120,30 +117,22 @@ def report(rows) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     desc = common.start("sweep_num_splits.py", args)
-    sms = desc["sms"]
-    kw = dict(warmup=1 if args.quick else 2, reps=args.reps, min_reps=min(5, args.reps), max_time_s=0.15)
-    late_kw = dict(warmup=1, reps=min(args.reps, 5), min_reps=3, max_time_s=0.02)
     torch.manual_seed(0)
-    t0, rows = time.time(), []
-    for c in common.select_cells(common.decode_cells(), args):
-        late = time.time() - t0 > args.time_budget_s
-        restricted = late or (not args.full and c["batch"] * c["heads"] >= args.restrict_factor * sms)
-        try:
-            r = sweep_cell(c, args, restricted, late_kw if late else kw)
-        except Exception as e:  # noqa: BLE001 - one broken cell is reported, the run goes on
-            print(f"{common.cell_name(c)}: {common.short_err(e)}")
-            continue
-        rows.append(r)
-        print(f"{common.cell_name(c):22s} auto {r['auto_splits']:3d} {fmt(r['auto_us'], '8.1f')} us  best "
-              f"{fmt(r['best_splits'], '3d')} {fmt(r['best_us'], '8.1f')} us  regret {fmt(r['regret'], '.3f')}"
-              + ("  [restricted]" if restricted else "") + "".join(f"\n    {n}" for n in r["notes"]), flush=True)
-        gc.collect()
-        torch.cuda.empty_cache()
-        if r["notes"] and common.context_dead():
-            print("the CUDA context is unusable; stopping")
-            break
+
+    def measure(c, kw, late):
+        restricted = late or (not args.full and c["batch"] * c["heads"] >= args.restrict_factor * desc["sms"])
+        return [sweep_cell(c, args, restricted, kw)]
+
+    def line(r):
+        return (f"{common.cell_name(r):22s} auto {fmt(r.get('auto_splits'), '3d')} {fmt(r.get('auto_us'), '8.1f')} us  "
+                f"best {fmt(r.get('best_splits'), '3d')} {fmt(r.get('best_us'), '8.1f')} us  regret "
+                f"{fmt(r.get('regret'), '.3f')}" + ("  [restricted]" if r.get("restricted") else ""))
+
+    kw = dict(warmup=1 if args.quick else 2, reps=args.reps, min_reps=min(5, args.reps), max_time_s=0.15)
+    rows = [r for r in common.run_cells(common.select_cells(common.decode_cells(), args), measure, args, kw, line)
+            if "swept" in r]
     text = report(rows)
-    print("\n" + text + f"\n\nelapsed {time.time() - t0:.0f} s")
+    print("\n" + text)
     common.save(args, f"splits_sweep_paged{args.page_size}" if args.page_size else "splits_sweep", desc, rows, text)
     return 0
 
