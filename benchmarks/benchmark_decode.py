@@ -150,7 +150,7 @@ def specdec_cells(c0, args, kw, api):
 
         timing.settle(ours(0)())
         cap = api.heuristic(b, h, hk, sq, s, D, num_splits=64)  # the dispatcher's clamp: min(64, key blocks)
-        sweep_kw = dict(warmup=1, reps=5 if args.quick else 10, min_reps=3, max_time_s=0.02)
+        sweep_kw = dict(warmup=1, reps=min(kw["reps"], 5 if args.quick else 10), min_reps=3, max_time_s=0.02)
         sweep = {n: common.time_impl(ours(n), sweep_kw)[0] for n in range(1, cap + 1)}
         sweep = {n: t for n, t in sweep.items() if t is not None}
         row["best_splits"] = min(sweep, key=sweep.get) if sweep else None
