@@ -18,7 +18,9 @@ directly (no Python wrapper), next to floors: torch.empty(0) (dispatcher + alloc
   gpu_warm_us  single call, L2-warm, queued behind a short sleep (no launch gap in the window).
 Graph check: one call captured, then --replays times: new random q/k/v copied into the captured
 inputs, replay, the same call eagerly; PASS iff bitwise equal every time and no replay's output
-repeats the previous one. Exit status 3 when a check fails. Result: host_overhead_<card>.json.
+repeats the previous one. Exit status 3 when a check fails. Then flash_attn_with_kvcache against
+flash_attn_func on the same cache (b1 8192 keys 32/8, b16 4096 keys 12/12, one query, causal):
+wall and GPU time per call and their ratio (target <= 1.02). Result: host_overhead_<card>.json.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from common import fmt
 
 SEQLEN_K = 2048
 HEAD_CONFIGS = [(12, 12), (32, 8)]
+KVCACHE_CONFIGS = [(1, 32, 8, 8192), (16, 12, 12, 4096)]  # (batch, heads, kv heads, keys)
 TARGET_US = 10.0
 
 
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
 
         def raw():  # upstream's varlen_fwd argument list: the extension without the Python wrapper
             return ext.varlen_fwd(q, k, v, None, cu_q, cu_k, None, None, None, None, 1, SEQLEN_K, 0.0, 128 ** -0.5,
-                                  False, True, -1, -1, 0.0, False, 0)[0]
+                                  False, True, -1, -1, 0.0, False, None, 0)[0]
 
         cfg = {"shape": shape, "heads": h, "kv_heads": hk, "seqlen_k": SEQLEN_K, "impls": {},
                "auto_splits": flash_attn.num_splits_heuristic(1, h, hk, 1, SEQLEN_K, 128)}
@@ -208,7 +211,31 @@ def main(argv=None) -> int:
         cfg["graph"] = graph_check(wrapper, q, k, v, args, cycles_per_us)
         failed |= cfg["graph"]["status"] != "PASS"
         configs.append(cfg)
+    # flash_attn_with_kvcache against flash_attn_func on the same cache, one query per sequence: the
+    # kv-cache path must cost the same per call (no device-to-host copy of its index tensors).
+    kvcache = []
+    for b, h, hk, sk in KVCACHE_CONFIGS:
+        q = torch.randn(b, 1, h, 128, device="cuda", dtype=torch.float16)
+        kc, vc = (torch.randn(b, sk, hk, 128, device="cuda", dtype=torch.float16) for _ in range(2))
+        lens = torch.full((b,), sk, device="cuda", dtype=torch.int32)
+        pair = {name: measure(fn, args, cycles_per_us) for name, fn in (
+            ("flash_attn_func", lambda: flash_attn.flash_attn_func(q, kc, vc, causal=True)),
+            ("flash_attn_with_kvcache", lambda: flash_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
+                                                                                   causal=True)))}
+        f, c = pair["flash_attn_func"], pair["flash_attn_with_kvcache"]
+        row = {"shape": f"b{b} s{sk} h{h}/{hk}", **{f"{k}_{n}": m.get(k) for n, m in (("func", f), ("kvcache", c))
+                                                  for k in ("wall_us", "gpu_us")}}
+        for k in ("wall_us", "gpu_us"):
+            row[f"{k}_ratio"] = c[k] / f[k] if f.get(k) and c.get(k) else None
+        kvcache.append(row)
+        table.append([row["shape"], "kvcache / func"] + [fmt(row.get(f"{c}_ratio"), ".3f") if c in ("wall_us", "gpu_us")
+                                                          else "" for c in COLUMNS] + [""])
     lines = [common.markdown_table(["shape", "call"] + COLUMNS + ["error"], table), ""]
+    for row in kvcache:
+        lines.append(f"- {row['shape']}: flash_attn_with_kvcache / flash_attn_func, wall {fmt(row['wall_us_ratio'], '.3f')}"
+                     f" ({fmt(row['wall_us_kvcache'], '.2f')} / {fmt(row['wall_us_func'], '.2f')} us), GPU "
+                     f"{fmt(row['gpu_us_ratio'], '.3f')} ({fmt(row['gpu_us_kvcache'], '.2f')} / "
+                     f"{fmt(row['gpu_us_func'], '.2f')} us); target <= 1.02")
     for cfg in configs:
         g = cfg["graph"]
         lines.append(f"- {cfg['shape']} (auto splits {cfg['auto_splits']}): host overhead {fmt(cfg['overhead_us'], '.2f')}"
@@ -219,7 +246,7 @@ def main(argv=None) -> int:
                      f"{fmt(g.get('replay_host_us'), '.2f')} us")
     report = "\n".join(lines)
     print("\n" + report)
-    common.save(args, "host_overhead", desc, {"floors": floors, "configs": configs, "n_calls": args.n,
+    common.save(args, "host_overhead", desc, {"floors": floors, "configs": configs, "kvcache": kvcache, "n_calls": args.n,
                                               "sleep_cycles_per_us": cycles_per_us}, report)
     return 3 if failed else 0
 
