@@ -89,7 +89,9 @@ FWD_CASES = [
     ("alibi_fp16", dict(alibi_slopes=torch.rand(H).half()), r"alibi_slopes"),
     ("alibi_shape", dict(alibi_slopes=torch.rand(H + 1)), r"alibi_slopes"),
     ("alibi_shape_2d", dict(alibi_slopes=torch.rand(B + 1, H)), r"alibi_slopes"),
-    ("dropout", dict(dropout_p=0.1), r"dropout"),
+    ("dropout_one", dict(dropout_p=1.0), r"dropout_p"),
+    ("dropout_negative", dict(dropout_p=-0.1), r"dropout_p"),
+    ("return_softmax_without_dropout", dict(return_softmax=True), r"return_softmax"),
     ("num_splits_m1", dict(num_splits=-1), r"num_splits"),
     ("softcap_m1", dict(softcap=-1.0), r"softcap"),
 ]
@@ -137,7 +139,9 @@ VARLEN_CASES = [
     ("window_left_m2", dict(window_size_left=-2), r"window_size_left"),
     ("alibi_fp16", dict(alibi_slopes=torch.rand(H).half()), r"alibi_slopes"),
     ("alibi_shape", dict(alibi_slopes=torch.rand(B, H + 1)), r"alibi_slopes"),
-    ("dropout", dict(dropout_p=0.1), r"dropout"),
+    ("dropout_one", dict(dropout_p=1.0), r"dropout_p"),
+    ("dropout_negative", dict(dropout_p=-0.1), r"dropout_p"),
+    ("return_softmax_without_dropout", dict(return_softmax=True), r"return_softmax"),
     ("num_splits_m1", dict(num_splits=-1), r"num_splits"),
     ("softcap_m1", dict(softcap=-1.0), r"softcap"),
 ]
@@ -229,8 +233,9 @@ def test_api_fp32_q():
 
 @needs_api
 def test_api_dropout():
-    with pytest.raises(API_ERRORS, match=r"dropout"):
-        flash_attn.flash_attn_func(_t(B, SQ, H, D), _t(B, SK, HK, D), _t(B, SK, HK, D), dropout_p=0.1)
+    # 0 <= dropout_p < 1 is supported (tests/test_dropout.py); 1 drops everything and is refused.
+    with pytest.raises(API_ERRORS, match=r"dropout_p"):
+        flash_attn.flash_attn_func(_t(B, SQ, H, D), _t(B, SK, HK, D), _t(B, SK, HK, D), dropout_p=1.0)
 
 
 @needs_api

@@ -347,8 +347,9 @@ class FakeExt:
 
     @staticmethod
     def _check_dropout(c):
-        if c["dropout_p"] > 0:  # as the extension does until dropout lands
-            raise RuntimeError("dropout_p > 0 is not supported")
+        # The extension's range check; the stand-in itself computes without dropout (plumbing only).
+        if not 0.0 <= c["dropout_p"] < 1.0:
+            raise RuntimeError(f"dropout_p must be in [0, 1), got {c['dropout_p']}")
 
     def fwd(self, *args):
         c = self._record("fwd", args)
@@ -599,18 +600,21 @@ def test_last_dim_strided_reaches_extension(ext):
 
 
 def test_dropout_reaches_extension(ext):
-    # dropout is the extension's to accept or reject; the Python layer passes it through.
+    # dropout is the extension's to accept or reject; the Python layer passes it through, and the
+    # forward's rng_state back to the backward.
     q, k, v = _qkv()
-    with pytest.raises(RuntimeError, match="dropout_p > 0"):
-        flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, return_attn_probs=True)
+    flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, return_attn_probs=True)
     c = ext.named("fwd")[-1]
     assert c["dropout_p"] == 0.1 and c["return_softmax"] is True
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        flash_attn.flash_attn_func(q, k, v, dropout_p=1.0)
     qkv = torch.randn(4, 3, 2, 8, requires_grad=True)
-    with pytest.raises(RuntimeError, match="dropout_p > 0"):
-        flash_attn.flash_attn_varlen_qkvpacked_func(
-            qkv, torch.tensor([0, 4], dtype=torch.int32), 4, 0.5)
+    out = flash_attn.flash_attn_varlen_qkvpacked_func(qkv, torch.tensor([0, 4], dtype=torch.int32), 4, 0.5)
     assert ext.named("varlen_fwd")[-1]["dropout_p"] == 0.5
     assert ext.named("varlen_fwd")[-1]["return_softmax"] is False
+    out.sum().backward()
+    c = ext.named("varlen_bwd")[-1]
+    assert c["dropout_p"] == 0.5 and c["rng_state"].data_ptr() == ext.rng_states[-1].data_ptr()
 
 
 def test_qkvpacked_and_kvpacked_forward(ext):

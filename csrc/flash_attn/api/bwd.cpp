@@ -1,7 +1,8 @@
 // Entry points `bwd` (padded batch) and `varlen_bwd` (packed variable-length batch), with upstream
 // flash-attn 2.8's argument order and return list {dq, dk, dv, softmax_d}. They reuse the forward's
 // softmax_lse (no forward recompute) and its conventions: the same window normalisation, score
-// packing and varlen offsets (fill_common), so the kernels recompute exactly the forward's P.
+// packing and varlen offsets (fill_common), so the kernels recompute exactly the forward's P. With
+// dropout they regenerate the forward's mask from its rng_state (read on the device: no sync).
 #include <string>
 #include <vector>
 
@@ -33,9 +34,16 @@ flash::BwdLauncher find_bwd_kernel(int head_size, bool is_bf16) {
   return launcher;
 }
 
-void check_bwd_options(double p_dropout, int window_left, int window_right, double softcap) {
-  TORCH_CHECK(p_dropout == 0.0, "dropout_p > 0 is not supported by this flash_attn build's backward, got dropout_p = ",
-              std::to_string(p_dropout));
+void check_bwd_options(double p_dropout, const OptTensor& rng_state, int window_left, int window_right,
+                       double softcap) {
+  check_dropout_p(p_dropout);
+  if (p_dropout > 0.0) {
+    // The forward's (seed, offset): the backward must regenerate its mask, not draw a new one.
+    TORCH_CHECK(rng_state.has_value(), "rng_state (the forward's 4th result) is required when dropout_p > 0");
+    TORCH_CHECK(rng_state->scalar_type() == at::kLong && rng_state->numel() == 2 && rng_state->is_contiguous(),
+                "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset), got ",
+                shape_str(*rng_state), " ", c10::toString(rng_state->scalar_type()));
+  }
   TORCH_CHECK(window_left >= -1, "window_size_left must be >= -1, got ", std::to_string(window_left));
   TORCH_CHECK(window_right >= -1, "window_size_right must be >= -1, got ", std::to_string(window_right));
   TORCH_CHECK(softcap >= 0.0, "softcap must be >= 0, got ", std::to_string(softcap));
@@ -70,7 +78,8 @@ void run_backward(const flash::BwdLauncher& kernel, const Call& c, const Tensor&
                   const Tensor& softmax_d, const Tensor& dq, const Tensor& dk, const Tensor& dv,
                   const OptTensor& alibi_slopes, const int* cu_seqlens_q, const int* cu_seqlens_k, int total_q_rows,
                   int64_t lse_batch_stride, int64_t lse_head_stride, int64_t lse_row_stride, int wl, int wr,
-                  double softmax_scale, double softcap, bool deterministic) {
+                  double softmax_scale, double softcap, bool deterministic, double p_dropout,
+                  const OptTensor& rng_state) {
   flash::BwdParams p{};
   fill_common(p, c, alibi_slopes, wl, wr, static_cast<float>(softmax_scale), static_cast<float>(softcap));
   p.cu_seqlens_q = cu_seqlens_q;
@@ -91,6 +100,13 @@ void run_backward(const flash::BwdLauncher& kernel, const Call& c, const Tensor&
   p.scale_grad = static_cast<float>(softmax_scale);
   p.deterministic = deterministic;
   p.device = device_info().device;
+  if (p_dropout > 0.0) {
+    set_dropout_rate(p, p_dropout);
+    const int64_t* seed_offset = rng_state->data_ptr<int64_t>();
+    p.philox_seed_ptr = seed_offset;
+    p.philox_offset_ptr = seed_offset + 1;
+    p.philox_offset = 0;
+  }
   // The accumulator straight from PyTorch's caching allocator: no sync, no tensor object; it lives
   // until the launches are enqueued (the allocator keeps the stream order).
   c10::DataPtr dq_accum;
@@ -127,7 +143,7 @@ std::vector<Tensor> mha_bwd(const Tensor& dout_arg, const Tensor& q_arg, const T
               "head_dim) with q's batch and head_dim, got ", shape_str(k), " for q ", shape_str(q));
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", shape_str(v), " and ", shape_str(k));
   check_head_dims(head_size, num_heads, num_heads_k);
-  check_bwd_options(p_dropout, window_left, window_right, softcap);
+  check_bwd_options(p_dropout, rng_state, window_left, window_right, softcap);
   check_like(out, "out", q, q.sizes());
   check_like(dout, "dout", q, q.sizes());
   check_lse(softmax_lse, {batch, num_heads, seqlen_q});
@@ -145,6 +161,7 @@ std::vector<Tensor> mha_bwd(const Tensor& dout_arg, const Tensor& q_arg, const T
   if (dk_) check_on_device(*dk_, "dk", q);
   if (dv_) check_on_device(*dv_, "dv", q);
   if (alibi_slopes) check_on_device(*alibi_slopes, "alibi_slopes", q);
+  if (p_dropout > 0.0) check_on_device(*rng_state, "rng_state", q);
   const flash::BwdLauncher kernel = find_bwd_kernel(head_size, q.scalar_type() == at::kBFloat16);
 
   const at::cuda::CUDAGuard device_guard{q.device()};
@@ -155,7 +172,7 @@ std::vector<Tensor> mha_bwd(const Tensor& dout_arg, const Tensor& q_arg, const T
     const Call c{q, k, v, out, batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, false, false, 0};
     run_backward(kernel, c, dout, softmax_lse, softmax_d, dq, dk, dv, alibi_slopes, nullptr, nullptr,
                  batch * seqlen_q, softmax_lse.stride(0), softmax_lse.stride(1), softmax_lse.stride(2), wl, wr,
-                 softmax_scale, softcap, deterministic);
+                 softmax_scale, softcap, deterministic, p_dropout, rng_state);
   }
   return {dq, dk, dv, softmax_d};
 }
@@ -180,7 +197,7 @@ std::vector<Tensor> mha_varlen_bwd(const Tensor& dout_arg, const Tensor& q_arg, 
   TORCH_CHECK(k.size(2) == head_size, "k must have q's head_dim ", std::to_string(head_size), ", got ", shape_str(k));
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", shape_str(v), " and ", shape_str(k));
   check_head_dims(head_size, num_heads, num_heads_k);
-  check_bwd_options(p_dropout, window_left, window_right, softcap);
+  check_bwd_options(p_dropout, rng_state, window_left, window_right, softcap);
   TORCH_CHECK(batch >= 1, "cu_seqlens_q must have batch_size + 1 >= 2 elements, got ",
               std::to_string(cu_seqlens_q.numel()));
   check_int32_vector(cu_seqlens_q, "cu_seqlens_q", batch + 1);
@@ -205,6 +222,7 @@ std::vector<Tensor> mha_varlen_bwd(const Tensor& dout_arg, const Tensor& q_arg, 
   if (dk_) check_on_device(*dk_, "dk", q);
   if (dv_) check_on_device(*dv_, "dv", q);
   if (alibi_slopes) check_on_device(*alibi_slopes, "alibi_slopes", q);
+  if (p_dropout > 0.0) check_on_device(*rng_state, "rng_state", q);
   const flash::BwdLauncher kernel = find_bwd_kernel(head_size, q.scalar_type() == at::kBFloat16);
 
   const at::cuda::CUDAGuard device_guard{q.device()};
@@ -221,7 +239,7 @@ std::vector<Tensor> mha_varlen_bwd(const Tensor& dout_arg, const Tensor& q_arg, 
     const Call c{q, k, v, out, batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k, head_size, true, true, 0};
     run_backward(kernel, c, dout, softmax_lse, softmax_d, dq, dk, dv, alibi_slopes, cu_seqlens_q.data_ptr<int>(),
                  cu_seqlens_k.data_ptr<int>(), total_q, 0, softmax_lse.stride(0), softmax_lse.stride(1), wl, wr,
-                 softmax_scale, softcap, deterministic);
+                 softmax_scale, softcap, deterministic, p_dropout, rng_state);
   }
   return {dq, dk, dv, softmax_d};
 }

@@ -47,10 +47,15 @@ void check_head_dims(int head_size, int num_heads, int num_heads_k) {
               std::to_string(num_heads), " and ", std::to_string(num_heads_k));
 }
 
+void check_dropout_p(double p_dropout) {
+  TORCH_CHECK(p_dropout >= 0.0 && p_dropout < 1.0, "dropout_p must be in [0, 1), got ", std::to_string(p_dropout));
+}
+
 void check_options(float p_dropout, bool return_softmax, int window_left, int window_right, float softcap,
                    int num_splits) {
-  TORCH_CHECK(p_dropout == 0.f, "dropout_p > 0 is not supported by this flash_attn build (forward only, no dropout)");
-  TORCH_CHECK(!return_softmax, "return_softmax needs dropout_p > 0, which this build does not support");
+  check_dropout_p(p_dropout);
+  // Upstream's condition and message: the probabilities are returned only with dropout.
+  TORCH_CHECK(!return_softmax || p_dropout > 0.f, "return_softmax is only supported when p_dropout > 0.0");
   TORCH_CHECK(window_left >= -1, "window_size_left must be >= -1, got ", std::to_string(window_left));
   TORCH_CHECK(window_right >= -1, "window_size_right must be >= -1, got ", std::to_string(window_right));
   TORCH_CHECK(softcap >= 0.f, "softcap must be >= 0, got ", std::to_string(softcap));

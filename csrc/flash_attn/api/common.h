@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Allocator.h>
 
@@ -31,6 +32,7 @@ void check_qkv_dtypes(const Tensor& q, const Tensor& k, const Tensor& v);
 // so the Python hot path needs no stride queries (each costs host time per decode step).
 Tensor contiguous_last_dim(const Tensor& t);
 void check_head_dims(int head_size, int num_heads, int num_heads_k);
+void check_dropout_p(double p_dropout);
 void check_options(float p_dropout, bool return_softmax, int window_left, int window_right, float softcap,
                    int num_splits);
 void check_alibi(const OptTensor& alibi, int batch, int num_heads);
@@ -78,6 +80,23 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
                         const flash::FwdLauncher& kernel);
 void launch(const flash::FwdLauncher& kernel, const flash::FwdParams& p);
 
+// Dropout of one forward call (p > 0): the Philox seed and offset come from `gen` (or the default
+// CUDA generator) and are written to rng_state by the kernel; s_dmask, when defined (return_softmax),
+// receives the probabilities with dropped entries negated. The plan runs the unsplit kernel.
+struct ForwardDropout {
+  double p;
+  std::optional<at::Generator> gen;
+  Tensor rng_state;  // (2,) int64
+  Tensor s_dmask;    // (batch, num_heads, max_seqlen_q rounded to 128, max_seqlen_k rounded to 128)
+};
+// The keep threshold and scale of dropout probability p_dropout (> 0), forward and backward alike.
+void set_dropout_rate(flash::FwdParams& p, double p_dropout);
+// set_dropout_rate plus the generator's Philox state (graph-safe: device pointers while a CUDA
+// graph is captured), rng_state and S_dmask. p.b and p.h must be set.
+void set_dropout(flash::FwdParams& p, const ForwardDropout& dropout);
+// S_dmask of a return_softmax call, zero where the kernel writes nothing.
+Tensor s_dmask_tensor(int batch, int num_heads, int max_seqlen_q, int max_seqlen_k, const Tensor& q);
+
 // Batch-strided K/V beyond a plain (batch, seqlen_k, ...) tensor: the kv-cache layouts.
 struct KvLayout {
   int seqlen_k;                      // rows per sequence the kernel may read
@@ -93,10 +112,11 @@ struct KvLayout {
 
 // Attention of batch-strided q (batch, seqlen_q, num_heads, d) against batch-strided or paged
 // K/V, after all checks: the plan (swap, splits), the output buffers and the launch. wl / wr are
-// the window after normalize_window (the caller needs it too: rotary positions). Returns
-// {out, softmax_lse}.
+// the window after normalize_window (the caller needs it too: rotary positions). `dropout`:
+// nullptr without. Returns {out, softmax_lse}.
 std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_,
                                 const OptTensor& alibi_slopes, double softmax_scale, int wl, int wr, double softcap,
-                                int num_splits, const KvLayout& kv, const flash::FwdLauncher& kernel);
+                                int num_splits, const KvLayout& kv, const flash::FwdLauncher& kernel,
+                                const ForwardDropout* dropout = nullptr);
 
 }  // namespace flash_api

@@ -1,9 +1,13 @@
 // Packing of FwdParams, the plan and the launch of one forward call, shared by the padded, varlen
 // and kv-cache entry points.
+#include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <mutex>
 #include <string>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/EmptyTensor.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
@@ -85,6 +89,47 @@ void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int
   p.num_splits = 1;
 }
 
+void set_dropout_rate(flash::FwdParams& p, double p_dropout) {
+  const double keep = 1.0 - p_dropout;
+  // Never 0 (the kernels' "no dropout"), at most 2^32 - 1: p at 32-bit resolution.
+  p.dropout_keep_threshold = static_cast<uint32_t>(std::clamp(std::round(keep * 4294967296.0), 1.0, 4294967295.0));
+  p.dropout_scale = static_cast<float>(1.0 / keep);
+}
+
+void set_dropout(flash::FwdParams& p, const ForwardDropout& dropout) {
+  set_dropout_rate(p, dropout.p);
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(dropout.gen,
+                                                                  at::cuda::detail::getDefaultCUDAGenerator());
+  at::PhiloxCudaState state;
+  {
+    // One 128-bit counter stream per (batch, head): reserve b * h counters of the generator.
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    state = gen->philox_cuda_state(static_cast<uint64_t>(p.b) * p.h);
+  }
+  if (state.captured_) {
+    // Graph capture: the seed and offset are read from device memory at run time, so every replay
+    // draws a fresh mask.
+    p.philox_seed_ptr = state.seed_.ptr;
+    p.philox_offset_ptr = state.offset_.ptr;
+    p.philox_offset = state.offset_intragraph_;
+  } else {
+    p.philox_seed = state.seed_.val;
+    p.philox_offset = state.offset_.val;
+  }
+  p.rng_state_ptr = dropout.rng_state.data_ptr<int64_t>();
+  if (dropout.s_dmask.defined()) {
+    p.s_dmask_ptr = dropout.s_dmask.data_ptr();
+    p.s_dmask_batch_stride = dropout.s_dmask.stride(0);
+    p.s_dmask_head_stride = dropout.s_dmask.stride(1);
+    p.s_dmask_row_stride = dropout.s_dmask.stride(2);
+  }
+}
+
+Tensor s_dmask_tensor(int batch, int num_heads, int max_seqlen_q, int max_seqlen_k, const Tensor& q) {
+  auto round128 = [](int x) { return (x + 127) / 128 * 128; };
+  return at::zeros({batch, num_heads, round128(max_seqlen_q), round128(max_seqlen_k)}, q.options());
+}
+
 DeviceInfo device_info() {
   // sm_count * 2 + pdl; 0 = not yet queried, -1 = a GPU this build cannot run on.
   static std::atomic<int> cached[64] = {};
@@ -143,10 +188,14 @@ void launch(const flash::FwdLauncher& kernel, const flash::FwdParams& p) {
 
 std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tensor& v, OptTensor out_,
                                 const OptTensor& alibi_slopes, double softmax_scale, int wl, int wr, double softcap,
-                                int num_splits, const KvLayout& kv, const flash::FwdLauncher& kernel) {
+                                int num_splits, const KvLayout& kv, const flash::FwdLauncher& kernel,
+                                const ForwardDropout* dropout) {
   const int batch = q_in.size(0), seqlen_q = q_in.size(1), num_heads = q_in.size(2), head_size = q_in.size(3);
   const int num_heads_k = k.size(2);
-  const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes;
+  // Dropout runs upstream's unsplit kernel on the caller's (batch, head, row) layout: no swap, one
+  // split (an explicit num_splits is ignored, as upstream).
+  const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && dropout == nullptr;
+  if (dropout != nullptr) num_splits = 1;
   const DeviceInfo dev = device_info();
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k,
                                                       head_size, can_swap, dev.sm_count, num_splits);
@@ -176,6 +225,7 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
     p.lse_batch_stride = int64_t(plan.num_heads) * plan.seqlen_q;
     p.lse_head_stride = plan.seqlen_q;
     p.lse_row_stride = 1;
+    if (dropout != nullptr) set_dropout(p, *dropout);
     auto accum = set_splits(p, plan, batch * plan.seqlen_q, dev, kernel);
     launch(kernel, p);
   }

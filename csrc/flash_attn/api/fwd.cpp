@@ -14,9 +14,17 @@ namespace flash_api {
 
 namespace {
 
-// The Philox seed and offset a dropout forward used, for its backward: upstream returns the
-// (2,) int64 tensor on every call; without dropout its contents are unused.
+// The Philox seed and offset a dropout forward used, for its backward (the kernel writes them):
+// upstream returns the (2,) int64 tensor on every call; without dropout its contents are unused.
 Tensor rng_state_tensor(const Tensor& like) { return empty_cuda({2}, at::kLong, like); }
+
+// The dropout of a call with p_dropout > 0 (S_dmask only with return_softmax, which the checks
+// allow only with dropout).
+ForwardDropout forward_dropout(double p_dropout, bool return_softmax, const std::optional<at::Generator>& gen,
+                               int batch, int num_heads, int max_seqlen_q, int max_seqlen_k, const Tensor& q) {
+  return {p_dropout, gen, rng_state_tensor(q),
+          return_softmax ? s_dmask_tensor(batch, num_heads, max_seqlen_q, max_seqlen_k, q) : Tensor()};
+}
 
 }  // namespace
 
@@ -48,6 +56,13 @@ std::vector<Tensor> mha_fwd(const Tensor& q_arg, const Tensor& k_arg, const Tens
   const at::cuda::CUDAGuard device_guard{q_in.device()};
   raise_pending_index_errors(q_in.get_device());
   const auto [wl, wr] = normalize_window(is_causal, window_left, window_right, q_in.size(1), seqlen_k);
+  if (p_dropout > 0.0) {
+    const ForwardDropout dropout =
+        forward_dropout(p_dropout, return_softmax, gen, batch, num_heads, q_in.size(1), seqlen_k, q_in);
+    std::vector<Tensor> result = run_batched(q_in, k, v, out_, alibi_slopes, softmax_scale, wl, wr, softcap,
+                                             num_splits, KvLayout{seqlen_k}, kernel, &dropout);
+    return {result[0], result[1], dropout.s_dmask, dropout.rng_state};
+  }
   std::vector<Tensor> result = run_batched(q_in, k, v, out_, alibi_slopes, softmax_scale, wl, wr, softcap,
                                            num_splits, KvLayout{seqlen_k}, kernel);
   return {result[0], result[1], Tensor(), rng_state_tensor(q_in)};
@@ -117,16 +132,23 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
   const at::cuda::CUDAGuard device_guard{q_in.device()};
   raise_pending_index_errors(q_in.get_device());
   auto [wl, wr] = normalize_window(is_causal, window_left, window_right, max_seqlen_q, max_seqlen_k);
-  // The swap views q as (b, g, h_k, d), which needs exactly one query per sequence.
-  const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && total_q == batch;
+  // The swap views q as (b, g, h_k, d), which needs exactly one query per sequence. Dropout runs
+  // upstream's unsplit kernel on the caller's layout: no swap, one split (an explicit num_splits
+  // is ignored, as upstream).
+  const bool has_dropout = p_dropout > 0.0;
+  const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && total_q == batch && !has_dropout;
   const DeviceInfo dev = device_info();
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
-                                                      head_size, can_swap, dev.sm_count, num_splits);
+                                                      head_size, can_swap, dev.sm_count,
+                                                      has_dropout ? 1 : num_splits);
   // With the swap, q (total_q = batch, h_k * g, d) is seen batch-strided as (b, g, h_k, d).
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
          batch, plan.num_heads, num_heads_k, plan.seqlen_q, max_seqlen_k, head_size,
          !plan.swap_seqlen_ngroups, !paged, plan.swap_seqlen_ngroups ? plan.seqlen_q : 0};
   Tensor softmax_lse = empty_cuda({num_heads, total_q}, at::kFloat, q_in);
+  const ForwardDropout dropout =
+      has_dropout ? forward_dropout(p_dropout, return_softmax, gen, batch, num_heads, max_seqlen_q, max_seqlen_k, q_in)
+                  : ForwardDropout{0.0, std::nullopt, rng_state_tensor(q_in), Tensor()};
   if (zero_tensors) {
     c.out.zero_();
     softmax_lse.fill_(-std::numeric_limits<float>::infinity());
@@ -160,11 +182,12 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
       p.lse_head_stride = total_q;
       p.lse_row_stride = 1;
     }
+    if (has_dropout) set_dropout(p, dropout);
     const int total_q_rows = plan.swap_seqlen_ngroups ? batch * plan.seqlen_q : total_q;
     auto accum = set_splits(p, plan, total_q_rows, dev, kernel);
     launch(kernel, p);
   }
-  return {c.out, softmax_lse, Tensor(), rng_state_tensor(q_in)};
+  return {c.out, softmax_lse, dropout.s_dmask, dropout.rng_state};
 }
 
 }  // namespace flash_api

@@ -9,6 +9,8 @@
 //   dQ_accum += dS K                            (fp32 atomics; skipped when deterministic, where
 //                                                bwd_dq_kernel.h computes dQ instead)
 // The next tile's Q and dO load while dQ is computed and added.
+// kHasDropout: the forward's dropout mask is regenerated per tile (common/dropout.h); a separate
+// instantiation, so the kernels without dropout carry none of its code.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -38,7 +40,7 @@ __device__ __forceinline__ void atomic_add_pair(float* dst, float a, float b) {
 #endif
 }
 
-template <typename Traits, bool kHasExtras>
+template <typename Traits, bool kHasExtras, bool kHasDropout = false>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -169,6 +171,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dkdv_kernel(const
 
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
   RowStats<kRows> stats;
+  [[maybe_unused]] const DropoutIf<kHasDropout> dropout(params);
   if (steps > 0) {
     load_q_do(0);
     stats.load(params, tScS_rc, bidb, step_head(0), seq.q_start, step_m0(0), min(kBlockM, seq.seqlen_q - step_m0(0)));
@@ -195,7 +198,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dkdv_kernel(const
                                   ? params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] /
                                         params.scale_softmax
                                   : 0.f;
-    scores_to_grads<kHasExtras>(acc_s, acc_dp, tScS_rc, params, bc, seq.seqlen_k, needs_mask, alibi_slope, stats);
+    if constexpr (kHasDropout) {
+      const auto keep = dropout.keep_bits(acc_s, tScS, m0, n0, dropout.stream(bidb, bidh, params.h));
+      scores_to_grads<kHasExtras, true>(acc_s, acc_dp, tScS_rc, params, bc, seq.seqlen_k, needs_mask, alibi_slope,
+                                        stats, keep);
+    } else {
+      scores_to_grads<kHasExtras>(acc_s, acc_dp, tScS_rc, params, bc, seq.seqlen_k, needs_mask, alibi_slope, stats);
+    }
 
     Tensor rP = convert_fragment<Element>(acc_s);
     Tensor rdS = convert_fragment<Element>(acc_dp);

@@ -3,7 +3,8 @@
 // in registers. No atomics, so the result is bitwise reproducible; the dK/dV kernel then skips its
 // dQ part. Forward-style tile: warps split the rows, so dS feeds the dQ MMA straight from registers
 // (the accumulator of one MMA is the A operand of the next). K and V stream through a two-stage
-// cp.async ring: block n + 1 loads while block n computes.
+// cp.async ring: block n + 1 loads while block n computes. kHasDropout: the forward's dropout mask
+// is regenerated per block (common/dropout.h), in a separate instantiation.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -26,7 +27,7 @@ constexpr int bwd_dq_smem_bytes() {
   return 2 * Traits::kSmemQBytes + 4 * Traits::kSmemKVBytes;
 }
 
-template <typename Traits, bool kHasExtras>
+template <typename Traits, bool kHasExtras, bool kHasDropout = false>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dq_kernel(const __grid_constant__ BwdParams params) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -130,6 +131,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dq_kernel(const _
                                 ? params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] /
                                       params.scale_softmax
                                 : 0.f;
+  [[maybe_unused]] const DropoutIf<kHasDropout> dropout(params);
 
   for (int n_block = n_block_min; n_block < n_block_max; ++n_block) {
     const int stage = (n_block - n_block_min) & 1;
@@ -155,7 +157,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dq_kernel(const _
     const BlockCoords bc{m0, n_block * kBlockN, diag};
     const bool needs_mask =
         block_needs_mask(bc, kBlockN, rows_in_tile, seq.seqlen_k, params.window_left, params.window_right);
-    scores_to_grads<kHasExtras>(acc_s, acc_dp, tScS_rc, params, bc, seq.seqlen_k, needs_mask, alibi_slope, stats);
+    if constexpr (kHasDropout) {
+      const auto keep = dropout.keep_bits(acc_s, tScS, m0, bc.col0, dropout.stream(bidb, bidh, params.h));
+      scores_to_grads<kHasExtras, true>(acc_s, acc_dp, tScS_rc, params, bc, seq.seqlen_k, needs_mask, alibi_slope,
+                                        stats, keep);
+    } else {
+      scores_to_grads<kHasExtras>(acc_s, acc_dp, tScS_rc, params, bc, seq.seqlen_k, needs_mask, alibi_slope, stats);
+    }
 
     Tensor rdS = convert_fragment<Element>(acc_dp);
     Tensor tdQrdS = make_tensor(rdS.data(), acc_to_a_operand_layout(rdS.layout()));

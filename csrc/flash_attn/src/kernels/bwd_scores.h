@@ -2,6 +2,10 @@
 // raw scores S and dP = dO V^T of one (query tile, key block) pair become the probabilities P
 // (recomputed from the forward's log-sum-exp, no second softmax pass) and dS, the gradient of the
 // raw score q.k divided by softmax_scale (the kernels apply that factor once, at the end).
+//
+// With dropout (mask M, keep probability 1 - p; the forward's output O = (P o M / (1 - p)) V):
+//   dP' = dP o M / (1 - p),  dS = P o (dP' - D)   (D = rowsum(dO o O), O the dropped output)
+// and the probabilities handed back for dV += P^T dO are the dropped ones, P o M / (1 - p).
 #pragma once
 
 #include <cmath>
@@ -9,6 +13,7 @@
 #include <cute/tensor.hpp>
 
 #include "params/bwd_params.h"
+#include "common/dropout.h"
 #include "common/mma_utils.h"
 #include "common/score_mods.h"
 
@@ -46,10 +51,14 @@ struct RowStats {
 // modifiers follow the forward exactly: softcap tanh(s * softcap_in), ALiBi (slope / scale_softmax),
 // mask to -inf, then P = exp2(s * scale_log2 - lse_log2). With softcap, dS also carries tanh's
 // derivative 1 - t^2 (softcap * softcap_in = softmax_scale, applied by the caller).
-template <bool kHasExtras, int kRows, typename TS, typename TdP, typename TC>
+// kHasDropout: `keep` holds the dropout mask of acc_s's elements (Dropout::keep_bits); acc_s
+// returns the dropped, rescaled P.
+template <bool kHasExtras, bool kHasDropout = false, int kRows, typename TS, typename TdP, typename TC,
+          typename Keep = KeepAll>
 __device__ __forceinline__ void scores_to_grads(TS& acc_s, TdP& acc_dp, TC const& coord_rc, const BwdParams& p,
                                                 const BlockCoords& bc, int seqlen_k, bool needs_mask,
-                                                float alibi_slope, const RowStats<kRows>& stats) {
+                                                float alibi_slope, const RowStats<kRows>& stats,
+                                                [[maybe_unused]] Keep const& keep = {}) {
   Tensor s = rowcol_view(acc_s);
   Tensor dp = rowcol_view(acc_dp);
   static_assert(decltype(size<0>(s))::value == kRows);
@@ -59,8 +68,15 @@ __device__ __forceinline__ void scores_to_grads(TS& acc_s, TdP& acc_dp, TC const
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(s); ++ni) {
         const float prob = exp2f(fmaf(s(mi, ni), p.scale_softmax_log2, -stats.lse_log2[mi]));
-        s(mi, ni) = prob;
-        dp(mi, ni) = prob * (dp(mi, ni) - stats.d[mi]) * tanh_grad(mi, ni);
+        if constexpr (kHasDropout) {
+          const bool kept = keep.test(s.layout()(mi, ni));
+          const float dprob = kept ? dp(mi, ni) * p.dropout_scale : 0.f;
+          s(mi, ni) = kept ? prob * p.dropout_scale : 0.f;
+          dp(mi, ni) = prob * (dprob - stats.d[mi]) * tanh_grad(mi, ni);
+        } else {
+          s(mi, ni) = prob;
+          dp(mi, ni) = prob * (dp(mi, ni) - stats.d[mi]) * tanh_grad(mi, ni);
+        }
       }
     }
   };

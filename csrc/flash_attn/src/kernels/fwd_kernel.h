@@ -5,11 +5,17 @@
 //
 // kIsSplit: the block covers only its split's share of the key blocks and writes an fp32 partial
 // output and partial log-sum-exp, merged later by the combine kernel (split-KV decoding).
+//
+// kHasDropout (unsplit kernel only): P is dropped (common/dropout.h) after the row sums took it
+// whole, so the log-sum-exp and the normaliser are those of the un-dropped softmax, as upstream;
+// the output is scaled by 1 / (1 - p) once, at the end. A separate instantiation, so the kernels
+// without dropout carry none of its code.
 #pragma once
 
 #include <cute/tensor.hpp>
 
 #include "params/fwd_params.h"
+#include "common/dropout.h"
 #include "common/gmem_copy.h"
 #include "common/kernel_traits.h"
 #include "common/mma_utils.h"
@@ -52,8 +58,22 @@ __device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bid
   }
 }
 
-template <typename Traits, bool kIsSplit, bool kHasExtras>
+// return_softmax: this block's P (dropped entries negated) into S_dmask, for the rows and keys
+// inside the sequence. acc: the accumulator fragment of P, coord: its (row, key) in the tile.
+template <typename Element, typename Frag, typename Coord>
+__device__ __forceinline__ void write_s_dmask(const FwdParams& p, Frag const& acc, Coord const& coord, int bidb,
+                                              int bidh, int row0, int col0, int rows, int seqlen_k) {
+  Element* out = static_cast<Element*>(p.s_dmask_ptr) + bidb * p.s_dmask_batch_stride + bidh * p.s_dmask_head_stride;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) {
+    const int row = get<0>(coord(i)), col = col0 + get<1>(coord(i));
+    if (row < rows && col < seqlen_k) out[int64_t(row0 + row) * p.s_dmask_row_stride + col] = Element(acc(i));
+  }
+}
+
+template <typename Traits, bool kIsSplit, bool kHasExtras, bool kHasDropout = false>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __grid_constant__ FwdParams params) {
+  static_assert(!(kIsSplit && kHasDropout), "dropout runs the unsplit kernel only");
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -73,6 +93,16 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   // this grid's completion before reading anything.
   if constexpr (kIsSplit) asm volatile("griddepcontrol.launch_dependents;");
 #endif
+  [[maybe_unused]] const DropoutIf<kHasDropout> dropout(params);
+  if constexpr (kHasDropout) {
+    // The (seed, offset) this call drew with, for the backward: written on the device, so a
+    // CUDA-graph replay records its own.
+    if (params.rng_state_ptr != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && tidx == 0) {
+      const PhiloxSeedOffset so = philox_seed_offset(params);
+      params.rng_state_ptr[0] = int64_t(so.seed);
+      params.rng_state_ptr[1] = int64_t(so.offset);
+    }
+  }
   const SeqInfo seq(params, bidb);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) return;
@@ -203,6 +233,18 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     }
 
     softmax.update(s, rowcol_view(acc_o), params.scale_softmax_log2, first);
+    if constexpr (kHasDropout) {
+      const int col0 = n_block * kBlockN;
+      const uint64_t stream = dropout.stream(bidb, bidh, params.h);
+      if (params.s_dmask_ptr != nullptr) {
+        dropout.template apply<true>(acc_s, tScS, m0, col0, stream);
+        write_s_dmask<Element>(params, acc_s, tScS, bidb, bidh, m0, col0, rows_in_tile, seq.seqlen_k);
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc_s); ++i) acc_s(i) = signbit(acc_s(i)) ? 0.f : acc_s(i);
+      } else {
+        dropout.template apply<false>(acc_s, tScS, m0, col0, stream);
+      }
+    }
 
     Tensor rP = convert_fragment<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand_layout(rP.layout()));
@@ -211,6 +253,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
   float lse[kRows];
   softmax.finalize(rowcol_view(acc_o), params.scale_softmax, kIsSplit ? -INFINITY : INFINITY, lse);
+  if constexpr (kHasDropout) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= params.dropout_scale;
+  }
 
   // The quad lane holding column 0 of a row writes that row's lse.
   const bool writes_lse = get<1>(tOcO_rc(0, 0)) == 0;

@@ -33,6 +33,18 @@ void with_bwd_extras(const BwdParams& params, Launch&& launch) {
   }
 }
 
+// Dropout: a separate instantiation of the dK/dV and dQ kernels, as in the forward.
+template <typename Launch>
+void with_bwd_extras_and_dropout(const BwdParams& params, Launch&& launch) {
+  with_bwd_extras(params, [&](auto extras) {
+    if (params.dropout_keep_threshold != 0u) {
+      launch(extras, std::true_type{});
+    } else {
+      launch(extras, std::false_type{});
+    }
+  });
+}
+
 template <int kHeadDim, typename Element>
 void run_bwd_impl(const BwdParams& params, cudaStream_t stream) {
   const int row_blocks = (params.seqlen_q + kBwdRowsPerBlock - 1) / kBwdRowsPerBlock;
@@ -44,8 +56,8 @@ void run_bwd_impl(const BwdParams& params, cudaStream_t stream) {
   constexpr TileShape t = bwd_tile(kHeadDim);
   using Traits = BwdKernelTraits<kHeadDim, t.block_m, t.block_n, t.warps, Element>;
   const int n_blocks = (params.seqlen_k + t.block_n - 1) / t.block_n;
-  with_bwd_extras(params, [&](auto extras) {
-    constexpr auto kernel = &flash_bwd_dkdv_kernel<Traits, decltype(extras)::value>;
+  with_bwd_extras_and_dropout(params, [&](auto extras, auto dropout) {
+    constexpr auto kernel = &flash_bwd_dkdv_kernel<Traits, decltype(extras)::value, decltype(dropout)::value>;
     allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
     if (n_blocks > 0) kernel<<<dim3(n_blocks, params.b, params.h_k), Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
   });
@@ -56,8 +68,8 @@ void run_bwd_impl(const BwdParams& params, cudaStream_t stream) {
     constexpr int kSmem = bwd_dq_smem_bytes<DqTraits>();
     static_assert(kSmem <= 163 * 1024, "must fit an sm_80 thread block");
     const int m_blocks = (params.seqlen_q + tq.block_m - 1) / tq.block_m;
-    with_bwd_extras(params, [&](auto extras) {
-      constexpr auto kernel = &flash_bwd_dq_kernel<DqTraits, decltype(extras)::value>;
+    with_bwd_extras_and_dropout(params, [&](auto extras, auto dropout) {
+      constexpr auto kernel = &flash_bwd_dq_kernel<DqTraits, decltype(extras)::value, decltype(dropout)::value>;
       allow_dynamic_smem<kernel, kSmem>(params.device);
       if (m_blocks > 0) kernel<<<dim3(m_blocks, params.b, params.h), DqTraits::kNThreads, kSmem, stream>>>(params);
     });

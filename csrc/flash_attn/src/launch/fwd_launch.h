@@ -47,15 +47,33 @@ void with_extras(const FwdParams& params, Launch&& launch) {
   }
 }
 
+// Dropout gets its own instantiation of the unsplit kernel (the plan never splits with dropout), so
+// the kernels without it stay as they are. dropout_keep_threshold is 0 without dropout.
+template <typename Launch>
+void with_dropout(const FwdParams& params, Launch&& launch) {
+  if (params.dropout_keep_threshold != 0u) {
+    launch(std::true_type{});
+  } else {
+    launch(std::false_type{});
+  }
+}
+
 template <typename Traits, bool kIsSplit>
 void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
   with_extras(params, [&](auto extras) {
-    constexpr auto kernel = &flash_fwd_kernel<Traits, kIsSplit, decltype(extras)::value>;
-    allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
-    const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-    const dim3 grid = kIsSplit ? dim3(m_blocks, params.num_splits, params.b * params.h)
-                               : dim3(m_blocks, params.b, params.h);
-    kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+    auto launch = [&](auto dropout) {
+      constexpr auto kernel = &flash_fwd_kernel<Traits, kIsSplit, decltype(extras)::value, decltype(dropout)::value>;
+      allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
+      const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+      const dim3 grid = kIsSplit ? dim3(m_blocks, params.num_splits, params.b * params.h)
+                                 : dim3(m_blocks, params.b, params.h);
+      kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+    };
+    if constexpr (kIsSplit) {
+      launch(std::false_type{});
+    } else {
+      with_dropout(params, launch);
+    }
   });
 }
 

@@ -80,6 +80,27 @@ struct FwdParams {
   // Decode kernel, one split, sm_90: blocks launch in clusters of two (consecutive heads), so
   // every busy TPC holds two blocks and a one-wave grid's blocks stream at one rate.
   bool decode_pair_clusters;
+
+  // Dropout (prefill forward and backward only; the dispatcher never plans split or decode
+  // kernels with it). Element kept iff its Philox word < dropout_keep_threshold, i.e.
+  // round((1 - p) * 2^32); kept probabilities are scaled by dropout_scale = 1 / (1 - p). Only the
+  // dropout instantiations read these fields.
+  uint32_t dropout_keep_threshold;
+  float dropout_scale;
+  // Philox seed and offset (common/dropout.h): seed = *philox_seed_ptr if set, else philox_seed;
+  // offset = (*philox_offset_ptr if set, else 0) + philox_offset. Pointers while a CUDA graph is
+  // captured (PyTorch's generator state in device memory, advanced per replay) and in the
+  // backward (the forward's rng_state); plain values otherwise.
+  uint64_t philox_seed, philox_offset;
+  const int64_t* philox_seed_ptr;
+  const int64_t* philox_offset_ptr;
+  // Forward: the (seed, offset) it used, written by one thread for the backward; nullable.
+  int64_t* rng_state_ptr;
+  // Forward with return_softmax: P = exp(s - running max) per visited element, dropped ones
+  // negated, in the input dtype at b * s_dmask_batch_stride + h * s_dmask_head_stride +
+  // i * s_dmask_row_stride + j (i, j within the sequence); nullable.
+  void* s_dmask_ptr;
+  int64_t s_dmask_batch_stride, s_dmask_head_stride, s_dmask_row_stride;
 };
 
 }  // namespace flash
