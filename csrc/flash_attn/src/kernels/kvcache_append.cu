@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include "common/index_guard.h"
+#include "common/kv_source.h"
 #include "params/kvcache_append.h"
 
 namespace flash {
@@ -77,12 +78,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) kvcache_append_kernel(con
     // A bad page or cache batch index drops the row (reported): clamped, it would overwrite another
     // sequence's cache.
     if (p.block_table != nullptr) {
-      const int entry = p.block_table[bi * p.block_table_batch_stride + row / p.page_block_size];
-      const int page = guard_page(entry, p.num_pages, p.index_errors);
-      if (page != entry) return;
-      const int r = row % p.page_block_size;
-      k_dst = page * p.kcache_batch_stride + r * p.kcache_row_stride;
-      v_dst = page * p.vcache_batch_stride + r * p.vcache_row_stride;
+      const PagedRow at = paged_row(p.block_table + bi * p.block_table_batch_stride, row, p.page_block_size);
+      const int page = guard_page(at.entry, p.num_pages, p.index_errors);
+      if (page != at.entry) return;
+      k_dst = page * p.kcache_batch_stride + at.in_page * p.kcache_row_stride;
+      v_dst = page * p.vcache_batch_stride + at.in_page * p.vcache_row_stride;
     } else {
       const int entry = p.cache_batch_idx == nullptr ? bi : p.cache_batch_idx[bi];
       const int cb = guard_index(entry, 0, p.num_cache_batches - 1, p.index_errors, kCacheBatchIdxOutOfRange);
