@@ -4,8 +4,12 @@
 
 Each number is the median of at least 30 calls timed with CUDA events, with L2 evicted by reading
 a 256 MiB buffer before every call (timing.bench). "fwd+bwd" times one forward and one backward
-(torch.autograd.grad) per call. Prints a markdown table and writes the rows to
-<out-dir>/triton_ops_<card>.json.
+(torch.autograd.grad) per call. An event window around one call also holds the gaps in which the
+GPU waits for the host to launch the next kernel; a Triton launch from Python costs ~20 us of host
+time, so "fwd+bwd" rows also give the GPU time of the same call replayed from a CUDA graph
+(timing.bench_graph: 5 calls per graph, no launch gaps; L2 is not flushed inside the graph, which
+changes little for these tensors of 128 MB and more). Prints a markdown table and writes the rows
+to <out-dir>/triton_ops_<card>.json.
 """
 
 import argparse
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from timing import bench, require_cuda  # noqa: E402
+from timing import bench, bench_graph, require_cuda  # noqa: E402
 
 from flash_attn.layers.rotary import apply_rotary_emb  # noqa: E402
 from flash_attn.losses.cross_entropy import CrossEntropyLoss  # noqa: E402
@@ -38,6 +42,11 @@ def card_name():
 
 def time_us(fn):
     return bench(fn, reps=MIN_REPS + 20, min_reps=MIN_REPS, max_time_s=None).median_us
+
+
+def graph_us(fn):
+    timed = bench_graph(fn, calls_per_graph=5, reps=5)
+    return None if timed is None else round(timed.median_us, 1)
 
 
 def forward_only(fn, inputs):
@@ -131,9 +140,11 @@ def run(quick):
         for cases in (rotary_cases(dtype), norm_cases(dtype), cross_entropy_cases(dtype, vocab_shapes)):
             for op, shape, pass_name, ours, eager in cases:
                 ours_us, torch_us = time_us(ours), time_us(eager)
+                graphs = (graph_us(ours), graph_us(eager)) if pass_name == "fwd+bwd" else (None, None)
                 rows.append(dict(op=op, dtype=dtype_name, shape=shape, **{"pass": pass_name},
                                  ours_us=round(ours_us, 1), torch_us=round(torch_us, 1),
-                                 speedup=round(torch_us / ours_us, 2)))
+                                 speedup=round(torch_us / ours_us, 2),
+                                 ours_graph_us=graphs[0], torch_graph_us=graphs[1]))
                 print(f"  {op} {dtype_name} {shape} {pass_name}: {ours_us:.1f} us vs torch {torch_us:.1f} us",
                       file=sys.stderr)
             torch.cuda.empty_cache()
@@ -141,10 +152,11 @@ def run(quick):
 
 
 def markdown(rows, card):
-    lines = [f"Triton ops vs eager PyTorch on {card} (median us, L2 flushed)", "",
-             "| op | dtype | shape | pass | ours (us) | torch (us) | speedup |", "|---|---|---|---|---:|---:|---:|"]
+    lines = [f"Triton ops vs eager PyTorch on {card} (median us, L2 flushed; graph: CUDA-graph replay)", "",
+             "| op | dtype | shape | pass | ours (us) | torch (us) | speedup | ours graph (us) | torch graph (us) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['op']} | {r['dtype']} | {r['shape']} | {r['pass']} | {r['ours_us']} | {r['torch_us']} | "
-              f"{r['speedup']}x |" for r in rows]
+              f"{r['speedup']}x | {r['ours_graph_us'] or 'n/a'} | {r['torch_graph_us'] or 'n/a'} |" for r in rows]
     return "\n".join(lines)
 
 
