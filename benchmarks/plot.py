@@ -71,8 +71,11 @@ def plot_throughput(plt, rows, device, title, path, series):
         ax.set_xticklabels([f"{r['seqlen'] // 1024}k" if r["seqlen"] >= 1024 else str(r["seqlen"]) for r in cell],
                            fontsize=7)
         ax.set_title(f"{dtype}, head dim {headdim}, {'causal' if causal else 'not causal'}", fontsize=9)
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
+    # Shared y axis: its top from every panel's data (setting the bottom per panel froze the top at
+    # the first panel's range).
+    top = max((r[key] for r in rows for key in series.values() if r.get(key)), default=1.0)
+    axes.flat[0].set_ylim(0, 1.05 * top)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax in axes[:, 0]:
