@@ -387,74 +387,94 @@ def _flash_attn_with_kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, rota
 # and the outputs / gradients sliced back.
 # --------------------------------------------------------------------------------------------
 
+def _attention_forward(ctx, needs_grad, head_size, q, k, v, varlen, dropout_p, softmax_scale, causal,
+                       window_size, softcap, alibi_slopes, deterministic, return_softmax,
+                       block_table=None, num_splits=0):
+    """The forward of every Function on head-dim-padded q, k, v; varlen is None or
+    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k). Saves what the backward needs."""
+    if softmax_scale is None:
+        softmax_scale = head_size ** (-0.5)
+    return_S_dmask = return_softmax and dropout_p > 0
+    if varlen is None:
+        out, softmax_lse, S_dmask, rng_state = _flash_attn_forward(
+            q, k, v, dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
+            alibi_slopes, return_S_dmask, num_splits,
+        )
+        saved = (q, k, v, out, softmax_lse, rng_state)
+    else:
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen
+        out, softmax_lse, S_dmask, rng_state = _flash_attn_varlen_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+            softmax_scale, causal, window_size[0], window_size[1], softcap, alibi_slopes,
+            return_S_dmask, block_table, num_splits=num_splits,
+        )
+        saved = (q, k, v, out, softmax_lse, rng_state, cu_seqlens_q, cu_seqlens_k)
+        ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
+    if needs_grad:
+        ctx.save_for_backward(*saved)
+        ctx.varlen = varlen is not None
+        ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
+        ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
+        ctx.deterministic = deterministic
+    out = out[..., :head_size]
+    return (out, softmax_lse, S_dmask) if return_softmax else out
+
+
+def _attention_backward(ctx, saved, dout, dq, dk, dv):
+    """The backward of every Function into dq, dk, dv (views of one buffer for the packed ones)."""
+    q, k, v, out, softmax_lse, rng_state = saved[:6]
+    dout = _pad_head_dim(dout)
+    options = (ctx.dropout_p, ctx.softmax_scale, ctx.causal, ctx.window_size[0], ctx.window_size[1],
+               ctx.softcap, ctx.alibi_slopes, ctx.deterministic, rng_state)
+    if ctx.varlen:
+        cu_seqlens_q, cu_seqlens_k = saved[6:]
+        _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q,
+                                    cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, *options)
+    else:
+        _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, *options)
+
+
+def _unpad(*grads, head_size):
+    return tuple(g[..., :head_size] for g in grads)
+
+
 class FlashAttnQKVPackedFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                 deterministic, return_softmax, is_grad_enabled):
-        needs_grad = is_grad_enabled and qkv.requires_grad
-        head_size = qkv.shape[-1]
-        if softmax_scale is None:
-            softmax_scale = head_size ** (-0.5)
         q, k, v = [_pad_head_dim(qkv[:, :, i].detach()) for i in range(3)]
-        out, softmax_lse, S_dmask, rng_state = _flash_attn_forward(
-            q, k, v, dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
-            alibi_slopes, return_softmax and dropout_p > 0,
-        )
-        if needs_grad:
-            ctx.save_for_backward(q, k, v, out, softmax_lse, rng_state)
-            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
-            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
-            ctx.deterministic = deterministic
-        out = out[..., :head_size]
-        return (out, softmax_lse, S_dmask) if return_softmax else out
+        return _attention_forward(ctx, is_grad_enabled and qkv.requires_grad, qkv.shape[-1], q, k, v,
+                                  None, dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_softmax)
 
     @staticmethod
     def backward(ctx, dout, *args):
-        q, k, v, out, softmax_lse, rng_state = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        q = saved[0]
         # One buffer for the three gradients: the packed gradient needs no concatenation.
         dqkv = torch.empty((*q.shape[:-2], 3, *q.shape[-2:]), dtype=q.dtype, device=q.device)
-        _flash_attn_backward(
-            _pad_head_dim(dout), q, k, v, out, softmax_lse, dqkv[:, :, 0], dqkv[:, :, 1],
-            dqkv[:, :, 2], ctx.dropout_p, ctx.softmax_scale, ctx.causal, ctx.window_size[0],
-            ctx.window_size[1], ctx.softcap, ctx.alibi_slopes, ctx.deterministic, rng_state,
-        )
-        return dqkv[..., : dout.shape[-1]], *(None,) * 9
+        _attention_backward(ctx, saved, dout, dqkv[:, :, 0], dqkv[:, :, 1], dqkv[:, :, 2])
+        return *_unpad(dqkv, head_size=dout.shape[-1]), *(None,) * 9
 
 
 class FlashAttnKVPackedFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                 deterministic, return_softmax, is_grad_enabled):
-        needs_grad = is_grad_enabled and (q.requires_grad or kv.requires_grad)
-        head_size = q.shape[-1]
-        if softmax_scale is None:
-            softmax_scale = head_size ** (-0.5)
-        q = _pad_head_dim(q)
         k, v = [_pad_head_dim(kv[:, :, i].detach()) for i in range(2)]
-        out, softmax_lse, S_dmask, rng_state = _flash_attn_forward(
-            q, k, v, dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
-            alibi_slopes, return_softmax and dropout_p > 0,
-        )
-        if needs_grad:
-            ctx.save_for_backward(q, k, v, out, softmax_lse, rng_state)
-            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
-            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
-            ctx.deterministic = deterministic
-        out = out[..., :head_size]
-        return (out, softmax_lse, S_dmask) if return_softmax else out
+        return _attention_forward(ctx, is_grad_enabled and (q.requires_grad or kv.requires_grad),
+                                  q.shape[-1], _pad_head_dim(q), k, v, None, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_softmax)
 
     @staticmethod
     def backward(ctx, dout, *args):
-        q, k, v, out, softmax_lse, rng_state = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        q, k = saved[0], saved[1]
         dq = torch.empty_like(q)
         dkv = torch.empty((*k.shape[:-2], 2, *k.shape[-2:]), dtype=k.dtype, device=k.device)
-        _flash_attn_backward(
-            _pad_head_dim(dout), q, k, v, out, softmax_lse, dq, dkv[:, :, 0], dkv[:, :, 1],
-            ctx.dropout_p, ctx.softmax_scale, ctx.causal, ctx.window_size[0], ctx.window_size[1],
-            ctx.softcap, ctx.alibi_slopes, ctx.deterministic, rng_state,
-        )
-        head_size = dout.shape[-1]
-        return dq[..., :head_size], dkv[..., :head_size], *(None,) * 9
+        _attention_backward(ctx, saved, dout, dq, dkv[:, :, 0], dkv[:, :, 1])
+        return *_unpad(dq, dkv, head_size=dout.shape[-1]), *(None,) * 9
 
 
 class FlashAttnFunc(torch.autograd.Function):
@@ -462,69 +482,36 @@ class FlashAttnFunc(torch.autograd.Function):
     def forward(ctx, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                 alibi_slopes, deterministic, return_softmax, is_grad_enabled, num_splits=0):
         needs_grad = is_grad_enabled and (q.requires_grad or k.requires_grad or v.requires_grad)
-        head_size = q.shape[-1]
-        if softmax_scale is None:
-            softmax_scale = head_size ** (-0.5)
-        q, k, v = _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v)
-        out, softmax_lse, S_dmask, rng_state = _flash_attn_forward(
-            q, k, v, dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
-            alibi_slopes, return_softmax and dropout_p > 0, num_splits,
-        )
-        if needs_grad:
-            ctx.save_for_backward(q, k, v, out, softmax_lse, rng_state)
-            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
-            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
-            ctx.deterministic = deterministic
-        out = out[..., :head_size]
-        return (out, softmax_lse, S_dmask) if return_softmax else out
+        return _attention_forward(ctx, needs_grad, q.shape[-1], _pad_head_dim(q), _pad_head_dim(k),
+                                  _pad_head_dim(v), None, dropout_p, softmax_scale, causal,
+                                  window_size, softcap, alibi_slopes, deterministic, return_softmax,
+                                  num_splits=num_splits)
 
     @staticmethod
     def backward(ctx, dout, *args):
-        q, k, v, out, softmax_lse, rng_state = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _flash_attn_backward(
-            _pad_head_dim(dout), q, k, v, out, softmax_lse, dq, dk, dv, ctx.dropout_p,
-            ctx.softmax_scale, ctx.causal, ctx.window_size[0], ctx.window_size[1], ctx.softcap,
-            ctx.alibi_slopes, ctx.deterministic, rng_state,
-        )
-        head_size = dout.shape[-1]
-        return dq[..., :head_size], dk[..., :head_size], dv[..., :head_size], *(None,) * 10
+        saved = ctx.saved_tensors
+        dq, dk, dv = (torch.empty_like(t) for t in saved[:3])
+        _attention_backward(ctx, saved, dout, dq, dk, dv)
+        return *_unpad(dq, dk, dv, head_size=dout.shape[-1]), *(None,) * 10
 
 
 class FlashAttnVarlenQKVPackedFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
                 softcap, alibi_slopes, deterministic, return_softmax, is_grad_enabled):
-        needs_grad = is_grad_enabled and qkv.requires_grad
-        head_size = qkv.shape[-1]
-        if softmax_scale is None:
-            softmax_scale = head_size ** (-0.5)
         q, k, v = [_pad_head_dim(qkv[:, i].detach()) for i in range(3)]
-        out, softmax_lse, S_dmask, rng_state = _flash_attn_varlen_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
-            causal, window_size[0], window_size[1], softcap, alibi_slopes,
-            return_softmax and dropout_p > 0,
-        )
-        if needs_grad:
-            ctx.save_for_backward(q, k, v, out, softmax_lse, cu_seqlens, rng_state)
-            ctx.max_seqlen = max_seqlen
-            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
-            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
-            ctx.deterministic = deterministic
-        out = out[..., :head_size]
-        return (out, softmax_lse, S_dmask) if return_softmax else out
+        return _attention_forward(ctx, is_grad_enabled and qkv.requires_grad, qkv.shape[-1], q, k, v,
+                                  (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen), dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                  deterministic, return_softmax)
 
     @staticmethod
     def backward(ctx, dout, *args):
-        q, k, v, out, softmax_lse, cu_seqlens, rng_state = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        q = saved[0]
         dqkv = torch.empty((q.shape[0], 3, *q.shape[1:]), dtype=q.dtype, device=q.device)
-        _flash_attn_varlen_backward(
-            _pad_head_dim(dout), q, k, v, out, softmax_lse, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2],
-            cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen, ctx.dropout_p,
-            ctx.softmax_scale, ctx.causal, ctx.window_size[0], ctx.window_size[1], ctx.softcap,
-            ctx.alibi_slopes, ctx.deterministic, rng_state,
-        )
-        return dqkv[..., : dout.shape[-1]], *(None,) * 11
+        _attention_backward(ctx, saved, dout, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
+        return *_unpad(dqkv, head_size=dout.shape[-1]), *(None,) * 11
 
 
 class FlashAttnVarlenKVPackedFunc(torch.autograd.Function):
@@ -532,39 +519,21 @@ class FlashAttnVarlenKVPackedFunc(torch.autograd.Function):
     def forward(ctx, q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                 return_softmax, is_grad_enabled):
-        needs_grad = is_grad_enabled and (q.requires_grad or kv.requires_grad)
-        head_size = q.shape[-1]
-        if softmax_scale is None:
-            softmax_scale = head_size ** (-0.5)
-        q = _pad_head_dim(q)
         k, v = [_pad_head_dim(kv[:, i].detach()) for i in range(2)]
-        out, softmax_lse, S_dmask, rng_state = _flash_attn_varlen_forward(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-            softmax_scale, causal, window_size[0], window_size[1], softcap, alibi_slopes,
-            return_softmax and dropout_p > 0,
-        )
-        if needs_grad:
-            ctx.save_for_backward(q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, rng_state)
-            ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
-            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
-            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
-            ctx.deterministic = deterministic
-        out = out[..., :head_size]
-        return (out, softmax_lse, S_dmask) if return_softmax else out
+        return _attention_forward(ctx, is_grad_enabled and (q.requires_grad or kv.requires_grad),
+                                  q.shape[-1], _pad_head_dim(q), k, v,
+                                  (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                  deterministic, return_softmax)
 
     @staticmethod
     def backward(ctx, dout, *args):
-        q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        q, k = saved[0], saved[1]
         dq = torch.empty_like(q)
         dkv = torch.empty((k.shape[0], 2, *k.shape[1:]), dtype=k.dtype, device=k.device)
-        _flash_attn_varlen_backward(
-            _pad_head_dim(dout), q, k, v, out, softmax_lse, dq, dkv[:, 0], dkv[:, 1],
-            cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.dropout_p,
-            ctx.softmax_scale, ctx.causal, ctx.window_size[0], ctx.window_size[1], ctx.softcap,
-            ctx.alibi_slopes, ctx.deterministic, rng_state,
-        )
-        head_size = dout.shape[-1]
-        return dq[..., :head_size], dkv[..., :head_size], *(None,) * 13
+        _attention_backward(ctx, saved, dout, dq, dkv[:, 0], dkv[:, 1])
+        return *_unpad(dq, dkv, head_size=dout.shape[-1]), *(None,) * 13
 
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
@@ -573,36 +542,17 @@ class FlashAttnVarlenFunc(torch.autograd.Function):
                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                 return_softmax, block_table, is_grad_enabled, num_splits=0):
         needs_grad = is_grad_enabled and (q.requires_grad or k.requires_grad or v.requires_grad)
-        head_size = q.shape[-1]
-        if softmax_scale is None:
-            softmax_scale = head_size ** (-0.5)
-        q, k, v = _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v)
-        out, softmax_lse, S_dmask, rng_state = _flash_attn_varlen_forward(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-            softmax_scale, causal, window_size[0], window_size[1], softcap, alibi_slopes,
-            return_softmax and dropout_p > 0, block_table, num_splits=num_splits,
-        )
-        if needs_grad:
-            ctx.save_for_backward(q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, rng_state)
-            ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
-            ctx.dropout_p, ctx.softmax_scale, ctx.causal = dropout_p, softmax_scale, causal
-            ctx.window_size, ctx.softcap, ctx.alibi_slopes = window_size, softcap, alibi_slopes
-            ctx.deterministic = deterministic
-        out = out[..., :head_size]
-        return (out, softmax_lse, S_dmask) if return_softmax else out
+        return _attention_forward(ctx, needs_grad, q.shape[-1], _pad_head_dim(q), _pad_head_dim(k),
+                                  _pad_head_dim(v), (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                  deterministic, return_softmax, block_table, num_splits)
 
     @staticmethod
     def backward(ctx, dout, *args):
-        q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _flash_attn_varlen_backward(
-            _pad_head_dim(dout), q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q,
-            cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.dropout_p, ctx.softmax_scale,
-            ctx.causal, ctx.window_size[0], ctx.window_size[1], ctx.softcap, ctx.alibi_slopes,
-            ctx.deterministic, rng_state,
-        )
-        head_size = dout.shape[-1]
-        return dq[..., :head_size], dk[..., :head_size], dv[..., :head_size], *(None,) * 15
+        saved = ctx.saved_tensors
+        dq, dk, dv = (torch.empty_like(t) for t in saved[:3])
+        _attention_backward(ctx, saved, dout, dq, dk, dv)
+        return *_unpad(dq, dk, dv, head_size=dout.shape[-1]), *(None,) * 15
 
 
 # --------------------------------------------------------------------------------------------
