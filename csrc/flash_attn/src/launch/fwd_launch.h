@@ -11,6 +11,7 @@
 #include <cutlass/fast_math.h>
 #include <cutlass/numeric_types.h>
 
+#include "launch/dynamic_smem.h"
 #include "params/launchers.h"
 #include "kernels/decode_kernel_traits.h"
 #include "kernels/decode_kernel.h"
@@ -20,20 +21,6 @@
 #include "plan/tile_sizes.h"
 
 namespace flash {
-
-// Raise a kernel's dynamic shared memory limit to kBytes (what its launches always ask for), once
-// per device: the template parameters make the static flags distinct for every instantiation.
-template <auto Kernel, int kBytes>
-void allow_dynamic_smem(int device) {
-  if constexpr (kBytes > 48 * 1024) {
-    static std::atomic<bool> raised[64] = {};  // per device
-    std::atomic<bool>& done = raised[device & 63];
-    if (!done.load(std::memory_order_relaxed)) {
-      cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
-      done.store(true, std::memory_order_relaxed);
-    }
-  }
-}
 
 // Softcap, ALiBi and paged K/V get their own kernel instantiation so the common kernel's loop
 // carries none of their code (smaller loop body, fewer live registers).

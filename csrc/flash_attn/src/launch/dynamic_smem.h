@@ -1,0 +1,24 @@
+// Raising a kernel's dynamic shared-memory limit once per device, shared by every launcher.
+#pragma once
+
+#include <atomic>
+
+#include <cuda_runtime.h>
+
+namespace flash {
+
+// Raise a kernel's dynamic shared memory limit to kBytes (what its launches always ask for), once
+// per device: the template parameters make the static flags distinct for every instantiation.
+template <auto Kernel, int kBytes>
+void allow_dynamic_smem(int device) {
+  if constexpr (kBytes > 48 * 1024) {
+    static std::atomic<bool> raised[64] = {};  // per device
+    std::atomic<bool>& done = raised[device & 63];
+    if (!done.load(std::memory_order_relaxed)) {
+      cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+      done.store(true, std::memory_order_relaxed);
+    }
+  }
+}
+
+}  // namespace flash
