@@ -1,0 +1,26 @@
+// Host-side launch of the Hopper forward for one (head dim, dtype): builds the TMA descriptors,
+// raises the dynamic shared-memory limit and launches one 384-thread block per 128-row query tile.
+// Included only by the instantiations/flash_fwd_sm90_*.cu files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "launch/dynamic_smem.h"
+#include "params/fwd_params.h"
+#include "sm90/fwd_kernel.h"
+#include "sm90/kernel_traits.h"
+#include "sm90/tma_loads.h"
+
+namespace flash {
+
+template <int kHeadDim, bool kIsBf16>
+void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
+  using Traits = Sm90FwdTraits<kHeadDim, kIsBf16>;
+  const Sm90FwdArgs<Traits> args = make_sm90_fwd_args<Traits>(params);
+  constexpr auto kernel = &flash_fwd_sm90_kernel<Traits>;
+  allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
+  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.b, params.h);
+  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(args);
+}
+
+}  // namespace flash
