@@ -58,9 +58,12 @@ struct Sm90FwdTraits {
   using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                              Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
   // V lands in shared memory already viewed as V^T (d x N): TMA reads gmem V through the same
-  // transposed view, so no transpose ever happens in shared memory.
+  // transposed view, so no transpose ever happens in shared memory. The 64-wide d atoms are
+  // stacked along the keys first, so 64 d-columns of all kBlockN keys are contiguous and one
+  // TMA box (64 x kBlockN) fills them; stacked along d first, a box would cover only 8 keys.
   using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
-                                              Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}));
+                                              Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
+                                              Step<_2, _1, _3>{}));
 
   // O leaves through Q's tile: each warpgroup writes its 64 rows after its last S GEMM, and
   // only that warpgroup ever reads those rows of Q.
