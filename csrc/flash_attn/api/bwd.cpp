@@ -3,6 +3,7 @@
 // softmax_lse (no forward recompute) and its conventions: the same window normalisation, score
 // packing and varlen offsets (fill_common), so the kernels recompute exactly the forward's P. With
 // dropout they regenerate the forward's mask from its rng_state (read on the device: no sync).
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,33 @@ void check_lse(const Tensor& lse, at::IntArrayRef shape) {
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "softmax_lse must have dtype torch.float32, got ",
               c10::toString(lse.scalar_type()));
   TORCH_CHECK(lse.sizes() == shape, "softmax_lse must have shape ", dims_str(shape), ", got ", shape_str(lse));
+}
+
+// The checks both entry points share once the layouts are known: out, dout, softmax_lse and the
+// preallocated gradients against q and k, ALiBi, then -- last, so CPU tests reach every other
+// check -- each tensor on q's device (the varlen entry point adds its cu_seqlens).
+void check_tensors(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& dout,
+                   const Tensor& softmax_lse, at::IntArrayRef lse_shape, const OptTensor& dq, const OptTensor& dk,
+                   const OptTensor& dv, const OptTensor& alibi_slopes, int batch, int num_heads, double p_dropout,
+                   const OptTensor& rng_state,
+                   std::initializer_list<std::pair<const Tensor*, const char*>> also_on_device = {}) {
+  check_like(out, "out", q, q.sizes());
+  check_like(dout, "dout", q, q.sizes());
+  check_lse(softmax_lse, lse_shape);
+  if (dq) check_like(*dq, "dq", q, q.sizes());
+  if (dk) check_like(*dk, "dk", q, k.sizes());
+  if (dv) check_like(*dv, "dv", q, k.sizes());
+  check_alibi(alibi_slopes, batch, num_heads);
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"},
+                         {&dout, "dout"}, {&softmax_lse, "softmax_lse"}}) {
+    check_on_device(*t, name, q);
+  }
+  for (auto [t, name] : also_on_device) check_on_device(*t, name, q);
+  for (auto [t, name] : {std::pair<const OptTensor*, const char*>{&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"},
+                         {&alibi_slopes, "alibi_slopes"}}) {
+    if (t->has_value()) check_on_device(**t, name, q);
+  }
+  if (p_dropout > 0.0) check_on_device(*rng_state, "rng_state", q);
 }
 
 void set_grad(const Tensor& t, void*& ptr, int64_t& batch_stride, int64_t& row_stride, int64_t& head_stride,
@@ -144,24 +172,8 @@ std::vector<Tensor> mha_bwd(const Tensor& dout_arg, const Tensor& q_arg, const T
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the same shape as k, got ", shape_str(v), " and ", shape_str(k));
   check_head_dims(head_size, num_heads, num_heads_k);
   check_bwd_options(p_dropout, rng_state, window_left, window_right, softcap);
-  check_like(out, "out", q, q.sizes());
-  check_like(dout, "dout", q, q.sizes());
-  check_lse(softmax_lse, {batch, num_heads, seqlen_q});
-  if (dq_) check_like(*dq_, "dq", q, q.sizes());
-  if (dk_) check_like(*dk_, "dk", q, k.sizes());
-  if (dv_) check_like(*dv_, "dv", q, k.sizes());
-  check_alibi(alibi_slopes, batch, num_heads);
-  check_on_device(q, "q", q);
-  check_on_device(k, "k", q);
-  check_on_device(v, "v", q);
-  check_on_device(out, "out", q);
-  check_on_device(dout, "dout", q);
-  check_on_device(softmax_lse, "softmax_lse", q);
-  if (dq_) check_on_device(*dq_, "dq", q);
-  if (dk_) check_on_device(*dk_, "dk", q);
-  if (dv_) check_on_device(*dv_, "dv", q);
-  if (alibi_slopes) check_on_device(*alibi_slopes, "alibi_slopes", q);
-  if (p_dropout > 0.0) check_on_device(*rng_state, "rng_state", q);
+  check_tensors(q, k, v, out, dout, softmax_lse, {batch, num_heads, seqlen_q}, dq_, dk_, dv_, alibi_slopes, batch,
+                num_heads, p_dropout, rng_state);
   const flash::BwdLauncher kernel = find_bwd_kernel(head_size, q.scalar_type() == at::kBFloat16);
 
   const at::cuda::CUDAGuard device_guard{q.device()};
@@ -203,26 +215,8 @@ std::vector<Tensor> mha_varlen_bwd(const Tensor& dout_arg, const Tensor& q_arg, 
   check_int32_vector(cu_seqlens_q, "cu_seqlens_q", batch + 1);
   check_int32_vector(cu_seqlens_k, "cu_seqlens_k", batch + 1);
   TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0");
-  check_like(out, "out", q, q.sizes());
-  check_like(dout, "dout", q, q.sizes());
-  check_lse(softmax_lse, {num_heads, total_q});
-  if (dq_) check_like(*dq_, "dq", q, q.sizes());
-  if (dk_) check_like(*dk_, "dk", q, k.sizes());
-  if (dv_) check_like(*dv_, "dv", q, k.sizes());
-  check_alibi(alibi_slopes, batch, num_heads);
-  check_on_device(q, "q", q);
-  check_on_device(k, "k", q);
-  check_on_device(v, "v", q);
-  check_on_device(out, "out", q);
-  check_on_device(dout, "dout", q);
-  check_on_device(softmax_lse, "softmax_lse", q);
-  check_on_device(cu_seqlens_q, "cu_seqlens_q", q);
-  check_on_device(cu_seqlens_k, "cu_seqlens_k", q);
-  if (dq_) check_on_device(*dq_, "dq", q);
-  if (dk_) check_on_device(*dk_, "dk", q);
-  if (dv_) check_on_device(*dv_, "dv", q);
-  if (alibi_slopes) check_on_device(*alibi_slopes, "alibi_slopes", q);
-  if (p_dropout > 0.0) check_on_device(*rng_state, "rng_state", q);
+  check_tensors(q, k, v, out, dout, softmax_lse, {num_heads, total_q}, dq_, dk_, dv_, alibi_slopes, batch,
+                num_heads, p_dropout, rng_state, {{&cu_seqlens_q, "cu_seqlens_q"}, {&cu_seqlens_k, "cu_seqlens_k"}});
   const flash::BwdLauncher kernel = find_bwd_kernel(head_size, q.scalar_type() == at::kBFloat16);
 
   const at::cuda::CUDAGuard device_guard{q.device()};
