@@ -54,6 +54,14 @@ def cutlass_include_dir() -> Path:
     return include
 
 
+def gencode(arch: str) -> str:
+    # sm_90 code is built for sm_90a, the only compute capability 9.0 target with wgmma and
+    # setmaxnreg (the Hopper kernels); the SM80 kernels compile to the same code under either.
+    if arch == "90":
+        return "-gencode=arch=compute_90a,code=sm_90a"
+    return f"-gencode=arch=compute_{arch},code=sm_{arch}"
+
+
 def extension_modules():
     try:
         from torch.utils.cpp_extension import CUDAExtension
@@ -70,6 +78,9 @@ def extension_modules():
     kernel_dir = CSRC / "src" / "instantiations"
     kernels = [kernel_dir / f"flash_fwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
     kernels += [kernel_dir / f"flash_bwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
+    # The Hopper forward (wgmma, TMA, setmaxnreg) needs sm_90a; it covers head dim 128 so far.
+    if "90" in archs:
+        kernels += [kernel_dir / f"flash_fwd_sm90_hdim{h}_{d}.cu" for h in headdims if h == 128 for d in dtypes]
     missing = [k for k in kernels if not k.exists()]
     if missing:
         sys.exit(f"missing {missing}; run csrc/flash_attn/src/generate_kernels.py")
@@ -91,7 +102,7 @@ def extension_modules():
         "-U__CUDA_NO_HALF2_OPERATORS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         "-DNDEBUG",
-    ] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    ] + [gencode(a) for a in archs]
     # PTX of the lowest architecture too, so GPUs newer than every listed one JIT-compile it.
     lowest = min(archs, key=int)
     nvcc_flags += [f"-gencode=arch=compute_{lowest},code=compute_{lowest}"]

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Prefill (forward) throughput in TFLOP/s: ours (flash_attn_func) against PyTorch's vendored
 FlashAttention-2 (aten._flash_attention_forward on the same dense (batch, seqlen, heads, d) tensors)
-and cuDNN (SDPA CUDNN_ATTENTION on (b, h, s, d) views of them), in one run.
+and cuDNN (SDPA CUDNN_ATTENTION on (b, h, s, d) views of them), in one run. On a compute
+capability 9.0 GPU "ours" runs the Hopper kernel where it applies and "ours_sm80" the SM80 kernel
+(flash_attn_2_cuda.set_sm90_forward(False) around the call).
 
 Grid: fp16 and bf16 x head dim 64/128/256 x causal and not x seqlen 512..16k, model dim 2048
 (heads = 2048 / head dim, batch = 16k / seqlen). FLOPs = 4 * batch * heads * seqlen^2 * head dim,
@@ -24,6 +26,7 @@ MODEL_DIM = 2048
 TOKENS = 16384
 SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+IMPLS = ("ours", "ours_sm80", "torch_fa2", "cudnn")
 
 
 def parse_args(argv=None):
@@ -42,7 +45,7 @@ def grid(args):
 
 def cell_line(r, unit="tflops") -> str:
     return (f"{r['dtype']} hd{r['headdim']} {'causal' if r['causal'] else 'full  '} s{r['seqlen']:<6d} "
-            + " ".join(f"{name} {fmt(r.get(f'{name}_{unit}'), '6.1f')}" for name in ("ours", "torch_fa2", "cudnn"))
+            + " ".join(f"{name} {fmt(r.get(f'{name}_{unit}'), '6.1f')}" for name in IMPLS)
             + " TFLOP/s")
 
 
@@ -59,12 +62,23 @@ def measure(c, kw, passes, fa2):
     impls = {"ours": (lambda: lambda: flash_attn_func(q, k, v, causal=causal), None),
              "cudnn": (lambda: lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
                        common.sdpa_context("CUDNN_ATTENTION"))}
+    if torch.cuda.get_device_capability() == (9, 0):
+        import flash_attn_2_cuda
+
+        def sm80():
+            flash_attn_2_cuda.set_sm90_forward(False)
+            try:
+                return flash_attn_func(q, k, v, causal=causal)
+            finally:
+                flash_attn_2_cuda.set_sm90_forward(True)
+
+        impls["ours_sm80"] = (lambda: sm80, None)
     if fa2:
         impls["torch_fa2"] = (lambda: lambda: fa2(q, k, v, None, None, seqlen, seqlen, causal), None)
     times, notes, outs = common.time_impls(impls, kw, passes)
     flops = forward_flops(batch, heads, seqlen, headdim, causal)
     row = dict(c, batch=batch, nheads=heads, notes=[f"{n}: {t}" for n, t in notes.items()])
-    for name in ("ours", "torch_fa2", "cudnn"):
+    for name in IMPLS:
         row[f"{name}_us"] = times.get(name)
         row[f"{name}_tflops"] = flops / (times[name] * 1e-6) / 1e12 if times.get(name) else None
     if outs.get("ours") is not None and outs.get("torch_fa2") is not None:
@@ -81,10 +95,10 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     rows = common.run_cells(grid(args), lambda c, kw, late: measure(c, kw, 1 if args.quick else 2, fa2), args,
                             common.bench_kwargs(args, 0.15), cell_line)
-    headers = ["dtype", "headdim", "causal", "seqlen", "ours TFLOP/s", "torch FA2 TFLOP/s", "cuDNN TFLOP/s",
-               "ours/torch_fa2", "ours/cudnn", "maxdiff"]
+    headers = ["dtype", "headdim", "causal", "seqlen", "ours TFLOP/s", "ours SM80 TFLOP/s", "torch FA2 TFLOP/s",
+               "cuDNN TFLOP/s", "ours/torch_fa2", "ours/cudnn", "maxdiff"]
     table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"]]
-             + [fmt(r.get(f"{n}_tflops")) for n in ("ours", "torch_fa2", "cudnn")]
+             + [fmt(r.get(f"{n}_tflops")) for n in IMPLS]
              + [fmt(ratio(r.get("ours_tflops"), r.get(f"{n}_tflops")), ".2f") for n in ("torch_fa2", "cudnn")]
              + [fmt(r.get("maxdiff"), ".1e")] for r in rows]
     both = [r for r in rows if r.get("ours_tflops") and r.get("torch_fa2_tflops")]

@@ -59,9 +59,15 @@ Tensor empty_cuda(at::IntArrayRef sizes, at::ScalarType dtype, const Tensor& lik
 struct DeviceInfo {
   int device;
   int sm_count;
-  bool pdl;  // programmatic dependent launch and thread-block clusters (sm_90+)
+  bool pdl;   // programmatic dependent launch and thread-block clusters (sm_90+)
+  bool sm90;  // compute capability 9.0: the Hopper (sm_90a) kernels run
 };
 DeviceInfo device_info();
+
+// Whether the unsplit dense forward may run the Hopper kernel on compute capability 9.0 where it
+// applies (default on). Returns the previous setting. For tests and benchmarks that cover or time
+// the SM80 kernels on a Hopper GPU.
+bool set_sm90_forward(bool enabled);
 
 // Everything after the checks: shared by the padded and the varlen entry points.
 struct Call {

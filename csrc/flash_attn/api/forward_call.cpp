@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 #include <mutex>
 #include <string>
 
@@ -131,7 +133,7 @@ Tensor s_dmask_tensor(int batch, int num_heads, int max_seqlen_q, int max_seqlen
 }
 
 DeviceInfo device_info() {
-  // sm_count * 2 + pdl; 0 = not yet queried, -1 = a GPU this build cannot run on.
+  // sm_count * 4 + sm90 * 2 + pdl; 0 = not yet queried, -1 = a GPU this build cannot run on.
   static std::atomic<int> cached[64] = {};
   const int device = c10::cuda::current_device();
   int packed = cached[device & 63].load(std::memory_order_relaxed);
@@ -140,7 +142,8 @@ DeviceInfo device_info() {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    packed = unsupported_gpu_message("", major, minor).empty() ? sms * 2 + (major >= 9 ? 1 : 0) : -1;
+    const bool sm90 = major == 9 && minor == 0;
+    packed = unsupported_gpu_message("", major, minor).empty() ? sms * 4 + (sm90 ? 2 : 0) + (major >= 9 ? 1 : 0) : -1;
     cached[device & 63].store(packed, std::memory_order_relaxed);
   }
   if (packed < 0) {
@@ -148,8 +151,42 @@ DeviceInfo device_info() {
     C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     TORCH_CHECK(false, unsupported_gpu_message(prop.name, prop.major, prop.minor));
   }
-  return {device, packed / 2, (packed & 1) != 0};
+  return {device, packed / 4, (packed & 1) != 0, (packed & 2) != 0};
 }
+
+namespace {
+
+std::atomic<bool> sm90_forward_enabled{true};
+
+// TMA reads a 2-byte tensor through a descriptor: its base must be 16-byte aligned and every
+// stride a positive multiple of 16 bytes.
+bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  for (int64_t s : strides) {
+    if (s <= 0 || s % 8 != 0) return false;
+  }
+  return true;
+}
+
+// What the Hopper forward covers (sm90/fwd_kernel.h): the unsplit forward of batch-strided q/k/v
+// at kernel head dim 128 with causal or window masks, and nothing of softcap, ALiBi, dropout or
+// the kv-cache layouts; everything else runs the SM80 kernels.
+bool sm90_forward_applies(const flash::FwdParams& p, const flash::ForwardPlan& plan, const DeviceInfo& dev,
+                          const flash::FwdLauncher& kernel) {
+  return kernel.run_sm90 != nullptr && dev.sm90 && sm90_forward_enabled.load(std::memory_order_relaxed) &&
+         !plan.split_kernel && !plan.swap_seqlen_ngroups && flash::round_up_headdim(p.d) == 128 && p.seqlen_k > 0 &&
+         p.alibi_slopes_ptr == nullptr && p.softcap_in == 0.f && p.dropout_keep_threshold == 0 &&
+         p.seqused_k == nullptr && p.leftpad_k == nullptr && p.cache_batch_idx == nullptr &&
+         p.block_table == nullptr && p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr &&
+         tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, p.q_batch_stride}) &&
+         tma_compatible(p.k_ptr, {p.k_row_stride, p.k_head_stride, p.k_batch_stride}) &&
+         tma_compatible(p.v_ptr, {p.v_row_stride, p.v_head_stride, p.v_batch_stride}) &&
+         tma_compatible(p.o_ptr, {p.o_row_stride, p.o_head_stride, p.o_batch_stride});
+}
+
+}  // namespace
+
+bool set_sm90_forward(bool enabled) { return sm90_forward_enabled.exchange(enabled); }
 
 c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev,
                         const flash::FwdLauncher& kernel) {
@@ -227,7 +264,12 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
     p.lse_row_stride = 1;
     if (dropout != nullptr) set_dropout(p, *dropout);
     auto accum = set_splits(p, plan, batch * plan.seqlen_q, dev, kernel);
-    launch(kernel, p);
+    if (sm90_forward_applies(p, plan, dev, kernel)) {
+      kernel.run_sm90(p, c10::cuda::getCurrentCUDAStream().stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      launch(kernel, p);
+    }
   }
   return {c.out, softmax_lse};
 }

@@ -19,10 +19,17 @@ void run_fwd(const FwdParams& params, cudaStream_t stream);
 template <int kHeadDim, bool kIsBf16>
 int max_decode_clusters(const FwdParams& params, int cluster_size);
 
-// One (head dim, dtype)'s entry points.
+// The Hopper forward (sm90/): warp-specialised, TMA + wgmma, for the unsplit dense forward on
+// compute capability 9.0. Defined in sm90/fwd_launch.h, instantiated in
+// instantiations/flash_fwd_sm90_*.cu, which are compiled only when the build targets sm_90.
+template <int kHeadDim, bool kIsBf16>
+void run_fwd_sm90(const FwdParams& params, cudaStream_t stream);
+
+// One (head dim, dtype)'s entry points. run_sm90 is null where this build has no Hopper kernel.
 struct FwdLauncher {
   void (*run)(const FwdParams&, cudaStream_t) = nullptr;
   int (*max_decode_clusters)(const FwdParams&, int cluster_size) = nullptr;
+  void (*run_sm90)(const FwdParams&, cudaStream_t) = nullptr;
 };
 
 constexpr int kNumKernelHeadDims = sizeof(kKernelHeadDims) / sizeof(kKernelHeadDims[0]);
@@ -38,8 +45,16 @@ constexpr int headdim_index(int kernel_headdim) {
 // reduced build (FLASH_ATTN_HEADDIMS / FLASH_ATTN_DTYPES) needs no list kept in sync by hand.
 inline FwdLauncher fwd_launchers[kNumKernelHeadDims][2] = {};
 
+// The SM80 and Hopper files of one (head dim, dtype) register in either order.
 inline bool register_fwd(int kernel_headdim, bool is_bf16, const FwdLauncher& launcher) {
-  fwd_launchers[headdim_index(kernel_headdim)][is_bf16] = launcher;
+  FwdLauncher& entry = fwd_launchers[headdim_index(kernel_headdim)][is_bf16];
+  entry.run = launcher.run;
+  entry.max_decode_clusters = launcher.max_decode_clusters;
+  return true;
+}
+
+inline bool register_fwd_sm90(int kernel_headdim, bool is_bf16, void (*run_sm90)(const FwdParams&, cudaStream_t)) {
+  fwd_launchers[headdim_index(kernel_headdim)][is_bf16].run_sm90 = run_sm90;
   return true;
 }
 

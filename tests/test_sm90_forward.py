@@ -1,0 +1,160 @@
+"""The Hopper forward (csrc/flash_attn/src/sm90/): on a compute capability 9.0 GPU the dense,
+unsplit forward at kernel head dim 128 runs it. These tests check that the dispatcher picks it
+exactly where it applies (the kernel's name in a profiler trace), that it matches the fp32
+reference and the SM80 kernel, that calls outside its scope fall back to the SM80 kernel with
+correct results, and that its output is bitwise identical run to run.
+
+The rest of the suite exercises it too wherever a dense head-dim-128 call lands in its scope;
+FLASH_ATTN_TEST_SM90=0 (tests/conftest.py) runs the whole suite on the SM80 kernels instead.
+"""
+
+import pytest
+import torch
+
+from helpers import (
+    DEVICE,
+    assert_empty_rows_zero,
+    assert_lse_close,
+    assert_out_close,
+    ext_fwd,
+    flash_attn,
+    flash_attn_gpu,
+    requires_gpu,
+)
+from reference import attention_ref
+
+pytestmark = requires_gpu
+
+DTYPES = [torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp16", "bf16"]
+SM90_KERNEL = "flash_fwd_sm90_kernel"
+
+
+def _hopper_forward_built(dtype):
+    info = flash_attn_gpu.build_info() if flash_attn_gpu is not None else {}
+    dtype_name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    return 128 in [int(h) for h in info.get("sm90_forward_headdims", [])] and dtype_name in info.get("dtypes", [])
+
+
+@pytest.fixture
+def hopper(request):
+    """Skips unless the current GPU is compute capability 9.0 and this build has the Hopper forward."""
+    if DEVICE != "cuda" or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs a compute capability 9.0 GPU")
+    previous = flash_attn_gpu.set_sm90_forward(True)
+    yield
+    flash_attn_gpu.set_sm90_forward(previous)
+
+
+def _kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _runs_sm90(fn):
+    return any(SM90_KERNEL in name for name in _kernel_names(fn))
+
+
+def _qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype):
+    q = torch.randn(batch, seqlen_q, nheads, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(batch, seqlen_k, nheads_k, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(batch, seqlen_k, nheads_k, d, device=DEVICE, dtype=dtype)
+    return q, k, v
+
+
+# (seqlen_q, seqlen_k): tiles and key blocks of 128 with ragged ends, seqlen_q > seqlen_k (causal
+# rows with no key), one key, and several tiles and blocks.
+SHAPES = [(1, 1), (17, 1), (113, 203), (128, 128), (239, 1), (256, 512), (512, 256), (1023, 1024), (2048, 77)]
+MASKS = {"none": dict(causal=False), "causal": dict(causal=True), "win": dict(causal=False, window_size=(100, 37)),
+         "causal_win": dict(causal=True, window_size=(130, 0))}
+HEADS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (6, 1)}
+
+
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("seqlen_q,seqlen_k", SHAPES)
+@pytest.mark.parametrize("d", [128, 104])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, heads, hopper):
+    if not _hopper_forward_built(dtype):
+        pytest.skip("this build has no Hopper forward for this dtype")
+    nheads, nheads_k = HEADS[heads]
+    q, k, v = _qkv(2, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype)
+    kw = dict(MASKS[mask])
+    window = kw.pop("window_size", (-1, -1))
+    causal = kw["causal"]
+    # num_splits=1: short queries would otherwise take the split kernel's plan. One query with
+    # grouped heads and no window becomes a tile of the group's heads (the SM80 kernel).
+    run = lambda: ext_fwd(q, k, v, causal=causal, window_size=window, num_splits=1)  # noqa: E731
+    if seqlen_q > 1 or nheads == nheads_k:
+        assert _runs_sm90(run)
+    out, lse = run()
+    out_ref, lse_ref = attention_ref(q, k, v, causal=causal, window_size=window)
+    out_pt, _ = attention_ref(q, k, v, causal=causal, window_size=window, upcast=False)
+    assert_out_close(out, out_ref, out_pt)
+    assert_empty_rows_zero(out, torch.isposinf(lse_ref).transpose(1, 2))
+    assert_lse_close(lse, lse_ref)
+
+    # The SM80 kernel on the same call agrees within the same rule.
+    flash_attn_gpu.set_sm90_forward(False)
+    try:
+        out_sm80, _ = run()
+    finally:
+        flash_attn_gpu.set_sm90_forward(True)
+    assert_out_close(out_sm80, out_ref, out_pt, name="out (SM80)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_bitwise_repeatable(dtype, hopper):
+    if not _hopper_forward_built(dtype):
+        pytest.skip("this build has no Hopper forward for this dtype")
+    q, k, v = _qkv(2, 1000, 3000, 16, 4, 128, dtype)
+    first = flash_attn.flash_attn_func(q, k, v, causal=True)
+    for _ in range(5):
+        assert torch.equal(flash_attn.flash_attn_func(q, k, v, causal=True), first)
+
+
+# Calls the Hopper forward does not cover: each runs the SM80 kernel and stays correct.
+FALLBACKS = {
+    "softcap": lambda q, k, v: dict(softcap=20.0),
+    "alibi": lambda q, k, v: dict(alibi_slopes=torch.rand(q.shape[2], device=DEVICE, dtype=torch.float32)),
+    "misaligned_q": None,  # q's base not 16-byte aligned
+    "headdim64": None,
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_fallback(dtype, case, hopper):
+    if not _hopper_forward_built(dtype):
+        pytest.skip("this build has no Hopper forward for this dtype")
+    d = 64 if case == "headdim64" else 128
+    if case == "headdim64" and 64 not in [int(h) for h in flash_attn_gpu.build_info()["headdims"]]:
+        pytest.skip("head dim 64 not compiled")
+    q, k, v = _qkv(2, 200, 300, 4, 2, d, dtype)
+    if case == "misaligned_q":
+        buf = torch.randn(q.numel() + 1, device=DEVICE, dtype=dtype)
+        q = buf[1:].view(q.shape)
+    kw = FALLBACKS[case](q, k, v) if FALLBACKS[case] is not None else {}
+    run = lambda: ext_fwd(q, k, v, causal=True, nan_tail=False, **kw)  # noqa: E731
+    assert not _runs_sm90(run)
+    out, _ = run()
+    ref_kw = dict(kw)
+    out_ref, _ = attention_ref(q, k, v, causal=True, **ref_kw)
+    out_pt, _ = attention_ref(q, k, v, causal=True, upcast=False, **ref_kw)
+    assert_out_close(out, out_ref, out_pt)
+
+
+def test_sm90_forward_switch(hopper):
+    """set_sm90_forward(False) sends an in-scope call to the SM80 kernel and returns the previous setting."""
+    if not _hopper_forward_built(torch.float16):
+        pytest.skip("this build has no fp16 Hopper forward")
+    q, k, v = _qkv(1, 256, 256, 4, 4, 128, torch.float16)
+    assert flash_attn_gpu.set_sm90_forward(False) is True
+    try:
+        assert not _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v))
+    finally:
+        assert flash_attn_gpu.set_sm90_forward(True) is False
+    assert _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v))
