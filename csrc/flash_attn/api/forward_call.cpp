@@ -195,6 +195,7 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   p.decode_kernel = plan.decode_kernel;
   p.num_splits = num_splits;
   p.device = dev.device;
+  p.num_sms = dev.sm_count;
   p.allow_pdl = dev.pdl;
   p.total_q_rows = total_q_rows;
   // sm_90 (the pdl flag) runs a decode tile's splits as one thread-block cluster that merges them.

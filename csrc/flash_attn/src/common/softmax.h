@@ -63,6 +63,32 @@ struct OnlineSoftmax {
     }
   }
 
+  // As update() after the first block, for kernels whose P V GEMM of the previous block still
+  // writes o while this block's softmax runs (the Hopper forward): o's correction is returned
+  // for rescale_output() once that GEMM has finished.
+  template <typename TS>
+  __device__ __forceinline__ void update_deferred(TS&& s, float scale_log2, float (&o_correction)[kRows]) {
+    static_assert(decltype(size<0>(s))::value == kRows);
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      const float m = running_max(s, mi, false);
+      const float shift = shift_of(m, scale_log2);
+      o_correction[mi] = exp2f(row_max[mi] * scale_log2 - shift);
+      row_sum[mi] *= o_correction[mi];
+      row_max[mi] = m;
+      exponentiate(s, mi, scale_log2, shift);
+    }
+  }
+
+  template <typename TO>
+  __device__ __forceinline__ static void rescale_output(TO&& o, const float (&o_correction)[kRows]) {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(o); ++ni) o(mi, ni) *= o_correction[mi];
+    }
+  }
+
   // Normalises o by the row sums and returns each row's log-sum-exp (natural log, in score
   // units). A row with no visible key gets output 0 and lse `empty_lse`.
   template <typename TO>

@@ -73,6 +73,7 @@ struct FwdParams {
   float* lseaccum_ptr;     // [num_splits][h][total_q_rows]
   int total_q_rows;
   int device;      // the CUDA device the call runs on (per-device launch state without a cudaGetDevice)
+  int num_sms;     // its multiprocessors (persistent grids)
   bool allow_pdl;  // device supports programmatic dependent launch (sm_90+): overlap the combine's launch
   // Decode kernel, sm_90, 2 <= num_splits <= kMaxClusterSplits: the splits of a query tile run as one
   // thread-block cluster and merge through distributed shared memory (no partials, no combine).

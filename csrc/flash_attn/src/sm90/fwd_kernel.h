@@ -1,12 +1,12 @@
-// Hopper (sm_90a) forward, FlashAttention-3 style. NOT YET DISPATCHED OR RUN: nothing calls
-// run_fwd_sm90 yet, and the kernel has only been compiled, never executed; its results are
-// unverified until a GPU test compares it with the SM80 kernel.
+// Hopper (sm_90a) forward, FlashAttention-3 style, persistent.
 //
-// One thread block owns a 128-row query tile of one (batch, head) and walks key blocks from last
-// to first. Warpgroup 0 is the producer: one thread issues TMA loads of Q once and of K and V per
-// key block into a two-stage shared-memory ring (mbarrier pipelines). Warpgroups 1 and 2 are
-// consumers, 64 query rows each: S = Q K^T by wgmma from shared memory, the online softmax in
-// registers, then O += P V by wgmma with P taken straight from the S accumulator's registers.
+// Each thread block stays on its SM and takes query tiles (128 rows of one (batch, head)) in the
+// order of sm90/tile_scheduler.h. Warpgroup 0 is the producer: one
+// thread issues TMA loads of each tile's Q and of K and V per key block (last block first) into
+// two-stage shared-memory rings (mbarrier pipelines), running ahead into the next tile while the
+// consumers finish this one. Warpgroups 1 and 2 are consumers, 64 query rows each: S = Q K^T by
+// wgmma from shared memory, the online softmax in registers while the tensor cores run the
+// previous block's O += P V, with P taken straight from the S accumulator's registers.
 //
 // Scope: head dim 128, batch-strided (dense) q/k/v, no varlen/paged/left-padded/seqused keys, no
 // softcap, ALiBi, dropout or split-KV; causal and sliding windows by FwdParams::window_left/right.
@@ -22,9 +22,9 @@
 #include "common/score_mods.h"
 #include "common/seq_info.h"
 #include "common/softmax.h"
-#include "kernels/fwd_kernel.h"
 #include "sm90/gmma_layouts.h"
 #include "sm90/kernel_traits.h"
+#include "sm90/tile_scheduler.h"
 #include "sm90/tma_loads.h"
 #include "sm90/warpgroup_gemm.h"
 
@@ -41,70 +41,117 @@ struct KeyBlockRange {
 
 __device__ __forceinline__ KeyBlockRange key_block_range(const FwdParams& p, int seqlen_k, int m0, int rows_in_tile,
                                                          int diag, int block_n) {
-  KeyBlockRange r{0, ceil_div_dev(seqlen_k, block_n)};
-  if (p.window_right >= 0) r.max = min(r.max, ceil_div_dev(m0 + rows_in_tile + diag + p.window_right, block_n));
+  KeyBlockRange r{0, (seqlen_k + block_n - 1) / block_n};
+  if (p.window_right >= 0) r.max = min(r.max, (m0 + rows_in_tile + diag + p.window_right + block_n - 1) / block_n);
   if (p.window_left >= 0) r.min = max(r.min, (m0 + diag - p.window_left) / block_n);
   return r;
 }
 
-// Producer: Q once, then K and V of every key block, last block first (the consumers' order).
-// Run by one thread; each load completes on its stage's full barrier with the tile's byte count.
+// Key blocks of a tile and its rows, as both roles compute them.
+struct Sm90TileWork {
+  SeqInfo seq;
+  int m0, rows_in_tile;
+  KeyBlockRange blocks;
+};
+
 template <typename Traits>
-__device__ __forceinline__ void load_tiles(const Sm90FwdArgs<Traits>& args, typename Traits::SharedStorage& shared,
-                                           typename Traits::Pipeline& pipeline_k,
-                                           typename Traits::Pipeline& pipeline_v, int m_block, int bidb, int bidh,
-                                           int bidh_kv, KeyBlockRange blocks) {
+__device__ __forceinline__ Sm90TileWork sm90_tile_work(const FwdParams& p, const Sm90Tile& tile) {
+  const SeqInfo seq(p, tile.bidb);
+  const int m0 = tile.m_block * Traits::kBlockM;
+  const int rows_in_tile = min(Traits::kBlockM, seq.seqlen_q - m0);
+  return {seq, m0, rows_in_tile,
+          key_block_range(p, seq.seqlen_k, m0, rows_in_tile, seq.seqlen_k - seq.seqlen_q, Traits::kBlockN)};
+}
+
+// Producer, one thread: per tile, Q once Q's buffer is free, then K and V of every key block, last
+// block first (the consumers' order). Each load completes on its stage's full barrier with the
+// tile's byte count; the K/V pipeline states run on across tiles.
+template <typename Traits>
+__device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, typename Traits::SharedStorage& shared,
+                                              typename Traits::Pipeline& pipeline_k,
+                                              typename Traits::Pipeline& pipeline_v, int m_blocks) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   const FwdParams& p = args.params;
   cute::prefetch_tma_descriptor(args.tma_q.get_tma_descriptor());
   cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
   cute::prefetch_tma_descriptor(args.tma_vt.get_tma_descriptor());
-
-  Tensor gQ = local_tile(args.tma_q.get_tma_tensor(q_extent(p))(_, _, bidh, bidb),
-                         Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
   Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
-  auto q_copy = args.tma_q.get_slice(_0{});
-  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&shared.q_full, Traits::kQTileBytes);
-  copy(args.tma_q.with(shared.q_full), q_copy.partition_S(gQ), q_copy.partition_D(sQ));
-
-  // (tile rows, tile cols, key block) in gmem, (tile rows, tile cols, stage) in smem.
-  Tensor gK = local_tile(args.tma_k.get_tma_tensor(k_extent(p))(_, _, bidh_kv, bidb),
-                         Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
-  Tensor gVt = local_tile(args.tma_vt.get_tma_tensor(vt_extent(p))(_, _, bidh_kv, bidb),
-                          Shape<Int<kHeadDim>, Int<kBlockN>>{}, make_coord(_0{}, _));
   Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutVt{});
+  auto q_copy = args.tma_q.get_slice(_0{});
   auto k_copy = args.tma_k.get_slice(_0{});
   auto v_copy = args.tma_vt.get_slice(_0{});
-  Tensor tKgK = k_copy.partition_S(gK);
-  Tensor tKsK = k_copy.partition_D(sK);
-  Tensor tVgVt = v_copy.partition_S(gVt);
-  Tensor tVsVt = v_copy.partition_D(sVt);
 
   typename Traits::PipelineState write = cutlass::make_producer_start_state<typename Traits::Pipeline>();
-  for (int n_block = blocks.max - 1; n_block >= blocks.min; --n_block) {
-    // K first: the consumers release K's stage right after S = Q K^T, long before V's.
-    pipeline_k.producer_acquire(write);
-    copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write)), tKgK(_, _, _, n_block),
-         tKsK(_, _, _, write.index()));
-    pipeline_v.producer_acquire(write);
-    copy(args.tma_vt.with(*pipeline_v.producer_get_barrier(write)), tVgVt(_, _, _, n_block),
-         tVsVt(_, _, _, write.index()));
-    ++write;
+  int q_loads = 0;
+  for (Sm90TileScheduler tiles(p, m_blocks); tiles.valid(); tiles.next()) {
+    const Sm90Tile tile = tiles.tile();
+    const Sm90TileWork work = sm90_tile_work<Traits>(p, tile);
+    if (work.blocks.max <= work.blocks.min) continue;  // the consumers write the empty tile
+    const int bidh_kv = tile.bidh / p.h_h_k_ratio;
+
+    // Parity 1 on the fresh barrier passes at once: the first tile's Q needs no release.
+    cutlass::arch::ClusterBarrier::wait(&shared.q_empty, (q_loads & 1) ^ 1);
+    Tensor gQ = local_tile(args.tma_q.get_tma_tensor(q_extent(p))(_, _, tile.bidh, tile.bidb),
+                           Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(tile.m_block, _0{}));
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&shared.q_full, Traits::kQTileBytes);
+    copy(args.tma_q.with(shared.q_full), q_copy.partition_S(gQ), q_copy.partition_D(sQ));
+    ++q_loads;
+
+    // (tile rows, tile cols, key block) in gmem, (tile rows, tile cols, stage) in smem.
+    Tensor gK = local_tile(args.tma_k.get_tma_tensor(k_extent(p))(_, _, bidh_kv, tile.bidb),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+    Tensor gVt = local_tile(args.tma_vt.get_tma_tensor(vt_extent(p))(_, _, bidh_kv, tile.bidb),
+                            Shape<Int<kHeadDim>, Int<kBlockN>>{}, make_coord(_0{}, _));
+    Tensor tKgK = k_copy.partition_S(gK);
+    Tensor tKsK = k_copy.partition_D(sK);
+    Tensor tVgVt = v_copy.partition_S(gVt);
+    Tensor tVsVt = v_copy.partition_D(sVt);
+    for (int n_block = work.blocks.max - 1; n_block >= work.blocks.min; --n_block) {
+      // K first: the consumers release K's stage right after S = Q K^T, long before V's.
+      pipeline_k.producer_acquire(write);
+      copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write)), tKgK(_, _, _, n_block),
+           tKsK(_, _, _, write.index()));
+      pipeline_v.producer_acquire(write);
+      copy(args.tma_vt.with(*pipeline_v.producer_get_barrier(write)), tVgVt(_, _, _, n_block),
+           tVsVt(_, _, _, write.index()));
+      ++write;
+    }
   }
 }
 
-// Consumer warpgroup (consumer_tidx in [0, 256)): the attention of its 64 query rows, then the
-// output through shared memory and the log-sum-exp.
+// A tile with no visible key block: output 0 and lse +inf, written by the 256 consumer threads.
+template <typename Traits>
+__device__ __forceinline__ void write_empty_tile_sm90(const FwdParams& p, const Sm90Tile& tile,
+                                                      const Sm90TileWork& work, int consumer_tidx) {
+  using Element = typename Traits::Element;
+  Element* o = static_cast<Element*>(p.o_ptr) + work.seq.o_offset + tile.bidh * p.o_head_stride;
+  for (int i = consumer_tidx; i < work.rows_in_tile * p.d; i += Traits::kNConsumerThreads) {
+    o[int64_t(work.m0 + i / p.d) * p.o_row_stride + i % p.d] = Element(0.f);
+  }
+  for (int i = consumer_tidx; i < work.rows_in_tile; i += Traits::kNConsumerThreads) {
+    p.softmax_lse_ptr[tile.bidb * p.lse_batch_stride + tile.bidh * p.lse_head_stride +
+                      int64_t(work.seq.q_start + work.m0 + i) * p.lse_row_stride] = INFINITY;
+  }
+}
+
+// Consumer warpgroup (consumer_tidx in [0, 256)): the attention of its 64 query rows of one tile,
+// then the output through shared memory and the log-sum-exp. q_phase: the parity of this tile's
+// Q load on q_full; read_k / read_v: the K/V pipeline states, carried from tile to tile.
 template <typename Traits>
 __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits::SharedStorage& shared,
                                             typename Traits::Pipeline& pipeline_k,
-                                            typename Traits::Pipeline& pipeline_v, const SeqInfo& seq, int bidb,
-                                            int bidh, int m0, int rows_in_tile, KeyBlockRange blocks) {
+                                            typename Traits::Pipeline& pipeline_v,
+                                            typename Traits::PipelineState& read_k,
+                                            typename Traits::PipelineState& read_v, const Sm90Tile& tile,
+                                            const Sm90TileWork& work, int q_phase) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   const int consumer_tidx = threadIdx.x - 128;
   const int warpgroup = consumer_tidx / 128;
+  const SeqInfo& seq = work.seq;
+  const int m0 = work.m0, rows_in_tile = work.rows_in_tile, bidb = tile.bidb, bidh = tile.bidh;
+  const KeyBlockRange blocks = work.blocks;
   const int diag = seq.seqlen_k - seq.seqlen_q;
 
   typename Traits::TiledMmaQK mma_qk;
@@ -128,31 +175,62 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
   OnlineSoftmax<kRows> softmax;
 
-  cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, 0);
-  typename Traits::PipelineState read;
-  bool first = true;
-  for (int n_block = blocks.max - 1; n_block >= blocks.min; --n_block, first = false) {
-    Tensor acc_s = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    pipeline_k.consumer_wait(read);
-    warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), acc_s);
-    warpgroup_wait<0>();
-    pipeline_k.consumer_release(read);
-
-    Tensor s = gmma_rowcol_view(acc_s);
+  // S of block n is scored while the tensor cores still run O += P V of block n + 1: the S GEMM
+  // and the P V GEMM are issued back to back, the softmax waits only for the first, and O is
+  // rescaled once the second is done. K runs one block ahead of V, so each has its own state.
+  Tensor acc_s = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor s = gmma_rowcol_view(acc_s);
+  auto mask_block = [&](int n_block) {
     const BlockCoords bc{m0, n_block * kBlockN, diag};
     if (block_needs_mask(bc, kBlockN, rows_in_tile, seq.seqlen_k, p.window_left, p.window_right)) {
       apply_mask(s, tScS_rc, bc, seq.seqlen_k, p.window_left, p.window_right);
     }
-    softmax.update(s, gmma_rowcol_view(acc_o), p.scale_softmax_log2, first);
+  };
+  // P of the block whose P V GEMM is next, as the register A operand; it stays untouched until
+  // that GEMM has completed.
+  Tensor rP = make_fragment_like<Element>(acc_s);
+  Tensor tOrP = make_tensor(rP.data(), gmma_acc_to_a_operand_layout(rP.layout()));
+  auto p_from_s = [&]() {
+    Tensor converted = convert_fragment<Element>(acc_s);
+    CUTE_UNROLL
+    for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
+  };
 
-    Tensor rP = convert_fragment<Element>(acc_s);
-    Tensor tOrP = make_tensor(rP.data(), gmma_acc_to_a_operand_layout(rP.layout()));
-    pipeline_v.consumer_wait(read);
-    warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read.index()), acc_o);
+  cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, q_phase);
+  int n_block = blocks.max - 1;
+  pipeline_k.consumer_wait(read_k);
+  warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+  warpgroup_wait<0>();
+  pipeline_k.consumer_release(read_k);
+  ++read_k;
+  mask_block(n_block);
+  softmax.update(s, gmma_rowcol_view(acc_o), p.scale_softmax_log2, /*is_first=*/true);
+  p_from_s();
+
+  for (--n_block; n_block >= blocks.min; --n_block) {
+    pipeline_k.consumer_wait(read_k);
+    warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+    pipeline_v.consumer_wait(read_v);
+    warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
+    warpgroup_wait<1>();  // the S GEMM, issued first, has completed
+    pipeline_k.consumer_release(read_k);
+    ++read_k;
+    mask_block(n_block);
+    float o_correction[kRows];
+    softmax.update_deferred(s, p.scale_softmax_log2, o_correction);
     warpgroup_wait<0>();
-    pipeline_v.consumer_release(read);
-    ++read;
+    pipeline_v.consumer_release(read_v);
+    ++read_v;
+    softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
+    p_from_s();
   }
+  // Every S GEMM of this tile has completed in this thread: Q's buffer may take the next tile.
+  cutlass::arch::ClusterBarrier::arrive(&shared.q_empty);
+  pipeline_v.consumer_wait(read_v);
+  warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
+  warpgroup_wait<0>();
+  pipeline_v.consumer_release(read_v);
+  ++read_v;
 
   float lse[kRows];
   softmax.finalize(gmma_rowcol_view(acc_o), p.scale_softmax, INFINITY, lse);
@@ -169,13 +247,16 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     }
   }
 
-  // O into this warpgroup's rows of Q's tile (stmatrix), then 16-byte coalesced global stores.
+  // O into this warpgroup's rows of the O tile (stmatrix), then 16-byte coalesced global stores.
+  // Named barriers 1 and 2 (0 is __syncthreads'): the first keeps the previous tile's stores
+  // from reading rows this tile overwrites, the second publishes the rows to the warpgroup.
   Tensor rO = convert_fragment<Element>(acc_o);
-  Tensor sO = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sO = make_tensor(make_smem_ptr(shared.o.data()), typename Traits::SmemLayoutO{});
   auto o_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma_pv);
   auto thr_o_copy = o_copy.get_thread_slice(consumer_tidx);
+  cutlass::arch::NamedBarrier::sync(128, 1 + warpgroup);
   copy(o_copy, thr_o_copy.retile_S(rO), thr_o_copy.partition_D(sO));
-  cutlass::arch::NamedBarrier::sync(128, warpgroup);
+  cutlass::arch::NamedBarrier::sync(128, 1 + warpgroup);
 
   constexpr int kVecElems = 16 / sizeof(Element);
   constexpr int kVecsPerRow = kHeadDim / kVecElems;
@@ -199,28 +280,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using SharedStorage = typename Traits::SharedStorage;
   using Pipeline = typename Traits::Pipeline;
-  constexpr int kBlockM = Traits::kBlockM;
   const FwdParams& params = args.params;
 
   extern __shared__ __align__(1024) char smem_buf[];
   SharedStorage& shared = *reinterpret_cast<SharedStorage*>(smem_buf);
 
-  // Later query tiles first: under a causal mask they see the most keys, so the longest blocks
-  // start in the first wave.
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int bidb = blockIdx.y;
-  const int bidh = blockIdx.z;
-  const int bidh_kv = bidh / params.h_h_k_ratio;
-  const SeqInfo seq(params, bidb);
-  const int m0 = m_block * kBlockM;
-  const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
-  const KeyBlockRange blocks =
-      key_block_range(params, seq.seqlen_k, m0, rows_in_tile, seq.seqlen_k - seq.seqlen_q, Traits::kBlockN);
-  if (blocks.max <= blocks.min) {
-    write_empty_tile<Traits, false>(params, seq, bidb, bidh, 0, m_block, rows_in_tile);
-    return;
-  }
-
+  const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const int warpgroup = threadIdx.x / 128;
   typename Pipeline::Params pipeline_params;
   pipeline_params.transaction_bytes = Traits::kKVTileBytes;
@@ -230,17 +295,31 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   pipeline_params.num_consumers = Traits::kNConsumerThreads;
   Pipeline pipeline_k(shared.pipeline_k, pipeline_params, Shape<_1, _1, _1>{});
   Pipeline pipeline_v(shared.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
-  if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&shared.q_full, 1);
+  if (threadIdx.x == 0) {
+    cutlass::arch::ClusterTransactionBarrier::init(&shared.q_full, 1);
+    cutlass::arch::ClusterBarrier::init(&shared.q_empty, Traits::kNConsumerThreads);
+  }
   cutlass::arch::fence_barrier_init();
   __syncthreads();  // barriers initialised before anyone arrives or waits on them
 
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     // The pipeline's leader thread (is_leader above) is the only one that loads.
-    if (threadIdx.x == 0) load_tiles<Traits>(args, shared, pipeline_k, pipeline_v, m_block, bidb, bidh, bidh_kv, blocks);
+    if (threadIdx.x == 0) produce_tiles<Traits>(args, shared, pipeline_k, pipeline_v, m_blocks);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
-    attend_rows<Traits>(params, shared, pipeline_k, pipeline_v, seq, bidb, bidh, m0, rows_in_tile, blocks);
+    typename Traits::PipelineState read_k, read_v;
+    int q_loads = 0;
+    for (Sm90TileScheduler tiles(params, m_blocks); tiles.valid(); tiles.next()) {
+      const Sm90Tile tile = tiles.tile();
+      const Sm90TileWork work = sm90_tile_work<Traits>(params, tile);
+      if (work.blocks.max <= work.blocks.min) {
+        write_empty_tile_sm90<Traits>(params, tile, work, threadIdx.x - 128);
+        continue;
+      }
+      attend_rows<Traits>(params, shared, pipeline_k, pipeline_v, read_k, read_v, tile, work, q_loads & 1);
+      ++q_loads;
+    }
   }
 #endif
 }

@@ -1,7 +1,11 @@
 // Host-side launch of the Hopper forward for one (head dim, dtype): builds the TMA descriptors,
-// raises the dynamic shared-memory limit and launches one 384-thread block per 128-row query tile.
+// raises the dynamic shared-memory limit and launches one persistent 384-thread block per SM
+// (fewer when there are fewer query tiles).
 // Included only by the instantiations/flash_fwd_sm90_*.cu files.
 #pragma once
+
+#include <algorithm>
+#include <cstdint>
 
 #include <cuda_runtime.h>
 
@@ -9,6 +13,7 @@
 #include "params/fwd_params.h"
 #include "sm90/fwd_kernel.h"
 #include "sm90/kernel_traits.h"
+#include "sm90/tile_scheduler.h"
 #include "sm90/tma_loads.h"
 
 namespace flash {
@@ -19,7 +24,9 @@ void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   const Sm90FwdArgs<Traits> args = make_sm90_fwd_args<Traits>(params);
   constexpr auto kernel = &flash_fwd_sm90_kernel<Traits>;
   allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
-  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.b, params.h);
+  const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int64_t units = int64_t(Sm90TileScheduler::units_per_head(params, m_blocks)) * params.b * params.h;
+  const int grid = int(std::min<int64_t>(units, std::max(1, params.num_sms)));
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(args);
 }
 

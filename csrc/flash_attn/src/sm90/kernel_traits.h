@@ -29,7 +29,7 @@ struct Sm90FwdTraits {
   static constexpr int kNConsumerThreads = 128 * kNConsumerWarpgroups;
 
   // K and V ring depth: two stages let the producer fetch block n-1 while block n is consumed;
-  // a third would not fit beside Q (3 * 64 KiB + 32 KiB > 227 KiB).
+  // a third would not fit beside Q and O (3 * 64 KiB + 2 * 32 KiB > 227 KiB).
   static constexpr int kStages = 2;
 
   // setmaxnreg budgets. The producer only issues TMA, so it gives registers to the consumers,
@@ -65,8 +65,9 @@ struct Sm90FwdTraits {
                                               Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
                                               Step<_2, _1, _3>{}));
 
-  // O leaves through Q's tile: each warpgroup writes its 64 rows after its last S GEMM, and
-  // only that warpgroup ever reads those rows of Q.
+  // O leaves through its own shared-memory tile (stmatrix, then 16-byte global stores), so the
+  // next tile's Q may already be loading while a block writes this tile's output.
+  using SmemLayoutO = SmemLayoutQ;
   using SmemCopyAtomO = Copy_Atom<SM90_U32x4_STSM_N, Element>;
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
@@ -81,9 +82,11 @@ struct Sm90FwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutVt>> v;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutO>> o;
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
-    uint64_t q_full;  // transaction barrier of the one Q load
+    uint64_t q_full;   // transaction barrier of a tile's Q load
+    uint64_t q_empty;  // every consumer thread has issued and completed its last S GEMM of the tile
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "more than an H100 SM's shared memory per block");

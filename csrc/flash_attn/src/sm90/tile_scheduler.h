@@ -1,0 +1,62 @@
+// Which query tiles each persistent block of the Hopper forward takes, in which order. The
+// producer and the consumers of a block walk the same sequence, each with its own scheduler.
+//
+// Tiles are 128 query rows of one (batch, head). The blocks stride over units of work: a unit is
+// one tile, or under a causal mask a pair of tiles, query blocks m_blocks - 1 - i and i of one
+// head, whose key blocks sum to the same count for every i; so every unit costs the same and a
+// static stride keeps the SMs evenly loaded. The units of one head are neighbours, so the blocks
+// that read the same K/V run at the same time and share it through L2; the heavier tile of a pair
+// comes first.
+#pragma once
+
+#include "params/fwd_params.h"
+
+namespace flash {
+
+struct Sm90Tile {
+  int m_block, bidb, bidh;
+};
+
+class Sm90TileScheduler {
+ public:
+  // A causal band (bounded right, unbounded left): a query block's key count grows with it.
+  __host__ __device__ static bool pairs_blocks(const FwdParams& p) { return p.window_left < 0 && p.window_right >= 0; }
+
+  __host__ __device__ static int units_per_head(const FwdParams& p, int m_blocks) {
+    return pairs_blocks(p) ? (m_blocks + 1) / 2 : m_blocks;
+  }
+
+  __device__ Sm90TileScheduler(const FwdParams& p, int m_blocks)
+      : p_(p),
+        m_blocks_(m_blocks),
+        per_head_(units_per_head(p, m_blocks)),
+        num_units_(per_head_ * p.b * p.h),
+        paired_(pairs_blocks(p)),
+        unit_(blockIdx.x) {}
+
+  __device__ bool valid() const { return unit_ < num_units_; }
+
+  __device__ Sm90Tile tile() const {
+    const int group = unit_ / per_head_, i = unit_ % per_head_;
+    return {second_ ? i : m_blocks_ - 1 - i, group / p_.h, group % p_.h};
+  }
+
+  __device__ void next() {
+    const int i = unit_ % per_head_;
+    if (paired_ && !second_ && i != m_blocks_ - 1 - i) {
+      second_ = true;
+      return;
+    }
+    second_ = false;
+    unit_ += gridDim.x;
+  }
+
+ private:
+  const FwdParams& p_;
+  int m_blocks_, per_head_, num_units_;
+  bool paired_;
+  int unit_;
+  bool second_ = false;
+};
+
+}  // namespace flash
