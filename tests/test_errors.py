@@ -116,6 +116,25 @@ def test_strided_last_dim_accepted(name):
         flash_attn_gpu.varlen_fwd(*varlen_args(**{name: _transposed(*vshapes[name])}))
 
 
+def _misaligned(*shape):
+    """A (shape) view one element past a 16-byte boundary: its rows are not 16-byte aligned."""
+    return _t(int(torch.Size(shape).numel()) + 1)[1:].view(*shape)
+
+
+def test_misaligned_out_refused():
+    """out is written in place with 16-byte stores: a misaligned view raises, naming out."""
+    with pytest.raises(RuntimeError, match=name_re("out")):
+        flash_attn_gpu.fwd(*fwd_args(out=_misaligned(B, SQ, H, D)))
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_misaligned_input_copied(name):
+    """A misaligned q, k or v is copied (read only), so the call reaches the device check."""
+    shapes = {"q": (B, SQ, H, D), "k": (B, SK, HK, D), "v": (B, SK, HK, D)}
+    with pytest.raises(RuntimeError, match="q must be on a CUDA device"):
+        flash_attn_gpu.fwd(*fwd_args(**{name: _misaligned(*shapes[name])}))
+
+
 VARLEN_CASES = [
     ("q_fp32", dict(q=_t(TQ, H, D, dtype=torch.float32), k=_t(TK, HK, D, dtype=torch.float32),
                     v=_t(TK, HK, D, dtype=torch.float32)), name_re("q")),

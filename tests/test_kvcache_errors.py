@@ -118,8 +118,23 @@ def _case_batch_idx_and_block_table(dev):
     return kw
 
 
+def _misaligned(t):
+    """t's values in a view one element past a 16-byte boundary (rows no longer 16-byte aligned)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _case_k_cache_misaligned(dev):
+    kw = valid_kwargs(dev)
+    kw["k_cache"] = _misaligned(kw["k_cache"])
+    return kw
+
+
 # (case id, builder(device) -> kwargs, regex the message must match)
 ARG_CASES = [
+    ("k_cache_misaligned", _case_k_cache_misaligned, r"k_cache"),
     ("k_cache_dtype", _case_k_cache_dtype, r"k_cache"),
     ("page_block_size_8", _case_page_block_size, r"page_block_size"),
     ("k_without_v", _case_k_without_v, name_re("v")),

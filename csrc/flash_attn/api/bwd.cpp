@@ -79,6 +79,9 @@ void check_tensors(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   if (dq) check_like(*dq, "dq", q, q.sizes());
   if (dk) check_like(*dk, "dk", q, k.sizes());
   if (dv) check_like(*dv, "dv", q, k.sizes());
+  for (auto [t, name] : {std::pair<const OptTensor*, const char*>{&dq, "dq"}, {&dk, "dk"}, {&dv, "dv"}}) {
+    if (t->has_value()) check_vector_aligned(**t, name);
+  }
   check_alibi(alibi_slopes, batch, num_heads);
   for (auto [t, name] : {std::pair<const Tensor*, const char*>{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"},
                          {&dout, "dout"}, {&softmax_lse, "softmax_lse"}}) {
@@ -160,8 +163,8 @@ std::vector<Tensor> mha_bwd(const Tensor& dout_arg, const Tensor& q_arg, const T
                             OptTensor dv_, OptTensor alibi_slopes, double p_dropout, double softmax_scale,
                             bool is_causal, int window_left, int window_right, double softcap, bool deterministic,
                             std::optional<at::Generator> gen, OptTensor rng_state) {
-  const Tensor q = contiguous_last_dim(q_arg), k = contiguous_last_dim(k_arg), v = contiguous_last_dim(v_arg);
-  const Tensor out = contiguous_last_dim(out_arg), dout = contiguous_last_dim(dout_arg);
+  const Tensor q = with_kernel_layout(q_arg), k = with_kernel_layout(k_arg), v = with_kernel_layout(v_arg);
+  const Tensor out = with_kernel_layout(out_arg), dout = with_kernel_layout(dout_arg);
   check_qkv_dtypes(q, k, v);
   TORCH_CHECK(q.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", shape_str(q));
   TORCH_CHECK(k.dim() == 4, "k must have shape (batch, seqlen_k, num_heads_k, head_dim), got ", shape_str(k));
@@ -198,8 +201,8 @@ std::vector<Tensor> mha_varlen_bwd(const Tensor& dout_arg, const Tensor& q_arg, 
                                    int max_seqlen_k, double p_dropout, double softmax_scale, bool zero_tensors,
                                    bool is_causal, int window_left, int window_right, double softcap,
                                    bool deterministic, std::optional<at::Generator> gen, OptTensor rng_state) {
-  const Tensor q = contiguous_last_dim(q_arg), k = contiguous_last_dim(k_arg), v = contiguous_last_dim(v_arg);
-  const Tensor out = contiguous_last_dim(out_arg), dout = contiguous_last_dim(dout_arg);
+  const Tensor q = with_kernel_layout(q_arg), k = with_kernel_layout(k_arg), v = with_kernel_layout(v_arg);
+  const Tensor out = with_kernel_layout(out_arg), dout = with_kernel_layout(dout_arg);
   check_qkv_dtypes(q, k, v);
   TORCH_CHECK(q.dim() == 3, "q must have shape (total_q, num_heads, head_dim), got ", shape_str(q));
   TORCH_CHECK(k.dim() == 3, "k must have shape (total_k, num_heads_k, head_dim), got ", shape_str(k));

@@ -1,6 +1,7 @@
 // Argument checks of the forward entry points. Checks that need no GPU run before the device
 // checks, so CPU tests reach them.
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -35,8 +36,19 @@ void check_qkv_dtypes(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(v.stride(-1) == 1, "v must have contiguous last dimension");
 }
 
-Tensor contiguous_last_dim(const Tensor& t) {
-  return t.dim() > 0 && t.stride(-1) != 1 ? t.contiguous() : t;
+bool vector_aligned(const Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) {
+    if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+  }
+  return true;
+}
+
+Tensor with_kernel_layout(const Tensor& t) {
+  if (t.dim() == 0) return t;
+  const Tensor dense_rows = t.stride(-1) != 1 ? t.contiguous() : t;
+  // A contiguous view at an odd offset stays where it is under contiguous(): clone it.
+  return vector_aligned(dense_rows) ? dense_rows : dense_rows.clone(at::MemoryFormat::Contiguous);
 }
 
 void check_head_dims(int head_size, int num_heads, int num_heads_k) {
@@ -85,6 +97,12 @@ void check_out(const Tensor& out, const Tensor& q) {
   TORCH_CHECK(out.scalar_type() == q.scalar_type(), "out must have the same dtype as q");
   TORCH_CHECK(out.sizes() == q.sizes(), "out must have the same shape as q, got ", shape_str(out), " and ", shape_str(q));
   TORCH_CHECK(out.stride(-1) == 1, "out must have contiguous last dimension");
+  check_vector_aligned(out, "out");
+}
+
+void check_vector_aligned(const Tensor& t, const char* name) {
+  TORCH_CHECK(vector_aligned(t), name, " is written in place with 16-byte vector stores: its data pointer must be "
+              "16-byte aligned and its strides (but the last) multiples of 8 elements");
 }
 
 flash::FwdLauncher find_kernel(int head_size, bool is_bf16) {

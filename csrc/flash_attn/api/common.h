@@ -28,9 +28,16 @@ using OptTensor = std::optional<Tensor>;
 // from this extension segfaulted inside std::ostream's number formatting.
 std::string shape_str(const Tensor& t);
 void check_qkv_dtypes(const Tensor& q, const Tensor& k, const Tensor& v);
-// A strided last dimension is copied, as upstream's Python wrapper (maybe_contiguous) does; done here
+// The kernels move rows in 16-byte vectors (cp.async, TMA): a tensor they read or write needs a
+// 16-byte aligned data pointer and strides (but the last) that are multiples of 8 elements,
+// dimensions of size 1 excepted.
+bool vector_aligned(const Tensor& t);
+// A read-only input the kernels can load: a strided last dimension is copied, as upstream's Python
+// wrapper (maybe_contiguous) does, and so is a view whose rows are not 16-byte aligned. Done here
 // so the Python hot path needs no stride queries (each costs host time per decode step).
-Tensor contiguous_last_dim(const Tensor& t);
+Tensor with_kernel_layout(const Tensor& t);
+// Tensors written in place (out, gradients, kv caches) cannot be copied: raises naming `name`.
+void check_vector_aligned(const Tensor& t, const char* name);
 void check_head_dims(int head_size, int num_heads, int num_heads_k);
 void check_dropout_p(double p_dropout);
 void check_options(float p_dropout, bool return_softmax, int window_left, int window_right, float softcap,

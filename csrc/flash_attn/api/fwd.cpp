@@ -33,7 +33,7 @@ std::vector<Tensor> mha_fwd(const Tensor& q_arg, const Tensor& k_arg, const Tens
                             OptTensor alibi_slopes, double p_dropout, double softmax_scale, bool is_causal,
                             int window_left, int window_right, double softcap, bool return_softmax,
                             std::optional<at::Generator> gen, int num_splits) {
-  const Tensor q_in = contiguous_last_dim(q_arg), k = contiguous_last_dim(k_arg), v = contiguous_last_dim(v_arg);
+  const Tensor q_in = with_kernel_layout(q_arg), k = with_kernel_layout(k_arg), v = with_kernel_layout(v_arg);
   check_qkv_dtypes(q_in, k, v);
   TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", shape_str(q_in));
   TORCH_CHECK(k.dim() == 4, "k must have shape (batch, seqlen_k, num_heads_k, head_dim), got ", shape_str(k));
@@ -77,7 +77,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
                                    bool zero_tensors, bool is_causal, int window_left, int window_right,
                                    double softcap, bool return_softmax, std::optional<at::Generator> gen,
                                    int num_splits) {
-  const Tensor q_in = contiguous_last_dim(q_arg), k = contiguous_last_dim(k_arg), v = contiguous_last_dim(v_arg);
+  const Tensor q_in = with_kernel_layout(q_arg), k = with_kernel_layout(k_arg), v = with_kernel_layout(v_arg);
   check_qkv_dtypes(q_in, k, v);
   const bool paged = block_table.has_value();
   TORCH_CHECK(q_in.dim() == 3, "q must have shape (total_q, num_heads, head_dim), got ", shape_str(q_in));

@@ -38,11 +38,11 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_arg, const Tensor& kcache, c
                                     OptTensor alibi_slopes, OptTensor out_, double softmax_scale, bool is_causal,
                                     int window_left, int window_right, double softcap, bool rotary_interleaved,
                                     int num_splits) {
-  // q and the new k / v are read only: a strided last dimension is copied. The caches are
-  // written in place, so theirs must already be contiguous.
-  const Tensor q_in = contiguous_last_dim(q_arg);
-  const OptTensor k_ = k_arg ? OptTensor(contiguous_last_dim(*k_arg)) : OptTensor();
-  const OptTensor v_ = v_arg ? OptTensor(contiguous_last_dim(*v_arg)) : OptTensor();
+  // q and the new k / v are read only: a strided last dimension or misaligned rows are copied.
+  // The caches are written in place, so theirs must already fit the kernels.
+  const Tensor q_in = with_kernel_layout(q_arg);
+  const OptTensor k_ = k_arg ? OptTensor(with_kernel_layout(*k_arg)) : OptTensor();
+  const OptTensor v_ = v_arg ? OptTensor(with_kernel_layout(*v_arg)) : OptTensor();
   const auto dt = q_in.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "q must have dtype torch.float16 or torch.bfloat16, got ",
               c10::toString(dt));
@@ -53,6 +53,8 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_arg, const Tensor& kcache, c
   TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", shape_str(q_in));
   TORCH_CHECK(kcache.stride(-1) == 1, "k_cache must have contiguous last dimension");
   TORCH_CHECK(vcache.stride(-1) == 1, "v_cache must have contiguous last dimension");
+  check_vector_aligned(kcache, "k_cache");
+  check_vector_aligned(vcache, "v_cache");
   const bool paged = block_table.has_value();
   TORCH_CHECK(kcache.dim() == 4, "k_cache must have shape ",
               paged ? "(num_blocks, page_block_size, num_heads_k, head_dim) with block_table"
