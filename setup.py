@@ -78,9 +78,9 @@ def extension_modules():
     kernel_dir = CSRC / "src" / "instantiations"
     kernels = [kernel_dir / f"flash_fwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
     kernels += [kernel_dir / f"flash_bwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
-    # The Hopper forward (wgmma, TMA, setmaxnreg) needs sm_90a; it covers head dim 128 so far.
+    # The Hopper forward (wgmma, TMA, setmaxnreg) needs sm_90a; it covers head dims 64 and 128 so far.
     if "90" in archs:
-        kernels += [kernel_dir / f"flash_fwd_sm90_hdim{h}_{d}.cu" for h in headdims if h == 128 for d in dtypes]
+        kernels += [kernel_dir / f"flash_fwd_sm90_hdim{h}_{d}.cu" for h in headdims if h in (64, 128) for d in dtypes]
     missing = [k for k in kernels if not k.exists()]
     if missing:
         sys.exit(f"missing {missing}; run csrc/flash_attn/src/generate_kernels.py")

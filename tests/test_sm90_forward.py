@@ -1,10 +1,10 @@
 """The Hopper forward (csrc/flash_attn/src/sm90/): on a compute capability 9.0 GPU the dense,
-unsplit forward at kernel head dim 128 runs it. These tests check that the dispatcher picks it
+unsplit forward at kernel head dims 64 and 128 runs it. These tests check that the dispatcher picks it
 exactly where it applies (the kernel's name in a profiler trace), that it matches the fp32
 reference and the SM80 kernel, that calls outside its scope fall back to the SM80 kernel with
 correct results, and that its output is bitwise identical run to run.
 
-The rest of the suite exercises it too wherever a dense head-dim-128 call lands in its scope;
+The rest of the suite exercises it too wherever a dense call lands in its scope;
 FLASH_ATTN_TEST_SM90=0 (tests/conftest.py) runs the whole suite on the SM80 kernels instead.
 """
 
@@ -21,7 +21,7 @@ from helpers import (
     flash_attn_gpu,
     requires_gpu,
 )
-from reference import attention_ref
+from reference import attention_ref, kernel_headdim
 
 pytestmark = requires_gpu
 
@@ -30,10 +30,12 @@ DTYPE_IDS = ["fp16", "bf16"]
 SM90_KERNEL = "flash_fwd_sm90_kernel"
 
 
-def _hopper_forward_built(dtype):
+def _hopper_forward_built(dtype, d=128):
+    """Whether this build has the Hopper forward serving head dim d (rounded up) in dtype."""
     info = flash_attn_gpu.build_info() if flash_attn_gpu is not None else {}
     dtype_name = "bf16" if dtype == torch.bfloat16 else "fp16"
-    return 128 in [int(h) for h in info.get("sm90_forward_headdims", [])] and dtype_name in info.get("dtypes", [])
+    kernel_d = kernel_headdim(d)
+    return kernel_d in [int(h) for h in info.get("sm90_forward_headdims", [])] and dtype_name in info.get("dtypes", [])
 
 
 @pytest.fixture
@@ -77,10 +79,10 @@ HEADS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (6, 1)}
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("mask", list(MASKS))
 @pytest.mark.parametrize("seqlen_q,seqlen_k", SHAPES)
-@pytest.mark.parametrize("d", [128, 104])
+@pytest.mark.parametrize("d", [128, 104, 64, 40])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_forward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, heads, hopper):
-    if not _hopper_forward_built(dtype):
+    if not _hopper_forward_built(dtype, d):
         pytest.skip("this build has no Hopper forward for this dtype")
     nheads, nheads_k = HEADS[heads]
     q, k, v = _qkv(2, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype)
@@ -109,21 +111,23 @@ def test_sm90_forward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, head
     assert_out_close(out_sm80, out_ref, out_pt, name="out (SM80)")
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_sm90_forward_bitwise_repeatable(dtype, hopper):
-    if not _hopper_forward_built(dtype):
-        pytest.skip("this build has no Hopper forward for this dtype")
-    q, k, v = _qkv(2, 1000, 3000, 16, 4, 128, dtype)
+def test_sm90_forward_bitwise_repeatable(dtype, d, hopper):
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    q, k, v = _qkv(2, 1000, 3000, 16, 4, d, dtype)
     first = flash_attn.flash_attn_func(q, k, v, causal=True)
     for _ in range(5):
         assert torch.equal(flash_attn.flash_attn_func(q, k, v, causal=True), first)
 
 
 # Calls the Hopper forward does not cover: each runs the SM80 kernel and stays correct.
+# (Head dim 32 stays on the SM80 kernel.)
 FALLBACKS = {
     "softcap": lambda q, k, v: dict(softcap=20.0),
     "alibi": lambda q, k, v: dict(alibi_slopes=torch.rand(q.shape[2], device=DEVICE, dtype=torch.float32)),
-    "headdim64": None,
+    "headdim32": None,
 }
 
 
@@ -132,9 +136,9 @@ FALLBACKS = {
 def test_sm90_forward_fallback(dtype, case, hopper):
     if not _hopper_forward_built(dtype):
         pytest.skip("this build has no Hopper forward for this dtype")
-    d = 64 if case == "headdim64" else 128
-    if case == "headdim64" and 64 not in [int(h) for h in flash_attn_gpu.build_info()["headdims"]]:
-        pytest.skip("head dim 64 not compiled")
+    d = 32 if case == "headdim32" else 128
+    if case == "headdim32" and 32 not in [int(h) for h in flash_attn_gpu.build_info()["headdims"]]:
+        pytest.skip("head dim 32 not compiled")
     q, k, v = _qkv(2, 200, 300, 4, 2, d, dtype)
     kw = FALLBACKS[case](q, k, v) if FALLBACKS[case] is not None else {}
     run = lambda: ext_fwd(q, k, v, causal=True, nan_tail=False, **kw)  # noqa: E731

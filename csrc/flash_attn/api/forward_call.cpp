@@ -169,12 +169,12 @@ bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides) {
 }
 
 // What the Hopper forward covers (sm90/fwd_kernel.h): the unsplit forward of batch-strided q/k/v
-// at kernel head dim 128 with causal or window masks, and nothing of softcap, ALiBi, dropout or
-// the kv-cache layouts; everything else runs the SM80 kernels.
+// at the kernel head dims it is built for (run_sm90 registered) with causal or window masks, and
+// nothing of softcap, ALiBi, dropout or the kv-cache layouts; everything else runs the SM80 kernels.
 bool sm90_forward_applies(const flash::FwdParams& p, const flash::ForwardPlan& plan, const DeviceInfo& dev,
                           const flash::FwdLauncher& kernel) {
   return kernel.run_sm90 != nullptr && dev.sm90 && sm90_forward_enabled.load(std::memory_order_relaxed) &&
-         !plan.split_kernel && !plan.swap_seqlen_ngroups && flash::round_up_headdim(p.d) == 128 && p.seqlen_k > 0 &&
+         !plan.split_kernel && !plan.swap_seqlen_ngroups && p.seqlen_k > 0 &&
          p.alibi_slopes_ptr == nullptr && p.softcap_in == 0.f && p.dropout_keep_threshold == 0 &&
          p.seqused_k == nullptr && p.leftpad_k == nullptr && p.cache_batch_idx == nullptr &&
          p.block_table == nullptr && p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr &&

@@ -18,7 +18,8 @@ template <int kHeadDim_, bool kIsBf16>
 struct Sm90FwdTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
-  static_assert(kHeadDim == 128, "the tile shape and register budget below are sized for head dim 128");
+  // The tile shape and register budget below hold the S and O accumulators of head dims 64 and 128.
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper forward covers head dims 64 and 128");
 
   // One 128-row query tile per thread block; each consumer warpgroup owns 64 of its rows (one
   // GMMA M-extent), so a row's softmax never leaves its warpgroup.
