@@ -215,14 +215,16 @@ def report(floor_rows, configs, kvcache) -> str:
                                                   else "" for c in COLUMNS] + [""] for row in kvcache]
     lines = [common.markdown_table(["shape", "call"] + COLUMNS + ["error"], table), ""]
     for row in kvcache:
-        lines.append(f"- {row['shape']}: flash_attn_with_kvcache / flash_attn_func, wall {fmt(row['wall_us_ratio'], '.3f')}"
-                     f" ({fmt(row['wall_us_kvcache'], '.2f')} / {fmt(row['wall_us_func'], '.2f')} us), GPU "
+        lines.append(f"- {row['shape']}: flash_attn_with_kvcache / flash_attn_func, wall "
+                     f"{fmt(row['wall_us_ratio'], '.3f')} ({fmt(row['wall_us_kvcache'], '.2f')} / "
+                     f"{fmt(row['wall_us_func'], '.2f')} us), GPU "
                      f"{fmt(row['gpu_us_ratio'], '.3f')} ({fmt(row['gpu_us_kvcache'], '.2f')} / "
                      f"{fmt(row['gpu_us_func'], '.2f')} us); target <= 1.02")
     for cfg in configs:
         g = cfg["graph"]
-        lines.append(f"- {cfg['shape']} (auto splits {cfg['auto_splits']}): host overhead {fmt(cfg['overhead_us'], '.2f')}"
-                     f" us, target <= {TARGET_US:g} us {'MET' if cfg['target_met'] else 'NOT MET'}; Python wrapper "
+        lines.append(f"- {cfg['shape']} (auto splits {cfg['auto_splits']}): host overhead "
+                     f"{fmt(cfg['overhead_us'], '.2f')} us, target <= {TARGET_US:g} us "
+                     f"{'MET' if cfg['target_met'] else 'NOT MET'}; Python wrapper "
                      f"{fmt(cfg['python_wrapper_us'], '.2f')} us; CUDA graph {g['status']} ({g['replays']} replays, "
                      f"max |graph - eager| {fmt(g.get('maxdiff'), '.3g')}, stale {g.get('stale_replays', 'n/a')}"
                      + (f", {g['error']}" if "error" in g else "") + f"), replay host cost "

@@ -99,7 +99,8 @@ def main(argv=None) -> int:
         print("plot.py needs matplotlib, a development dependency: pip install matplotlib")
         return 1
     os.makedirs(args.out_dir, exist_ok=True)
-    figures = {"decode": lambda rows, dev: plot_decode(plt, rows, dev, "Decode (one query, fp16, head dim 128), L2 flushed"),
+    decode_title = "Decode (one query, fp16, head dim 128), L2 flushed"
+    figures = {"decode": lambda rows, dev: plot_decode(plt, rows, dev, decode_title),
                "forward": lambda rows, dev: plot_throughput(plt, rows, dev, "Prefill forward, model dim 2048", FORWARD),
                "backward": lambda rows, dev: plot_throughput(plt, rows, dev, "Backward, model dim 2048", BACKWARD)}
     drawn = 0
