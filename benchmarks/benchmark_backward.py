@@ -21,19 +21,10 @@ import torch
 import torch.nn.functional as F
 
 import common
-from benchmark_forward import DTYPES, MODEL_DIM, TOKENS, cell_line, forward_flops, grid
+import timing
 from common import fmt, ratio
 
 BACKWARD_FLOPS_FACTOR = 2.5
-
-
-def parse_args(argv=None):
-    p = common.parser(__doc__, time_budget_s=200.0)
-    p.add_argument("--dtypes", default="fp16,bf16", help="default %(default)s")
-    p.add_argument("--headdims", default="64,128,256", help="default %(default)s")
-    p.add_argument("--causal", choices=["both", "true", "false"], default="both")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout_p for ours and torch FA2 (default 0)")
-    return p.parse_args(argv)
 
 
 def backward_of(forward, q, k, v):
@@ -47,24 +38,22 @@ def backward_of(forward, q, k, v):
 
 def measure(c, kw, passes, dropout):
     from flash_attn import flash_attn_func
-    causal, seqlen = c["causal"], c["seqlen"]
-    heads, batch = MODEL_DIM // c["headdim"], TOKENS // seqlen
-    q, k, v = (torch.randn(batch, seqlen, heads, c["headdim"], device="cuda", dtype=DTYPES[c["dtype"]],
-                           requires_grad=True) for _ in range(3))
+    (q, k, v), batch, heads = common.prefill_inputs(c, requires_grad=True)
+    causal = c["causal"]
 
     def sdpa(p):
         return lambda q, k, v: F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, is_causal=causal)
 
-    impls = {
-        "ours": (backward_of(lambda q, k, v: flash_attn_func(q, k, v, dropout, causal=causal), q, k, v), None),
-        "ours_det": (backward_of(lambda q, k, v: flash_attn_func(q, k, v, dropout, causal=causal, deterministic=True),
-                                 q, k, v), None),
-        "torch_fa2": (backward_of(sdpa(dropout), q, k, v), common.sdpa_context("FLASH_ATTENTION")),
-        "cudnn": (backward_of(sdpa(0.0), q, k, v), common.sdpa_context("CUDNN_ATTENTION")),
-    }
-    times, notes, _ = common.time_impls(impls, kw, passes)
-    flops = BACKWARD_FLOPS_FACTOR * forward_flops(batch, heads, seqlen, c["headdim"], causal)
+    def ours(deterministic):
+        return lambda q, k, v: flash_attn_func(q, k, v, dropout, causal=causal, deterministic=deterministic)
+
+    impls = {"ours": (backward_of(ours(False), q, k, v), None),
+             "ours_det": (backward_of(ours(True), q, k, v), None),
+             "torch_fa2": (backward_of(sdpa(dropout), q, k, v), timing.sdpa_context("FLASH_ATTENTION")),
+             "cudnn": (backward_of(sdpa(0.0), q, k, v), timing.sdpa_context("CUDNN_ATTENTION"))}
+    times, notes, _ = timing.time_impls(impls, kw, passes)
+    flops = BACKWARD_FLOPS_FACTOR * common.forward_flops(c, batch, heads)
     row = dict(c, batch=batch, nheads=heads, dropout_p=dropout, notes=[f"{n}: {t}" for n, t in notes.items()])
     for name in impls:
         row[f"{name}_bwd_ms"] = times[name] / 1e3 if times[name] else None
@@ -73,11 +62,14 @@ def measure(c, kw, passes, dropout):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    desc = common.start("benchmark_backward.py", args)
-    torch.manual_seed(0)
-    rows = common.run_cells(grid(args), lambda c, kw, late: measure(c, kw, 1 if args.quick else 2, args.dropout),
-                            args, common.bench_kwargs(args, 0.2), lambda r: cell_line(r, "bwd_tflops"))
+    p = common.parser(__doc__, time_budget_s=200.0)
+    common.add_prefill_args(p)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout_p for ours and torch FA2 (default 0)")
+    args = p.parse_args(argv)
+    desc = common.start()
+    rows = common.run_cells(common.prefill_cells(args),
+                            lambda c, kw, late: measure(c, kw, 1 if args.quick else 2, args.dropout),
+                            args, common.bench_kwargs(args, 0.2), lambda r: common.prefill_line(r, "bwd_tflops"))
     headers = ["dtype", "headdim", "causal", "seqlen", "ours ms", "ours det ms", "ours TFLOP/s", "ours det TFLOP/s",
                "torch FA2 TFLOP/s", "cuDNN TFLOP/s", "ours/torch_fa2"]
     table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"], fmt(r.get("ours_bwd_ms"), ".3f"),
@@ -87,7 +79,6 @@ def main(argv=None) -> int:
     notes = sorted({n for r in rows for n in r["notes"]})
     report = (common.markdown_table(headers, table) + f"\n\ndropout_p {args.dropout:g} (ours, torch FA2; cuDNN 0)"
               + "".join(f"\n- {n}" for n in notes[:20]))
-    print("\n" + report)
     common.save(args, "backward", desc, rows, report)
     return 0
 

@@ -38,22 +38,7 @@ SPECDEC_BATCHES = [1, 4, 16]
 SPECDEC_SEQLENS_K = [4096, 8192, 16384, 32768]
 SPECDEC_HEADS = [(12, 12), (32, 8)]
 D = 128
-
-
-def parse_args(argv=None):
-    p = common.parser(__doc__, time_budget_s=90.0)
-    p.add_argument("--grid", choices=["decode", "specdec"], default="decode")
-    common.add_cell_args(p)
-    p.add_argument("--no-cudnn", action="store_true", help="leave out the cuDNN column")
-    p.add_argument("--no-paged", dest="paged", action="store_false", help="decode grid: no paged columns")
-    p.add_argument("--paged-margin-gib", type=float, default=2.0,
-                   help="free memory kept beyond a paged copy of K/V, else its columns are skipped (default 2)")
-    p.add_argument("--max-expand-gib", type=float, default=16.0,
-                   help="largest K+V expanded to all heads when cuDNN refuses GQA (default 16)")
-    p.add_argument("--graph", action="store_true", help="decode grid: also ours by CUDA-graph replay (L2-warm)")
-    return p.parse_args(argv)
-
-
+HALF = dict(device="cuda", dtype=torch.float16)
 DECODE_KEYS = ["batch", "seqlen_k", "heads", "kv_heads", "ours_us", "nosplit_us", "torch_fa2_varlen_us", "cudnn_us",
                "bw_frac", "splits", "maxdiff", "cudnn_maxdiff", "cudnn_kv_expanded", "kv_bytes", "copy_bw_bytes_per_s"]
 DECODE_KEYS += [f"paged{p}_{s}" for p in PAGES for s in ("us", "ratio", "maxdiff")]
@@ -63,64 +48,63 @@ def cudnn_impl(q4, k4, v4, mask, gqa):
     """SDPA on the cuDNN backend over (b, h, s, d) views; enable_gqa where kv_heads < heads."""
     gqa_kw = {"enable_gqa": True} if gqa else {}
     return (lambda: lambda: F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, **gqa_kw),
-            common.sdpa_context("CUDNN_ATTENTION"))
+            timing.sdpa_context("CUDNN_ATTENTION"))
 
 
-def decode_cell(c, args, kw, api, copy_bw, paged_off):
+def decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off):
+    import flash_attn
+    fa2, fa2_note = torch_fa2
     b, s, h, hk = c["batch"], c["seqlen_k"], c["heads"], c["kv_heads"]
-    row = dict(dict.fromkeys(DECODE_KEYS), **c, splits=api.heuristic(b, h, hk, 1, s, D), cudnn_kv_expanded=False,
-               kv_bytes=common.kv_bytes(c), copy_bw_bytes_per_s=copy_bw, notes=[])
-    q = torch.randn(b, h, D, device="cuda", dtype=torch.float16)
-    k, v = (torch.randn(b * s, hk, D, device="cuda", dtype=torch.float16) for _ in range(2))
+    row = dict(dict.fromkeys(DECODE_KEYS), **c, splits=flash_attn.num_splits_heuristic(b, h, hk, 1, s, D),
+               cudnn_kv_expanded=False, kv_bytes=common.kv_bytes(c), copy_bw_bytes_per_s=copy_bw, notes=[])
+    q, k, v = torch.randn(b, h, D, **HALF), torch.randn(b * s, hk, D, **HALF), torch.randn(b * s, hk, D, **HALF)
     cu_q = torch.arange(b + 1, device="cuda", dtype=torch.int32)
     cu_k = cu_q * s
 
     def ours(splits, kk=k, vv=v, **paged):
-        return lambda: lambda: api.varlen(q, kk, vv, cu_q, cu_k, 1, s, causal=True, num_splits=splits, **paged)
+        return lambda: lambda: flash_attn.flash_attn_varlen_func(q, kk, vv, cu_q, cu_k, 1, s, causal=True,
+                                                                 num_splits=splits, **paged)
 
     timing.settle(ours(0)())
     q4, k4, v4 = q.view(b, h, 1, D), k.view(b, s, hk, D).transpose(1, 2), v.view(b, s, hk, D).transpose(1, 2)
     impls = {"ours": (ours(0), None), "nosplit": (ours(1), None)}
-    if api.fa2:
-        impls["torch_fa2_varlen"] = (lambda: lambda: api.fa2(q, k, v, cu_q, cu_k, 1, s, True), None)
+    if fa2:
+        impls["torch_fa2_varlen"] = (lambda: lambda: fa2(q, k, v, cu_q, cu_k, 1, s, True), None)
     if not args.no_cudnn:  # one query: bottom-right causal allows every key, no mask
         impls["cudnn"] = cudnn_impl(q4, k4, v4, None, h != hk)
-    times, notes, outs = common.time_impls(impls, kw, 1 if args.quick else 2, repeat=("ours", "cudnn"))
-    expanded = dict(c, kv_heads=h)
-    if "cudnn" in notes and h != hk and common.kv_bytes(expanded) <= args.max_expand_gib * 2 ** 30:
+    times, notes, outs = timing.time_impls(impls, kw, 1 if args.quick else 2, repeat=("ours", "cudnn"))
+    if "cudnn" in notes and h != hk and common.kv_bytes(dict(c, kv_heads=h)) <= args.max_expand_gib * 2 ** 30:
         ke, ve = (x.repeat_interleave(h // hk, dim=1) for x in (k4, v4))  # outside the timed region
         make, ctx = cudnn_impl(q4, ke, ve, None, False)
-        times["cudnn"], note, outs["cudnn"] = common.time_impl(make, kw, ctx)
+        times["cudnn"], note, outs["cudnn"] = timing.time_impl(make, kw, ctx)
         row["cudnn_kv_expanded"] = times["cudnn"] is not None
         notes["cudnn"] = f"GQA refused ({notes['cudnn'][:100]}); K/V expanded outside the timing" + \
             ("" if times["cudnn"] else f", then: {note}")
         del ke, ve
     for name in ("ours", "nosplit", "torch_fa2_varlen", "cudnn"):
         row[f"{name}_us"] = times.get(name)
-    row["notes"] += [f"{n}: {t}" for n, t in notes.items()] + ([] if api.fa2 else [f"torch_fa2: {api.fa2_note}"])
+    row["notes"] += [f"{n}: {t}" for n, t in notes.items()] + ([] if fa2 else [f"torch_fa2: {fa2_note}"])
     o = outs.get("ours")
     if o is not None:
         for name, key in (("torch_fa2_varlen", "maxdiff"), ("cudnn", "cudnn_maxdiff")):
             if outs.get(name) is not None:
-                row[key] = (o.float() - outs[name].reshape(o.shape).float()).abs().max().item()
+                row[key] = common.maxdiff(o, outs[name].reshape(o.shape))
         if row["maxdiff"] is None:  # torch FA2 n/a: compare with cuDNN
             row["maxdiff"] = row["cudnn_maxdiff"]
     if args.graph and o is not None:
-        g = timing.bench_graph(ours(0)(), reps=5 if args.quick else 10)
-        row["ours_graph_us"] = g.median_us if g else None
+        row["ours_graph_us"] = timing.bench_graph(ours(0)(), reps=5 if args.quick else 10)
     row["bw_frac"] = ratio(row["kv_bytes"] / (row["ours_us"] * 1e-6), copy_bw) if row["ours_us"] else None
     for page in PAGES:
         if paged_off[page] or o is None:
             continue
-        free, _ = torch.cuda.mem_get_info()
-        if free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < \
-                row["kv_bytes"] + args.paged_margin_gib * 2 ** 30:
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        if free < row["kv_bytes"] + args.paged_margin_gib * 2 ** 30:
             row["notes"].append(f"paged{page}: skipped (GPU memory)")
             continue
         kp, vp, table = common.make_paged(k, v, b, s, page)
-        t, note, op = common.time_impl(ours(0, kp, vp, block_table=table), dict(kw, max_time_s=kw["max_time_s"] / 2))
+        t, note, op = timing.time_impl(ours(0, kp, vp, block_table=table), dict(kw, max_time_s=kw["max_time_s"] / 2))
         row[f"paged{page}_us"], row[f"paged{page}_ratio"] = t, ratio(t, row["ours_us"])
-        row[f"paged{page}_maxdiff"] = (op.float() - o.float()).abs().max().item() if op is not None else None
+        row[f"paged{page}_maxdiff"] = common.maxdiff(op, o) if op is not None else None
         if note:
             row["notes"].append(f"paged{page}: {note}")
             if "not supported" in note:
@@ -129,10 +113,12 @@ def decode_cell(c, args, kw, api, copy_bw, paged_off):
     return row
 
 
-def specdec_cells(c0, args, kw, api):
+def specdec_cells(c0, args, kw, torch_fa2):
     """All seqlen_q of one (batch, seqlen_k, heads) on one cache."""
+    import flash_attn
+    heuristic, (fa2, _) = flash_attn.num_splits_heuristic, torch_fa2
     b, s, h, hk = c0["batch"], c0["seqlen_k"], c0["heads"], c0["kv_heads"]
-    k, v = (torch.randn(b, s, hk, D, device="cuda", dtype=torch.float16) for _ in range(2))
+    k, v = torch.randn(b, s, hk, D, **HALF), torch.randn(b, s, hk, D, **HALF)
     lens = torch.full((b,), s, device="cuda", dtype=torch.int32)
     cu_k = torch.arange(b + 1, device="cuda", dtype=torch.int32) * s
     rows = []
@@ -140,31 +126,31 @@ def specdec_cells(c0, args, kw, api):
         c = dict(c0, seqlen_q=sq)
         if not common.cell_matches(c, args.cells):
             continue
-        q = torch.randn(b, sq, h, D, device="cuda", dtype=torch.float16)
+        q = torch.randn(b, sq, h, D, **HALF)
         cu_q = torch.arange(b + 1, device="cuda", dtype=torch.int32) * sq
         row = dict(heads=h, kv_heads=hk, seqlen_q=sq, batch=b, seqlen_k=s, notes=[],
-                   auto_splits=api.heuristic(b, h, hk, sq, s, D))
+                   auto_splits=heuristic(b, h, hk, sq, s, D))
 
         def ours(splits):
-            return lambda: lambda: api.func(q, k, v, causal=True, num_splits=splits)
+            return lambda: lambda: flash_attn.flash_attn_func(q, k, v, causal=True, num_splits=splits)
 
         timing.settle(ours(0)())
-        cap = api.heuristic(b, h, hk, sq, s, D, num_splits=64)  # the dispatcher's clamp: min(64, key blocks)
+        cap = heuristic(b, h, hk, sq, s, D, num_splits=64)  # the dispatcher's clamp: min(64, key blocks)
         sweep_kw = dict(warmup=1, reps=min(kw["reps"], 5 if args.quick else 10), min_reps=3, max_time_s=0.02)
-        sweep = {n: common.time_impl(ours(n), sweep_kw)[0] for n in range(1, cap + 1)}
-        sweep = {n: t for n, t in sweep.items() if t is not None}
-        row["best_splits"] = min(sweep, key=sweep.get) if sweep else None
+        sweep = {n: timing.time_impl(ours(n), sweep_kw)[0] for n in range(1, cap + 1)}
+        row["best_splits"] = min((n for n in sweep if sweep[n] is not None), key=sweep.get, default=None)
+        kvcache = flash_attn.flash_attn_with_kvcache
         impls = {"ours": (ours(0), None),
-                 "ours_kvcache": (lambda: lambda: api.kvcache(q, k, v, cache_seqlens=lens, causal=True), None)}
-        if api.fa2:
+                 "ours_kvcache": (lambda: lambda: kvcache(q, k, v, cache_seqlens=lens, causal=True), None)}
+        if fa2:
             qv, kv_, vv = q.view(b * sq, h, D), k.view(b * s, hk, D), v.view(b * s, hk, D)
-            impls["torch_fa2_dense"] = (lambda: lambda: api.fa2(qv, kv_, vv, cu_q, cu_k, sq, s, True), None)
+            impls["torch_fa2_dense"] = (lambda: lambda: fa2(qv, kv_, vv, cu_q, cu_k, sq, s, True), None)
         mask = None if sq == 1 else torch.ones(sq, s, dtype=torch.bool, device="cuda").tril(s - sq)
         if not args.no_cudnn:
             impls["cudnn"] = cudnn_impl(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, h != hk)
         if row["best_splits"]:
             impls["best_explicit"] = (ours(row["best_splits"]), None)
-        times, notes, outs = common.time_impls(impls, kw, 1 if args.quick else 2)
+        times, notes, outs = timing.time_impls(impls, kw, 1 if args.quick else 2)
         for name in ("ours", "ours_kvcache", "torch_fa2_dense", "cudnn", "best_explicit"):
             row[f"{name}_us"] = times.get(name)
         row["notes"] += [f"{n}: {t}" for n, t in notes.items()]
@@ -172,7 +158,7 @@ def specdec_cells(c0, args, kw, api):
             for name in ("ours_kvcache", "torch_fa2_dense", "cudnn"):
                 if outs.get(name) is not None:
                     other = outs[name].transpose(1, 2) if name == "cudnn" else outs[name].view(b, sq, h, D)
-                    row[f"{name}_maxdiff"] = (outs["ours"].float() - other.float()).abs().max().item()
+                    row[f"{name}_maxdiff"] = common.maxdiff(outs["ours"], other)
         rows.append(row)
     return rows
 
@@ -187,9 +173,8 @@ def decode_report(rows, args, copy_bw) -> str:
                "cudnn_us", "torch_fa2/ours", "ours/cudnn", "bw_frac", "maxdiff"]
     headers += ["paged16/ours", "paged256/ours"] if args.paged else []
     headers += ["ours_graph_us"] if args.graph else []
-    table = [[r["batch"], r["seqlen_k"], r["heads"], r["kv_heads"], r["splits"], fmt(r["ours_us"]),
-              fmt(r.get("nosplit_us")), fmt(r.get("torch_fa2_varlen_us")),
-              fmt(r.get("cudnn_us")) + ("*" if r["cudnn_kv_expanded"] else ""),
+    table = [[r[k] for k in headers[:5]] + [fmt(r.get(k)) for k in headers[5:8]]
+             + [fmt(r.get("cudnn_us")) + ("*" if r["cudnn_kv_expanded"] else ""),
               fmt(ratio(r.get("torch_fa2_varlen_us"), r["ours_us"]), ".2f"),
               fmt(ratio(r["ours_us"], r.get("cudnn_us")), ".3f"), fmt(r["bw_frac"], ".2f"),
               fmt(r.get("maxdiff"), ".1e")]
@@ -209,24 +194,15 @@ def decode_report(rows, args, copy_bw) -> str:
 def specdec_report(rows) -> str:
     headers = ["heads", "kv_heads", "seqlen_q", "batch", "seqlen_k", "ours_us", "ours_kvcache_us", "torch_fa2_dense_us",
                "cudnn_us", "best_explicit_us", "best_splits", "auto_splits", "ours/fa2", "ours/best"]
-    table = [[r["heads"], r["kv_heads"], r["seqlen_q"], r["batch"], r["seqlen_k"]]
-             + [fmt(r.get(k)) for k in headers[5:10]] + [r["best_splits"], r["auto_splits"],
-                                                         fmt(ratio(r["ours_us"], r.get("torch_fa2_dense_us")), ".2f"),
-                                                         fmt(ratio(r["ours_us"], r.get("best_explicit_us")), ".2f")]
+    table = [[r[k] for k in headers[:5]] + [fmt(r.get(k)) for k in headers[5:10]]
+             + [r["best_splits"], r["auto_splits"]]
+             + [fmt(ratio(r["ours_us"], r.get(k)), ".2f") for k in ("torch_fa2_dense_us", "best_explicit_us")]
              for r in rows]
     return "\n".join([common.markdown_table(headers, table), "",
                       f"ours <= torch FA2 in {count(rows, 'ours_us', 'torch_fa2_dense_us', 1.0)} rows",
                       f"ours <= 1.05 x best explicit in {count(rows, 'ours_us', 'best_explicit_us', 1.05)} rows",
                       f"kvcache <= 1.02 x ours in {count(rows, 'ours_kvcache_us', 'ours_us', 1.02)} rows",
                       f"ours <= cuDNN in {count(rows, 'ours_us', 'cudnn_us', 1.0)} rows"])
-
-
-class Api:
-    def __init__(self):
-        import flash_attn
-        self.func, self.varlen = flash_attn.flash_attn_func, flash_attn.flash_attn_varlen_func
-        self.kvcache, self.heuristic = flash_attn.flash_attn_with_kvcache, flash_attn.num_splits_heuristic
-        self.fa2, self.fa2_note = common.torch_fa2_forward()
 
 
 def decode_line(r) -> str:
@@ -242,27 +218,35 @@ def specdec_line(r) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    p = common.parser(__doc__, time_budget_s=90.0)
+    p.add_argument("--grid", choices=["decode", "specdec"], default="decode")
+    common.add_cell_args(p)
+    p.add_argument("--no-cudnn", action="store_true", help="leave out the cuDNN column")
+    p.add_argument("--no-paged", dest="paged", action="store_false", help="decode grid: no paged columns")
+    p.add_argument("--paged-margin-gib", type=float, default=2.0,
+                   help="free memory kept beyond a paged copy of K/V, else its columns are skipped (default 2)")
+    p.add_argument("--max-expand-gib", type=float, default=16.0,
+                   help="largest K+V expanded to all heads when cuDNN refuses GQA (default 16)")
+    p.add_argument("--graph", action="store_true", help="decode grid: also ours by CUDA-graph replay (L2-warm)")
+    args = p.parse_args(argv)
     common.parse_cells(args.cells)
-    desc = common.start("benchmark_decode.py", args)
-    api = Api()
+    desc = common.start()
+    torch_fa2 = timing.torch_fa2_forward()
     kw = common.bench_kwargs(args, 0.3)
-    torch.manual_seed(0)
     if args.grid == "decode":
         copy_bw = timing.copy_bandwidth(reps=10 if args.quick else 20)
         print(f"copy bandwidth (2 GiB copy, read + write): {copy_bw / 1e12:.3f} TB/s")
         paged_off = {p: (None if args.paged else "--no-paged") for p in PAGES}
         rows = common.run_cells(common.select_cells(common.decode_cells(), args),
-                                lambda c, kw, late: [decode_cell(c, args, kw, api, copy_bw, paged_off)],
+                                lambda c, kw, late: [decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off)],
                                 args, kw, decode_line)
     else:
         cells = [dict(batch=b, seqlen_k=s, heads=h, kv_heads=hk) for s in SPECDEC_SEQLENS_K for b in SPECDEC_BATCHES
                  for h, hk in SPECDEC_HEADS]
-        rows = common.run_cells(common.select_cells(cells, args), lambda c, kw, late: specdec_cells(c, args, kw, api),
-                                args, kw, specdec_line)
+        rows = common.run_cells(common.select_cells(cells, args),
+                                lambda c, kw, late: specdec_cells(c, args, kw, torch_fa2), args, kw, specdec_line)
     done = [r for r in rows if "ours_us" in r]  # cells that ran (a failing one holds only its error)
     report = decode_report(done, args, copy_bw) if args.grid == "decode" else specdec_report(done)
-    print("\n" + report)
     common.save(args, args.grid, desc, rows, report)
     return 0
 

@@ -20,48 +20,20 @@ import torch
 import torch.nn.functional as F
 
 import common
+import timing
 from common import fmt, ratio
 
-MODEL_DIM = 2048
-TOKENS = 16384
-SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-IMPLS = ("ours", "ours_sm80", "torch_fa2", "cudnn")
-
-
-def parse_args(argv=None):
-    p = common.parser(__doc__, time_budget_s=150.0)
-    p.add_argument("--dtypes", default="fp16,bf16", help="default %(default)s")
-    p.add_argument("--headdims", default="64,128,256", help="default %(default)s")
-    p.add_argument("--causal", choices=["both", "true", "false"], default="both")
-    return p.parse_args(argv)
-
-
-def grid(args):
-    causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
-    return [dict(dtype=dtype, headdim=headdim, causal=causal, seqlen=seqlen) for dtype in args.dtypes.split(",")
-            for headdim in map(int, args.headdims.split(",")) for causal in causals for seqlen in SEQLENS]
-
-
-def cell_line(r, unit="tflops") -> str:
-    return (f"{r['dtype']} hd{r['headdim']} {'causal' if r['causal'] else 'full  '} s{r['seqlen']:<6d} "
-            + " ".join(f"{name} {fmt(r.get(f'{name}_{unit}'), '6.1f')}" for name in IMPLS)
-            + " TFLOP/s")
-
-
-def forward_flops(batch, heads, seqlen, headdim, causal) -> float:
-    return 4 * batch * heads * seqlen ** 2 * headdim / (2 if causal else 1)
+PEERS = ("ours", "ours_sm80", "torch_fa2", "cudnn")
 
 
 def measure(c, kw, passes, fa2):
-    dtype, headdim, causal, seqlen = c["dtype"], c["headdim"], c["causal"], c["seqlen"]
-    heads, batch = MODEL_DIM // headdim, TOKENS // seqlen
-    q, k, v = (torch.randn(batch, seqlen, heads, headdim, device="cuda", dtype=DTYPES[dtype]) for _ in range(3))
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     from flash_attn import flash_attn_func
+    (q, k, v), batch, heads = common.prefill_inputs(c)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    causal, seqlen = c["causal"], c["seqlen"]
     impls = {"ours": (lambda: lambda: flash_attn_func(q, k, v, causal=causal), None),
              "cudnn": (lambda: lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
-                       common.sdpa_context("CUDNN_ATTENTION"))}
+                       timing.sdpa_context("CUDNN_ATTENTION"))}
     if torch.cuda.get_device_capability() == (9, 0):
         import flash_attn_2_cuda
 
@@ -75,36 +47,37 @@ def measure(c, kw, passes, fa2):
         impls["ours_sm80"] = (lambda: sm80, None)
     if fa2:
         impls["torch_fa2"] = (lambda: lambda: fa2(q, k, v, None, None, seqlen, seqlen, causal), None)
-    times, notes, outs = common.time_impls(impls, kw, passes)
-    flops = forward_flops(batch, heads, seqlen, headdim, causal)
+    times, notes, outs = timing.time_impls(impls, kw, passes)
+    flops = common.forward_flops(c, batch, heads)
     row = dict(c, batch=batch, nheads=heads, notes=[f"{n}: {t}" for n, t in notes.items()])
-    for name in IMPLS:
+    for name in PEERS:
         row[f"{name}_us"] = times.get(name)
         row[f"{name}_tflops"] = flops / (times[name] * 1e-6) / 1e12 if times.get(name) else None
     if outs.get("ours") is not None and outs.get("torch_fa2") is not None:
-        row["maxdiff"] = (outs["ours"].float() - outs["torch_fa2"].float()).abs().max().item()
+        row["maxdiff"] = common.maxdiff(outs["ours"], outs["torch_fa2"])
     return [row]
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    desc = common.start("benchmark_forward.py", args)
-    fa2, fa2_note = common.torch_fa2_forward()
+    p = common.parser(__doc__, time_budget_s=150.0)
+    common.add_prefill_args(p)
+    args = p.parse_args(argv)
+    desc = common.start()
+    fa2, fa2_note = timing.torch_fa2_forward()
     if fa2_note:
         print("torch FA2:", fa2_note)
-    torch.manual_seed(0)
-    rows = common.run_cells(grid(args), lambda c, kw, late: measure(c, kw, 1 if args.quick else 2, fa2), args,
-                            common.bench_kwargs(args, 0.15), cell_line)
+    rows = common.run_cells(common.prefill_cells(args), lambda c, kw, late: measure(c, kw, 1 if args.quick else 2, fa2),
+                            args, common.bench_kwargs(args, 0.15), common.prefill_line)
     headers = ["dtype", "headdim", "causal", "seqlen", "ours TFLOP/s", "ours SM80 TFLOP/s", "torch FA2 TFLOP/s",
                "cuDNN TFLOP/s", "ours/torch_fa2", "ours/cudnn", "maxdiff"]
-    table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"]]
-             + [fmt(r.get(f"{n}_tflops")) for n in IMPLS]
-             + [fmt(ratio(r.get("ours_tflops"), r.get(f"{n}_tflops")), ".2f") for n in ("torch_fa2", "cudnn")]
+    table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"]] + [fmt(r.get(f"{n}_tflops")) for n in PEERS]
+             + [fmt(ratio(r.get("ours_tflops"), r.get(f"{n}_tflops")), ".2f") for n in PEERS[2:]]
              + [fmt(r.get("maxdiff"), ".1e")] for r in rows]
     both = [r for r in rows if r.get("ours_tflops") and r.get("torch_fa2_tflops")]
+    with_cudnn = [r for r in rows if r.get("ours_tflops") and r.get("cudnn_tflops")]
     report = (common.markdown_table(headers, table) + f"\n\nours >= torch FA2 in "
-              f"{sum(r['ours_tflops'] >= r['torch_fa2_tflops'] for r in both)}/{len(both)} cells")
-    print("\n" + report)
+              f"{sum(r['ours_tflops'] >= r['torch_fa2_tflops'] for r in both)}/{len(both)} cells, >= cuDNN in "
+              f"{sum(r['ours_tflops'] >= r['cudnn_tflops'] for r in with_cudnn)}/{len(with_cudnn)}")
     common.save(args, "forward", desc, rows, report)
     return 0
 

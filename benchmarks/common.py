@@ -1,11 +1,10 @@
-"""What the benchmark scripts share: arguments, the per-cell timing of several implementations,
-PyTorch's FA2 op, the decode grid, paged copies of a cache, and result files
-(OUT_DIR/<measurement>_<card>.json and .md, headed by the card description)."""
+"""What the benchmark scripts share: arguments, the cell loop, the prefill and decode grids, paged
+copies of a cache, and result files (OUT_DIR/<measurement>_<card>.json and .md, headed by the card
+description)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -13,7 +12,6 @@ import os
 import re
 import sys
 import time
-import warnings
 
 import torch
 
@@ -29,7 +27,7 @@ if REPO not in sys.path:
 
 def parser(doc: str, time_budget_s=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repeats, one timing pass (smoke run)")
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer repeats, one timing pass, or a smaller grid")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"), help="default %(default)s")
     if time_budget_s:
         p.add_argument("--time-budget-s", type=float, default=time_budget_s,
@@ -37,14 +35,15 @@ def parser(doc: str, time_budget_s=None) -> argparse.ArgumentParser:
     return p
 
 
-def start(script: str, args) -> dict:
-    """Exit 1 without CUDA; print and return the card description."""
-    timing.require_cuda(script)
+def start() -> dict:
+    """Exit 1 without CUDA; print and return the card description; seed the inputs."""
+    timing.require_cuda(os.path.basename(sys.argv[0]))
     desc = timing.describe_device(REPO)
     import flash_attn
     desc["flash_attn"] = os.path.dirname(flash_attn.__file__)
     print(timing.device_line(desc))
     print(f"flash_attn from {desc['flash_attn']}; L2 flush: {timing.FLUSH_MODE}")
+    torch.manual_seed(0)
     return desc
 
 
@@ -63,9 +62,8 @@ def markdown_table(headers, rows) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
-def short_err(e: BaseException, limit: int = 200) -> str:
-    msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
-    return msg[:limit]
+def maxdiff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
 
 
 def context_dead() -> bool:
@@ -84,7 +82,8 @@ def card_slug(name: str) -> str:
 
 
 def save(args, measurement: str, desc: dict, rows, report: str) -> None:
-    """Write the rows (JSON, under the card description) and the printed report (markdown)."""
+    """Print the report; write it (markdown) and the rows (JSON, under the card description)."""
+    print("\n" + report)
     stem = f"{measurement}_{card_slug(desc['card'])}"
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, stem)
@@ -114,7 +113,7 @@ def run_cells(cells, measure, args, kw, line):
         try:
             new = measure(c, LATE_KW if late else kw, late)
         except Exception as e:  # noqa: BLE001 - one broken cell is reported, the run goes on
-            new = [dict(c, notes=["cell: " + short_err(e)])]
+            new = [dict(c, notes=["cell: " + timing.short_err(e)])]
         for r in new:
             print(line(r) + "".join(f"\n    {n}" for n in r["notes"]), flush=True)
         rows += new
@@ -127,59 +126,41 @@ def run_cells(cells, measure, args, kw, line):
     return rows
 
 
-def time_impl(make_fn, kw, ctx=None):
-    """(median us or None, note or None, first output or None); never raises. make_fn builds the
-    callable (setup outside the timing); SDPA's warnings say why it refused a backend."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            with ctx() if ctx else contextlib.nullcontext():
-                fn = make_fn()
-                out = fn()
-                return timing.bench(fn, **kw).median_us, None, out[0] if isinstance(out, (tuple, list)) else out
-        except Exception as e:  # noqa: BLE001 - a failing implementation is n/a, not a crash
-            note = short_err(e) + "".join(f" [warning: {str(w.message)[:160]}]" for w in caught[:1])
-            return None, note, None
+# ---------------------------------------------------------------------------- prefill grid
+MODEL_DIM = 2048
+TOKENS = 16384
+PREFILL_SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def time_impls(impls: dict, kw, passes: int = 2, repeat=None):
-    """Time {name: (make_fn, ctx)} in order, then the names in `repeat` (default all) again in
-    reverse order, each keeping its lower median, so that no implementation gains from its place in
-    the cell. Returns ({name: us or None}, {name: note}, {name: first output})."""
-    times, notes, outs = {}, {}, {}
-    for name, (make_fn, ctx) in impls.items():
-        times[name], note, outs[name] = time_impl(make_fn, kw, ctx)
-        if note:
-            notes[name] = note
-    if passes > 1:
-        for name in reversed([n for n in impls if repeat is None or n in repeat]):
-            if times[name] is not None:
-                t, _, _ = time_impl(impls[name][0], kw, impls[name][1])
-                times[name] = min(times[name], t) if t is not None else times[name]
-    return times, notes, outs
+def add_prefill_args(p) -> None:
+    p.add_argument("--dtypes", default="fp16,bf16", help="default %(default)s")
+    p.add_argument("--headdims", default="64,128,256", help="default %(default)s")
+    p.add_argument("--causal", choices=["both", "true", "false"], default="both")
 
 
-def sdpa_context(backend: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return lambda: sdpa_kernel([getattr(SDPBackend, backend)])
+def prefill_cells(args):
+    causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
+    return [dict(dtype=dtype, headdim=headdim, causal=causal, seqlen=seqlen) for dtype in args.dtypes.split(",")
+            for headdim in map(int, args.headdims.split(",")) for causal in causals for seqlen in PREFILL_SEQLENS]
 
 
-def torch_fa2_forward():
-    """PyTorch's vendored FlashAttention-2 forward as call(q, k, v, cu_q, cu_k, max_q, max_k, causal)
-    (cu_q = cu_k = None: dense (batch, seqlen, heads, d) inputs), or (None, why)."""
-    try:
-        op = torch.ops.aten._flash_attention_forward.default
-        names = [a.name for a in op._schema.arguments]
-    except Exception as e:  # noqa: BLE001
-        return None, "aten._flash_attention_forward unavailable: " + short_err(e)
-    expected = ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal",
-                "return_debug_mask"]
-    if names[:len(expected)] != expected:
-        return None, f"unexpected schema {op._schema}"
+def prefill_inputs(c, **kw):
+    """q, k, v (batch, seqlen, heads, head dim) of a prefill cell, with its batch and heads."""
+    heads, batch = MODEL_DIM // c["headdim"], TOKENS // c["seqlen"]
+    qkv = [torch.randn(batch, c["seqlen"], heads, c["headdim"], device="cuda", dtype=DTYPES[c["dtype"]], **kw)
+           for _ in range(3)]
+    return qkv, batch, heads
 
-    def call(q, k, v, cu_q, cu_k, max_q, max_k, causal):
-        return op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=q.shape[-1] ** -0.5)[0]
-    return call, None
+
+def forward_flops(c, batch, heads) -> float:
+    return 4 * batch * heads * c["seqlen"] ** 2 * c["headdim"] / (2 if c["causal"] else 1)
+
+
+def prefill_line(r, unit="tflops") -> str:
+    return (f"{r['dtype']} hd{r['headdim']} {'causal' if r['causal'] else 'full  '} s{r['seqlen']:<6d} "
+            + " ".join(f"{name} {fmt(r.get(f'{name}_{unit}'), '6.1f')}" for name in ("ours", "torch_fa2", "cudnn"))
+            + " TFLOP/s")
 
 
 # ---------------------------------------------------------------------------- decode grid

@@ -40,28 +40,14 @@ SEQLEN_K = 2048
 HEAD_CONFIGS = [(12, 12), (32, 8)]
 KVCACHE_CONFIGS = [(1, 32, 8, 8192), (16, 12, 12, 4096)]  # (batch, heads, kv heads, keys)
 TARGET_US = 10.0
-
-
-def parse_args(argv=None):
-    p = common.parser(__doc__)
-    p.add_argument("--n", type=int, default=2000, help="calls per hot loop (default 2000; --quick 500)")
-    p.add_argument("--batch-calls", type=int, default=100, help="calls behind one sleep kernel (default 100)")
-    p.add_argument("--replays", type=int, default=100, help="graph replays checked (default 100; --quick 20)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.n, args.replays = min(args.n, 500), min(args.replays, 20)
-    return args
-
-
-def event():
-    return torch.cuda.Event(enable_timing=True)
+COLUMNS = ["overhead_us", "wall_us", "gpu_fed_us", "host_us", "loop_enq_us", "gpu_loop_us", "gpu_us", "gpu_warm_us"]
 
 
 def sleep_cycles_per_us() -> float:
     torch.cuda._sleep(1000)
     times = []
     for _ in range(3):
-        start, end = event(), event()
+        start, end = timing.event(), timing.event()
         start.record()
         torch.cuda._sleep(2_000_000)
         end.record()
@@ -74,7 +60,7 @@ def hot_loop(fn, n) -> dict:
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
-    start, end = event(), event()
+    start, end = timing.event(), timing.event()
     start.record()
     t0 = time.perf_counter()
     for _ in range(n):
@@ -87,13 +73,13 @@ def hot_loop(fn, n) -> dict:
             "gpu_loop_us": start.elapsed_time(end) * 1e3 / n}
 
 
-def fed_batches(fn, n, batch, cycles_per_us) -> dict:
-    host, fed, invalid, sleep_us = [], [], 0, max(5000.0, batch * 100.0)
-    for _ in range(max(1, n // batch)):
+def fed_batches(fn, args) -> dict:
+    host, fed, invalid, sleep_us, batch = [], [], 0, max(5000.0, args.batch_calls * 100.0), args.batch_calls
+    for _ in range(max(1, args.n // batch)):
         for _attempt in range(3):
             torch.cuda.synchronize()
-            start, end = event(), event()
-            torch.cuda._sleep(int(sleep_us * cycles_per_us))
+            start, end = timing.event(), timing.event()
+            torch.cuda._sleep(int(sleep_us * args.cycles_per_us))
             start.record()
             t0 = time.perf_counter()
             for _ in range(batch):
@@ -114,10 +100,10 @@ def fed_batches(fn, n, batch, cycles_per_us) -> dict:
             "host_batches": len(host), "host_invalid_batches": invalid}
 
 
-def warm_single(fn, cycles_per_us, reps=50) -> float:
-    starts, ends = [event() for _ in range(reps)], [event() for _ in range(reps)]
+def warm_single(fn, args, reps=50) -> float:
+    starts, ends = [timing.event() for _ in range(reps)], [timing.event() for _ in range(reps)]
     for i in range(reps):
-        torch.cuda._sleep(int(50 * cycles_per_us))
+        torch.cuda._sleep(int(50 * args.cycles_per_us))
         starts[i].record()
         fn()
         ends[i].record()
@@ -125,25 +111,25 @@ def warm_single(fn, cycles_per_us, reps=50) -> float:
     return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
 
 
-def measure(fn, args, cycles_per_us, ctx=None, gpu=True) -> dict:
+def measure(fn, args, ctx=None, gpu=True) -> dict:
     out = {}
     try:
         with ctx() if ctx else contextlib.nullcontext():
             fn()
-            out.update(fed_batches(fn, args.n, args.batch_calls, cycles_per_us))
+            out.update(fed_batches(fn, args))
             out.update(hot_loop(fn, args.n))
             if out["gpu_fed_us"] is not None:
                 out["overhead_us"] = max(0.0, out["wall_us"] - out["gpu_fed_us"])
             if gpu:
-                out["gpu_us"] = timing.bench(fn, reps=50, min_reps=50, max_time_s=None).median_us
-                out["gpu_warm_us"] = warm_single(fn, cycles_per_us)
+                out["gpu_us"] = timing.bench(fn, reps=50, min_reps=50, max_time_s=None)
+                out["gpu_warm_us"] = warm_single(fn, args)
     except Exception as e:  # noqa: BLE001 - reported in the table
-        out["error"] = common.short_err(e)
+        out["error"] = timing.short_err(e)
         common.context_dead()
     return out
 
 
-def graph_check(fn, q, k, v, args, cycles_per_us) -> dict:
+def graph_check(fn, q, k, v, args) -> dict:
     res = {"replays": args.replays, "status": "FAIL"}
     try:
         graph, static_out = timing.capture_graph(fn)
@@ -152,103 +138,117 @@ def graph_check(fn, q, k, v, args, cycles_per_us) -> dict:
             for x in (q, k, v):
                 x.copy_(torch.randn_like(x))
             graph.replay()
-            maxdiff = max(maxdiff, (static_out.float() - fn().float()).abs().max().item())
+            maxdiff = max(maxdiff, common.maxdiff(static_out, fn()))
             stale += prev is not None and torch.equal(prev, static_out)
             prev = static_out.clone()
         res.update(maxdiff=maxdiff, stale_replays=stale, status="PASS" if maxdiff == 0.0 and not stale else "FAIL")
-        m = measure(graph.replay, args, cycles_per_us, gpu=False)
+        m = measure(graph.replay, args, gpu=False)
         res.update(replay_host_us=m.get("host_us"), replay_gpu_loop_us=m.get("gpu_loop_us"))
     except Exception as e:  # noqa: BLE001 - a failed capture is a FAIL with its reason
-        res["error"] = common.short_err(e)
+        res["error"] = timing.short_err(e)
         common.context_dead()
     return res
 
 
-COLUMNS = ["overhead_us", "wall_us", "gpu_fed_us", "host_us", "loop_enq_us", "gpu_loop_us", "gpu_us", "gpu_warm_us"]
+def floors(args) -> dict:
+    """Dispatcher + allocator, dispatcher alone, one tiny kernel launch."""
+    x1, qf = torch.zeros(1, device="cuda"), torch.zeros(1, 12, 128, device="cuda", dtype=torch.float16)
+    calls = {"torch.empty(0, device='cuda')": lambda: torch.empty(0, device="cuda"),
+             "q.view(-1)": lambda: qf.view(-1), "x.zero_() (1 element)": lambda: x1.zero_()}
+    return {name: measure(fn, args, gpu=False) for name, fn in calls.items()}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    desc = common.start("host_overhead.py", args)
+def decode_config(h, hk, args) -> dict:
+    """The decode call through the wrapper, in inference_mode and raw, then the graph check."""
     import flash_attn
     import flash_attn_2_cuda as ext
-    cycles_per_us = sleep_cycles_per_us()
-    torch.manual_seed(0)
-    x1, qf = torch.zeros(1, device="cuda"), torch.zeros(1, 12, 128, device="cuda", dtype=torch.float16)
-    table, configs = [], []
-    floors = {"torch.empty(0, device='cuda')": lambda: torch.empty(0, device="cuda"),
-              "q.view(-1)": lambda: qf.view(-1), "x.zero_() (1 element)": lambda: x1.zero_()}
-    for name, fn in floors.items():
-        floors[name] = m = measure(fn, args, cycles_per_us, gpu=False)
-        table.append(["-", name] + [fmt(m.get(c), ".2f") for c in COLUMNS] + [m.get("error", "")])
-    failed = False
-    for h, hk in HEAD_CONFIGS:
-        shape = f"b1 s{SEQLEN_K} h{h}/{hk}"
-        q = torch.randn(1, h, 128, device="cuda", dtype=torch.float16)
-        k, v = (torch.randn(SEQLEN_K, hk, 128, device="cuda", dtype=torch.float16) for _ in range(2))
-        cu_q = torch.arange(2, device="cuda", dtype=torch.int32)
-        cu_k = cu_q * SEQLEN_K
+    shape = f"b1 s{SEQLEN_K} h{h}/{hk}"
+    q = torch.randn(1, h, 128, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(SEQLEN_K, hk, 128, device="cuda", dtype=torch.float16) for _ in range(2))
+    cu_q = torch.arange(2, device="cuda", dtype=torch.int32)
+    cu_k = cu_q * SEQLEN_K
 
-        def wrapper():
-            return flash_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, SEQLEN_K, causal=True)
+    def wrapper():
+        return flash_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, SEQLEN_K, causal=True)
 
-        def raw():  # upstream's varlen_fwd argument list: the extension without the Python wrapper
-            return ext.varlen_fwd(q, k, v, None, cu_q, cu_k, None, None, None, None, 1, SEQLEN_K, 0.0, 128 ** -0.5,
-                                  False, True, -1, -1, 0.0, False, None, 0)[0]
+    def raw():  # upstream's varlen_fwd argument list: the extension without the Python wrapper
+        return ext.varlen_fwd(q, k, v, None, cu_q, cu_k, None, None, None, None, 1, SEQLEN_K, 0.0, 128 ** -0.5,
+                              False, True, -1, -1, 0.0, False, None, 0)[0]
 
-        cfg = {"shape": shape, "heads": h, "kv_heads": hk, "seqlen_k": SEQLEN_K, "impls": {},
-               "auto_splits": flash_attn.num_splits_heuristic(1, h, hk, 1, SEQLEN_K, 128)}
-        for name, fn, ctx in (("flash_attn_varlen_func", wrapper, None),
-                              ("flash_attn_varlen_func (inference_mode)", wrapper, torch.inference_mode),
-                              ("varlen_fwd (raw extension)", raw, None)):
-            cfg["impls"][name] = m = measure(fn, args, cycles_per_us, ctx)
-            table.append([shape, name] + [fmt(m.get(c), ".2f") for c in COLUMNS] + [m.get("error", "")])
-            print(f"{shape} {name:40s} " + " ".join(f"{c} {fmt(m.get(c), '.2f')}" for c in COLUMNS), flush=True)
-        w, r = cfg["impls"]["flash_attn_varlen_func"], cfg["impls"]["varlen_fwd (raw extension)"]
-        cfg["overhead_us"] = w.get("overhead_us")
-        cfg["target_met"] = cfg["overhead_us"] is not None and cfg["overhead_us"] <= TARGET_US
-        cfg["python_wrapper_us"] = w["host_us"] - r["host_us"] if w.get("host_us") and r.get("host_us") else None
-        cfg["graph"] = graph_check(wrapper, q, k, v, args, cycles_per_us)
-        failed |= cfg["graph"]["status"] != "PASS"
-        configs.append(cfg)
-    # flash_attn_with_kvcache against flash_attn_func on the same cache, one query per sequence: the
-    # kv-cache path must cost the same per call (no device-to-host copy of its index tensors).
-    kvcache = []
-    for b, h, hk, sk in KVCACHE_CONFIGS:
-        q = torch.randn(b, 1, h, 128, device="cuda", dtype=torch.float16)
-        kc, vc = (torch.randn(b, sk, hk, 128, device="cuda", dtype=torch.float16) for _ in range(2))
-        lens = torch.full((b,), sk, device="cuda", dtype=torch.int32)
-        pair = {name: measure(fn, args, cycles_per_us) for name, fn in (
-            ("flash_attn_func", lambda: flash_attn.flash_attn_func(q, kc, vc, causal=True)),
-            ("flash_attn_with_kvcache", lambda: flash_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
-                                                                                   causal=True)))}
-        f, c = pair["flash_attn_func"], pair["flash_attn_with_kvcache"]
-        row = {"shape": f"b{b} s{sk} h{h}/{hk}", **{f"{k}_{n}": m.get(k) for n, m in (("func", f), ("kvcache", c))
-                                                  for k in ("wall_us", "gpu_us")}}
-        for k in ("wall_us", "gpu_us"):
-            row[f"{k}_ratio"] = c[k] / f[k] if f.get(k) and c.get(k) else None
-        kvcache.append(row)
-        table.append([row["shape"], "kvcache / func"] + [fmt(row.get(f"{c}_ratio"), ".3f") if c in ("wall_us", "gpu_us")
-                                                          else "" for c in COLUMNS] + [""])
+    cfg = {"shape": shape, "heads": h, "kv_heads": hk, "seqlen_k": SEQLEN_K, "impls": {},
+           "auto_splits": flash_attn.num_splits_heuristic(1, h, hk, 1, SEQLEN_K, 128)}
+    for name, fn, ctx in (("flash_attn_varlen_func", wrapper, None),
+                          ("flash_attn_varlen_func (inference_mode)", wrapper, torch.inference_mode),
+                          ("varlen_fwd (raw extension)", raw, None)):
+        cfg["impls"][name] = m = measure(fn, args, ctx)
+        print(f"{shape} {name:40s} " + " ".join(f"{c} {fmt(m.get(c), '.2f')}" for c in COLUMNS), flush=True)
+    w, r = cfg["impls"]["flash_attn_varlen_func"], cfg["impls"]["varlen_fwd (raw extension)"]
+    cfg["overhead_us"] = w.get("overhead_us")
+    cfg["target_met"] = cfg["overhead_us"] is not None and cfg["overhead_us"] <= TARGET_US
+    cfg["python_wrapper_us"] = w["host_us"] - r["host_us"] if w.get("host_us") and r.get("host_us") else None
+    cfg["graph"] = graph_check(wrapper, q, k, v, args)
+    return cfg
+
+
+def kvcache_pair(b, h, hk, sk, args) -> dict:
+    """flash_attn_with_kvcache against flash_attn_func on the same cache, one query per sequence: the
+    kv-cache path must cost the same per call (no device-to-host copy of its index tensors)."""
+    import flash_attn
+    q = torch.randn(b, 1, h, 128, device="cuda", dtype=torch.float16)
+    kc, vc = (torch.randn(b, sk, hk, 128, device="cuda", dtype=torch.float16) for _ in range(2))
+    lens = torch.full((b,), sk, device="cuda", dtype=torch.int32)
+    f = measure(lambda: flash_attn.flash_attn_func(q, kc, vc, causal=True), args)
+    c = measure(lambda: flash_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True), args)
+    row = {"shape": f"b{b} s{sk} h{h}/{hk}", **{f"{k}_{n}": m.get(k) for n, m in (("func", f), ("kvcache", c))
+                                              for k in ("wall_us", "gpu_us")}}
+    for k in ("wall_us", "gpu_us"):
+        row[f"{k}_ratio"] = c[k] / f[k] if f.get(k) and c.get(k) else None
+    return row
+
+
+def report(floor_rows, configs, kvcache) -> str:
+    def line(shape, name, m):
+        return [shape, name] + [fmt(m.get(c), ".2f") for c in COLUMNS] + [m.get("error", "")]
+    table = [line("-", name, m) for name, m in floor_rows.items()]
+    table += [line(cfg["shape"], name, m) for cfg in configs for name, m in cfg["impls"].items()]
+    table += [[row["shape"], "kvcache / func"] + [fmt(row.get(f"{c}_ratio"), ".3f") if c in ("wall_us", "gpu_us")
+                                                  else "" for c in COLUMNS] + [""] for row in kvcache]
     lines = [common.markdown_table(["shape", "call"] + COLUMNS + ["error"], table), ""]
     for row in kvcache:
-        lines.append(f"- {row['shape']}: flash_attn_with_kvcache / flash_attn_func, wall {fmt(row['wall_us_ratio'], '.3f')}"
-                     f" ({fmt(row['wall_us_kvcache'], '.2f')} / {fmt(row['wall_us_func'], '.2f')} us), GPU "
+        lines.append(f"- {row['shape']}: flash_attn_with_kvcache / flash_attn_func, wall "
+                     f"{fmt(row['wall_us_ratio'], '.3f')} ({fmt(row['wall_us_kvcache'], '.2f')} / "
+                     f"{fmt(row['wall_us_func'], '.2f')} us), GPU "
                      f"{fmt(row['gpu_us_ratio'], '.3f')} ({fmt(row['gpu_us_kvcache'], '.2f')} / "
                      f"{fmt(row['gpu_us_func'], '.2f')} us); target <= 1.02")
     for cfg in configs:
         g = cfg["graph"]
-        lines.append(f"- {cfg['shape']} (auto splits {cfg['auto_splits']}): host overhead {fmt(cfg['overhead_us'], '.2f')}"
-                     f" us, target <= {TARGET_US:g} us {'MET' if cfg['target_met'] else 'NOT MET'}; Python wrapper "
+        lines.append(f"- {cfg['shape']} (auto splits {cfg['auto_splits']}): host overhead "
+                     f"{fmt(cfg['overhead_us'], '.2f')} us, target <= {TARGET_US:g} us "
+                     f"{'MET' if cfg['target_met'] else 'NOT MET'}; Python wrapper "
                      f"{fmt(cfg['python_wrapper_us'], '.2f')} us; CUDA graph {g['status']} ({g['replays']} replays, "
                      f"max |graph - eager| {fmt(g.get('maxdiff'), '.3g')}, stale {g.get('stale_replays', 'n/a')}"
                      + (f", {g['error']}" if "error" in g else "") + f"), replay host cost "
                      f"{fmt(g.get('replay_host_us'), '.2f')} us")
-    report = "\n".join(lines)
-    print("\n" + report)
-    common.save(args, "host_overhead", desc, {"floors": floors, "configs": configs, "kvcache": kvcache, "n_calls": args.n,
-                                              "sleep_cycles_per_us": cycles_per_us}, report)
-    return 3 if failed else 0
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = common.parser(__doc__)
+    p.add_argument("--n", type=int, default=2000, help="calls per hot loop (default 2000; --quick 500)")
+    p.add_argument("--batch-calls", type=int, default=100, help="calls behind one sleep kernel (default 100)")
+    p.add_argument("--replays", type=int, default=100, help="graph replays checked (default 100; --quick 20)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.replays = min(args.n, 500), min(args.replays, 20)
+    desc = common.start()
+    args.cycles_per_us = sleep_cycles_per_us()
+    floor_rows = floors(args)
+    configs = [decode_config(h, hk, args) for h, hk in HEAD_CONFIGS]
+    kvcache = [kvcache_pair(*c, args) for c in KVCACHE_CONFIGS]
+    common.save(args, "host_overhead", desc, {"floors": floor_rows, "configs": configs, "kvcache": kvcache,
+                                              "n_calls": args.n, "sleep_cycles_per_us": args.cycles_per_us},
+                report(floor_rows, configs, kvcache))
+    return 0 if all(cfg["graph"]["status"] == "PASS" for cfg in configs) else 3
 
 
 if __name__ == "__main__":

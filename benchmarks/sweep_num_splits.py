@@ -30,19 +30,6 @@ RESTRICTED = [1, 2, 3, 4]
 REGRET_OK = 1.05
 
 
-def parse_args(argv=None):
-    p = common.parser(__doc__, time_budget_s=120.0)
-    common.add_cell_args(p)
-    p.add_argument("--reps", type=int, default=None, help="timed repeats per value (default 15, --quick 5)")
-    p.add_argument("--full", action="store_true", help="sweep every value in every cell")
-    p.add_argument("--restrict-factor", type=float, default=2.0, help="default %(default)s")
-    p.add_argument("--page-size", type=int, default=0, help="paged cache of this many tokens per page (default 0: "
-                   "contiguous)")
-    args = p.parse_args(argv)
-    args.reps = args.reps or (5 if args.quick else 15)
-    return args
-
-
 def sweep_cell(c, args, restricted, kw):
     import flash_attn
     b, s, h, hk = c["batch"], c["seqlen_k"], c["heads"], c["kv_heads"]
@@ -66,7 +53,7 @@ def sweep_cell(c, args, restricted, kw):
     timing.settle(call(0)())
     auto_out, diffs = None, []
     for pos, n in enumerate([0] + row["swept"] + [0]):
-        t, note, out = common.time_impl(call(n), kw)
+        t, note, out = timing.time_impl(call(n), kw)
         if note:
             row["notes"].append(f"num_splits={n}: {note}")
         elif n == 0:
@@ -74,7 +61,7 @@ def sweep_cell(c, args, restricted, kw):
         else:
             row["times_us"][str(n)] = t
             if auto_out is not None:
-                diffs.append((out.float() - auto_out.float()).abs().max().item())
+                diffs.append(common.maxdiff(out, auto_out))
     if row["times_us"]:
         row["best_splits"] = int(min(row["times_us"], key=row["times_us"].get))
         row["best_us"] = row["times_us"][str(row["best_splits"])]
@@ -115,9 +102,16 @@ def report(rows) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    desc = common.start("sweep_num_splits.py", args)
-    torch.manual_seed(0)
+    p = common.parser(__doc__, time_budget_s=120.0)
+    common.add_cell_args(p)
+    p.add_argument("--reps", type=int, default=None, help="timed repeats per value (default 15, --quick 5)")
+    p.add_argument("--full", action="store_true", help="sweep every value in every cell")
+    p.add_argument("--restrict-factor", type=float, default=2.0, help="default %(default)s")
+    p.add_argument("--page-size", type=int, default=0, help="paged cache of this many tokens per page (default 0: "
+                   "contiguous)")
+    args = p.parse_args(argv)
+    args.reps = args.reps or (5 if args.quick else 15)
+    desc = common.start()
 
     def measure(c, kw, late):
         restricted = late or (not args.full and c["batch"] * c["heads"] >= args.restrict_factor * desc["sms"])
@@ -131,9 +125,8 @@ def main(argv=None) -> int:
     kw = dict(warmup=1 if args.quick else 2, reps=args.reps, min_reps=min(5, args.reps), max_time_s=0.15)
     rows = [r for r in common.run_cells(common.select_cells(common.decode_cells(), args), measure, args, kw, line)
             if "swept" in r]
-    text = report(rows)
-    print("\n" + text)
-    common.save(args, f"splits_sweep_paged{args.page_size}" if args.page_size else "splits_sweep", desc, rows, text)
+    common.save(args, f"splits_sweep_paged{args.page_size}" if args.page_size else "splits_sweep", desc, rows,
+                report(rows))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""GPU timing for the benchmark scripts, and the description of the card that heads every result.
+"""GPU timing for the benchmark scripts: single calls, graph replays, peers timed against each other,
+and the description of the card that heads every result.
 
 bench() times single calls with CUDA events. Before every timed call it evicts L2 by READING a
 256 MiB buffer (five times an H100's 50 MB L2), outside the event window. A written flush (as
@@ -6,19 +7,22 @@ Triton's do_bench does) leaves ~50 MB of dirty lines that the timed kernel then 
 it streams its own inputs (~17 us on an H100, NOTES experiment 17); FLASH_ATTN_BENCH_FLUSH=write
 restores it for comparison. The flush kernel (~90 us) also keeps the GPU busy while the host
 enqueues the call, so launch overhead stays out of the times of kernels shorter than the flush.
-Results are medians.
+Results are medians. time_impls times each implementation of a cell, then again in reverse order,
+keeping its lower median, so that none gains from its place in the cell.
 
 Imports without CUDA; the functions need a device when called.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import os
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -27,7 +31,6 @@ L2_FLUSH_BYTES = 256 << 20
 FLUSH_MODE = os.environ.get("FLASH_ATTN_BENCH_FLUSH", "read")
 if FLUSH_MODE not in ("read", "write"):
     raise SystemExit(f"FLASH_ATTN_BENCH_FLUSH must be 'read' or 'write', got {FLUSH_MODE!r}")
-_flush_buffer: dict = {}
 
 
 def require_cuda(script: str) -> None:
@@ -36,40 +39,34 @@ def require_cuda(script: str) -> None:
                          "this benchmark needs an NVIDIA GPU. Nothing was measured.")
 
 
+def event() -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=True)
+
+
+@functools.cache
+def flush_buffer() -> torch.Tensor:
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+
+
 def evict_l2() -> None:
-    buf = _flush_buffer.get("buf")
-    if buf is None:
-        buf = _flush_buffer["buf"] = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    buf = flush_buffer()
     if FLUSH_MODE == "write":
         buf.zero_()
     else:
         buf.view(torch.int32).amax()  # a reduction reads every line and leaves L2 holding clean ones
 
 
-@dataclass
-class Timing:
-    median_us: float
-    p20_us: float
-    p80_us: float
-    n: int
-
-
-def _timing(times_us) -> Timing:
-    q = statistics.quantiles(times_us, n=5) if len(times_us) > 1 else [times_us[0]] * 4
-    return Timing(statistics.median(times_us), q[0], q[3], len(times_us))
-
-
 def bench(fn: Callable[[], object], *, warmup: int = 3, reps: int = 50, min_reps: int = 5,
-          max_time_s: Optional[float] = 0.5, flush_l2: bool = True) -> Timing:
-    """Per-call GPU time of fn() in microseconds. The number of repeats follows a per-call time
-    budget (max_time_s) so that one slow configuration cannot eat a whole run. Exceptions raised
-    by fn propagate."""
+          max_time_s: Optional[float] = 0.5, flush_l2: bool = True) -> float:
+    """Median per-call GPU time of fn() in microseconds. The number of repeats follows a per-call
+    time budget (max_time_s) so that one slow configuration cannot eat a whole run. Exceptions
+    raised by fn propagate."""
     for _ in range(max(warmup, 1)):
         fn()
     torch.cuda.synchronize()
     n = reps
     if max_time_s:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = event(), event()
         if flush_l2:
             evict_l2()
         start.record()
@@ -78,8 +75,7 @@ def bench(fn: Callable[[], object], *, warmup: int = 3, reps: int = 50, min_reps
         torch.cuda.synchronize()
         per_call_us = start.elapsed_time(end) * 1e3 + (100.0 if flush_l2 else 0.0)
         n = max(min_reps, min(reps, int(max_time_s * 1e6 / max(per_call_us, 1.0))))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    starts, ends = [event() for _ in range(n)], [event() for _ in range(n)]
     for i in range(n):
         if flush_l2:
             evict_l2()
@@ -87,7 +83,7 @@ def bench(fn: Callable[[], object], *, warmup: int = 3, reps: int = 50, min_reps
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    return _timing([s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)])
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
 
 
 def settle(fn: Callable[[], object], min_ms: float = 30.0, max_calls: int = 200) -> None:
@@ -120,33 +116,92 @@ def capture_graph(fn: Callable[[], object], calls: int = 1, warmup: int = 3):
     return graph, out
 
 
-def bench_graph(fn: Callable[[], object], calls_per_graph: int = 20, reps: int = 10) -> Optional[Timing]:
-    """Per-call time from replays of a graph of back-to-back calls: no launch overhead and no flush
-    (L2-warm for small inputs). None when capture or replay fails."""
+def bench_graph(fn: Callable[[], object], calls_per_graph: int = 20, reps: int = 10) -> Optional[float]:
+    """Median per-call microseconds from replays of a graph of back-to-back calls: no launch overhead
+    and no flush (L2-warm for small inputs). None when capture or replay fails."""
     try:
         graph, _ = capture_graph(fn, calls_per_graph)
         graph.replay()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        starts, ends = [event() for _ in range(reps)], [event() for _ in range(reps)]
         for i in range(reps):
             starts[i].record()
             graph.replay()
             ends[i].record()
         torch.cuda.synchronize()
-        return _timing([s.elapsed_time(e) * 1e3 / calls_per_graph for s, e in zip(starts, ends)])
+        return statistics.median(s.elapsed_time(e) * 1e3 / calls_per_graph for s, e in zip(starts, ends))
     except Exception:  # noqa: BLE001 - callers report n/a
         torch.cuda.synchronize()
         return None
+
+
+def short_err(e: BaseException, limit: int = 200) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
+    return msg[:limit]
+
+
+def time_impl(make_fn, kw, ctx=None):
+    """(median us or None, note or None, first output or None); never raises. make_fn builds the
+    callable (setup outside the timing); SDPA's warnings say why it refused a backend."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with ctx() if ctx else contextlib.nullcontext():
+                fn = make_fn()
+                out = fn()
+                return bench(fn, **kw), None, out[0] if isinstance(out, (tuple, list)) else out
+        except Exception as e:  # noqa: BLE001 - a failing implementation is n/a, not a crash
+            note = short_err(e) + "".join(f" [warning: {str(w.message)[:160]}]" for w in caught[:1])
+            return None, note, None
+
+
+def time_impls(impls: dict, kw, passes: int = 2, repeat=None):
+    """Time {name: (make_fn, ctx)} in order, then the names in `repeat` (default all) again in
+    reverse order, each keeping its lower median. Returns ({name: us or None}, {name: note},
+    {name: first output})."""
+    times, notes, outs = {}, {}, {}
+    for name, (make_fn, ctx) in impls.items():
+        times[name], note, outs[name] = time_impl(make_fn, kw, ctx)
+        if note:
+            notes[name] = note
+    if passes > 1:
+        for name in reversed([n for n in impls if repeat is None or n in repeat]):
+            if times[name] is not None:
+                t, _, _ = time_impl(impls[name][0], kw, impls[name][1])
+                times[name] = min(times[name], t) if t is not None else times[name]
+    return times, notes, outs
+
+
+def sdpa_context(backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return lambda: sdpa_kernel([getattr(SDPBackend, backend)])
+
+
+def torch_fa2_forward():
+    """PyTorch's vendored FlashAttention-2 forward as call(q, k, v, cu_q, cu_k, max_q, max_k, causal)
+    (cu_q = cu_k = None: dense (batch, seqlen, heads, d) inputs), or (None, why)."""
+    try:
+        op = torch.ops.aten._flash_attention_forward.default
+        names = [a.name for a in op._schema.arguments]
+    except Exception as e:  # noqa: BLE001
+        return None, "aten._flash_attention_forward unavailable: " + short_err(e)
+    expected = ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal",
+                "return_debug_mask"]
+    if names[:len(expected)] != expected:
+        return None, f"unexpected schema {op._schema}"
+
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+        return op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=q.shape[-1] ** -0.5)[0]
+    return call, None
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
     """Bytes read + written per second by a device-to-device copy of nbytes (median time)."""
     src = torch.ones(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src), reps=reps, min_reps=reps, max_time_s=None, flush_l2=False)
+    us = bench(lambda: dst.copy_(src), reps=reps, min_reps=reps, max_time_s=None, flush_l2=False)
     src = dst = None  # noqa: F841 - frees the 4 GiB before the cache is emptied
     torch.cuda.empty_cache()
-    return 2.0 * nbytes / (t.median_us * 1e-6)
+    return 2.0 * nbytes / (us * 1e-6)
 
 
 def _run(cmd) -> str:

@@ -115,7 +115,7 @@ if [ $run_bench -eq 1 ]; then
       host) bench host benchmarks/host_overhead.py ;;
       sweep) bench sweep benchmarks/sweep_num_splits.py
              bench sweep_paged16 benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1|16" ;;
-      triton) bench triton benchmarks/bench_triton_ops.py ;;
+      triton) bench triton benchmarks/tools/triton_ops.py ;;
       *) echo "BENCH: unknown benchmark $b (decode specdec forward backward host sweep triton)" | tee -a "$OUT/env.log" ;;
     esac
   done

@@ -1,59 +1,38 @@
+#!/usr/bin/env python
 """GPU time of the Triton ops (rotary, layer/RMS norm, cross entropy) against eager PyTorch.
 
-    python3 benchmarks/bench_triton_ops.py [--quick] [--out-dir benchmarks/results]
-
-Each number is the median of at least 30 calls timed with CUDA events, with L2 evicted by reading
-a 256 MiB buffer before every call (timing.bench). "fwd+bwd" times one forward and one backward
+Each number is the median of 50 calls timed with CUDA events, with L2 evicted by reading a 256 MiB
+buffer before every call (timing.bench). "fwd+bwd" times one forward and one backward
 (torch.autograd.grad) per call. An event window around one call also holds the gaps in which the
 GPU waits for the host to launch the next kernel; a Triton launch from Python costs ~20 us of host
 time, so "fwd+bwd" rows also give the GPU time of the same call replayed from a CUDA graph
 (timing.bench_graph: 5 calls per graph, no launch gaps; L2 is not flushed inside the graph, which
-changes little for these tensors of 128 MB and more). Prints a markdown table and writes the rows
-to <out-dir>/triton_ops_<card>.json.
+changes little for these tensors of 128 MB and more). --quick: bf16 only and the smaller
+vocabulary. Result: triton_ops_<card>.json.
 """
 
-import argparse
-import json
 import math
 import os
-import re
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common, timing
 
-from timing import bench, bench_graph, require_cuda  # noqa: E402
-
-from flash_attn.layers.rotary import apply_rotary_emb  # noqa: E402
-from flash_attn.losses.cross_entropy import CrossEntropyLoss  # noqa: E402
-from flash_attn.ops.triton.layer_norm import layer_norm_fn, rms_norm_fn  # noqa: E402
-
-MIN_REPS = 30
-
-
-def card_name():
-    """'NVIDIA H100 80GB HBM3' -> 'h100'; falls back to the whole name, lowercased."""
-    name = torch.cuda.get_device_name()
-    model = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b", name)
-    return (model.group(1) if model else re.sub(r"\W+", "_", name)).lower()
-
-
-def time_us(fn):
-    return bench(fn, reps=MIN_REPS + 20, min_reps=MIN_REPS, max_time_s=None).median_us
+import common  # noqa: E402
+import timing  # noqa: E402
 
 
 def graph_us(fn):
-    timed = bench_graph(fn, calls_per_graph=5, reps=5)
-    return None if timed is None else round(timed.median_us, 1)
+    us = timing.bench_graph(fn, calls_per_graph=5, reps=5)
+    return None if us is None else round(us, 1)
 
 
 def forward_only(fn, inputs):
     def call():
         with torch.no_grad():
             fn(*inputs)
-
     return call
 
 
@@ -68,7 +47,6 @@ def forward_backward(fn, inputs):
         outs = fn(*inputs)
         outs = outs if isinstance(outs, tuple) else (outs,)
         torch.autograd.grad(outs, leaves, grads)
-
     return call
 
 
@@ -81,6 +59,7 @@ def rotary_eager(x, cos, sin):
 
 
 def rotary_cases(dtype):
+    from flash_attn.layers.rotary import apply_rotary_emb
     batch, seqlen, nheads, headdim = 8, 4096, 32, 128
     x = torch.randn(batch, seqlen, nheads, headdim, device="cuda", dtype=dtype, requires_grad=True)
     angles = torch.rand(seqlen, headdim // 2, device="cuda") * 2 * math.pi
@@ -92,6 +71,7 @@ def rotary_cases(dtype):
 
 
 def norm_cases(dtype):
+    from flash_attn.ops.triton.layer_norm import layer_norm_fn, rms_norm_fn
     rows, hidden = 16384, 4096
     x = torch.randn(rows, hidden, device="cuda", dtype=dtype, requires_grad=True)
     residual = torch.randn_like(x, requires_grad=True)
@@ -122,6 +102,7 @@ def norm_cases(dtype):
 
 
 def cross_entropy_cases(dtype, shapes):
+    from flash_attn.losses.cross_entropy import CrossEntropyLoss
     ours_loss = CrossEntropyLoss()
     for rows, vocab in shapes:
         logits = torch.randn(rows, vocab, device="cuda", dtype=dtype, requires_grad=True)
@@ -139,42 +120,31 @@ def run(quick):
         dtype_name = str(dtype).replace("torch.", "")
         for cases in (rotary_cases(dtype), norm_cases(dtype), cross_entropy_cases(dtype, vocab_shapes)):
             for op, shape, pass_name, ours, eager in cases:
-                ours_us, torch_us = time_us(ours), time_us(eager)
+                ours_us, torch_us = (timing.bench(fn, reps=50, max_time_s=None) for fn in (ours, eager))
                 graphs = (graph_us(ours), graph_us(eager)) if pass_name == "fwd+bwd" else (None, None)
                 rows.append(dict(op=op, dtype=dtype_name, shape=shape, **{"pass": pass_name},
                                  ours_us=round(ours_us, 1), torch_us=round(torch_us, 1),
                                  speedup=round(torch_us / ours_us, 2),
                                  ours_graph_us=graphs[0], torch_graph_us=graphs[1]))
                 print(f"  {op} {dtype_name} {shape} {pass_name}: {ours_us:.1f} us vs torch {torch_us:.1f} us",
-                      file=sys.stderr)
+                      flush=True)
             torch.cuda.empty_cache()
     return rows
 
 
-def markdown(rows, card):
-    lines = [f"Triton ops vs eager PyTorch on {card} (median us, L2 flushed; graph: CUDA-graph replay)", "",
-             "| op | dtype | shape | pass | ours (us) | torch (us) | speedup | ours graph (us) | torch graph (us) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['op']} | {r['dtype']} | {r['shape']} | {r['pass']} | {r['ours_us']} | {r['torch_us']} | "
-              f"{r['speedup']}x | {r['ours_graph_us'] or 'n/a'} | {r['torch_graph_us'] or 'n/a'} |" for r in rows]
-    return "\n".join(lines)
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="bf16 only and the smaller vocabulary")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args()
-    require_cuda("bench_triton_ops.py")
-    card = card_name()
+def main(argv=None) -> int:
+    args = common.parser(__doc__).parse_args(argv)
+    desc = common.start()
     rows = run(args.quick)
-    print(markdown(rows, torch.cuda.get_device_name()))
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"triton_ops_{card}.json")
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"\nwrote {path}")
+    headers = ["op", "dtype", "shape", "pass", "ours (us)", "torch (us)", "speedup", "ours graph (us)",
+               "torch graph (us)"]
+    table = [[r["op"], r["dtype"], r["shape"], r["pass"], r["ours_us"], r["torch_us"], f"{r['speedup']}x",
+              r["ours_graph_us"] or "n/a", r["torch_graph_us"] or "n/a"] for r in rows]
+    report = ("Triton ops vs eager PyTorch (median us, L2 flushed; graph: CUDA-graph replay)\n\n"
+              + common.markdown_table(headers, table))
+    common.save(args, "triton_ops", desc, rows, report)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,7 @@
 torch FA2 and cuDNN, relative to cuDNN), docs/img/forward_<card>.png and, when the result exists,
 docs/img/backward_<card>.png (TFLOP/s per sequence length, one panel per dtype / head dim /
 causal). Needs matplotlib (a development dependency: pip install matplotlib); no GPU.
-  python benchmarks/plot.py [--card h100] [--results-dir benchmarks/results] [--out-dir docs/img]
+  python benchmarks/tools/plot.py [--card h100] [--results-dir benchmarks/results] [--out-dir docs/img]
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"ours": "#1f77b4", "torch FA2": "#ff7f0e", "cuDNN": "#2ca02c", "ours deterministic": "#9ecae1"}
+FORWARD = {"ours": "ours_tflops", "torch FA2": "torch_fa2_tflops", "cuDNN": "cudnn_tflops"}
+BACKWARD = {"ours": "ours_bwd_tflops", "ours deterministic": "ours_det_bwd_tflops", "torch FA2": "torch_fa2_bwd_tflops",
+            "cuDNN": "cudnn_bwd_tflops"}
 
 
 def load(path):
@@ -24,12 +27,10 @@ def load(path):
 
 
 def subtitle(device) -> str:
-    if not device:
-        return ""
-    return f"\n{device['card']}, commit {device.get('commit') or '?'}, {device['date'][:10]}"
+    return f"\n{device['card']}, commit {device.get('commit') or '?'}, {device['date'][:10]}" if device else ""
 
 
-def plot_decode(plt, rows, device, title, path):
+def plot_decode(plt, rows, device, title):
     """Speed relative to cuDNN per cell (cuDNN time / time: above 1 = faster than cuDNN); cuDNN is
     the line at 1."""
     rows = [r for r in rows if r.get("cudnn_us")]
@@ -48,20 +49,19 @@ def plot_decode(plt, rows, device, title, path):
     ax.set_title(title + subtitle(device))
     ax.legend(loc="upper right")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    print(f"wrote {path}")
+    return fig, 90
 
 
-def plot_throughput(plt, rows, device, title, path, series):
+def plot_throughput(plt, rows, device, title, series):
     """TFLOP/s against sequence length, one panel per (dtype, head dim, causal)."""
-    panels = sorted({(r.get("dtype", "fp16"), r["headdim"], r["causal"]) for r in rows})
+    def panel(r):
+        return r.get("dtype", "fp16"), r["headdim"], r["causal"]
+    panels = sorted(set(map(panel, rows)))
     cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), squeeze=False, sharey=True)
     for ax, (dtype, headdim, causal) in zip(axes.flat, panels):
-        cell = sorted((r for r in rows if (r.get("dtype", "fp16"), r["headdim"], r["causal"]) == (dtype, headdim, causal)),
-                      key=lambda r: r["seqlen"])
+        cell = sorted((r for r in rows if panel(r) == (dtype, headdim, causal)), key=lambda r: r["seqlen"])
         for label, key in series.items():
             pts = [(r["seqlen"], r[key]) for r in cell if r.get(key)]
             if pts:
@@ -82,16 +82,14 @@ def plot_throughput(plt, rows, device, title, path, series):
         ax.set_ylabel("TFLOP/s")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(title + subtitle(device))
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    print(f"wrote {path}")
+    return fig, 80
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--card", default="h100")
-    p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(HERE), "docs", "img"))
+    p.add_argument("--results-dir", default=os.path.join(BENCHMARKS, "results"))
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(BENCHMARKS), "docs", "img"))
     args = p.parse_args(argv)
     try:
         import matplotlib
@@ -101,25 +99,22 @@ def main(argv=None) -> int:
         print("plot.py needs matplotlib, a development dependency: pip install matplotlib")
         return 1
     os.makedirs(args.out_dir, exist_ok=True)
-    figures = {
-        "decode": lambda rows, dev, path: plot_decode(
-            plt, rows, dev, "Decode (one query, fp16, head dim 128), L2 flushed", path),
-        "forward": lambda rows, dev, path: plot_throughput(
-            plt, rows, dev, "Prefill forward, model dim 2048", path,
-            {"ours": "ours_tflops", "torch FA2": "torch_fa2_tflops", "cuDNN": "cudnn_tflops"}),
-        "backward": lambda rows, dev, path: plot_throughput(
-            plt, rows, dev, "Backward, model dim 2048", path,
-            {"ours": "ours_bwd_tflops", "ours deterministic": "ours_det_bwd_tflops",
-             "torch FA2": "torch_fa2_bwd_tflops", "cuDNN": "cudnn_bwd_tflops"}),
-    }
+    decode_title = "Decode (one query, fp16, head dim 128), L2 flushed"
+    figures = {"decode": lambda rows, dev: plot_decode(plt, rows, dev, decode_title),
+               "forward": lambda rows, dev: plot_throughput(plt, rows, dev, "Prefill forward, model dim 2048", FORWARD),
+               "backward": lambda rows, dev: plot_throughput(plt, rows, dev, "Backward, model dim 2048", BACKWARD)}
     drawn = 0
     for name, draw in figures.items():
         src = os.path.join(args.results_dir, f"{name}_{args.card}.json")
-        if os.path.exists(src):
-            draw(*load(src), os.path.join(args.out_dir, f"{name}_{args.card}.png"))
-            drawn += 1
-        else:
+        path = os.path.join(args.out_dir, f"{name}_{args.card}.png")
+        if not os.path.exists(src):
             print(f"skipped {name}: no {src}")
+            continue
+        fig, dpi = draw(*load(src))
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+        print(f"wrote {path}")
+        drawn += 1
     return 0 if drawn else 1
 
 
