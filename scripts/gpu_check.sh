@@ -6,8 +6,9 @@
 #   FLASH_ATTN_HEADDIMS=128 bash scripts/gpu_check.sh --no-bench   # iterate on a subset
 #   BENCH="decode specdec" bash scripts/gpu_check.sh --no-tests --baseline base   # before/after
 #
-# Options: --no-tests, --no-bench, --quick (quick benchmarks), --sanitize, --profile (Nsight Compute
-# report of one prefill and one decode launch), --pytest-args "...", --baseline DIR.
+# Options: --no-tests, --no-bench, --no-build (use the build a previous call on this still-warm
+# machine installed), --quick (quick benchmarks), --sanitize, --profile (Nsight Compute report of
+# one prefill and one decode launch), --pytest-args "...", --baseline DIR.
 # Environment: BENCH, the benchmarks to run, a subset of "decode specdec forward backward host sweep
 # triton" (default "decode specdec host sweep"); BENCH_TIMEOUT (s per benchmark, default 300);
 # MAXFAIL (pytest --maxfail, default 40); BENCH_COMMIT (the commit of this tree, for result headers
@@ -23,11 +24,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
-run_tests=1; run_bench=1; profile=0; sanitize=0; quick=""; pytest_args=""; baseline=""
+run_tests=1; run_bench=1; run_build=1; profile=0; sanitize=0; quick=""; pytest_args=""; baseline=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-tests) run_tests=0 ;;
     --no-bench) run_bench=0 ;;
+    --no-build) run_build=0 ;;
     --quick) quick="--quick" ;;
     --profile) profile=1 ;;
     --sanitize) sanitize=1 ;;
@@ -50,13 +52,17 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 
 export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
 export MAX_JOBS=${MAX_JOBS:-16}
-start=$(date +%s)
-# pip install (not build_ext --inplace): the package metadata it records is what transformers'
-# is_flash_attn_2_available() looks for (tests/test_hf_integration.py).
-python3 -m pip install --no-build-isolation --no-deps --no-cache-dir -v . >/tmp/build.log 2>&1
-status=$?
-echo "build: exit $status in $(( $(date +%s) - start )) s (archs $FLASH_ATTN_CUDA_ARCHS, head dims ${FLASH_ATTN_HEADDIMS:-all}, dtypes ${FLASH_ATTN_DTYPES:-all})" | tee -a "$OUT/env.log"
-if [ $status -ne 0 ]; then cp /tmp/build.log "$OUT/build.log"; grep -E "error|Error" /tmp/build.log | head -40; exit 1; fi
+if [ $run_build -eq 0 ] && python3 -c "import flash_attn_2_cuda" 2>/dev/null; then
+  echo "build: the installed one ($(python3 -c 'import flash_attn; print(flash_attn.build_info())'))" | tee -a "$OUT/env.log"
+else
+  start=$(date +%s)
+  # pip install (not build_ext --inplace): the package metadata it records is what transformers'
+  # is_flash_attn_2_available() looks for (tests/test_hf_integration.py).
+  python3 -m pip install --no-build-isolation --no-deps --no-cache-dir -v . >/tmp/build.log 2>&1
+  status=$?
+  echo "build: exit $status in $(( $(date +%s) - start )) s (archs $FLASH_ATTN_CUDA_ARCHS, head dims ${FLASH_ATTN_HEADDIMS:-all}, dtypes ${FLASH_ATTN_DTYPES:-all})" | tee -a "$OUT/env.log"
+  if [ $status -ne 0 ]; then cp /tmp/build.log "$OUT/build.log"; grep -E "error|Error" /tmp/build.log | head -40; exit 1; fi
+fi
 
 if [ -n "$baseline" ] && [ $run_bench -eq 1 ]; then
   start=$(date +%s)
@@ -124,11 +130,11 @@ fi
 
 if [ $sanitize -eq 1 ]; then
   # split, cluster-merged and single-split (clusters of two) decode, paged varlen (pages 16/48/64/256),
-  # and paged kv-cache calls with a window (page entries fetched after the lengths) or left padding
-  # (any-alignment loader). SANITIZE_CHUNK=0 / 1 runs the first / second half of them (racecheck over
+  # paged kv-cache calls with a window (page entries fetched after the lengths) or left padding
+  # (any-alignment loader), and the Hopper forward (several tiles per persistent block). SANITIZE_CHUNK=0 / 1 runs the first / second half of them (racecheck over
   # all takes ~10 minutes on an H100); SANITIZE_TOOLS narrows the tools.
-  sel="fp16 and ((128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))) or test_single_split_decode_grids)"
-  files="tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py"
+  sel="fp16 and ((128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))) or test_single_split_decode_grids or (test_sm90_forward_matches_reference and mha and (1023-1024 or 113-203 or 2048-77)))"
+  files="tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py tests/test_sm90_forward.py"
   # shellcheck disable=SC2086  # word-split on purpose: several files / test ids
   ids=$(python3 -m pytest $files --collect-only -q -p no:cacheprovider -k "$sel" 2>/dev/null | grep "::")
   n=$(echo "$ids" | wc -l); half=$(( (n + 1) / 2 ))
