@@ -1,5 +1,5 @@
 """The Hopper forward (csrc/flash_attn/src/sm90/): on a compute capability 9.0 GPU the dense,
-unsplit forward at kernel head dims 64 and 128 runs it. These tests check that the dispatcher picks it
+unsplit forward (dense or varlen) at kernel head dims 64 and 128 runs it. These tests check that the dispatcher picks it
 exactly where it applies (the kernel's name in a profiler trace), that it matches the fp32
 reference and the SM80 kernel, that calls outside its scope fall back to the SM80 kernel with
 correct results, and that its output is bitwise identical run to run.
@@ -17,11 +17,12 @@ from helpers import (
     assert_lse_close,
     assert_out_close,
     ext_fwd,
+    ext_varlen_fwd,
     flash_attn,
     flash_attn_gpu,
     requires_gpu,
 )
-from reference import attention_ref, kernel_headdim
+from reference import attention_ref, kernel_headdim, lengths_to_mask, pack, pack_lse
 
 pytestmark = requires_gpu
 
@@ -109,6 +110,39 @@ def test_sm90_forward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, head
     finally:
         flash_attn_gpu.set_sm90_forward(True)
     assert_out_close(out_sm80, out_ref, out_pt, name="out (SM80)")
+
+
+# Packed sequences: lengths around the 128-row tiles, 1 and 0, a query tile past a short
+# sequence's end, and keys of the next sequence right after each sequence in memory.
+VARLEN_LENGTHS = {
+    "ragged": ([300, 1, 129, 128, 77], [290, 5, 200, 128, 513]),
+    "zero_keys": ([200, 150, 3], [0, 180, 140]),
+    "zero_queries": ([0, 260, 129], [64, 300, 1]),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("case", list(VARLEN_LENGTHS))
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_varlen(dtype, d, case, causal, hopper):
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    q_lens, k_lens = (torch.tensor(x) for x in VARLEN_LENGTHS[case])
+    batch, nheads, nheads_k = len(q_lens), 6, 2
+    max_sq, max_sk = int(q_lens.max()), int(k_lens.max())
+    q, k, v = _qkv(batch, max_sq, max_sk, nheads, nheads_k, d, dtype)
+    qmask, kmask = lengths_to_mask(q_lens, max_sq).to(DEVICE), lengths_to_mask(k_lens, max_sk).to(DEVICE)
+    (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
+    run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal)  # noqa: E731
+    assert _runs_sm90(run) is not False
+    out, lse = run()
+    out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask, causal=causal)
+    out_pt, _ = attention_ref(q, k, v, qmask, kmask, causal=causal, upcast=False)
+    lse_ref = pack_lse(lse_ref, qmask)
+    assert_out_close(out, pack(out_ref, qmask)[0], pack(out_pt, qmask)[0])
+    assert_empty_rows_zero(out, torch.isposinf(lse_ref).transpose(0, 1))
+    assert_lse_close(lse, lse_ref)
 
 
 @pytest.mark.parametrize("d", [64, 128])

@@ -91,7 +91,10 @@ void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int
 // live until the launch is enqueued.
 c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int total_q_rows, const DeviceInfo& dev,
                         const flash::FwdLauncher& kernel);
-void launch(const flash::FwdLauncher& kernel, const flash::FwdParams& p);
+// Launches the forward the plan chose: the Hopper kernel where it applies (compute capability
+// 9.0, sm90_forward_applies), else the SM80 kernels.
+void launch(const flash::FwdLauncher& kernel, const flash::FwdParams& p, const flash::ForwardPlan& plan,
+            const DeviceInfo& dev);
 
 // Dropout of one forward call (p > 0): the Philox seed and offset come from `gen` (or the default
 // CUDA generator) and are written to rng_state by the kernel; s_dmask, when defined (return_softmax),

@@ -168,20 +168,22 @@ bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides) {
   return true;
 }
 
-// What the Hopper forward covers (sm90/fwd_kernel.h): the unsplit forward of batch-strided q/k/v
-// at the kernel head dims it is built for (run_sm90 registered) with causal or window masks, and
-// nothing of softcap, ALiBi, dropout or the kv-cache layouts; everything else runs the SM80 kernels.
+// What the Hopper forward covers (sm90/fwd_kernel.h): the unsplit forward of batch-strided or
+// packed (varlen) q/k/v, with seqused_k, at the kernel head dims it is built for (run_sm90
+// registered), with causal or window masks, and nothing of softcap, ALiBi, dropout, left padding,
+// block tables or cache_batch_idx; everything else runs the SM80 kernels. A packed tensor's batch
+// stride is never read.
 bool sm90_forward_applies(const flash::FwdParams& p, const flash::ForwardPlan& plan, const DeviceInfo& dev,
                           const flash::FwdLauncher& kernel) {
+  const bool packed_q = p.cu_seqlens_q != nullptr, packed_k = p.cu_seqlens_k != nullptr;
   return kernel.run_sm90 != nullptr && dev.sm90 && sm90_forward_enabled.load(std::memory_order_relaxed) &&
-         !plan.split_kernel && !plan.swap_seqlen_ngroups && p.seqlen_k > 0 &&
-         p.alibi_slopes_ptr == nullptr && p.softcap_in == 0.f && p.dropout_keep_threshold == 0 &&
-         p.seqused_k == nullptr && p.leftpad_k == nullptr && p.cache_batch_idx == nullptr &&
-         p.block_table == nullptr && p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr &&
-         tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, p.q_batch_stride}) &&
-         tma_compatible(p.k_ptr, {p.k_row_stride, p.k_head_stride, p.k_batch_stride}) &&
-         tma_compatible(p.v_ptr, {p.v_row_stride, p.v_head_stride, p.v_batch_stride}) &&
-         tma_compatible(p.o_ptr, {p.o_row_stride, p.o_head_stride, p.o_batch_stride});
+         !plan.split_kernel && !plan.swap_seqlen_ngroups && p.seqlen_k > 0 && p.alibi_slopes_ptr == nullptr &&
+         p.softcap_in == 0.f && p.dropout_keep_threshold == 0 && p.leftpad_k == nullptr &&
+         p.cache_batch_idx == nullptr && p.block_table == nullptr && (!packed_k || p.total_k_rows > 0) &&
+         tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, packed_q ? 8 : p.q_batch_stride}) &&
+         tma_compatible(p.k_ptr, {p.k_row_stride, p.k_head_stride, packed_k ? 8 : p.k_batch_stride}) &&
+         tma_compatible(p.v_ptr, {p.v_row_stride, p.v_head_stride, packed_k ? 8 : p.v_batch_stride}) &&
+         tma_compatible(p.o_ptr, {p.o_row_stride, p.o_head_stride, packed_q ? 8 : p.o_batch_stride});
 }
 
 }  // namespace
@@ -219,8 +221,10 @@ c10::DataPtr set_splits(flash::FwdParams& p, const flash::ForwardPlan& plan, int
   return accum;
 }
 
-void launch(const flash::FwdLauncher& kernel, const flash::FwdParams& p) {
-  kernel.run(p, c10::cuda::getCurrentCUDAStream().stream());
+void launch(const flash::FwdLauncher& kernel, const flash::FwdParams& p, const flash::ForwardPlan& plan,
+            const DeviceInfo& dev) {
+  const auto run = sm90_forward_applies(p, plan, dev, kernel) ? kernel.run_sm90 : kernel.run;
+  run(p, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -265,12 +269,7 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
     p.lse_row_stride = 1;
     if (dropout != nullptr) set_dropout(p, *dropout);
     auto accum = set_splits(p, plan, batch * plan.seqlen_q, dev, kernel);
-    if (sm90_forward_applies(p, plan, dev, kernel)) {
-      kernel.run_sm90(p, c10::cuda::getCurrentCUDAStream().stream());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      launch(kernel, p);
-    }
+    launch(kernel, p, plan, dev);
   }
   return {c.out, softmax_lse};
 }

@@ -159,6 +159,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
     fill_common(p, c, alibi_slopes, wl, wr, softmax_scale, softcap);
     p.cu_seqlens_q = plan.swap_seqlen_ngroups ? nullptr : cu_seqlens_q.data_ptr<int>();
     p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+    p.total_k_rows = paged ? 0 : k.size(0);
     p.seqused_k = seqused_k ? seqused_k->data_ptr<int>() : nullptr;
     p.leftpad_k = leftpad_k ? leftpad_k->data_ptr<int>() : nullptr;
     p.index_errors = index_error_words(dev.device);
@@ -185,7 +186,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
     if (has_dropout) set_dropout(p, dropout);
     const int total_q_rows = plan.swap_seqlen_ngroups ? batch * plan.seqlen_q : total_q;
     auto accum = set_splits(p, plan, total_q_rows, dev, kernel);
-    launch(kernel, p);
+    launch(kernel, p, plan, dev);
   }
   return {c.out, softmax_lse, dropout.s_dmask, dropout.rng_state};
 }

@@ -33,6 +33,7 @@ struct FwdParams {
   // batch-strided while k is varlen (the GQA seqlen/ngroups swap does this).
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
+  int total_k_rows;  // rows of a packed (varlen) k / v: the Hopper kernel's TMA extent
   const int* seqused_k;   // number of keys used per batch entry
   const int* leftpad_k;   // keys to skip at the start of each batch entry
   const int* cache_batch_idx;  // k/v batch index per q batch entry (kv cache), clamped to [0, num_cache_batches)

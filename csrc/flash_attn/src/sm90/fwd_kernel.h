@@ -8,8 +8,9 @@
 // wgmma from shared memory, the online softmax in registers while the tensor cores run the
 // previous block's O += P V, with P taken straight from the S accumulator's registers.
 //
-// Scope: head dim 128, batch-strided (dense) q/k/v, no varlen/paged/left-padded/seqused keys, no
-// softcap, ALiBi, dropout or split-KV; causal and sliding windows by FwdParams::window_left/right.
+// Scope: head dims 64 and 128, batch-strided or packed (varlen) q/k/v, seqused_k; no paged or
+// left-padded keys, no softcap, ALiBi, dropout or split-KV; causal and sliding windows by
+// FwdParams::window_left/right.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -87,22 +88,28 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
   for (Sm90TileScheduler tiles(p, m_blocks); tiles.valid(); tiles.next()) {
     const Sm90Tile tile = tiles.tile();
     const Sm90TileWork work = sm90_tile_work<Traits>(p, tile);
-    if (work.blocks.max <= work.blocks.min) continue;  // the consumers write the empty tile
+    // Past a short varlen sequence, or no visible key block (the consumers write that tile).
+    if (work.rows_in_tile <= 0 || work.blocks.max <= work.blocks.min) continue;
     const int bidh_kv = tile.bidh / p.h_h_k_ratio;
 
     // Parity 1 on the fresh barrier passes at once: the first tile's Q needs no release.
     cutlass::arch::ClusterBarrier::wait(&shared.q_empty, (q_loads & 1) ^ 1);
-    Tensor gQ = local_tile(args.tma_q.get_tma_tensor(q_extent(p))(_, _, tile.bidh, tile.bidb),
-                           Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(tile.m_block, _0{}));
+    // A packed (varlen) tensor is one batch entry of the map; its sequences start at row offsets.
+    Tensor mQ = domain_offset(make_coord(work.seq.q_start, _0{}),
+                              args.tma_q.get_tma_tensor(q_extent(p))(_, _, tile.bidh, p.cu_seqlens_q ? 0 : tile.bidb));
+    Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(tile.m_block, _0{}));
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&shared.q_full, Traits::kQTileBytes);
     copy(args.tma_q.with(shared.q_full), q_copy.partition_S(gQ), q_copy.partition_D(sQ));
     ++q_loads;
 
     // (tile rows, tile cols, key block) in gmem, (tile rows, tile cols, stage) in smem.
-    Tensor gK = local_tile(args.tma_k.get_tma_tensor(k_extent(p))(_, _, bidh_kv, tile.bidb),
-                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
-    Tensor gVt = local_tile(args.tma_vt.get_tma_tensor(vt_extent(p))(_, _, bidh_kv, tile.bidb),
-                            Shape<Int<kHeadDim>, Int<kBlockN>>{}, make_coord(_0{}, _));
+    const int k_start = p.cu_seqlens_k ? p.cu_seqlens_k[tile.bidb] : 0;
+    const int kv_batch = p.cu_seqlens_k ? 0 : tile.bidb;
+    Tensor mK = domain_offset(make_coord(k_start, _0{}), args.tma_k.get_tma_tensor(k_extent(p))(_, _, bidh_kv, kv_batch));
+    Tensor mVt =
+        domain_offset(make_coord(_0{}, k_start), args.tma_vt.get_tma_tensor(vt_extent(p))(_, _, bidh_kv, kv_batch));
+    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+    Tensor gVt = local_tile(mVt, Shape<Int<kHeadDim>, Int<kBlockN>>{}, make_coord(_0{}, _));
     Tensor tKgK = k_copy.partition_S(gK);
     Tensor tKsK = k_copy.partition_D(sK);
     Tensor tVgVt = v_copy.partition_S(gVt);
@@ -313,6 +320,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     for (Sm90TileScheduler tiles(params, m_blocks); tiles.valid(); tiles.next()) {
       const Sm90Tile tile = tiles.tile();
       const Sm90TileWork work = sm90_tile_work<Traits>(params, tile);
+      if (work.rows_in_tile <= 0) continue;  // past the end of a short varlen sequence
       if (work.blocks.max <= work.blocks.min) {
         write_empty_tile_sm90<Traits>(params, tile, work, threadIdx.x - 128);
         continue;

@@ -2,11 +2,14 @@
 // handed to the kernel as __grid_constant__ parameters, where the TMA unit reads them.
 //
 // Each map covers a whole tensor as (rows, head dim, heads, batch), head dim contiguous; the
-// kernel selects its (batch, head) and tile by coordinates. Rows past the sequence and columns
-// past d read as zeros (TMA's out-of-bounds fill), so ragged tiles need no predicates. TMA needs
-// 16-byte aligned base pointers and row/head/batch strides that are multiples of 8 elements.
+// kernel selects its (batch, head) and tile by coordinates. Rows past the tensor and columns past
+// d read as zeros (TMA's out-of-bounds fill); rows past a packed sequence read the next one's,
+// which the score mask (keys) and the row predicates of the output (queries) leave out. TMA needs
+// 16-byte aligned base pointers and strides that are multiples of 8 elements.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <utility>
 
 #include <cute/tensor.hpp>
@@ -18,19 +21,42 @@ namespace flash {
 
 using namespace cute;
 
+// The extents each map covers, the same on host and device: (rows, head dim, heads, batches).
+// A batch-strided tensor is (seqlen, d, heads, batch); a packed (varlen) one is all its rows as
+// one batch entry, and a tile addresses its sequence by a row offset (sm90_tile_rows). The packed
+// tensor's batch stride is never used (one entry) but must be a positive multiple of 16 bytes.
+__host__ __device__ __forceinline__ auto q_extent(const FwdParams& p) {
+  return make_shape(p.cu_seqlens_q ? p.total_q_rows : p.seqlen_q, p.d, p.h, p.cu_seqlens_q ? 1 : p.b);
+}
+__host__ __device__ __forceinline__ auto k_extent(const FwdParams& p) {
+  return make_shape(p.cu_seqlens_k ? p.total_k_rows : p.seqlen_k, p.d, p.h_k, p.cu_seqlens_k ? 1 : p.b);
+}
+__host__ __device__ __forceinline__ auto vt_extent(const FwdParams& p) {
+  const auto k = k_extent(p);
+  return make_shape(get<1>(k), get<0>(k), get<2>(k), get<3>(k));
+}
+
+inline int64_t tma_batch_stride(bool packed, int64_t batch_stride, int64_t row_stride, int rows) {
+  return packed ? std::max<int64_t>(row_stride * rows, 8) : batch_stride;
+}
+
 template <typename Traits>
 auto make_tma_q(const FwdParams& p) {
   using Element = typename Traits::Element;
-  Tensor q = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.q_ptr)), make_shape(p.seqlen_q, p.d, p.h, p.b),
-                         make_stride(p.q_row_stride, _1{}, p.q_head_stride, p.q_batch_stride));
+  const auto extent = q_extent(p);
+  Tensor q = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.q_ptr)), extent,
+                         make_stride(p.q_row_stride, _1{}, p.q_head_stride,
+                                     tma_batch_stride(p.cu_seqlens_q, p.q_batch_stride, p.q_row_stride, get<0>(extent))));
   return make_tma_copy(SM90_TMA_LOAD{}, q, typename Traits::SmemLayoutQ{});
 }
 
 template <typename Traits>
 auto make_tma_k(const FwdParams& p) {
   using Element = typename Traits::Element;
-  Tensor k = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k_ptr)), make_shape(p.seqlen_k, p.d, p.h_k, p.b),
-                         make_stride(p.k_row_stride, _1{}, p.k_head_stride, p.k_batch_stride));
+  const auto extent = k_extent(p);
+  Tensor k = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k_ptr)), extent,
+                         make_stride(p.k_row_stride, _1{}, p.k_head_stride,
+                                     tma_batch_stride(p.cu_seqlens_k, p.k_batch_stride, p.k_row_stride, get<0>(extent))));
   return make_tma_copy(SM90_TMA_LOAD{}, k, typename Traits::SmemLayoutK{}(_, _, _0{}));
 }
 
@@ -38,15 +64,12 @@ auto make_tma_k(const FwdParams& p) {
 template <typename Traits>
 auto make_tma_vt(const FwdParams& p) {
   using Element = typename Traits::Element;
-  Tensor vt = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v_ptr)), make_shape(p.d, p.seqlen_k, p.h_k, p.b),
-                          make_stride(_1{}, p.v_row_stride, p.v_head_stride, p.v_batch_stride));
+  const auto extent = vt_extent(p);
+  Tensor vt = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v_ptr)), extent,
+                          make_stride(_1{}, p.v_row_stride, p.v_head_stride,
+                                      tma_batch_stride(p.cu_seqlens_k, p.v_batch_stride, p.v_row_stride, get<1>(extent))));
   return make_tma_copy(SM90_TMA_LOAD{}, vt, typename Traits::SmemLayoutVt{}(_, _, _0{}));
 }
-
-// The coordinate extents the kernel indexes the maps with; the same as the host-side views above.
-__device__ __forceinline__ auto q_extent(const FwdParams& p) { return make_shape(p.seqlen_q, p.d, p.h, p.b); }
-__device__ __forceinline__ auto k_extent(const FwdParams& p) { return make_shape(p.seqlen_k, p.d, p.h_k, p.b); }
-__device__ __forceinline__ auto vt_extent(const FwdParams& p) { return make_shape(p.d, p.seqlen_k, p.h_k, p.b); }
 
 // Everything the kernel reads: the call's parameters and the three tensor maps.
 template <typename Traits>
