@@ -1,19 +1,12 @@
 #!/usr/bin/env python
 """Backward-pass time and TFLOP/s: ours (flash_attn_func, deterministic=False and True) against
-PyTorch's vendored FlashAttention-2 (SDPA on the FLASH_ATTENTION backend) and cuDNN (SDPA on
-CUDNN_ATTENTION), in one run.
+PyTorch's vendored FlashAttention-2 (SDPA FLASH_ATTENTION) and cuDNN (SDPA CUDNN_ATTENTION).
 
-The timed call is the backward alone: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-of a forward output computed once beforehand (outside the timing), for each implementation alike.
-Grid: fp16 and bf16 x head dim 64/128/256 x causal and not x seqlen 512..16k, model dim 2048
-(heads = 2048 / head dim, batch = 16k / seqlen). Backward FLOPs = 2.5 x forward FLOPs (forward:
-4 * batch * heads * seqlen^2 * head dim, halved for causal). Time per call: CUDA events, L2 flushed
-(read) before each call, median; each implementation timed, then again in reverse order, keeping
-its lower median. An implementation whose forward or backward raises is n/a, with the reason.
+The timed call is torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) of a forward output
+computed beforehand. Grid, timing and forward FLOPs as in benchmark_forward.py; backward FLOPs =
+2.5 x forward. An implementation whose forward or backward raises is n/a, with the reason.
 --dropout P passes dropout_p to ours and torch FA2 (cuDNN runs without). Result: backward_<card>.json.
 """
-
-from __future__ import annotations
 
 import sys
 
@@ -62,8 +55,7 @@ def measure(c, kw, passes, dropout):
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__, time_budget_s=200.0)
-    common.add_prefill_args(p)
+    p = common.parser(__doc__, time_budget_s=200.0, grid="prefill")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout_p for ours and torch FA2 (default 0)")
     args = p.parse_args(argv)
     desc = common.start()

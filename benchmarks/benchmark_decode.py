@@ -1,26 +1,17 @@
 #!/usr/bin/env python
-"""Decode latency (fp16, head dim 128, causal = bottom-right), ours against PyTorch's FA2 and
-cuDNN in the same run, on the same K/V memory. Microseconds per call: CUDA events, L2 flushed
-(read) before each call, median; every implementation of a cell is timed, then timed again in
-reverse order, keeping its lower median.
+"""Decode latency (fp16, head dim 128, causal = bottom-right), ours against PyTorch's FA2 and cuDNN
+on the same K/V memory; microseconds per call, timed as in benchmark_forward.py.
 
---grid decode (default): one query per sequence; seqlen_k 2048..32768 x batch 1/16/128 x heads
-  12/12, 32/8, 32/32; q (batch, heads, 128), k/v (batch*seqlen_k, kv_heads, 128) through
-  flash_attn_varlen_func. Columns: ours (num_splits=0; splits = the heuristic's choice), nosplit
-  (num_splits=1), torch_fa2_varlen (aten._flash_attention_forward), cudnn (SDPA CUDNN_ATTENTION on
-  strided (b, h, s, d) views, enable_gqa; if it refuses GQA, K/V expanded outside the timing, "*"),
-  paged16 / paged256 (ours on the same K/V copied into shuffled pages of 16 / 256 tokens; target
-  paged/ours <= 1.10), bw_frac = (K+V bytes / ours time) / copy bandwidth of a 2 GiB copy.
-  Result: decode_<card>.json.
---grid specdec: speculative-decoding verification, seqlen_q 1/2/4/8/16 x batch 1/4/16 x seqlen_k
-  4096..32768 x heads 12/12, 32/8; q (batch, seqlen_q, heads, 128), cache (batch, seqlen_k,
-  kv_heads, 128). Columns: ours (flash_attn_func, causal), ours_kvcache (flash_attn_with_kvcache on
-  the same cache), torch_fa2_dense (the aten op's varlen form over the padded batch), cudnn (SDPA
-  with an explicit bottom-right mask; SDPA's is_causal is top-left), best_explicit (fastest
-  num_splits in 1..min(64, key blocks), re-timed like the others). Result: specdec_<card>.json.
+--grid decode (default): one query per sequence, seqlen_k 2048..32768 x batch 1/16/128 x heads 12/12,
+  32/8, 32/32, flash_attn_varlen_func. Columns: ours (num_splits=0), nosplit (num_splits=1),
+  torch_fa2_varlen (aten._flash_attention_forward), cudnn (SDPA CUDNN_ATTENTION, enable_gqa; "*": K/V
+  expanded outside the timing), paged16 / paged256 (ours on K/V in shuffled 16- / 256-token pages;
+  target <= 1.10 x ours), bw_frac = (K+V bytes / ours time) / bandwidth of a 2 GiB copy. Result:
+  decode_<card>.json.
+--grid specdec: seqlen_q 1/2/4/8/16 x batch 1/4/16 x seqlen_k 4096..32768 x heads 12/12, 32/8. Columns:
+  ours (flash_attn_func), ours_kvcache (flash_attn_with_kvcache), torch_fa2_dense, cudnn (explicit
+  bottom-right mask), best_explicit (fastest num_splits in 1..min(64, key blocks)). Result: specdec_<card>.json.
 """
-
-from __future__ import annotations
 
 import sys
 
@@ -33,6 +24,8 @@ from common import fmt, ratio
 
 PAGES = (16, 256)
 PAGED_TARGET = 1.10
+PAGED_MARGIN_BYTES = 2 << 30  # free memory kept beyond a paged copy of K/V, else its columns are skipped
+MAX_EXPAND_BYTES = 16 << 30  # largest K+V expanded to all heads when cuDNN refuses GQA
 SPECDEC_SEQLENS_Q = [1, 2, 4, 8, 16]
 SPECDEC_BATCHES = [1, 4, 16]
 SPECDEC_SEQLENS_K = [4096, 8192, 16384, 32768]
@@ -45,7 +38,6 @@ DECODE_KEYS += [f"paged{p}_{s}" for p in PAGES for s in ("us", "ratio", "maxdiff
 
 
 def cudnn_impl(q4, k4, v4, mask, gqa):
-    """SDPA on the cuDNN backend over (b, h, s, d) views; enable_gqa where kv_heads < heads."""
     gqa_kw = {"enable_gqa": True} if gqa else {}
     return (lambda: lambda: F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, **gqa_kw),
             timing.sdpa_context("CUDNN_ATTENTION"))
@@ -70,10 +62,9 @@ def decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off):
     impls = {"ours": (ours(0), None), "nosplit": (ours(1), None)}
     if fa2:
         impls["torch_fa2_varlen"] = (lambda: lambda: fa2(q, k, v, cu_q, cu_k, 1, s, True), None)
-    if not args.no_cudnn:  # one query: bottom-right causal allows every key, no mask
-        impls["cudnn"] = cudnn_impl(q4, k4, v4, None, h != hk)
+    impls["cudnn"] = cudnn_impl(q4, k4, v4, None, h != hk)  # one query: bottom-right causal allows every key
     times, notes, outs = timing.time_impls(impls, kw, 1 if args.quick else 2, repeat=("ours", "cudnn"))
-    if "cudnn" in notes and h != hk and common.kv_bytes(dict(c, kv_heads=h)) <= args.max_expand_gib * 2 ** 30:
+    if "cudnn" in notes and h != hk and common.kv_bytes(dict(c, kv_heads=h)) <= MAX_EXPAND_BYTES:
         ke, ve = (x.repeat_interleave(h // hk, dim=1) for x in (k4, v4))  # outside the timed region
         make, ctx = cudnn_impl(q4, ke, ve, None, False)
         times["cudnn"], note, outs["cudnn"] = timing.time_impl(make, kw, ctx)
@@ -91,14 +82,12 @@ def decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off):
                 row[key] = common.maxdiff(o, outs[name].reshape(o.shape))
         if row["maxdiff"] is None:  # torch FA2 n/a: compare with cuDNN
             row["maxdiff"] = row["cudnn_maxdiff"]
-    if args.graph and o is not None:
-        row["ours_graph_us"] = timing.bench_graph(ours(0)(), reps=5 if args.quick else 10)
     row["bw_frac"] = ratio(row["kv_bytes"] / (row["ours_us"] * 1e-6), copy_bw) if row["ours_us"] else None
     for page in PAGES:
         if paged_off[page] or o is None:
             continue
         free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-        if free < row["kv_bytes"] + args.paged_margin_gib * 2 ** 30:
+        if free < row["kv_bytes"] + PAGED_MARGIN_BYTES:
             row["notes"].append(f"paged{page}: skipped (GPU memory)")
             continue
         kp, vp, table = common.make_paged(k, v, b, s, page)
@@ -146,8 +135,7 @@ def specdec_cells(c0, args, kw, torch_fa2):
             qv, kv_, vv = q.view(b * sq, h, D), k.view(b * s, hk, D), v.view(b * s, hk, D)
             impls["torch_fa2_dense"] = (lambda: lambda: fa2(qv, kv_, vv, cu_q, cu_k, sq, s, True), None)
         mask = None if sq == 1 else torch.ones(sq, s, dtype=torch.bool, device="cuda").tril(s - sq)
-        if not args.no_cudnn:
-            impls["cudnn"] = cudnn_impl(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, h != hk)
+        impls["cudnn"] = cudnn_impl(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, h != hk)
         if row["best_splits"]:
             impls["best_explicit"] = (ours(row["best_splits"]), None)
         times, notes, outs = timing.time_impls(impls, kw, 1 if args.quick else 2)
@@ -163,46 +151,38 @@ def specdec_cells(c0, args, kw, torch_fa2):
     return rows
 
 
-def count(rows, a, b, factor) -> str:
-    both = [r for r in rows if r.get(a) and r.get(b)]
-    return f"{sum(r[a] <= factor * r[b] for r in both)}/{len(both)}"
-
-
 def decode_report(rows, args, copy_bw) -> str:
     headers = ["batch", "seqlen_k", "heads", "kv_heads", "splits", "ours_us", "nosplit_us", "torch_fa2_varlen_us",
                "cudnn_us", "torch_fa2/ours", "ours/cudnn", "bw_frac", "maxdiff"]
     headers += ["paged16/ours", "paged256/ours"] if args.paged else []
-    headers += ["ours_graph_us"] if args.graph else []
     table = [[r[k] for k in headers[:5]] + [fmt(r.get(k)) for k in headers[5:8]]
              + [fmt(r.get("cudnn_us")) + ("*" if r["cudnn_kv_expanded"] else ""),
               fmt(ratio(r.get("torch_fa2_varlen_us"), r["ours_us"]), ".2f"),
               fmt(ratio(r["ours_us"], r.get("cudnn_us")), ".3f"), fmt(r["bw_frac"], ".2f"),
               fmt(r.get("maxdiff"), ".1e")]
-             + ([fmt(r.get(f"paged{p}_ratio"), ".2f") for p in PAGES] if args.paged else [])
-             + ([fmt(r.get("ours_graph_us"))] if args.graph else []) for r in rows]
+             + ([fmt(r.get(f"paged{p}_ratio"), ".2f") for p in PAGES] if args.paged else []) for r in rows]
     lines = [common.markdown_table(headers, table), "",
-             f"ours <= cuDNN in {count(rows, 'ours_us', 'cudnn_us', 1.0)} cells; bw_frac >= 0.9 in "
+             f"ours <= cuDNN in {common.count(rows, 'ours_us', 'cudnn_us', 1.0)} cells; bw_frac >= 0.9 in "
              f"{sum((r['bw_frac'] or 0) >= 0.9 for r in rows if r['kv_bytes'] >= 200e6)}/"
              f"{sum(r['kv_bytes'] >= 200e6 for r in rows)} cells with K+V >= 200 MB (copy bandwidth "
              f"{fmt(copy_bw and copy_bw / 1e12, '.2f')} TB/s)"]
     if args.paged:
         lines.append(f"paged/ours <= {PAGED_TARGET}: " + "; ".join(
-            f"{p}-token pages {count(rows, f'paged{p}_us', 'ours_us', PAGED_TARGET)}" for p in PAGES))
+            f"{p}-token pages {common.count(rows, f'paged{p}_us', 'ours_us', PAGED_TARGET)}" for p in PAGES))
     return "\n".join(lines)
 
 
 def specdec_report(rows) -> str:
     headers = ["heads", "kv_heads", "seqlen_q", "batch", "seqlen_k", "ours_us", "ours_kvcache_us", "torch_fa2_dense_us",
                "cudnn_us", "best_explicit_us", "best_splits", "auto_splits", "ours/fa2", "ours/best"]
-    table = [[r[k] for k in headers[:5]] + [fmt(r.get(k)) for k in headers[5:10]]
-             + [r["best_splits"], r["auto_splits"]]
+    table = [[r[k] for k in headers[:5]] + [fmt(r.get(k)) for k in headers[5:10]] + [r["best_splits"], r["auto_splits"]]
              + [fmt(ratio(r["ours_us"], r.get(k)), ".2f") for k in ("torch_fa2_dense_us", "best_explicit_us")]
              for r in rows]
     return "\n".join([common.markdown_table(headers, table), "",
-                      f"ours <= torch FA2 in {count(rows, 'ours_us', 'torch_fa2_dense_us', 1.0)} rows",
-                      f"ours <= 1.05 x best explicit in {count(rows, 'ours_us', 'best_explicit_us', 1.05)} rows",
-                      f"kvcache <= 1.02 x ours in {count(rows, 'ours_kvcache_us', 'ours_us', 1.02)} rows",
-                      f"ours <= cuDNN in {count(rows, 'ours_us', 'cudnn_us', 1.0)} rows"])
+                      f"ours <= torch FA2 in {common.count(rows, 'ours_us', 'torch_fa2_dense_us', 1.0)} rows",
+                      f"ours <= 1.05 x best explicit in {common.count(rows, 'ours_us', 'best_explicit_us', 1.05)} rows",
+                      f"kvcache <= 1.02 x ours in {common.count(rows, 'ours_kvcache_us', 'ours_us', 1.02)} rows",
+                      f"ours <= cuDNN in {common.count(rows, 'ours_us', 'cudnn_us', 1.0)} rows"])
 
 
 def decode_line(r) -> str:
@@ -218,16 +198,9 @@ def specdec_line(r) -> str:
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__, time_budget_s=90.0)
+    p = common.parser(__doc__, time_budget_s=90.0, grid="decode")
     p.add_argument("--grid", choices=["decode", "specdec"], default="decode")
-    common.add_cell_args(p)
-    p.add_argument("--no-cudnn", action="store_true", help="leave out the cuDNN column")
     p.add_argument("--no-paged", dest="paged", action="store_false", help="decode grid: no paged columns")
-    p.add_argument("--paged-margin-gib", type=float, default=2.0,
-                   help="free memory kept beyond a paged copy of K/V, else its columns are skipped (default 2)")
-    p.add_argument("--max-expand-gib", type=float, default=16.0,
-                   help="largest K+V expanded to all heads when cuDNN refuses GQA (default 16)")
-    p.add_argument("--graph", action="store_true", help="decode grid: also ours by CUDA-graph replay (L2-warm)")
     args = p.parse_args(argv)
     common.parse_cells(args.cells)
     desc = common.start()

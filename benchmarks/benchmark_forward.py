@@ -1,18 +1,13 @@
 #!/usr/bin/env python
-"""Prefill (forward) throughput in TFLOP/s: ours (flash_attn_func) against PyTorch's vendored
-FlashAttention-2 (aten._flash_attention_forward on the same dense (batch, seqlen, heads, d) tensors)
-and cuDNN (SDPA CUDNN_ATTENTION on (b, h, s, d) views of them), in one run. On a compute
-capability 9.0 GPU "ours" runs the Hopper kernel where it applies and "ours_sm80" the SM80 kernel
-(flash_attn_2_cuda.set_sm90_forward(False) around the call).
+"""Prefill forward TFLOP/s: ours (flash_attn_func) against PyTorch's vendored FlashAttention-2
+(aten._flash_attention_forward, same tensors) and cuDNN (SDPA CUDNN_ATTENTION on (b, h, s, d) views).
+On compute capability 9.0, ours is the Hopper kernel where it applies, ours_sm80 the SM80 one.
 
-Grid: fp16 and bf16 x head dim 64/128/256 x causal and not x seqlen 512..16k, model dim 2048
-(heads = 2048 / head dim, batch = 16k / seqlen). FLOPs = 4 * batch * heads * seqlen^2 * head dim,
-halved for causal. Time per call: CUDA events, L2 flushed (read) before each call, median; each
-implementation timed, then timed again in reverse order, keeping its lower median.
-Result: forward_<card>.json.
+Grid: fp16, bf16 x head dim 64/128/256 x causal or not x seqlen 512..16k, model dim 2048 (heads = 2048 /
+head dim, batch = 16k / seqlen); FLOPs = 4 * batch * heads * seqlen^2 * head dim (causal: half). Time per
+call: CUDA events, L2 flushed (read) before each call, median; peers timed in order, then in reverse, each
+keeping its lower median. Result: forward_<card>.json.
 """
-
-from __future__ import annotations
 
 import sys
 
@@ -59,8 +54,7 @@ def measure(c, kw, passes, fa2):
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__, time_budget_s=150.0)
-    common.add_prefill_args(p)
+    p = common.parser(__doc__, time_budget_s=150.0, grid="prefill")
     args = p.parse_args(argv)
     desc = common.start()
     fa2, fa2_note = timing.torch_fa2_forward()
@@ -73,11 +67,9 @@ def main(argv=None) -> int:
     table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"]] + [fmt(r.get(f"{n}_tflops")) for n in PEERS]
              + [fmt(ratio(r.get("ours_tflops"), r.get(f"{n}_tflops")), ".2f") for n in PEERS[2:]]
              + [fmt(r.get("maxdiff"), ".1e")] for r in rows]
-    both = [r for r in rows if r.get("ours_tflops") and r.get("torch_fa2_tflops")]
-    with_cudnn = [r for r in rows if r.get("ours_tflops") and r.get("cudnn_tflops")]
-    report = (common.markdown_table(headers, table) + f"\n\nours >= torch FA2 in "
-              f"{sum(r['ours_tflops'] >= r['torch_fa2_tflops'] for r in both)}/{len(both)} cells, >= cuDNN in "
-              f"{sum(r['ours_tflops'] >= r['cudnn_tflops'] for r in with_cudnn)}/{len(with_cudnn)}")
+    report = (common.markdown_table(headers, table) + "\n\nours >= torch FA2 in "
+              f"{common.count(rows, 'torch_fa2_tflops', 'ours_tflops', 1.0)} cells, >= cuDNN in "
+              f"{common.count(rows, 'cudnn_tflops', 'ours_tflops', 1.0)}")
     common.save(args, "forward", desc, rows, report)
     return 0
 

@@ -1,8 +1,5 @@
-"""What the benchmark scripts share: arguments, the cell loop, the prefill and decode grids, paged
-copies of a cache, and result files (OUT_DIR/<measurement>_<card>.json and .md, headed by the card
-description)."""
-
-from __future__ import annotations
+"""What the benchmark scripts share: arguments, the cell loop, the prefill and decode grids, paged caches,
+and result files (OUT_DIR/<measurement>_<card>.json and .md, headed by the card description)."""
 
 import argparse
 import gc
@@ -25,19 +22,31 @@ if REPO not in sys.path:
     sys.path.append(REPO)
 
 
-def parser(doc: str, time_budget_s=None) -> argparse.ArgumentParser:
+def parser(doc: str, time_budget_s=None, grid=None) -> argparse.ArgumentParser:
+    """The common options, with the subset filters of the prefill or the decode grid (grid="prefill" / "decode")."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: fewer repeats, one timing pass, or a smaller grid")
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"), help="default %(default)s")
     if time_budget_s:
         p.add_argument("--time-budget-s", type=float, default=time_budget_s,
                        help="cells started after this many seconds get the minimum repeats (default %(default)s)")
+    if grid == "prefill":
+        p.add_argument("--dtypes", default="fp16,bf16", help="default %(default)s")
+        p.add_argument("--headdims", default="64,128,256", help="default %(default)s")
+        p.add_argument("--causal", choices=["both", "true", "false"], default="both")
+    if grid == "decode":
+        p.add_argument("--cells", default=None, help="filter: KEY=V1|V2 clauses joined by commas, all must match, "
+                       "over " + ", ".join(CELL_KEYS) + ', e.g. "batch=1|16,seqlen_k=32768"')
+        p.add_argument("--max-kv-gib", type=float, default=16.0,
+                       help="skip cells whose K+V exceed this many GiB (default %(default)s)")
     return p
 
 
 def start() -> dict:
     """Exit 1 without CUDA; print and return the card description; seed the inputs."""
-    timing.require_cuda(os.path.basename(sys.argv[0]))
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: no CUDA device (torch {torch.__version__}, CUDA "
+                         f"{torch.version.cuda}); this benchmark needs an NVIDIA GPU. Nothing was measured.")
     desc = timing.describe_device(REPO)
     import flash_attn
     desc["flash_attn"] = os.path.dirname(flash_attn.__file__)
@@ -48,13 +57,16 @@ def start() -> dict:
 
 
 def fmt(x, spec: str = ".1f") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return format(x, spec)
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
 def ratio(a, b):
     return a / b if a and b else None
+
+
+def count(rows, a, b, factor) -> str:
+    both = [r for r in rows if r.get(a) and r.get(b)]
+    return f"{sum(r[a] <= factor * r[b] for r in both)}/{len(both)}"
 
 
 def markdown_table(headers, rows) -> str:
@@ -76,17 +88,13 @@ def context_dead() -> bool:
         return True
 
 
-def card_slug(name: str) -> str:
-    m = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", name)
-    return m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
 def save(args, measurement: str, desc: dict, rows, report: str) -> None:
     """Print the report; write it (markdown) and the rows (JSON, under the card description)."""
     print("\n" + report)
-    stem = f"{measurement}_{card_slug(desc['card'])}"
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", desc["card"])  # "NVIDIA H100 80GB HBM3" -> h100
+    card = m.group(1).lower() if m else re.sub(r"[^a-z0-9]+", "_", desc["card"].lower()).strip("_")
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, stem)
+    path = os.path.join(args.out_dir, f"{measurement}_{card}")
     with open(path + ".json", "w") as f:
         json.dump({"device": desc, "rows": rows}, f, indent=1)
     with open(path + ".md", "w", encoding="utf-8") as f:
@@ -104,9 +112,8 @@ LATE_KW = dict(warmup=1, reps=3, min_reps=3, max_time_s=0.03)
 
 
 def run_cells(cells, measure, args, kw, line):
-    """rows of measure(cell, bench kwargs, late) over the cells, each printed with line(row); cells
-    started after --time-budget-s get LATE_KW (late=True), so that one run keeps to its time. A
-    failing cell becomes a row holding its error; an unusable CUDA context ends the run."""
+    """measure(cell, bench kwargs, late) over the cells, rows printed with line(row); cells started after
+    --time-budget-s get LATE_KW (late=True); a failing cell is a row with its error."""
     t0, rows = time.time(), []
     for c in cells:
         late = time.time() - t0 > args.time_budget_s
@@ -131,12 +138,6 @@ MODEL_DIM = 2048
 TOKENS = 16384
 PREFILL_SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def add_prefill_args(p) -> None:
-    p.add_argument("--dtypes", default="fp16,bf16", help="default %(default)s")
-    p.add_argument("--headdims", default="64,128,256", help="default %(default)s")
-    p.add_argument("--causal", choices=["both", "true", "false"], default="both")
 
 
 def prefill_cells(args):
@@ -168,13 +169,6 @@ DECODE_SEQLENS_K = [2048, 4096, 8192, 32768]
 DECODE_BATCHES = [1, 16, 128]
 DECODE_HEADS = [(12, 12), (32, 8), (32, 32)]
 CELL_KEYS = ("batch", "seqlen_k", "heads", "kv_heads", "seqlen_q")
-
-
-def add_cell_args(p, max_kv_gib: float = 16.0) -> None:
-    p.add_argument("--cells", default=None, help="filter: KEY=V1|V2 clauses joined by commas, all must match, over "
-                   + ", ".join(CELL_KEYS) + ', e.g. "batch=1|16,seqlen_k=32768"')
-    p.add_argument("--max-kv-gib", type=float, default=max_kv_gib,
-                   help="skip cells whose K+V exceed this many GiB (default %(default)s)")
 
 
 def parse_cells(spec):
@@ -216,9 +210,8 @@ def cell_name(c) -> str:
 
 
 def make_paged(k, v, batch: int, seqlen_k: int, page: int):
-    """K/V of layout (batch * seqlen_k, kv_heads, d) copied into a cache of `page`-token pages in a
-    random order (no two consecutive pages of a sequence adjacent, in general): (k_paged, v_paged,
-    block_table (batch, seqlen_k / page) int32)."""
+    """K/V (batch * seqlen_k, kv_heads, d) copied into `page`-token pages in random order (consecutive
+    pages of a sequence not adjacent): (k_paged, v_paged, block_table (batch, seqlen_k / page) int32)."""
     nblocks = batch * seqlen_k // page
     perm = torch.randperm(nblocks, device=k.device)  # logical page i lives in physical page perm[i]
     paged = []

@@ -1,22 +1,14 @@
 #!/usr/bin/env python
-"""num_splits sweep on the decode grid: how far the split heuristic (num_splits=0) is from the
-best explicit split count, cell by cell (regret = auto time / best explicit time).
+"""num_splits sweep on benchmark_decode.py's decode grid: regret = heuristic (num_splits=0) time / best explicit time.
 
-Cells: the decode grid of benchmark_decode.py (fp16, head dim 128, one query per sequence,
-flash_attn_varlen_func with q (batch, heads, 128), k/v (batch*seqlen_k, kv_heads, 128)). Timed per
-cell: auto, then N = 1..16, 32, 64, 128 up to the dispatcher's clamp (num_splits_heuristic with
-num_splits=huge), plus the heuristic's own choice, then auto again; the regret uses the second auto
-timing, taken in the same warmed-up state as the explicit values. Cells with batch*heads >=
---restrict-factor x SMs (several full waves without splitting) and cells reached after
---time-budget-s sweep only N = 1..4. An explicit N = 1 runs the unsplit kernel; a heuristic
-choice of 1 runs the decode kernel, so regret < 1 is possible there (and from noise).
---page-size N sweeps a cache of shuffled N-token pages (splits_sweep_pagedN_<card>.json).
-Time per call: CUDA events, L2 flushed (read) before each call, median of --reps.
-Result: splits_sweep_<card>.json.
+Per cell: auto, N = 1..16, 32, 64, 128 up to the dispatcher's clamp plus the heuristic's choice,
+auto again (the regret's, same warmed-up state). Cells with batch*heads >= 2 x SMs or reached after
+--time-budget-s sweep N = 1..4 only. Explicit N = 1 runs the unsplit kernel, a heuristic 1 the
+decode kernel (regret < 1 possible). Median of 15 calls (--quick 5), L2 flushed. Result:
+splits_sweep_<card>.json; --page-size N: shuffled N-token pages, splits_sweep_pagedN_<card>.json.
 """
 
-from __future__ import annotations
-
+import itertools
 import sys
 
 import torch
@@ -28,6 +20,7 @@ from common import fmt
 SWEEP = list(range(1, 17)) + [32, 64, 128]
 RESTRICTED = [1, 2, 3, 4]
 REGRET_OK = 1.05
+RESTRICT_FACTOR = 2  # batch*heads >= this many x SMs: only RESTRICTED is swept
 
 
 def sweep_cell(c, args, restricted, kw):
@@ -71,14 +64,9 @@ def sweep_cell(c, args, restricted, kw):
 
 
 def ranges(vals) -> str:
-    """[1, 2, 3, 4, 32] -> "1-4,32"."""
-    out = []
-    for n in vals:
-        if out and out[-1][1] == n - 1:
-            out[-1][1] = n
-        else:
-            out.append([n, n])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+    """[1, 2, 3, 4, 32] -> "1-4,32" (a run of consecutive values keeps n - its index)."""
+    runs = [[n for _, n in g] for _, g in itertools.groupby(enumerate(vals), lambda p: p[1] - p[0])]
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def report(rows) -> str:
@@ -102,19 +90,14 @@ def report(rows) -> str:
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__, time_budget_s=120.0)
-    common.add_cell_args(p)
-    p.add_argument("--reps", type=int, default=None, help="timed repeats per value (default 15, --quick 5)")
-    p.add_argument("--full", action="store_true", help="sweep every value in every cell")
-    p.add_argument("--restrict-factor", type=float, default=2.0, help="default %(default)s")
+    p = common.parser(__doc__, time_budget_s=120.0, grid="decode")
     p.add_argument("--page-size", type=int, default=0, help="paged cache of this many tokens per page (default 0: "
                    "contiguous)")
     args = p.parse_args(argv)
-    args.reps = args.reps or (5 if args.quick else 15)
     desc = common.start()
 
     def measure(c, kw, late):
-        restricted = late or (not args.full and c["batch"] * c["heads"] >= args.restrict_factor * desc["sms"])
+        restricted = late or c["batch"] * c["heads"] >= RESTRICT_FACTOR * desc["sms"]
         return [sweep_cell(c, args, restricted, kw)]
 
     def line(r):
@@ -122,7 +105,7 @@ def main(argv=None) -> int:
                 f"best {fmt(r.get('best_splits'), '3d')} {fmt(r.get('best_us'), '8.1f')} us  regret "
                 f"{fmt(r.get('regret'), '.3f')}" + ("  [restricted]" if r.get("restricted") else ""))
 
-    kw = dict(warmup=1 if args.quick else 2, reps=args.reps, min_reps=min(5, args.reps), max_time_s=0.15)
+    kw = dict(warmup=1 if args.quick else 2, reps=5 if args.quick else 15, min_reps=5, max_time_s=0.15)
     rows = [r for r in common.run_cells(common.select_cells(common.decode_cells(), args), measure, args, kw, line)
             if "swept" in r]
     common.save(args, f"splits_sweep_paged{args.page_size}" if args.page_size else "splits_sweep", desc, rows,

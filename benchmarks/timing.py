@@ -1,19 +1,10 @@
-"""GPU timing for the benchmark scripts: single calls, graph replays, peers timed against each other,
-and the description of the card that heads every result.
+"""GPU timing for the benchmark scripts, and the card description heading every result.
 
-bench() times single calls with CUDA events. Before every timed call it evicts L2 by READING a
-256 MiB buffer (five times an H100's 50 MB L2), outside the event window. A written flush (as
-Triton's do_bench does) leaves ~50 MB of dirty lines that the timed kernel then writes back while
-it streams its own inputs (~17 us on an H100, NOTES experiment 17); FLASH_ATTN_BENCH_FLUSH=write
-restores it for comparison. The flush kernel (~90 us) also keeps the GPU busy while the host
-enqueues the call, so launch overhead stays out of the times of kernels shorter than the flush.
-Results are medians. time_impls times each implementation of a cell, then again in reverse order,
-keeping its lower median, so that none gains from its place in the cell.
-
-Imports without CUDA; the functions need a device when called.
+bench() times single calls with CUDA events, each after evicting L2 by READING a 256 MiB buffer outside
+the event window: a written flush (Triton's do_bench) leaves ~50 MB of dirty lines that the timed kernel
+writes back (~17 us on an H100, NOTES experiment 17; FLASH_ATTN_BENCH_FLUSH=write restores it). The
+flush (~90 us) also keeps launch overhead out of shorter kernels' times. Medians; imports without CUDA.
 """
-
-from __future__ import annotations
 
 import contextlib
 import datetime
@@ -28,24 +19,27 @@ from typing import Callable, Optional
 import torch
 
 L2_FLUSH_BYTES = 256 << 20
+flush_buffer = functools.cache(lambda: torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda"))
 FLUSH_MODE = os.environ.get("FLASH_ATTN_BENCH_FLUSH", "read")
 if FLUSH_MODE not in ("read", "write"):
     raise SystemExit(f"FLASH_ATTN_BENCH_FLUSH must be 'read' or 'write', got {FLUSH_MODE!r}")
-
-
-def require_cuda(script: str) -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit(f"{script}: no CUDA device (torch {torch.__version__}, CUDA {torch.version.cuda}); "
-                         "this benchmark needs an NVIDIA GPU. Nothing was measured.")
 
 
 def event() -> torch.cuda.Event:
     return torch.cuda.Event(enable_timing=True)
 
 
-@functools.cache
-def flush_buffer() -> torch.Tensor:
-    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+def event_median_us(fn: Callable[[], object], n: int, before: Optional[Callable[[], object]] = None) -> float:
+    """Median microseconds of n CUDA-event windows around fn(), each after before() (outside the window)."""
+    starts, ends = [event() for _ in range(n)], [event() for _ in range(n)]
+    for i in range(n):
+        if before:
+            before()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
 
 
 def evict_l2() -> None:
@@ -58,9 +52,7 @@ def evict_l2() -> None:
 
 def bench(fn: Callable[[], object], *, warmup: int = 3, reps: int = 50, min_reps: int = 5,
           max_time_s: Optional[float] = 0.5, flush_l2: bool = True) -> float:
-    """Median per-call GPU time of fn() in microseconds. The number of repeats follows a per-call
-    time budget (max_time_s) so that one slow configuration cannot eat a whole run. Exceptions
-    raised by fn propagate."""
+    """Median GPU time of fn() in us; max_time_s caps the repeats so that no slow configuration eats a run."""
     for _ in range(max(warmup, 1)):
         fn()
     torch.cuda.synchronize()
@@ -75,15 +67,7 @@ def bench(fn: Callable[[], object], *, warmup: int = 3, reps: int = 50, min_reps
         torch.cuda.synchronize()
         per_call_us = start.elapsed_time(end) * 1e3 + (100.0 if flush_l2 else 0.0)
         n = max(min_reps, min(reps, int(max_time_s * 1e6 / max(per_call_us, 1.0))))
-    starts, ends = [event() for _ in range(n)], [event() for _ in range(n)]
-    for i in range(n):
-        if flush_l2:
-            evict_l2()
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+    return event_median_us(fn, n, evict_l2 if flush_l2 else None)
 
 
 def settle(fn: Callable[[], object], min_ms: float = 30.0, max_calls: int = 200) -> None:
@@ -99,8 +83,7 @@ def settle(fn: Callable[[], object], min_ms: float = 30.0, max_calls: int = 200)
 
 
 def capture_graph(fn: Callable[[], object], calls: int = 1, warmup: int = 3):
-    """`calls` back-to-back fn() calls in one CUDA graph, warmed up on a side stream as torch's
-    documentation asks. Returns (graph, output of the last captured call)."""
+    """(graph of `calls` back-to-back fn() calls, warmed up on a side stream as torch asks, last output)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -117,26 +100,19 @@ def capture_graph(fn: Callable[[], object], calls: int = 1, warmup: int = 3):
 
 
 def bench_graph(fn: Callable[[], object], calls_per_graph: int = 20, reps: int = 10) -> Optional[float]:
-    """Median per-call microseconds from replays of a graph of back-to-back calls: no launch overhead
-    and no flush (L2-warm for small inputs). None when capture or replay fails."""
+    """Median per-call microseconds from replays of a graph of back-to-back calls (no launch gaps, no
+    flush: L2-warm for small inputs); None when capture or replay fails."""
     try:
         graph, _ = capture_graph(fn, calls_per_graph)
         graph.replay()
-        starts, ends = [event() for _ in range(reps)], [event() for _ in range(reps)]
-        for i in range(reps):
-            starts[i].record()
-            graph.replay()
-            ends[i].record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) * 1e3 / calls_per_graph for s, e in zip(starts, ends))
+        return event_median_us(graph.replay, reps) / calls_per_graph
     except Exception:  # noqa: BLE001 - callers report n/a
         torch.cuda.synchronize()
         return None
 
 
 def short_err(e: BaseException, limit: int = 200) -> str:
-    msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")
-    return msg[:limit]
+    return f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/")[:limit]
 
 
 def time_impl(make_fn, kw, ctx=None):
@@ -155,9 +131,8 @@ def time_impl(make_fn, kw, ctx=None):
 
 
 def time_impls(impls: dict, kw, passes: int = 2, repeat=None):
-    """Time {name: (make_fn, ctx)} in order, then the names in `repeat` (default all) again in
-    reverse order, each keeping its lower median. Returns ({name: us or None}, {name: note},
-    {name: first output})."""
+    """Time {name: (make_fn, ctx)} in order, then those in `repeat` (default all) in reverse order, each
+    keeping its lower median, so that none gains from its place: ({name: us}, {name: note}, {name: output})."""
     times, notes, outs = {}, {}, {}
     for name, (make_fn, ctx) in impls.items():
         times[name], note, outs[name] = time_impl(make_fn, kw, ctx)
@@ -213,9 +188,8 @@ def _run(cmd) -> str:
 
 
 def describe_device(repo_dir: str) -> dict:
-    """Card, software and commit for result headers. The commit comes from BENCH_COMMIT when the
-    measured tree has no git metadata of its own (a baseline unpacked from `git archive`, or a copy
-    on another machine), else from git."""
+    """Card, software and commit for result headers; BENCH_COMMIT names the commit of a tree without
+    git metadata of its own (a baseline from `git archive`, a copy on another machine)."""
     idx = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(idx)
     smi = _run(["nvidia-smi", "-i", str(idx), "--query-gpu=serial,driver_version", "--format=csv,noheader"])

@@ -4,9 +4,10 @@ per cell, speed of after relative to before (before time / after time; after / b
 TFLOP/s: > 1 = after faster) for the main measured columns, and how many cells lie within 2%.
   python benchmarks/tools/compare.py results/decode_h100_before.json results/decode_h100_after.json
 """
-import json
 import os
 import sys
+
+from plot import load
 
 CELL_KEYS = ("dtype", "causal", "headdim", "seqlen", "batch", "seqlen_q", "seqlen_k", "heads", "kv_heads", "page_size")
 COLUMNS = ("ours_us", "ours_kvcache_us", "ours_graph_us", "paged16_us", "paged256_us", "auto_us", "ours_tflops",
@@ -15,9 +16,7 @@ WITHIN = 0.02
 
 
 def rows(path):
-    with open(path) as f:
-        data = json.load(f)
-    data = data["rows"] if isinstance(data, dict) else data
+    data, _ = load(path)
     return {tuple(r.get(k) for k in CELL_KEYS): r for r in data} if isinstance(data, list) else {}
 
 
@@ -51,5 +50,6 @@ def main(before_path, after_path) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit(__doc__)
+        print(__doc__)
+        sys.exit(sys.argv[1:] not in (["-h"], ["--help"]))
     sys.exit(main(sys.argv[1], sys.argv[2]))

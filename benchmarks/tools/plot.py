@@ -1,12 +1,8 @@
 #!/usr/bin/env python
-"""Figures from committed results: docs/img/decode_<card>.png (decode time per cell, ours against
-torch FA2 and cuDNN, relative to cuDNN), docs/img/forward_<card>.png and, when the result exists,
-docs/img/backward_<card>.png (TFLOP/s per sequence length, one panel per dtype / head dim /
-causal). Needs matplotlib (a development dependency: pip install matplotlib); no GPU.
-  python benchmarks/tools/plot.py [--card h100] [--results-dir benchmarks/results] [--out-dir docs/img]
+"""Figures from committed results, no GPU: docs/img/decode_<card>.png (ours and torch FA2 relative to
+cuDNN per cell), forward_<card>.png and backward_<card>.png (TFLOP/s per sequence length, a panel per
+dtype / head dim / causal). Needs matplotlib (a development dependency: pip install matplotlib).
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -30,9 +26,8 @@ def subtitle(device) -> str:
     return f"\n{device['card']}, commit {device.get('commit') or '?'}, {device['date'][:10]}" if device else ""
 
 
-def plot_decode(plt, rows, device, title):
-    """Speed relative to cuDNN per cell (cuDNN time / time: above 1 = faster than cuDNN); cuDNN is
-    the line at 1."""
+def plot_decode(plt, rows, device):
+    """cuDNN time / time per cell (above 1: faster than cuDNN); cuDNN is the line at 1."""
     rows = [r for r in rows if r.get("cudnn_us")]
     fig, ax = plt.subplots(figsize=(15, 5))
     width = 0.4
@@ -46,7 +41,7 @@ def plot_decode(plt, rows, device, title):
                        fontsize=7)
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_xlabel("heads / kv heads, batch, keys")
-    ax.set_title(title + subtitle(device))
+    ax.set_title("Decode (one query, fp16, head dim 128), L2 flushed" + subtitle(device))
     ax.legend(loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     return fig, 90
@@ -72,8 +67,7 @@ def plot_throughput(plt, rows, device, title, series):
                            fontsize=7)
         ax.set_title(f"{dtype}, head dim {headdim}, {'causal' if causal else 'not causal'}", fontsize=9)
         ax.grid(alpha=0.3)
-    # Shared y axis: its top from every panel's data (setting the bottom per panel froze the top at
-    # the first panel's range).
+    # Shared y axis: the top from every panel's data (a per-panel bottom froze it at the first panel's).
     top = max((r[key] for r in rows for key in series.values() if r.get(key)), default=1.0)
     axes.flat[0].set_ylim(0, 1.05 * top)
     for ax in axes.flat[len(panels):]:
@@ -99,8 +93,7 @@ def main(argv=None) -> int:
         print("plot.py needs matplotlib, a development dependency: pip install matplotlib")
         return 1
     os.makedirs(args.out_dir, exist_ok=True)
-    decode_title = "Decode (one query, fp16, head dim 128), L2 flushed"
-    figures = {"decode": lambda rows, dev: plot_decode(plt, rows, dev, decode_title),
+    figures = {"decode": lambda rows, dev: plot_decode(plt, rows, dev),
                "forward": lambda rows, dev: plot_throughput(plt, rows, dev, "Prefill forward, model dim 2048", FORWARD),
                "backward": lambda rows, dev: plot_throughput(plt, rows, dev, "Backward, model dim 2048", BACKWARD)}
     drawn = 0

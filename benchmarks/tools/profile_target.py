@@ -1,11 +1,10 @@
 #!/usr/bin/env python
-"""Calls to profile under Nsight Compute or Nsight Systems, each after two warm-up calls:
+"""Calls to profile under Nsight Compute or Nsight Systems, each after two warm-up calls (without
+arguments: prefill 4,4096,16,128 and decode 1,8192,12,12):
   decode B,S,H,HK   flash_attn_varlen_func, one query per sequence (fp16, head dim 128)
   prefill B,S,H,D   flash_attn_func, non-causal (fp16)
-Example (the third launch of the decode kernel):
-  ncu --kernel-name regex:flash_decode --launch-skip 2 --launch-count 1 --section SpeedOfLight \\
-      python benchmarks/tools/profile_target.py decode 16,2048,32,8
-Without arguments: prefill 4,4096,16,128 and decode 1,8192,12,12.
+The third launch of the decode kernel: ncu --kernel-name regex:flash_decode --launch-skip 2 \\
+  --launch-count 1 --section SpeedOfLight python benchmarks/tools/profile_target.py decode 16,2048,32,8
 """
 import sys
 
@@ -31,5 +30,8 @@ def run(kind: str, shape: str, calls: int = 3) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:] or ["prefill", "4,4096,16,128", "decode", "1,8192,12,12"]
+    if len(args) % 2:  # -h, --help or an unpaired argument
+        print(__doc__)
+        sys.exit(args not in (["-h"], ["--help"]))
     for i in range(0, len(args), 2):
         run(args[i], args[i + 1])

@@ -1,16 +1,13 @@
 #!/usr/bin/env python
-"""GPU time of the Triton ops (rotary, layer/RMS norm, cross entropy) against eager PyTorch.
-
-Each number is the median of 50 calls timed with CUDA events, with L2 evicted by reading a 256 MiB
-buffer before every call (timing.bench). "fwd+bwd" times one forward and one backward
-(torch.autograd.grad) per call. An event window around one call also holds the gaps in which the
-GPU waits for the host to launch the next kernel; a Triton launch from Python costs ~20 us of host
-time, so "fwd+bwd" rows also give the GPU time of the same call replayed from a CUDA graph
-(timing.bench_graph: 5 calls per graph, no launch gaps; L2 is not flushed inside the graph, which
-changes little for these tensors of 128 MB and more). --quick: bf16 only and the smaller
+"""GPU time of the Triton ops (rotary, layer/RMS norm, cross entropy) against eager PyTorch: median
+of 50 calls, L2 flushed (read) before each (timing.bench). "fwd+bwd" times a forward and a backward
+(torch.autograd.grad) per call, and, since a Triton launch costs ~20 us of host time that the event
+window also holds, the same call replayed from a CUDA graph (5 calls per graph, no launch gaps, L2
+not flushed: little change for tensors of 128 MB and more). --quick: bf16 only, the smaller
 vocabulary. Result: triton_ops_<card>.json.
 """
 
+import functools
 import math
 import os
 import sys
@@ -24,16 +21,8 @@ import common  # noqa: E402
 import timing  # noqa: E402
 
 
-def graph_us(fn):
-    us = timing.bench_graph(fn, calls_per_graph=5, reps=5)
-    return None if us is None else round(us, 1)
-
-
 def forward_only(fn, inputs):
-    def call():
-        with torch.no_grad():
-            fn(*inputs)
-    return call
+    return torch.no_grad()(functools.partial(fn, *inputs))
 
 
 def forward_backward(fn, inputs):
@@ -93,10 +82,8 @@ def norm_cases(dtype):
         h = x + residual
         return F.rms_norm(h, (hidden,), weight, eps=1e-6), h
 
-    for op, ours, eager, inputs in (
-        ("layer_norm_fn residual prenorm", ours_ln, torch_ln, (x, residual, weight, bias)),
-        ("rms_norm_fn residual prenorm", ours_rms, torch_rms, (x, residual, weight)),
-    ):
+    for op, ours, eager, inputs in (("layer_norm_fn residual prenorm", ours_ln, torch_ln, (x, residual, weight, bias)),
+                                    ("rms_norm_fn residual prenorm", ours_rms, torch_rms, (x, residual, weight))):
         yield op, shape, "fwd", forward_only(ours, inputs), forward_only(eager, inputs)
         yield op, shape, "fwd+bwd", forward_backward(ours, inputs), forward_backward(eager, inputs)
 
@@ -121,11 +108,12 @@ def run(quick):
         for cases in (rotary_cases(dtype), norm_cases(dtype), cross_entropy_cases(dtype, vocab_shapes)):
             for op, shape, pass_name, ours, eager in cases:
                 ours_us, torch_us = (timing.bench(fn, reps=50, max_time_s=None) for fn in (ours, eager))
-                graphs = (graph_us(ours), graph_us(eager)) if pass_name == "fwd+bwd" else (None, None)
+                graphs = [timing.bench_graph(fn, calls_per_graph=5, reps=5) if pass_name == "fwd+bwd" else None
+                          for fn in (ours, eager)]
                 rows.append(dict(op=op, dtype=dtype_name, shape=shape, **{"pass": pass_name},
                                  ours_us=round(ours_us, 1), torch_us=round(torch_us, 1),
-                                 speedup=round(torch_us / ours_us, 2),
-                                 ours_graph_us=graphs[0], torch_graph_us=graphs[1]))
+                                 speedup=round(torch_us / ours_us, 2), ours_graph_us=graphs[0] and round(graphs[0], 1),
+                                 torch_graph_us=graphs[1] and round(graphs[1], 1)))
                 print(f"  {op} {dtype_name} {shape} {pass_name}: {ours_us:.1f} us vs torch {torch_us:.1f} us",
                       flush=True)
             torch.cuda.empty_cache()
