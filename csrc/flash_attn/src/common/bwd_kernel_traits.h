@@ -11,7 +11,7 @@ namespace flash {
 
 using namespace cute;
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Element_>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Element_, int kStagesQdO_ = 1>
 struct BwdKernelTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -19,6 +19,9 @@ struct BwdKernelTraits {
   static constexpr int kBlockN = kBlockN_;  // keys owned by the thread block
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
+  // Q/dO shared-memory stages: 2 lets the next step's Q and dO load during a whole step.
+  static constexpr int kStagesQdO = kStagesQdO_;
+  static_assert(kStagesQdO == 1 || kStagesQdO == 2);
   static_assert(kNWarps == 8, "the warp layouts below are written for 8 warps");
 
   using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
@@ -60,8 +63,9 @@ struct BwdKernelTraits {
   static constexpr int kSmemQBytes = int(cosize(SmemLayoutQ{})) * int(sizeof(Element));
   static constexpr int kSmemKVBytes = int(cosize(SmemLayoutKV{})) * int(sizeof(Element));
   static constexpr int kSmemPdSBytes = int(cosize(SmemLayoutPdS{})) * int(sizeof(Element));
-  // Q | dO | K | V | P | dS. Head dim 256: 144 KB, inside sm_80's 163 KB.
-  static constexpr int kSmemBytes = 2 * kSmemQBytes + 2 * kSmemKVBytes + 2 * kSmemPdSBytes;
+  // (Q | dO) x kStagesQdO | K | V | P | dS. One stage at head dim 256: 144 KB, inside sm_80's 163 KB;
+  // two stages of 128-row tiles at head dim 64: 160 KB.
+  static constexpr int kSmemBytes = kStagesQdO * 2 * kSmemQBytes + 2 * kSmemKVBytes + 2 * kSmemPdSBytes;
   static_assert(kSmemBytes <= 163 * 1024, "must fit an sm_80 thread block");
 
   // Global <-> shared copies (GmemTileCopy): 16-byte chunks, consecutive threads on one row.

@@ -8,7 +8,9 @@
 //                                                them transposed, in another warp layout)
 //   dQ_accum += dS K                            (fp32 atomics; skipped when deterministic, where
 //                                                bwd_dq_kernel.h computes dQ instead)
-// The next tile's Q and dO load while dQ is computed and added.
+// One Q/dO stage (Traits::kStagesQdO == 1): the next tile's Q and dO load while dQ is computed and
+// added. Two stages: the next step's Q and dO load into the other stage right after the step's first
+// barrier, so they have the whole step to land, and the barrier after the dK GEMM goes away.
 // kHasDropout: the forward's dropout mask is regenerated per tile (common/dropout.h); a separate
 // instantiation, so the kernels without dropout carry none of its code.
 #pragma once
@@ -66,10 +68,21 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dkdv_kernel(const
   const int m_blocks = row_hi > row_lo ? bwd_ceil_div(row_hi, kBlockM) - m_block_min : 0;
   const int steps = params.h_h_k_ratio * m_blocks;  // (query head of the group, query tile) pairs
 
-  // Shared memory: Q | dO | K | V | P | dS.
+  // Shared memory: (Q | dO) x kStages | K | V | P | dS. Stage 1 lies kQdOStageElems past stage 0 (a
+  // multiple of the swizzle period), so its partitions are stage 0's with a shifted base.
+  constexpr int kStages = Traits::kStagesQdO;
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem_buf)), typename Traits::SmemLayoutQ{});
   Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});
-  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutKV{});
+  constexpr int kQdOStageElems = 2 * int(decltype(size(sQ))::value);
+  static_assert(kStages == 1 || kQdOStageElems % 512 == 0, "a stage must start on a swizzle period");
+  auto stage_of = [](auto const& t, int stage) {
+    if constexpr (kStages == 1) {
+      return t;
+    } else {
+      return make_tensor(t.data() + stage * kQdOStageElems, t.layout());
+    }
+  };
+  Tensor sK = make_tensor(sQ.data() + kStages * kQdOStageElems, typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
   Tensor sP = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutPdS{});
   Tensor sdS = make_tensor(sP.data() + size(sP), typename Traits::SmemLayoutPdS{});
@@ -108,9 +121,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dkdv_kernel(const
     const int rows = min(kBlockM, seq.seqlen_q - m0);
     const Element* q_head = static_cast<const Element*>(params.q_ptr) + seq.q_offset + bidh * params.q_head_stride;
     const Element* do_head = static_cast<const Element*>(params.do_ptr) + do_offset + bidh * params.do_head_stride;
-    gcopy.load_strided(tQsQ, q_head + int64_t(m0 + gcopy.r0) * params.q_row_stride + gcopy.col0,
+    Tensor tQ = stage_of(tQsQ, s % kStages);
+    Tensor tdO = stage_of(tdOsdO, s % kStages);
+    gcopy.load_strided(tQ, q_head + int64_t(m0 + gcopy.r0) * params.q_row_stride + gcopy.col0,
                        params.q_row_stride, rows, q_head);
-    gcopy.load_strided(tdOsdO, do_head + int64_t(m0 + gcopy.r0) * params.do_row_stride + gcopy.col0,
+    gcopy.load_strided(tdO, do_head + int64_t(m0 + gcopy.r0) * params.do_row_stride + gcopy.col0,
                        params.do_row_stride, rows, do_head);
   };
 
@@ -181,15 +196,23 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dkdv_kernel(const
   for (int s = 0; s < steps; ++s) {
     const int bidh = step_head(s), m0 = step_m0(s);
     const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
+    const int stage = s % kStages;
     cp_async_wait<0>();
-    __syncthreads();  // Q, dO (and K, V) landed; the previous step is done with dS
+    __syncthreads();  // Q, dO (and K, V) landed; the previous step is done with dS (and, two stages,
+                      // with the other stage's Q and dO)
+    if constexpr (kStages == 2) {
+      if (s + 1 < steps) load_q_do(s + 1);
+      cp_async_fence();
+    }
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
     clear(acc_dp);
-    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma_sdp, copy_a_sdp, copy_b_sdp, thr_copy_a_sdp, thr_copy_b_sdp);
-    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma_sdp, copy_a_sdp, copy_b_sdp, thr_copy_a_sdp, thr_copy_b_sdp);
+    gemm_ss(acc_s, tSrQ, tSrK, stage_of(tSsQ, stage), tSsK, mma_sdp, copy_a_sdp, copy_b_sdp, thr_copy_a_sdp,
+            thr_copy_b_sdp);
+    gemm_ss(acc_dp, tdPrdO, tdPrV, stage_of(tdPsdO, stage), tdPsV, mma_sdp, copy_a_sdp, copy_b_sdp, thr_copy_a_sdp,
+            thr_copy_b_sdp);
 
     const BlockCoords bc{m0, n0, diag};
     const bool needs_mask =
@@ -212,15 +235,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dkdv_kernel(const
     copy(copy_pds, thr_copy_pds.retile_S(rdS), tdSsdS);
     __syncthreads();  // P and dS visible to every warp
 
-    gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, tdVsdOt, mma_dkv, copy_a_dkv, copy_b_dkv, thr_copy_a_dkv, thr_copy_b_dkv);
-    gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, tdKsQt, mma_dkv, copy_a_dkv, copy_b_dkv, thr_copy_a_dkv, thr_copy_b_dkv);
-    __syncthreads();  // every warp is done with Q and dO: the next step's may land
+    gemm_ss(acc_dv, tdVrPt, tdVrdOt, tdVsPt, stage_of(tdVsdOt, stage), mma_dkv, copy_a_dkv, copy_b_dkv,
+            thr_copy_a_dkv, thr_copy_b_dkv);
+    gemm_ss(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, stage_of(tdKsQt, stage), mma_dkv, copy_a_dkv, copy_b_dkv,
+            thr_copy_a_dkv, thr_copy_b_dkv);
+    if constexpr (kStages == 1) __syncthreads();  // every warp is done with Q and dO: the next step's may land
     if (s + 1 < steps) {
-      load_q_do(s + 1);
+      if constexpr (kStages == 1) load_q_do(s + 1);
       const int next_m0 = step_m0(s + 1);
       stats.load(params, tScS_rc, bidb, step_head(s + 1), seq.q_start, next_m0, min(kBlockM, seq.seqlen_q - next_m0));
     }
-    cp_async_fence();
+    if constexpr (kStages == 1) cp_async_fence();
 
     if (params.dq_accum_ptr != nullptr) {
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});

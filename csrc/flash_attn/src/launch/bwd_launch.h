@@ -17,6 +17,7 @@
 #include "kernels/bwd_dkdv_kernel.h"
 #include "kernels/bwd_dq_kernel.h"
 #include "kernels/bwd_row_kernels.h"
+#include "launch/dynamic_smem.h"
 #include "launch/fwd_launch.h"
 #include "plan/tile_sizes.h"
 
@@ -45,6 +46,14 @@ void with_bwd_extras_and_dropout(const BwdParams& params, Launch&& launch) {
   });
 }
 
+template <typename Traits, bool kHasExtras, bool kHasDropout>
+void launch_bwd_dkdv(const BwdParams& params, cudaStream_t stream) {
+  constexpr auto kernel = &flash_bwd_dkdv_kernel<Traits, kHasExtras, kHasDropout>;
+  allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
+  const int n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  if (n_blocks > 0) kernel<<<dim3(n_blocks, params.b, params.h_k), Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+}
+
 template <int kHeadDim, typename Element>
 void run_bwd_impl(const BwdParams& params, cudaStream_t stream) {
   const int row_blocks = (params.seqlen_q + kBwdRowsPerBlock - 1) / kBwdRowsPerBlock;
@@ -55,11 +64,22 @@ void run_bwd_impl(const BwdParams& params, cudaStream_t stream) {
 
   constexpr TileShape t = bwd_tile(kHeadDim);
   using Traits = BwdKernelTraits<kHeadDim, t.block_m, t.block_n, t.warps, Element>;
-  const int n_blocks = (params.seqlen_k + t.block_n - 1) / t.block_n;
   with_bwd_extras_and_dropout(params, [&](auto extras, auto dropout) {
-    constexpr auto kernel = &flash_bwd_dkdv_kernel<Traits, decltype(extras)::value, decltype(dropout)::value>;
-    allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
-    if (n_blocks > 0) kernel<<<dim3(n_blocks, params.b, params.h_k), Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+    constexpr bool kExtras = decltype(extras)::value, kDropout = decltype(dropout)::value;
+    if constexpr (!kExtras && !kDropout) {
+      // Without softcap, ALiBi and dropout: bwd_tile_plain's shape and Q/dO stages (head dim 64:
+      // 128 x 128 tiles and two stages, 160 KB), where the GPU gives a block that much shared
+      // memory (not sm_86 / sm_89: they run bwd_tile's).
+      constexpr TileShape tp = bwd_tile_plain(kHeadDim);
+      using PlainTraits =
+          BwdKernelTraits<kHeadDim, tp.block_m, tp.block_n, tp.warps, Element, bwd_qdo_stages_plain(kHeadDim)>;
+      if constexpr (!std::is_same_v<PlainTraits, Traits>) {
+        if (PlainTraits::kSmemBytes <= max_dynamic_smem(params.device)) {
+          return launch_bwd_dkdv<PlainTraits, false, false>(params, stream);
+        }
+      }
+    }
+    launch_bwd_dkdv<Traits, kExtras, kDropout>(params, stream);
   });
 
   if (params.deterministic) {

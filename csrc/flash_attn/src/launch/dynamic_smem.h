@@ -21,4 +21,17 @@ void allow_dynamic_smem(int device) {
   }
 }
 
+// The most dynamic shared memory one thread block may opt in to on `device` (sm_80 163 KB, sm_86 and
+// sm_89 99 KB, sm_90 227 KB), asked once per device.
+inline int max_dynamic_smem(int device) {
+  static std::atomic<int> cached[64] = {};  // per device; 0 until asked
+  std::atomic<int>& c = cached[device & 63];
+  int bytes = c.load(std::memory_order_relaxed);
+  if (bytes == 0) {
+    cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    c.store(bytes, std::memory_order_relaxed);
+  }
+  return bytes;
+}
+
 }  // namespace flash
