@@ -11,6 +11,7 @@
 # one prefill and one decode launch), --pytest-args "...", --baseline DIR.
 # Environment: BENCH, the benchmarks to run, a subset of "decode specdec forward backward host sweep
 # triton" (default "decode specdec host sweep"); BENCH_TIMEOUT (s per benchmark, default 300);
+# TEST_TIMEOUT (s for the test suite, default 420);
 # MAXFAIL (pytest --maxfail, default 40); BENCH_COMMIT (the commit of this tree, for result headers
 # when the copy here has no git metadata of its own); SANITIZE_CHUNK=0|1 (half of the sanitizer
 # tests), SANITIZE_TOOLS ("memcheck racecheck"), SANITIZE_TIMEOUT.
@@ -74,7 +75,7 @@ fi
 
 if [ $run_tests -eq 1 ]; then
   start=$(date +%s)
-  timeout 420 python3 -m pytest tests -q -rf --maxfail="${MAXFAIL:-40}" -p no:cacheprovider $pytest_args >"$OUT/tests.log" 2>&1
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests -q -rf --maxfail="${MAXFAIL:-40}" -p no:cacheprovider $pytest_args >"$OUT/tests.log" 2>&1
   echo "tests: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
   tail -25 "$OUT/tests.log"
 fi
@@ -112,12 +113,18 @@ bench() {
 }
 
 if [ $run_bench -eq 1 ]; then
+  # A reduced build times the prefill grid's head dims it compiled (64 / 128 / 256).
+  prefill_headdims=""
+  if [ -n "${FLASH_ATTN_HEADDIMS:-}" ]; then
+    hd=$(echo "$FLASH_ATTN_HEADDIMS" | tr ',' '\n' | grep -xE "64|128|256" | paste -sd, -)
+    [ -n "$hd" ] && prefill_headdims="--headdims $hd"
+  fi
   for b in ${BENCH:-decode specdec host sweep}; do
     case "$b" in
       decode) bench decode benchmarks/benchmark_decode.py ;;
       specdec) bench specdec benchmarks/benchmark_decode.py --grid specdec ;;
-      forward) bench forward benchmarks/benchmark_forward.py ;;
-      backward) bench backward benchmarks/benchmark_backward.py ;;
+      forward) bench forward benchmarks/benchmark_forward.py $prefill_headdims ;;
+      backward) bench backward benchmarks/benchmark_backward.py $prefill_headdims ;;
       host) bench host benchmarks/host_overhead.py ;;
       sweep) bench sweep benchmarks/sweep_num_splits.py
              bench sweep_paged16 benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1|16" ;;
