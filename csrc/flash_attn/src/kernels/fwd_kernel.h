@@ -15,7 +15,9 @@
 #include <cute/tensor.hpp>
 
 #include "params/fwd_params.h"
+#include "common/block_info.h"
 #include "common/dropout.h"
+#include "common/epilogue.h"
 #include "common/gmem_copy.h"
 #include "common/kernel_traits.h"
 #include "common/mma_utils.h"
@@ -26,37 +28,6 @@
 namespace flash {
 
 using namespace cute;
-
-__device__ __forceinline__ int ceil_div_dev(int a, int b) { return (a + b - 1) / b; }
-
-// Rows of this tile have no visible key in this block range: output 0 and the empty lse.
-template <typename Traits, bool kIsSplit>
-__device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bidb, int bidh, int split_idx,
-                                 int m_block, int rows_in_tile) {
-  using Element = typename Traits::Element;
-  constexpr int kHeadDim = Traits::kHeadDim;
-  const int tidx = threadIdx.x;
-  const int m0 = m_block * Traits::kBlockM;
-  if constexpr (kIsSplit) {
-    const int64_t head_rows = (int64_t(split_idx) * p.h + bidh) * p.total_q_rows;
-    for (int i = tidx; i < rows_in_tile * kHeadDim; i += Traits::kNThreads) {
-      const int r = seq.q_row(p, bidb, m0 + i / kHeadDim);
-      p.oaccum_ptr[(head_rows + r) * kHeadDim + i % kHeadDim] = 0.f;
-    }
-    for (int i = tidx; i < rows_in_tile; i += Traits::kNThreads) {
-      p.lseaccum_ptr[head_rows + seq.q_row(p, bidb, m0 + i)] = -INFINITY;
-    }
-  } else {
-    Element* o = static_cast<Element*>(p.o_ptr) + seq.o_offset + bidh * p.o_head_stride;
-    for (int i = tidx; i < rows_in_tile * p.d; i += Traits::kNThreads) {
-      o[int64_t(m0 + i / p.d) * p.o_row_stride + i % p.d] = Element(0.f);
-    }
-    for (int i = tidx; i < rows_in_tile; i += Traits::kNThreads) {
-      p.softmax_lse_ptr[bidb * p.lse_batch_stride + bidh * p.lse_head_stride +
-                        int64_t(seq.q_start + m0 + i) * p.lse_row_stride] = INFINITY;
-    }
-  }
-}
 
 // return_softmax: this block's P (dropped entries negated) into S_dmask, for the rows and keys
 // inside the sequence. acc: the accumulator fragment of P, coord: its (row, key) in the tile.
