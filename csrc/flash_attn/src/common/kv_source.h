@@ -55,6 +55,21 @@ struct KvPointers {
   }
 };
 
+// Prefill / split kernels: key block rows [j0, j0 + kBlockN) of K (kIsV false) or V into tS, one
+// table lookup per row when the call is paged (kMayPage: the extras kernel), else strided.
+template <bool kIsV, bool kMayPage, typename Copy, typename TS, typename Element>
+__device__ __forceinline__ void load_key_block(const Copy& gcopy, TS& tS, const FwdParams& p, const SeqInfo& seq,
+                                               const KvPointers<Element>& kv, int j0) {
+  const Element* head = kIsV ? kv.v_head : kv.k_head;
+  const int64_t row_stride = kIsV ? p.v_row_stride : p.k_row_stride;
+  if (kMayPage && kv.block_table != nullptr) {
+    gcopy.load_paged(tS, head, seq.k_row0 + j0, seq.seqlen_k - j0, kv.block_table, p.page_block_size, p.num_pages,
+                     p.index_errors, kIsV ? p.v_batch_stride : p.k_batch_stride, row_stride);
+  } else {
+    gcopy.load_strided(tS, (kIsV ? kv.v_rows : kv.k_rows) + int64_t(j0) * row_stride, row_stride, seq.seqlen_k - j0,
+                       head);
+  }
+}
 // One warp's K/V sub-blocks (kSubN rows) of one (sequence, kv head) for the decode kernel.
 //
 // The paged layouts keep, per warp, a ring of Traits::kPageSlots slots after the K/V rings: slot
