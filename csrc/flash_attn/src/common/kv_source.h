@@ -70,6 +70,7 @@ __device__ __forceinline__ void load_key_block(const Copy& gcopy, TS& tS, const 
                        head);
   }
 }
+
 // One warp's K/V sub-blocks (kSubN rows) of one (sequence, kv head) for the decode kernel.
 //
 // The paged layouts keep, per warp, a ring of Traits::kPageSlots slots after the K/V rings: slot
@@ -181,8 +182,8 @@ struct DecodeKvSource {
   }
 
   // The warp's i-th sub-block (block sb of the sequence) into tK / tV; first the entries of its
-  // (i + kStages)-th. full_width: the head dim fills the tile. A sub-block inside the sequence at full width copies
-  // without predicates (every sub-block but the last when d == kHeadDim); the predicated copies run
+  // (i + kStages)-th. full_width: the head dim fills the tile. A full sub-block copies without
+  // predicates (every sub-block but the last when d == kHeadDim); the predicated copies run
   // rolled so that ptxas keeps them out of the full path.
   template <int kNWarps, typename TK, typename TV>
   __device__ void load(TK& tK, TV& tV, int i, int sb, bool full_width, const RoundRobinBlocks<kNWarps>& blocks,
