@@ -155,14 +155,22 @@ struct DecodeKvSource {
   // and visible to the whole warp.
   template <int kNWarps>
   __device__ void fetch_first(const RoundRobinBlocks<kNWarps>& blocks, const SeqInfo& seq) const {
-    if (paged() && !fetches_early()) {
-      CUTE_UNROLL
-      for (int j = 0; j < kStages; ++j) fetch_next(j, blocks, seq);
-      cp_async_fence();
-    }
-    if (paged()) {
+    if constexpr (kLayout == KvLayout::kPagedGroups) {
+      if (!fetches_early()) {
+        CUTE_UNROLL
+        for (int j = 0; j < kStages; ++j) fetch_groups(j, blocks.block(j), j < blocks.count);
+        cp_async_fence();
+      }
       cp_async_wait<0>();
       __syncwarp();  // every lane's entries and offsets are in the ring
+    } else if constexpr (kLayout == KvLayout::kPagedRows) {
+      if (has_table) {
+        CUTE_UNROLL
+        for (int j = 0; j < kStages; ++j) fetch_pages(j, blocks, seq);
+        cp_async_fence();
+        cp_async_wait<0>();
+        __syncwarp();  // every lane's entries are in the ring
+      }
     }
   }
 
