@@ -1,4 +1,4 @@
-// Compile-time description of the decode kernel (flash_decode_kernel.h): a 16-row query tile,
+// Compile-time description of the decode kernel (kernels/decode_kernel.h): a 16-row query tile,
 // warps that split the keys, per-warp shared-memory rings for K and V.
 #pragma once
 
@@ -71,6 +71,8 @@ struct DecodeKernelTraits {
   static constexpr int kMaxPages = kSubN / 16 + 1;
   static constexpr int kPageSlots = kStages + 1;
   static constexpr int kPageSlotInts = kMaxPages <= 4 ? 4 : 8;
+  static_assert(2 * (kSubN / 16) <= kPageSlotInts && kMaxPages <= kPageSlotInts,
+                "a page slot holds a sub-block's 16-row group entries and their in-page rows, or its kMaxPages entries");
   static constexpr int kSmemPagesBytes = kNWarps * kPageSlots * kPageSlotInts * 4;
   static constexpr int kSmemBytes =
       kSmemQBytes + (kSmemRingBytes + kSmemPagesBytes > kSmemMergeBytes ? kSmemRingBytes + kSmemPagesBytes : kSmemMergeBytes);

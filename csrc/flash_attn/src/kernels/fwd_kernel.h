@@ -4,20 +4,20 @@
 // overlapping the softmax and O += P V.
 //
 // kIsSplit: the block covers only its split's share of the key blocks and writes an fp32 partial
-// output and partial log-sum-exp, merged later by the combine kernel (split-KV decoding).
-//
-// kHasDropout (unsplit kernel only): P is dropped (common/dropout.h) after the row sums took it
-// whole, so the log-sum-exp and the normaliser are those of the un-dropped softmax, as upstream;
-// the output is scaled by 1 / (1 - p) once, at the end. A separate instantiation, so the kernels
-// without dropout carry none of its code.
+// output and partial log-sum-exp, merged later by the combine kernel (common/epilogue.h).
+// kHasExtras: softcap, ALiBi and paged K/V; kHasDropout (unsplit kernel only): common/fwd_dropout.h.
+// Each is a separate instantiation, so the kernels without them carry none of their code.
 #pragma once
 
 #include <cute/tensor.hpp>
 
 #include "params/fwd_params.h"
-#include "common/dropout.h"
+#include "common/block_info.h"
+#include "common/epilogue.h"
+#include "common/fwd_dropout.h"
 #include "common/gmem_copy.h"
 #include "common/kernel_traits.h"
+#include "common/kv_source.h"
 #include "common/mma_utils.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
@@ -26,50 +26,6 @@
 namespace flash {
 
 using namespace cute;
-
-__device__ __forceinline__ int ceil_div_dev(int a, int b) { return (a + b - 1) / b; }
-
-// Rows of this tile have no visible key in this block range: output 0 and the empty lse.
-template <typename Traits, bool kIsSplit>
-__device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bidb, int bidh, int split_idx,
-                                 int m_block, int rows_in_tile) {
-  using Element = typename Traits::Element;
-  constexpr int kHeadDim = Traits::kHeadDim;
-  const int tidx = threadIdx.x;
-  const int m0 = m_block * Traits::kBlockM;
-  if constexpr (kIsSplit) {
-    const int64_t head_rows = (int64_t(split_idx) * p.h + bidh) * p.total_q_rows;
-    for (int i = tidx; i < rows_in_tile * kHeadDim; i += Traits::kNThreads) {
-      const int r = seq.q_row(p, bidb, m0 + i / kHeadDim);
-      p.oaccum_ptr[(head_rows + r) * kHeadDim + i % kHeadDim] = 0.f;
-    }
-    for (int i = tidx; i < rows_in_tile; i += Traits::kNThreads) {
-      p.lseaccum_ptr[head_rows + seq.q_row(p, bidb, m0 + i)] = -INFINITY;
-    }
-  } else {
-    Element* o = static_cast<Element*>(p.o_ptr) + seq.o_offset + bidh * p.o_head_stride;
-    for (int i = tidx; i < rows_in_tile * p.d; i += Traits::kNThreads) {
-      o[int64_t(m0 + i / p.d) * p.o_row_stride + i % p.d] = Element(0.f);
-    }
-    for (int i = tidx; i < rows_in_tile; i += Traits::kNThreads) {
-      p.softmax_lse_ptr[bidb * p.lse_batch_stride + bidh * p.lse_head_stride +
-                        int64_t(seq.q_start + m0 + i) * p.lse_row_stride] = INFINITY;
-    }
-  }
-}
-
-// return_softmax: this block's P (dropped entries negated) into S_dmask, for the rows and keys
-// inside the sequence. acc: the accumulator fragment of P, coord: its (row, key) in the tile.
-template <typename Element, typename Frag, typename Coord>
-__device__ __forceinline__ void write_s_dmask(const FwdParams& p, Frag const& acc, Coord const& coord, int bidb,
-                                              int bidh, int row0, int col0, int rows, int seqlen_k) {
-  Element* out = static_cast<Element*>(p.s_dmask_ptr) + bidb * p.s_dmask_batch_stride + bidh * p.s_dmask_head_stride;
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) {
-    const int row = get<0>(coord(i)), col = col0 + get<1>(coord(i));
-    if (row < rows && col < seqlen_k) out[int64_t(row0 + row) * p.s_dmask_row_stride + col] = Element(acc(i));
-  }
-}
 
 template <typename Traits, bool kIsSplit, bool kHasExtras, bool kHasDropout = false>
 __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __grid_constant__ FwdParams params) {
@@ -93,38 +49,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   // this grid's completion before reading anything.
   if constexpr (kIsSplit) asm volatile("griddepcontrol.launch_dependents;");
 #endif
-  [[maybe_unused]] const DropoutIf<kHasDropout> dropout(params);
-  if constexpr (kHasDropout) {
-    // The (seed, offset) this call drew with, for the backward: written on the device, so a
-    // CUDA-graph replay records its own.
-    if (params.rng_state_ptr != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && tidx == 0) {
-      const PhiloxSeedOffset so = philox_seed_offset(params);
-      params.rng_state_ptr[0] = int64_t(so.seed);
-      params.rng_state_ptr[1] = int64_t(so.offset);
-    }
-  }
+  const FwdDropout<kHasDropout> dropout(params);
   const SeqInfo seq(params, bidb);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) return;
   const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
   const int diag = seq.seqlen_k - seq.seqlen_q;
 
-  // Key blocks this thread block visits: its split's share, cut by the causal/window band.
-  const int n_blocks_total = ceil_div_dev(seq.seqlen_k, kBlockN);
-  int n_block_min = 0;
-  int n_block_max = n_blocks_total;
-  if constexpr (kIsSplit) {
-    const int per_split = ceil_div_dev(n_blocks_total, params.num_splits);
-    n_block_min = split_idx * per_split;
-    n_block_max = min(n_block_max, n_block_min + per_split);
-  }
-  if (params.window_right >= 0) {
-    n_block_max = min(n_block_max, ceil_div_dev(m0 + rows_in_tile + diag + params.window_right, kBlockN));
-  }
-  if (params.window_left >= 0) {
-    n_block_min = max(n_block_min, (m0 + diag - params.window_left) / kBlockN);
-  }
-  if (n_block_max <= n_block_min) {
+  const KeyBlocks range = visible_key_blocks<kBlockN, kIsSplit>(params, seq, m0, rows_in_tile, split_idx);
+  if (range.empty()) {
     write_empty_tile<Traits, kIsSplit>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     return;
   }
@@ -142,29 +75,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   Tensor tKsK = gcopy.partition(sK, tidx);
   Tensor tVsV = gcopy.partition(sV, tidx);
   const Element* q_base = static_cast<const Element*>(params.q_ptr) + seq.q_offset + bidh * params.q_head_stride;
-  const int kv_head = bidh / params.h_h_k_ratio;
-  const Element* k_head = static_cast<const Element*>(params.k_ptr) + kv_head * params.k_head_stride + gcopy.col0;
-  const Element* v_head = static_cast<const Element*>(params.v_ptr) + kv_head * params.v_head_stride + gcopy.col0;
-  const Element* k_thread = k_head + seq.k_offset + int64_t(seq.k_row0 + gcopy.r0) * params.k_row_stride;
-  const Element* v_thread = v_head + seq.v_offset + int64_t(seq.k_row0 + gcopy.r0) * params.v_row_stride;
-  const int* block_table = params.block_table != nullptr ? params.block_table + bidb * params.block_table_batch_stride
-                                                         : nullptr;
-  auto load_kv = [&](auto& tS, const Element* head, const Element* thread, int64_t row_stride, int64_t page_stride,
-                     int n_block) {
-    const int j0 = n_block * kBlockN;
-    if (kHasExtras && block_table != nullptr) {
-      gcopy.load_paged(tS, head, seq.k_row0 + j0, seq.seqlen_k - j0, block_table, params.page_block_size,
-                       params.num_pages, params.index_errors, page_stride, row_stride);
-    } else {
-      gcopy.load_strided(tS, thread + int64_t(j0) * row_stride, row_stride, seq.seqlen_k - j0, head);
-    }
-  };
-  auto load_k = [&](int n_block) {
-    load_kv(tKsK, k_head, k_thread, params.k_row_stride, params.k_batch_stride, n_block);
-  };
-  auto load_v = [&](int n_block) {
-    load_kv(tVsV, v_head, v_thread, params.v_row_stride, params.v_batch_stride, n_block);
-  };
+  const KvPointers<Element> kv(params, seq, bidb, bidh, gcopy.r0, gcopy.col0);
+  auto load_k = [&](int n_block) { load_key_block<false, kHasExtras>(gcopy, tKsK, params, seq, kv, n_block * kBlockN); };
+  auto load_v = [&](int n_block) { load_key_block<true, kHasExtras>(gcopy, tVsV, params, seq, kv, n_block * kBlockN); };
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tidx);
@@ -187,14 +100,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor tScS_rc = rowcol_view(tScS);
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  Tensor tOcO_rc = rowcol_view(tOcO);
 
   const bool has_softcap = kHasExtras && params.softcap_in > 0.f;
   const bool has_alibi = kHasExtras && params.alibi_slopes_ptr != nullptr;
   const float alibi_slope =
       has_alibi ? params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax : 0.f;
 
-  int n_block = n_block_max - 1;
+  int n_block = range.max - 1;
   gcopy.load_strided(tQsQ, q_base + int64_t(m0 + gcopy.r0) * params.q_row_stride + gcopy.col0, params.q_row_stride,
                      rows_in_tile, q_base);
   cp_async_fence();
@@ -205,7 +117,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   constexpr int kRows = decltype(size<0>(rowcol_view(acc_o)))::value;
   OnlineSoftmax<kRows> softmax;
 
-  for (bool first = true; n_block >= n_block_min; --n_block, first = false) {
+  for (bool first = true; n_block >= range.min; --n_block, first = false) {
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
     cp_async_wait<0>();
@@ -227,24 +139,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
     cp_async_wait<0>();
     __syncthreads();  // V[n_block] landed; every warp is done reading K
-    if (n_block > n_block_min) {
+    if (n_block > range.min) {
       load_k(n_block - 1);
       cp_async_fence();
     }
 
     softmax.update(s, rowcol_view(acc_o), params.scale_softmax_log2, first);
-    if constexpr (kHasDropout) {
-      const int col0 = n_block * kBlockN;
-      const uint64_t stream = dropout.stream(bidb, bidh, params.h);
-      if (params.s_dmask_ptr != nullptr) {
-        dropout.template apply<true>(acc_s, tScS, m0, col0, stream);
-        write_s_dmask<Element>(params, acc_s, tScS, bidb, bidh, m0, col0, rows_in_tile, seq.seqlen_k);
-        CUTE_UNROLL
-        for (int i = 0; i < size(acc_s); ++i) acc_s(i) = signbit(acc_s(i)) ? 0.f : acc_s(i);
-      } else {
-        dropout.template apply<false>(acc_s, tScS, m0, col0, stream);
-      }
-    }
+    dropout.template apply<Element>(params, acc_s, tScS, bidb, bidh, m0, n_block * kBlockN, rows_in_tile, seq.seqlen_k);
 
     Tensor rP = convert_fragment<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand_layout(rP.layout()));
@@ -253,54 +154,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
   float lse[kRows];
   softmax.finalize(rowcol_view(acc_o), params.scale_softmax, kIsSplit ? -INFINITY : INFINITY, lse);
-  if constexpr (kHasDropout) {
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= params.dropout_scale;
-  }
-
-  // The quad lane holding column 0 of a row writes that row's lse.
-  const bool writes_lse = get<1>(tOcO_rc(0, 0)) == 0;
-
-  if constexpr (kIsSplit) {
-    const int64_t head_rows = (int64_t(split_idx) * params.h + bidh) * params.total_q_rows;
-    const int r0 = seq.q_row(params, bidb, m0);
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const int row = get<0>(tOcO_rc(mi, 0));
-      if (writes_lse && row < rows_in_tile) params.lseaccum_ptr[head_rows + r0 + row] = lse[mi];
-    }
-    // fp32 partials straight from registers: accumulator elements 2i and 2i+1 are neighbours
-    // in a row.
-    float* oacc = params.oaccum_ptr + (head_rows + r0) * kHeadDim;
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_o); i += 2) {
-      const int row = get<0>(tOcO(i));
-      const int col = get<1>(tOcO(i));
-      if (row < rows_in_tile) {
-        *reinterpret_cast<float2*>(oacc + int64_t(row) * kHeadDim + col) = make_float2(acc_o(i), acc_o(i + 1));
-      }
-    }
-  } else {
-    float* lse_out = params.softmax_lse_ptr + bidb * params.lse_batch_stride + bidh * params.lse_head_stride;
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const int row = get<0>(tOcO_rc(mi, 0));
-      if (writes_lse && row < rows_in_tile) lse_out[int64_t(seq.q_start + m0 + row) * params.lse_row_stride] = lse[mi];
-    }
-    // Output through shared memory (Q's tile, no longer read) for 16-byte coalesced stores.
-    Tensor rO = convert_fragment<Element>(acc_o);
-    Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutQ{});
-    auto smem_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
-    auto smem_thr_copy_o = smem_copy_o.get_thread_slice(tidx);
-    Tensor taccOrO = smem_thr_copy_o.retile_S(rO);
-    Tensor taccOsO = smem_thr_copy_o.partition_D(sO);
-    copy(smem_copy_o, taccOrO, taccOsO);
-    __syncthreads();
-    Element* o_thread = static_cast<Element*>(params.o_ptr) + seq.o_offset + bidh * params.o_head_stride +
-                        int64_t(m0 + gcopy.r0) * params.o_row_stride + gcopy.col0;
-    Tensor tOsO = gcopy.partition(sO, tidx);
-    gcopy.store_strided(tOsO, o_thread, params.o_row_stride, rows_in_tile);
-  }
+  dropout.scale_output(params, acc_o);
+  constexpr OutputMode kMode = kIsSplit ? OutputMode::kSplitPartial : OutputMode::kDirect;
+  Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutQ{});
+  write_acc_output<Traits, kMode>(params, seq, OutputTile{bidb, bidh, split_idx, m0, rows_in_tile}, tidx, acc_o, lse,
+                                  tOcO, sO, tiled_mma, gcopy);
 }
 
 }  // namespace flash
