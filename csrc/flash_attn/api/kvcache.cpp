@@ -53,8 +53,6 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_arg, const Tensor& kcache, c
   TORCH_CHECK(q_in.dim() == 4, "q must have shape (batch, seqlen_q, num_heads, head_dim), got ", shape_str(q_in));
   TORCH_CHECK(kcache.stride(-1) == 1, "k_cache must have contiguous last dimension");
   TORCH_CHECK(vcache.stride(-1) == 1, "v_cache must have contiguous last dimension");
-  check_vector_aligned(kcache, "k_cache");
-  check_vector_aligned(vcache, "v_cache");
   const bool paged = block_table.has_value();
   TORCH_CHECK(kcache.dim() == 4, "k_cache must have shape ",
               paged ? "(num_blocks, page_block_size, num_heads_k, head_dim) with block_table"
@@ -73,6 +71,8 @@ std::vector<Tensor> mha_fwd_kvcache(const Tensor& q_arg, const Tensor& kcache, c
               "the head dim zero-padded to ", std::to_string((head_size + 7) / 8 * 8),
               " (zeros change no score; slice the output back)");
   check_head_dims(head_size, num_heads, num_heads_k);
+  check_vector_aligned(kcache, "k_cache");
+  check_vector_aligned(vcache, "v_cache");
   check_options(0.f, false, window_left, window_right, softcap, num_splits);
 
   CacheShape cs{};
