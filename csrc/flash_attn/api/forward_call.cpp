@@ -169,16 +169,17 @@ bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides) {
 }
 
 // What the Hopper forward covers (sm90/fwd_kernel.h): the unsplit forward of batch-strided or
-// packed (varlen) q/k/v, with seqused_k, at the kernel head dims it is built for (run_sm90
-// registered), with causal or window masks, and nothing of softcap, ALiBi, dropout, left padding,
-// block tables or cache_batch_idx; everything else runs the SM80 kernels. A packed tensor's batch
-// stride is never read.
+// packed (varlen) q/k/v at the kernel head dims it is built for (run_sm90 registered), with causal
+// or window masks, and nothing of softcap, ALiBi, dropout, seqused_k, left padding, block tables or
+// cache_batch_idx; everything else runs the SM80 kernels. seqused_k stays off it: TMA loads whole
+// key blocks, and the unused keys past seqused_k may hold anything (NaN in V would reach O through
+// the P V GEMM, masked scores or not). A packed tensor's batch stride is never read.
 bool sm90_forward_applies(const flash::FwdParams& p, const flash::ForwardPlan& plan, const DeviceInfo& dev,
                           const flash::FwdLauncher& kernel) {
   const bool packed_q = p.cu_seqlens_q != nullptr, packed_k = p.cu_seqlens_k != nullptr;
   return kernel.run_sm90 != nullptr && dev.sm90 && sm90_forward_enabled.load(std::memory_order_relaxed) &&
          !plan.split_kernel && !plan.swap_seqlen_ngroups && p.seqlen_k > 0 && p.alibi_slopes_ptr == nullptr &&
-         p.softcap_in == 0.f && p.dropout_keep_threshold == 0 && p.leftpad_k == nullptr &&
+         p.softcap_in == 0.f && p.dropout_keep_threshold == 0 && p.seqused_k == nullptr && p.leftpad_k == nullptr &&
          p.cache_batch_idx == nullptr && p.block_table == nullptr && (!packed_k || p.total_k_rows > 0) &&
          tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, packed_q ? 8 : p.q_batch_stride}) &&
          tma_compatible(p.k_ptr, {p.k_row_stride, p.k_head_stride, packed_k ? 8 : p.k_batch_stride}) &&
