@@ -184,6 +184,26 @@ def test_sm90_forward_fallback(dtype, case, hopper):
     assert_out_close(out, out_ref, out_pt)
 
 
+@pytest.mark.parametrize("case", ["dropout", "seqused_k"])
+def test_sm90_forward_not_used_for(case, hopper):
+    """Dropout and seqused_k run the SM80 kernels (their results: test_dropout.py,
+    test_flash_attn.py::test_flash_attn_varlen_seqused_k)."""
+    if not _hopper_forward_built(torch.float16):
+        pytest.skip("this build has no fp16 Hopper forward")
+    if case == "dropout":
+        q, k, v = _qkv(2, 200, 300, 4, 2, 128, torch.float16)
+        run = lambda: flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)  # noqa: E731
+    else:
+        lens = torch.tensor([200, 150])
+        q, k, v = _qkv(2, 200, 300, 4, 2, 128, torch.float16)
+        qmask = lengths_to_mask(lens, 200).to(DEVICE)
+        kmask = lengths_to_mask(torch.tensor([300, 300]), 300).to(DEVICE)
+        (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
+        used = torch.tensor([250, 17], dtype=torch.int32, device=DEVICE)
+        run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, 200, 300, seqused_k=used, num_splits=1)  # noqa: E731
+    assert _runs_sm90(run) is not True
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_misaligned_q_is_copied(dtype, hopper):
     """q viewed one element past a 16-byte boundary: the extension copies it (the kernels load
