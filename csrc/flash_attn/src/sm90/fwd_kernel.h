@@ -105,7 +105,8 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
     // (tile rows, tile cols, key block) in gmem, (tile rows, tile cols, stage) in smem.
     const int k_start = p.cu_seqlens_k ? p.cu_seqlens_k[tile.bidb] : 0;
     const int kv_batch = p.cu_seqlens_k ? 0 : tile.bidb;
-    Tensor mK = domain_offset(make_coord(k_start, _0{}), args.tma_k.get_tma_tensor(k_extent(p))(_, _, bidh_kv, kv_batch));
+    Tensor mK =
+        domain_offset(make_coord(k_start, _0{}), args.tma_k.get_tma_tensor(k_extent(p))(_, _, bidh_kv, kv_batch));
     Tensor mVt =
         domain_offset(make_coord(_0{}, k_start), args.tma_vt.get_tma_tensor(vt_extent(p))(_, _, bidh_kv, kv_batch));
     Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));

@@ -44,9 +44,9 @@ template <typename Traits>
 auto make_tma_q(const FwdParams& p) {
   using Element = typename Traits::Element;
   const auto extent = q_extent(p);
+  const int64_t batch_stride = tma_batch_stride(p.cu_seqlens_q, p.q_batch_stride, p.q_row_stride, get<0>(extent));
   Tensor q = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.q_ptr)), extent,
-                         make_stride(p.q_row_stride, _1{}, p.q_head_stride,
-                                     tma_batch_stride(p.cu_seqlens_q, p.q_batch_stride, p.q_row_stride, get<0>(extent))));
+                         make_stride(p.q_row_stride, _1{}, p.q_head_stride, batch_stride));
   return make_tma_copy(SM90_TMA_LOAD{}, q, typename Traits::SmemLayoutQ{});
 }
 
@@ -54,9 +54,9 @@ template <typename Traits>
 auto make_tma_k(const FwdParams& p) {
   using Element = typename Traits::Element;
   const auto extent = k_extent(p);
+  const int64_t batch_stride = tma_batch_stride(p.cu_seqlens_k, p.k_batch_stride, p.k_row_stride, get<0>(extent));
   Tensor k = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k_ptr)), extent,
-                         make_stride(p.k_row_stride, _1{}, p.k_head_stride,
-                                     tma_batch_stride(p.cu_seqlens_k, p.k_batch_stride, p.k_row_stride, get<0>(extent))));
+                         make_stride(p.k_row_stride, _1{}, p.k_head_stride, batch_stride));
   return make_tma_copy(SM90_TMA_LOAD{}, k, typename Traits::SmemLayoutK{}(_, _, _0{}));
 }
 
@@ -65,9 +65,9 @@ template <typename Traits>
 auto make_tma_vt(const FwdParams& p) {
   using Element = typename Traits::Element;
   const auto extent = vt_extent(p);
+  const int64_t batch_stride = tma_batch_stride(p.cu_seqlens_k, p.v_batch_stride, p.v_row_stride, get<1>(extent));
   Tensor vt = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v_ptr)), extent,
-                          make_stride(_1{}, p.v_row_stride, p.v_head_stride,
-                                      tma_batch_stride(p.cu_seqlens_k, p.v_batch_stride, p.v_row_stride, get<1>(extent))));
+                          make_stride(_1{}, p.v_row_stride, p.v_head_stride, batch_stride));
   return make_tma_copy(SM90_TMA_LOAD{}, vt, typename Traits::SmemLayoutVt{}(_, _, _0{}));
 }
 
