@@ -1,5 +1,5 @@
 """The Hopper forward (csrc/flash_attn/src/sm90/): on a compute capability 9.0 GPU the dense,
-unsplit dense forward at kernel head dims 64 and 128 runs it. These tests check that the dispatcher picks it
+unsplit forward (dense or varlen) at kernel head dims 64 and 128 runs it. These tests check that the dispatcher picks it
 exactly where it applies (the kernel's name in a profiler trace), that it matches the fp32
 reference and the SM80 kernel, that calls outside its scope fall back to the SM80 kernel with
 correct results, and that its output is bitwise identical run to run.
@@ -126,7 +126,7 @@ VARLEN_LENGTHS = {
 @pytest.mark.parametrize("d", [128, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_forward_varlen(dtype, d, case, causal, hopper):
-    """Packed (varlen) calls on a Hopper GPU: correct, and on the SM80 kernels for now."""
+    """Packed (varlen) calls run the Hopper kernel and match the reference."""
     if not _hopper_forward_built(dtype, d):
         pytest.skip("this build has no Hopper forward for this head dim and dtype")
     q_lens, k_lens = (torch.tensor(x) for x in VARLEN_LENGTHS[case])
@@ -136,9 +136,7 @@ def test_sm90_forward_varlen(dtype, d, case, causal, hopper):
     qmask, kmask = lengths_to_mask(q_lens, max_sq).to(DEVICE), lengths_to_mask(k_lens, max_sk).to(DEVICE)
     (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
     run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal)  # noqa: E731
-    # Packed tensors stay on the SM80 kernels until the Hopper kernel zeroes V past each
-    # sequence's keys (see api/forward_call.cpp); the results must hold either way.
-    assert _runs_sm90(run) is not True
+    assert _runs_sm90(run) is not False
     out, lse = run()
     out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask, causal=causal)
     out_pt, _ = attention_ref(q, k, v, qmask, kmask, causal=causal, upcast=False)
@@ -187,24 +185,45 @@ def test_sm90_forward_fallback(dtype, case, hopper):
     assert_out_close(out, out_ref, out_pt)
 
 
-@pytest.mark.parametrize("case", ["dropout", "seqused_k"])
-def test_sm90_forward_not_used_for(case, hopper):
-    """Dropout and packed tensors with seqused_k run the SM80 kernels (their results:
-    test_dropout.py, test_flash_attn.py::test_flash_attn_varlen_seqused_k)."""
+def test_sm90_forward_not_used_for_dropout(hopper):
+    """Dropout runs the SM80 kernels (its results: test_dropout.py)."""
     if not _hopper_forward_built(torch.float16):
         pytest.skip("this build has no fp16 Hopper forward")
-    if case == "dropout":
-        q, k, v = _qkv(2, 200, 300, 4, 2, 128, torch.float16)
-        run = lambda: flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)  # noqa: E731
-    else:
-        lens = torch.tensor([200, 150])
-        q, k, v = _qkv(2, 200, 300, 4, 2, 128, torch.float16)
-        qmask = lengths_to_mask(lens, 200).to(DEVICE)
-        kmask = lengths_to_mask(torch.tensor([300, 300]), 300).to(DEVICE)
-        (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
-        used = torch.tensor([250, 17], dtype=torch.int32, device=DEVICE)
-        run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, 200, 300, seqused_k=used, num_splits=1)  # noqa: E731
-    assert _runs_sm90(run) is not True
+    q, k, v = _qkv(2, 200, 300, 4, 2, 128, torch.float16)
+    assert _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)) is not True
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_nan_past_the_used_keys(dtype, d, causal, hopper):
+    """Keys past seqused_k, and rows of a packed k / v past cu_seqlens_k[-1], hold NaN: the Hopper
+    kernel loads whole key blocks, so it must keep those V rows out of the P V GEMM."""
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    q_lens, k_lens, used = [200, 150, 300], [300, 130, 260], [250, 17, 260]
+    batch, nheads, nheads_k = 3, 4, 2
+    q, k, v = _qkv(batch, max(q_lens), max(k_lens), nheads, nheads_k, d, dtype)
+    qmask = lengths_to_mask(torch.tensor(q_lens), max(q_lens)).to(DEVICE)
+    kmask = lengths_to_mask(torch.tensor(k_lens), max(k_lens)).to(DEVICE)
+    (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
+    # NaN in every unused key and in 50 extra rows after the last sequence.
+    k_u = torch.cat([k_u, torch.full_like(k_u[:50], float("nan"))])
+    v_u = torch.cat([v_u, torch.full_like(v_u[:50], float("nan"))])
+    starts = cu_k.tolist()
+    for b in range(batch):
+        k_u[starts[b] + used[b]: starts[b + 1]] = float("nan")
+        v_u[starts[b] + used[b]: starts[b + 1]] = float("nan")
+    used_t = torch.tensor(used, dtype=torch.int32, device=DEVICE)
+    run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max(q_lens), max(k_lens),  # noqa: E731
+                                 seqused_k=used_t, causal=causal, num_splits=1, nan_tail=False)
+    assert _runs_sm90(run) is not False
+    out, lse = run()
+    usedmask = lengths_to_mask(torch.tensor(used), max(k_lens)).to(DEVICE)
+    out_ref, lse_ref = attention_ref(q, k, v, qmask, usedmask, causal=causal)
+    out_pt, _ = attention_ref(q, k, v, qmask, usedmask, causal=causal, upcast=False)
+    assert_out_close(out, pack(out_ref, qmask)[0], pack(out_pt, qmask)[0])
+    assert_lse_close(lse, pack_lse(lse_ref, qmask))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

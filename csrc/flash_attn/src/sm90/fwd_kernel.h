@@ -204,6 +204,25 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
   };
 
+  // Keys past seqlen_k in the last visited key block arrive with whatever the tensor holds there:
+  // the next packed sequence, unused cache slots past seqused_k, rows past cu_seqlens_k[-1]. Their
+  // probabilities are 0, but 0 x NaN is NaN in the P V GEMM, so the consumers zero those V rows
+  // in shared memory before its first read (the block is the first one the P V GEMM takes).
+  const int valid_keys_in_last = seq.seqlen_k - (blocks.max - 1) * kBlockN;
+  auto wait_v = [&](bool last_key_block) {
+    pipeline_v.consumer_wait(read_v);
+    if (last_key_block && valid_keys_in_last < kBlockN) {
+      Tensor sV = sVt(_, _, read_v.index());  // (head dim, keys)
+      for (int i = consumer_tidx; i < (kBlockN - valid_keys_in_last) * kHeadDim; i += Traits::kNConsumerThreads) {
+        sV(i % kHeadDim, valid_keys_in_last + i / kHeadDim) = Element(0.f);
+      }
+      // The zeros are generic-proxy writes; wgmma reads (and the next TMA load writes) through
+      // the async proxy. Named barrier 3 spans both consumer warpgroups, which share the stage.
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, 3);
+    }
+  };
+
   cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, q_phase);
   int n_block = blocks.max - 1;
   pipeline_k.consumer_wait(read_k);
@@ -218,7 +237,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   for (--n_block; n_block >= blocks.min; --n_block) {
     pipeline_k.consumer_wait(read_k);
     warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
-    pipeline_v.consumer_wait(read_v);
+    wait_v(/*last_key_block=*/n_block + 1 == blocks.max - 1);
     warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
     warpgroup_wait<1>();  // the S GEMM, issued first, has completed
     pipeline_k.consumer_release(read_k);
@@ -234,7 +253,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   }
   // Every S GEMM of this tile has completed in this thread: Q's buffer may take the next tile.
   cutlass::arch::ClusterBarrier::arrive(&shared.q_empty);
-  pipeline_v.consumer_wait(read_v);
+  wait_v(/*last_key_block=*/blocks.max - 1 == blocks.min);
   warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
   warpgroup_wait<0>();
   pipeline_v.consumer_release(read_v);
