@@ -78,9 +78,13 @@ def extension_modules():
     kernel_dir = CSRC / "src" / "instantiations"
     kernels = [kernel_dir / f"flash_fwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
     kernels += [kernel_dir / f"flash_bwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
-    # The Hopper forward (wgmma, TMA, setmaxnreg) needs sm_90a; it covers head dims 64 and 128 so far.
+    # The Hopper forward (wgmma, TMA, setmaxnreg) needs sm_90a; it covers every kernel head dim but 32
+    # (whose 64-byte rows would need a 32- or 64-byte swizzle and a smaller tile for little gain).
     if "90" in archs:
-        kernels += [kernel_dir / f"flash_fwd_sm90_hdim{h}_{d}.cu" for h in headdims if h in (64, 128) for d in dtypes]
+        sm90_headdims = (64, 96, 128, 192, 256)
+        kernels += [
+            kernel_dir / f"flash_fwd_sm90_hdim{h}_{d}.cu" for h in headdims if h in sm90_headdims for d in dtypes
+        ]
     missing = [k for k in kernels if not k.exists()]
     if missing:
         sys.exit(f"missing {missing}; run csrc/flash_attn/src/generate_kernels.py")

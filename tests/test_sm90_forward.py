@@ -1,8 +1,9 @@
 """The Hopper forward (csrc/flash_attn/src/sm90/): on a compute capability 9.0 GPU the dense,
-unsplit forward (dense or varlen) at kernel head dims 64 and 128 runs it. These tests check that the dispatcher picks it
-exactly where it applies (the kernel's name in a profiler trace), that it matches the fp32
-reference and the SM80 kernel, that calls outside its scope fall back to the SM80 kernel with
-correct results, and that its output is bitwise identical run to run.
+unsplit forward (dense or varlen) at kernel head dims 64, 96, 128, 192 and 256 runs it. These
+tests check that the dispatcher picks it exactly where it applies (the kernel's name in a
+profiler trace), that it matches the fp32 reference and the SM80 kernel, that calls outside its
+scope fall back to the SM80 kernel with correct results, and that its output is bitwise identical
+run to run.
 
 The rest of the suite exercises it too wherever a dense call lands in its scope;
 FLASH_ATTN_TEST_SM90=0 (tests/conftest.py) runs the whole suite on the SM80 kernels instead.
@@ -80,7 +81,9 @@ HEADS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (6, 1)}
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("mask", list(MASKS))
 @pytest.mark.parametrize("seqlen_q,seqlen_k", SHAPES)
-@pytest.mark.parametrize("d", [128, 104, 64, 40])
+# Each kernel head dim at its full width and one below it (columns past d read as zeros): 96 has the
+# 64-byte swizzle, 192 and 256 80-key blocks, 256 stages O in Q's buffer.
+@pytest.mark.parametrize("d", [256, 224, 192, 160, 128, 104, 96, 80, 64, 40])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_forward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, heads, hopper):
     if not _hopper_forward_built(dtype, d):
@@ -123,7 +126,7 @@ VARLEN_LENGTHS = {
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("case", list(VARLEN_LENGTHS))
-@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("d", [256, 192, 128, 96, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_forward_varlen(dtype, d, case, causal, hopper):
     """Packed (varlen) calls run the Hopper kernel and match the reference."""
@@ -146,7 +149,7 @@ def test_sm90_forward_varlen(dtype, d, case, causal, hopper):
     assert_lse_close(lse, lse_ref)
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_forward_bitwise_repeatable(dtype, d, hopper):
     if not _hopper_forward_built(dtype, d):
@@ -194,7 +197,9 @@ def test_sm90_forward_not_used_for_dropout(hopper):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("d", [128, 64])
+# Every kernel head dim: the zeroed V rows are per head dim (80-key blocks at 192 and 256, the
+# 64-byte swizzle at 96), and at 256 O is staged in Q's buffer.
+@pytest.mark.parametrize("d", [256, 192, 128, 96, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_forward_nan_past_the_used_keys(dtype, d, causal, hopper):
     """Keys past seqused_k, and rows of a packed k / v past cu_seqlens_k[-1], hold NaN: the Hopper

@@ -8,7 +8,8 @@
 // wgmma from shared memory, the online softmax in registers while the tensor cores run the
 // previous block's O += P V, with P taken straight from the S accumulator's registers.
 //
-// Scope: head dims 64 and 128, batch-strided or packed (varlen) q/k/v, seqused_k; no paged or
+// Scope: kernel head dims 64, 96, 128, 192 and 256 (tile, layouts and shared-memory use per head
+// dim in sm90/kernel_traits.h), batch-strided or packed (varlen) q/k/v, seqused_k; no paged or
 // left-padded keys, no softcap, ALiBi, dropout or split-KV; causal and sliding windows by
 // FwdParams::window_left/right.
 #pragma once
@@ -217,7 +218,11 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
         sV(i % kHeadDim, valid_keys_in_last + i / kHeadDim) = Element(0.f);
       }
       // The zeros are generic-proxy writes; wgmma reads (and the next TMA load writes) through
-      // the async proxy. Named barrier 3 spans both consumer warpgroups, which share the stage.
+      // the async proxy. Named barrier 3 spans both consumer warpgroups, which share the stage;
+      // both pass it once per tile or not at all (the condition is the tile's), so its arrivals
+      // pair up even when one warpgroup runs a tile ahead, and it is not the epilogue's 1 or 2.
+      // Only V's stage is written: where O is staged in Q's buffer (kOStagedInQ), Q is untouched
+      // here, and Q's release still follows the epilogue.
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, 3);
     }
@@ -251,8 +256,9 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
     p_from_s();
   }
-  // Every S GEMM of this tile has completed in this thread: Q's buffer may take the next tile.
-  cutlass::arch::ClusterBarrier::arrive(&shared.q_empty);
+  // Every S GEMM of this tile has completed in this thread: Q's buffer may take the next tile
+  // (unless O is staged there: then after the epilogue, below).
+  if constexpr (!Traits::kOStagedInQ) cutlass::arch::ClusterBarrier::arrive(&shared.q_empty);
   wait_v(/*last_key_block=*/blocks.max - 1 == blocks.min);
   warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
   warpgroup_wait<0>();
@@ -274,13 +280,22 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     }
   }
 
+  // The epilogue's shared- and global-memory addresses depend only on the thread index, so ptxas
+  // hoists them out of the tile loop and keeps them live through the main loop; where the traits
+  // say there is no room for them (kEpilogueAddressesPerTile), the index they derive from is
+  // opaque to the compiler from here on, so they are computed here, per tile.
+  int epilogue_tidx = consumer_tidx;
+  if constexpr (Traits::kEpilogueAddressesPerTile) asm volatile("" : "+r"(epilogue_tidx));
+
   // O into this warpgroup's rows of the O tile (stmatrix), then 16-byte coalesced global stores.
   // Named barriers 1 and 2 (0 is __syncthreads'): the first keeps the previous tile's stores
-  // from reading rows this tile overwrites, the second publishes the rows to the warpgroup.
+  // from reading rows this tile overwrites, and (kOStagedInQ) keeps this warpgroup's rows of Q
+  // from being overwritten before all its 128 threads have waited for their last GEMM; the
+  // second publishes the rows to the warpgroup.
   Tensor rO = convert_fragment<Element>(acc_o);
-  Tensor sO = make_tensor(make_smem_ptr(shared.o.data()), typename Traits::SmemLayoutO{});
+  Tensor sO = make_tensor(make_smem_ptr(Traits::o_tile(shared)), typename Traits::SmemLayoutO{});
   auto o_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma_pv);
-  auto thr_o_copy = o_copy.get_thread_slice(consumer_tidx);
+  auto thr_o_copy = o_copy.get_thread_slice(epilogue_tidx);
   cutlass::arch::NamedBarrier::sync(128, 1 + warpgroup);
   copy(o_copy, thr_o_copy.retile_S(rO), thr_o_copy.partition_D(sO));
   cutlass::arch::NamedBarrier::sync(128, 1 + warpgroup);
@@ -288,16 +303,24 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   constexpr int kVecElems = 16 / sizeof(Element);
   constexpr int kVecsPerRow = kHeadDim / kVecElems;
   Element* o = static_cast<Element*>(p.o_ptr) + seq.o_offset + bidh * p.o_head_stride;
-  const int lane_in_warpgroup = consumer_tidx % 128;
+  const int lane_in_warpgroup = epilogue_tidx % 128;
   CUTE_UNROLL
   for (int i = lane_in_warpgroup; i < 64 * kVecsPerRow; i += 128) {
     const int row = warpgroup * 64 + i / kVecsPerRow;
     const int col = (i % kVecsPerRow) * kVecElems;
     if (row < rows_in_tile && col < p.d) {
-      // 8 consecutive elements stay contiguous under the 128-byte swizzle (it permutes 16-byte units).
+      // 8 consecutive elements stay contiguous under the 128- and 64-byte swizzles (they permute
+      // 16-byte units).
       *reinterpret_cast<uint4*>(o + int64_t(m0 + row) * p.o_row_stride + col) =
           *reinterpret_cast<const uint4*>(&sO(row, col));
     }
+  }
+  if constexpr (Traits::kOStagedInQ) {
+    // This thread's reads of the O tile have completed (their values are in its global stores), so
+    // Q's buffer may take the next tile. The proxy fence orders these generic-proxy reads before
+    // the TMA (async-proxy) write of the next Q that the producer issues once all have arrived.
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::ClusterBarrier::arrive(&shared.q_empty);
   }
 }
 

@@ -7,6 +7,10 @@
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+// GMMA N = 80 (the key block of head dims 192 and 256) is one of CuTe's extended shapes, declared in
+// these headers; see QKAtom below.
+#include <cute/arch/mma_sm90_gmma_ext.hpp>
+#include <cute/atom/mma_traits_sm90_gmma_ext.hpp>
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
@@ -18,23 +22,53 @@ template <int kHeadDim_, bool kIsBf16>
 struct Sm90FwdTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
-  // The tile shape and register budget below hold the S and O accumulators of head dims 64 and 128.
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper forward covers head dims 64 and 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 192 || kHeadDim == 256,
+                "the Hopper forward covers kernel head dims 64, 96, 128, 192 and 256");
 
   // One 128-row query tile per thread block; each consumer warpgroup owns 64 of its rows (one
   // GMMA M-extent), so a row's softmax never leaves its warpgroup.
   static constexpr int kBlockM = 128;
-  static constexpr int kBlockN = 128;
+  // Keys per block. A consumer thread holds kBlockN / 2 fp32 of S, kHeadDim / 2 fp32 of O and
+  // kBlockN / 4 registers of P (16-bit pairs) within its 240 registers, and the block's shared
+  // memory holds Q, kStages stages of K and of V^T and the O tile within 227 KiB:
+  //   d <= 128: 128 keys (at 128: S 64 + O 64 + P 32 = 160 registers; 192 KiB).
+  //   d = 192, 256: 80 keys. 128 keys would hold S 64 + O 128 + P 32 = 224 registers at 256 before
+  //   any address or softmax state, and 4 stages of 128 x 256 K/V tiles alone are 256 KiB; with
+  //   80 keys, 256 holds S 40 + O 128 + P 20 = 188 and 192 holds 156. 80 rather than 64: each
+  //   block pays a fixed O rescale (d / 2 multiplies) and pipeline waits, which more keys amortise.
+  //   At 192, 112 keys would also fit (S 56 + O 96 + P 28; 216 KiB with O staged in Q's buffer),
+  //   but O in Q's buffer puts the next tile's Q load behind the epilogue (kOStagedInQ); 80 keys
+  //   keep O's own tile and share 256's GMMA shape.
+  // The P V GEMM's K extent is kBlockN, so it must be a multiple of 16; the S GEMM's N extent is
+  // kBlockN, one GMMA instruction wide (QKAtom).
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 80;
+  static_assert(kBlockN % 16 == 0);
   static constexpr int kNConsumerWarpgroups = kBlockM / 64;
   static constexpr int kNThreads = 128 * (1 + kNConsumerWarpgroups);  // producer warpgroup first
   static constexpr int kNConsumerThreads = 128 * kNConsumerWarpgroups;
 
   // K and V ring depth: two stages let the producer fetch block n-1 while block n is consumed;
-  // a third would not fit beside Q and O (3 * 64 KiB + 2 * 32 KiB > 227 KiB).
+  // a third would not fit beside Q and O at head dim 128 (3 * 64 KiB + 2 * 32 KiB > 227 KiB).
   static constexpr int kStages = 2;
 
+  // Where O waits between the registers and its 16-byte global stores. In its own tile, the next
+  // tile's Q loads while this tile's output leaves (the producer waits only for the last S GEMM).
+  // At head dim 256 there is no room for it: Q 64 KiB + K 2 x 40 KiB + V^T 2 x 40 KiB = 224 KiB,
+  // and a fourth 64 KiB tile would make 288. O is then staged in Q's buffer, and the consumers
+  // release Q's buffer (q_empty) only after their last read of O, so the next Q loads after the
+  // epilogue. Head dim 192 fits its own tile: 48 + 2 x 30 + 2 x 30 + 48 = 216 KiB.
+  static constexpr bool kOStagedInQ = kHeadDim == 256;
+
+  // Whether the epilogue computes its addresses per tile (fwd_kernel.h, attend_rows) instead of
+  // letting ptxas hoist them out of the tile loop and hold them through the main loop. Held, they
+  // spill at head dims 192 and 256 (one per-thread stmatrix address and one 64-bit load address
+  // per 16 columns of O beside a main loop of S 40 + O 96 or 128 + P 20 registers: 4 bytes of
+  // spill at 192, 236 at 256); at 64, 96 and 128 they fit, and holding them saves their
+  // recomputation per tile.
+  static constexpr bool kEpilogueAddressesPerTile = kHeadDim > 128;
+
   // setmaxnreg budgets. The producer only issues TMA, so it gives registers to the consumers,
-  // which hold the S and O accumulators (64 fp32 each), P and the softmax state:
+  // which hold the S and O accumulators, P and the softmax state (see kBlockN):
   // 128 * 24 + 256 * 240 = 64512 <= 65536 registers of the SM.
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
@@ -42,32 +76,49 @@ struct Sm90FwdTraits {
 
   // The consumer warpgroups tile M: warpgroup w computes rows [64 w, 64 w + 64) of both GEMMs.
   using ConsumerWarpgroups = Layout<Shape<Int<kNConsumerWarpgroups>, _1, _1>>;
-  // S = Q K^T: Q (M x d) and K (N x d) both K-major in shared memory.
-  using TiledMmaQK = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>(),
-      ConsumerWarpgroups{}));
+  // S = Q K^T: Q (M x d) and K (N x d) both K-major in shared memory. One instruction spans the
+  // whole key block, so Q's 64 x 16 slice is read from shared memory once per k-step. CuTe's
+  // ss_op_selector offers N = 80 only when CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED is defined before
+  // its headers (otherwise it builds 80 from five N = 16 atoms, each re-reading Q), so the atom is
+  // named here; the other key blocks (128) are in the selector's base set.
+  using QKAtom = std::conditional_t<
+      kBlockN == 80,
+      std::conditional_t<kIsBf16, SM90::GMMA::MMA_64x80x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>,
+                         SM90::GMMA::MMA_64x80x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>>,
+      decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>())>;
+  using TiledMmaQK = decltype(make_tiled_mma(QKAtom{}, ConsumerWarpgroups{}));
+  static_assert(decltype(size<1>(typename MMA_Traits<QKAtom>::Shape_MNK{}))::value == kBlockN);
   // O += P V: P (M x N) from registers, V read as (d x N) with d contiguous, i.e. MN-major.
   using TiledMmaPV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
                            GMMA::Major::MN>(),
       ConsumerWarpgroups{}));
 
-  // 128-byte swizzled layouts: one TMA box row is 64 elements (128 bytes), and GMMA reads the
-  // same swizzle through its smem descriptors without bank conflicts.
-  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
-                                             Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
-                                             Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  // Swizzled layouts that TMA writes and GMMA reads (through its smem descriptors) without bank
+  // conflicts. A swizzle atom's row is as wide as its swizzle: 128 bytes = 64 elements, 64 bytes =
+  // 32. The head dim must be a whole number of atom rows, and a TMA box is at most one atom row
+  // wide (make_tma_copy issues one box per atom column of the tile). 64, 128, 192 and 256 take the
+  // 128-byte swizzle; 96 = 3 x 32 takes the 64-byte one (three 32-column boxes per tile), which
+  // keeps one layout for the whole tile instead of a 64 + 32 split with two atoms.
+  static constexpr bool kSwizzle128 = kHeadDim % 64 == 0;
+  using SmemAtomKMajor =
+      std::conditional_t<kSwizzle128, GMMA::Layout_K_SW128_Atom<Element>, GMMA::Layout_K_SW64_Atom<Element>>;
+  using SmemAtomMNMajor =
+      std::conditional_t<kSwizzle128, GMMA::Layout_MN_SW128_Atom<Element>, GMMA::Layout_MN_SW64_Atom<Element>>;
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtomKMajor{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(SmemAtomKMajor{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
   // V lands in shared memory already viewed as V^T (d x N): TMA reads gmem V through the same
-  // transposed view, so no transpose ever happens in shared memory. The 64-wide d atoms are
-  // stacked along the keys first, so 64 d-columns of all kBlockN keys are contiguous and one
-  // TMA box (64 x kBlockN) fills them; stacked along d first, a box would cover only 8 keys.
-  using SmemLayoutVt = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
-                                              Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
+  // transposed view, so no transpose ever happens in shared memory. The d atoms (64 or 32 wide)
+  // are stacked along the keys first, so that many d-columns of all kBlockN keys are contiguous
+  // and one TMA box (atom width x kBlockN) fills them; stacked along d first, a box would cover
+  // only 8 keys.
+  using SmemLayoutVt = decltype(tile_to_shape(SmemAtomMNMajor{}, Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
                                               Step<_2, _1, _3>{}));
 
-  // O leaves through its own shared-memory tile (stmatrix, then 16-byte global stores), so the
-  // next tile's Q may already be loading while a block writes this tile's output.
+  // O goes through shared memory (stmatrix, then 16-byte global stores) in Q's layout: in its own
+  // tile, or in Q's (kOStagedInQ). Each consumer warpgroup writes and reads only its own 64 rows,
+  // the rows its S GEMMs read from Q, so staging O in Q's buffer never overwrites Q rows that the
+  // other warpgroup's S GEMM may still be reading.
   using SmemLayoutO = SmemLayoutQ;
   using SmemCopyAtomO = Copy_Atom<SM90_U32x4_STSM_N, Element>;
 
@@ -77,18 +128,33 @@ struct Sm90FwdTraits {
   static constexpr uint32_t kQTileBytes = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKVTileBytes = kBlockN * kHeadDim * sizeof(Element);
 
-  struct SharedStorage {
-    // 1024-byte alignment: the 128-byte swizzle pattern repeats every 8 rows of 128 bytes, and
-    // TMA and GMMA compute it from absolute shared-memory address bits.
+  // 1024-byte alignment: the 128-byte swizzle pattern repeats every 8 rows of 128 bytes (the
+  // 64-byte one every 4 rows of 128), and TMA and GMMA compute it from absolute shared-memory
+  // address bits.
+  struct QKVTiles {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutVt>> v;
+  };
+  struct QKVOTiles : QKVTiles {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutO>> o;
+  };
+  struct SharedStorage : std::conditional_t<kOStagedInQ, QKVTiles, QKVOTiles> {
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
     uint64_t q_full;   // transaction barrier of a tile's Q load
-    uint64_t q_empty;  // every consumer thread has issued and completed its last S GEMM of the tile
+    // Q's buffer is free: every consumer thread has completed its last S GEMM of the tile (with
+    // kOStagedInQ: has also read its last value of the O staged there).
+    uint64_t q_empty;
   };
+  // The O staging tile.
+  __device__ static Element* o_tile(SharedStorage& shared) {
+    if constexpr (kOStagedInQ) {
+      return shared.q.data();
+    } else {
+      return shared.o.data();
+    }
+  }
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "more than an H100 SM's shared memory per block");
 };
