@@ -1,0 +1,52 @@
+// Host-side launch of the Hopper backward for one (head dim, dtype):
+//   1. flash_bwd_preprocess_kernel (kernels/bwd_row_kernels.h, shared with the SM80 path):
+//      D = rowsum(dO * O); zeroes the fp32 dQ accumulator
+//   2. flash_bwd_sm90_kernel, grid (key blocks, batch, kv heads), 384 threads: dK, dV, and dQ
+//      added into the accumulator by atomics
+//   3. flash_bwd_convert_dq_kernel: the accumulator (times scale_grad) to dQ
+// The caller allocates dq_accum as for the SM80 atomic path ([h][total_q_rows][128] fp32);
+// deterministic calls stay on the SM80 kernels (they have no accumulator).
+// Included only by the instantiations/flash_bwd_sm90_*.cu files.
+#pragma once
+
+#include <stdexcept>
+#include <type_traits>
+
+#include <cuda_runtime.h>
+
+#include "launch/dynamic_smem.h"
+#include "params/bwd_params.h"
+#include "kernels/bwd_row_kernels.h"
+#include "sm90/bwd_kernel.h"
+#include "sm90/bwd_kernel_traits.h"
+
+namespace flash {
+
+template <int kHeadDim, bool kIsBf16>
+void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
+  using Traits = Sm90BwdTraits<kHeadDim, kIsBf16>;
+  using Element = typename Traits::Element;
+  if (params.dq_accum_ptr == nullptr || params.deterministic) {
+    throw std::invalid_argument("the Hopper backward needs the atomic dQ accumulator (not deterministic)");
+  }
+  const int row_blocks = (params.seqlen_q + kBwdRowsPerBlock - 1) / kBwdRowsPerBlock;
+  const dim3 row_grid(row_blocks, params.b, params.h);
+  if (row_blocks > 0) {
+    flash_bwd_preprocess_kernel<kHeadDim, Element><<<row_grid, kBwdRowWarps * 32, 0, stream>>>(params);
+  }
+
+  const Sm90BwdArgs<Traits> args = make_sm90_bwd_args<Traits>(params);
+  constexpr auto kernel = &flash_bwd_sm90_kernel<Traits>;
+  allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
+  const int n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  // Block x = 0 (the key block most query blocks see under a causal mask) starts first.
+  if (n_blocks > 0) {
+    kernel<<<dim3(n_blocks, params.b, params.h_k), Traits::kNThreads, Traits::kSmemBytes, stream>>>(args);
+  }
+
+  if (row_blocks > 0) {
+    flash_bwd_convert_dq_kernel<kHeadDim, Element><<<row_grid, kBwdRowWarps * 32, 0, stream>>>(params);
+  }
+}
+
+}  // namespace flash
