@@ -205,29 +205,6 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
   };
 
-  // Keys past seqlen_k in the last visited key block arrive with whatever the tensor holds there:
-  // the next packed sequence, unused cache slots past seqused_k, rows past cu_seqlens_k[-1]. Their
-  // probabilities are 0, but 0 x NaN is NaN in the P V GEMM, so the consumers zero those V rows
-  // in shared memory before its first read (the block is the first one the P V GEMM takes).
-  const int valid_keys_in_last = seq.seqlen_k - (blocks.max - 1) * kBlockN;
-  auto wait_v = [&](bool last_key_block) {
-    pipeline_v.consumer_wait(read_v);
-    if (last_key_block && valid_keys_in_last < kBlockN) {
-      Tensor sV = sVt(_, _, read_v.index());  // (head dim, keys)
-      for (int i = consumer_tidx; i < (kBlockN - valid_keys_in_last) * kHeadDim; i += Traits::kNConsumerThreads) {
-        sV(i % kHeadDim, valid_keys_in_last + i / kHeadDim) = Element(0.f);
-      }
-      // The zeros are generic-proxy writes; wgmma reads (and the next TMA load writes) through
-      // the async proxy. Named barrier 3 spans both consumer warpgroups, which share the stage;
-      // both pass it once per tile or not at all (the condition is the tile's), so its arrivals
-      // pair up even when one warpgroup runs a tile ahead, and it is not the epilogue's 1 or 2.
-      // Only V's stage is written: where O is staged in Q's buffer (kOStagedInQ), Q is untouched
-      // here, and Q's release still follows the epilogue.
-      cutlass::arch::fence_view_async_shared();
-      cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, 3);
-    }
-  };
-
   cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, q_phase);
   int n_block = blocks.max - 1;
   pipeline_k.consumer_wait(read_k);
@@ -239,10 +216,41 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   softmax.update(s, gmma_rowcol_view(acc_o), p.scale_softmax_log2, /*is_first=*/true);
   p_from_s();
 
+  // Keys past seqlen_k in the last visited key block arrive with whatever the tensor holds there:
+  // the next packed sequence, unused cache slots past seqused_k, rows past cu_seqlens_k[-1]. Their
+  // probabilities are 0, but 0 x NaN is NaN in the P V GEMM, so the consumers zero those V rows
+  // in shared memory before its first read: this block's V is the first the P V GEMM takes. It is
+  // done here, outside the main loop, because inside it (at the P V GEMM's wait) ptxas keeps the
+  // count and the zeroing's addresses live through the loop, which spills at head dim 256. The
+  // waits on this stage in the loop below then pass at once (it is not released before its GEMM).
+  if (const int valid_keys = seq.seqlen_k - (blocks.max - 1) * kBlockN; valid_keys < kBlockN) {
+    pipeline_v.consumer_wait(read_v);
+    Tensor sV = sVt(_, _, read_v.index());  // (head dim, keys)
+    // 16 bytes at a time: 8 consecutive head-dim elements of a key stay contiguous under the 128-
+    // and 64-byte swizzles. The thread index is opaque here, as the epilogue's below, so that
+    // ptxas does not hoist this loop's per-thread addresses out of the tile loop (they spill).
+    constexpr int kVecsPerKey = kHeadDim * int(sizeof(Element)) / 16;
+    int zero_tidx = consumer_tidx;
+    asm volatile("" : "+r"(zero_tidx));
+#pragma unroll 1
+    for (int i = zero_tidx; i < (kBlockN - valid_keys) * kVecsPerKey; i += Traits::kNConsumerThreads) {
+      *reinterpret_cast<uint4*>(&sV((i % kVecsPerKey) * (16 / int(sizeof(Element))), valid_keys + i / kVecsPerKey)) =
+          make_uint4(0, 0, 0, 0);
+    }
+    // The zeros are generic-proxy writes; wgmma reads (and the next TMA load writes) through the
+    // async proxy. Named barrier 3 spans both consumer warpgroups, which share the stage; both pass
+    // it once per tile or not at all (the condition is the tile's), so its arrivals pair up even
+    // when one warpgroup runs a tile ahead, and it is not the epilogue's 1 or 2. Only V's stage is
+    // written: where O is staged in Q's buffer (kOStagedInQ), Q is untouched here, and Q's release
+    // still follows the epilogue.
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, 3);
+  }
+
   for (--n_block; n_block >= blocks.min; --n_block) {
     pipeline_k.consumer_wait(read_k);
     warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
-    wait_v(/*last_key_block=*/n_block + 1 == blocks.max - 1);
+    pipeline_v.consumer_wait(read_v);
     warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
     warpgroup_wait<1>();  // the S GEMM, issued first, has completed
     pipeline_k.consumer_release(read_k);
@@ -259,7 +267,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   // Every S GEMM of this tile has completed in this thread: Q's buffer may take the next tile
   // (unless O is staged there: then after the epilogue, below).
   if constexpr (!Traits::kOStagedInQ) cutlass::arch::ClusterBarrier::arrive(&shared.q_empty);
-  wait_v(/*last_key_block=*/blocks.max - 1 == blocks.min);
+  pipeline_v.consumer_wait(read_v);
   warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
   warpgroup_wait<0>();
   pipeline_v.consumer_release(read_v);
