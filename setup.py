@@ -85,6 +85,8 @@ def extension_modules():
         kernels += [
             kernel_dir / f"flash_fwd_sm90_hdim{h}_{d}.cu" for h in headdims if h in sm90_headdims for d in dtypes
         ]
+        # The Hopper backward is tiled for head dim 128 only (docs/SM90_BACKWARD.md).
+        kernels += [kernel_dir / f"flash_bwd_sm90_hdim128_{d}.cu" for d in dtypes if 128 in headdims]
     missing = [k for k in kernels if not k.exists()]
     if missing:
         sys.exit(f"missing {missing}; run csrc/flash_attn/src/generate_kernels.py")

@@ -5,8 +5,9 @@
 * every test is seeded from a hash of its node id: inputs are fresh random data (never zeros),
   different for every case, but reproducible when a single test is re-run;
 * TF32 is disabled so the float32 reference really is float32;
-* FLASH_ATTN_TEST_SM90=0 turns the Hopper forward off for the whole run (set_sm90_forward), so
-  on an H100 the suite covers the SM80 kernels that sm_80/86/89 GPUs run.
+* FLASH_ATTN_TEST_SM90=0 turns the Hopper forward and backward off for the whole run
+  (set_sm90_forward, set_sm90_backward), so on an H100 the suite covers the SM80 kernels that
+  sm_80/86/89 GPUs run.
 """
 
 import os
@@ -29,6 +30,7 @@ if os.environ.get("FLASH_ATTN_TEST_SM90", "1") == "0":
         import flash_attn_2_cuda
 
         flash_attn_2_cuda.set_sm90_forward(False)
+        flash_attn_2_cuda.set_sm90_backward(False)
     except ImportError:
         pass
 

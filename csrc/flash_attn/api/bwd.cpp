@@ -3,6 +3,7 @@
 // softmax_lse (no forward recompute) and its conventions: the same window normalisation, score
 // packing and varlen offsets (fill_common), so the kernels recompute exactly the forward's P. With
 // dropout they regenerate the forward's mask from its rng_state (read on the device: no sync).
+#include <atomic>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -95,6 +96,27 @@ void check_tensors(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   if (p_dropout > 0.0) check_on_device(*rng_state, "rng_state", q);
 }
 
+std::atomic<bool> sm90_backward_enabled{true};
+
+// What the Hopper backward covers (sm90/bwd_kernel.h, docs/SM90_BACKWARD.md): the dense
+// (batch-strided) backward at kernel head dim 128, the only one it is built for (run_sm90
+// registered), causal or window masks, GQA/MQA, with the atomic dQ accumulator; nothing of
+// softcap, ALiBi, dropout, deterministic mode or packed (varlen) tensors, which run the SM80
+// kernels. Packed tensors stay off it until they are tested on a GPU: TMA loads whole blocks, and
+// the backward has no zeroing of the rows past a sequence. Empty sequences have no TMA map
+// (a zero extent), and the SM80 path handles them anyway.
+bool sm90_backward_applies(const flash::BwdParams& p, const DeviceInfo& dev, const flash::BwdLauncher& kernel) {
+  return kernel.run_sm90 != nullptr && dev.sm90 && sm90_backward_enabled.load(std::memory_order_relaxed) &&
+         !p.deterministic && p.dq_accum_ptr != nullptr && p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr &&
+         p.seqused_k == nullptr && p.leftpad_k == nullptr && p.block_table == nullptr &&
+         p.cache_batch_idx == nullptr && p.seqlen_q > 0 && p.seqlen_k > 0 && p.alibi_slopes_ptr == nullptr &&
+         p.softcap_in == 0.f && p.dropout_keep_threshold == 0 &&
+         tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, p.q_batch_stride}) &&
+         tma_compatible(p.k_ptr, {p.k_row_stride, p.k_head_stride, p.k_batch_stride}) &&
+         tma_compatible(p.v_ptr, {p.v_row_stride, p.v_head_stride, p.v_batch_stride}) &&
+         tma_compatible(p.do_ptr, {p.do_row_stride, p.do_head_stride, p.do_batch_stride});
+}
+
 void set_grad(const Tensor& t, void*& ptr, int64_t& batch_stride, int64_t& row_stride, int64_t& head_stride,
               bool batched) {
   ptr = t.data_ptr();
@@ -130,7 +152,8 @@ void run_backward(const flash::BwdLauncher& kernel, const Call& c, const Tensor&
   p.total_q_rows = total_q_rows;
   p.scale_grad = static_cast<float>(softmax_scale);
   p.deterministic = deterministic;
-  p.device = device_info().device;
+  const DeviceInfo dev = device_info();
+  p.device = dev.device;
   if (p_dropout > 0.0) {
     set_dropout_rate(p, p_dropout);
     const int64_t* seed_offset = rng_state->data_ptr<int64_t>();
@@ -146,7 +169,8 @@ void run_backward(const flash::BwdLauncher& kernel, const Call& c, const Tensor&
     dq_accum = c10::cuda::CUDACachingAllocator::get()->allocate(elems * sizeof(float));
     p.dq_accum_ptr = static_cast<float*>(dq_accum.get());
   }
-  kernel.run(p, c10::cuda::getCurrentCUDAStream().stream());
+  const auto run = sm90_backward_applies(p, dev, kernel) ? kernel.run_sm90 : kernel.run;
+  run(p, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -155,6 +179,8 @@ Tensor grad_or_empty(const OptTensor& given, const Tensor& like) {
 }
 
 }  // namespace
+
+bool set_sm90_backward(bool enabled) { return sm90_backward_enabled.exchange(enabled); }
 
 // q, out, dout: (batch, seqlen_q, num_heads, d); k, v: (batch, seqlen_k, num_heads_k, d);
 // softmax_lse: (batch, num_heads, seqlen_q) fp32.

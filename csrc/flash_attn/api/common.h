@@ -4,6 +4,7 @@
 // entry point compiles against ATen alone.
 #pragma once
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <utility>
@@ -75,6 +76,14 @@ DeviceInfo device_info();
 // applies (default on). Returns the previous setting. For tests and benchmarks that cover or time
 // the SM80 kernels on a Hopper GPU.
 bool set_sm90_forward(bool enabled);
+
+// Whether the dense backward may run the Hopper kernel on compute capability 9.0 where it applies
+// (default on; bwd.cpp). Returns the previous setting.
+bool set_sm90_backward(bool enabled);
+
+// Whether TMA can read a 2-byte tensor at ptr with these strides (elements): a 16-byte aligned
+// base and every stride a positive multiple of 16 bytes.
+bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides);
 
 // Everything after the checks: shared by the padded and the varlen entry points.
 struct Call {

@@ -154,10 +154,6 @@ DeviceInfo device_info() {
   return {device, packed / 4, (packed & 1) != 0, (packed & 2) != 0};
 }
 
-namespace {
-
-std::atomic<bool> sm90_forward_enabled{true};
-
 // TMA reads a 2-byte tensor through a descriptor: its base must be 16-byte aligned and every
 // stride a positive multiple of 16 bytes.
 bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides) {
@@ -167,6 +163,10 @@ bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides) {
   }
   return true;
 }
+
+namespace {
+
+std::atomic<bool> sm90_forward_enabled{true};
 
 // What the Hopper forward covers (sm90/fwd_kernel.h): the unsplit forward of batch-strided or
 // packed (varlen) q/k/v, with seqused_k, at the kernel head dims it is built for (run_sm90

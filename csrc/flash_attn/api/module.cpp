@@ -53,13 +53,16 @@ int decode_cluster_capacity(int head_size, bool is_bf16, int cluster_size) {
 }
 
 pybind11::dict build_info() {
-  pybind11::list headdims, dtypes, sm90_headdims;
+  pybind11::list headdims, dtypes, sm90_headdims, sm90_bwd_headdims;
   bool any_fp16 = false, any_bf16 = false;
   for (int i = 0; i < flash::kNumKernelHeadDims; ++i) {
     const bool fp16 = flash::fwd_launchers[i][0].run != nullptr, bf16 = flash::fwd_launchers[i][1].run != nullptr;
     if (fp16 || bf16) headdims.append(flash::kKernelHeadDims[i]);
     if (flash::fwd_launchers[i][0].run_sm90 != nullptr || flash::fwd_launchers[i][1].run_sm90 != nullptr) {
       sm90_headdims.append(flash::kKernelHeadDims[i]);
+    }
+    if (flash::bwd_launchers[i][0].run_sm90 != nullptr || flash::bwd_launchers[i][1].run_sm90 != nullptr) {
+      sm90_bwd_headdims.append(flash::kKernelHeadDims[i]);
     }
     any_fp16 |= fp16;
     any_bf16 |= bf16;
@@ -73,6 +76,7 @@ pybind11::dict build_info() {
   info["dtypes"] = dtypes;
   info["archs"] = archs;
   info["sm90_forward_headdims"] = sm90_headdims;  // kernel head dims with a Hopper forward
+  info["sm90_backward_headdims"] = sm90_bwd_headdims;  // and with a Hopper backward
   return info;
 }
 
@@ -130,9 +134,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_cluster_capacity", &decode_cluster_capacity,
         "Thread-block clusters of cluster_size decode blocks the current CUDA device holds at once",
         pybind11::arg("head_size"), pybind11::arg("is_bf16"), pybind11::arg("cluster_size"));
-  m.def("build_info", &build_info, "Compiled head dims, dtypes, CUDA architectures and Hopper forward head dims");
+  m.def("build_info", &build_info,
+        "Compiled head dims, dtypes, CUDA architectures and Hopper forward and backward head dims");
   m.def("set_sm90_forward", &set_sm90_forward,
         "Lets the dense forward run the Hopper kernel where it applies (default True); returns the previous setting",
+        pybind11::arg("enabled"));
+  m.def("set_sm90_backward", &set_sm90_backward,
+        "Lets the dense backward run the Hopper kernel where it applies (default True); returns the previous setting",
         pybind11::arg("enabled"));
   m.def("unsupported_gpu_message", &unsupported_gpu_message,
         "Empty if this build runs on a GPU of that capability, else the error a call there raises",

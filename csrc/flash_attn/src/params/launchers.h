@@ -75,15 +75,31 @@ namespace flash {
 template <int kHeadDim, bool kIsBf16>
 void run_bwd(const BwdParams& params, cudaStream_t stream);
 
+// The Hopper backward (sm90/bwd_kernel.h): TMA + wgmma, dQ by atomics into the fp32 accumulator,
+// for the dense, non-deterministic backward on compute capability 9.0. Defined in
+// sm90/bwd_launch.h, instantiated in instantiations/flash_bwd_sm90_*.cu, which are compiled only
+// when the build targets sm_90.
+template <int kHeadDim, bool kIsBf16>
+void run_bwd_sm90(const BwdParams& params, cudaStream_t stream);
+
+// One (head dim, dtype)'s backward entry points. run_sm90 is null where this build has no Hopper
+// backward.
 struct BwdLauncher {
   void (*run)(const BwdParams&, cudaStream_t) = nullptr;
+  void (*run_sm90)(const BwdParams&, cudaStream_t) = nullptr;
 };
 
 // Backward kernels present in this build, registered at load time like the forward's.
 inline BwdLauncher bwd_launchers[kNumKernelHeadDims][2] = {};
 
+// The SM80 and Hopper files of one (head dim, dtype) register in either order.
 inline bool register_bwd(int kernel_headdim, bool is_bf16, const BwdLauncher& launcher) {
-  bwd_launchers[headdim_index(kernel_headdim)][is_bf16] = launcher;
+  bwd_launchers[headdim_index(kernel_headdim)][is_bf16].run = launcher.run;
+  return true;
+}
+
+inline bool register_bwd_sm90(int kernel_headdim, bool is_bf16, void (*run_sm90)(const BwdParams&, cudaStream_t)) {
+  bwd_launchers[headdim_index(kernel_headdim)][is_bf16].run_sm90 = run_sm90;
   return true;
 }
 

@@ -1,0 +1,248 @@
+"""The Hopper backward (csrc/flash_attn/src/sm90/bwd_kernel.h): on a compute capability 9.0 GPU the
+dense, non-deterministic backward at kernel head dim 128 without softcap, ALiBi or dropout runs it.
+These tests check that the dispatcher picks it exactly where it applies (the kernel's name in a
+profiler trace), that dq / dk / dv match autograd through the fp32 reference within the rule of
+tests/test_backward.py, that the SM80 backward on the same call (set_sm90_backward(False)) meets
+the same rule, and that calls outside its scope run the SM80 kernels with correct results.
+
+FLASH_ATTN_TEST_SM90=0 (tests/conftest.py) turns it off for the whole suite.
+"""
+
+import math
+
+import pytest
+import torch
+
+from helpers import DEVICE, assert_no_nan, flash_attn, flash_attn_gpu, max_abs_diff, requires_gpu
+from reference import attention_ref, kernel_headdim, lengths_to_mask, pack
+
+pytestmark = requires_gpu
+
+DTYPES = [torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp16", "bf16"]
+SM90_KERNEL = "flash_bwd_sm90_kernel"
+SM80_KERNEL = "flash_bwd_dkdv_kernel"
+
+
+def _hopper_backward_built(dtype, d=128):
+    """Whether this build has the Hopper backward serving head dim d (rounded up) in dtype."""
+    info = flash_attn_gpu.build_info() if flash_attn_gpu is not None else {}
+    dtype_name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    return kernel_headdim(d) in [int(h) for h in info.get("sm90_backward_headdims", [])] and dtype_name in info.get(
+        "dtypes", [])
+
+
+@pytest.fixture
+def hopper():
+    """Skips unless the current GPU is compute capability 9.0; turns the Hopper backward on."""
+    if DEVICE != "cuda" or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs a compute capability 9.0 GPU")
+    previous = flash_attn_gpu.set_sm90_backward(True)
+    yield
+    flash_attn_gpu.set_sm90_backward(previous)
+
+
+def _kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _runs_sm90(fn):
+    """Whether fn launches the Hopper backward; None without a kernel trace (under compute-sanitizer)."""
+    names = _kernel_names(fn)
+    return any(SM90_KERNEL in name for name in names) if names else None
+
+
+def _randn(*shape, dtype):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def _ref_grads(q, k, v, dout, upcast, **kw):
+    """dq, dk, dv of attention_ref by autograd: float32 leaves (upcast) or the input dtype."""
+    leaves = [(x.float() if upcast else x).detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out, _ = attention_ref(*leaves, upcast=upcast, **kw)
+    out.backward(dout.to(out.dtype))
+    return [x.grad for x in leaves]
+
+
+def _assert_grad_close(name, g, g_ref, g_pt):
+    """tests/test_backward.py's rule: max|g - ref| <= 2 max|g_pt - ref| + eps."""
+    assert g.shape == g_ref.shape, (name, g.shape, g_ref.shape)
+    assert_no_nan(g, name)
+    err = max_abs_diff(g, g_ref)
+    err_pt = max_abs_diff(g_pt, g_ref)
+    eps = 1e-4 + 2 * max_abs_diff(g_ref.to(g.dtype), g_ref)
+    assert err <= 2 * err_pt + eps, f"{name}: max|g - ref| = {err:.3e} > 2 * {err_pt:.3e} + {eps:.3e}"
+
+
+def _native_fwd(q, k, v, scale, causal, window, softcap=0.0):
+    res = flash_attn_gpu.fwd(q, k, v, None, None, 0.0, scale, causal, window[0], window[1], softcap, False)
+    return res[0], res[1]
+
+
+def _native_bwd(dout, q, k, v, out, lse, scale, causal, window, softcap=0.0, deterministic=False):
+    """flash_attn_gpu.bwd into NaN-poisoned dq / dk / dv (every element must be written)."""
+    dq, dk, dv = torch.full_like(q, math.nan), torch.full_like(k, math.nan), torch.full_like(v, math.nan)
+    flash_attn_gpu.bwd(dout, q, k, v, out, lse, dq, dk, dv, None, 0.0, scale, causal, window[0], window[1], softcap,
+                       deterministic, None, None)
+    return dq, dk, dv
+
+
+def _check(dtype, d, seqlen_q, seqlen_k, nheads, nheads_k, causal=False, window=(-1, -1), softcap=0.0,
+           deterministic=False, expect_sm90=True, batch=2):
+    """The native backward of one call: which kernel ran, its gradients against the reference and, where
+    the Hopper backward ran, the SM80 backward's on the same inputs."""
+    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    v = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    dout = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    scale = d ** -0.5
+    out, lse = _native_fwd(q, k, v, scale, causal, window, softcap)
+    run = lambda: _native_bwd(dout, q, k, v, out, lse, scale, causal, window, softcap, deterministic)  # noqa: E731
+    if expect_sm90:
+        assert _runs_sm90(run) is not False, "expected the Hopper backward"
+    else:
+        assert _runs_sm90(run) is not True, "expected the SM80 backward"
+    grads = run()
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    ref = _ref_grads(q, k, v, dout, True, **kw)
+    pt = _ref_grads(q, k, v, dout, False, **kw)
+    for name, g, g_ref, g_pt in zip(("dq", "dk", "dv"), grads, ref, pt):
+        _assert_grad_close(name, g, g_ref, g_pt)
+    if expect_sm90:
+        previous = flash_attn_gpu.set_sm90_backward(False)
+        try:
+            assert _runs_sm90(run) is not True
+            grads_sm80 = run()
+        finally:
+            flash_attn_gpu.set_sm90_backward(previous)
+        for name, g, g_ref, g_pt in zip(("dq", "dk", "dv"), grads_sm80, ref, pt):
+            _assert_grad_close(f"{name} (SM80)", g, g_ref, g_pt)
+
+
+# (seqlen_q, seqlen_k): none a multiple of the 64-query steps / 128-key blocks but 128 itself;
+# seqlen_q > seqlen_k with causal leaves rows with no visible key (dq = 0 there), seqlen_q <
+# seqlen_k leaves key blocks no causal query sees (dk = dv = 0 there).
+SHAPES = [(1, 255), (17, 113), (113, 17), (128, 128), (255, 1000), (1000, 255), (333, 77)]
+MASKS = {"none": dict(causal=False), "causal": dict(causal=True), "win32_0": dict(window=(32, 0)),
+         "win17_5": dict(window=(17, 5)), "winm1_7": dict(window=(-1, 7)),
+         "causal_win": dict(causal=True, window=(130, 0))}
+HEADS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (6, 1)}
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("seqlen_q,seqlen_k", SHAPES)
+# 128 at its full width and 104 below it (columns past d read as zeros from TMA, never stored).
+@pytest.mark.parametrize("d", [128, 104])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_backward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, hopper):
+    if not _hopper_backward_built(dtype, d):
+        pytest.skip("this build has no Hopper backward for this head dim and dtype")
+    m = MASKS[mask]
+    _check(dtype, d, seqlen_q, seqlen_k, 4, 4, causal=m.get("causal", False), window=m.get("window", (-1, -1)))
+
+
+@pytest.mark.parametrize("heads", ["gqa", "mqa"])
+@pytest.mark.parametrize("mask", ["none", "causal", "win17_5"])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(255, 300), (300, 77)])
+@pytest.mark.parametrize("d", [128, 104])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_backward_grouped_heads(dtype, d, seqlen_q, seqlen_k, mask, heads, hopper):
+    """A block sums dK / dV over its kv head's query heads (every query head of the group in turn)."""
+    if not _hopper_backward_built(dtype, d):
+        pytest.skip("this build has no Hopper backward for this head dim and dtype")
+    m = MASKS[mask]
+    nheads, nheads_k = HEADS[heads]
+    _check(dtype, d, seqlen_q, seqlen_k, nheads, nheads_k, causal=m.get("causal", False),
+           window=m.get("window", (-1, -1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_backward_autograd(dtype, hopper):
+    """flash_attn_func's autograd path reaches the Hopper backward too."""
+    if not _hopper_backward_built(dtype):
+        pytest.skip("this build has no Hopper backward for this dtype")
+    q, k, v = (_randn(2, 300, 4, 128, dtype=dtype).requires_grad_(True) for _ in range(3))
+    dout = _randn(2, 300, 4, 128, dtype=dtype)
+    out = flash_attn.flash_attn_func(q, k, v, causal=True)
+    assert _runs_sm90(lambda: out.backward(dout, retain_graph=True)) is not False
+    q.grad = k.grad = v.grad = None
+    out.backward(dout)
+    ref = _ref_grads(q.detach(), k.detach(), v.detach(), dout, True, causal=True)
+    pt = _ref_grads(q.detach(), k.detach(), v.detach(), dout, False, causal=True)
+    for name, g, g_ref, g_pt in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref, pt):
+        _assert_grad_close(name, g, g_ref, g_pt)
+
+
+# Calls the Hopper backward does not cover: each runs the SM80 kernels and stays correct.
+@pytest.mark.parametrize("case", ["deterministic", "softcap", "headdim64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_backward_fallback(dtype, case, hopper):
+    if not _hopper_backward_built(dtype):
+        pytest.skip("this build has no Hopper backward for this dtype")
+    d = 64 if case == "headdim64" else 128
+    if kernel_headdim(d) not in [int(h) for h in flash_attn_gpu.build_info()["headdims"]]:
+        pytest.skip(f"head dim {d} not compiled")
+    _check(dtype, d, 200, 300, 4, 2, causal=True, softcap=20.0 if case == "softcap" else 0.0,
+           deterministic=case == "deterministic", expect_sm90=False)
+
+
+def test_sm90_backward_not_used_for_dropout(hopper):
+    """Dropout runs the SM80 backward (its results: test_dropout.py)."""
+    if not _hopper_backward_built(torch.float16):
+        pytest.skip("this build has no fp16 Hopper backward")
+    q, k, v = (_randn(2, 200, 4, 128, dtype=torch.float16).requires_grad_(True) for _ in range(3))
+    out = flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
+    names = _kernel_names(lambda: out.backward(torch.ones_like(out)))
+    assert not any(SM90_KERNEL in n for n in names)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_backward_not_used_for_varlen(dtype, causal, hopper):
+    """Packed (varlen) tensors run the SM80 backward, with correct gradients."""
+    if not _hopper_backward_built(dtype):
+        pytest.skip("this build has no Hopper backward for this dtype")
+    lens_q, lens_k = torch.tensor([300, 1, 129, 77]), torch.tensor([260, 5, 200, 1])
+    batch, nheads, nheads_k, d = len(lens_q), 4, 2, 128
+    max_q, max_k = int(lens_q.max()), int(lens_k.max())
+    qmask, kmask = lengths_to_mask(lens_q, max_q).to(DEVICE), lengths_to_mask(lens_k, max_k).to(DEVICE)
+    q, dout = _randn(batch, max_q, nheads, d, dtype=dtype), _randn(batch, max_q, nheads, d, dtype=dtype)
+    k, v = _randn(batch, max_k, nheads_k, d, dtype=dtype), _randn(batch, max_k, nheads_k, d, dtype=dtype)
+    (q_p, cu_q, _, _), (k_p, cu_k, _, _), (v_p, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
+    dout_p = pack(dout, qmask)[0]
+    scale = d ** -0.5
+    res = flash_attn_gpu.varlen_fwd(q_p, k_p, v_p, None, cu_q, cu_k, None, None, None, None, max_q, max_k, 0.0,
+                                    scale, False, causal, -1, -1, 0.0, False)
+    out_p, lse = res[0], res[1]
+
+    def run():
+        return flash_attn_gpu.varlen_bwd(dout_p, q_p, k_p, v_p, out_p, lse, None, None, None, cu_q, cu_k, None,
+                                         max_q, max_k, 0.0, scale, False, causal, -1, -1, 0.0, False, None, None)
+
+    assert _runs_sm90(run) is not True
+    dq, dk, dv, _ = run()
+    kw = dict(query_padding_mask=qmask, key_padding_mask=kmask, causal=causal)
+    ref = _ref_grads(q, k, v, dout, True, **kw)
+    pt = _ref_grads(q, k, v, dout, False, **kw)
+    for name, g, g_ref, g_pt, mask in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, pt, (qmask, kmask, kmask)):
+        _assert_grad_close(name, g, pack(g_ref, mask)[0], pack(g_pt, mask)[0])
+
+
+def test_sm90_backward_switch(hopper):
+    """set_sm90_backward(False) sends an in-scope call to the SM80 backward and returns the previous setting."""
+    if not _hopper_backward_built(torch.float16):
+        pytest.skip("this build has no fp16 Hopper backward")
+    q, k, v, dout = (_randn(1, 256, 4, 128, dtype=torch.float16) for _ in range(4))
+    out, lse = _native_fwd(q, k, v, 128 ** -0.5, False, (-1, -1))
+    run = lambda: _native_bwd(dout, q, k, v, out, lse, 128 ** -0.5, False, (-1, -1))  # noqa: E731
+    assert flash_attn_gpu.set_sm90_backward(False) is True
+    try:
+        names = _kernel_names(run)
+        assert not any(SM90_KERNEL in n for n in names)
+        assert any(SM80_KERNEL in n for n in names) or not names
+    finally:
+        assert flash_attn_gpu.set_sm90_backward(True) is False
+    assert _runs_sm90(run) is not False
