@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Backward-pass time and TFLOP/s: ours (flash_attn_func, deterministic=False and True) against
-PyTorch's vendored FlashAttention-2 (SDPA FLASH_ATTENTION) and cuDNN (SDPA CUDNN_ATTENTION).
+PyTorch's vendored FlashAttention-2 (SDPA FLASH_ATTENTION) and cuDNN (SDPA CUDNN_ATTENTION); on
+compute capability 9.0 also ours on the SM80 kernels (set_sm90_backward(False): the kernel the
+Hopper backward replaces where it applies).
 
 The timed call is torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) of a forward output
 computed beforehand. Grid, timing and forward FLOPs as in benchmark_forward.py; backward FLOPs =
@@ -45,12 +47,29 @@ def measure(c, kw, passes, dropout):
              "ours_det": (backward_of(ours(True), q, k, v), None),
              "torch_fa2": (backward_of(sdpa(dropout), q, k, v), timing.sdpa_context("FLASH_ATTENTION")),
              "cudnn": (backward_of(sdpa(0.0), q, k, v), timing.sdpa_context("CUDNN_ATTENTION"))}
+    if torch.cuda.get_device_capability() == (9, 0):
+        import flash_attn_2_cuda
+
+        make_ours = backward_of(ours(False), q, k, v)
+
+        def sm80_make():
+            backward = make_ours()
+
+            def run():
+                flash_attn_2_cuda.set_sm90_backward(False)
+                try:
+                    return backward()
+                finally:
+                    flash_attn_2_cuda.set_sm90_backward(True)
+            return run
+
+        impls["ours_sm80"] = (sm80_make, None)
     times, notes, _ = timing.time_impls(impls, kw, passes)
     flops = BACKWARD_FLOPS_FACTOR * common.forward_flops(c, batch, heads)
     row = dict(c, batch=batch, nheads=heads, dropout_p=dropout, notes=[f"{n}: {t}" for n, t in notes.items()])
     for name in impls:
-        row[f"{name}_bwd_ms"] = times[name] / 1e3 if times[name] else None
-        row[f"{name}_bwd_tflops"] = flops / (times[name] * 1e-6) / 1e12 if times[name] else None
+        row[f"{name}_bwd_ms"] = times[name] / 1e3 if times.get(name) else None
+        row[f"{name}_bwd_tflops"] = flops / (times[name] * 1e-6) / 1e12 if times.get(name) else None
     return [row]
 
 
@@ -63,11 +82,13 @@ def main(argv=None) -> int:
                             lambda c, kw, late: measure(c, kw, 1 if args.quick else 2, args.dropout),
                             args, common.bench_kwargs(args, 0.2), lambda r: common.prefill_line(r, "bwd_tflops"))
     headers = ["dtype", "headdim", "causal", "seqlen", "ours ms", "ours det ms", "ours TFLOP/s", "ours det TFLOP/s",
-               "torch FA2 TFLOP/s", "cuDNN TFLOP/s", "ours/torch_fa2"]
+               "ours SM80 TFLOP/s", "torch FA2 TFLOP/s", "cuDNN TFLOP/s", "ours/torch_fa2", "ours/ours_sm80"]
     table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"], fmt(r.get("ours_bwd_ms"), ".3f"),
               fmt(r.get("ours_det_bwd_ms"), ".3f")]
-             + [fmt(r.get(f"{n}_bwd_tflops")) for n in ("ours", "ours_det", "torch_fa2", "cudnn")]
-             + [fmt(ratio(r.get("ours_bwd_tflops"), r.get("torch_fa2_bwd_tflops")), ".2f")] for r in rows]
+             + [fmt(r.get(f"{n}_bwd_tflops")) for n in ("ours", "ours_det", "ours_sm80", "torch_fa2", "cudnn")]
+             + [fmt(ratio(r.get("ours_bwd_tflops"), r.get(f"{n}_bwd_tflops")), ".2f")
+                for n in ("torch_fa2", "ours_sm80")]
+             for r in rows]
     notes = sorted({n for r in rows for n in r["notes"]})
     report = (common.markdown_table(headers, table) + f"\n\ndropout_p {args.dropout:g} (ours, torch FA2; cuDNN 0)"
               + "".join(f"\n- {n}" for n in notes[:20]))
