@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdint>
-#include <initializer_list>
 #include <mutex>
 #include <string>
 
@@ -157,16 +155,6 @@ DeviceInfo device_info() {
 namespace {
 
 std::atomic<bool> sm90_forward_enabled{true};
-
-// TMA reads a 2-byte tensor through a descriptor: its base must be 16-byte aligned and every
-// stride a positive multiple of 16 bytes.
-bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides) {
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  for (int64_t s : strides) {
-    if (s <= 0 || s % 8 != 0) return false;
-  }
-  return true;
-}
 
 // What the Hopper forward covers (sm90/fwd_kernel.h): the unsplit forward of batch-strided q/k/v
 // at the kernel head dims it is built for (run_sm90 registered), with causal or window masks, and
