@@ -2,6 +2,7 @@
 // checks, so CPU tests reach them.
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,14 @@ bool vector_aligned(const Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
   for (int64_t i = 0; i + 1 < t.dim(); ++i) {
     if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+  }
+  return true;
+}
+
+bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  for (int64_t s : strides) {
+    if (s <= 0 || s % 8 != 0) return false;
   }
   return true;
 }

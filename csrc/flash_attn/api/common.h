@@ -4,6 +4,7 @@
 // entry point compiles against ATen alone.
 #pragma once
 
+#include <cstdint>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -33,6 +34,9 @@ void check_qkv_dtypes(const Tensor& q, const Tensor& k, const Tensor& v);
 // 16-byte aligned data pointer and strides (but the last) that are multiples of 8 elements,
 // dimensions of size 1 excepted.
 bool vector_aligned(const Tensor& t);
+// The same for a TMA tensor map of a 2-byte tensor, which also reads the strides of size-1
+// dimensions: a 16-byte aligned base and every stride a positive multiple of 8 elements.
+bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides);
 // A read-only input the kernels can load: a strided last dimension is copied, as upstream's Python
 // wrapper (maybe_contiguous) does, and so is a view whose rows are not 16-byte aligned. Done here
 // so the Python hot path needs no stride queries (each costs host time per decode step).
@@ -80,10 +84,6 @@ bool set_sm90_forward(bool enabled);
 // Whether the dense backward may run the Hopper kernel on compute capability 9.0 where it applies
 // (default on; bwd.cpp). Returns the previous setting.
 bool set_sm90_backward(bool enabled);
-
-// Whether TMA can read a 2-byte tensor at ptr with these strides (elements): a 16-byte aligned
-// base and every stride a positive multiple of 16 bytes.
-bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides);
 
 // Everything after the checks: shared by the padded and the varlen entry points.
 struct Call {

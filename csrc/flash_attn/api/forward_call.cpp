@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdint>
-#include <initializer_list>
 #include <mutex>
 #include <string>
 
@@ -152,16 +150,6 @@ DeviceInfo device_info() {
     TORCH_CHECK(false, unsupported_gpu_message(prop.name, prop.major, prop.minor));
   }
   return {device, packed / 4, (packed & 1) != 0, (packed & 2) != 0};
-}
-
-// TMA reads a 2-byte tensor through a descriptor: its base must be 16-byte aligned and every
-// stride a positive multiple of 16 bytes.
-bool tma_compatible(const void* ptr, std::initializer_list<int64_t> strides) {
-  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  for (int64_t s : strides) {
-    if (s <= 0 || s % 8 != 0) return false;
-  }
-  return true;
 }
 
 namespace {

@@ -48,29 +48,30 @@ struct OutputTile {
 };
 
 // Rows of this tile have no visible key in this block range: output 0 and the empty lse (kIsSplit:
-// this split's partial, -inf).
-template <typename Traits, bool kIsSplit>
+// this split's partial, -inf). Written by kThreads threads from thread kFirstThread on (the
+// Hopper kernel's consumer warpgroups; every thread of the block elsewhere).
+template <typename Traits, bool kIsSplit, int kFirstThread = 0, int kThreads = Traits::kNThreads>
 __device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bidb, int bidh, int split_idx,
                                  int m_block, int rows_in_tile) {
   using Element = typename Traits::Element;
   constexpr int kHeadDim = Traits::kHeadDim;
-  const int tidx = threadIdx.x;
+  const int tidx = threadIdx.x - kFirstThread;
   const int m0 = m_block * Traits::kBlockM;
   if constexpr (kIsSplit) {
     const int64_t head_rows = (int64_t(split_idx) * p.h + bidh) * p.total_q_rows;
-    for (int i = tidx; i < rows_in_tile * kHeadDim; i += Traits::kNThreads) {
+    for (int i = tidx; i < rows_in_tile * kHeadDim; i += kThreads) {
       const int r = seq.q_row(p, bidb, m0 + i / kHeadDim);
       p.oaccum_ptr[(head_rows + r) * kHeadDim + i % kHeadDim] = 0.f;
     }
-    for (int i = tidx; i < rows_in_tile; i += Traits::kNThreads) {
+    for (int i = tidx; i < rows_in_tile; i += kThreads) {
       p.lseaccum_ptr[head_rows + seq.q_row(p, bidb, m0 + i)] = -INFINITY;
     }
   } else {
     Element* o = static_cast<Element*>(p.o_ptr) + seq.o_offset + bidh * p.o_head_stride;
-    for (int i = tidx; i < rows_in_tile * p.d; i += Traits::kNThreads) {
+    for (int i = tidx; i < rows_in_tile * p.d; i += kThreads) {
       o[int64_t(m0 + i / p.d) * p.o_row_stride + i % p.d] = Element(0.f);
     }
-    for (int i = tidx; i < rows_in_tile; i += Traits::kNThreads) {
+    for (int i = tidx; i < rows_in_tile; i += kThreads) {
       p.softmax_lse_ptr[bidb * p.lse_batch_stride + bidh * p.lse_head_stride +
                         int64_t(seq.q_start + m0 + i) * p.lse_row_stride] = INFINITY;
     }

@@ -20,6 +20,8 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "params/fwd_params.h"
+#include "common/block_info.h"
+#include "common/epilogue.h"
 #include "common/mma_utils.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
@@ -34,26 +36,11 @@ namespace flash {
 
 using namespace cute;
 
-// Key blocks [first, last] a query tile visits, cut by the causal / sliding-window band; the
-// masked diagonal blocks are at the ends of the range, every block between is visited unmasked.
-struct KeyBlockRange {
-  int min;  // first block
-  int max;  // one past the last block
-};
-
-__device__ __forceinline__ KeyBlockRange key_block_range(const FwdParams& p, int seqlen_k, int m0, int rows_in_tile,
-                                                         int diag, int block_n) {
-  KeyBlockRange r{0, (seqlen_k + block_n - 1) / block_n};
-  if (p.window_right >= 0) r.max = min(r.max, (m0 + rows_in_tile + diag + p.window_right + block_n - 1) / block_n);
-  if (p.window_left >= 0) r.min = max(r.min, (m0 + diag - p.window_left) / block_n);
-  return r;
-}
-
 // Key blocks of a tile and its rows, as both roles compute them.
 struct Sm90TileWork {
   SeqInfo seq;
   int m0, rows_in_tile;
-  KeyBlockRange blocks;
+  KeyBlocks blocks;
 };
 
 template <typename Traits>
@@ -61,8 +48,7 @@ __device__ __forceinline__ Sm90TileWork sm90_tile_work(const FwdParams& p, const
   const SeqInfo seq(p, tile.bidb);
   const int m0 = tile.m_block * Traits::kBlockM;
   const int rows_in_tile = min(Traits::kBlockM, seq.seqlen_q - m0);
-  return {seq, m0, rows_in_tile,
-          key_block_range(p, seq.seqlen_k, m0, rows_in_tile, seq.seqlen_k - seq.seqlen_q, Traits::kBlockN)};
+  return {seq, m0, rows_in_tile, visible_key_blocks<Traits::kBlockN>(p, seq, m0, rows_in_tile)};
 }
 
 // Producer, one thread: per tile, Q once Q's buffer is free, then K and V of every key block, last
@@ -90,7 +76,7 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
     const Sm90Tile tile = tiles.tile();
     const Sm90TileWork work = sm90_tile_work<Traits>(p, tile);
     // Past a short varlen sequence, or no visible key block (the consumers write that tile).
-    if (work.rows_in_tile <= 0 || work.blocks.max <= work.blocks.min) continue;
+    if (work.rows_in_tile <= 0 || work.blocks.empty()) continue;
     const int bidh_kv = tile.bidh / p.h_h_k_ratio;
 
     // Parity 1 on the fresh barrier passes at once: the first tile's Q needs no release.
@@ -129,21 +115,6 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
   }
 }
 
-// A tile with no visible key block: output 0 and lse +inf, written by the 256 consumer threads.
-template <typename Traits>
-__device__ __forceinline__ void write_empty_tile_sm90(const FwdParams& p, const Sm90Tile& tile,
-                                                      const Sm90TileWork& work, int consumer_tidx) {
-  using Element = typename Traits::Element;
-  Element* o = static_cast<Element*>(p.o_ptr) + work.seq.o_offset + tile.bidh * p.o_head_stride;
-  for (int i = consumer_tidx; i < work.rows_in_tile * p.d; i += Traits::kNConsumerThreads) {
-    o[int64_t(work.m0 + i / p.d) * p.o_row_stride + i % p.d] = Element(0.f);
-  }
-  for (int i = consumer_tidx; i < work.rows_in_tile; i += Traits::kNConsumerThreads) {
-    p.softmax_lse_ptr[tile.bidb * p.lse_batch_stride + tile.bidh * p.lse_head_stride +
-                      int64_t(work.seq.q_start + work.m0 + i) * p.lse_row_stride] = INFINITY;
-  }
-}
-
 // Consumer warpgroup (consumer_tidx in [0, 256)): the attention of its 64 query rows of one tile,
 // then the output through shared memory and the log-sum-exp. q_phase: the parity of this tile's
 // Q load on q_full; read_k / read_v: the K/V pipeline states, carried from tile to tile.
@@ -160,7 +131,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   const int warpgroup = consumer_tidx / 128;
   const SeqInfo& seq = work.seq;
   const int m0 = work.m0, rows_in_tile = work.rows_in_tile, bidb = tile.bidb, bidh = tile.bidh;
-  const KeyBlockRange blocks = work.blocks;
+  const KeyBlocks blocks = work.blocks;
   const int diag = seq.seqlen_k - seq.seqlen_q;
 
   typename Traits::TiledMmaQK mma_qk;
@@ -372,8 +343,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const Sm90Tile tile = tiles.tile();
       const Sm90TileWork work = sm90_tile_work<Traits>(params, tile);
       if (work.rows_in_tile <= 0) continue;  // past the end of a short varlen sequence
-      if (work.blocks.max <= work.blocks.min) {
-        write_empty_tile_sm90<Traits>(params, tile, work, threadIdx.x - 128);
+      if (work.blocks.empty()) {
+        write_empty_tile<Traits, false, /*kFirstThread=*/128, Traits::kNConsumerThreads>(
+            params, work.seq, tile.bidb, tile.bidh, 0, tile.m_block, work.rows_in_tile);
         continue;
       }
       attend_rows<Traits>(params, shared, pipeline_k, pipeline_v, read_k, read_v, tile, work, q_loads & 1);

@@ -40,35 +40,40 @@ inline int64_t tma_batch_stride(bool packed, int64_t batch_stride, int64_t row_s
   return packed ? std::max<int64_t>(row_stride * rows, 8) : batch_stride;
 }
 
+// One tensor map: the global tensor (base, extents, strides) and the shared-memory tile one
+// load fills.
+template <typename Element, typename Extent, typename Stride, typename SmemTile>
+auto make_tma_map(const void* ptr, Extent extent, Stride stride, SmemTile smem_tile) {
+  return make_tma_copy(SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), extent, stride),
+                       smem_tile);
+}
+
 template <typename Traits>
 auto make_tma_q(const FwdParams& p) {
-  using Element = typename Traits::Element;
   const auto extent = q_extent(p);
   const int64_t batch_stride = tma_batch_stride(p.cu_seqlens_q, p.q_batch_stride, p.q_row_stride, get<0>(extent));
-  Tensor q = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.q_ptr)), extent,
-                         make_stride(p.q_row_stride, _1{}, p.q_head_stride, batch_stride));
-  return make_tma_copy(SM90_TMA_LOAD{}, q, typename Traits::SmemLayoutQ{});
+  return make_tma_map<typename Traits::Element>(p.q_ptr, extent,
+                                                make_stride(p.q_row_stride, _1{}, p.q_head_stride, batch_stride),
+                                                typename Traits::SmemLayoutQ{});
 }
 
 template <typename Traits>
 auto make_tma_k(const FwdParams& p) {
-  using Element = typename Traits::Element;
   const auto extent = k_extent(p);
   const int64_t batch_stride = tma_batch_stride(p.cu_seqlens_k, p.k_batch_stride, p.k_row_stride, get<0>(extent));
-  Tensor k = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.k_ptr)), extent,
-                         make_stride(p.k_row_stride, _1{}, p.k_head_stride, batch_stride));
-  return make_tma_copy(SM90_TMA_LOAD{}, k, typename Traits::SmemLayoutK{}(_, _, _0{}));
+  return make_tma_map<typename Traits::Element>(p.k_ptr, extent,
+                                                make_stride(p.k_row_stride, _1{}, p.k_head_stride, batch_stride),
+                                                typename Traits::SmemLayoutK{}(_, _, _0{}));
 }
 
 // V read through its transpose (head dim, keys): the layout the P V GEMM wants its B operand in.
 template <typename Traits>
 auto make_tma_vt(const FwdParams& p) {
-  using Element = typename Traits::Element;
   const auto extent = vt_extent(p);
   const int64_t batch_stride = tma_batch_stride(p.cu_seqlens_k, p.v_batch_stride, p.v_row_stride, get<1>(extent));
-  Tensor vt = make_tensor(make_gmem_ptr(static_cast<Element const*>(p.v_ptr)), extent,
-                          make_stride(_1{}, p.v_row_stride, p.v_head_stride, batch_stride));
-  return make_tma_copy(SM90_TMA_LOAD{}, vt, typename Traits::SmemLayoutVt{}(_, _, _0{}));
+  return make_tma_map<typename Traits::Element>(p.v_ptr, extent,
+                                                make_stride(_1{}, p.v_row_stride, p.v_head_stride, batch_stride),
+                                                typename Traits::SmemLayoutVt{}(_, _, _0{}));
 }
 
 // Everything the kernel reads: the call's parameters and the three tensor maps.
