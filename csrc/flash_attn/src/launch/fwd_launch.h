@@ -26,7 +26,7 @@ namespace flash {
 // carries none of their code (smaller loop body, fewer live registers).
 template <typename Launch>
 void with_extras(const FwdParams& params, Launch&& launch) {
-  const bool extras = params.softcap_in > 0.f || params.alibi_slopes_ptr != nullptr || params.block_table != nullptr;
+  const bool extras = has_score_mods(params) || params.block_table != nullptr;
   if (extras) {
     launch(std::true_type{});
   } else {
@@ -69,9 +69,8 @@ void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
 // with score modifiers, and paging with left padding (any alignment).
 template <typename Launch>
 void with_decode_features(const FwdParams& params, Launch&& launch) {
-  const bool score_mods = params.softcap_in > 0.f || params.alibi_slopes_ptr != nullptr;
   const bool paged = params.block_table != nullptr;
-  if (score_mods || (paged && params.leftpad_k != nullptr)) {
+  if (has_score_mods(params) || (paged && params.leftpad_k != nullptr)) {
     launch(std::true_type{}, std::true_type{});
   } else if (paged) {
     launch(std::false_type{}, std::true_type{});

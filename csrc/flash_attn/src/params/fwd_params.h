@@ -105,4 +105,7 @@ struct FwdParams {
   int64_t s_dmask_batch_stride, s_dmask_head_stride, s_dmask_row_stride;
 };
 
+// Softcap or ALiBi: the launch picks the kernels' score-modifier instantiations.
+inline bool has_score_mods(const FwdParams& p) { return p.softcap_in > 0.f || p.alibi_slopes_ptr != nullptr; }
+
 }  // namespace flash

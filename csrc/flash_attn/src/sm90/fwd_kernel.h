@@ -9,9 +9,10 @@
 // previous block's O += P V, with P taken straight from the S accumulator's registers.
 //
 // Scope: kernel head dims 64, 96, 128, 192 and 256 (tile, layouts and shared-memory use per head
-// dim in sm90/kernel_traits.h), batch-strided or packed (varlen) q/k/v, seqused_k; no paged or
-// left-padded keys, no softcap, ALiBi, dropout or split-KV; causal and sliding windows by
-// FwdParams::window_left/right.
+// dim in sm90/kernel_traits.h), batch-strided or packed (varlen) q/k/v, seqused_k; causal and
+// sliding windows by FwdParams::window_left/right; softcap and ALiBi in their own instantiation
+// (kHasScoreMods), so the plain kernel's softmax step carries none of their code; no paged or
+// left-padded keys, dropout or split-KV.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -118,7 +119,7 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
 // Consumer warpgroup (consumer_tidx in [0, 256)): the attention of its 64 query rows of one tile,
 // then the output through shared memory and the log-sum-exp. q_phase: the parity of this tile's
 // Q load on q_full; read_k / read_v: the K/V pipeline states, carried from tile to tile.
-template <typename Traits>
+template <typename Traits, bool kHasScoreMods>
 __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits::SharedStorage& shared,
                                             typename Traits::Pipeline& pipeline_k,
                                             typename Traits::Pipeline& pipeline_v,
@@ -146,6 +147,20 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));
   Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));
   Tensor tOrVt = thr_pv.make_fragment_B(thr_pv.partition_B(sVt));
+  // Q's descriptors (one per 16 columns of d) are loop invariants, and ptxas holds them in 2 x d/16
+  // registers through the main loop. At head dim 256 with score modifiers those registers are
+  // missing (24-52 bytes of spill inside the loop); there the loop derives them per block from a
+  // copy of the first that is opaque to the compiler (an add per descriptor).
+  constexpr bool kQDescriptorsPerBlock = kHasScoreMods && kHeadDim == 256;
+  auto q_operand = [&]() {
+    if constexpr (kQDescriptorsPerBlock) {
+      GMMA::DescriptorIterator q_desc = tSrQ.data();
+      asm volatile("" : "+r"(q_desc.desc_.reg32_[0]));
+      return make_tensor(q_desc, tSrQ.layout());
+    } else {
+      return tSrQ;
+    }
+  };
 
   Tensor acc_o = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   clear(acc_o);
@@ -160,8 +175,11 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   // rescaled once the second is done. K runs one block ahead of V, so each has its own state.
   Tensor acc_s = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor s = gmma_rowcol_view(acc_s);
-  auto mask_block = [&](int n_block) {
+  const ScoreMods<kHasScoreMods> score_mods(p, bidb, bidh);
+  // The raw scores of block n_block to what the softmax takes: softcap and ALiBi, then the mask.
+  auto score_block = [&](int n_block) {
     const BlockCoords bc{m0, n_block * kBlockN, diag};
+    score_mods.apply(acc_s, s, tScS_rc, bc);
     if (block_needs_mask(bc, kBlockN, rows_in_tile, seq.seqlen_k, p.window_left, p.window_right)) {
       apply_mask(s, tScS_rc, bc, seq.seqlen_k, p.window_left, p.window_right);
     }
@@ -183,7 +201,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   warpgroup_wait<0>();
   pipeline_k.consumer_release(read_k);
   ++read_k;
-  mask_block(n_block);
+  score_block(n_block);
   softmax.update(s, gmma_rowcol_view(acc_o), p.scale_softmax_log2, /*is_first=*/true);
   p_from_s();
 
@@ -220,13 +238,14 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
 
   for (--n_block; n_block >= blocks.min; --n_block) {
     pipeline_k.consumer_wait(read_k);
-    warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+    Tensor tSrQ_block = q_operand();
+    warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ_block, tSrK(_, _, _, read_k.index()), acc_s);
     pipeline_v.consumer_wait(read_v);
     warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
     warpgroup_wait<1>();  // the S GEMM, issued first, has completed
     pipeline_k.consumer_release(read_k);
     ++read_k;
-    mask_block(n_block);
+    score_block(n_block);
     float o_correction[kRows];
     softmax.update_deferred(s, p.scale_softmax_log2, o_correction);
     warpgroup_wait<0>();
@@ -264,7 +283,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   // say there is no room for them (kEpilogueAddressesPerTile), the index they derive from is
   // opaque to the compiler from here on, so they are computed here, per tile.
   int epilogue_tidx = consumer_tidx;
-  if constexpr (Traits::kEpilogueAddressesPerTile) asm volatile("" : "+r"(epilogue_tidx));
+  if constexpr (Traits::kEpilogueAddressesPerTile || kHasScoreMods) asm volatile("" : "+r"(epilogue_tidx));
 
   // O into this warpgroup's rows of the O tile (stmatrix), then 16-byte coalesced global stores.
   // Named barriers 1 and 2 (0 is __syncthreads'): the first keeps the previous tile's stores
@@ -303,7 +322,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   }
 }
 
-template <typename Traits>
+template <typename Traits, bool kHasScoreMods>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ Sm90FwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -348,7 +367,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
             params, work.seq, tile.bidb, tile.bidh, 0, tile.m_block, work.rows_in_tile);
         continue;
       }
-      attend_rows<Traits>(params, shared, pipeline_k, pipeline_v, read_k, read_v, tile, work, q_loads & 1);
+      attend_rows<Traits, kHasScoreMods>(params, shared, pipeline_k, pipeline_v, read_k, read_v, tile, work, q_loads & 1);
       ++q_loads;
     }
   }

@@ -18,16 +18,27 @@
 
 namespace flash {
 
-template <int kHeadDim, bool kIsBf16>
-void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
-  using Traits = Sm90FwdTraits<kHeadDim, kIsBf16>;
+template <typename Traits, bool kHasScoreMods>
+void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   const Sm90FwdArgs<Traits> args = make_sm90_fwd_args<Traits>(params);
-  constexpr auto kernel = &flash_fwd_sm90_kernel<Traits>;
+  constexpr auto kernel = &flash_fwd_sm90_kernel<Traits, kHasScoreMods>;
   allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
   const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const int64_t units = int64_t(Sm90TileScheduler::units_per_head(params, m_blocks)) * params.b * params.h;
   const int grid = int(std::min<int64_t>(units, std::max(1, params.num_sms)));
   kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(args);
+}
+
+// Softcap and ALiBi run their own instantiation, so the plain kernel's softmax step carries none
+// of their code.
+template <int kHeadDim, bool kIsBf16>
+void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
+  using Traits = Sm90FwdTraits<kHeadDim, kIsBf16>;
+  if (has_score_mods(params)) {
+    launch_fwd_sm90<Traits, true>(params, stream);
+  } else {
+    launch_fwd_sm90<Traits, false>(params, stream);
+  }
 }
 
 }  // namespace flash
