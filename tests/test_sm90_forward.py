@@ -236,10 +236,11 @@ SPLIT_SHAPES = [(65, 1000), (200, 1000), (513, 2048), (300, 250)]
 
 def _check_split_against_unsplit(out, lse, run_unsplit, out_ref, out_pt, lse_ref):
     """The split result against the reference, and against the unsplit Hopper kernel: it differs
-    from that by no more than PyTorch's own rounding error, and its lse by at most 1e-3."""
+    from that by at most twice PyTorch's own rounding error (the rule against the reference), and
+    its lse by at most 1e-3."""
     out_unsplit, lse_unsplit = run_unsplit()
     assert_out_close(out, out_ref, out_pt)
-    assert max_abs_diff(out, out_unsplit) <= max_abs_diff(out_pt, out_ref) + 1e-5
+    assert max_abs_diff(out, out_unsplit) <= 2 * max_abs_diff(out_pt, out_ref) + 1e-5
     assert_lse_close(lse, lse_unsplit)
     assert_lse_close(lse, lse_ref)
 
