@@ -71,7 +71,9 @@ def num_splits_heuristic(
 
     num_splits is the requested value (0 = heuristic); paged and contiguous K/V plan alike. num_sms
     defaults to the current CUDA device's multiprocessor count, or 132 (H100 SXM) when CUDA is
-    unavailable.
+    unavailable. This is the plan of the SM80 kernels; where the Hopper forward takes a call
+    (compute capability 9.0), more than 64 query rows may split too:
+    flash_attn_2_cuda.num_splits_heuristic(..., sm90_prefill=True) gives that plan.
     """
     if num_sms is None:
         if torch.cuda.is_available():

@@ -1,9 +1,11 @@
-"""The Hopper forward (csrc/flash_attn/src/sm90/): on a compute capability 9.0 GPU the dense,
-unsplit forward (dense or varlen) at kernel head dims 64, 96, 128, 192 and 256 runs it. These
-tests check that the dispatcher picks it exactly where it applies (the kernel's name in a
-profiler trace), that it matches the fp32 reference and the SM80 kernel, that calls outside its
-scope fall back to the SM80 kernel with correct results, and that its output is bitwise identical
-run to run.
+"""The Hopper forward (csrc/flash_attn/src/sm90/): on a compute capability 9.0 GPU the dense
+forward (dense or varlen, softcap and ALiBi too) at kernel head dims 64, 96, 128, 192 and 256 runs
+it, unsplit or, for queries longer than the split tile's 64 rows, split over the keys (explicit
+num_splits, or the plan's heuristic at small grids) with the combine kernel after it. These
+tests check that the dispatcher picks it exactly where it applies (the kernels' names in a
+profiler trace), that it matches the fp32 reference, the SM80 kernel and (split) its unsplit
+result, that calls outside its scope fall back to the SM80 kernel with correct results, and that
+its output is bitwise identical run to run.
 
 The rest of the suite exercises it too wherever a dense call lands in its scope;
 FLASH_ATTN_TEST_SM90=0 (tests/conftest.py) runs the whole suite on the SM80 kernels instead.
@@ -18,18 +20,21 @@ from helpers import (
     assert_lse_close,
     assert_out_close,
     ext_fwd,
+    max_abs_diff,
     ext_varlen_fwd,
     flash_attn,
     flash_attn_gpu,
+    lse_checkable,
     requires_gpu,
 )
-from reference import attention_ref, kernel_headdim, lengths_to_mask, pack, pack_lse
+from reference import attention_ref, kernel_headdim, lengths_to_mask, make_alibi_slopes, pack, pack_lse
 
 pytestmark = requires_gpu
 
 DTYPES = [torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp16", "bf16"]
 SM90_KERNEL = "flash_fwd_sm90_kernel"
+COMBINE_KERNEL = "flash_fwd_combine_kernel"
 
 
 def _hopper_forward_built(dtype, d=128):
@@ -61,6 +66,14 @@ def _runs_sm90(fn):
     """Whether fn launches the Hopper kernel; None without a kernel trace (under compute-sanitizer)."""
     names = _kernel_names(fn)
     return any(SM90_KERNEL in name for name in names) if names else None
+
+
+def _runs_sm90_split(fn):
+    """Whether fn launches the Hopper kernel and the combine kernel after it; None without a trace."""
+    names = _kernel_names(fn)
+    if not names:
+        return None
+    return any(SM90_KERNEL in name for name in names) and any(COMBINE_KERNEL in name for name in names)
 
 
 def _qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype):
@@ -115,6 +128,68 @@ def test_sm90_forward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, head
     assert_out_close(out_sm80, out_ref, out_pt, name="out (SM80)")
 
 
+# Softcap and ALiBi run the Hopper kernel's score-modifier instantiation. ALiBi slopes per head or
+# per (batch, head); "alibi" is make_alibi_slopes' kind.
+SCORE_MODS = {
+    "softcap30": dict(softcap=30.0),
+    "softcap3": dict(softcap=3.0),
+    "alibi_h": dict(alibi="h"),
+    "alibi_bh": dict(alibi="bh"),
+    "softcap_alibi": dict(softcap=3.0, alibi="bh"),
+}
+# (seqlen_q, seqlen_k, heads): ragged tiles and blocks, causal rows with no key (seqlen_q >
+# seqlen_k), several tiles and blocks, one key block; every head layout.
+SCORE_MOD_SHAPES = [(113, 203, "mha"), (512, 256, "gqa"), (1023, 1024, "gqa"), (2048, 77, "mqa")]
+
+
+def _score_mod_kwargs(mods, batch, nheads):
+    kw = dict(SCORE_MODS[mods])
+    return dict(softcap=kw.get("softcap", 0.0), alibi_slopes=make_alibi_slopes(kw.get("alibi"), batch, nheads, DEVICE))
+
+
+@pytest.mark.parametrize("mods", list(SCORE_MODS))
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("seqlen_q,seqlen_k,heads", SCORE_MOD_SHAPES)
+# Every kernel head dim (80 keys per block at 192 and 256, the 64-byte swizzle at 96), and one
+# below a kernel head dim (columns past d read as zeros).
+@pytest.mark.parametrize("d", [256, 192, 128, 96, 80, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_score_mods(dtype, d, seqlen_q, seqlen_k, heads, mask, mods, hopper):
+    """Softcap, ALiBi and both, with causal / window masks and grouped heads, on the Hopper
+    kernel: against the reference, and against the SM80 kernel on the same call."""
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    nheads, nheads_k = HEADS[heads]
+    batch = 2
+    q, k, v = _qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype)
+    kw = dict(MASKS[mask])
+    window = tuple(min(w, seqlen_k - 1) if w >= 0 else w for w in kw.pop("window_size", (-1, -1)))
+    causal = kw["causal"]
+    mod_kw = _score_mod_kwargs(mods, batch, nheads)
+    run = lambda: ext_fwd(q, k, v, causal=causal, window_size=window, num_splits=1, **mod_kw)  # noqa: E731
+    assert _runs_sm90(run) is not False
+    out, lse = run()
+    out_ref, lse_ref = attention_ref(q, k, v, causal=causal, window_size=window, **mod_kw)
+    out_pt, lse_pt = attention_ref(q, k, v, causal=causal, window_size=window, upcast=False, **mod_kw)
+    assert_out_close(out, out_ref, out_pt)
+    assert_empty_rows_zero(out, torch.isposinf(lse_ref).transpose(1, 2))
+    pt_factor = 2.0 if mod_kw["softcap"] > 0 else 0.0
+    if lse_checkable(mod_kw["alibi_slopes"], causal, window, seqlen_k):
+        assert_lse_close(lse, lse_ref, lse_pt, pt_factor=pt_factor)
+
+    # The SM80 kernel on the same call: the same rule against the reference, and the same lse
+    # (both add ALiBi as -slope * |i + sk - sq - j|, so it is comparable even where the reference's
+    # is not).
+    flash_attn_gpu.set_sm90_forward(False)
+    try:
+        assert _runs_sm90(run) is not True
+        out_sm80, lse_sm80 = run()
+    finally:
+        flash_attn_gpu.set_sm90_forward(True)
+    assert_out_close(out_sm80, out_ref, out_pt, name="out (SM80)")
+    assert_lse_close(lse, lse_sm80)
+
+
 # Packed sequences: lengths around the 128-row tiles, 1 and 0, a query tile past a short
 # sequence's end, and keys of the next sequence right after each sequence in memory.
 VARLEN_LENGTHS = {
@@ -124,12 +199,14 @@ VARLEN_LENGTHS = {
 }
 
 
+@pytest.mark.parametrize("mods", [None, "softcap_alibi"], ids=["plain", "softcap_alibi"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("case", list(VARLEN_LENGTHS))
 @pytest.mark.parametrize("d", [256, 192, 128, 96, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_sm90_forward_varlen(dtype, d, case, causal, hopper):
-    """Packed (varlen) calls run the Hopper kernel and match the reference."""
+def test_sm90_forward_varlen(dtype, d, case, causal, mods, hopper):
+    """Packed (varlen) calls run the Hopper kernel and match the reference; ALiBi aligns each
+    sequence's queries to its own keys (bottom-right)."""
     if not _hopper_forward_built(dtype, d):
         pytest.skip("this build has no Hopper forward for this head dim and dtype")
     q_lens, k_lens = (torch.tensor(x) for x in VARLEN_LENGTHS[case])
@@ -138,15 +215,139 @@ def test_sm90_forward_varlen(dtype, d, case, causal, hopper):
     q, k, v = _qkv(batch, max_sq, max_sk, nheads, nheads_k, d, dtype)
     qmask, kmask = lengths_to_mask(q_lens, max_sq).to(DEVICE), lengths_to_mask(k_lens, max_sk).to(DEVICE)
     (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
-    run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal)  # noqa: E731
+    mod_kw = _score_mod_kwargs(mods, batch, nheads) if mods else dict(softcap=0.0, alibi_slopes=None)
+    run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal, **mod_kw)  # noqa: E731
     assert _runs_sm90(run) is not False
     out, lse = run()
+    out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask, causal=causal, **mod_kw)
+    out_pt, lse_pt = attention_ref(q, k, v, qmask, kmask, causal=causal, upcast=False, **mod_kw)
+    lse_ref, lse_pt = pack_lse(lse_ref, qmask), pack_lse(lse_pt, qmask)
+    assert_out_close(out, pack(out_ref, qmask)[0], pack(out_pt, qmask)[0])
+    assert_empty_rows_zero(out, torch.isposinf(lse_ref).transpose(0, 1))
+    if lse_checkable(mod_kw["alibi_slopes"], causal, (-1, -1), max_sk):
+        assert_lse_close(lse, lse_ref, lse_pt, pt_factor=2.0 if mod_kw["softcap"] > 0 else 0.0)
+
+
+# Split-KV on the Hopper kernel: query lengths past the split tile's 64 rows, keys over several
+# blocks (128 keys at head dims up to 128, 80 beyond) with a ragged end; more splits than some
+# tiles have blocks (empty splits), and causal rows with no key at all (seqlen_q > seqlen_k).
+SPLIT_SHAPES = [(65, 1000), (200, 1000), (513, 2048), (300, 250)]
+
+
+def _check_split_against_unsplit(out, lse, run_unsplit, out_ref, out_pt, lse_ref):
+    """The split result against the reference, and against the unsplit Hopper kernel: it differs
+    from that by at most twice PyTorch's own rounding error (the rule against the reference), and
+    its lse by at most 1e-3."""
+    out_unsplit, lse_unsplit = run_unsplit()
+    assert_out_close(out, out_ref, out_pt)
+    assert max_abs_diff(out, out_unsplit) <= 2 * max_abs_diff(out_pt, out_ref) + 1e-5
+    assert_lse_close(lse, lse_unsplit)
+    assert_lse_close(lse, lse_ref)
+
+
+@pytest.mark.parametrize("mods", [None, "softcap_alibi"], ids=["plain", "softcap_alibi"])
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("seqlen_q,seqlen_k", SPLIT_SHAPES)
+@pytest.mark.parametrize("d", [256, 192, 128, 96, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_splits(dtype, d, seqlen_q, seqlen_k, mask, num_splits, mods, hopper):
+    """An explicit num_splits on longer queries runs the Hopper kernel's split instantiation and
+    the combine kernel; the result matches the reference and the unsplit Hopper kernel."""
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    nheads, nheads_k = HEADS["gqa"]
+    batch = 2
+    q, k, v = _qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype)
+    kw = dict(MASKS[mask])
+    window = tuple(min(w, seqlen_k - 1) if w >= 0 else w for w in kw.pop("window_size", (-1, -1)))
+    causal = kw["causal"]
+    mod_kw = _score_mod_kwargs(mods, batch, nheads) if mods else dict(softcap=0.0, alibi_slopes=None)
+    run = lambda n: lambda: ext_fwd(q, k, v, causal=causal, window_size=window, num_splits=n, **mod_kw)  # noqa: E731
+    assert _runs_sm90_split(run(num_splits)) is not False
+    out, lse = run(num_splits)()
+    out_ref, lse_ref = attention_ref(q, k, v, causal=causal, window_size=window, **mod_kw)
+    out_pt, _ = attention_ref(q, k, v, causal=causal, window_size=window, upcast=False, **mod_kw)
+    assert_empty_rows_zero(out, torch.isposinf(lse_ref).transpose(1, 2))
+    if not lse_checkable(mod_kw["alibi_slopes"], causal, window, seqlen_k):
+        lse_ref = torch.where(torch.isposinf(lse_ref), lse_ref, lse)  # compared with the unsplit lse only
+    _check_split_against_unsplit(out, lse, run(1), out_ref, out_pt, lse_ref)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("case", list(VARLEN_LENGTHS))
+@pytest.mark.parametrize("d", [256, 128, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_varlen_splits(dtype, d, case, causal, hopper):
+    """Packed sequences split over the keys: partial rows per sequence, empty splits of short
+    sequences, the combine kernel's varlen rows."""
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    q_lens, k_lens = (torch.tensor(x) for x in VARLEN_LENGTHS[case])
+    batch, nheads, nheads_k = len(q_lens), 6, 2
+    max_sq, max_sk = int(q_lens.max()), int(k_lens.max())
+    q, k, v = _qkv(batch, max_sq, max_sk, nheads, nheads_k, d, dtype)
+    qmask, kmask = lengths_to_mask(q_lens, max_sq).to(DEVICE), lengths_to_mask(k_lens, max_sk).to(DEVICE)
+    (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
+    run = lambda n: lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal,  # noqa: E731
+                                           num_splits=n)
+    assert _runs_sm90_split(run(3)) is not False
+    out, lse = run(3)()
     out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask, causal=causal)
     out_pt, _ = attention_ref(q, k, v, qmask, kmask, causal=causal, upcast=False)
     lse_ref = pack_lse(lse_ref, qmask)
-    assert_out_close(out, pack(out_ref, qmask)[0], pack(out_pt, qmask)[0])
     assert_empty_rows_zero(out, torch.isposinf(lse_ref).transpose(0, 1))
-    assert_lse_close(lse, lse_ref)
+    _check_split_against_unsplit(out, lse, run(1), pack(out_ref, qmask)[0], pack(out_pt, qmask)[0], lse_ref)
+
+
+# (batch, heads, kv heads, seqlen_q, seqlen_k): a few query tiles against many key blocks, which
+# the plan splits on the Hopper kernel (flash_attn_2_cuda.num_splits_heuristic(..., sm90_prefill=True)).
+HEURISTIC_SPLIT_SHAPES = [(1, 2, 2, 256, 16384), (1, 8, 2, 65, 32768), (2, 4, 4, 300, 9000)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("batch,nheads,nheads_k,seqlen_q,seqlen_k", HEURISTIC_SPLIT_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_heuristic_splits(dtype, batch, nheads, nheads_k, seqlen_q, seqlen_k, causal, hopper):
+    """Long keys at small batch: the default num_splits=0 splits on the Hopper kernel (the plan's
+    count with sm90_prefill), with set_sm90_forward(False) the SM80 kernel runs unsplit."""
+    d = 128
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this dtype")
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    splits = flash_attn_gpu.num_splits_heuristic(batch, nheads, nheads_k, seqlen_q, seqlen_k, d, sms, 0, True)
+    assert splits > 1
+    assert flash_attn_gpu.num_splits_heuristic(batch, nheads, nheads_k, seqlen_q, seqlen_k, d, sms, 0) == 1
+    q, k, v = _qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype)
+    run = lambda n: lambda: ext_fwd(q, k, v, causal=causal, num_splits=n)  # noqa: E731
+    assert _runs_sm90_split(run(0)) is not False
+    out, lse = run(0)()
+    out_ref, lse_ref = attention_ref(q, k, v, causal=causal)
+    out_pt, _ = attention_ref(q, k, v, causal=causal, upcast=False)
+    _check_split_against_unsplit(out, lse, run(1), out_ref, out_pt, lse_ref)
+
+    flash_attn_gpu.set_sm90_forward(False)
+    try:
+        names = _kernel_names(run(0))
+        out_sm80, _ = run(0)()
+    finally:
+        flash_attn_gpu.set_sm90_forward(True)
+    assert not any(SM90_KERNEL in n or COMBINE_KERNEL in n for n in names)
+    assert_out_close(out_sm80, out_ref, out_pt, name="out (SM80)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_short_query_splits_stay_on_sm80(dtype, hopper):
+    """Splits of up to 64 query rows (the split and decode kernels' regime) run the SM80 kernels."""
+    if not _hopper_forward_built(dtype):
+        pytest.skip("this build has no Hopper forward for this dtype")
+    q, k, v = _qkv(2, 40, 4000, 8, 2, 128, dtype)
+    run = lambda: ext_fwd(q, k, v, causal=True, num_splits=3)  # noqa: E731
+    assert _runs_sm90(run) is not True
+    out, _ = run()
+    out_ref, _ = attention_ref(q, k, v, causal=True)
+    out_pt, _ = attention_ref(q, k, v, causal=True, upcast=False)
+    assert_out_close(out, out_ref, out_pt)
 
 
 @pytest.mark.parametrize("d", [64, 96, 128, 192, 256])
@@ -160,31 +361,19 @@ def test_sm90_forward_bitwise_repeatable(dtype, d, hopper):
         assert torch.equal(flash_attn.flash_attn_func(q, k, v, causal=True), first)
 
 
-# Calls the Hopper forward does not cover: each runs the SM80 kernel and stays correct.
-# (Head dim 32 stays on the SM80 kernel.)
-FALLBACKS = {
-    "softcap": lambda q, k, v: dict(softcap=20.0),
-    "alibi": lambda q, k, v: dict(alibi_slopes=torch.rand(q.shape[2], device=DEVICE, dtype=torch.float32)),
-    "headdim32": None,
-}
-
-
-@pytest.mark.parametrize("case", list(FALLBACKS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_sm90_forward_fallback(dtype, case, hopper):
+def test_sm90_forward_fallback_headdim32(dtype, hopper):
+    """Head dim 32 stays on the SM80 kernel, and its result is right."""
     if not _hopper_forward_built(dtype):
         pytest.skip("this build has no Hopper forward for this dtype")
-    d = 32 if case == "headdim32" else 128
-    if case == "headdim32" and 32 not in [int(h) for h in flash_attn_gpu.build_info()["headdims"]]:
+    if 32 not in [int(h) for h in flash_attn_gpu.build_info()["headdims"]]:
         pytest.skip("head dim 32 not compiled")
-    q, k, v = _qkv(2, 200, 300, 4, 2, d, dtype)
-    kw = FALLBACKS[case](q, k, v) if FALLBACKS[case] is not None else {}
-    run = lambda: ext_fwd(q, k, v, causal=True, nan_tail=False, **kw)  # noqa: E731
+    q, k, v = _qkv(2, 200, 300, 4, 2, 32, dtype)
+    run = lambda: ext_fwd(q, k, v, causal=True, nan_tail=False)  # noqa: E731
     assert _runs_sm90(run) is not True
     out, _ = run()
-    ref_kw = dict(kw)
-    out_ref, _ = attention_ref(q, k, v, causal=True, **ref_kw)
-    out_pt, _ = attention_ref(q, k, v, causal=True, upcast=False, **ref_kw)
+    out_ref, _ = attention_ref(q, k, v, causal=True)
+    out_pt, _ = attention_ref(q, k, v, causal=True, upcast=False)
     assert_out_close(out, out_ref, out_pt)
 
 
@@ -196,12 +385,14 @@ def test_sm90_forward_not_used_for_dropout(hopper):
     assert _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)) is not True
 
 
+# num_splits 3: the last split of a sequence holds its partial block.
+@pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 # Every kernel head dim: the zeroed V rows are per head dim (80-key blocks at 192 and 256, the
 # 64-byte swizzle at 96), and at 256 O is staged in Q's buffer.
 @pytest.mark.parametrize("d", [256, 192, 128, 96, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_sm90_forward_nan_past_the_used_keys(dtype, d, causal, hopper):
+def test_sm90_forward_nan_past_the_used_keys(dtype, d, causal, num_splits, hopper):
     """Keys past seqused_k, and rows of a packed k / v past cu_seqlens_k[-1], hold NaN: the Hopper
     kernel loads whole key blocks, so it must keep those V rows out of the P V GEMM."""
     if not _hopper_forward_built(dtype, d):
@@ -221,8 +412,8 @@ def test_sm90_forward_nan_past_the_used_keys(dtype, d, causal, hopper):
         v_u[starts[b] + used[b]: starts[b + 1]] = float("nan")
     used_t = torch.tensor(used, dtype=torch.int32, device=DEVICE)
     run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max(q_lens), max(k_lens),  # noqa: E731
-                                 seqused_k=used_t, causal=causal, num_splits=1, nan_tail=False)
-    assert _runs_sm90(run) is not False
+                                 seqused_k=used_t, causal=causal, num_splits=num_splits, nan_tail=False)
+    assert (_runs_sm90(run) if num_splits == 1 else _runs_sm90_split(run)) is not False
     out, lse = run()
     usedmask = lengths_to_mask(torch.tensor(used), max(k_lens)).to(DEVICE)
     out_ref, lse_ref = attention_ref(q, k, v, qmask, usedmask, causal=causal)

@@ -172,9 +172,46 @@ def test_small_seqlen_q_full_gpu_no_split():
 
 
 def test_long_queries_never_split_by_heuristic():
-    # Past the split tile's 64 rows the grid has query tiles to spread; upstream's unsplit kernel.
+    # Past the split tile's 64 rows the grid has query tiles to spread; upstream's unsplit kernel
+    # (on the SM80 kernels: the Hopper forward's plan is below).
     assert nsplits(1, 12, 12, 65, 32768, 128) == 1
     assert nsplits(1, 12, 12, 4096, 32768, 128) == 1
+
+
+def sm90_splits(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0):
+    """The plan where the Hopper forward can take the call (sm90_prefill)."""
+    return flash_attn_gpu.num_splits_heuristic(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, SMS, num_splits,
+                                               True)
+
+
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+@pytest.mark.parametrize("seqlen_q", [65, 256, 512])
+def test_sm90_long_keys_small_grid_split(seqlen_q, headdim):
+    # A few 128-row tiles over many key blocks: most SMs would idle for the whole call.
+    n = sm90_splits(1, 8, 8, seqlen_q, 131072, headdim)
+    tiles = 8 * math.ceil(seqlen_q / 128)
+    assert n > 1
+    assert tiles * n <= 2 * SMS  # no more units than two waves
+
+
+@pytest.mark.parametrize("batch,nheads,seqlen_q,seqlen_k", [(4, 16, 2048, 2048), (1, 32, 1024, 65536),
+                                                           (1, 12, 4096, 32768), (2, 8, 128, 1024)])
+def test_sm90_full_grid_or_short_keys_no_split(batch, nheads, seqlen_q, seqlen_k):
+    # At least a wave of tiles, or too few key blocks to pay for the partials and the combine.
+    assert sm90_splits(batch, nheads, nheads, seqlen_q, seqlen_k) == 1
+
+
+def test_sm90_plan_keeps_short_queries_and_explicit_counts():
+    # Up to 64 query rows the split / decode kernels' plan holds; an explicit count is kept.
+    assert sm90_splits(1, 12, 12, 1, 32768) == nsplits(1, 12, 12, 1, 32768, 128)
+    assert sm90_splits(1, 12, 12, 64, 32768) == nsplits(1, 12, 12, 64, 32768, 128)
+    assert sm90_splits(1, 8, 8, 512, 131072, num_splits=1) == 1
+    assert sm90_splits(1, 8, 8, 512, 131072, num_splits=5) == 5
+
+
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+def test_sm90_more_keys_no_fewer_splits(headdim):
+    assert sm90_splits(1, 4, 4, 256, 65536, headdim) >= sm90_splits(1, 4, 4, 256, 8192, headdim)
 
 
 @pytest.mark.parametrize("seqlen_q", [2, 16])

@@ -76,8 +76,8 @@ struct DeviceInfo {
 };
 DeviceInfo device_info();
 
-// Whether the unsplit dense forward may run the Hopper kernel on compute capability 9.0 where it
-// applies (default on). Returns the previous setting. For tests and benchmarks that cover or time
+// Whether the forward may run the Hopper kernel on compute capability 9.0 where it applies, and
+// plan its splits of longer queries (default on). Returns the previous setting. For tests and benchmarks that cover or time
 // the SM80 kernels on a Hopper GPU.
 bool set_sm90_forward(bool enabled);
 
@@ -94,6 +94,13 @@ struct Call {
 };
 void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int window_left, int window_right,
                  float softmax_scale, float softcap);
+
+// Whether the Hopper forward can take a call with these features (kv_indirect: left padding, a
+// block table or cache_batch_idx), as far as they are known before the plan, which then also
+// splits longer queries over the Hopper tiles; the launch checks the rest (sm90_forward_applies:
+// the plan, the tensors' TMA alignment, no empty keys). A call it then does not take runs the same
+// plan on the SM80 kernels.
+bool sm90_forward_possible(const DeviceInfo& dev, const flash::FwdLauncher& kernel, bool dropout, bool kv_indirect);
 
 // Copies the plan's kernel choice into p and allocates the split-KV partials straight from
 // PyTorch's caching allocator (no sync, graph-safe, no tensor object). The returned pointer must

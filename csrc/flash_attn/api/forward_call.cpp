@@ -156,19 +156,29 @@ namespace {
 
 std::atomic<bool> sm90_forward_enabled{true};
 
-// What the Hopper forward covers (sm90/fwd_kernel.h): the unsplit forward of batch-strided or
-// packed (varlen) q/k/v, with seqused_k, at the kernel head dims it is built for (run_sm90
-// registered), with causal or window masks, and nothing of softcap, ALiBi, dropout, left padding,
-// block tables or cache_batch_idx; everything else runs the SM80 kernels. The kernel zeroes the V
-// rows past a sequence's keys, which whole-block TMA loads bring in. A packed tensor's batch
-// stride is never read.
+}  // namespace
+
+bool sm90_forward_possible(const DeviceInfo& dev, const flash::FwdLauncher& kernel, bool dropout, bool kv_indirect) {
+  return kernel.run_sm90 != nullptr && dev.sm90 && sm90_forward_enabled.load(std::memory_order_relaxed) && !dropout &&
+         !kv_indirect;
+}
+
+namespace {
+
+// What the Hopper forward covers (sm90/fwd_kernel.h): the forward of batch-strided or packed
+// (varlen) q/k/v, with seqused_k, at the kernel head dims it is built for (run_sm90 registered),
+// with causal or window masks, softcap and ALiBi, unsplit or with the plan's splits of longer
+// queries (prefill_splits), and nothing of dropout, left padding, block tables or
+// cache_batch_idx (sm90_forward_possible); everything else runs the SM80 kernels. The kernel
+// zeroes the V rows past a sequence's keys, which whole-block TMA loads bring in. A packed
+// tensor's batch stride is never read.
 bool sm90_forward_applies(const flash::FwdParams& p, const flash::ForwardPlan& plan, const DeviceInfo& dev,
                           const flash::FwdLauncher& kernel) {
   const bool packed_q = p.cu_seqlens_q != nullptr, packed_k = p.cu_seqlens_k != nullptr;
-  return kernel.run_sm90 != nullptr && dev.sm90 && sm90_forward_enabled.load(std::memory_order_relaxed) &&
-         !plan.split_kernel && !plan.swap_seqlen_ngroups && p.seqlen_k > 0 && p.alibi_slopes_ptr == nullptr &&
-         p.softcap_in == 0.f && p.dropout_keep_threshold == 0 && p.leftpad_k == nullptr &&
-         p.cache_batch_idx == nullptr && p.block_table == nullptr && (!packed_k || p.total_k_rows > 0) &&
+  const bool kv_indirect = p.leftpad_k != nullptr || p.cache_batch_idx != nullptr || p.block_table != nullptr;
+  return sm90_forward_possible(dev, kernel, p.dropout_keep_threshold != 0, kv_indirect) &&
+         (!plan.split_kernel || plan.prefill_splits) && !plan.swap_seqlen_ngroups && p.seqlen_k > 0 &&
+         (!packed_k || p.total_k_rows > 0) &&
          tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, packed_q ? 8 : p.q_batch_stride}) &&
          tma_compatible(p.k_ptr, {p.k_row_stride, p.k_head_stride, packed_k ? 8 : p.k_batch_stride}) &&
          tma_compatible(p.v_ptr, {p.v_row_stride, p.v_head_stride, packed_k ? 8 : p.v_batch_stride}) &&
@@ -228,8 +238,10 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && dropout == nullptr;
   if (dropout != nullptr) num_splits = 1;
   const DeviceInfo dev = device_info();
-  const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k,
-                                                      head_size, can_swap, dev.sm_count, num_splits);
+  const bool kv_indirect = kv.leftpad_k != nullptr || kv.cache_batch_idx != nullptr || kv.block_table != nullptr;
+  const flash::ForwardPlan plan =
+      flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k, head_size, can_swap, dev.sm_count,
+                          num_splits, sm90_forward_possible(dev, kernel, dropout != nullptr, kv_indirect));
   // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
   // become its query rows.
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),

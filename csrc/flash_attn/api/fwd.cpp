@@ -138,9 +138,10 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
   const bool has_dropout = p_dropout > 0.0;
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && total_q == batch && !has_dropout;
   const DeviceInfo dev = device_info();
+  const bool sm90_prefill = sm90_forward_possible(dev, kernel, has_dropout, paged);
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
                                                       head_size, can_swap, dev.sm_count,
-                                                      has_dropout ? 1 : num_splits);
+                                                      has_dropout ? 1 : num_splits, sm90_prefill);
   // With the swap, q (total_q = batch, h_k * g, d) is seen batch-strided as (b, g, h_k, d).
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
          batch, plan.num_heads, num_heads_k, plan.seqlen_q, max_seqlen_k, head_size,

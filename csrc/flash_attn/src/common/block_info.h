@@ -37,6 +37,18 @@ __device__ __forceinline__ KeyBlocks visible_key_blocks(const FwdParams& p, cons
   return r;
 }
 
+// Split split_idx of num_splits of a tile's visible key blocks r: contiguous shares whose sizes
+// differ by at most one block (empty ones when r has fewer blocks than splits). The Hopper forward
+// splits this way rather than by the sequence's blocks (visible_key_blocks' kContiguousSplit), so
+// the splits of one tile cost the same and a causal pair of tiles (sm90/tile_scheduler.h) costs
+// the same in every split. 32-bit products: n <= 2^31 / 64 blocks of at least 64 keys, times at
+// most kMaxSplits = 128 splits, is below 2^32.
+__device__ __forceinline__ KeyBlocks split_share(KeyBlocks r, int split_idx, int num_splits) {
+  const unsigned n = unsigned(max(0, r.max - r.min));
+  return {r.min + int(n * unsigned(split_idx) / unsigned(num_splits)),
+          r.min + int(n * unsigned(split_idx + 1) / unsigned(num_splits))};
+}
+
 // Decode: key blocks dealt in rounds of kNWarps, one block per warp, and rounds dealt to the splits
 // in turn: split s of S takes rounds s, s + S, s + 2S, ... At any moment the splits of a head read
 // neighbouring rounds, so the whole grid sweeps K/V nearly sequentially (contiguous shares put tens

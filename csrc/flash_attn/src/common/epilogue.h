@@ -5,8 +5,9 @@
 //   kClusterMerged  (decode, sm_90) the splits of a tile are one thread-block cluster; split 0
 //                   merges the others' results from their shared memory, in split order
 //                   (deterministic): no partials in global memory, no combine launch.
-// The prefill and split kernels write from their MMA accumulators (write_acc_output), the decode
-// kernel from its warps' merged tile in shared memory (write_merged, common/warp_merge.h).
+// The prefill and split kernels write from their MMA accumulators (write_acc_output; the Hopper
+// forward's split partials with write_acc_split_partial), the decode kernel from its warps' merged
+// tile in shared memory (write_merged, common/warp_merge.h).
 // Rows without a visible key give output 0 and softmax_lse = +inf, as upstream.
 #pragma once
 
@@ -78,36 +79,47 @@ __device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bid
   }
 }
 
+// kSplitPartial from an MMA accumulator (SM80 or GMMA): this thread's fp32 partial output, straight
+// from registers (accumulator elements 2i and 2i+1 are neighbours in a row), and lse[] (one per
+// accumulator row). tOcO gives each element's (row, col) in the tile, tOcO_rc is its (rows, cols)
+// view; the quad lane holding column 0 of a row writes the row's lse.
+template <int kHeadDim, typename AccO, typename CoordO, typename CoordORowCol>
+__device__ __forceinline__ void write_acc_split_partial(const FwdParams& p, const SeqInfo& seq, const OutputTile& t,
+                                                        const AccO& acc_o, const float* lse, const CoordO& tOcO,
+                                                        const CoordORowCol& tOcO_rc) {
+  constexpr int kRows = decltype(size<0>(tOcO_rc))::value;
+  const bool writes_lse = get<1>(tOcO_rc(0, 0)) == 0;
+  const int64_t head_rows = (int64_t(t.split_idx) * p.h + t.bidh) * p.total_q_rows;
+  const int r0 = seq.q_row(p, t.bidb, t.m0);
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    const int row = get<0>(tOcO_rc(mi, 0));
+    if (writes_lse && row < t.rows) p.lseaccum_ptr[head_rows + r0 + row] = lse[mi];
+  }
+  float* oacc = p.oaccum_ptr + (head_rows + r0) * kHeadDim;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_o); i += 2) {
+    const int row = get<0>(tOcO(i)), col = get<1>(tOcO(i));
+    if (row < t.rows) *reinterpret_cast<float2*>(oacc + int64_t(row) * kHeadDim + col) = make_float2(acc_o(i), acc_o(i + 1));
+  }
+}
+
 // Prefill and split kernels: acc_o (normalised) and lse[] (one per accumulator row) of this thread,
 // tOcO their (row, col) in the tile. The quad lane holding column 0 of a row writes its lse.
-// kSplitPartial: fp32 partials straight from registers (accumulator elements 2i and 2i+1 are
-// neighbours in a row); kDirect: the output through shared memory sO (Q's tile, no longer read)
-// for 16-byte coalesced stores.
+// kSplitPartial: write_acc_split_partial; kDirect: the output through shared memory sO (Q's tile,
+// no longer read) for 16-byte coalesced stores.
 template <typename Traits, OutputMode kMode, typename AccO, typename CoordO, typename SmemO, typename Mma,
           typename Copy>
 __device__ __forceinline__ void write_acc_output(const FwdParams& p, const SeqInfo& seq, const OutputTile& t,
                                                  int tidx, AccO& acc_o, const float* lse, CoordO& tOcO,
                                                  SmemO& sO, const Mma& tiled_mma, const Copy& gcopy) {
-  constexpr int kHeadDim = Traits::kHeadDim;
   Tensor tOcO_rc = rowcol_view(tOcO);
   constexpr int kRows = decltype(size<0>(tOcO_rc))::value;
-  const bool writes_lse = get<1>(tOcO_rc(0, 0)) == 0;
   if constexpr (kMode == OutputMode::kSplitPartial) {
-    const int64_t head_rows = (int64_t(t.split_idx) * p.h + t.bidh) * p.total_q_rows;
-    const int r0 = seq.q_row(p, t.bidb, t.m0);
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const int row = get<0>(tOcO_rc(mi, 0));
-      if (writes_lse && row < t.rows) p.lseaccum_ptr[head_rows + r0 + row] = lse[mi];
-    }
-    float* oacc = p.oaccum_ptr + (head_rows + r0) * kHeadDim;
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_o); i += 2) {
-      const int row = get<0>(tOcO(i)), col = get<1>(tOcO(i));
-      if (row < t.rows) *reinterpret_cast<float2*>(oacc + int64_t(row) * kHeadDim + col) = make_float2(acc_o(i), acc_o(i + 1));
-    }
+    write_acc_split_partial<Traits::kHeadDim>(p, seq, t, acc_o, lse, tOcO, tOcO_rc);
   } else {
     static_assert(kMode == OutputMode::kDirect);
+    const bool writes_lse = get<1>(tOcO_rc(0, 0)) == 0;
     float* lse_out = p.softmax_lse_ptr + t.bidb * p.lse_batch_stride + t.bidh * p.lse_head_stride;
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {

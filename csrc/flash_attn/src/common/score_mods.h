@@ -7,6 +7,8 @@
 
 #include <cute/tensor.hpp>
 
+#include "params/fwd_params.h"
+
 namespace flash {
 
 using namespace cute;
@@ -44,6 +46,30 @@ __device__ __forceinline__ void apply_alibi(TS& s, TC const& coord, BlockCoords 
     }
   }
 }
+
+// Softcap and ALiBi of one (batch, head), in the order the scores take them (before the mask).
+// kEnabled is the instantiation's: the kernels without score modifiers pass false, read nothing
+// and carry none of this code.
+template <bool kEnabled>
+struct ScoreMods {
+  const FwdParams& p;
+  float alibi_slope;  // divided by the softmax scale (see FwdParams); 0 without ALiBi
+
+  __device__ __forceinline__ ScoreMods(const FwdParams& params, int bidb, int bidh)
+      : p(params),
+        alibi_slope(kEnabled && params.alibi_slopes_ptr != nullptr
+                        ? params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax
+                        : 0.f) {}
+
+  // acc: the block's raw scores; s and coord: their (rows, cols) views.
+  template <typename TAcc, typename TS, typename TC>
+  __device__ __forceinline__ void apply(TAcc& acc, TS& s, TC const& coord, BlockCoords const& bc) const {
+    if constexpr (kEnabled) {
+      if (p.softcap_in > 0.f) apply_softcap(acc, p.softcap_in);
+      if (p.alibi_slopes_ptr != nullptr) apply_alibi(s, coord, bc, alibi_slope);
+    }
+  }
+};
 
 // Scores of invisible keys become -inf: keys past seqlen_k and keys outside
 // [i + diag - window_left, i + diag + window_right] (negative windows are unbounded).

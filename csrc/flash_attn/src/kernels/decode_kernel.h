@@ -137,10 +137,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   Tensor tScS_rc = rowcol_view(tScS);
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
 
-  const bool has_softcap = kScoreMods && params.softcap_in > 0.f;
-  const bool has_alibi = kScoreMods && params.alibi_slopes_ptr != nullptr;
-  const float alibi_slope =
-      has_alibi ? params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax : 0.f;
+  const ScoreMods<kScoreMods> score_mods(params, bidb, bidh);
 
   // Q: wait for warp 0's copy (its group is the oldest), then all of it into registers.
   cp_async_wait<kStages - 1>();
@@ -163,10 +160,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
 
     Tensor sc = rowcol_view(acc_s);
     const BlockCoords bc{m0, sb * kSubN, diag};
-    if constexpr (kScoreMods) {
-      if (has_softcap) apply_softcap(acc_s, params.softcap_in);
-      if (has_alibi) apply_alibi(sc, tScS_rc, bc, alibi_slope);
-    }
+    score_mods.apply(acc_s, sc, tScS_rc, bc);
     if (block_needs_mask(bc, kSubN, rows_in_tile, seq.seqlen_k, params.window_left, params.window_right)) {
       apply_mask(sc, tScS_rc, bc, seq.seqlen_k, params.window_left, params.window_right);
     }

@@ -101,10 +101,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   Tensor tScS_rc = rowcol_view(tScS);
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
 
-  const bool has_softcap = kHasExtras && params.softcap_in > 0.f;
-  const bool has_alibi = kHasExtras && params.alibi_slopes_ptr != nullptr;
-  const float alibi_slope =
-      has_alibi ? params.alibi_slopes_ptr[bidb * params.alibi_slopes_batch_stride + bidh] / params.scale_softmax : 0.f;
+  const ScoreMods<kHasExtras> score_mods(params, bidb, bidh);
 
   int n_block = range.max - 1;
   gcopy.load_strided(tQsQ, q_base + int64_t(m0 + gcopy.r0) * params.q_row_stride + gcopy.col0, params.q_row_stride,
@@ -129,10 +126,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
     Tensor s = rowcol_view(acc_s);
     const BlockCoords bc{m0, n_block * kBlockN, diag};
-    if constexpr (kHasExtras) {
-      if (has_softcap) apply_softcap(acc_s, params.softcap_in);
-      if (has_alibi) apply_alibi(s, tScS_rc, bc, alibi_slope);
-    }
+    score_mods.apply(acc_s, s, tScS_rc, bc);
     if (block_needs_mask(bc, kBlockN, rows_in_tile, seq.seqlen_k, params.window_left, params.window_right)) {
       apply_mask(s, tScS_rc, bc, seq.seqlen_k, params.window_left, params.window_right);
     }

@@ -11,11 +11,11 @@
 #include <cutlass/fast_math.h>
 #include <cutlass/numeric_types.h>
 
+#include "launch/combine_launch.h"
 #include "launch/dynamic_smem.h"
 #include "params/launchers.h"
 #include "kernels/decode_kernel_traits.h"
 #include "kernels/decode_kernel.h"
-#include "kernels/combine_kernel.h"
 #include "kernels/fwd_kernel.h"
 #include "common/kernel_traits.h"
 #include "plan/tile_sizes.h"
@@ -26,7 +26,7 @@ namespace flash {
 // carries none of their code (smaller loop body, fewer live registers).
 template <typename Launch>
 void with_extras(const FwdParams& params, Launch&& launch) {
-  const bool extras = params.softcap_in > 0.f || params.alibi_slopes_ptr != nullptr || params.block_table != nullptr;
+  const bool extras = has_score_mods(params) || params.block_table != nullptr;
   if (extras) {
     launch(std::true_type{});
   } else {
@@ -69,9 +69,8 @@ void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
 // with score modifiers, and paging with left padding (any alignment).
 template <typename Launch>
 void with_decode_features(const FwdParams& params, Launch&& launch) {
-  const bool score_mods = params.softcap_in > 0.f || params.alibi_slopes_ptr != nullptr;
   const bool paged = params.block_table != nullptr;
-  if (score_mods || (paged && params.leftpad_k != nullptr)) {
+  if (has_score_mods(params) || (paged && params.leftpad_k != nullptr)) {
     launch(std::true_type{}, std::true_type{});
   } else if (paged) {
     launch(std::false_type{}, std::true_type{});
@@ -150,26 +149,6 @@ int decode_cluster_capacity(const FwdParams& params, int cluster_size) {
     capacity = known - 1;
   });
   return capacity;
-}
-
-// The combine kernel is launched as a programmatic dependent of the split kernel on sm_90+: its
-// launch overlaps the split kernel's tail and it waits for the partials inside
-// (cudaGridDependencySynchronize), which hides most of a second launch's latency at decode.
-template <int kHeadDim, typename Element>
-void launch_combine_kernel(const FwdParams& params, cudaStream_t stream) {
-  const int rows = params.h * params.total_q_rows;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((rows + kCombineWarps - 1) / kCombineWarps);
-  config.blockDim = dim3(kCombineWarps * 32);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  if (params.allow_pdl) {
-    config.attrs = attribute;
-    config.numAttrs = 1;
-  }
-  cudaLaunchKernelEx(&config, flash_fwd_combine_kernel<kHeadDim, Element>, params);
 }
 
 template <int kHeadDim, typename Element>

@@ -64,9 +64,10 @@ struct FwdParams {
   // Causal is window_right == 0 with window_left unbounded.
   int window_left, window_right;
 
-  // Split-KV. With split_kernel the forward kernel (split tile) writes fp32 partials of its
-  // num_splits key ranges (num_splits may be 1) here, merged by the combine kernel. Partial rows are indexed by r = q_start(b) + m, or b * seqlen_q + m without
-  // cu_seqlens_q; there are total_q_rows of them per (split, head).
+  // Split-KV. With split_kernel the forward kernel (split tile; on the Hopper forward its split
+  // instantiation) writes fp32 partials of its num_splits key ranges (num_splits may be 1) here,
+  // merged by the combine kernel. Partial rows are indexed by r = q_start(b) + m, or
+  // b * seqlen_q + m without cu_seqlens_q; there are total_q_rows of them per (split, head).
   bool split_kernel;
   bool decode_kernel;  // with split_kernel: the 16-row decode kernel (flash_decode_kernel.h) writes the partials
   int num_splits;
@@ -104,5 +105,8 @@ struct FwdParams {
   void* s_dmask_ptr;
   int64_t s_dmask_batch_stride, s_dmask_head_stride, s_dmask_row_stride;
 };
+
+// Softcap or ALiBi: the launch picks the kernels' score-modifier instantiations.
+inline bool has_score_mods(const FwdParams& p) { return p.softcap_in > 0.f || p.alibi_slopes_ptr != nullptr; }
 
 }  // namespace flash

@@ -19,8 +19,9 @@ void run_fwd(const FwdParams& params, cudaStream_t stream);
 template <int kHeadDim, bool kIsBf16>
 int max_decode_clusters(const FwdParams& params, int cluster_size);
 
-// The Hopper forward (sm90/): warp-specialised, TMA + wgmma, for the unsplit dense forward on
-// compute capability 9.0. Defined in sm90/fwd_launch.h, instantiated in
+// The Hopper forward (sm90/): warp-specialised, TMA + wgmma, for the dense forward on compute
+// capability 9.0, unsplit or (params.split_kernel) split with the combine kernel after it.
+// Defined in sm90/fwd_launch.h, instantiated in
 // instantiations/flash_fwd_sm90_*.cu, which are compiled only when the build targets sm_90.
 template <int kHeadDim, bool kIsBf16>
 void run_fwd_sm90(const FwdParams& params, cudaStream_t stream);

@@ -94,6 +94,52 @@ inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_s
   return best;
 }
 
+// The Hopper forward's fixed cost per unit of work (a query tile, or one split of it), in key blocks
+// of that tile: Q's load, the pipelines' fill and drain, the epilogue.
+constexpr int kSm90UnitFixedBlocks = 2;
+
+// The cost of merging the Hopper forward's splits, in key blocks: the combine launch and its tail
+// (kSm90MergeFixedBlocks), and per wave of units the fp32 partials written and read back, which,
+// unlike K and V, no two units share through L2 (kSm90MergeBlocksPerWave: a 128-row partial is
+// as many bytes as a 128-key block of K and V, streamed by every SM at once).
+constexpr float kSm90MergeFixedBlocks = 4.0f;
+constexpr float kSm90MergeBlocksPerWave = 4.0f;
+
+// Splits for the Hopper forward (persistent, one query tile per SM at a time; sm90/tile_scheduler.h)
+// of `tiles` query tiles (batch x heads x query blocks of the Hopper tile) over `n_blocks` key
+// blocks each. The kernel is compute-bound, so a grid of fewer tiles than SMs leaves SMs idle for
+// the whole call; s splits make tiles x s units of n_blocks / s key blocks. Time model, in key
+// blocks of one unit on one SM:
+//   waves x (ceil(n_blocks / s) + kSm90UnitFixedBlocks) + merge,  waves = ceil(tiles x s / SMs),
+//   merge = kSm90MergeFixedBlocks + kSm90MergeBlocksPerWave x (tiles x s / SMs)   (s > 1).
+// Causal calls pair their query tiles (half as many units, each of about n_blocks), so they split
+// at most as often as their tile count suggests. Not yet measured on a GPU, so splitting must win
+// by 10% over one split, and a larger count by 3% over a smaller one (near-ties keep fewer
+// partials).
+inline int sm90_num_splits(long long tiles, int num_sms, int n_blocks, int max_splits) {
+  if (tiles <= 0 || n_blocks <= 1) return 1;
+  max_splits = std::min(max_splits, n_blocks);
+  auto cost = [&](int s) {
+    const long long units = tiles * s;
+    const long long waves = (units + num_sms - 1) / num_sms;
+    const float merge =
+        s == 1 ? 0.f : kSm90MergeFixedBlocks + kSm90MergeBlocksPerWave * static_cast<float>(units) / num_sms;
+    return static_cast<float>(waves) * (ceil_div(n_blocks, s) + kSm90UnitFixedBlocks) + merge;
+  };
+  const float unsplit = cost(1);
+  int best = 1;
+  float best_cost = unsplit;
+  for (int s = 2; s <= max_splits; ++s) {
+    if (ceil_div(n_blocks, s - 1) == ceil_div(n_blocks, s)) continue;  // as long a split, more partials
+    const float c = cost(s);
+    if (c < 0.9f * unsplit && c < 0.97f * best_cost) {
+      best_cost = c;
+      best = s;
+    }
+  }
+  return best;
+}
+
 struct ForwardPlan {
   bool swap_seqlen_ngroups;  // run query groups of a kv head as the query rows of one head
   int seqlen_q;              // query rows per (batch, head) the kernel sees
@@ -103,6 +149,9 @@ struct ForwardPlan {
   // short: its 64-row, 128-key tile streams K/V far better at decode than the prefill tile. An
   // explicit num_splits = 1 keeps upstream's behaviour: the unsplit forward kernel.
   bool split_kernel;
+  // num_splits > 1 with more query rows than the split tile holds: the Hopper forward takes these
+  // splits where it applies (its split instantiation), the SM80 split kernel elsewhere.
+  bool prefill_splits;
   bool decode_kernel;  // the split kernel is the 16-row decode kernel
   // The decode splits of a query tile may run as one thread-block cluster that merges them in
   // shared memory (no partials, no combine launch; the dispatcher adds the sm_90 condition):
@@ -120,11 +169,13 @@ struct ForwardPlan {
 // grid is batch x heads blocks, too few to stream K/V at full bandwidth at small batch; an
 // explicit n > 1 is honoured for any seqlen_q.
 // `can_swap` is false when rows of a group would differ: a window or ALiBi (per position / head),
-// or a varlen batch that is not exactly one query per sequence.
+// or a varlen batch that is not exactly one query per sequence. `sm90_prefill`: the Hopper
+// forward can take the call (compute capability 9.0, the dispatcher's sm90_forward_possible); the
+// heuristic then also splits longer query lengths, over the Hopper tiles (sm90_num_splits).
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
-                                int requested) {
-  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, 0};
+                                int requested, bool sm90_prefill = false) {
+  ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, false, 0};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
   if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
@@ -142,14 +193,20 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   const int blocks_per_sm = decode ? decode_blocks_per_sm(kernel_hdim) : kSplitBlocksPerSm;
   const int n_blocks = std::max(1, ceil_div(max_seqlen_k, block_n));
   const long long blocks = static_cast<long long>(batch) * plan.num_heads * ceil_div(plan.seqlen_q, block_m);
+  const bool short_queries = plan.seqlen_q <= split_tile.block_m;
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
-  } else if (requested == 0 && plan.seqlen_q <= split_tile.block_m) {
+  } else if (requested == 0 && short_queries) {
     const int kv_sharing = plan.swap_seqlen_ngroups ? 1 : num_heads / std::max(1, num_heads_k);
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
                                            kMaxSplits, blocks_per_sm, decode, kv_sharing);
+  } else if (requested == 0 && sm90_prefill) {
+    const TileShape tile = sm90_fwd_tile(kernel_hdim);
+    const long long tiles = static_cast<long long>(batch) * plan.num_heads * ceil_div(plan.seqlen_q, tile.block_m);
+    plan.num_splits = sm90_num_splits(tiles, num_sms, std::max(1, ceil_div(max_seqlen_k, tile.block_n)), kMaxSplits);
   }
-  plan.split_kernel = plan.num_splits > 1 || (requested == 0 && plan.seqlen_q <= split_tile.block_m);
+  plan.split_kernel = plan.num_splits > 1 || (requested == 0 && short_queries);
+  plan.prefill_splits = plan.num_splits > 1 && !short_queries;
   plan.decode_kernel = plan.split_kernel && decode;
   plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
   plan.tiles = blocks;

@@ -34,6 +34,12 @@ constexpr TileShape splitkv_tile(int headdim) {
   return headdim <= 128 ? TileShape{64, 128, 4} : TileShape{64, 64, 4};
 }
 
+// Hopper forward (sm90/kernel_traits.h, where the choice is explained): 128 query rows, two
+// consumer warpgroups and a producer; 128-key blocks up to head dim 128, 80 beyond (registers).
+constexpr TileShape sm90_fwd_tile(int headdim) {
+  return headdim <= 128 ? TileShape{128, 128, 12} : TileShape{128, 80, 12};
+}
+
 // Decode forward (at most kDecodeBlockM query rows per (batch, head) after the GQA swap): one
 // 16-row MMA tile, and the warps split the keys instead of the rows, each warp streaming its own
 // kSubN-key sub-blocks through a kStages-deep cp.async ring with its own online softmax; the

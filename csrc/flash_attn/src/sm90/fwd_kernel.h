@@ -9,9 +9,11 @@
 // previous block's O += P V, with P taken straight from the S accumulator's registers.
 //
 // Scope: kernel head dims 64, 96, 128, 192 and 256 (tile, layouts and shared-memory use per head
-// dim in sm90/kernel_traits.h), batch-strided or packed (varlen) q/k/v, seqused_k; no paged or
-// left-padded keys, no softcap, ALiBi, dropout or split-KV; causal and sliding windows by
-// FwdParams::window_left/right.
+// dim in sm90/kernel_traits.h), batch-strided or packed (varlen) q/k/v, seqused_k; causal and
+// sliding windows by FwdParams::window_left/right; softcap and ALiBi in their own instantiation
+// (kHasScoreMods), so the plain kernel's softmax step carries none of their code; split-KV in
+// its own (kIsSplit: a unit of work is one split of a tile, whose fp32 partial output and lse the
+// combine kernel merges); no paged or left-padded keys, no dropout.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -43,18 +45,20 @@ struct Sm90TileWork {
   KeyBlocks blocks;
 };
 
-template <typename Traits>
+template <typename Traits, bool kIsSplit>
 __device__ __forceinline__ Sm90TileWork sm90_tile_work(const FwdParams& p, const Sm90Tile& tile) {
   const SeqInfo seq(p, tile.bidb);
   const int m0 = tile.m_block * Traits::kBlockM;
   const int rows_in_tile = min(Traits::kBlockM, seq.seqlen_q - m0);
-  return {seq, m0, rows_in_tile, visible_key_blocks<Traits::kBlockN>(p, seq, m0, rows_in_tile)};
+  KeyBlocks blocks = visible_key_blocks<Traits::kBlockN>(p, seq, m0, rows_in_tile);
+  if constexpr (kIsSplit) blocks = split_share(blocks, tile.split, p.num_splits);
+  return {seq, m0, rows_in_tile, blocks};
 }
 
 // Producer, one thread: per tile, Q once Q's buffer is free, then K and V of every key block, last
 // block first (the consumers' order). Each load completes on its stage's full barrier with the
 // tile's byte count; the K/V pipeline states run on across tiles.
-template <typename Traits>
+template <typename Traits, bool kIsSplit>
 __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, typename Traits::SharedStorage& shared,
                                               typename Traits::Pipeline& pipeline_k,
                                               typename Traits::Pipeline& pipeline_v, int m_blocks) {
@@ -72,9 +76,9 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
 
   typename Traits::PipelineState write = cutlass::make_producer_start_state<typename Traits::Pipeline>();
   int q_loads = 0;
-  for (Sm90TileScheduler tiles(p, m_blocks); tiles.valid(); tiles.next()) {
+  for (Sm90TileScheduler<kIsSplit> tiles(p, m_blocks); tiles.valid(); tiles.next()) {
     const Sm90Tile tile = tiles.tile();
-    const Sm90TileWork work = sm90_tile_work<Traits>(p, tile);
+    const Sm90TileWork work = sm90_tile_work<Traits, kIsSplit>(p, tile);
     // Past a short varlen sequence, or no visible key block (the consumers write that tile).
     if (work.rows_in_tile <= 0 || work.blocks.empty()) continue;
     const int bidh_kv = tile.bidh / p.h_h_k_ratio;
@@ -116,9 +120,10 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
 }
 
 // Consumer warpgroup (consumer_tidx in [0, 256)): the attention of its 64 query rows of one tile,
-// then the output through shared memory and the log-sum-exp. q_phase: the parity of this tile's
-// Q load on q_full; read_k / read_v: the K/V pipeline states, carried from tile to tile.
-template <typename Traits>
+// then the output through shared memory and the log-sum-exp (kIsSplit: this split's fp32 partial
+// output and lse, from registers). q_phase: the parity of this tile's Q load on q_full; read_k /
+// read_v: the K/V pipeline states, carried from tile to tile.
+template <typename Traits, bool kIsSplit, bool kHasScoreMods>
 __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits::SharedStorage& shared,
                                             typename Traits::Pipeline& pipeline_k,
                                             typename Traits::Pipeline& pipeline_v,
@@ -146,6 +151,21 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));
   Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));
   Tensor tOrVt = thr_pv.make_fragment_B(thr_pv.partition_B(sVt));
+  // Q's descriptors (one per 16 columns of d) are loop invariants, and ptxas holds them in 2 x d/16
+  // registers through the main loop. At head dim 256 only the plain kernel has room for them (with
+  // score modifiers 76 bytes spill, 5 loads of them per key block; with split partials 12 bytes,
+  // per tile); the others derive them per block from a copy of the first that is opaque to the
+  // compiler (an add per descriptor).
+  constexpr bool kQDescriptorsPerBlock = kHeadDim == 256 && (kHasScoreMods || kIsSplit);
+  auto q_operand = [&]() {
+    if constexpr (kQDescriptorsPerBlock) {
+      GMMA::DescriptorIterator q_desc = tSrQ.data();
+      asm volatile("" : "+r"(q_desc.desc_.reg32_[0]));
+      return make_tensor(q_desc, tSrQ.layout());
+    } else {
+      return tSrQ;
+    }
+  };
 
   Tensor acc_o = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDim>>{});
   clear(acc_o);
@@ -160,8 +180,11 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   // rescaled once the second is done. K runs one block ahead of V, so each has its own state.
   Tensor acc_s = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor s = gmma_rowcol_view(acc_s);
-  auto mask_block = [&](int n_block) {
+  const ScoreMods<kHasScoreMods> score_mods(p, bidb, bidh);
+  // The raw scores of block n_block to what the softmax takes: softcap and ALiBi, then the mask.
+  auto score_block = [&](int n_block) {
     const BlockCoords bc{m0, n_block * kBlockN, diag};
+    score_mods.apply(acc_s, s, tScS_rc, bc);
     if (block_needs_mask(bc, kBlockN, rows_in_tile, seq.seqlen_k, p.window_left, p.window_right)) {
       apply_mask(s, tScS_rc, bc, seq.seqlen_k, p.window_left, p.window_right);
     }
@@ -183,7 +206,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   warpgroup_wait<0>();
   pipeline_k.consumer_release(read_k);
   ++read_k;
-  mask_block(n_block);
+  score_block(n_block);
   softmax.update(s, gmma_rowcol_view(acc_o), p.scale_softmax_log2, /*is_first=*/true);
   p_from_s();
 
@@ -220,13 +243,14 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
 
   for (--n_block; n_block >= blocks.min; --n_block) {
     pipeline_k.consumer_wait(read_k);
-    warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+    Tensor tSrQ_block = q_operand();
+    warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ_block, tSrK(_, _, _, read_k.index()), acc_s);
     pipeline_v.consumer_wait(read_v);
     warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
     warpgroup_wait<1>();  // the S GEMM, issued first, has completed
     pipeline_k.consumer_release(read_k);
     ++read_k;
-    mask_block(n_block);
+    score_block(n_block);
     float o_correction[kRows];
     softmax.update_deferred(s, p.scale_softmax_log2, o_correction);
     warpgroup_wait<0>();
@@ -236,8 +260,9 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     p_from_s();
   }
   // Every S GEMM of this tile has completed in this thread: Q's buffer may take the next tile
-  // (unless O is staged there: then after the epilogue, below).
-  if constexpr (!Traits::kOStagedInQ) cutlass::arch::ClusterBarrier::arrive(&shared.q_empty);
+  // (unless O is staged there: then after the epilogue, below; split partials are not staged).
+  constexpr bool kOStagedInQ = Traits::kOStagedInQ && !kIsSplit;
+  if constexpr (!kOStagedInQ) cutlass::arch::ClusterBarrier::arrive(&shared.q_empty);
   pipeline_v.consumer_wait(read_v);
   warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
   warpgroup_wait<0>();
@@ -245,8 +270,25 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   ++read_v;
 
   float lse[kRows];
-  softmax.finalize(gmma_rowcol_view(acc_o), p.scale_softmax, INFINITY, lse);
+  // A split's rows without a visible key: lse -inf, which the combine kernel weighs 0.
+  softmax.finalize(gmma_rowcol_view(acc_o), p.scale_softmax, kIsSplit ? -INFINITY : INFINITY, lse);
 
+  // The epilogue's shared- and global-memory addresses depend only on the thread index, so ptxas
+  // hoists them out of the tile loop and keeps them live through the main loop; where the traits
+  // say there is no room for them (kEpilogueAddressesPerTile), or the score modifiers take it,
+  // the index they derive from is opaque to the compiler, so they are computed per tile.
+  auto epilogue_thread_index = [&]() {
+    int tidx = consumer_tidx;
+    if constexpr (Traits::kEpilogueAddressesPerTile || kHasScoreMods) asm volatile("" : "+r"(tidx));
+    return tidx;
+  };
+  if constexpr (kIsSplit) {
+    Tensor tOcO = mma_pv.get_thread_slice(epilogue_thread_index())
+                      .partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    write_acc_split_partial<kHeadDim>(p, seq, OutputTile{bidb, bidh, tile.split, m0, rows_in_tile}, acc_o, lse,
+                                      tOcO, gmma_rowcol_view(tOcO));
+    return;
+  }
   Tensor tOcO = thr_pv.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tOcO_rc = gmma_rowcol_view(tOcO);
   // The quad lane holding column 0 of a row writes that row's lse.
@@ -259,12 +301,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     }
   }
 
-  // The epilogue's shared- and global-memory addresses depend only on the thread index, so ptxas
-  // hoists them out of the tile loop and keeps them live through the main loop; where the traits
-  // say there is no room for them (kEpilogueAddressesPerTile), the index they derive from is
-  // opaque to the compiler from here on, so they are computed here, per tile.
-  int epilogue_tidx = consumer_tidx;
-  if constexpr (Traits::kEpilogueAddressesPerTile) asm volatile("" : "+r"(epilogue_tidx));
+  const int epilogue_tidx = epilogue_thread_index();
 
   // O into this warpgroup's rows of the O tile (stmatrix), then 16-byte coalesced global stores.
   // Named barriers 1 and 2 (0 is __syncthreads'): the first keeps the previous tile's stores
@@ -294,7 +331,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
           *reinterpret_cast<const uint4*>(&sO(row, col));
     }
   }
-  if constexpr (Traits::kOStagedInQ) {
+  if constexpr (kOStagedInQ) {
     // This thread's reads of the O tile have completed (their values are in its global stores), so
     // Q's buffer may take the next tile. The proxy fence orders these generic-proxy reads before
     // the TMA (async-proxy) write of the next Q that the producer issues once all have arrived.
@@ -303,10 +340,13 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   }
 }
 
-template <typename Traits>
+template <typename Traits, bool kIsSplit, bool kHasScoreMods>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ Sm90FwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  // Let the combine kernel (a programmatic dependent launch) start launching now; it waits for
+  // this grid's completion before reading anything.
+  if constexpr (kIsSplit) asm volatile("griddepcontrol.launch_dependents;");
   using SharedStorage = typename Traits::SharedStorage;
   using Pipeline = typename Traits::Pipeline;
   const FwdParams& params = args.params;
@@ -334,21 +374,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     // The pipeline's leader thread (is_leader above) is the only one that loads.
-    if (threadIdx.x == 0) produce_tiles<Traits>(args, shared, pipeline_k, pipeline_v, m_blocks);
+    if (threadIdx.x == 0) produce_tiles<Traits, kIsSplit>(args, shared, pipeline_k, pipeline_v, m_blocks);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     typename Traits::PipelineState read_k, read_v;
     int q_loads = 0;
-    for (Sm90TileScheduler tiles(params, m_blocks); tiles.valid(); tiles.next()) {
+    for (Sm90TileScheduler<kIsSplit> tiles(params, m_blocks); tiles.valid(); tiles.next()) {
       const Sm90Tile tile = tiles.tile();
-      const Sm90TileWork work = sm90_tile_work<Traits>(params, tile);
+      const Sm90TileWork work = sm90_tile_work<Traits, kIsSplit>(params, tile);
       if (work.rows_in_tile <= 0) continue;  // past the end of a short varlen sequence
       if (work.blocks.empty()) {
-        write_empty_tile<Traits, false, /*kFirstThread=*/128, Traits::kNConsumerThreads>(
-            params, work.seq, tile.bidb, tile.bidh, 0, tile.m_block, work.rows_in_tile);
+        write_empty_tile<Traits, kIsSplit, /*kFirstThread=*/128, Traits::kNConsumerThreads>(
+            params, work.seq, tile.bidb, tile.bidh, tile.split, tile.m_block, work.rows_in_tile);
         continue;
       }
-      attend_rows<Traits>(params, shared, pipeline_k, pipeline_v, read_k, read_v, tile, work, q_loads & 1);
+      attend_rows<Traits, kIsSplit, kHasScoreMods>(params, shared, pipeline_k, pipeline_v, read_k, read_v, tile, work,
+                                                   q_loads & 1);
       ++q_loads;
     }
   }

@@ -14,6 +14,8 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "plan/tile_sizes.h"
+
 namespace flash {
 
 using namespace cute;
@@ -27,7 +29,7 @@ struct Sm90FwdTraits {
 
   // One 128-row query tile per thread block; each consumer warpgroup owns 64 of its rows (one
   // GMMA M-extent), so a row's softmax never leaves its warpgroup.
-  static constexpr int kBlockM = 128;
+  static constexpr int kBlockM = sm90_fwd_tile(kHeadDim).block_m;
   // Keys per block. A consumer thread holds kBlockN / 2 fp32 of S, kHeadDim / 2 fp32 of O and
   // kBlockN / 4 registers of P (16-bit pairs) within its 240 registers, and the block's shared
   // memory holds Q, kStages stages of K and of V^T and the O tile within 227 KiB:
@@ -41,10 +43,12 @@ struct Sm90FwdTraits {
   //   keep O's own tile and share 256's GMMA shape.
   // The P V GEMM's K extent is kBlockN, so it must be a multiple of 16; the S GEMM's N extent is
   // kBlockN, one GMMA instruction wide (QKAtom).
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 80;
+  // (plan/tile_sizes.h holds the shape, shared with the split heuristic.)
+  static constexpr int kBlockN = sm90_fwd_tile(kHeadDim).block_n;
   static_assert(kBlockN % 16 == 0);
   static constexpr int kNConsumerWarpgroups = kBlockM / 64;
   static constexpr int kNThreads = 128 * (1 + kNConsumerWarpgroups);  // producer warpgroup first
+  static_assert(kNThreads == 32 * sm90_fwd_tile(kHeadDim).warps);
   static constexpr int kNConsumerThreads = 128 * kNConsumerWarpgroups;
 
   // K and V ring depth: two stages let the producer fetch block n-1 while block n is consumed;

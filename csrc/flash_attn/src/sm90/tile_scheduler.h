@@ -7,16 +7,24 @@
 // static stride keeps the SMs evenly loaded. The units of one head are neighbours, so the blocks
 // that read the same K/V run at the same time and share it through L2; the heavier tile of a pair
 // comes first.
+//
+// kIsSplit: every unit once per split, the split's share of each tile's key blocks
+// (common/block_info.h, split_share: equal shares of the tile's own blocks, so a causal pair still
+// costs the same in every split). A head's units run split by split: those of one split read the
+// same keys.
 #pragma once
+
+#include <cstdint>
 
 #include "params/fwd_params.h"
 
 namespace flash {
 
 struct Sm90Tile {
-  int m_block, bidb, bidh;
+  int m_block, bidb, bidh, split;
 };
 
+template <bool kIsSplit>
 class Sm90TileScheduler {
  public:
   // A causal band (bounded right, unbounded left): a query block's key count grows with it.
@@ -26,19 +34,26 @@ class Sm90TileScheduler {
     return pairs_blocks(p) ? (m_blocks + 1) / 2 : m_blocks;
   }
 
+  // Units of the whole launch (the host sizes the grid by it).
+  static int64_t num_units(const FwdParams& p, int m_blocks) {
+    return int64_t(units_per_head(p, m_blocks)) * p.b * p.h * (kIsSplit ? p.num_splits : 1);
+  }
+
   __device__ Sm90TileScheduler(const FwdParams& p, int m_blocks)
       : p_(p),
         m_blocks_(m_blocks),
         per_head_(units_per_head(p, m_blocks)),
-        num_units_(per_head_ * p.b * p.h),
+        num_units_(per_head_ * p.b * p.h * (kIsSplit ? p.num_splits : 1)),
         paired_(pairs_blocks(p)),
         unit_(blockIdx.x) {}
 
   __device__ bool valid() const { return unit_ < num_units_; }
 
+  // Unit u = ((batch * h + head) * splits + split) * per_head + i.
   __device__ Sm90Tile tile() const {
     const int group = unit_ / per_head_, i = unit_ % per_head_;
-    return {second_ ? i : m_blocks_ - 1 - i, group / p_.h, group % p_.h};
+    const int bh = kIsSplit ? group / p_.num_splits : group;
+    return {second_ ? i : m_blocks_ - 1 - i, bh / p_.h, bh % p_.h, kIsSplit ? group % p_.num_splits : 0};
   }
 
   __device__ void next() {
