@@ -186,6 +186,9 @@ def _value_case(name):
     if name == "cache_seqlens_past_end_read":
         kw = valid_kwargs(dev)
         kw["cache_seqlens"] = _i32([S_CACHE + 1, 3], dev)
+    elif name == "cache_seqlens_negative_read":
+        kw = valid_kwargs(dev)
+        kw["cache_seqlens"] = _i32([3, -1], dev)  # clamped to 0 after the first copies went out
     elif name == "cache_seqlens_int_past_end":
         kw = valid_kwargs(dev)
         kw["cache_seqlens"] = S_CACHE + 1
@@ -215,6 +218,7 @@ def _value_case(name):
 
 VALUE_CASES = [
     ("cache_seqlens_past_end_read", r"cache_seqlens"),
+    ("cache_seqlens_negative_read", r"cache_seqlens"),
     ("cache_seqlens_int_past_end", r"cache_seqlens"),
     ("cache_seqlens_past_end_append", r"cache_seqlens"),
     ("cache_seqlens_past_end_paged", r"cache_seqlens"),
@@ -247,7 +251,9 @@ def test_kvcache_bad_value_reported_by_check(name, pattern, require_kernel):
 
 @needs_api
 @needs_cuda
-@pytest.mark.parametrize("name,pattern", VALUE_CASES[:1] + VALUE_CASES[4:5], ids=["cache_seqlens", "block_table"])
+@pytest.mark.parametrize("name,pattern", [c for c in VALUE_CASES if c[0] in ("cache_seqlens_past_end_read",
+                                                                               "block_table_too_large")],
+                         ids=["cache_seqlens", "block_table"])
 def test_kvcache_bad_value_raised_by_next_call(name, pattern, require_kernel):
     require_kernel(D, F16)
     _raise_pending()
