@@ -437,8 +437,9 @@ CAPACITY_LAYOUTS = {
     "leftpad": dict(page=None, leftpad=True),
     "paged16_leftpad": dict(page=16, leftpad=True),
 }
-# 33: a second sub-block of one row; 96: whole sub-blocks; 100: a partial one at the capacity;
-# 1000: several splits, each copying its first sub-blocks whatever the length.
+# Decode sub-blocks of 32 keys (16 at head dim 256): 33, a last one of one row; 96, whole ones;
+# 100, a partial one at the capacity; 1000, several splits, each copying its first sub-blocks
+# whatever the length.
 CAPACITIES = [33, 96, 100, 1000]
 
 
