@@ -41,8 +41,10 @@ using namespace cute;
 // same rounds whatever the length -- are copied up to the cache's capacity while the length loads,
 // so the copies do not wait a memory round trip for it. The length then sets the block count as
 // usual; the rows of those sub-blocks past it are masked (K) and zeroed in shared memory (V: P is 0
-// there, but 0 x NaN is NaN). A paged cache gains nothing from it: the block-table fetch its copies
-// need anyway already overlaps the length load.
+// there, but 0 x NaN is NaN). The price: a split whose first round lies past the length reads that
+// round for nothing (kNWarps sub-blocks of K and V; a cache far longer than its lengths). A paged
+// cache gains nothing from it: the block-table fetch its copies need anyway already overlaps the
+// length load.
 template <typename Traits, bool kScoreMods, bool kPaged, bool kEarlyCopies>
 __global__ void __launch_bounds__(Traits::kNThreads)
 flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::FastDivmod page_div) {
