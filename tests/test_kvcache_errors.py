@@ -323,6 +323,28 @@ def test_kvcache_valid_baselines_run(require_kernel):
 
 
 @needs_api
+@needs_cuda
+@pytest.mark.parametrize("s_new", [0, 1], ids=["read", "append"])
+def test_kvcache_block_table_padding_past_the_length_is_not_read(s_new, require_kernel):
+    """Entries of a block table past a sequence's last page may hold any padding (-1 here): a
+    sequence ending on a page boundary inside one of the decode kernel's 32-row sub-blocks neither
+    reports them nor reads through them, and its output equals the same cache laid out contiguously."""
+    require_kernel(D, F16)
+    _raise_pending()
+    kw = valid_kwargs("cuda", paged=True, s_new=s_new)
+    kw["cache_seqlens"] = _i32([PAGE - s_new, 2 * PAGE - s_new], "cuda")  # each ends on a page boundary
+    kw["block_table"] = _i32([[5, -1, -1], [1, 7, -1]], "cuda")
+    contiguous = dict(kw, block_table=None)
+    for name in ("k_cache", "v_cache"):
+        pages = kw[name][kw["block_table"].clamp(min=0).long()]  # (B, BLOCKS_PER_SEQ, PAGE, HK, D)
+        contiguous[name] = pages.flatten(1, 2).contiguous()
+    out = flash_attn.flash_attn_with_kvcache(**kw)
+    expected = flash_attn.flash_attn_with_kvcache(**contiguous)
+    _raise_pending()  # nothing reported
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=0)
+
+
+@needs_api
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_kvcache_head_dim_not_multiple_of_8_names_head_dim(device):
     """The caches are used in place (16-byte rows), so a head dim of 59 is refused with the fix."""
