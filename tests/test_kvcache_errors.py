@@ -186,6 +186,9 @@ def _value_case(name):
     if name == "cache_seqlens_past_end_read":
         kw = valid_kwargs(dev)
         kw["cache_seqlens"] = _i32([S_CACHE + 1, 3], dev)
+    elif name == "cache_seqlens_negative_read":
+        kw = valid_kwargs(dev)
+        kw["cache_seqlens"] = _i32([3, -1], dev)  # clamped to 0 after the first copies went out
     elif name == "cache_seqlens_int_past_end":
         kw = valid_kwargs(dev)
         kw["cache_seqlens"] = S_CACHE + 1
@@ -215,6 +218,7 @@ def _value_case(name):
 
 VALUE_CASES = [
     ("cache_seqlens_past_end_read", r"cache_seqlens"),
+    ("cache_seqlens_negative_read", r"cache_seqlens"),
     ("cache_seqlens_int_past_end", r"cache_seqlens"),
     ("cache_seqlens_past_end_append", r"cache_seqlens"),
     ("cache_seqlens_past_end_paged", r"cache_seqlens"),
@@ -247,7 +251,9 @@ def test_kvcache_bad_value_reported_by_check(name, pattern, require_kernel):
 
 @needs_api
 @needs_cuda
-@pytest.mark.parametrize("name,pattern", VALUE_CASES[:1] + VALUE_CASES[4:5], ids=["cache_seqlens", "block_table"])
+@pytest.mark.parametrize("name,pattern", [c for c in VALUE_CASES if c[0] in ("cache_seqlens_past_end_read",
+                                                                               "block_table_too_large")],
+                         ids=["cache_seqlens", "block_table"])
 def test_kvcache_bad_value_raised_by_next_call(name, pattern, require_kernel):
     require_kernel(D, F16)
     _raise_pending()
@@ -314,6 +320,28 @@ def test_kvcache_valid_baselines_run(require_kernel):
             kw["cache_seqlens"] = _i32([3, (PAGE * BLOCKS_PER_SEQ if paged else S_CACHE) - s_new], "cuda")
             out = flash_attn.flash_attn_with_kvcache(**kw)
             assert out.shape == kw["q"].shape and not torch.isnan(out).any()
+
+
+@needs_api
+@needs_cuda
+@pytest.mark.parametrize("s_new", [0, 1], ids=["read", "append"])
+def test_kvcache_block_table_padding_past_the_length_is_not_read(s_new, require_kernel):
+    """Entries of a block table past a sequence's last page may hold any padding (-1 here): a
+    sequence ending on a page boundary inside one of the decode kernel's 32-row sub-blocks neither
+    reports them nor reads through them, and its output equals the same cache laid out contiguously."""
+    require_kernel(D, F16)
+    _raise_pending()
+    kw = valid_kwargs("cuda", paged=True, s_new=s_new)
+    kw["cache_seqlens"] = _i32([PAGE - s_new, 2 * PAGE - s_new], "cuda")  # each ends on a page boundary
+    kw["block_table"] = _i32([[5, -1, -1], [1, 7, -1]], "cuda")
+    contiguous = dict(kw, block_table=None)
+    for name in ("k_cache", "v_cache"):
+        pages = kw[name][kw["block_table"].clamp(min=0).long()]  # (B, BLOCKS_PER_SEQ, PAGE, HK, D)
+        contiguous[name] = pages.flatten(1, 2).contiguous()
+    out = flash_attn.flash_attn_with_kvcache(**kw)
+    expected = flash_attn.flash_attn_with_kvcache(**contiguous)
+    _raise_pending()  # nothing reported
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=0)
 
 
 @needs_api

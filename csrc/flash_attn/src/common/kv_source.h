@@ -203,7 +203,9 @@ struct DecodeKvSource {
       int page[kGroups], in_page[kGroups];
       CUTE_UNROLL
       for (int g = 0; g < kGroups; ++g) {
-        page[g] = guard_page(s[g], p.num_pages, p.index_errors);
+        // A group past the sequence's length copies nothing; its entry (fetched before the length
+        // was known) may be any padding value, so it is neither used nor reported.
+        page[g] = 16 * g < valid_rows ? guard_page(s[g], p.num_pages, p.index_errors) : 0;
         in_page[g] = s[kGroups + g];
       }
       if (full_sub_block(sb, full_width, seq)) {
