@@ -1,5 +1,6 @@
 """The Hopper backward (csrc/flash_attn/src/sm90/bwd_kernel.h): on a compute capability 9.0 GPU the
-dense, non-deterministic backward at kernel head dim 128 without softcap, ALiBi or dropout runs it.
+dense, non-deterministic backward at kernel head dims 64, 96, 128, 192 and 256 without softcap,
+ALiBi or dropout runs it.
 These tests check that the dispatcher picks it exactly where it applies (the kernel's name in a
 profiler trace), that dq / dk / dv match autograd through the fp32 reference within the rule of
 tests/test_backward.py, that the SM80 backward on the same call (set_sm90_backward(False)) meets
@@ -122,20 +123,25 @@ def _check(dtype, d, seqlen_q, seqlen_k, nheads, nheads_k, causal=False, window=
             _assert_grad_close(f"{name} (SM80)", g, g_ref, g_pt)
 
 
-# (seqlen_q, seqlen_k): none a multiple of the 64-query steps / 128-key blocks but 128 itself;
-# seqlen_q > seqlen_k with causal leaves rows with no visible key (dq = 0 there), seqlen_q <
+# (seqlen_q, seqlen_k): none a multiple of the query steps (64, or 128 at head dim 64) or the key
+# blocks (128, or 96 at 192 and 64 at 256) but 128 itself and 192 (two blocks of 96, three of
+# 64); seqlen_q > seqlen_k with causal leaves rows with no visible key (dq = 0 there), seqlen_q <
 # seqlen_k leaves key blocks no causal query sees (dk = dv = 0 there).
-SHAPES = [(1, 255), (17, 113), (113, 17), (128, 128), (255, 1000), (1000, 255), (333, 77)]
+SHAPES = [(1, 255), (17, 113), (113, 17), (128, 128), (200, 192), (255, 1000), (1000, 255), (333, 77)]
 MASKS = {"none": dict(causal=False), "causal": dict(causal=True), "win32_0": dict(window=(32, 0)),
          "win17_5": dict(window=(17, 5)), "winm1_7": dict(window=(-1, 7)),
          "causal_win": dict(causal=True, window=(130, 0))}
 HEADS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (6, 1)}
+# Each kernel head dim at its full width and one below it (columns past d read as zeros from TMA,
+# never stored): 64 has 128-query steps, 96 the 64- and 32-byte swizzles and N = 48 dQ GEMMs, 192
+# and 256 split the head dimension between three and two warpgroups (P and dS through shared
+# memory, dK / dV transposed by stmatrix).
+HEAD_DIMS = [256, 200, 192, 160, 128, 104, 96, 72, 64, 40]
 
 
 @pytest.mark.parametrize("mask", list(MASKS))
 @pytest.mark.parametrize("seqlen_q,seqlen_k", SHAPES)
-# 128 at its full width and 104 below it (columns past d read as zeros from TMA, never stored).
-@pytest.mark.parametrize("d", [128, 104])
+@pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_backward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, hopper):
     if not _hopper_backward_built(dtype, d):
@@ -147,7 +153,7 @@ def test_sm90_backward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, hop
 @pytest.mark.parametrize("heads", ["gqa", "mqa"])
 @pytest.mark.parametrize("mask", ["none", "causal", "win17_5"])
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(255, 300), (300, 77)])
-@pytest.mark.parametrize("d", [128, 104])
+@pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_backward_grouped_heads(dtype, d, seqlen_q, seqlen_k, mask, heads, hopper):
     """A block sums dK / dV over its kv head's query heads (every query head of the group in turn)."""
@@ -159,13 +165,14 @@ def test_sm90_backward_grouped_heads(dtype, d, seqlen_q, seqlen_k, mask, heads, 
            window=m.get("window", (-1, -1)))
 
 
+@pytest.mark.parametrize("d", [256, 192, 128, 96, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_sm90_backward_autograd(dtype, hopper):
+def test_sm90_backward_autograd(dtype, d, hopper):
     """flash_attn_func's autograd path reaches the Hopper backward too."""
-    if not _hopper_backward_built(dtype):
-        pytest.skip("this build has no Hopper backward for this dtype")
-    q, k, v = (_randn(2, 300, 4, 128, dtype=dtype).requires_grad_(True) for _ in range(3))
-    dout = _randn(2, 300, 4, 128, dtype=dtype)
+    if not _hopper_backward_built(dtype, d):
+        pytest.skip("this build has no Hopper backward for this head dim and dtype")
+    q, k, v = (_randn(2, 300, 4, d, dtype=dtype).requires_grad_(True) for _ in range(3))
+    dout = _randn(2, 300, 4, d, dtype=dtype)
     out = flash_attn.flash_attn_func(q, k, v, causal=True)
     assert _runs_sm90(lambda: out.backward(dout, retain_graph=True)) is not False
     q.grad = k.grad = v.grad = None
@@ -177,16 +184,24 @@ def test_sm90_backward_autograd(dtype, hopper):
 
 
 # Calls the Hopper backward does not cover: each runs the SM80 kernels and stays correct.
-@pytest.mark.parametrize("case", ["deterministic", "softcap", "headdim64"])
+@pytest.mark.parametrize("case", ["deterministic", "softcap", "headdim32"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_backward_fallback(dtype, case, hopper):
     if not _hopper_backward_built(dtype):
         pytest.skip("this build has no Hopper backward for this dtype")
-    d = 64 if case == "headdim64" else 128
+    d = 32 if case == "headdim32" else 128
     if kernel_headdim(d) not in [int(h) for h in flash_attn_gpu.build_info()["headdims"]]:
         pytest.skip(f"head dim {d} not compiled")
     _check(dtype, d, 200, 300, 4, 2, causal=True, softcap=20.0 if case == "softcap" else 0.0,
            deterministic=case == "deterministic", expect_sm90=False)
+
+
+def test_sm90_backward_headdims_of_the_build():
+    """A build for sm_90 has the Hopper backward at each of its kernel head dims but 32."""
+    info = flash_attn_gpu.build_info()
+    if "90" not in info["archs"]:
+        pytest.skip("this build has no sm_90 code")
+    assert [int(h) for h in info["sm90_backward_headdims"]] == [int(h) for h in info["headdims"] if int(h) != 32]
 
 
 def test_sm90_backward_not_used_for_dropout(hopper):

@@ -99,10 +99,10 @@ void check_tensors(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 std::atomic<bool> sm90_backward_enabled{true};
 
 // What the Hopper backward covers (sm90/bwd_kernel.h, docs/SM90_BACKWARD.md): the dense
-// (batch-strided) backward at kernel head dim 128, the only one it is built for (run_sm90
-// registered), causal or window masks, GQA/MQA, with the atomic dQ accumulator; nothing of
-// softcap, ALiBi, dropout, deterministic mode or packed (varlen) tensors, which run the SM80
-// kernels. Packed tensors stay off it until they are tested on a GPU: TMA loads whole blocks, and
+// (batch-strided) backward at the kernel head dims it is built for (run_sm90 registered: 64, 96,
+// 128, 192 and 256 in a full build), causal or window masks, GQA/MQA, with the atomic dQ
+// accumulator; nothing of softcap, ALiBi, dropout, deterministic mode or packed (varlen) tensors,
+// which run the SM80 kernels. Packed tensors stay off it until they are tested on a GPU: TMA loads whole blocks, and
 // the backward has no zeroing of the rows past a sequence. Empty sequences have no TMA map
 // (a zero extent), and the SM80 path handles them anyway.
 bool sm90_backward_applies(const flash::BwdParams& p, const DeviceInfo& dev, const flash::BwdLauncher& kernel) {

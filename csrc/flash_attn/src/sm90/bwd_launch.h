@@ -1,10 +1,11 @@
 // Host-side launch of the Hopper backward for one (head dim, dtype):
 //   1. flash_bwd_preprocess_kernel (kernels/bwd_row_kernels.h, shared with the SM80 path):
 //      D = rowsum(dO * O); zeroes the fp32 dQ accumulator
-//   2. flash_bwd_sm90_kernel, grid (key blocks, batch, kv heads), 384 threads: dK, dV, and dQ
-//      added into the accumulator by atomics
+//   2. flash_bwd_sm90_kernel, grid (key blocks, batch, kv heads), a producer warpgroup and two or
+//      three consumer warpgroups: dK, dV, and dQ added into the accumulator by atomics
 //   3. flash_bwd_convert_dq_kernel: the accumulator (times scale_grad) to dQ
-// The caller allocates dq_accum as for the SM80 atomic path ([h][total_q_rows][128] fp32);
+// The caller allocates dq_accum as for the SM80 atomic path ([h][total_q_rows][kernel head dim]
+// fp32);
 // deterministic calls stay on the SM80 kernels (they have no accumulator).
 // Included only by the instantiations/flash_bwd_sm90_*.cu files.
 #pragma once
