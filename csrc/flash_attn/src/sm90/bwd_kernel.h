@@ -208,7 +208,7 @@ __device__ __forceinline__ void bwd_produce_row_stats(const BwdParams& p, typena
   constexpr int kBlockM = Traits::kBlockM;
   constexpr float kLog2e = 1.4426950408889634f;
   // Kept small (24 registers after setmaxnreg): one step at a time, 32-bit row offsets from the
-  // head's base pointers, two rows per lane (more spill at 24 registers: more warps take them).
+  // head's base pointers, two rows per lane (four spill; a 128-query step takes a second warp).
   const int rows_left0 = w.seq.seqlen_q - first_row;
   typename Traits::PipelineState write = cutlass::make_producer_start_state<typename Traits::Pipeline>();
 #pragma unroll 1
@@ -398,7 +398,7 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
       warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdVrP, tdVrdOt(_, _, _, stage), acc_dv);
     };
     if constexpr (!Traits::kDvAfterDs) issue_dv();
-    warpgroup_wait<Traits::kDvAfterDs ? 0 : 1>();  // dP^T has completed; dV may still run
+    warpgroup_wait<Traits::kDvAfterDs ? 0 : 1>();  // dP^T has completed (dV, if issued, may still run)
 
     Tensor dpt = gmma_rowcol_view(acc_dp);
     CUTE_UNROLL

@@ -36,9 +36,9 @@ struct Sm90BwdTraits {
   // Splitting the queries instead would need P^T and dS^T of all keys x kBlockM queries in shared
   // memory for dV / dK and a cross-warpgroup sum of dK, dV.
   //
-  // Head dim split (d = 192, 256): dK and dV of 64 keys x d are 2 d fp32 registers per thread of a
-  // warpgroup (512 at 256), more than one warpgroup holds, whichever way its 64 keys are cut. So
-  // the warpgroups split the head dimension instead: dK^T and dV^T (d x keys) are accumulated with
+  // Head dim split (d = 192, 256): dK and dV of a warpgroup's 64 keys x d are d fp32 registers
+  // per thread (256 at d = 256, 192 at 192), which leave no room for S^T and dP^T (64 more at
+  // 64-query steps) under 240. So the warpgroups split the head dimension instead: dK^T and dV^T (d x keys) are accumulated with
   // d as the GMMA M dimension, warpgroup w owning d-rows of its M-tiles; S and dP (queries x keys)
   // are split along the keys; and P and dS, which every warpgroup's dV^T += dO^T P and
   // dK^T += Q^T dS read in full, go through shared memory, as dS already does for dQ.
