@@ -109,4 +109,8 @@ constexpr TileShape bwd_dq_tile(int headdim) {
   return headdim <= 128 ? TileShape{64, 64, 4} : TileShape{64, 32, 4};
 }
 
+// Hopper backward (sm90/bwd_kernel_traits.h): query rows per step. The dispatcher also sizes the
+// deterministic mode's dQ order counters with it: one per (batch, head, query block of this size).
+constexpr int kSm90BwdBlockM = 64;
+
 }  // namespace flash

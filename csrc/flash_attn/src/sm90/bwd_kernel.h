@@ -12,12 +12,15 @@
 //   dK += dS^T Q                                (RS)
 //   dQ = dS K                                   (SS, both warpgroups' dS^T; warpgroup w owns
 //                                                d-columns [64 w, 64 w + 64)), added to the fp32
-//                                                dQ accumulator with float2 atomics
+//                                                dQ accumulator with float2 atomics (in a fixed
+//                                                key-block order when deterministic:
+//                                                sm90/bwd_dq_order.h)
 // dK is scaled by scale_grad at the end (dS excludes the softmax scale, as in the SM80 kernels);
 // the dQ convert kernel applies it to dQ.
 //
 // Scope: head dim 128, batch-strided q/k/v (packed varlen maps are built like the forward's but
-// are not a target yet), causal or not (any window), GQA; no softcap, ALiBi, dropout, deterministic.
+// are not a target yet), causal or not (any window), GQA, deterministic or not; no softcap, ALiBi,
+// dropout.
 #pragma once
 
 #include <cmath>
@@ -33,6 +36,7 @@
 #include "common/mma_utils.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
+#include "sm90/bwd_dq_order.h"
 #include "sm90/bwd_kernel_traits.h"
 #include "sm90/gmma_layouts.h"
 #include "sm90/tma_loads.h"
@@ -106,7 +110,7 @@ template <typename Traits>
 __device__ __forceinline__ Sm90BwdWork sm90_bwd_work(const BwdParams& p) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   Sm90BwdWork w{SeqInfo(p, blockIdx.y), 0, 0, 0, 0, 0, 0, int(blockIdx.z), int(blockIdx.y)};
-  w.n0 = blockIdx.x * kBlockN;
+  w.n0 = bwd_key_block<Traits::kDeterministic>() * kBlockN;
   w.keys_in_block = min(kBlockN, w.seq.seqlen_k - w.n0);
   w.diag = w.seq.seqlen_k - w.seq.seqlen_q;
   if (w.keys_in_block <= 0) return w;  // past a short varlen sequence: no steps, nothing written
@@ -152,8 +156,9 @@ __device__ __forceinline__ void bwd_produce_tiles(const Sm90BwdArgs<Traits>& arg
                               args.tma_k.get_tma_tensor(k_extent(p))(_, _, w.kv_head, packed_k ? 0 : w.bidb));
     Tensor mV = domain_offset(make_coord(k_start, _0{}),
                               args.tma_v.get_tma_tensor(k_extent(p))(_, _, w.kv_head, packed_k ? 0 : w.bidb));
-    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(blockIdx.x, _0{}));
-    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(blockIdx.x, _0{}));
+    const int n_block = bwd_key_block<Traits::kDeterministic>();
+    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
+    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&shared.kv_full, 2 * Traits::kKTileBytes);
     copy(args.tma_k.with(shared.kv_full), k_copy.partition_S(gK), k_copy.partition_D(sK));
     copy(args.tma_v.with(shared.kv_full), v_copy.partition_S(gV), v_copy.partition_D(sV));
@@ -183,6 +188,8 @@ __device__ __forceinline__ void bwd_produce_tiles(const Sm90BwdArgs<Traits>& arg
 // Warp 1 of the producer warpgroup: per step, the lse (times log2 e) and D of the step's 64 query
 // rows into the stage's slots, once the consumers released the stage. Rows past the sequence get
 // lse = +inf and D = 0, so their P and dS are exactly 0 whatever the zero-filled Q and dO give.
+// Deterministic: a release also means the released step's dQ adds are done, so warp 1 passes that
+// step's turn on to the next key block (sm90/bwd_dq_order.h), the last steps' after its loop.
 template <typename Traits>
 __device__ __forceinline__ void bwd_produce_row_stats(const BwdParams& p, typename Traits::SharedStorage& shared,
                                                       typename Traits::Pipeline& pipeline, const Sm90BwdWork& w,
@@ -192,6 +199,12 @@ __device__ __forceinline__ void bwd_produce_row_stats(const BwdParams& p, typena
   // Kept small (24 registers after setmaxnreg): one step at a time, 32-bit row offsets from the
   // head's base pointers.
   const int rows_left0 = w.seq.seqlen_q - lane;
+  constexpr int kStages = Traits::kStages;
+  auto pass_turn_of_step = [&](int s) {
+    if (s >= 0 && lane == 0) {
+      pass_dq_turn(dq_add_count<kBlockM>(p, w.bidb, w.step_head(p, s), w.step_m0(s, kBlockM) / kBlockM));
+    }
+  };
   typename Traits::PipelineState write = cutlass::make_producer_start_state<typename Traits::Pipeline>();
 #pragma unroll 1
   for (int s = 0; s < w.steps; ++s) {
@@ -202,6 +215,7 @@ __device__ __forceinline__ void bwd_produce_row_stats(const BwdParams& p, typena
     const float* dsum = p.softmax_d_ptr + head_off;
     const int row_step = 32 * int(p.lse_row_stride);
     pipeline.producer_acquire(write);  // not the leader: only waits for the stage to be free
+    if constexpr (Traits::kDeterministic) pass_turn_of_step(s - kStages);
     CUTE_UNROLL
     for (int i = 0; i < kBlockM / 32; ++i) {
       const bool valid = m0 + 32 * i < rows_left0;
@@ -211,6 +225,13 @@ __device__ __forceinline__ void bwd_produce_row_stats(const BwdParams& p, typena
     // mbarrier.arrive has release semantics: the stores above are visible to its waiters.
     cutlass::arch::ClusterBarrier::arrive(&shared.lse_full[write.index()]);
     ++write;
+  }
+  if constexpr (Traits::kDeterministic) {
+#pragma unroll 1
+    for (int s = w.steps; s < w.steps + kStages; ++s, ++write) {
+      pipeline.producer_acquire(write);
+      pass_turn_of_step(s - kStages);
+    }
   }
 }
 
@@ -336,12 +357,21 @@ __device__ __forceinline__ void bwd_consume(const BwdParams& p, typename Traits:
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
     warpgroup_gemm</*kZeroInit=*/true>(mma_dq, tdQrdS_buf, tdQrKt, acc_dq);
+    if constexpr (Traits::kDeterministic) {
+      // This key block's turn to add into the step's dQ rows, waited for while the GEMM runs.
+      wait_for_dq_turn(dq_add_count<kBlockM>(p, w.bidb, bidh, m0 / kBlockM),
+                       dq_adds_before<kBlockN>(p, w.seq, m0, rows_in_tile, w.n0 / kBlockN));
+    }
     warpgroup_wait<0>();
     // The register operands stay untouched until here, where their GEMMs have completed.
     warpgroup_fence_operand(rP);
     warpgroup_fence_operand(rdS);
-    pipeline.consumer_release(read);
-    ++read;
+    auto release_stage = [&] {
+      pipeline.consumer_release(read);
+      ++read;
+    };
+    // Deterministic: after the adds below, so the release tells warp 1 they are done.
+    if constexpr (!Traits::kDeterministic) release_stage();
 
     // Neighbouring accumulator elements are neighbouring d-columns of one query row: one float2
     // atomic each. Rows past the sequence carry dS = 0 and are skipped. Addresses are the thread's
@@ -360,6 +390,7 @@ __device__ __forceinline__ void bwd_consume(const BwdParams& p, typename Traits:
         atomicAdd(reinterpret_cast<float2*>(dq_thread + drow * kHeadDim + dcol), make_float2(acc_dq(i), acc_dq(i + 1)));
       }
     }
+    if constexpr (Traits::kDeterministic) release_stage();
   }
 
   // Epilogue: dK (times scale_grad: dS excluded the softmax scale) and dV through the K and V
@@ -418,7 +449,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const int seqlen_k = params.cu_seqlens_k != nullptr
                              ? params.cu_seqlens_k[blockIdx.y + 1] - params.cu_seqlens_k[blockIdx.y]
                              : params.seqlen_k;
-    if (int(blockIdx.x) * Traits::kBlockN >= seqlen_k) return;
+    if (bwd_key_block<Traits::kDeterministic>() * Traits::kBlockN >= seqlen_k) return;
   }
 
   const int warpgroup = threadIdx.x / 128;

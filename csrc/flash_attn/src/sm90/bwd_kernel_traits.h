@@ -6,6 +6,9 @@
 // the block's keys, so S^T and dP^T (keys x queries) sit in its registers in the accumulator
 // layout that is also the register A operand of dV += P^T dO and dK += dS^T Q; P and dS never go
 // through shared memory for those two GEMMs. Only dS goes to shared memory, for dQ += dS K.
+//
+// kDeterministic: the key blocks add their dQ parts in a fixed order (sm90/bwd_dq_order.h), so dQ
+// is bitwise the same from run to run; the rest of the kernel is the same.
 #pragma once
 
 #include <cstdint>
@@ -16,14 +19,17 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "plan/tile_sizes.h"
+
 namespace flash {
 
 using namespace cute;
 
-template <int kHeadDim_, bool kIsBf16>
+template <int kHeadDim_, bool kIsBf16, bool kDeterministic_>
 struct Sm90BwdTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kDeterministic = kDeterministic_;
   // The register budget below holds dK and dV (64 fp32 each per thread) beside S^T and dP^T of a
   // 64-query step (32 each) at head dim 128 only.
   static_assert(kHeadDim == 128, "the Hopper backward covers head dim 128");
@@ -35,7 +41,7 @@ struct Sm90BwdTraits {
   // memory for dV / dK (two extra 32 KiB stores and reads per step) and a cross-warpgroup sum of dK, dV.
   // 64 queries per step: 128 keys x 64 queries keeps S^T + dP^T at 64 registers; 128 queries
   // would need 128 and not fit beside dK + dV (128) under 240.
-  static constexpr int kBlockM = 64;
+  static constexpr int kBlockM = kSm90BwdBlockM;
   static constexpr int kBlockN = 128;
   static constexpr int kNConsumerWarpgroups = kBlockN / 64;
   static constexpr int kNThreads = 128 * (1 + kNConsumerWarpgroups);  // producer warpgroup first
