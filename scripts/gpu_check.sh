@@ -53,7 +53,7 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 
 export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
 export MAX_JOBS=${MAX_JOBS:-16}
-if [ $run_build -eq 0 ] && python3 -c "import flash_attn_2_cuda" 2>/dev/null; then
+if [ $run_build -eq 0 ] && python3 -c "import torch, flash_attn_2_cuda" 2>/dev/null; then
   echo "build: the installed one ($(python3 -c 'import flash_attn; print(flash_attn.build_info())'))" | tee -a "$OUT/env.log"
 else
   start=$(date +%s)
