@@ -23,12 +23,13 @@
 // assumes that the hardware starts the thread blocks of a grid in increasing linear index (x
 // fastest), which CUDA does not promise but its GPUs do: then every block with a lower index has
 // started and is finished or resident, the lowest unfinished block waits for nobody, finishes and
-// frees its SM, and so on. A block never waits for itself: its count of step s rises before it
-// waits in any later step. The grid is one thread block per key block, not persistent; a
-// persistent grid would keep the argument only if each block took tiles in increasing linear
-// order and finished one before taking the next. GQA: a block walks the query heads of its group
-// one after the other; each (b, h, m) has its own count, and every key block waiting on it belongs
-// to the same kv head, so to the same run of linear indices.
+// frees its SM, and so on. Within a block nothing waits in a circle: warp 1 passes a step's turn
+// on once the consumers released that step, waiting for nothing else. The grid is one thread
+// block per key block, not persistent; a persistent grid would keep the argument only if each
+// block took tiles in increasing linear order and finished one before taking the next. GQA: a
+// block walks the query heads of its group one after the other; each (b, h, m) has its own count,
+// and every key block waiting on it belongs to the same kv head, so to the same run of linear
+// indices.
 //
 // Who does what. Only the consumer warps wait: after issuing a step's dQ GEMM each consumer thread
 // reads the count (acquire) until its turn, overlapped with the GEMM, adds its part with atomics
