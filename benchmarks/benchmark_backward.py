@@ -48,22 +48,7 @@ def measure(c, kw, passes, dropout):
              "torch_fa2": (backward_of(sdpa(dropout), q, k, v), timing.sdpa_context("FLASH_ATTENTION")),
              "cudnn": (backward_of(sdpa(0.0), q, k, v), timing.sdpa_context("CUDNN_ATTENTION"))}
     if torch.cuda.get_device_capability() == (9, 0):
-        import flash_attn_2_cuda
-
-        make_ours = backward_of(ours(False), q, k, v)
-
-        def sm80_make():
-            backward = make_ours()
-
-            def run():
-                flash_attn_2_cuda.set_sm90_backward(False)
-                try:
-                    return backward()
-                finally:
-                    flash_attn_2_cuda.set_sm90_backward(True)
-            return run
-
-        impls["ours_sm80"] = (sm80_make, None)
+        impls["ours_sm80"] = (common.on_sm80_kernels(impls["ours"][0], "set_sm90_backward"), None)
     times, notes, _ = timing.time_impls(impls, kw, passes)
     flops = BACKWARD_FLOPS_FACTOR * common.forward_flops(c, batch, heads)
     row = dict(c, batch=batch, nheads=heads, dropout_p=dropout, notes=[f"{n}: {t}" for n, t in notes.items()])
@@ -81,14 +66,11 @@ def main(argv=None) -> int:
     rows = common.run_cells(common.prefill_cells(args),
                             lambda c, kw, late: measure(c, kw, 1 if args.quick else 2, args.dropout),
                             args, common.bench_kwargs(args, 0.2), lambda r: common.prefill_line(r, "bwd_tflops"))
-    headers = ["dtype", "headdim", "causal", "seqlen", "ours ms", "ours det ms", "ours TFLOP/s", "ours det TFLOP/s",
-               "ours SM80 TFLOP/s", "torch FA2 TFLOP/s", "cuDNN TFLOP/s", "ours/torch_fa2", "ours/ours_sm80"]
-    table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"], fmt(r.get("ours_bwd_ms"), ".3f"),
-              fmt(r.get("ours_det_bwd_ms"), ".3f")]
-             + [fmt(r.get(f"{n}_bwd_tflops")) for n in ("ours", "ours_det", "ours_sm80", "torch_fa2", "cudnn")]
-             + [fmt(ratio(r.get("ours_bwd_tflops"), r.get(f"{n}_bwd_tflops")), ".2f")
-                for n in ("torch_fa2", "ours_sm80")]
-             for r in rows]
+    peers, against = ("ours", "ours_det", "ours_sm80", "torch_fa2", "cudnn"), ("torch_fa2", "ours_sm80")
+    headers = (["dtype", "headdim", "causal", "seqlen"] + [f"{n} TFLOP/s" for n in peers]
+               + [f"ours/{n}" for n in against])
+    table = [[r[k] for k in headers[:4]] + [fmt(r.get(f"{n}_bwd_tflops")) for n in peers]
+             + [fmt(ratio(r.get("ours_bwd_tflops"), r.get(f"{n}_bwd_tflops")), ".2f") for n in against] for r in rows]
     notes = sorted({n for r in rows for n in r["notes"]})
     report = (common.markdown_table(headers, table) + f"\n\ndropout_p {args.dropout:g} (ours, torch FA2; cuDNN 0)"
               + "".join(f"\n- {n}" for n in notes[:20]))

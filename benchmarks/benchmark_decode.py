@@ -4,8 +4,8 @@ on the same K/V memory; microseconds per call, timed as in benchmark_forward.py.
 
 --grid decode (default): one query per sequence, seqlen_k 2048..32768 x batch 1/16/128 x heads 12/12,
   32/8, 32/32, flash_attn_varlen_func. Columns: ours (num_splits=0), nosplit (num_splits=1),
-  torch_fa2_varlen (aten._flash_attention_forward), cudnn (SDPA CUDNN_ATTENTION, enable_gqa; "*": K/V
-  expanded outside the timing), paged16 / paged256 (ours on K/V in shuffled 16- / 256-token pages;
+  torch_fa2_varlen (aten._flash_attention_forward), cudnn (SDPA CUDNN_ATTENTION, enable_gqa),
+  paged16 / paged256 (ours on K/V in shuffled 16- / 256-token pages;
   target <= 1.10 x ours), bw_frac = (K+V bytes / ours time) / bandwidth of a 2 GiB copy. Result:
   decode_<card>.json.
 --grid specdec: seqlen_q 1/2/4/8/16 x batch 1/4/16 x seqlen_k 4096..32768 x heads 12/12, 32/8. Columns:
@@ -25,7 +25,6 @@ from common import fmt, ratio
 PAGES = (16, 256)
 PAGED_TARGET = 1.10
 PAGED_MARGIN_BYTES = 2 << 30  # free memory kept beyond a paged copy of K/V, else its columns are skipped
-MAX_EXPAND_BYTES = 16 << 30  # largest K+V expanded to all heads when cuDNN refuses GQA
 SPECDEC_SEQLENS_Q = [1, 2, 4, 8, 16]
 SPECDEC_BATCHES = [1, 4, 16]
 SPECDEC_SEQLENS_K = [4096, 8192, 16384, 32768]
@@ -33,7 +32,7 @@ SPECDEC_HEADS = [(12, 12), (32, 8)]
 D = 128
 HALF = dict(device="cuda", dtype=torch.float16)
 DECODE_KEYS = ["batch", "seqlen_k", "heads", "kv_heads", "ours_us", "nosplit_us", "torch_fa2_varlen_us", "cudnn_us",
-               "bw_frac", "splits", "maxdiff", "cudnn_maxdiff", "cudnn_kv_expanded", "kv_bytes", "copy_bw_bytes_per_s"]
+               "bw_frac", "splits", "maxdiff", "cudnn_maxdiff", "kv_bytes", "copy_bw_bytes_per_s"]
 DECODE_KEYS += [f"paged{p}_{s}" for p in PAGES for s in ("us", "ratio", "maxdiff")]
 
 
@@ -48,7 +47,7 @@ def decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off):
     fa2, fa2_note = torch_fa2
     b, s, h, hk = c["batch"], c["seqlen_k"], c["heads"], c["kv_heads"]
     row = dict(dict.fromkeys(DECODE_KEYS), **c, splits=flash_attn.num_splits_heuristic(b, h, hk, 1, s, D),
-               cudnn_kv_expanded=False, kv_bytes=common.kv_bytes(c), copy_bw_bytes_per_s=copy_bw, notes=[])
+               kv_bytes=common.kv_bytes(c), copy_bw_bytes_per_s=copy_bw, notes=[])
     q, k, v = torch.randn(b, h, D, **HALF), torch.randn(b * s, hk, D, **HALF), torch.randn(b * s, hk, D, **HALF)
     cu_q = torch.arange(b + 1, device="cuda", dtype=torch.int32)
     cu_k = cu_q * s
@@ -64,14 +63,6 @@ def decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off):
         impls["torch_fa2_varlen"] = (lambda: lambda: fa2(q, k, v, cu_q, cu_k, 1, s, True), None)
     impls["cudnn"] = cudnn_impl(q4, k4, v4, None, h != hk)  # one query: bottom-right causal allows every key
     times, notes, outs = timing.time_impls(impls, kw, 1 if args.quick else 2, repeat=("ours", "cudnn"))
-    if "cudnn" in notes and h != hk and common.kv_bytes(dict(c, kv_heads=h)) <= MAX_EXPAND_BYTES:
-        ke, ve = (x.repeat_interleave(h // hk, dim=1) for x in (k4, v4))  # outside the timed region
-        make, ctx = cudnn_impl(q4, ke, ve, None, False)
-        times["cudnn"], note, outs["cudnn"] = timing.time_impl(make, kw, ctx)
-        row["cudnn_kv_expanded"] = times["cudnn"] is not None
-        notes["cudnn"] = f"GQA refused ({notes['cudnn'][:100]}); K/V expanded outside the timing" + \
-            ("" if times["cudnn"] else f", then: {note}")
-        del ke, ve
     for name in ("ours", "nosplit", "torch_fa2_varlen", "cudnn"):
         row[f"{name}_us"] = times.get(name)
     row["notes"] += [f"{n}: {t}" for n, t in notes.items()] + ([] if fa2 else [f"torch_fa2: {fa2_note}"])
@@ -155,9 +146,8 @@ def decode_report(rows, args, copy_bw) -> str:
     headers = ["batch", "seqlen_k", "heads", "kv_heads", "splits", "ours_us", "nosplit_us", "torch_fa2_varlen_us",
                "cudnn_us", "torch_fa2/ours", "ours/cudnn", "bw_frac", "maxdiff"]
     headers += ["paged16/ours", "paged256/ours"] if args.paged else []
-    table = [[r[k] for k in headers[:5]] + [fmt(r.get(k)) for k in headers[5:8]]
-             + [fmt(r.get("cudnn_us")) + ("*" if r["cudnn_kv_expanded"] else ""),
-              fmt(ratio(r.get("torch_fa2_varlen_us"), r["ours_us"]), ".2f"),
+    table = [[r[k] for k in headers[:5]] + [fmt(r.get(k)) for k in headers[5:9]]
+             + [fmt(ratio(r.get("torch_fa2_varlen_us"), r["ours_us"]), ".2f"),
               fmt(ratio(r["ours_us"], r.get("cudnn_us")), ".3f"), fmt(r["bw_frac"], ".2f"),
               fmt(r.get("maxdiff"), ".1e")]
              + ([fmt(r.get(f"paged{p}_ratio"), ".2f") for p in PAGES] if args.paged else []) for r in rows]

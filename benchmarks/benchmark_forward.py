@@ -30,16 +30,7 @@ def measure(c, kw, passes, fa2):
              "cudnn": (lambda: lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
                        timing.sdpa_context("CUDNN_ATTENTION"))}
     if torch.cuda.get_device_capability() == (9, 0):
-        import flash_attn_2_cuda
-
-        def sm80():
-            flash_attn_2_cuda.set_sm90_forward(False)
-            try:
-                return flash_attn_func(q, k, v, causal=causal)
-            finally:
-                flash_attn_2_cuda.set_sm90_forward(True)
-
-        impls["ours_sm80"] = (lambda: sm80, None)
+        impls["ours_sm80"] = (common.on_sm80_kernels(impls["ours"][0], "set_sm90_forward"), None)
     if fa2:
         impls["torch_fa2"] = (lambda: lambda: fa2(q, k, v, None, None, seqlen, seqlen, causal), None)
     times, notes, outs = timing.time_impls(impls, kw, passes)

@@ -2,6 +2,7 @@
 and result files (OUT_DIR/<measurement>_<card>.json and .md, headed by the card description)."""
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -76,6 +77,21 @@ def markdown_table(headers, rows) -> str:
 
 def maxdiff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def on_sm80_kernels(make, switch: str):
+    """make_fn for time_impl: make's call between flash_attn_2_cuda.<switch>(False) and (True), on compute
+    capability 9.0 the SM80 kernels that the Hopper ones replace, timed in the same cell."""
+    import flash_attn_2_cuda
+    set_hopper = getattr(flash_attn_2_cuda, switch)
+
+    def run(call):
+        set_hopper(False)
+        try:
+            return call()
+        finally:
+            set_hopper(True)
+    return lambda: functools.partial(run, make())
 
 
 def context_dead() -> bool:

@@ -2,7 +2,7 @@
 
 bench() times single calls with CUDA events, each after evicting L2 by READING a 256 MiB buffer outside
 the event window: a written flush (Triton's do_bench) leaves ~50 MB of dirty lines that the timed kernel
-writes back (~17 us on an H100, NOTES experiment 17; FLASH_ATTN_BENCH_FLUSH=write restores it). The
+writes back (~17 us on an H100; FLASH_ATTN_BENCH_FLUSH=write restores it). The
 flush (~90 us) also keeps launch overhead out of shorter kernels' times. Medians; imports without CUDA.
 """
 

@@ -2,7 +2,8 @@
 //
 // One thread block per (key block of kBlockN keys, batch, kv head). Warpgroup 0 produces: thread
 // 0 loads K and V once and Q, dO of every step (TMA) into a two-stage ring; warps 1 to
-// kRowStatWarps copy the step's lse (in log2 units) and D into shared memory beside them. The
+// kRowStatWarps copy the step's lse (in log2 units) and D into shared memory beside them; in
+// deterministic mode lane 0 of the next warp passes the dQ turns on (bwd_pass_dq_turns). The
 // other warpgroups consume; a step is one kBlockM-query block of one query head of the GQA group
 // (every query head of the group in turn, as the SM80 kernel does, so dK and dV sum the group in
 // registers). The traits (sm90/bwd_kernel_traits.h) choose how the consumers split the work.
@@ -28,12 +29,17 @@
 //   dV^T += dO^T P, dK^T += Q^T dS              (SS, every warpgroup's P / dS; d-rows of the
 //                                                warpgroup)
 //
+// Both loops add dQ through add_dq_to_accumulator; in deterministic mode (Traits::kDeterministic)
+// the key blocks take turns at each query block's rows in a fixed order (sm90/bwd_dq_order.h):
+// wait_for_dq_turn_of_step before the adds, and a producer thread of its own (bwd_pass_dq_turns)
+// passes the turn on once the stage release that follows them completes.
+//
 // dK is scaled by scale_grad at the end (dS excludes the softmax scale, as in the SM80 kernels);
 // the dQ convert kernel applies it to dQ.
 //
 // Scope: kernel head dims 64, 96, 128, 192, 256, batch-strided q/k/v (packed varlen maps are built
-// like the forward's but are not a target yet), causal or not (any window), GQA; no softcap,
-// ALiBi, dropout, deterministic.
+// like the forward's but are not a target yet), causal or not (any window), GQA, deterministic or
+// not; no softcap, ALiBi, dropout.
 #pragma once
 
 #include <cmath>
@@ -49,6 +55,7 @@
 #include "common/mma_utils.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
+#include "sm90/bwd_dq_order.h"
 #include "sm90/bwd_kernel_traits.h"
 #include "sm90/gmma_layouts.h"
 #include "sm90/tma_loads.h"
@@ -122,7 +129,7 @@ template <typename Traits>
 __device__ __forceinline__ Sm90BwdWork sm90_bwd_work(const BwdParams& p) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   Sm90BwdWork w{SeqInfo(p, blockIdx.y), 0, 0, 0, 0, 0, 0, int(blockIdx.z), int(blockIdx.y)};
-  w.n0 = blockIdx.x * kBlockN;
+  w.n0 = bwd_key_block<Traits::kDeterministic>() * kBlockN;
   w.keys_in_block = min(kBlockN, w.seq.seqlen_k - w.n0);
   w.diag = w.seq.seqlen_k - w.seq.seqlen_q;
   if (w.keys_in_block <= 0) return w;  // past a short varlen sequence: no steps, nothing written
@@ -135,6 +142,28 @@ __device__ __forceinline__ Sm90BwdWork sm90_bwd_work(const BwdParams& p) {
   w.m_blocks = row_hi > row_lo ? (row_hi + kBlockM - 1) / kBlockM - w.m_block_min : 0;
   w.steps = p.h_h_k_ratio * w.m_blocks;
   return w;
+}
+
+// ---- Deterministic dQ order, per step (sm90/bwd_dq_order.h) ----------------------------------
+
+// Consumer threads, right after issuing the step's dQ GEMM (so the wait overlaps it): returns once
+// the key blocks before this one in the order have added into the step's dQ rows. Nothing in the
+// default variant.
+template <typename Traits>
+__device__ __forceinline__ void wait_for_dq_turn_of_step(const BwdParams& p, const Sm90BwdWork& w, int bidh, int m0,
+                                                         int rows_in_tile) {
+  if constexpr (Traits::kDeterministic) {
+    wait_for_dq_turn(dq_add_count<Traits::kBlockM>(p, w.bidb, bidh, m0 / Traits::kBlockM),
+                     dq_adds_before<Traits::kBlockN>(p, w.seq, m0, rows_in_tile, w.n0 / Traits::kBlockN));
+  }
+}
+
+// One producer thread (bwd_pass_dq_turns), once every consumer thread has released step s (each
+// after its adds): the next key block's turn at step s's dQ rows.
+template <typename Traits>
+__device__ __forceinline__ void pass_dq_turn_of_step(const BwdParams& p, const Sm90BwdWork& w, int s) {
+  constexpr int kBlockM = Traits::kBlockM;
+  pass_dq_turn(dq_add_count<kBlockM>(p, w.bidb, w.step_head(p, s), w.step_m0(s, kBlockM) / kBlockM));
 }
 
 // ---- Producer ------------------------------------------------------------------------------
@@ -168,8 +197,9 @@ __device__ __forceinline__ void bwd_produce_tiles(const Sm90BwdArgs<Traits>& arg
                               args.tma_k.get_tma_tensor(k_extent(p))(_, _, w.kv_head, packed_k ? 0 : w.bidb));
     Tensor mV = domain_offset(make_coord(k_start, _0{}),
                               args.tma_v.get_tma_tensor(k_extent(p))(_, _, w.kv_head, packed_k ? 0 : w.bidb));
-    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(blockIdx.x, _0{}));
-    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(blockIdx.x, _0{}));
+    const int n_block = bwd_key_block<Traits::kDeterministic>();
+    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
+    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&shared.kv_full, 2 * Traits::kKTileBytes);
     copy(args.tma_k.with(shared.kv_full), k_copy.partition_S(gK), k_copy.partition_D(sK));
     copy(args.tma_v.with(shared.kv_full), v_copy.partition_S(gV), v_copy.partition_D(sV));
@@ -229,6 +259,25 @@ __device__ __forceinline__ void bwd_produce_row_stats(const BwdParams& p, typena
     // mbarrier.arrive has release semantics: the stores above are visible to its waiters.
     cutlass::arch::ClusterBarrier::arrive(&shared.lse_full[write.index()]);
     ++write;
+  }
+}
+
+// Deterministic mode, one thread of the producer warp after the row-stat warps: each step's
+// stage release comes after every consumer thread added its part of the step's dQ (each releases
+// after its adds), so once the release completes it passes the step's turn on to the next key
+// block (sm90/bwd_dq_order.h). A thread of its own, not a row-stat lane: the turn's index
+// arithmetic beside the row loads spills at their 24 registers (head dim 64).
+template <typename Traits>
+__device__ __forceinline__ void bwd_pass_dq_turns(const BwdParams& p, typename Traits::Pipeline& pipeline,
+                                                  const Sm90BwdWork& w) {
+  // Step s's release completes the empty barrier that the producer's acquire for step
+  // s + kStages waits for.
+  typename Traits::PipelineState released = cutlass::make_producer_start_state<typename Traits::Pipeline>();
+  released.advance(Traits::kStages);
+#pragma unroll 1
+  for (int s = 0; s < w.steps; ++s, ++released) {
+    pipeline.producer_acquire(released);  // not the leader: only waits
+    pass_dq_turn_of_step<Traits>(p, w, s);
   }
 }
 
@@ -421,14 +470,20 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
     warpgroup_gemm</*kZeroInit=*/true>(mma_dq, tdQrdS_buf, tdQrKt, acc_dq);
+    wait_for_dq_turn_of_step<Traits>(p, w, bidh, m0, rows_in_tile);  // while the GEMM runs
     warpgroup_wait<0>();
     // The register operands stay untouched until here, where their GEMMs have completed.
     warpgroup_fence_operand(rP);
     warpgroup_fence_operand(rdS);
-    pipeline.consumer_release(read);
-    ++read;
+    auto release_stage = [&] {
+      pipeline.consumer_release(read);
+      ++read;
+    };
+    // Deterministic: after the adds below, so the release tells bwd_pass_dq_turns they are done.
+    if constexpr (!Traits::kDeterministic) release_stage();
 
     add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
+    if constexpr (Traits::kDeterministic) release_stage();
   }
 
   // Epilogue: dK (times scale_grad: dS excluded the softmax scale) and dV through the K and V
@@ -566,9 +621,11 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdVrdOt_stage, tdVrPt(_, _, _, buf), acc_dvt);
     Tensor tdKrQt_stage = tdKrQt(_, _, _, stage);
     warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdKrQt_stage, tdKrdSt(_, _, _, buf), acc_dkt);
+    wait_for_dq_turn_of_step<Traits>(p, w, bidh, m0, rows_in_tile);  // while the GEMMs run
     warpgroup_wait<2>();  // dQ has completed
     add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
     warpgroup_wait<0>();
+    // After the adds: in deterministic mode the release tells bwd_pass_dq_turns they are done.
     pipeline.consumer_release(read);
     ++read;
   }
@@ -607,7 +664,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const int seqlen_k = params.cu_seqlens_k != nullptr
                              ? params.cu_seqlens_k[blockIdx.y + 1] - params.cu_seqlens_k[blockIdx.y]
                              : params.seqlen_k;
-    if (int(blockIdx.x) * Traits::kBlockN >= seqlen_k) return;
+    if (bwd_key_block<Traits::kDeterministic>() * Traits::kBlockN >= seqlen_k) return;
   }
 
   const int warpgroup = threadIdx.x / 128;
@@ -639,6 +696,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
       const int first_row = threadIdx.x % 32 + (Traits::kRowStatWarps == 1 ? 0 : (warp - 1) * 64);
       bwd_produce_row_stats<Traits>(params, shared, pipeline, work, first_row);
+    }
+    if constexpr (Traits::kDeterministic) {
+      if (threadIdx.x == 32 * (Traits::kRowStatWarps + 1)) {
+        const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
+        bwd_pass_dq_turns<Traits>(params, pipeline, work);
+      }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();

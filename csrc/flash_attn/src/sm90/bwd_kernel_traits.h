@@ -2,6 +2,9 @@
 // how the consumer warpgroups split a block's work (its keys, or the head dimension), tile shape,
 // warp roles and register budgets, the five warpgroup GEMMs, the shared-memory layouts TMA writes
 // and GMMA reads (and their transposed views), and the Q/dO pipeline.
+//
+// kDeterministic: the key blocks add their dQ parts in a fixed order (sm90/bwd_dq_order.h), so dQ
+// is bitwise the same from run to run; the rest of the kernel is the same.
 #pragma once
 
 #include <cstdint>
@@ -16,14 +19,17 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "plan/tile_sizes.h"
+
 namespace flash {
 
 using namespace cute;
 
-template <int kHeadDim_, bool kIsBf16>
+template <int kHeadDim_, bool kIsBf16, bool kDeterministic_>
 struct Sm90BwdTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kDeterministic = kDeterministic_;
   static_assert(kHeadDim == 64 || kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 192 || kHeadDim == 256,
                 "the Hopper backward covers kernel head dims 64, 96, 128, 192 and 256");
 
@@ -38,10 +44,11 @@ struct Sm90BwdTraits {
   //
   // Head dim split (d = 192, 256): dK and dV of a warpgroup's 64 keys x d are d fp32 registers
   // per thread (256 at d = 256, 192 at 192), which leave no room for S^T and dP^T (64 more at
-  // 64-query steps) under 240. So the warpgroups split the head dimension instead: dK^T and dV^T (d x keys) are accumulated with
-  // d as the GMMA M dimension, warpgroup w owning d-rows of its M-tiles; S and dP (queries x keys)
-  // are split along the keys; and P and dS, which every warpgroup's dV^T += dO^T P and
-  // dK^T += Q^T dS read in full, go through shared memory, as dS already does for dQ.
+  // 64-query steps) under 240. So the warpgroups split the head dimension instead: dK^T and dV^T
+  // (d x keys) are accumulated with d as the GMMA M dimension, warpgroup w owning d-rows of its
+  // M-tiles; S and dP (queries x keys) are split along the keys; and P and dS, which every
+  // warpgroup's dV^T += dO^T P and dK^T += Q^T dS read in full, go through shared memory, as dS
+  // already does for dQ.
   static constexpr bool kSplitHeadDim = kHeadDim > 128;
 
   // kBlockN keys per thread block, kBlockM queries per step, and the warpgroups, from the register
@@ -56,7 +63,8 @@ struct Sm90BwdTraits {
   //   registers (160 + 64) but not shared memory with two Q/dO stages (see SharedStorage).
   //   d = 192: 96 keys, three warpgroups of one d M-tile each, at 160 registers (three consumer
   //   warpgroups share the register file): dK^T + dV^T 96, dQ 32, S + dP 32 (32 keys each).
-  static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;
+  // kBlockM's one home is plan/tile_sizes.h: the dispatcher sizes the deterministic dQ counters by it.
+  static constexpr int kBlockM = sm90_bwd_block_m(kHeadDim);
   static constexpr int kBlockN = !kSplitHeadDim ? 128 : kHeadDim == 192 ? 96 : 64;
   static constexpr int kNConsumerWarpgroups = kHeadDim == 192 ? 3 : 2;
   static constexpr int kNThreads = 128 * (1 + kNConsumerWarpgroups);  // producer warpgroup first
