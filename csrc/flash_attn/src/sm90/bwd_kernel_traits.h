@@ -4,7 +4,7 @@
 // and GMMA reads (and their transposed views), and the Q/dO pipeline.
 //
 // kDeterministic: the key blocks add their dQ parts in a fixed order (sm90/bwd_dq_order.h), so dQ
-// is bitwise the same from run to run; the rest of the kernel is the same.
+// is bitwise the same from run to run; tiles, GEMMs, shared memory and pipeline are the same.
 #pragma once
 
 #include <cstdint>
