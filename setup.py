@@ -21,6 +21,11 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc" / "flash_attn"
 ALL_HEADDIMS = [32, 64, 96, 128, 192, 256]
 ALL_DTYPES = ["fp16", "bf16"]
+# Kernel head dims with a Hopper (sm_90a) forward / backward, as in csrc/flash_attn/src/generate_kernels.py.
+# The forward covers every kernel head dim but 32 (whose 64-byte rows would need a 32- or 64-byte
+# swizzle and a smaller tile for little gain); so does the backward (docs/SM90_BACKWARD.md).
+SM90_FWD_HEADDIMS = [64, 96, 128, 192, 256]
+SM90_BWD_HEADDIMS = [64, 96, 128, 192, 256]
 CUTLASS_PIN = "nvidia-cutlass==4.2.0.0"
 
 
@@ -78,15 +83,14 @@ def extension_modules():
     kernel_dir = CSRC / "src" / "instantiations"
     kernels = [kernel_dir / f"flash_fwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
     kernels += [kernel_dir / f"flash_bwd_hdim{h}_{d}.cu" for h in headdims for d in dtypes]
-    # The Hopper forward (wgmma, TMA, setmaxnreg) needs sm_90a; it covers every kernel head dim but 32
-    # (whose 64-byte rows would need a 32- or 64-byte swizzle and a smaller tile for little gain).
+    # The Hopper kernels (wgmma, TMA, setmaxnreg) need sm_90a.
     if "90" in archs:
-        sm90_headdims = (64, 96, 128, 192, 256)
         kernels += [
-            kernel_dir / f"flash_fwd_sm90_hdim{h}_{d}.cu" for h in headdims if h in sm90_headdims for d in dtypes
+            kernel_dir / f"flash_fwd_sm90_hdim{h}_{d}.cu" for h in headdims if h in SM90_FWD_HEADDIMS for d in dtypes
         ]
-        # The Hopper backward is tiled for head dim 128 only (docs/SM90_BACKWARD.md).
-        kernels += [kernel_dir / f"flash_bwd_sm90_hdim128_{d}.cu" for d in dtypes if 128 in headdims]
+        kernels += [
+            kernel_dir / f"flash_bwd_sm90_hdim{h}_{d}.cu" for h in headdims if h in SM90_BWD_HEADDIMS for d in dtypes
+        ]
     missing = [k for k in kernels if not k.exists()]
     if missing:
         sys.exit(f"missing {missing}; run csrc/flash_attn/src/generate_kernels.py")

@@ -1,9 +1,11 @@
 """The Hopper backward (csrc/flash_attn/src/sm90/bwd_kernel.h): on a compute capability 9.0 GPU the
-dense, non-deterministic backward at kernel head dim 128 without softcap, ALiBi or dropout runs it.
-These tests check that the dispatcher picks it exactly where it applies (the kernel's name in a
-profiler trace), that dq / dk / dv match autograd through the fp32 reference within the rule of
+dense backward at kernel head dims 64, 96, 128, 192 and 256 without softcap, ALiBi or dropout runs
+it, deterministic or not. These tests check that the dispatcher picks it exactly where it applies
+(the kernel's name in a profiler trace), that dq / dk / dv match autograd through the fp32
+reference within the rule of
 tests/test_backward.py, that the SM80 backward on the same call (set_sm90_backward(False)) meets
-the same rule, and that calls outside its scope run the SM80 kernels with correct results.
+the same rule, that deterministic=True gives bitwise-equal gradients call after call, and that
+calls outside its scope run the SM80 kernels with correct results.
 
 FLASH_ATTN_TEST_SM90=0 (tests/conftest.py) turns it off for the whole suite.
 """
@@ -93,14 +95,16 @@ def _native_bwd(dout, q, k, v, out, lse, scale, causal, window, softcap=0.0, det
 def _check(dtype, d, seqlen_q, seqlen_k, nheads, nheads_k, causal=False, window=(-1, -1), softcap=0.0,
            deterministic=False, expect_sm90=True, batch=2):
     """The native backward of one call: which kernel ran, its gradients against the reference and, where
-    the Hopper backward ran, the SM80 backward's on the same inputs."""
+    the Hopper backward ran, the SM80 backward's on the same inputs. Returns the gradients and
+    run_as(deterministic), the same call again."""
     q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
     k = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
     v = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
     dout = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
     scale = d ** -0.5
     out, lse = _native_fwd(q, k, v, scale, causal, window, softcap)
-    run = lambda: _native_bwd(dout, q, k, v, out, lse, scale, causal, window, softcap, deterministic)  # noqa: E731
+    run_as = lambda det: _native_bwd(dout, q, k, v, out, lse, scale, causal, window, softcap, det)  # noqa: E731
+    run = lambda: run_as(deterministic)  # noqa: E731
     if expect_sm90:
         assert _runs_sm90(run) is not False, "expected the Hopper backward"
     else:
@@ -120,22 +124,28 @@ def _check(dtype, d, seqlen_q, seqlen_k, nheads, nheads_k, causal=False, window=
             flash_attn_gpu.set_sm90_backward(previous)
         for name, g, g_ref, g_pt in zip(("dq", "dk", "dv"), grads_sm80, ref, pt):
             _assert_grad_close(f"{name} (SM80)", g, g_ref, g_pt)
+    return grads, run_as
 
 
-# (seqlen_q, seqlen_k): none a multiple of the 64-query steps / 128-key blocks but 128 itself;
-# seqlen_q > seqlen_k with causal leaves rows with no visible key (dq = 0 there), seqlen_q <
+# (seqlen_q, seqlen_k): none a multiple of the query steps (64, or 128 at head dim 64) or the key
+# blocks (128, or 96 at 192 and 64 at 256) but 128 itself and 192 (two blocks of 96, three of
+# 64); seqlen_q > seqlen_k with causal leaves rows with no visible key (dq = 0 there), seqlen_q <
 # seqlen_k leaves key blocks no causal query sees (dk = dv = 0 there).
-SHAPES = [(1, 255), (17, 113), (113, 17), (128, 128), (255, 1000), (1000, 255), (333, 77)]
+SHAPES = [(1, 255), (17, 113), (113, 17), (128, 128), (200, 192), (255, 1000), (1000, 255), (333, 77)]
 MASKS = {"none": dict(causal=False), "causal": dict(causal=True), "win32_0": dict(window=(32, 0)),
          "win17_5": dict(window=(17, 5)), "winm1_7": dict(window=(-1, 7)),
          "causal_win": dict(causal=True, window=(130, 0))}
 HEADS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (6, 1)}
+# Each kernel head dim at its full width and one below it (columns past d read as zeros from TMA,
+# never stored): 64 has 128-query steps, 96 the 64- and 32-byte swizzles and N = 48 dQ GEMMs, 192
+# and 256 split the head dimension between three and two warpgroups (P and dS through shared
+# memory, dK / dV transposed by stmatrix).
+HEAD_DIMS = [256, 200, 192, 160, 128, 104, 96, 72, 64, 40]
 
 
 @pytest.mark.parametrize("mask", list(MASKS))
 @pytest.mark.parametrize("seqlen_q,seqlen_k", SHAPES)
-# 128 at its full width and 104 below it (columns past d read as zeros from TMA, never stored).
-@pytest.mark.parametrize("d", [128, 104])
+@pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_backward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, hopper):
     if not _hopper_backward_built(dtype, d):
@@ -147,7 +157,7 @@ def test_sm90_backward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, hop
 @pytest.mark.parametrize("heads", ["gqa", "mqa"])
 @pytest.mark.parametrize("mask", ["none", "causal", "win17_5"])
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(255, 300), (300, 77)])
-@pytest.mark.parametrize("d", [128, 104])
+@pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_backward_grouped_heads(dtype, d, seqlen_q, seqlen_k, mask, heads, hopper):
     """A block sums dK / dV over its kv head's query heads (every query head of the group in turn)."""
@@ -159,13 +169,14 @@ def test_sm90_backward_grouped_heads(dtype, d, seqlen_q, seqlen_k, mask, heads, 
            window=m.get("window", (-1, -1)))
 
 
+@pytest.mark.parametrize("d", [256, 192, 128, 96, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_sm90_backward_autograd(dtype, hopper):
+def test_sm90_backward_autograd(dtype, d, hopper):
     """flash_attn_func's autograd path reaches the Hopper backward too."""
-    if not _hopper_backward_built(dtype):
-        pytest.skip("this build has no Hopper backward for this dtype")
-    q, k, v = (_randn(2, 300, 4, 128, dtype=dtype).requires_grad_(True) for _ in range(3))
-    dout = _randn(2, 300, 4, 128, dtype=dtype)
+    if not _hopper_backward_built(dtype, d):
+        pytest.skip("this build has no Hopper backward for this head dim and dtype")
+    q, k, v = (_randn(2, 300, 4, d, dtype=dtype).requires_grad_(True) for _ in range(3))
+    dout = _randn(2, 300, 4, d, dtype=dtype)
     out = flash_attn.flash_attn_func(q, k, v, causal=True)
     assert _runs_sm90(lambda: out.backward(dout, retain_graph=True)) is not False
     q.grad = k.grad = v.grad = None
@@ -176,17 +187,93 @@ def test_sm90_backward_autograd(dtype, hopper):
         _assert_grad_close(name, g, g_ref, g_pt)
 
 
+# Deterministic mode (sm90/bwd_dq_order.h): the key blocks that see a query block add their dQ
+# parts in a fixed order, at every kernel head dim (both consumer loops; 128-query blocks and two
+# row-stat warps at 64, three consumer warpgroups at 192). Shapes where many key blocks see each
+# query block (300 x 1000), few do (1000 x 300: under causal, rows with no visible key and key
+# blocks no query sees), ragged both ways (513 x 777), and one query row.
+DETERMINISTIC_SHAPES = [(300, 1000), (1000, 300), (513, 777), (1, 255)]
+KERNEL_HEAD_DIMS = [256, 192, 128, 96, 64]
+
+
+def _assert_repeats_bitwise(first, run_as, calls=9):
+    """run_as(True) returns first again, bit for bit, call after call; the default variant's dk / dv
+    equal the deterministic variant's bit for bit (only the order of the dQ adds differs)."""
+    for _ in range(calls):
+        for name, a, b in zip(("dq", "dk", "dv"), first, run_as(True)):
+            assert torch.equal(a, b), f"{name} differs between deterministic calls"
+    _, dk, dv = run_as(False)
+    assert torch.equal(dk, first[1]) and torch.equal(dv, first[2]), "dk / dv differ between the two variants"
+
+
+@pytest.mark.parametrize("heads", ["mha", "gqa"])
+@pytest.mark.parametrize("mask", ["none", "causal", "win17_5", "winm1_7", "causal_win"])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", DETERMINISTIC_SHAPES)
+@pytest.mark.parametrize("d", KERNEL_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_backward_deterministic(dtype, d, seqlen_q, seqlen_k, mask, heads, hopper):
+    """deterministic=True runs the Hopper kernel: correct (the reference and the SM80 deterministic
+    backward on the same call), bitwise repeatable."""
+    if not _hopper_backward_built(dtype, d):
+        pytest.skip("this build has no Hopper backward for this head dim and dtype")
+    m = MASKS[mask]
+    nheads, nheads_k = HEADS[heads]
+    grads, run_as = _check(dtype, d, seqlen_q, seqlen_k, nheads, nheads_k, causal=m.get("causal", False),
+                           window=m.get("window", (-1, -1)), deterministic=True)
+    _assert_repeats_bitwise(grads, run_as)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("d", KERNEL_HEAD_DIMS)
+def test_sm90_backward_deterministic_many_blocks(d, causal, hopper):
+    """More thread blocks than an H100 has SMs (512 to 1024 key blocks of 128, 96 or 64 keys):
+    blocks wait for blocks that ran on the SMs before them. No hang, bitwise repeatable, dq within
+    rounding of the default variant's."""
+    if not _hopper_backward_built(torch.float16, d):
+        pytest.skip("this build has no fp16 Hopper backward for this head dim")
+    batch, seqlen, nheads, nheads_k = 2, 4096, 8, 8
+    q, k, v, dout = (_randn(batch, seqlen, nheads, d, dtype=torch.float16) for _ in range(4))
+    scale = d ** -0.5
+    out, lse = _native_fwd(q, k, v, scale, causal, (-1, -1))
+    run_as = lambda det: _native_bwd(dout, q, k, v, out, lse, scale, causal, (-1, -1), deterministic=det)  # noqa: E731
+    assert _runs_sm90(lambda: run_as(True)) is not False, "expected the Hopper backward"
+    first = run_as(True)
+    _assert_repeats_bitwise(first, run_as, calls=4)
+    dq_default = run_as(False)[0]
+    # Two summation orders of the same fp32 terms: at most an fp16 rounding step apart.
+    assert max_abs_diff(first[0], dq_default) <= 2e-3 * dq_default.abs().max().item()
+
+
 # Calls the Hopper backward does not cover: each runs the SM80 kernels and stays correct.
-@pytest.mark.parametrize("case", ["deterministic", "softcap", "headdim64"])
+@pytest.mark.parametrize("case", ["softcap", "headdim32"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_backward_fallback(dtype, case, hopper):
     if not _hopper_backward_built(dtype):
         pytest.skip("this build has no Hopper backward for this dtype")
-    d = 64 if case == "headdim64" else 128
+    d = 32 if case == "headdim32" else 128
     if kernel_headdim(d) not in [int(h) for h in flash_attn_gpu.build_info()["headdims"]]:
         pytest.skip(f"head dim {d} not compiled")
-    _check(dtype, d, 200, 300, 4, 2, causal=True, softcap=20.0 if case == "softcap" else 0.0,
-           deterministic=case == "deterministic", expect_sm90=False)
+    _check(dtype, d, 200, 300, 4, 2, causal=True, softcap=20.0 if case == "softcap" else 0.0, expect_sm90=False)
+
+
+def test_sm90_backward_deterministic_fallback(hopper):
+    """deterministic=True outside the Hopper backward's scope (softcap) runs the SM80 deterministic
+    kernels: correct and bitwise repeatable."""
+    if not _hopper_backward_built(torch.float16):
+        pytest.skip("this build has no fp16 Hopper backward")
+    grads, run_as = _check(torch.float16, 128, 200, 300, 4, 2, causal=True, softcap=20.0, deterministic=True,
+                           expect_sm90=False)
+    for _ in range(4):
+        for name, a, b in zip(("dq", "dk", "dv"), grads, run_as(True)):
+            assert torch.equal(a, b), f"{name} differs between deterministic calls"
+
+
+def test_sm90_backward_headdims_of_the_build():
+    """A build for sm_90 has the Hopper backward at each of its kernel head dims but 32."""
+    info = flash_attn_gpu.build_info()
+    if "90" not in info["archs"]:
+        pytest.skip("this build has no sm_90 code")
+    assert [int(h) for h in info["sm90_backward_headdims"]] == [int(h) for h in info["headdims"] if int(h) != 32]
 
 
 def test_sm90_backward_not_used_for_dropout(hopper):

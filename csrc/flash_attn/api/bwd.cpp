@@ -99,18 +99,18 @@ void check_tensors(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 std::atomic<bool> sm90_backward_enabled{true};
 
 // What the Hopper backward covers (sm90/bwd_kernel.h, docs/SM90_BACKWARD.md): the dense
-// (batch-strided) backward at kernel head dim 128, the only one it is built for (run_sm90
-// registered), causal or window masks, GQA/MQA, with the atomic dQ accumulator; nothing of
-// softcap, ALiBi, dropout, deterministic mode or packed (varlen) tensors, which run the SM80
-// kernels. Packed tensors stay off it until they are tested on a GPU: TMA loads whole blocks, and
-// the backward has no zeroing of the rows past a sequence. Empty sequences have no TMA map
-// (a zero extent), and the SM80 path handles them anyway.
+// (batch-strided) backward at the kernel head dims it is built for (run_sm90 registered: 64, 96,
+// 128, 192 and 256 in a full build), causal or window masks, GQA/MQA, deterministic or not;
+// nothing of softcap, ALiBi, dropout or packed (varlen) tensors, which run the SM80 kernels. Packed
+// tensors stay off it until they are tested on a GPU: TMA loads whole blocks, and the backward has
+// no zeroing of the rows past a sequence. Empty sequences have no TMA map (a zero extent), and the
+// SM80 path handles them anyway. Decided before the buffers are allocated: the two paths need
+// different ones.
 bool sm90_backward_applies(const flash::BwdParams& p, const DeviceInfo& dev, const flash::BwdLauncher& kernel) {
   return kernel.run_sm90 != nullptr && dev.sm90 && sm90_backward_enabled.load(std::memory_order_relaxed) &&
-         !p.deterministic && p.dq_accum_ptr != nullptr && p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr &&
-         p.seqused_k == nullptr && p.leftpad_k == nullptr && p.block_table == nullptr &&
-         p.cache_batch_idx == nullptr && p.seqlen_q > 0 && p.seqlen_k > 0 && p.alibi_slopes_ptr == nullptr &&
-         p.softcap_in == 0.f && p.dropout_keep_threshold == 0 &&
+         p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr && p.seqused_k == nullptr &&
+         p.leftpad_k == nullptr && p.block_table == nullptr && p.cache_batch_idx == nullptr && p.seqlen_q > 0 &&
+         p.seqlen_k > 0 && p.alibi_slopes_ptr == nullptr && p.softcap_in == 0.f && p.dropout_keep_threshold == 0 &&
          tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, p.q_batch_stride}) &&
          tma_compatible(p.k_ptr, {p.k_row_stride, p.k_head_stride, p.k_batch_stride}) &&
          tma_compatible(p.v_ptr, {p.v_row_stride, p.v_head_stride, p.v_batch_stride}) &&
@@ -125,8 +125,8 @@ void set_grad(const Tensor& t, void*& ptr, int64_t& batch_stride, int64_t& row_s
   head_stride = t.stride(-2);
 }
 
-// Shared by both entry points after the checks: packs BwdParams, allocates the fp32 dQ accumulator
-// (unless deterministic) and launches. softmax_lse and softmax_d share the strides given.
+// Shared by both entry points after the checks: packs BwdParams, picks the Hopper or the SM80
+// kernels, allocates what they need and launches. softmax_lse and softmax_d share the strides given.
 void run_backward(const flash::BwdLauncher& kernel, const Call& c, const Tensor& dout, const Tensor& lse,
                   const Tensor& softmax_d, const Tensor& dq, const Tensor& dk, const Tensor& dv,
                   const OptTensor& alibi_slopes, const int* cu_seqlens_q, const int* cu_seqlens_k, int total_q_rows,
@@ -161,16 +161,27 @@ void run_backward(const flash::BwdLauncher& kernel, const Call& c, const Tensor&
     p.philox_offset_ptr = seed_offset + 1;
     p.philox_offset = 0;
   }
-  // The accumulator straight from PyTorch's caching allocator: no sync, no tensor object; it lives
-  // until the launches are enqueued (the allocator keeps the stream order).
-  c10::DataPtr dq_accum;
-  if (!deterministic) {
-    const int64_t elems = int64_t(c.num_heads) * total_q_rows * flash::round_up_headdim(c.head_size);
-    dq_accum = c10::cuda::CUDACachingAllocator::get()->allocate(elems * sizeof(float));
-    p.dq_accum_ptr = static_cast<float*>(dq_accum.get());
+  const bool sm90 = sm90_backward_applies(p, dev, kernel);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  // The fp32 dQ accumulator, for every path but the SM80 kernels' deterministic one (which
+  // computes dQ in its own kernel); the deterministic Hopper kernel also takes one add count per
+  // (batch, head, query block), zeroed here, after the accumulator in the same allocation. Straight
+  // from PyTorch's caching allocator: no sync, no tensor object; it lives until the launches are
+  // enqueued (the allocator keeps the stream order).
+  c10::DataPtr buffers;
+  if (sm90 || !deterministic) {
+    const int64_t accum_elems = int64_t(c.num_heads) * total_q_rows * flash::round_up_headdim(c.head_size);
+    const int block_m = flash::sm90_bwd_block_m(flash::round_up_headdim(c.head_size));
+    const int64_t q_blocks = (c.seqlen_q + block_m - 1) / block_m;
+    const int64_t counts = sm90 && deterministic ? int64_t(c.batch) * c.num_heads * q_blocks : 0;
+    buffers = c10::cuda::CUDACachingAllocator::get()->allocate(accum_elems * sizeof(float) + counts * sizeof(int));
+    p.dq_accum_ptr = static_cast<float*>(buffers.get());
+    if (counts > 0) {
+      p.dq_add_count_ptr = reinterpret_cast<int*>(p.dq_accum_ptr + accum_elems);
+      C10_CUDA_CHECK(cudaMemsetAsync(p.dq_add_count_ptr, 0, counts * sizeof(int), stream));
+    }
   }
-  const auto run = sm90_backward_applies(p, dev, kernel) ? kernel.run_sm90 : kernel.run;
-  run(p, c10::cuda::getCurrentCUDAStream().stream());
+  (sm90 ? kernel.run_sm90 : kernel.run)(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

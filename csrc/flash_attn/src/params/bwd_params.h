@@ -31,8 +31,8 @@ struct BwdParams : FwdParams {
   float* softmax_d_ptr;
 
   // fp32 dQ accumulated by the dK/dV blocks with atomics: [h][total_q_rows][kernel head dim],
-  // rows indexed like the forward's split partials (SeqInfo::q_row). nullptr when deterministic:
-  // then a separate kernel computes dQ per query tile in a fixed key order.
+  // rows indexed like the forward's split partials (SeqInfo::q_row). nullptr when the SM80 kernels
+  // run deterministic: then a separate kernel computes dQ per query tile in a fixed key order.
   float* dq_accum_ptr;
 
   // d(scaled score)/d(q.k) apart from softcap's tanh' factor: the caller's softmax_scale (with
@@ -40,6 +40,12 @@ struct BwdParams : FwdParams {
   float scale_grad;
 
   bool deterministic;
+
+  // Deterministic Hopper backward only (else nullptr): per (batch, head, query block of
+  // sm90_bwd_block_m(kernel head dim) rows), how many key blocks have added their part of dQ into
+  // dq_accum, zeroed before the launch; the key blocks take turns in a fixed order
+  // (sm90/bwd_dq_order.h).
+  int* dq_add_count_ptr;
 };
 
 }  // namespace flash

@@ -115,4 +115,9 @@ constexpr TileShape bwd_dq_tile(int headdim) {
   return headdim <= 128 ? TileShape{64, 64, 4} : TileShape{64, 32, 4};
 }
 
+// Hopper backward: query rows per step at kernel head dim `headdim` (Sm90BwdTraits::kBlockM;
+// sm90/bwd_kernel_traits.h says why 128 at 64 and 64 elsewhere). The dispatcher also sizes the
+// deterministic mode's dQ order counters with it: one per (batch, head, query block of this size).
+constexpr int sm90_bwd_block_m(int headdim) { return headdim == 64 ? 128 : 64; }
+
 }  // namespace flash

@@ -1,23 +1,45 @@
 // Hopper (sm_90a) backward, dK / dV and dQ by atomics, FlashAttention-3's algorithm.
 //
-// One thread block per (key block of kBlockN = 128 keys, batch, kv head). Warpgroup 0 produces:
-// thread 0 loads K and V once and Q, dO of every step (TMA) into a two-stage ring; warp 1 copies
-// the step's lse (in log2 units) and D into shared memory beside them. Warpgroups 1 and 2 consume,
-// 64 keys each; a step is one 64-query block of one query head of the GQA group (every query head
-// of the group in turn, as the SM80 kernel does, so dK and dV sum the group in registers):
+// One thread block per (key block of kBlockN keys, batch, kv head). Warpgroup 0 produces: thread
+// 0 loads K and V once and Q, dO of every step (TMA) into a two-stage ring; warps 1 to
+// kRowStatWarps copy the step's lse (in log2 units) and D into shared memory beside them; in
+// deterministic mode lane 0 of the next warp passes the dQ turns on (bwd_pass_dq_turns). The
+// other warpgroups consume; a step is one kBlockM-query block of one query head of the GQA group
+// (every query head of the group in turn, as the SM80 kernel does, so dK and dV sum the group in
+// registers). The traits (sm90/bwd_kernel_traits.h) choose how the consumers split the work.
+//
+// Keys split (kernel head dims 64, 96, 128; bwd_consume_keys_split): two warpgroups of 64 keys.
 //   S^T = K Q^T, dP^T = V dO^T                  (SS)
 //   P^T = exp2(S^T scale_log2 - lse_log2)       (registers; lse of a query column from smem)
 //   dV += P^T dO                                (RS: P^T is the register A operand)
 //   dS^T = P^T o (dP^T - D)                     (registers), stored to smem for dQ
 //   dK += dS^T Q                                (RS)
-//   dQ = dS K                                   (SS, both warpgroups' dS^T; warpgroup w owns
-//                                                d-columns [64 w, 64 w + 64)), added to the fp32
-//                                                dQ accumulator with float2 atomics
+//   dQ = dS K                                   (SS, both warpgroups' dS^T; each warpgroup owns
+//                                                half of dQ's columns, or of its rows at 128-query
+//                                                steps), added to the fp32 dQ accumulator with
+//                                                float2 atomics
+//
+// Head dim split (kernel head dims 192, 256; bwd_consume_head_dim_split): W warpgroups, each
+// kBlockN / W keys of S and dP and d / W rows of dK^T and dV^T.
+//   S = Q K^T, dP = dO V^T                      (SS, the warpgroup's keys)
+//   P = exp2(S scale_log2 - lse_log2)           (registers; lse of a query row from smem), to smem
+//   dS = P o (dP - D)                           (registers), to smem
+//   dQ = dS K                                   (SS, every warpgroup's dS; d-columns of the
+//                                                warpgroup), added to the accumulator as above
+//   dV^T += dO^T P, dK^T += Q^T dS              (SS, every warpgroup's P / dS; d-rows of the
+//                                                warpgroup)
+//
+// Both loops add dQ through add_dq_to_accumulator; in deterministic mode (Traits::kDeterministic)
+// the key blocks take turns at each query block's rows in a fixed order (sm90/bwd_dq_order.h):
+// wait_for_dq_turn_of_step before the adds, and a producer thread of its own (bwd_pass_dq_turns)
+// passes the turn on once the stage release that follows them completes.
+//
 // dK is scaled by scale_grad at the end (dS excludes the softmax scale, as in the SM80 kernels);
 // the dQ convert kernel applies it to dQ.
 //
-// Scope: head dim 128, batch-strided q/k/v (packed varlen maps are built like the forward's but
-// are not a target yet), causal or not (any window), GQA; no softcap, ALiBi, dropout, deterministic.
+// Scope: kernel head dims 64, 96, 128, 192, 256, batch-strided q/k/v (packed varlen maps are built
+// like the forward's but are not a target yet), causal or not (any window), GQA, deterministic or
+// not; no softcap, ALiBi, dropout.
 #pragma once
 
 #include <cmath>
@@ -33,6 +55,7 @@
 #include "common/mma_utils.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
+#include "sm90/bwd_dq_order.h"
 #include "sm90/bwd_kernel_traits.h"
 #include "sm90/gmma_layouts.h"
 #include "sm90/tma_loads.h"
@@ -106,7 +129,7 @@ template <typename Traits>
 __device__ __forceinline__ Sm90BwdWork sm90_bwd_work(const BwdParams& p) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   Sm90BwdWork w{SeqInfo(p, blockIdx.y), 0, 0, 0, 0, 0, 0, int(blockIdx.z), int(blockIdx.y)};
-  w.n0 = blockIdx.x * kBlockN;
+  w.n0 = bwd_key_block<Traits::kDeterministic>() * kBlockN;
   w.keys_in_block = min(kBlockN, w.seq.seqlen_k - w.n0);
   w.diag = w.seq.seqlen_k - w.seq.seqlen_q;
   if (w.keys_in_block <= 0) return w;  // past a short varlen sequence: no steps, nothing written
@@ -119,6 +142,28 @@ __device__ __forceinline__ Sm90BwdWork sm90_bwd_work(const BwdParams& p) {
   w.m_blocks = row_hi > row_lo ? (row_hi + kBlockM - 1) / kBlockM - w.m_block_min : 0;
   w.steps = p.h_h_k_ratio * w.m_blocks;
   return w;
+}
+
+// ---- Deterministic dQ order, per step (sm90/bwd_dq_order.h) ----------------------------------
+
+// Consumer threads, right after issuing the step's dQ GEMM (so the wait overlaps it): returns once
+// the key blocks before this one in the order have added into the step's dQ rows. Nothing in the
+// default variant.
+template <typename Traits>
+__device__ __forceinline__ void wait_for_dq_turn_of_step(const BwdParams& p, const Sm90BwdWork& w, int bidh, int m0,
+                                                         int rows_in_tile) {
+  if constexpr (Traits::kDeterministic) {
+    wait_for_dq_turn(dq_add_count<Traits::kBlockM>(p, w.bidb, bidh, m0 / Traits::kBlockM),
+                     dq_adds_before<Traits::kBlockN>(p, w.seq, m0, rows_in_tile, w.n0 / Traits::kBlockN));
+  }
+}
+
+// One producer thread (bwd_pass_dq_turns), once every consumer thread has released step s (each
+// after its adds): the next key block's turn at step s's dQ rows.
+template <typename Traits>
+__device__ __forceinline__ void pass_dq_turn_of_step(const BwdParams& p, const Sm90BwdWork& w, int s) {
+  constexpr int kBlockM = Traits::kBlockM;
+  pass_dq_turn(dq_add_count<kBlockM>(p, w.bidb, w.step_head(p, s), w.step_m0(s, kBlockM) / kBlockM));
 }
 
 // ---- Producer ------------------------------------------------------------------------------
@@ -152,8 +197,9 @@ __device__ __forceinline__ void bwd_produce_tiles(const Sm90BwdArgs<Traits>& arg
                               args.tma_k.get_tma_tensor(k_extent(p))(_, _, w.kv_head, packed_k ? 0 : w.bidb));
     Tensor mV = domain_offset(make_coord(k_start, _0{}),
                               args.tma_v.get_tma_tensor(k_extent(p))(_, _, w.kv_head, packed_k ? 0 : w.bidb));
-    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(blockIdx.x, _0{}));
-    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(blockIdx.x, _0{}));
+    const int n_block = bwd_key_block<Traits::kDeterministic>();
+    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
+    Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&shared.kv_full, 2 * Traits::kKTileBytes);
     copy(args.tma_k.with(shared.kv_full), k_copy.partition_S(gK), k_copy.partition_D(sK));
     copy(args.tma_v.with(shared.kv_full), v_copy.partition_S(gV), v_copy.partition_D(sV));
@@ -180,37 +226,58 @@ __device__ __forceinline__ void bwd_produce_tiles(const Sm90BwdArgs<Traits>& arg
   }
 }
 
-// Warp 1 of the producer warpgroup: per step, the lse (times log2 e) and D of the step's 64 query
-// rows into the stage's slots, once the consumers released the stage. Rows past the sequence get
-// lse = +inf and D = 0, so their P and dS are exactly 0 whatever the zero-filled Q and dO give.
+// Warps 1 to kRowStatWarps of the producer warpgroup: per step, the lse (times log2 e) and D of
+// 64 of the step's query rows each into the stage's slots, once the consumers released the stage.
+// Rows past the sequence get lse = +inf and D = 0, so their P and dS are exactly 0 whatever the
+// zero-filled Q and dO give. first_row: the lane's first row of the step (lane + 64 per warp
+// before this one); it writes that row and the row 32 below.
 template <typename Traits>
 __device__ __forceinline__ void bwd_produce_row_stats(const BwdParams& p, typename Traits::SharedStorage& shared,
                                                       typename Traits::Pipeline& pipeline, const Sm90BwdWork& w,
-                                                      int lane) {
+                                                      int first_row) {
   constexpr int kBlockM = Traits::kBlockM;
   constexpr float kLog2e = 1.4426950408889634f;
   // Kept small (24 registers after setmaxnreg): one step at a time, 32-bit row offsets from the
-  // head's base pointers.
-  const int rows_left0 = w.seq.seqlen_q - lane;
+  // head's base pointers, two rows per lane (four spill; a 128-query step takes a second warp).
+  const int rows_left0 = w.seq.seqlen_q - first_row;
   typename Traits::PipelineState write = cutlass::make_producer_start_state<typename Traits::Pipeline>();
 #pragma unroll 1
   for (int s = 0; s < w.steps; ++s) {
     const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
     const int64_t head_off = w.bidb * p.lse_batch_stride + bidh * p.lse_head_stride +
-                             int64_t(w.seq.q_start + m0 + lane) * p.lse_row_stride;
+                             int64_t(w.seq.q_start + m0 + first_row) * p.lse_row_stride;
     const float* lse = p.softmax_lse_ptr + head_off;
     const float* dsum = p.softmax_d_ptr + head_off;
     const int row_step = 32 * int(p.lse_row_stride);
     pipeline.producer_acquire(write);  // not the leader: only waits for the stage to be free
     CUTE_UNROLL
-    for (int i = 0; i < kBlockM / 32; ++i) {
+    for (int i = 0; i < 64 / 32; ++i) {
       const bool valid = m0 + 32 * i < rows_left0;
-      shared.lse_log2[write.index()][lane + 32 * i] = valid ? lse[i * row_step] * kLog2e : INFINITY;
-      shared.dsum[write.index()][lane + 32 * i] = valid ? dsum[i * row_step] : 0.f;
+      shared.lse_log2[write.index()][first_row + 32 * i] = valid ? lse[i * row_step] * kLog2e : INFINITY;
+      shared.dsum[write.index()][first_row + 32 * i] = valid ? dsum[i * row_step] : 0.f;
     }
     // mbarrier.arrive has release semantics: the stores above are visible to its waiters.
     cutlass::arch::ClusterBarrier::arrive(&shared.lse_full[write.index()]);
     ++write;
+  }
+}
+
+// Deterministic mode, one thread of the producer warp after the row-stat warps: each step's
+// stage release comes after every consumer thread added its part of the step's dQ (each releases
+// after its adds), so once the release completes it passes the step's turn on to the next key
+// block (sm90/bwd_dq_order.h). A thread of its own, not a row-stat lane: the turn's index
+// arithmetic beside the row loads spills at their 24 registers (head dim 64).
+template <typename Traits>
+__device__ __forceinline__ void bwd_pass_dq_turns(const BwdParams& p, typename Traits::Pipeline& pipeline,
+                                                  const Sm90BwdWork& w) {
+  // Step s's release completes the empty barrier that the producer's acquire for step
+  // s + kStages waits for.
+  typename Traits::PipelineState released = cutlass::make_producer_start_state<typename Traits::Pipeline>();
+  released.advance(Traits::kStages);
+#pragma unroll 1
+  for (int s = 0; s < w.steps; ++s, ++released) {
+    pipeline.producer_acquire(released);  // not the leader: only waits
+    pass_dq_turn_of_step<Traits>(p, w, s);
   }
 }
 
@@ -233,9 +300,68 @@ __device__ __forceinline__ void apply_mask_transposed(TS& st, TC const& coord, i
   }
 }
 
+// A step's dQ (this thread's elements of the fp32 accumulator fragment, at coordinates tdQcdQ
+// within the step's query rows) added into the dQ accumulator. Neighbouring accumulator elements
+// are neighbouring d-columns of one query row: one float2 atomic each. Rows past the sequence
+// carry dS = 0 and are skipped. Addresses are the thread's base plus compile-time offsets (its
+// coordinates minus its first), folded into the atomics' immediates; the empty asm keeps the
+// compiler from splitting the base offset back into per-element 64-bit offsets, which it would
+// hoist out of the loop and spill. (On the offset, not the pointer: the pointer stays known to
+// be global, so the atomics stay REDG.)
+template <int kHeadDim, typename TAcc, typename TCoord>
+__device__ __forceinline__ void add_dq_to_accumulator(const BwdParams& p, const Sm90BwdWork& w, TAcc const& acc_dq,
+                                                      TCoord const& tdQcdQ, int bidh, int m0, int rows_in_tile) {
+  const int row0 = get<0>(tdQcdQ(0)), col0 = get<1>(tdQcdQ(0));
+  int64_t dq_offset = (int64_t(bidh) * p.total_q_rows + w.seq.q_row(p, w.bidb, m0) + row0) * kHeadDim + col0;
+  asm("" : "+l"(dq_offset));
+  float* dq_thread = p.dq_accum_ptr + dq_offset;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dq); i += 2) {
+    const int drow = get<0>(tdQcdQ(i)) - row0, dcol = get<1>(tdQcdQ(i)) - col0;
+    if (drow < rows_in_tile - row0) {
+      atomicAdd(reinterpret_cast<float2*>(dq_thread + drow * kHeadDim + dcol), make_float2(acc_dq(i), acc_dq(i + 1)));
+    }
+  }
+}
+
+// The block's dK and dV rows [group kRows, (group + 1) kRows) from the K and V tiles, where the
+// consumers staged them, to global memory: 16 bytes per store, by the group's kThreads consumer
+// threads (a warpgroup, or all of them). Rows past the sequence and columns past d stay unwritten.
+template <typename Traits, int kRows, int kThreads, typename TK>
+__device__ __forceinline__ void store_dkv_rows(const BwdParams& p, const Sm90BwdWork& w, TK const& sK, TK const& sV,
+                                               int group) {
+  using Element = typename Traits::Element;
+  constexpr int kVecElems = 16 / sizeof(Element);
+  constexpr int kVecsPerRow = Traits::kHeadDim / kVecElems;
+  const bool packed_k = p.cu_seqlens_k != nullptr;
+  const int k_start = packed_k ? p.cu_seqlens_k[w.bidb] : 0;
+  Element* dk = static_cast<Element*>(p.dk_ptr) +
+                (packed_k ? int64_t(k_start) * p.dk_row_stride : int64_t(w.bidb) * p.dk_batch_stride) +
+                w.kv_head * p.dk_head_stride;
+  Element* dv = static_cast<Element*>(p.dv_ptr) +
+                (packed_k ? int64_t(k_start) * p.dv_row_stride : int64_t(w.bidb) * p.dv_batch_stride) +
+                w.kv_head * p.dv_head_stride;
+  const int thread = (int(threadIdx.x) - 128) % kThreads;
+  CUTE_UNROLL
+  for (int i = thread; i < kRows * kVecsPerRow; i += kThreads) {
+    const int row = group * kRows + i / kVecsPerRow;
+    const int col = (i % kVecsPerRow) * kVecElems;
+    if (row < w.keys_in_block && col < p.d) {
+      // 8 consecutive elements stay contiguous under the 128-, 64- and 32-byte swizzles (they
+      // permute 16-byte units).
+      *reinterpret_cast<uint4*>(dk + int64_t(w.n0 + row) * p.dk_row_stride + col) =
+          *reinterpret_cast<const uint4*>(&sK(row, col));
+      *reinterpret_cast<uint4*>(dv + int64_t(w.n0 + row) * p.dv_row_stride + col) =
+          *reinterpret_cast<const uint4*>(&sV(row, col));
+    }
+  }
+}
+
+// The consumer loop with the keys split (Traits::kSplitHeadDim false): warpgroup w owns keys
+// [64 w, 64 w + 64) of the block, their S^T, dP^T, dK and dV.
 template <typename Traits>
-__device__ __forceinline__ void bwd_consume(const BwdParams& p, typename Traits::SharedStorage& shared,
-                                            typename Traits::Pipeline& pipeline, const Sm90BwdWork& w) {
+__device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typename Traits::SharedStorage& shared,
+                                                       typename Traits::Pipeline& pipeline, const Sm90BwdWork& w) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
@@ -310,11 +436,18 @@ __device__ __forceinline__ void bwd_consume(const BwdParams& p, typename Traits:
       CUTE_UNROLL
       for (int mi = 0; mi < size<0>(st); ++mi) st(mi, ni) = exp2f(fmaf(st(mi, ni), p.scale_softmax_log2, -lse));
     }
-    // P^T as the register A operand of dV += P^T dO.
-    Tensor rP = convert_fragment<Element>(acc_s);
-    Tensor tdVrP = make_tensor(rP.data(), gmma_acc_to_a_operand_layout(rP.layout()));
-    warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdVrP, tdVrdOt(_, _, _, stage), acc_dv);
-    warpgroup_wait<1>();  // dP^T has completed; dV may still run
+    // P^T as the register A operand of dV += P^T dO, issued before dS^T is computed, or after it
+    // where the traits say the registers are short (kDvAfterDs).
+    Tensor rP = make_fragment_like<Element>(acc_s);
+    auto issue_dv = [&]() {
+      Tensor converted = convert_fragment<Element>(acc_s);
+      CUTE_UNROLL
+      for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
+      Tensor tdVrP = make_tensor(rP.data(), gmma_acc_to_a_operand_layout(rP.layout()));
+      warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdVrP, tdVrdOt(_, _, _, stage), acc_dv);
+    };
+    if constexpr (!Traits::kDvAfterDs) issue_dv();
+    warpgroup_wait<Traits::kDvAfterDs ? 0 : 1>();  // dP^T has completed (dV, if issued, may still run)
 
     Tensor dpt = gmma_rowcol_view(acc_dp);
     CUTE_UNROLL
@@ -323,6 +456,7 @@ __device__ __forceinline__ void bwd_consume(const BwdParams& p, typename Traits:
       CUTE_UNROLL
       for (int mi = 0; mi < size<0>(dpt); ++mi) dpt(mi, ni) = st(mi, ni) * (dpt(mi, ni) - d);
     }
+    if constexpr (Traits::kDvAfterDs) issue_dv();
     Tensor rdS = convert_fragment<Element>(acc_dp);
     // dS^T into this step's buffer (stmatrix), made visible to the tensor cores' async proxy.
     copy(ds_copy, thr_ds_copy.retile_S(rdS), thr_ds_copy.partition_D(sdSt(_, _, buf)));
@@ -336,30 +470,20 @@ __device__ __forceinline__ void bwd_consume(const BwdParams& p, typename Traits:
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
     warpgroup_gemm</*kZeroInit=*/true>(mma_dq, tdQrdS_buf, tdQrKt, acc_dq);
+    wait_for_dq_turn_of_step<Traits>(p, w, bidh, m0, rows_in_tile);  // while the GEMM runs
     warpgroup_wait<0>();
     // The register operands stay untouched until here, where their GEMMs have completed.
     warpgroup_fence_operand(rP);
     warpgroup_fence_operand(rdS);
-    pipeline.consumer_release(read);
-    ++read;
+    auto release_stage = [&] {
+      pipeline.consumer_release(read);
+      ++read;
+    };
+    // Deterministic: after the adds below, so the release tells bwd_pass_dq_turns they are done.
+    if constexpr (!Traits::kDeterministic) release_stage();
 
-    // Neighbouring accumulator elements are neighbouring d-columns of one query row: one float2
-    // atomic each. Rows past the sequence carry dS = 0 and are skipped. Addresses are the thread's
-    // base plus compile-time offsets (its coordinates minus its first), folded into the atomics'
-    // immediates; the empty asm keeps the compiler from splitting the base offset back into
-    // per-element 64-bit offsets, which it would hoist out of the loop and spill. (On the offset,
-    // not the pointer: the pointer stays known to be global, so the atomics stay REDG.)
-    const int row0 = get<0>(tdQcdQ(0)), col0 = get<1>(tdQcdQ(0));
-    int64_t dq_offset = (int64_t(bidh) * p.total_q_rows + w.seq.q_row(p, w.bidb, m0) + row0) * kHeadDim + col0;
-    asm("" : "+l"(dq_offset));
-    float* dq_thread = p.dq_accum_ptr + dq_offset;
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_dq); i += 2) {
-      const int drow = get<0>(tdQcdQ(i)) - row0, dcol = get<1>(tdQcdQ(i)) - col0;
-      if (drow < rows_in_tile - row0) {
-        atomicAdd(reinterpret_cast<float2*>(dq_thread + drow * kHeadDim + dcol), make_float2(acc_dq(i), acc_dq(i + 1)));
-      }
-    }
+    add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
+    if constexpr (Traits::kDeterministic) release_stage();
   }
 
   // Epilogue: dK (times scale_grad: dS excluded the softmax scale) and dV through the K and V
@@ -376,30 +500,152 @@ __device__ __forceinline__ void bwd_consume(const BwdParams& p, typename Traits:
   copy(dkv_copy, thr_dkv_copy.retile_S(rdV), thr_dkv_copy.partition_D(sV));
   // A warpgroup's stmatrix covers exactly its own 64 key rows, which only it stores below.
   cutlass::arch::NamedBarrier::sync(128, kBarrierWarpgroup0 + warpgroup);
+  store_dkv_rows<Traits, 64, 128>(p, w, sK, sV, warpgroup);
+}
 
-  constexpr int kVecElems = 16 / sizeof(Element);
-  constexpr int kVecsPerRow = kHeadDim / kVecElems;
-  const bool packed_k = p.cu_seqlens_k != nullptr;
-  const int k_start = packed_k ? p.cu_seqlens_k[w.bidb] : 0;
-  Element* dk = static_cast<Element*>(p.dk_ptr) +
-                (packed_k ? int64_t(k_start) * p.dk_row_stride : int64_t(w.bidb) * p.dk_batch_stride) +
-                w.kv_head * p.dk_head_stride;
-  Element* dv = static_cast<Element*>(p.dv_ptr) +
-                (packed_k ? int64_t(k_start) * p.dv_row_stride : int64_t(w.bidb) * p.dv_batch_stride) +
-                w.kv_head * p.dv_head_stride;
-  const int lane_in_warpgroup = consumer_tidx % 128;
-  CUTE_UNROLL
-  for (int i = lane_in_warpgroup; i < 64 * kVecsPerRow; i += 128) {
-    const int row = warpgroup * 64 + i / kVecsPerRow;
-    const int col = (i % kVecsPerRow) * kVecElems;
-    if (row < w.keys_in_block && col < p.d) {
-      // 8 consecutive elements stay contiguous under the 128-byte swizzle (it permutes 16-byte units).
-      *reinterpret_cast<uint4*>(dk + int64_t(w.n0 + row) * p.dk_row_stride + col) =
-          *reinterpret_cast<const uint4*>(&sK(row, col));
-      *reinterpret_cast<uint4*>(dv + int64_t(w.n0 + row) * p.dv_row_stride + col) =
-          *reinterpret_cast<const uint4*>(&sV(row, col));
+// The consumer loop with the head dimension split (Traits::kSplitHeadDim): warpgroup w computes S
+// and dP of the step for keys [w kBlockN / W, (w + 1) kBlockN / W), stores P and dS to shared
+// memory, and, once every warpgroup's parts are there, accumulates its d-rows of dV^T += dO^T P
+// and dK^T += Q^T dS and computes its d-columns of dQ = dS K.
+template <typename Traits>
+__device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, typename Traits::SharedStorage& shared,
+                                                           typename Traits::Pipeline& pipeline,
+                                                           const Sm90BwdWork& w) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kConsumerThreads = Traits::kNConsumerThreads;
+  const int consumer_tidx = threadIdx.x - 128;
+  // Named barrier 1 (0 is __syncthreads') spans all consumer warpgroups.
+  constexpr int kBarrierConsumers = 1;
+
+  Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQt{});
+  Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutK{});
+  Tensor sKt = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutKt{});
+  Tensor sVt = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutKt{});
+  // P and dS as (queries, keys, buffer), as their accumulators store them, and as (keys, queries,
+  // buffer), the B operand of the dV^T and dK^T GEMMs.
+  Tensor sP = make_tensor(make_smem_ptr(shared.p.data()), typename Traits::SmemLayoutdS{});
+  Tensor sdS = make_tensor(make_smem_ptr(shared.ds.data()), typename Traits::SmemLayoutdS{});
+  Tensor sPt = make_tensor(make_smem_ptr(shared.p.data()), typename Traits::SmemLayoutdSt{});
+  Tensor sdSt = make_tensor(make_smem_ptr(shared.ds.data()), typename Traits::SmemLayoutdSt{});
+
+  // GMMA descriptor fragments: (MMA, MMA_M|N, MMA_K[, stage | buffer]).
+  typename Traits::TiledMmaSdP mma_sdp;
+  auto thr_sdp = mma_sdp.get_thread_slice(consumer_tidx);
+  Tensor tSrQ = thr_sdp.make_fragment_A(thr_sdp.partition_A(sQ));
+  Tensor tSrK = thr_sdp.make_fragment_B(thr_sdp.partition_B(sK));
+  Tensor tdPrdO = thr_sdp.make_fragment_A(thr_sdp.partition_A(sdO));
+  Tensor tdPrV = thr_sdp.make_fragment_B(thr_sdp.partition_B(sV));
+  typename Traits::TiledMmadKV mma_dkv;
+  auto thr_dkv = mma_dkv.get_thread_slice(consumer_tidx);
+  Tensor tdVrdOt = thr_dkv.make_fragment_A(thr_dkv.partition_A(sdOt));
+  Tensor tdVrPt = thr_dkv.make_fragment_B(thr_dkv.partition_B(sPt));
+  Tensor tdKrQt = thr_dkv.make_fragment_A(thr_dkv.partition_A(sQt));
+  Tensor tdKrdSt = thr_dkv.make_fragment_B(thr_dkv.partition_B(sdSt));
+  typename Traits::TiledMmadQ mma_dq;
+  auto thr_dq = mma_dq.get_thread_slice(consumer_tidx);
+  Tensor tdQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS));
+  Tensor tdQrKt = thr_dq.make_fragment_B(thr_dq.partition_B(sKt));
+
+  // (query, key) of every S element this thread holds, relative to the step and the block.
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor tScS_rc = gmma_rowcol_view(tScS);
+  // (query, d) of every dQ element this thread holds.
+  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  auto pds_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomdS{}, mma_sdp);
+  auto thr_pds_copy = pds_copy.get_thread_slice(consumer_tidx);
+
+  Tensor acc_dkt = partition_fragment_C(mma_dkv, Shape<Int<kHeadDim>, Int<kBlockN>>{});
+  Tensor acc_dvt = partition_fragment_C(mma_dkv, Shape<Int<kHeadDim>, Int<kBlockN>>{});
+  clear(acc_dkt);
+  clear(acc_dvt);
+
+  if (w.steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+  typename Traits::PipelineState read;
+  for (int s = 0; s < w.steps; ++s) {
+    const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
+    const int rows_in_tile = min(kBlockM, w.seq.seqlen_q - m0);
+    const int stage = read.index();
+    const int buf = s % Traits::kDsBuffers;
+    pipeline.consumer_wait(read);
+    cutlass::arch::ClusterBarrier::wait(&shared.lse_full[stage], read.phase());
+
+    Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor tSrQ_stage = tSrQ(_, _, _, stage);
+    Tensor tdPrdO_stage = tdPrdO(_, _, _, stage);
+    warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tSrQ_stage, tSrK, acc_s);
+    warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tdPrdO_stage, tdPrV, acc_dp);
+    warpgroup_wait<1>();  // S has completed; dP may still run
+
+    Tensor sc = gmma_rowcol_view(acc_s);
+    const BlockCoords bc{m0, w.n0, w.diag};
+    if (block_needs_mask(bc, kBlockN, rows_in_tile, w.seq.seqlen_k, p.window_left, p.window_right)) {
+      apply_mask(sc, tScS_rc, bc, w.seq.seqlen_k, p.window_left, p.window_right);
     }
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(sc); ++mi) {
+      const float lse = shared.lse_log2[stage][get<0>(tScS_rc(mi, 0))];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(sc); ++ni) sc(mi, ni) = exp2f(fmaf(sc(mi, ni), p.scale_softmax_log2, -lse));
+    }
+    // P into this step's buffer (stmatrix).
+    Tensor rP = convert_fragment<Element>(acc_s);
+    copy(pds_copy, thr_pds_copy.retile_S(rP), thr_pds_copy.partition_D(sP(_, _, buf)));
+    warpgroup_wait<0>();  // dP has completed
+
+    Tensor dp = gmma_rowcol_view(acc_dp);
+    CUTE_UNROLL
+    for (int mi = 0; mi < size<0>(dp); ++mi) {
+      const float d = shared.dsum[stage][get<0>(tScS_rc(mi, 0))];
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<1>(dp); ++ni) dp(mi, ni) = sc(mi, ni) * (dp(mi, ni) - d);
+    }
+    Tensor rdS = convert_fragment<Element>(acc_dp);
+    copy(pds_copy, thr_pds_copy.retile_S(rdS), thr_pds_copy.partition_D(sdS(_, _, buf)));
+    // The generic-proxy stores above, made visible to the tensor cores' async proxy, then every
+    // warpgroup's keys of P and dS are in the buffers. The other buffers are free: each
+    // warpgroup waited for its previous step's GEMMs (which read them) before arriving here.
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::NamedBarrier::sync(kConsumerThreads, kBarrierConsumers);
+
+    // dQ first, so its atomics overlap the dV^T and dK^T GEMMs.
+    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+    Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
+    warpgroup_gemm</*kZeroInit=*/true>(mma_dq, tdQrdS_buf, tdQrKt, acc_dq);
+    Tensor tdVrdOt_stage = tdVrdOt(_, _, _, stage);
+    warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdVrdOt_stage, tdVrPt(_, _, _, buf), acc_dvt);
+    Tensor tdKrQt_stage = tdKrQt(_, _, _, stage);
+    warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdKrQt_stage, tdKrdSt(_, _, _, buf), acc_dkt);
+    wait_for_dq_turn_of_step<Traits>(p, w, bidh, m0, rows_in_tile);  // while the GEMMs run
+    warpgroup_wait<2>();  // dQ has completed
+    add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
+    warpgroup_wait<0>();
+    // After the adds: in deterministic mode the release tells bwd_pass_dq_turns they are done.
+    pipeline.consumer_release(read);
+    ++read;
   }
+
+  // Epilogue: dK^T (times scale_grad: dS excluded the softmax scale) and dV^T, transposed by
+  // stmatrix into the K and V tiles as (keys, d), then 16-byte global stores of the block's rows,
+  // each of which holds d-columns of every warpgroup.
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dkt); ++i) acc_dkt(i) *= p.scale_grad;
+  Tensor rdK = convert_fragment<Element>(acc_dkt);
+  Tensor rdV = convert_fragment<Element>(acc_dvt);
+  // Every warpgroup's last GEMMs reading K and V (S, dP, dQ) have completed before they are
+  // overwritten.
+  cutlass::arch::NamedBarrier::sync(kConsumerThreads, kBarrierConsumers);
+  auto dkv_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomdKV{}, mma_dkv);
+  auto thr_dkv_copy = dkv_copy.get_thread_slice(consumer_tidx);
+  copy(dkv_copy, thr_dkv_copy.retile_S(rdK), thr_dkv_copy.partition_D(sKt));
+  copy(dkv_copy, thr_dkv_copy.retile_S(rdV), thr_dkv_copy.partition_D(sVt));
+  cutlass::arch::NamedBarrier::sync(kConsumerThreads, kBarrierConsumers);
+  store_dkv_rows<Traits, kBlockN, kConsumerThreads>(p, w, sK, sV, 0);
 }
 
 template <typename Traits>
@@ -418,7 +664,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const int seqlen_k = params.cu_seqlens_k != nullptr
                              ? params.cu_seqlens_k[blockIdx.y + 1] - params.cu_seqlens_k[blockIdx.y]
                              : params.seqlen_k;
-    if (int(blockIdx.x) * Traits::kBlockN >= seqlen_k) return;
+    if (bwd_key_block<Traits::kDeterministic>() * Traits::kBlockN >= seqlen_k) return;
   }
 
   const int warpgroup = threadIdx.x / 128;
@@ -431,7 +677,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   if (threadIdx.x == 0) {
     cutlass::arch::ClusterTransactionBarrier::init(&shared.kv_full, 1);
     CUTE_UNROLL
-    for (int i = 0; i < Traits::kStages; ++i) cutlass::arch::ClusterBarrier::init(&shared.lse_full[i], 32);
+    for (int i = 0; i < Traits::kStages; ++i) {
+      cutlass::arch::ClusterBarrier::init(&shared.lse_full[i], 32 * Traits::kRowStatWarps);
+    }
   }
   cutlass::arch::fence_barrier_init();
   __syncthreads();  // barriers initialised before anyone arrives or waits on them
@@ -444,14 +692,25 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (threadIdx.x == 0) {
       const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
       if (work.steps > 0) bwd_produce_tiles<Traits>(args, shared, pipeline, work);
-    } else if (warp == 1) {
+    } else if (warp >= 1 && warp <= Traits::kRowStatWarps) {
       const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
-      bwd_produce_row_stats<Traits>(params, shared, pipeline, work, threadIdx.x % 32);
+      const int first_row = threadIdx.x % 32 + (Traits::kRowStatWarps == 1 ? 0 : (warp - 1) * 64);
+      bwd_produce_row_stats<Traits>(params, shared, pipeline, work, first_row);
+    }
+    if constexpr (Traits::kDeterministic) {
+      if (threadIdx.x == 32 * (Traits::kRowStatWarps + 1)) {
+        const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
+        bwd_pass_dq_turns<Traits>(params, pipeline, work);
+      }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
-    bwd_consume<Traits>(params, shared, pipeline, work);
+    if constexpr (Traits::kSplitHeadDim) {
+      bwd_consume_head_dim_split<Traits>(params, shared, pipeline, work);
+    } else {
+      bwd_consume_keys_split<Traits>(params, shared, pipeline, work);
+    }
   }
 #endif
 }

@@ -1,11 +1,10 @@
-// Compile-time description of the Hopper backward kernel (sm90/bwd_kernel.h): tile shape, warp
-// roles and register budgets, the five warpgroup GEMMs, the shared-memory layouts TMA writes and
-// GMMA reads (and their transposed views), and the Q/dO pipeline.
+// Compile-time description of the Hopper backward kernel (sm90/bwd_kernel.h) per kernel head dim:
+// how the consumer warpgroups split a block's work (its keys, or the head dimension), tile shape,
+// warp roles and register budgets, the five warpgroup GEMMs, the shared-memory layouts TMA writes
+// and GMMA reads (and their transposed views), and the Q/dO pipeline.
 //
-// Everything is computed transposed, keys as the GMMA M dimension: a consumer warpgroup owns 64 of
-// the block's keys, so S^T and dP^T (keys x queries) sit in its registers in the accumulator
-// layout that is also the register A operand of dV += P^T dO and dK += dS^T Q; P and dS never go
-// through shared memory for those two GEMMs. Only dS goes to shared memory, for dQ += dS K.
+// kDeterministic: the key blocks add their dQ parts in a fixed order (sm90/bwd_dq_order.h), so dQ
+// is bitwise the same from run to run; tiles, GEMMs, shared memory and pipeline are the same.
 #pragma once
 
 #include <cstdint>
@@ -13,92 +12,186 @@
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+// GMMA N = 48 (the dQ GEMM's per-warpgroup width at head dim 96) is one of CuTe's extended shapes,
+// declared in these headers; see DqAtom below.
+#include <cute/arch/mma_sm90_gmma_ext.hpp>
+#include <cute/atom/mma_traits_sm90_gmma_ext.hpp>
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "plan/tile_sizes.h"
 
 namespace flash {
 
 using namespace cute;
 
-template <int kHeadDim_, bool kIsBf16>
+template <int kHeadDim_, bool kIsBf16, bool kDeterministic_>
 struct Sm90BwdTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
-  // The register budget below holds dK and dV (64 fp32 each per thread) beside S^T and dP^T of a
-  // 64-query step (32 each) at head dim 128 only.
-  static_assert(kHeadDim == 128, "the Hopper backward covers head dim 128");
+  static constexpr bool kDeterministic = kDeterministic_;
+  static_assert(kHeadDim == 64 || kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 192 || kHeadDim == 256,
+                "the Hopper backward covers kernel head dims 64, 96, 128, 192 and 256");
 
-  // kBlockN keys per thread block, kBlockM queries per step. Two consumer warpgroups split the
-  // keys (64 each, one GMMA M-extent): dK and dV of a key stay in one warpgroup for the whole loop,
-  // and S^T / dP^T come out in the layout of the register A operand of the dV and dK GEMMs.
-  // Splitting the queries instead would need P^T and dS^T of all 64 keys x 128 queries in shared
-  // memory for dV / dK (two extra 32 KiB stores and reads per step) and a cross-warpgroup sum of dK, dV.
-  // 64 queries per step: 128 keys x 64 queries keeps S^T + dP^T at 64 registers; 128 queries
-  // would need 128 and not fit beside dK + dV (128) under 240.
-  static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = 128;
-  static constexpr int kNConsumerWarpgroups = kBlockN / 64;
+  // How the consumer warpgroups share a block's work (docs/SM90_BACKWARD.md has the budgets).
+  //
+  // Keys split (d <= 128): each warpgroup owns 64 of the block's keys (one GMMA M-extent), computes
+  // S^T and dP^T (keys x queries) of its keys and holds dK and dV of its keys for the whole loop.
+  // S^T / dP^T come out in the layout of the register A operand of dV += P^T dO and dK += dS^T Q,
+  // so P and dS reach those GEMMs without shared memory, and no dK / dV sum crosses warpgroups.
+  // Splitting the queries instead would need P^T and dS^T of all keys x kBlockM queries in shared
+  // memory for dV / dK and a cross-warpgroup sum of dK, dV.
+  //
+  // Head dim split (d = 192, 256): dK and dV of a warpgroup's 64 keys x d are d fp32 registers
+  // per thread (256 at d = 256, 192 at 192), which leave no room for S^T and dP^T (64 more at
+  // 64-query steps) under 240. So the warpgroups split the head dimension instead: dK^T and dV^T
+  // (d x keys) are accumulated with d as the GMMA M dimension, warpgroup w owning d-rows of its
+  // M-tiles; S and dP (queries x keys) are split along the keys; and P and dS, which every
+  // warpgroup's dV^T += dO^T P and dK^T += Q^T dS read in full, go through shared memory, as dS
+  // already does for dQ.
+  static constexpr bool kSplitHeadDim = kHeadDim > 128;
+
+  // kBlockN keys per thread block, kBlockM queries per step, and the warpgroups, from the register
+  // budget of a consumer thread (fp32 accumulators, 16-bit operands as packed pairs):
+  //   d = 64: 128 queries per step, dK + dV 64 + S^T + dP^T 128 (+ P^T 32 while it is packed,
+  //   kDvAfterDs). Twice the GEMM work per step amortises the step's fixed cost (barriers,
+  //   pipeline waits, the lse / D reads) that 64-query steps pay at a GEMM depth of only 64.
+  //   d = 96, 128: 64 queries, dK + dV 96 / 128 + S^T + dP^T 64 + P^T 16; 128 queries would need
+  //   256 / 288.
+  //   d = 256: 64 keys, two warpgroups of two d M-tiles each: dK^T + dV^T 128, dQ 64 (a
+  //   warpgroup's 128 d-columns of 64 queries), S + dP 32 (32 keys each). 80 keys would fit the
+  //   registers (160 + 64) but not shared memory with two Q/dO stages (see SharedStorage).
+  //   d = 192: 96 keys, three warpgroups of one d M-tile each, at 160 registers (three consumer
+  //   warpgroups share the register file): dK^T + dV^T 96, dQ 32, S + dP 32 (32 keys each).
+  // kBlockM's one home is plan/tile_sizes.h: the dispatcher sizes the deterministic dQ counters by it.
+  static constexpr int kBlockM = sm90_bwd_block_m(kHeadDim);
+  static constexpr int kBlockN = !kSplitHeadDim ? 128 : kHeadDim == 192 ? 96 : 64;
+  static constexpr int kNConsumerWarpgroups = kHeadDim == 192 ? 3 : 2;
   static constexpr int kNThreads = 128 * (1 + kNConsumerWarpgroups);  // producer warpgroup first
   static constexpr int kNConsumerThreads = 128 * kNConsumerWarpgroups;
+  // Where P^T goes to 16 bit for the dV GEMM (keys split). Converted as soon as it is computed,
+  // the dV GEMM runs while dP^T completes, but P^T is then held twice (fp32 for dS^T, 16-bit for
+  // the GEMM) beside S^T, dP^T, dK and dV. At 128 queries that is 64 + 32 + 64 + 64 = 224
+  // registers before any address, and ptxas spills; converted after dS^T (one pass once dP^T has
+  // completed), the fp32 values die as they are packed, and the peak is 192.
+  static constexpr bool kDvAfterDs = !kSplitHeadDim && kBlockM == 128;
 
   // Q/dO (and LSE/D) ring depth. Two stages: the next step's Q and dO land during the current step
-  // (one step is ~5 GEMMs of 64 x 128 x 128-ish work, far longer than a 32 KiB TMA).
+  // (one step is 5 GEMMs of kBlockN keys x kBlockM x kHeadDim, far longer than its Q and dO loads).
   static constexpr int kStages = 2;
 
-  // setmaxnreg budgets: 128 * 24 + 256 * 240 = 64512 <= 65536.
+  // Producer warps that write the lse and D of a step, 64 rows each (sm90/bwd_kernel.h,
+  // bwd_produce_row_stats): at 24 registers a lane holds the loads of two rows, not four.
+  static constexpr int kRowStatWarps = kBlockM / 64;
+
+  // setmaxnreg budgets: 128 * 24 + 256 * 240 = 64512 <= 65536 with two consumer warpgroups,
+  // 128 * 24 + 384 * 160 = 64512 with three.
   static constexpr int kProducerRegisters = 24;
-  static constexpr int kConsumerRegisters = 240;
+  static constexpr int kConsumerRegisters = kNConsumerWarpgroups == 3 ? 160 : 240;
   static_assert(128 * kProducerRegisters + kNConsumerThreads * kConsumerRegisters <= 65536);
 
-  // Warpgroups along M (keys) for S^T, dP^T, dK, dV; along N (head dim) for dQ, whose M is the
-  // step's 64 queries: warpgroup w computes dQ[:, 64 w : 64 w + 64] over all 128 keys, so the two
-  // warpgroups' dQ parts are disjoint and each element is added to global memory once.
   using WarpgroupsAlongM = Layout<Shape<Int<kNConsumerWarpgroups>, _1, _1>>;
   using WarpgroupsAlongN = Layout<Shape<_1, Int<kNConsumerWarpgroups>, _1>>;
 
-  // S^T = K Q^T and dP^T = V dO^T: (keys x queries), reduction over d; all operands K-major.
+  // S and dP: keys split, S^T = K Q^T and dP^T = V dO^T (keys x queries), warpgroups along M
+  // (keys); head dim split, S = Q K^T and dP = dO V^T (queries x keys), warpgroups along N (keys).
+  // Reduction over d; all operands K-major. (kSdpRows x kSdpCols) is the accumulator tile.
+  static constexpr int kSdpRows = kSplitHeadDim ? kBlockM : kBlockN;
+  static constexpr int kSdpCols = kSplitHeadDim ? kBlockN : kBlockM;
+  using SdpWarpgroups = std::conditional_t<kSplitHeadDim, WarpgroupsAlongN, WarpgroupsAlongM>;
+  static constexpr int kSdpTileN = kSplitHeadDim ? kBlockN / kNConsumerWarpgroups : kBlockM;
   using TiledMmaSdP = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockM>, Int<kHeadDim>>>(),
-      WarpgroupsAlongM{}));
-  // dV += P^T dO and dK += dS^T Q: (keys x d), reduction over the step's queries. A from registers;
-  // B is dO / Q read as (d x queries), d contiguous: MN-major.
-  using TiledMmadKV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockM>>, GMMA::Major::K,
-                           GMMA::Major::MN>(),
-      WarpgroupsAlongM{}));
-  // dQ = dS K: (queries x d), reduction over the block's keys. A is dS read from the dS^T buffer
-  // (queries contiguous: MN-major); B is K read as (d x keys), d contiguous: MN-major.
-  using TiledMmadQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim / kNConsumerWarpgroups>, Int<kBlockN>>,
-                           GMMA::Major::MN, GMMA::Major::MN>(),
-      WarpgroupsAlongN{}));
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kSdpTileN>, Int<kHeadDim>>>(), SdpWarpgroups{}));
 
-  // 128-byte swizzled tiles (one TMA box row = 64 elements = 128 bytes), as in the forward.
-  // Q and dO: (queries, d, stage); K and V: (keys, d).
-  using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
-                                             Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
-  using SmemLayoutK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
-                                             Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-  // Transposed views of the same bytes, (d, queries, stage) and (d, keys): a K-major SW128 atom
-  // read the other way round is an MN-major SW128 atom, which GMMA takes with its transpose bit.
+  // dK and dV, reduction over the step's queries, warpgroups along M. Keys split: dV += P^T dO and
+  // dK += dS^T Q (keys x d), A from registers, B dO / Q read as (d x queries), d contiguous:
+  // MN-major. Head dim split: dV^T += dO^T P and dK^T += Q^T dS (d x keys), A dO^T / Q^T (d
+  // contiguous: MN-major), B P / dS read as (keys x queries) from their buffers, keys contiguous:
+  // MN-major.
+  using TiledMmadKV = std::conditional_t<
+      kSplitHeadDim,
+      decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<kBlockM>>,
+                                                   GMMA::Major::MN, GMMA::Major::MN>(),
+                              WarpgroupsAlongM{})),
+      decltype(make_tiled_mma(GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockM>>,
+                                                   GMMA::Major::K, GMMA::Major::MN>(),
+                              WarpgroupsAlongM{}))>;
+  // The dK / dV accumulator tile: (keys x d), or (d x keys) with the head dim split.
+  static constexpr int kDkvRows = kSplitHeadDim ? kHeadDim : kBlockN;
+  static constexpr int kDkvCols = kSplitHeadDim ? kBlockN : kHeadDim;
+
+  // dQ = dS K: (queries x d), reduction over the block's keys, split so that the warpgroups' parts
+  // are disjoint and each element is added to global memory once: along M (queries, 64 each)
+  // where the step has 64 queries per warpgroup, else along N (head dim): warpgroup w computes
+  // dQ[:, w d / W : (w + 1) d / W] over all the block's keys. A is dS read from its buffer:
+  // queries contiguous (keys split, the dS^T buffer: MN-major) or keys contiguous (head dim
+  // split: K-major); B is K read as (d x keys), d contiguous: MN-major. At head dim 96 a
+  // warpgroup's 48 columns need GMMA N = 48, which CuTe's selector offers only with its extended
+  // shapes (otherwise three N = 16 instructions, each re-reading dS): named here.
+  static constexpr bool kDqSplitsQueries = kBlockM == 64 * kNConsumerWarpgroups;
+  using DqWarpgroups = std::conditional_t<kDqSplitsQueries, WarpgroupsAlongM, WarpgroupsAlongN>;
+  static constexpr int kDqTileM = kDqSplitsQueries ? 64 : kBlockM;
+  static constexpr int kDqTileN = kDqSplitsQueries ? kHeadDim : kHeadDim / kNConsumerWarpgroups;
+  static constexpr GMMA::Major kDsMajorInDq = kSplitHeadDim ? GMMA::Major::K : GMMA::Major::MN;
+  using DqAtom = std::conditional_t<
+      kDqTileN == 48,
+      std::conditional_t<kIsBf16, SM90::GMMA::MMA_64x48x16_F32BF16BF16_SS<kDsMajorInDq, GMMA::Major::MN>,
+                         SM90::GMMA::MMA_64x48x16_F32F16F16_SS<kDsMajorInDq, GMMA::Major::MN>>,
+      decltype(GMMA::ss_op_selector<Element, Element, float, Shape<Int<kDqTileM>, Int<kDqTileN>, Int<kBlockN>>,
+                                    kDsMajorInDq, GMMA::Major::MN>())>;
+  using TiledMmadQ = decltype(make_tiled_mma(DqAtom{}, DqWarpgroups{}));
+  static_assert(decltype(size<1>(typename MMA_Traits<DqAtom>::Shape_MNK{}))::value == kDqTileN);
+
+  // Swizzled tiles as in the forward (sm90/kernel_traits.h): one swizzle row, and one TMA box
+  // row, is 128 bytes (64 elements) where the head dim is a multiple of 64, else 64 bytes (32
+  // elements: head dim 96 is three of them). Q and dO: (queries, d, stage).
+  static constexpr bool kSwizzle128 = kHeadDim % 64 == 0;
+  using SmemAtomQ =
+      std::conditional_t<kSwizzle128, GMMA::Layout_K_SW128_Atom<Element>, GMMA::Layout_K_SW64_Atom<Element>>;
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtomQ{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
+  // K and V: (keys, d). An MN-major GMMA operand starts at a swizzle-row boundary, and the dQ GEMM
+  // reads K as (d x keys) from column kDqTileN on in its second warpgroup: 48 at head dim 96, a
+  // multiple of 16 elements but not of 32, so K (and V, which shares its layout and TMA box) take
+  // the 32-byte swizzle there. They are loaded once per block, so the narrower TMA boxes cost
+  // nothing per step.
+  static constexpr int kSwizzleKElems = kDqTileN % 64 == 0 ? 64 : kDqTileN % 32 == 0 ? 32 : 16;
+  using SmemAtomK = std::conditional_t<
+      kSwizzleKElems == 64, GMMA::Layout_K_SW128_Atom<Element>,
+      std::conditional_t<kSwizzleKElems == 32, GMMA::Layout_K_SW64_Atom<Element>, GMMA::Layout_K_SW32_Atom<Element>>>;
+  using SmemLayoutK = decltype(tile_to_shape(SmemAtomK{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  // Transposed views of the same bytes, (d, queries, stage) and (d, keys): a K-major swizzle atom
+  // read the other way round is an MN-major one, which GMMA takes with its transpose bit.
   using SmemLayoutQt = decltype(composition(
       SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{},
                                  make_stride(Int<kBlockM>{}, _1{}, Int<kBlockM * kHeadDim>{}))));
   using SmemLayoutKt = decltype(composition(
       SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, make_stride(Int<kBlockN>{}, _1{}))));
-  // dS^T (keys, queries, buffer), queries contiguous: 64 queries are one 128-byte swizzle row, so
-  // the accumulator's neighbouring-query pairs store as stmatrix rows. Two buffers: a warpgroup may
-  // write step s + 1's dS^T while the other still reads step s's in its dQ GEMM.
+
+  // dS (and, with the head dim split, P) in shared memory, in the orientation of the S / dP
+  // accumulator, whose neighbouring-column pairs store as stmatrix rows: (keys, queries, buffer)
+  // with the keys split, 64 or 128 queries being one or two 128-byte swizzle rows; (queries, keys,
+  // buffer) with the head dim split, 64 keys one 128-byte row, 96 keys three 64-byte rows (so a
+  // warpgroup's 32 keys start at a swizzle-row boundary, as the dV^T / dK^T GEMMs' MN-major B
+  // needs). Two buffers: a warpgroup may write step s + 1's while another still reads step s's in
+  // its GEMMs.
   static constexpr int kDsBuffers = 2;
-  using SmemLayoutdSt = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
-                                               Shape<Int<kBlockN>, Int<kBlockM>, Int<kDsBuffers>>{}));
-  // dS (queries, keys, buffer): the dQ GEMM's A operand, MN-major.
-  using SmemLayoutdS = decltype(composition(
-      SmemLayoutdSt{}, make_layout(Shape<Int<kBlockM>, Int<kBlockN>, Int<kDsBuffers>>{},
-                                   make_stride(Int<kBlockN>{}, _1{}, Int<kBlockM * kBlockN>{}))));
+  using SmemAtomdS = std::conditional_t<kSdpCols % 64 == 0, GMMA::Layout_K_SW128_Atom<Element>,
+                                        GMMA::Layout_K_SW64_Atom<Element>>;
+  using SmemLayoutdSAcc =
+      decltype(tile_to_shape(SmemAtomdS{}, Shape<Int<kSdpRows>, Int<kSdpCols>, Int<kDsBuffers>>{}));
+  // The same bytes the other way round: (kSdpCols, kSdpRows, buffer).
+  using SmemLayoutdSAccT = decltype(composition(
+      SmemLayoutdSAcc{}, make_layout(Shape<Int<kSdpCols>, Int<kSdpRows>, Int<kDsBuffers>>{},
+                                     make_stride(Int<kSdpRows>{}, _1{}, Int<kSdpRows * kSdpCols>{}))));
+  // dS as (queries, keys, buffer): the dQ GEMM's A operand; dS^T as (keys, queries, buffer): the
+  // dV^T / dK^T GEMMs' B operand with the head dim split (P^T likewise).
+  using SmemLayoutdS = std::conditional_t<kSplitHeadDim, SmemLayoutdSAcc, SmemLayoutdSAccT>;
+  using SmemLayoutdSt = std::conditional_t<kSplitHeadDim, SmemLayoutdSAccT, SmemLayoutdSAcc>;
   using SmemCopyAtomdS = Copy_Atom<SM90_U32x4_STSM_N, Element>;
-  // dK and dV leave through the K and V tiles (free once the last step's GEMMs completed).
-  using SmemCopyAtomdKV = Copy_Atom<SM90_U32x4_STSM_N, Element>;
+  // dK and dV leave through the K and V tiles (free once the last step's GEMMs completed); with
+  // the head dim split the accumulator is (d x keys) and stmatrix transposes it into (keys, d).
+  using SmemCopyAtomdKV =
+      Copy_Atom<std::conditional_t<kSplitHeadDim, SM90_U16x8_STSM_T, SM90_U32x4_STSM_N>, Element>;
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename cutlass::PipelineState<kStages>;
@@ -106,20 +199,27 @@ struct Sm90BwdTraits {
   static constexpr uint32_t kQTileBytes = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kKTileBytes = kBlockN * kHeadDim * sizeof(Element);
 
-  struct SharedStorage {
-    // 1024-byte alignment: the swizzle pattern repeats every 8 rows of 128 bytes and TMA and GMMA
-    // compute it from absolute shared-memory address bits.
+  // 1024-byte alignment: the swizzle pattern repeats every 8 rows of 128 bytes and TMA and GMMA
+  // compute it from absolute shared-memory address bits.
+  struct Tiles {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> v;
-    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdSt>> ds;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdSAcc>> ds;
+  };
+  struct TilesWithP : Tiles {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdSAcc>> p;
+  };
+  // At head dim 256: Q and dO 2 x 2 x 32 KiB, K and V 2 x 32 KiB, P and dS 2 x 2 x 8 KiB = 224 KiB
+  // of the 227; 80 keys would add 2 x 8 + 4 x 2 KiB.
+  struct SharedStorage : std::conditional_t<kSplitHeadDim, TilesWithP, Tiles> {
     // Per stage, per query of the step: the forward's lse in log2 units (+inf past the sequence,
     // so P = 0 there) and D = rowsum(dO * O).
     alignas(16) float lse_log2[kStages][kBlockM];
     alignas(16) float dsum[kStages][kBlockM];
     typename Pipeline::SharedStorage pipeline_qdo;
-    uint64_t lse_full[kStages];  // 32 arrivals: the producer's second warp wrote LSE and D
+    uint64_t lse_full[kStages];  // 32 arrivals per row-stat warp: they wrote the stage's lse and D
     uint64_t kv_full;            // transaction barrier of the K and V loads
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));

@@ -1,0 +1,92 @@
+// Deterministic mode of the Hopper backward (Sm90BwdTraits::kDeterministic): the fixed order in
+// which the key blocks add their dQ parts into the fp32 accumulator.
+//
+// Every key block that sees query block m (kBlockM rows) of query head h in batch entry b adds a
+// kBlockM x d part into the same accumulator rows. fp32 addition is not associative, so with free
+// atomics the arrival order shows in the last bits of dQ. Here the key blocks take turns: one int
+// per (b, h, m) counts the key blocks that have added into those rows, and a key block adds when
+// the count reaches its place in a fixed order. Within a turn each element gets one addition, so
+// the float2 atomics stay (no read-modify-write round trip).
+//
+// The order. The key blocks that see query block m are the contiguous range [lo, hi) that
+// visible_key_blocks (common/block_info.h) gives for its rows: exactly the key blocks whose walk
+// (sm90_bwd_work) includes m, under any causal or window mask. They add in descending key-block
+// order, block n after the hi - 1 - n blocks above it. Under a causal or window mask key block n
+// starts at the query blocks of its diagonal, so the higher key blocks of a head reach a query
+// block first; ascending turns would hold every key block to the pace of block 0, the one that
+// walks the most query blocks (in a schedule simulation of the causal benchmark grid, 1.6-2.0x
+// the unordered kernel's time, against 1.00-1.07x descending). Without a right window edge every
+// key block walks the same query blocks in lockstep, and either order costs the same.
+//
+// No deadlock. Thread block x owns key block gridDim.x - 1 - x (bwd_key_block), so a block waits
+// only for blocks of its own (batch, kv head) with a lower x, i.e. a lower linear block index. This
+// assumes that the hardware starts the thread blocks of a grid in increasing linear index (x
+// fastest), which CUDA does not promise but its GPUs do: then every block with a lower index has
+// started and is finished or resident, the lowest unfinished block waits for nobody, finishes and
+// frees its SM, and so on. Within a block nothing waits in a circle: the producer thread that
+// passes the turns passes a step's turn on once the consumers released that step, waiting for
+// nothing else. The grid is one thread block per key block, not persistent; a persistent grid
+// would keep the argument only if each block took tiles in increasing linear order and finished
+// one before taking the next. GQA: a block walks the query heads of its group one after the
+// other; each (b, h, m) has its own count, and every key block waiting on it belongs to the same
+// kv head, so to the same run of linear indices.
+//
+// Who does what (the same in both consumer loops of sm90/bwd_kernel.h, at every kernel head dim).
+// Only the consumer warps wait: after issuing a step's dQ GEMM (with the head dim split, also its
+// dV^T and dK^T GEMMs) each consumer thread reads the count (acquire) until its turn, overlapped
+// with the GEMMs, adds its part with atomics and then releases the step's Q/dO stage (mbarrier
+// arrive: release at block scope, so the adds happen before it). The stage's empty barrier counts
+// one arrival per consumer thread of every consumer warpgroup (two, or three at head dim 192; a
+// one-block cluster, so every thread signals), so it completes only after all of the step's adds.
+// One producer thread of its own (lane 0 of the warp after the row-stat warps: warp 2, or 3 at
+// head dim 64, whose two row-stat warps have no registers to spare at 24) waits for that
+// completion and raises the count (release at GPU scope, cumulative: the consumers' adds are
+// performed before the new count is seen). The TMA thread and the row-stat warps keep their pace.
+#pragma once
+
+#include <cstdint>
+
+#include "params/bwd_params.h"
+#include "common/block_info.h"
+#include "common/seq_info.h"
+
+namespace flash {
+
+// The key block that thread block x owns: the last one first in deterministic mode (see above);
+// the default order starts with key block 0, the one most query blocks see under a causal mask.
+template <bool kDeterministic>
+__device__ __forceinline__ int bwd_key_block() {
+  return kDeterministic ? int(gridDim.x - 1 - blockIdx.x) : int(blockIdx.x);
+}
+
+// The count of query block m_block of query head bidh in batch entry bidb.
+template <int kBlockM>
+__device__ __forceinline__ int* dq_add_count(const BwdParams& p, int bidb, int bidh, int m_block) {
+  const int q_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+  return p.dq_add_count_ptr + (int64_t(bidb) * p.h + bidh) * q_blocks + m_block;
+}
+
+// How many key blocks add into query rows [m0, m0 + rows_in_tile) before key block n_block.
+template <int kBlockN>
+__device__ __forceinline__ int dq_adds_before(const BwdParams& p, const SeqInfo& seq, int m0, int rows_in_tile,
+                                              int n_block) {
+  return visible_key_blocks<kBlockN>(p, seq, m0, rows_in_tile).max - 1 - n_block;
+}
+
+// Consumer thread: returns once `adds_before` key blocks have added into the count's rows. The
+// acquire load orders this thread's atomics after theirs.
+__device__ __forceinline__ void wait_for_dq_turn(const int* count, int adds_before) {
+  if (adds_before == 0) return;
+  int done;
+  do {
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(done) : "l"(count) : "memory");
+  } while (done < adds_before);
+}
+
+// One thread of the block, after every consumer thread released the stage of the step that added
+// into the count's rows: the next key block's turn.
+__device__ __forceinline__ void pass_dq_turn(int* count) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;" : : "l"(count) : "memory");
+}
+
+}  // namespace flash
