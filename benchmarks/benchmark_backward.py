@@ -20,6 +20,7 @@ import timing
 from common import fmt, ratio
 
 BACKWARD_FLOPS_FACTOR = 2.5
+PEERS = ("ours", "ours_det", "ours_sm80", "torch_fa2", "cudnn")
 
 
 def backward_of(forward, q, k, v):
@@ -31,10 +32,10 @@ def backward_of(forward, q, k, v):
     return make
 
 
-def measure(c, kw, passes, dropout):
+def measure(c, kw, args):
     from flash_attn import flash_attn_func
     (q, k, v), batch, heads = common.prefill_inputs(c, requires_grad=True)
-    causal = c["causal"]
+    causal, dropout = c["causal"], args.dropout
 
     def sdpa(p):
         return lambda q, k, v: F.scaled_dot_product_attention(
@@ -49,7 +50,7 @@ def measure(c, kw, passes, dropout):
              "cudnn": (backward_of(sdpa(0.0), q, k, v), timing.sdpa_context("CUDNN_ATTENTION"))}
     if torch.cuda.get_device_capability() == (9, 0):
         impls["ours_sm80"] = (common.on_sm80_kernels(impls["ours"][0], "set_sm90_backward"), None)
-    times, notes, _ = timing.time_impls(impls, kw, passes)
+    times, notes, _ = timing.time_impls(impls, kw, 1 if args.quick else 2)
     flops = BACKWARD_FLOPS_FACTOR * common.forward_flops(c, batch, heads)
     row = dict(c, batch=batch, nheads=heads, dropout_p=dropout, notes=[f"{n}: {t}" for n, t in notes.items()])
     for name in impls:
@@ -63,13 +64,12 @@ def main(argv=None) -> int:
     p.add_argument("--dropout", type=float, default=0.0, help="dropout_p for ours and torch FA2 (default 0)")
     args = p.parse_args(argv)
     desc = common.start()
-    rows = common.run_cells(common.prefill_cells(args),
-                            lambda c, kw, late: measure(c, kw, 1 if args.quick else 2, args.dropout),
-                            args, common.bench_kwargs(args, 0.2), lambda r: common.prefill_line(r, "bwd_tflops"))
-    peers, against = ("ours", "ours_det", "ours_sm80", "torch_fa2", "cudnn"), ("torch_fa2", "ours_sm80")
-    headers = (["dtype", "headdim", "causal", "seqlen"] + [f"{n} TFLOP/s" for n in peers]
+    rows = common.run_cells(common.prefill_cells(args), lambda c, kw, late: measure(c, kw, args), args,
+                            common.bench_kwargs(args, 0.2), [f"{n}_bwd_tflops" for n in PEERS])
+    against = ("torch_fa2", "ours_sm80")
+    headers = (["dtype", "headdim", "causal", "seqlen"] + [f"{n} TFLOP/s" for n in PEERS]
                + [f"ours/{n}" for n in against])
-    table = [[r[k] for k in headers[:4]] + [fmt(r.get(f"{n}_bwd_tflops")) for n in peers]
+    table = [[r[k] for k in headers[:4]] + [fmt(r.get(f"{n}_bwd_tflops")) for n in PEERS]
              + [fmt(ratio(r.get("ours_bwd_tflops"), r.get(f"{n}_bwd_tflops")), ".2f") for n in against] for r in rows]
     notes = sorted({n for r in rows for n in r["notes"]})
     report = (common.markdown_table(headers, table) + f"\n\ndropout_p {args.dropout:g} (ours, torch FA2; cuDNN 0)"

@@ -29,6 +29,8 @@ SPECDEC_SEQLENS_Q = [1, 2, 4, 8, 16]
 SPECDEC_BATCHES = [1, 4, 16]
 SPECDEC_SEQLENS_K = [4096, 8192, 16384, 32768]
 SPECDEC_HEADS = [(12, 12), (32, 8)]
+DECODE_IMPLS = ("ours", "nosplit", "torch_fa2_varlen", "cudnn")
+SPECDEC_IMPLS = ("ours", "ours_kvcache", "torch_fa2_dense", "cudnn", "best_explicit")
 D = 128
 HALF = dict(device="cuda", dtype=torch.float16)
 DECODE_KEYS = ["batch", "seqlen_k", "heads", "kv_heads", "ours_us", "nosplit_us", "torch_fa2_varlen_us", "cudnn_us",
@@ -36,13 +38,7 @@ DECODE_KEYS = ["batch", "seqlen_k", "heads", "kv_heads", "ours_us", "nosplit_us"
 DECODE_KEYS += [f"paged{p}_{s}" for p in PAGES for s in ("us", "ratio", "maxdiff")]
 
 
-def cudnn_impl(q4, k4, v4, mask, gqa):
-    gqa_kw = {"enable_gqa": True} if gqa else {}
-    return (lambda: lambda: F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, **gqa_kw),
-            timing.sdpa_context("CUDNN_ATTENTION"))
-
-
-def decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off):
+def decode_cell(c, args, kw, torch_fa2, copy_bw):
     import flash_attn
     fa2, fa2_note = torch_fa2
     b, s, h, hk = c["batch"], c["seqlen_k"], c["heads"], c["kv_heads"]
@@ -61,10 +57,10 @@ def decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off):
     impls = {"ours": (ours(0), None), "nosplit": (ours(1), None)}
     if fa2:
         impls["torch_fa2_varlen"] = (lambda: lambda: fa2(q, k, v, cu_q, cu_k, 1, s, True), None)
-    impls["cudnn"] = cudnn_impl(q4, k4, v4, None, h != hk)  # one query: bottom-right causal allows every key
+    impls["cudnn"] = (lambda: lambda: F.scaled_dot_product_attention(q4, k4, v4, enable_gqa=h != hk),
+                      timing.sdpa_context("CUDNN_ATTENTION"))  # one query: bottom-right causal allows every key
     times, notes, outs = timing.time_impls(impls, kw, 1 if args.quick else 2, repeat=("ours", "cudnn"))
-    for name in ("ours", "nosplit", "torch_fa2_varlen", "cudnn"):
-        row[f"{name}_us"] = times.get(name)
+    row.update({f"{name}_us": times.get(name) for name in DECODE_IMPLS})
     row["notes"] += [f"{n}: {t}" for n, t in notes.items()] + ([] if fa2 else [f"torch_fa2: {fa2_note}"])
     o = outs.get("ours")
     if o is not None:
@@ -75,7 +71,7 @@ def decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off):
             row["maxdiff"] = row["cudnn_maxdiff"]
     row["bw_frac"] = ratio(row["kv_bytes"] / (row["ours_us"] * 1e-6), copy_bw) if row["ours_us"] else None
     for page in PAGES:
-        if paged_off[page] or o is None:
+        if not args.paged or o is None:
             continue
         free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
         if free < row["kv_bytes"] + PAGED_MARGIN_BYTES:
@@ -87,8 +83,6 @@ def decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off):
         row[f"paged{page}_maxdiff"] = common.maxdiff(op, o) if op is not None else None
         if note:
             row["notes"].append(f"paged{page}: {note}")
-            if "not supported" in note:
-                paged_off[page] = note
         del kp, vp, table, op
     return row
 
@@ -126,12 +120,14 @@ def specdec_cells(c0, args, kw, torch_fa2):
             qv, kv_, vv = q.view(b * sq, h, D), k.view(b * s, hk, D), v.view(b * s, hk, D)
             impls["torch_fa2_dense"] = (lambda: lambda: fa2(qv, kv_, vv, cu_q, cu_k, sq, s, True), None)
         mask = None if sq == 1 else torch.ones(sq, s, dtype=torch.bool, device="cuda").tril(s - sq)
-        impls["cudnn"] = cudnn_impl(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, h != hk)
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        impls["cudnn"] = (lambda: lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask,
+                                                                          enable_gqa=h != hk),
+                          timing.sdpa_context("CUDNN_ATTENTION"))
         if row["best_splits"]:
             impls["best_explicit"] = (ours(row["best_splits"]), None)
         times, notes, outs = timing.time_impls(impls, kw, 1 if args.quick else 2)
-        for name in ("ours", "ours_kvcache", "torch_fa2_dense", "cudnn", "best_explicit"):
-            row[f"{name}_us"] = times.get(name)
+        row.update({f"{name}_us": times.get(name) for name in SPECDEC_IMPLS})
         row["notes"] += [f"{n}: {t}" for n, t in notes.items()]
         if outs.get("ours") is not None:
             for name in ("ours_kvcache", "torch_fa2_dense", "cudnn"):
@@ -175,18 +171,6 @@ def specdec_report(rows) -> str:
                       f"ours <= cuDNN in {common.count(rows, 'ours_us', 'cudnn_us', 1.0)} rows"])
 
 
-def decode_line(r) -> str:
-    return (f"{common.cell_name(r):22s} splits {fmt(r.get('splits'), '3d')} " + " ".join(
-        f"{name} {fmt(r.get(f'{name}_us'), '8.1f')}" for name in ("ours", "nosplit", "torch_fa2_varlen", "cudnn"))
-        + f" us bw_frac {fmt(r.get('bw_frac'), '.2f')}")
-
-
-def specdec_line(r) -> str:
-    return (f"{common.cell_name(r):24s} " + " ".join(f"{name} {fmt(r.get(f'{name}_us'), '8.1f')}" for name in (
-        "ours", "ours_kvcache", "torch_fa2_dense", "cudnn", "best_explicit"))
-        + f" us (best {r.get('best_splits')} vs auto {r.get('auto_splits')} splits)")
-
-
 def main(argv=None) -> int:
     p = common.parser(__doc__, time_budget_s=90.0, grid="decode")
     p.add_argument("--grid", choices=["decode", "specdec"], default="decode")
@@ -199,15 +183,15 @@ def main(argv=None) -> int:
     if args.grid == "decode":
         copy_bw = timing.copy_bandwidth(reps=10 if args.quick else 20)
         print(f"copy bandwidth (2 GiB copy, read + write): {copy_bw / 1e12:.3f} TB/s")
-        paged_off = {p: (None if args.paged else "--no-paged") for p in PAGES}
         rows = common.run_cells(common.select_cells(common.decode_cells(), args),
-                                lambda c, kw, late: [decode_cell(c, args, kw, torch_fa2, copy_bw, paged_off)],
-                                args, kw, decode_line)
+                                lambda c, kw, late: [decode_cell(c, args, kw, torch_fa2, copy_bw)], args, kw,
+                                ["splits"] + [f"{n}_us" for n in DECODE_IMPLS] + ["bw_frac"])
     else:
         cells = [dict(batch=b, seqlen_k=s, heads=h, kv_heads=hk) for s in SPECDEC_SEQLENS_K for b in SPECDEC_BATCHES
                  for h, hk in SPECDEC_HEADS]
         rows = common.run_cells(common.select_cells(cells, args),
-                                lambda c, kw, late: specdec_cells(c, args, kw, torch_fa2), args, kw, specdec_line)
+                                lambda c, kw, late: specdec_cells(c, args, kw, torch_fa2), args, kw,
+                                [f"{n}_us" for n in SPECDEC_IMPLS] + ["best_splits", "auto_splits"])
     done = [r for r in rows if "ours_us" in r]  # cells that ran (a failing one holds only its error)
     report = decode_report(done, args, copy_bw) if args.grid == "decode" else specdec_report(done)
     common.save(args, args.grid, desc, rows, report)

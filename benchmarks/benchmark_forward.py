@@ -6,10 +6,8 @@ On compute capability 9.0, ours is the Hopper kernel where it applies, ours_sm80
 Grid: fp16, bf16 x head dim 64/128/256 x causal or not x seqlen 512..16k, model dim 2048 (heads = 2048 /
 head dim, batch = 16k / seqlen); FLOPs = 4 * batch * heads * seqlen^2 * head dim (causal: half). Time per
 call: CUDA events, L2 flushed (read) before each call, median; peers timed in order, then in reverse, each
-keeping its lower median. Result: forward_<card>.json.
-
---softcap S / --alibi: ours and ours_sm80 with score modifiers (PyTorch's FA2 and cuDNN take neither,
-so they are not timed); result forward_score_mods_<card>.json.
+keeping its lower median. Result: forward_<card>.json. --softcap S / --alibi: ours and ours_sm80 with
+score modifiers (PyTorch's FA2 and cuDNN take neither: not timed); result forward_score_mods_<card>.json.
 """
 
 import sys
@@ -24,28 +22,22 @@ from common import fmt, ratio
 PEERS = ("ours", "ours_sm80", "torch_fa2", "cudnn")
 
 
-def score_mods(args, heads) -> dict:
-    """flash_attn_func's softcap / alibi_slopes arguments from the command line."""
-    slopes = torch.rand(heads, device="cuda", dtype=torch.float32) * 0.3 if args.alibi else None
-    return dict(softcap=args.softcap, alibi_slopes=slopes)
-
-
-def measure(c, kw, passes, fa2, args):
+def measure(c, kw, fa2, args):
     from flash_attn import flash_attn_func
     (q, k, v), batch, heads = common.prefill_inputs(c)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     causal, seqlen = c["causal"], c["seqlen"]
-    mods = score_mods(args, heads)
-    with_mods = args.softcap > 0 or args.alibi
-    impls = {"ours": (lambda: lambda: flash_attn_func(q, k, v, causal=causal, **mods), None)}
-    if not with_mods:
+    slopes = torch.rand(heads, device="cuda", dtype=torch.float32) * 0.3 if args.alibi else None
+    impls = {"ours": (lambda: lambda: flash_attn_func(q, k, v, causal=causal, softcap=args.softcap,
+                                                      alibi_slopes=slopes), None)}
+    if not args.score_mods:
         impls["cudnn"] = (lambda: lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
                           timing.sdpa_context("CUDNN_ATTENTION"))
     if torch.cuda.get_device_capability() == (9, 0):
         impls["ours_sm80"] = (common.on_sm80_kernels(impls["ours"][0], "set_sm90_forward"), None)
-    if fa2 and not with_mods:
+    if fa2 and not args.score_mods:
         impls["torch_fa2"] = (lambda: lambda: fa2(q, k, v, None, None, seqlen, seqlen, causal), None)
-    times, notes, outs = timing.time_impls(impls, kw, passes)
+    times, notes, outs = timing.time_impls(impls, kw, 1 if args.quick else 2)
     flops = common.forward_flops(c, batch, heads)
     row = dict(c, batch=batch, nheads=heads, notes=[f"{n}: {t}" for n, t in notes.items()])
     for name in PEERS:
@@ -61,13 +53,13 @@ def main(argv=None) -> int:
     p.add_argument("--softcap", type=float, default=0.0, help="softcap of every call (default %(default)s: none)")
     p.add_argument("--alibi", action="store_true", help="ALiBi slopes per head on every call")
     args = p.parse_args(argv)
+    args.score_mods = args.softcap > 0 or args.alibi
     desc = common.start()
     fa2, fa2_note = timing.torch_fa2_forward()
     if fa2_note:
         print("torch FA2:", fa2_note)
-    passes = 1 if args.quick else 2
-    rows = common.run_cells(common.prefill_cells(args), lambda c, kw, late: measure(c, kw, passes, fa2, args),
-                            args, common.bench_kwargs(args, 0.15), common.prefill_line)
+    rows = common.run_cells(common.prefill_cells(args), lambda c, kw, late: measure(c, kw, fa2, args), args,
+                            common.bench_kwargs(args, 0.15), [f"{n}_tflops" for n in PEERS])
     headers = ["dtype", "headdim", "causal", "seqlen", "ours TFLOP/s", "ours SM80 TFLOP/s", "torch FA2 TFLOP/s",
                "cuDNN TFLOP/s", "ours/torch_fa2", "ours/cudnn", "maxdiff"]
     table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"]] + [fmt(r.get(f"{n}_tflops")) for n in PEERS]
@@ -76,7 +68,7 @@ def main(argv=None) -> int:
     report = (common.markdown_table(headers, table) + "\n\nours >= torch FA2 in "
               f"{common.count(rows, 'torch_fa2_tflops', 'ours_tflops', 1.0)} cells, >= cuDNN in "
               f"{common.count(rows, 'cudnn_tflops', 'ours_tflops', 1.0)}")
-    common.save(args, "forward_score_mods" if args.softcap > 0 or args.alibi else "forward", desc, rows, report)
+    common.save(args, "forward_score_mods" if args.score_mods else "forward", desc, rows, report)
     return 0
 
 

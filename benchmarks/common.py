@@ -34,12 +34,9 @@ def parser(doc: str, time_budget_s=None, grid=None) -> argparse.ArgumentParser:
     if grid == "prefill":
         p.add_argument("--dtypes", default="fp16,bf16", help="default %(default)s")
         p.add_argument("--headdims", default="64,128,256", help="default %(default)s")
-        p.add_argument("--causal", choices=["both", "true", "false"], default="both")
     if grid == "decode":
         p.add_argument("--cells", default=None, help="filter: KEY=V1|V2 clauses joined by commas, all must match, "
                        "over " + ", ".join(CELL_KEYS) + ', e.g. "batch=1|16,seqlen_k=32768"')
-        p.add_argument("--max-kv-gib", type=float, default=16.0,
-                       help="skip cells whose K+V exceed this many GiB (default %(default)s)")
     return p
 
 
@@ -52,7 +49,7 @@ def start() -> dict:
     import flash_attn
     desc["flash_attn"] = os.path.dirname(flash_attn.__file__)
     print(timing.device_line(desc))
-    print(f"flash_attn from {desc['flash_attn']}; L2 flush: {timing.FLUSH_MODE}")
+    print(f"flash_attn from {desc['flash_attn']}")
     torch.manual_seed(0)
     return desc
 
@@ -127,9 +124,9 @@ def bench_kwargs(args, max_time_s: float) -> dict:
 LATE_KW = dict(warmup=1, reps=3, min_reps=3, max_time_s=0.03)
 
 
-def run_cells(cells, measure, args, kw, line):
-    """measure(cell, bench kwargs, late) over the cells, rows printed with line(row); cells started after
-    --time-budget-s get LATE_KW (late=True); a failing cell is a row with its error."""
+def run_cells(cells, measure, args, kw, fields):
+    """measure(cell, bench kwargs, late) over the cells, each row printed as its cell's name and `fields`;
+    cells started after --time-budget-s get LATE_KW (late=True); a failing cell is a row with its error."""
     t0, rows = time.time(), []
     for c in cells:
         late = time.time() - t0 > args.time_budget_s
@@ -138,7 +135,8 @@ def run_cells(cells, measure, args, kw, line):
         except Exception as e:  # noqa: BLE001 - one broken cell is reported, the run goes on
             new = [dict(c, notes=["cell: " + timing.short_err(e)])]
         for r in new:
-            print(line(r) + "".join(f"\n    {n}" for n in r["notes"]), flush=True)
+            values = (f"{f} {fmt(r.get(f), '.5g' if isinstance(r.get(f), float) else '')}" for f in fields)
+            print("  ".join([cell_name(r), *values]) + "".join(f"\n    {n}" for n in r["notes"]), flush=True)
         rows += new
         gc.collect()
         torch.cuda.empty_cache()
@@ -157,9 +155,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def prefill_cells(args):
-    causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
     return [dict(dtype=dtype, headdim=headdim, causal=causal, seqlen=seqlen) for dtype in args.dtypes.split(",")
-            for headdim in map(int, args.headdims.split(",")) for causal in causals for seqlen in PREFILL_SEQLENS]
+            for headdim in map(int, args.headdims.split(",")) for causal in (False, True) for seqlen in PREFILL_SEQLENS]
 
 
 def prefill_inputs(c, **kw):
@@ -174,17 +171,12 @@ def forward_flops(c, batch, heads) -> float:
     return 4 * batch * heads * c["seqlen"] ** 2 * c["headdim"] / (2 if c["causal"] else 1)
 
 
-def prefill_line(r, unit="tflops") -> str:
-    return (f"{r['dtype']} hd{r['headdim']} {'causal' if r['causal'] else 'full  '} s{r['seqlen']:<6d} "
-            + " ".join(f"{name} {fmt(r.get(f'{name}_{unit}'), '6.1f')}" for name in ("ours", "torch_fa2", "cudnn"))
-            + " TFLOP/s")
-
-
 # ---------------------------------------------------------------------------- decode grid
 DECODE_SEQLENS_K = [2048, 4096, 8192, 32768]
 DECODE_BATCHES = [1, 16, 128]
 DECODE_HEADS = [(12, 12), (32, 8), (32, 32)]
 CELL_KEYS = ("batch", "seqlen_k", "heads", "kv_heads", "seqlen_q")
+MAX_KV_GIB = 16  # cells whose K+V exceed this are skipped (named in a printed line)
 
 
 def parse_cells(spec):
@@ -197,8 +189,8 @@ def parse_cells(spec):
     return conds
 
 
-def kv_bytes(c, headdim: int = 128, elem: int = 2) -> int:
-    return 2 * c["batch"] * c["seqlen_k"] * c["kv_heads"] * headdim * elem
+def kv_bytes(c) -> int:
+    return 2 * c["batch"] * c["seqlen_k"] * c["kv_heads"] * c.get("headdim", 128) * 2  # K and V, fp16
 
 
 def cell_matches(cell, spec) -> bool:
@@ -207,11 +199,11 @@ def cell_matches(cell, spec) -> bool:
 
 
 def select_cells(cells, args):
-    """Cells matching --cells, less those over --max-kv-gib (named in a printed line)."""
+    """Cells matching --cells, less those over MAX_KV_GIB."""
     cells = [c for c in cells if cell_matches(c, args.cells)]
-    big = [c for c in cells if kv_bytes(c) > args.max_kv_gib * 2 ** 30]
+    big = [c for c in cells if kv_bytes(c) > MAX_KV_GIB * 2 ** 30]
     if big:
-        print(f"skipped (K+V > {args.max_kv_gib:g} GiB): " + ", ".join(map(cell_name, big)))
+        print(f"skipped (K+V > {MAX_KV_GIB} GiB): " + ", ".join(map(cell_name, big)))
     return [c for c in cells if c not in big]
 
 
@@ -221,8 +213,12 @@ def decode_cells():
 
 
 def cell_name(c) -> str:
+    """A prefill or decode cell's name (head dim and mask first where the cell has them)."""
+    head = f"hd{c['headdim']} {'causal' if c['causal'] else 'full'} " if "headdim" in c else ""
+    if "seqlen" in c:
+        return f"{c['dtype']} {head}s{c['seqlen']}"
     q = f" q{c['seqlen_q']}" if "seqlen_q" in c else ""
-    return f"b{c['batch']}{q} s{c['seqlen_k']} h{c['heads']}/{c['kv_heads']}"
+    return f"{head}b{c['batch']}{q} s{c['seqlen_k']} h{c['heads']}/{c['kv_heads']}"
 
 
 def make_paged(k, v, batch: int, seqlen_k: int, page: int):

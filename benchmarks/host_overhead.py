@@ -3,11 +3,12 @@
 
 flash_attn_varlen_func on q (1, heads, 128), k/v (2048, kv_heads, 128), causal, fp16, heads 12/12 and
 32/8, also in inference_mode and as the raw extension's varlen_fwd, next to floors. Per call, us:
-overhead_us = max(0, wall_us - gpu_fed_us), the verdict (target <= 10); wall_us: a hot loop of --n calls
-and the final synchronize, / n (loop_enq_us: the loop; gpu_loop_us: events around it); gpu_fed_us /
-host_us: GPU / enqueue time of --batch-calls calls behind a sleep kernel; gpu_us / gpu_warm_us: one call,
-L2 flushed / warm. Graph check: --replays replays on new inputs equal the eager call bitwise, none stale
-(else exit status 3). kvcache / func: flash_attn_with_kvcache / flash_attn_func. Result: host_overhead_<card>.json.
+overhead_us = max(0, wall_us - gpu_fed_us), the verdict (target <= 10); wall_us: a hot loop of n = 2000
+calls (--quick 500) and the final synchronize, / n (loop_enq_us: the loop; gpu_loop_us: events around it);
+gpu_fed_us / host_us: GPU / enqueue time of 100 calls behind a sleep kernel; gpu_us / gpu_warm_us: one
+call, L2 flushed / warm. Graph check: 100 replays (--quick 20) on new inputs equal the eager call bitwise,
+none stale (else exit status 3). kvcache / func: flash_attn_with_kvcache / flash_attn_func. Result:
+host_overhead_<card>.json.
 """
 
 import contextlib
@@ -25,25 +26,17 @@ SEQLEN_K = 2048
 HEAD_CONFIGS = [(12, 12), (32, 8)]
 KVCACHE_CONFIGS = [(1, 32, 8, 8192), (16, 12, 12, 4096)]  # (batch, heads, kv heads, keys)
 TARGET_US = 10.0
+BATCH_CALLS = 100  # calls behind one sleep kernel
 COLUMNS = ["overhead_us", "wall_us", "gpu_fed_us", "host_us", "loop_enq_us", "gpu_loop_us", "gpu_us", "gpu_warm_us"]
 
 
 def sleep_cycles_per_us() -> float:
     torch.cuda._sleep(1000)
-    times = []
-    for _ in range(3):
-        start, end = timing.event(), timing.event()
-        start.record()
-        torch.cuda._sleep(2_000_000)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return 2_000_000 / statistics.median(times)
+    return 2_000_000 / timing.event_median_us(lambda: torch.cuda._sleep(2_000_000), 3)
 
 
 def hot_loop(fn, n) -> dict:
-    for _ in range(20):
-        fn()
+    """After fed_batches (its calls are the warm-up)."""
     torch.cuda.synchronize()
     start, end = timing.event(), timing.event()
     start.record()
@@ -59,7 +52,7 @@ def hot_loop(fn, n) -> dict:
 
 
 def fed_batches(fn, args) -> dict:
-    host, fed, invalid, sleep_us, batch = [], [], 0, max(5000.0, args.batch_calls * 100.0), args.batch_calls
+    host, fed, invalid, sleep_us, batch = [], [], 0, BATCH_CALLS * 100.0, BATCH_CALLS
     for _ in range(max(1, args.n // batch)):
         for _attempt in range(3):
             torch.cuda.synchronize()
@@ -199,13 +192,8 @@ def report(floor_rows, configs, kvcache) -> str:
 
 
 def main(argv=None) -> int:
-    p = common.parser(__doc__)
-    p.add_argument("--n", type=int, default=2000, help="calls per hot loop (default 2000; --quick 500)")
-    p.add_argument("--batch-calls", type=int, default=100, help="calls behind one sleep kernel (default 100)")
-    p.add_argument("--replays", type=int, default=100, help="graph replays checked (default 100; --quick 20)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.n, args.replays = min(args.n, 500), min(args.replays, 20)
+    args = common.parser(__doc__).parse_args(argv)
+    args.n, args.replays = (500, 20) if args.quick else (2000, 100)  # calls per hot loop, graph replays
     desc = common.start()
     args.cycles_per_us = sleep_cycles_per_us()
     floor_rows = floors(args)

@@ -2,8 +2,8 @@
 
 bench() times single calls with CUDA events, each after evicting L2 by READING a 256 MiB buffer outside
 the event window: a written flush (Triton's do_bench) leaves ~50 MB of dirty lines that the timed kernel
-writes back (~17 us on an H100; FLASH_ATTN_BENCH_FLUSH=write restores it). The
-flush (~90 us) also keeps launch overhead out of shorter kernels' times. Medians; imports without CUDA.
+writes back (~17 us on an H100). The flush (~90 us) also keeps launch overhead out of shorter kernels'
+times. Medians; imports without CUDA.
 """
 
 import contextlib
@@ -20,9 +20,6 @@ import torch
 
 L2_FLUSH_BYTES = 256 << 20
 flush_buffer = functools.cache(lambda: torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda"))
-FLUSH_MODE = os.environ.get("FLASH_ATTN_BENCH_FLUSH", "read")
-if FLUSH_MODE not in ("read", "write"):
-    raise SystemExit(f"FLASH_ATTN_BENCH_FLUSH must be 'read' or 'write', got {FLUSH_MODE!r}")
 
 
 def event() -> torch.cuda.Event:
@@ -43,11 +40,7 @@ def event_median_us(fn: Callable[[], object], n: int, before: Optional[Callable[
 
 
 def evict_l2() -> None:
-    buf = flush_buffer()
-    if FLUSH_MODE == "write":
-        buf.zero_()
-    else:
-        buf.view(torch.int32).amax()  # a reduction reads every line and leaves L2 holding clean ones
+    flush_buffer().view(torch.int32).amax()  # a reduction reads every line and leaves L2 holding clean ones
 
 
 def bench(fn: Callable[[], object], *, warmup: int = 3, reps: int = 50, min_reps: int = 5,
@@ -56,18 +49,11 @@ def bench(fn: Callable[[], object], *, warmup: int = 3, reps: int = 50, min_reps
     for _ in range(max(warmup, 1)):
         fn()
     torch.cuda.synchronize()
-    n = reps
-    if max_time_s:
-        start, end = event(), event()
-        if flush_l2:
-            evict_l2()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        per_call_us = start.elapsed_time(end) * 1e3 + (100.0 if flush_l2 else 0.0)
+    flush, n = evict_l2 if flush_l2 else None, reps
+    if max_time_s:  # one call's time (plus ~100 us per flush) sets the repeats
+        per_call_us = event_median_us(fn, 1, flush) + (100.0 if flush_l2 else 0.0)
         n = max(min_reps, min(reps, int(max_time_s * 1e6 / max(per_call_us, 1.0))))
-    return event_median_us(fn, n, evict_l2 if flush_l2 else None)
+    return event_median_us(fn, n, flush)
 
 
 def settle(fn: Callable[[], object], min_ms: float = 30.0, max_calls: int = 200) -> None:

@@ -20,6 +20,11 @@ def rows(path):
     return {tuple(r.get(k) for k in CELL_KEYS): r for r in data} if isinstance(data, list) else {}
 
 
+def speed_ratio(column, before, after):
+    """> 1: after faster (times: before / after; TFLOP/s: after / before)."""
+    return (after / before if column.endswith("tflops") else before / after) if after and before else None
+
+
 def main(before_path, after_path) -> int:
     before, after = rows(before_path), rows(after_path)
     cells = [c for c in before if c in after]
@@ -29,18 +34,12 @@ def main(before_path, after_path) -> int:
         return 1
     print(f"{os.path.basename(after_path)}: after vs before, speed ratio per cell (> 1: after faster)")
     print("| cell | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
-    speeds = {k: [] for k in columns}
+    speed = {(c, k): speed_ratio(k, before[c].get(k), after[c].get(k)) for c in cells for k in columns}
     for c in cells:
-        line = []
-        for k in columns:
-            b, a = before[c].get(k), after[c].get(k)
-            s = (a / b if k.endswith("tflops") else b / a) if a and b else None
-            if s is not None:
-                speeds[k].append(s)
-            line.append("n/a" if s is None else f"{s:.3f}")
-        print("| " + " ".join(f"{k}={v}" for k, v in zip(CELL_KEYS, c) if v is not None) + " | " + " | ".join(line)
-              + " |")
-    for k, s in speeds.items():
+        print("| " + " ".join(f"{k}={v}" for k, v in zip(CELL_KEYS, c) if v is not None) + " | "
+              + " | ".join("n/a" if speed[c, k] is None else f"{speed[c, k]:.3f}" for k in columns) + " |")
+    for k in columns:
+        s = [speed[c, k] for c in cells if speed[c, k] is not None]
         within = sum(abs(x - 1) <= WITHIN for x in s)
         print(f"{k}: within {WITHIN:.0%} in {within}/{len(s)} cells; faster by more in "
               f"{sum(x > 1 + WITHIN for x in s)}, slower by more in {sum(x < 1 - WITHIN for x in s)}; "

@@ -35,13 +35,11 @@ def plot_decode(plt, rows, device):
         ys = [r["cudnn_us"] / r[key] if r.get(key) else 0 for r in rows]
         ax.bar([x + (i - 0.5) * width for x in range(len(rows))], ys, width, label=label, color=COLORS[label])
     ax.axhline(1.0, color=COLORS["cuDNN"], lw=1.5, label="cuDNN")
-    ax.set_ylabel("cuDNN time / time (higher is faster)")
-    ax.set_xticks(range(len(rows)))
+    ax.set(xticks=range(len(rows)), xlim=(-0.6, len(rows) - 0.4), xlabel="heads / kv heads, batch, keys",
+           ylabel="cuDNN time / time (higher is faster)",
+           title="Decode (one query, fp16, head dim 128), L2 flushed" + subtitle(device))
     ax.set_xticklabels([f"{r['heads']}/{r['kv_heads']}\nb{r['batch']}\n{r['seqlen_k'] // 1024}k" for r in rows],
                        fontsize=7)
-    ax.set_xlim(-0.6, len(rows) - 0.4)
-    ax.set_xlabel("heads / kv heads, batch, keys")
-    ax.set_title("Decode (one query, fp16, head dim 128), L2 flushed" + subtitle(device))
     ax.legend(loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     return fig, 90

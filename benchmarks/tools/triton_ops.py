@@ -28,15 +28,12 @@ def forward_only(fn, inputs):
 def forward_backward(fn, inputs):
     """A call running fn(*inputs) and the gradients of all its outputs w.r.t. the float inputs."""
     leaves = [t for t in inputs if t is not None and t.requires_grad]
-    outputs = fn(*inputs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    grads = [torch.randn_like(o) for o in outputs]
 
-    def call():
-        outs = fn(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.grad(outs, leaves, grads)
-    return call
+    def outputs():
+        out = fn(*inputs)
+        return out if isinstance(out, tuple) else (out,)
+    grads = [torch.randn_like(o) for o in outputs()]
+    return lambda: torch.autograd.grad(outputs(), leaves, grads)
 
 
 def rotary_eager(x, cos, sin):
