@@ -75,7 +75,10 @@ fi
 
 if [ $run_tests -eq 1 ]; then
   start=$(date +%s)
-  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests -q -rf --maxfail="${MAXFAIL:-40}" -p no:cacheprovider $pytest_args >"$OUT/tests.log" 2>&1
+  # --pytest-args is parsed as shell words, so a quoted -k expression stays one argument.
+  eval "extra=($pytest_args)"
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests -q -rf --maxfail="${MAXFAIL:-40}" -p no:cacheprovider \
+    "${extra[@]}" >"$OUT/tests.log" 2>&1
   echo "tests: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
   tail -25 "$OUT/tests.log"
 fi
