@@ -15,17 +15,8 @@ import pytest
 import torch
 
 from helpers import (
-    DEVICE,
-    assert_empty_rows_zero,
-    assert_lse_close,
-    assert_out_close,
-    ext_fwd,
-    max_abs_diff,
-    ext_varlen_fwd,
-    flash_attn,
-    flash_attn_gpu,
-    lse_checkable,
-    requires_gpu,
+    DEVICE, assert_empty_rows_zero, assert_lse_close, assert_out_close, ext_fwd, ext_varlen_fwd, flash_attn,
+    flash_attn_gpu, kernel_names, lse_checkable, max_abs_diff, requires_gpu
 )
 from reference import attention_ref, kernel_headdim, lengths_to_mask, make_alibi_slopes, pack, pack_lse
 
@@ -55,22 +46,15 @@ def hopper(request):
     flash_attn_gpu.set_sm90_forward(previous)
 
 
-def _kernel_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 def _runs_sm90(fn):
     """Whether fn launches the Hopper kernel; None without a kernel trace (under compute-sanitizer)."""
-    names = _kernel_names(fn)
+    names = kernel_names(fn)
     return any(SM90_KERNEL in name for name in names) if names else None
 
 
 def _runs_sm90_split(fn):
     """Whether fn launches the Hopper kernel and the combine kernel after it; None without a trace."""
-    names = _kernel_names(fn)
+    names = kernel_names(fn)
     if not names:
         return None
     return any(SM90_KERNEL in name for name in names) and any(COMBINE_KERNEL in name for name in names)
@@ -328,7 +312,7 @@ def test_sm90_forward_heuristic_splits(dtype, batch, nheads, nheads_k, seqlen_q,
 
     flash_attn_gpu.set_sm90_forward(False)
     try:
-        names = _kernel_names(run(0))
+        names = kernel_names(run(0))
         out_sm80, _ = run(0)()
     finally:
         flash_attn_gpu.set_sm90_forward(True)
