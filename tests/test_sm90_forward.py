@@ -1,6 +1,7 @@
 """The Hopper forward (csrc/flash_attn/src/sm90/): on a compute capability 9.0 GPU the dense
 forward (dense or varlen, softcap and ALiBi too) at kernel head dims 64, 96, 128, 192 and 256 runs
-it, and a paged K/V cache whose page size is a multiple of 128 at head dims up to 128, unsplit or, for queries longer than the split tile's 64 rows, split over the keys (explicit
+it, and so does a paged K/V cache whose page size is a multiple of 128 at head dims up to 128;
+unsplit or, for queries longer than the split tile's 64 rows, split over the keys (explicit
 num_splits, or the plan's heuristic at small grids) with the combine kernel after it. These
 tests check that the dispatcher picks it exactly where it applies (the kernels' names in a
 profiler trace), that it matches the fp32 reference, the SM80 kernel and (split) its unsplit
