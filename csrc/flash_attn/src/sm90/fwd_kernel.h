@@ -119,6 +119,9 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
       Tensor tKsK = k_copy.partition_D(sK);
       Tensor tVgVt = v_copy.partition_S(gVt);
       Tensor tVsVt = v_copy.partition_D(sVt);
+      // Not unrolled: one table read and one guard per block either way, and the producer's code
+      // stays small (unrolled, ptxas repeats the divisions and the error report per copy).
+#pragma unroll 1
       for (int n_block = work.blocks.max - 1; n_block >= work.blocks.min; --n_block) {
         const int next_entry = n_block > work.blocks.min ? table_row[(n_block - 1) / blocks_per_page] : 0;
         const int page = guard_page(entry, p.num_pages, p.index_errors);
