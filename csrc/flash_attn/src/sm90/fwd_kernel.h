@@ -62,10 +62,12 @@ __device__ __forceinline__ Sm90TileWork sm90_tile_work(const FwdParams& p, const
 // block first (the consumers' order). Each load completes on its stage's full barrier with the
 // tile's byte count; the K/V pipeline states run on across tiles.
 // kPaged: key block n lies in page block_table[b][n / blocks per page], at block n % blocks per
-// page of it. Each block's table entry is read one block ahead (while this block's stages are
-// acquired), and only the entries of blocks the tile visits: those hold at least one key of the
-// sequence, so padding past its length (any value, such as -1) is never read or reported. A bad
-// entry is clamped and reported (guard_page), as the SM80 kernels do.
+// page of it. The next block's table entry is read before this block's stages are acquired; ptxas
+// moves it into a uniform register (TMA coordinates are uniform) right after the load, so the
+// thread waits for it there, and what hides the lookup is the producer's lead of kStages blocks
+// over the consumers. Only the entries of blocks the tile visits are read: each holds at least one
+// key of the sequence, so padding past its length (any value, such as -1) is never read or
+// reported. A bad entry is clamped and reported (guard_page), as the SM80 kernels do.
 template <typename Traits, bool kIsSplit, bool kPaged>
 __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, typename Traits::SharedStorage& shared,
                                               typename Traits::Pipeline& pipeline_k,
