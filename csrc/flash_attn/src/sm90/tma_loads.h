@@ -3,10 +3,10 @@
 //
 // Each map covers a whole tensor as (rows, head dim, heads, batch), head dim contiguous (a paged
 // K/V cache as (page rows, head dim, heads, pages)); the kernel selects its (batch, head) and tile
-// by coordinates. Rows past the tensor and columns past
-// d read as zeros (TMA's out-of-bounds fill); rows past a packed sequence read the next one's,
-// which the score mask (keys) and the row predicates of the output (queries) leave out. TMA needs
-// 16-byte aligned base pointers and strides that are multiples of 8 elements.
+// by coordinates. Rows past the tensor and columns past d read as zeros (TMA's out-of-bounds
+// fill); rows past a packed sequence read the next one's, which the score mask (keys) and the row
+// predicates of the output (queries) leave out. TMA needs 16-byte aligned base pointers and
+// strides that are multiples of 8 elements.
 #pragma once
 
 #include <algorithm>
