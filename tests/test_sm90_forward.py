@@ -13,15 +13,8 @@ import pytest
 import torch
 
 from helpers import (
-    DEVICE,
-    assert_empty_rows_zero,
-    assert_lse_close,
-    assert_out_close,
-    ext_fwd,
-    ext_varlen_fwd,
-    flash_attn,
-    flash_attn_gpu,
-    requires_gpu,
+    DEVICE, assert_empty_rows_zero, assert_lse_close, assert_out_close, ext_fwd, ext_varlen_fwd, flash_attn,
+    flash_attn_gpu, kernel_names, requires_gpu
 )
 from reference import attention_ref, kernel_headdim, lengths_to_mask, pack, pack_lse
 
@@ -50,16 +43,9 @@ def hopper(request):
     flash_attn_gpu.set_sm90_forward(previous)
 
 
-def _kernel_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 def _runs_sm90(fn):
     """Whether fn launches the Hopper kernel; None without a kernel trace (under compute-sanitizer)."""
-    names = _kernel_names(fn)
+    names = kernel_names(fn)
     return any(SM90_KERNEL in name for name in names) if names else None
 
 
