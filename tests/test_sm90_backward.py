@@ -1,6 +1,6 @@
 """The Hopper backward (csrc/flash_attn/src/sm90/bwd_kernel.h): on a compute capability 9.0 GPU the
-dense backward at kernel head dims 64, 96, 128, 192 and 256 without softcap, ALiBi or dropout runs
-it, deterministic or not. These tests check that the dispatcher picks it exactly where it applies
+dense backward at kernel head dims 64, 96, 128, 192 and 256 without softcap or ALiBi runs it,
+deterministic or not, dropout or not. These tests check that the dispatcher picks it exactly where it applies
 (the kernel's name in a profiler trace), that dq / dk / dv match autograd through the fp32
 reference within the rule of
 tests/test_backward.py, that the SM80 backward on the same call (set_sm90_backward(False)) meets
@@ -249,14 +249,17 @@ def test_sm90_backward_headdims_of_the_build():
     assert [int(h) for h in info["sm90_backward_headdims"]] == [int(h) for h in info["headdims"] if int(h) != 32]
 
 
-def test_sm90_backward_not_used_for_dropout(hopper):
-    """Dropout runs the SM80 backward (its results: test_dropout.py)."""
+def test_sm90_backward_used_for_dropout(hopper):
+    """Dropout runs the Hopper backward through the autograd API too (its results:
+    test_dropout.py::test_dropout_backward_hopper_and_sm80)."""
     if not _hopper_backward_built(torch.float16):
         pytest.skip("this build has no fp16 Hopper backward")
     q, k, v = (randn(2, 200, 4, 128, dtype=torch.float16).requires_grad_(True) for _ in range(3))
     out = flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
     names = kernel_names(lambda: out.backward(torch.ones_like(out)))
-    assert not any(SM90_KERNEL in n for n in names)
+    if names is None:
+        pytest.skip("no kernel trace (compute-sanitizer)")
+    assert any(SM90_KERNEL in n for n in names)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])

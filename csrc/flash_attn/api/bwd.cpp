@@ -100,8 +100,8 @@ std::atomic<bool> sm90_backward_enabled{true};
 
 // What the Hopper backward covers (sm90/bwd_kernel.h, docs/SM90_BACKWARD.md): the dense
 // (batch-strided) backward at the kernel head dims it is built for (run_sm90 registered: 64, 96,
-// 128, 192 and 256 in a full build), causal or window masks, GQA/MQA, deterministic or not;
-// nothing of softcap, ALiBi, dropout or packed (varlen) tensors, which run the SM80 kernels. Packed
+// 128, 192 and 256 in a full build), causal or window masks, GQA/MQA, deterministic or not,
+// dropout or not; nothing of softcap, ALiBi or packed (varlen) tensors, which run the SM80 kernels. Packed
 // tensors stay off it until they are tested on a GPU: TMA loads whole blocks, and the backward has
 // no zeroing of the rows past a sequence. Empty sequences have no TMA map (a zero extent), and the
 // SM80 path handles them anyway. Decided before the buffers are allocated: the two paths need
@@ -110,7 +110,7 @@ bool sm90_backward_applies(const flash::BwdParams& p, const DeviceInfo& dev, con
   return kernel.run_sm90 != nullptr && dev.sm90 && sm90_backward_enabled.load(std::memory_order_relaxed) &&
          p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr && p.seqused_k == nullptr &&
          p.leftpad_k == nullptr && p.block_table == nullptr && p.cache_batch_idx == nullptr && p.seqlen_q > 0 &&
-         p.seqlen_k > 0 && p.alibi_slopes_ptr == nullptr && p.softcap_in == 0.f && p.dropout_keep_threshold == 0 &&
+         p.seqlen_k > 0 && p.alibi_slopes_ptr == nullptr && p.softcap_in == 0.f &&
          tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, p.q_batch_stride}) &&
          tma_compatible(p.k_ptr, {p.k_row_stride, p.k_head_stride, p.k_batch_stride}) &&
          tma_compatible(p.v_ptr, {p.v_row_stride, p.v_head_stride, p.v_batch_stride}) &&

@@ -2,24 +2,30 @@
 // (seed, offset, b, h, i, j), so the forward and the backward kernels regenerate the same mask
 // from the same Philox words and no mask is ever stored.
 //
-// Counter layout. The kernels hold scores in SM80 m16n8k16 accumulator fragments, (i, j) = (query
-// row, key) in every kernel (forward and both backward kernels). In a 16 x 8 tile, a lane owns 4
-// elements: (r, c), (r, c + 1), (r + 8, c), (r + 8, c + 1) with r = lane / 4, c = 2 * (lane % 4).
-// One Philox call serves those 4 elements, one 32-bit word each:
-//   counter = (j / 8,  (i / 16) * 32 + (i % 8) * 4 + (j % 8) / 2,  low and high half of offset + b * h + h_idx)
-//   key     = seed
-//   word    = (j % 2) + 2 * ((i / 8) % 2)
-// The tile and lane come from (i, j) alone, so a kernel whose warps tile S differently (the
-// dK/dV kernel's 2 x 4 warps, whose n-steps are 32 keys apart) still draws the same word for the
-// same element. Element kept iff word < keep_threshold = round((1 - p) * 2^32): p at 32-bit
-// resolution. PyTorch's generator reserves b * h counters per call (philox_cuda_state), one
-// 128-bit counter stream per (batch, head), so calls never share counters.
+// Counter layout. One Philox call serves 8 elements, (i, j) = (query row, key):
+//   rows {i0, i0 + 8} x keys {j0, j0 + 1, j0 + 8, j0 + 9},  i0 = i & ~8, j0 = j & ~9
+//   counter = (j0, i0, low and high half of offset + b * h + h_idx),  key = seed
+// and element (i, j) takes 16-bit value (j & 1) * 4 + ((j >> 3) & 1) * 2 + ((i >> 3) & 1) of the
+// call's 128 bits (value k: bits 16 (k % 2) of word k / 2). The group is what a lane of an m16n8
+// accumulator fragment holds of two neighbouring 8-key columns -- rows r and r + 8, keys c, c + 1
+// of each column -- in the SM80 kernels (mma.sync) and in each warp of a Hopper warpgroup MMA, so
+// a kernel whose fragment holds both columns makes one call per 8 elements; one whose
+// neighbouring n-steps lie further apart (the SM80 dK/dV kernel's 2 x 4 warps) makes it per
+// column and uses half. A fragment of S^T (keys as rows: the Hopper backward with the keys split)
+// holds keys r, r + 8 and rows c, c + 1 of two columns: the lanes of r and r ^ 1 each make one of
+// the two calls their elements need and swap halves (two shuffles). The tile and lane come from
+// (i, j) alone, so every kernel draws the same value for the same element. Element kept iff
+// value < keep_threshold = round((1 - p) * 2^16): p at 16-bit resolution. PyTorch's generator
+// reserves b * h counters per call (philox_cuda_state), one 128-bit counter stream per (batch,
+// head), so calls never share counters.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
 #include <cute/tensor.hpp>
+#include <cutlass/numeric_conversion.h>
 
 #include "params/fwd_params.h"
 #include "common/philox.h"
@@ -72,11 +78,10 @@ class Dropout {
   // partitioned like it; row0 / col0: sequence position of the tile's (0, 0).
   template <bool kEncode, typename Frag, typename Coord>
   __device__ __forceinline__ void apply(Frag& acc, Coord const& coord, int row0, int col0, uint64_t stream) const {
-    for_each_tile(coord, row0, col0, stream, [&](int m, int n, uint4 words) {
-      const uint32_t w[4] = {words.x, words.y, words.z, words.w};
+    for_each_tile(coord, row0, col0, stream, [&](int m, int n, const uint32_t (&value)[4]) {
       CUTE_UNROLL
       for (int v = 0; v < 4; ++v) {
-        const bool keep = w[v] < keep_threshold_;
+        const bool keep = value[v] < keep_threshold_;
         if constexpr (kEncode) {
           acc(v, m, n) = keep ? acc(v, m, n) : -acc(v, m, n);
         } else {
@@ -94,21 +99,105 @@ class Dropout {
     KeepBits<kSize> bits;
     CUTE_UNROLL
     for (int i = 0; i < (kSize + 31) / 32; ++i) bits.words[i] = 0u;
-    for_each_tile(coord, row0, col0, stream, [&](int m, int n, uint4 words) {
-      const uint32_t w[4] = {words.x, words.y, words.z, words.w};
+    for_each_tile(coord, row0, col0, stream, [&](int m, int n, const uint32_t (&value)[4]) {
       CUTE_UNROLL
       for (int v = 0; v < 4; ++v) {
         const int idx = acc.layout()(v, m, n);
-        bits.words[idx / 32] |= uint32_t(w[v] < keep_threshold_) << (idx % 32);
+        bits.words[idx / 32] |= uint32_t(value[v] < keep_threshold_) << (idx % 32);
       }
     });
     return bits;
   }
 
+  // Hopper warpgroup-MMA fragments, viewed by (row, column) (sm90/gmma_layouts.h,
+  // gmma_rowcol_view): a thread holds rows r and r + 8 of its warp's 16, and columns c, c + 1 of
+  // every 8-column group, the groups in order. Dropped entries of P are negated (P >= 0, so the
+  // sign carries the mask to every later use without a register of its own; a masked 0 stays 0).
+  // kTransposed: the fragment is S^T (rows are keys, columns query rows: the Hopper backward with
+  // the keys split); else S (rows are query rows, columns keys). coord_rc: (row, column) of each
+  // element within the tile; row0 / col0: the sequence position of the tile's (0, 0), multiples of
+  // 16. Each pair of column groups is one call per thread: with S, the group of its 8 elements;
+  // with S^T, the lanes of keys r and r ^ 1 (lanes l and l ^ 4) each make one of the two calls
+  // their elements need and trade the halves the other one uses, so every lane of the warp must
+  // get here together.
+  template <bool kTransposed, typename RC, typename Coord>
+  __device__ __forceinline__ void encode_gmma(RC& frag, Coord const& coord_rc, int row0, int col0,
+                                              uint64_t stream) const {
+    static_assert(decltype(size<0>(frag))::value % 2 == 0 && decltype(size<1>(frag))::value % 4 == 0,
+                  "rows in pairs (r, r + 8), columns in pairs of 8-column groups");
+    CUTE_UNROLL
+    for (int a = 0; a < size<0>(frag); a += 2) {
+      CUTE_UNROLL
+      for (int b = 0; b < size<1>(frag); b += 4) {
+        const int row = row0 + get<0>(coord_rc(a, b)), col = col0 + get<1>(coord_rc(a, b));
+        // lo[g] / hi[g]: the words of the element at +8 rows of the fragment's first row being
+        // 0 / 1 (bit 3 of the key, S^T; of the query row, S) -- per call g this thread uses.
+        uint32_t lo[2], hi[2];
+        if constexpr (kTransposed) {
+          // Keys row, row + 8; query rows col, col + 1, col + 8, col + 9: calls (col) and (col + 1),
+          // each over keys {row & ~1, +1, +8, +9}. This lane makes the call of its key's parity.
+          const bool odd_key = row & 1;
+          const uint4 words = group_words(col + (odd_key ? 1 : 0), row, stream);
+          const uint32_t give0 = odd_key ? words.x : words.z, give1 = odd_key ? words.y : words.w;
+          const uint32_t take0 = __shfl_xor_sync(0xFFFFFFFFu, give0, 4);
+          const uint32_t take1 = __shfl_xor_sync(0xFFFFFFFFu, give1, 4);
+          // Values of this lane's key parity: words x, y of a call for even keys, z, w for odd.
+          lo[0] = odd_key ? take0 : words.x;
+          hi[0] = odd_key ? take1 : words.y;
+          lo[1] = odd_key ? words.z : take0;
+          hi[1] = odd_key ? words.w : take1;
+        } else {
+          const uint4 words = group_words(row, col, stream);
+          lo[0] = words.x;  // keys col, col + 8 (the key's parity is the column's: g = 0)
+          hi[0] = words.y;
+          lo[1] = words.z;  // keys col + 1, col + 9
+          hi[1] = words.w;
+        }
+        CUTE_UNROLL
+        for (int dr = 0; dr < 2; ++dr) {
+          CUTE_UNROLL
+          for (int dc = 0; dc < 4; ++dc) {
+            // Column b + dc: +(dc % 2) (key parity, S; query row parity, S^T), +8 * (dc / 2).
+            // With S^T the call is chosen by the query row's parity (dc % 2) and the word by bit 3
+            // of the key (dr), the half by bit 3 of the query row (dc / 2); with S the call by
+            // the key's parity (dc % 2), the word by bit 3 of the key (dc / 2), the half by bit 3
+            // of the query row (dr).
+            const int g = dc % 2;
+            const bool word_hi = kTransposed ? dr : dc / 2;
+            const bool upper_half = kTransposed ? dc / 2 : dr;
+            const uint32_t word = word_hi ? hi[g] : lo[g];
+            const uint32_t value = upper_half ? word >> 16 : word & 0xFFFFu;
+            float& x = frag(a + dr, b + dc);
+            x = value < keep_threshold_ ? x : -x;
+          }
+        }
+      }
+    }
+  }
+
+  // The call of the group holding element (i, j).
+  __device__ __forceinline__ uint4 group_words(int i, int j, uint64_t stream) const {
+    const uint4 counter = make_uint4(uint32_t(j) & ~9u, uint32_t(i) & ~8u, uint32_t(stream), uint32_t(stream >> 32));
+    return philox4x32_10(counter, key_);
+  }
+
+  // Element (i, j)'s 16-bit value among its group's call words. The key's parity is known where
+  // the kernels ask (kOddKey), the rest is selected, not indexed, so the words stay in registers.
+  template <bool kOddKey>
+  __device__ __forceinline__ static uint32_t value_of(uint4 words, int i, int j) {
+    const bool key_bit3 = (j >> 3) & 1, row_bit3 = (i >> 3) & 1;
+    const uint32_t word = kOddKey ? (key_bit3 ? words.w : words.z) : (key_bit3 ? words.y : words.x);
+    return row_bit3 ? word >> 16 : word & 0xFFFFu;
+  }
+
+  __device__ __forceinline__ bool kept(uint32_t value) const { return value < keep_threshold_; }
+
  private:
-  // One Philox call per 16 x 8 tile of the fragment; f(m, n, words) gets the words of the
-  // tile's 4 values in register order (value v at +8 * (v / 2) rows, +(v % 2) keys from value 0,
-  // the m16n8 accumulator layout of the SM80 MMA atoms every kernel here uses).
+  // One Philox call per 16 x 8 tile of the fragment (half of it used; a group spans two
+  // columns). The tiles' rows start at multiples of 16 and their keys at multiples of 8, so a
+  // tile's 4 elements share value 0's group; f(m, n, values) gets the 16-bit values of the tile's 4 elements in register order
+  // (value v at +8 * (v / 2) rows, +(v % 2) keys from value 0, the m16n8 accumulator layout of the
+  // SM80 MMA atoms these kernels use).
   template <typename Coord, typename F>
   __device__ __forceinline__ void for_each_tile(Coord const& coord, int row0, int col0, uint64_t stream,
                                                 F&& f) const {
@@ -119,10 +208,10 @@ class Dropout {
       for (int n = 0; n < size<2>(coord); ++n) {
         const int i = row0 + get<0>(coord(0, m, n));
         const int j = col0 + get<1>(coord(0, m, n));
-        const uint4 counter = make_uint4(uint32_t(j) >> 3, ((uint32_t(i) >> 4) << 5) | ((uint32_t(i) & 7u) << 2) |
-                                                               ((uint32_t(j) & 7u) >> 1),
-                                         uint32_t(stream), uint32_t(stream >> 32));
-        f(m, n, philox4x32_10(counter, key_));
+        const uint4 words = group_words(i, j, stream);
+        const uint32_t value[4] = {value_of<false>(words, i, j), value_of<true>(words, i, j + 1),
+                                   value_of<false>(words, i + 8, j), value_of<true>(words, i + 8, j + 1)};
+        f(m, n, value);
       }
     }
   }
@@ -131,6 +220,32 @@ class Dropout {
   uint64_t offset_;
   uint32_t keep_threshold_;
 };
+
+// The probabilities dV += P^T dO reads from a fragment encode_gmma marked: dropped entries 0, kept
+// ones times 1 / (1 - p), converted to the GEMM's element type in pairs.
+template <typename To, typename Engine, typename Layout>
+__device__ __forceinline__ auto dropped_probs(Tensor<Engine, Layout> const& encoded, float dropout_scale) {
+  Tensor dst = make_fragment_like<To>(encoded);
+  constexpr int N = decltype(size(encoded))::value;
+  static_assert(N % 2 == 0);
+  cutlass::NumericArrayConverter<To, float, 2> convert;
+  CUTE_UNROLL
+  for (int i = 0; i < N; i += 2) {
+    cutlass::Array<float, 2> in;
+    in[0] = fmaxf(encoded(i), 0.f) * dropout_scale;
+    in[1] = fmaxf(encoded(i + 1), 0.f) * dropout_scale;
+    cutlass::Array<To, 2> out = convert(in);
+    dst(i) = out[0];
+    dst(i + 1) = out[1];
+  }
+  return dst;
+}
+
+// dS of one element from its encoded probability x (negative: dropped) and dP:
+// P o (dP o M / (1 - p) - D), the undropped P times the dropped, rescaled dP.
+__device__ __forceinline__ float dropped_ds(float x, float dp, float d, float dropout_scale) {
+  return fabsf(x) * ((signbit(x) ? 0.f : dp * dropout_scale) - d);
+}
 
 // Kernels without dropout hold this instead: nothing to construct, no registers.
 struct NoDropout {

@@ -85,8 +85,8 @@ struct FwdParams {
   bool decode_pair_clusters;
 
   // Dropout (prefill forward and backward only; the dispatcher never plans split or decode
-  // kernels with it). Element kept iff its Philox word < dropout_keep_threshold, i.e.
-  // round((1 - p) * 2^32); kept probabilities are scaled by dropout_scale = 1 / (1 - p). Only the
+  // kernels with it). Element kept iff its 16-bit Philox value < dropout_keep_threshold, i.e.
+  // round((1 - p) * 2^16); kept probabilities are scaled by dropout_scale = 1 / (1 - p). Only the
   // dropout instantiations read these fields.
   uint32_t dropout_keep_threshold;
   float dropout_scale;

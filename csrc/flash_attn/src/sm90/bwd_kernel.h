@@ -37,9 +37,13 @@
 // dK is scaled by scale_grad at the end (dS excludes the softmax scale, as in the SM80 kernels);
 // the dQ convert kernel applies it to dQ.
 //
+// Dropout (Traits::kHasDropout): the forward's mask regenerated per step from Philox; P's dropped
+// entries are negated in the accumulator (Dropout::encode_gmma), so dV reads P o M / (1 - p) and
+// dS = P o (dP o M / (1 - p) - D) without a register for the mask.
+//
 // Scope: kernel head dims 64, 96, 128, 192, 256, batch-strided q/k/v (packed varlen maps are built
 // like the forward's but are not a target yet), causal or not (any window), GQA, deterministic or
-// not; no softcap, ALiBi, dropout.
+// not, dropout or not; no softcap, ALiBi.
 #pragma once
 
 #include <cmath>
@@ -52,6 +56,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "params/bwd_params.h"
+#include "common/dropout.h"
 #include "common/mma_utils.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
@@ -408,6 +413,7 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
   Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   clear(acc_dk);
   clear(acc_dv);
+  [[maybe_unused]] const DropoutIf<Traits::kHasDropout> dropout(p);
 
   if (w.steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
   typename Traits::PipelineState read;
@@ -436,11 +442,21 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
       CUTE_UNROLL
       for (int mi = 0; mi < size<0>(st); ++mi) st(mi, ni) = exp2f(fmaf(st(mi, ni), p.scale_softmax_log2, -lse));
     }
-    // P^T as the register A operand of dV += P^T dO, issued before dS^T is computed, or after it
-    // where the traits say the registers are short (kDvAfterDs).
+    // Dropout: the dropped entries of P^T negated (common/dropout.h).
+    if constexpr (Traits::kHasDropout) {
+      dropout.template encode_gmma</*kTransposed=*/true>(st, tScS_rc, w.n0, m0, dropout.stream(w.bidb, bidh, p.h));
+    }
+    // P^T (dropped and rescaled) as the register A operand of dV += P^T dO, issued before dS^T is
+    // computed, or after it where the traits say the registers are short (kDvAfterDs).
     Tensor rP = make_fragment_like<Element>(acc_s);
     auto issue_dv = [&]() {
-      Tensor converted = convert_fragment<Element>(acc_s);
+      Tensor converted = [&] {
+        if constexpr (Traits::kHasDropout) {
+          return dropped_probs<Element>(acc_s, p.dropout_scale);
+        } else {
+          return convert_fragment<Element>(acc_s);
+        }
+      }();
       CUTE_UNROLL
       for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
       Tensor tdVrP = make_tensor(rP.data(), gmma_acc_to_a_operand_layout(rP.layout()));
@@ -454,7 +470,13 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
     for (int ni = 0; ni < size<1>(dpt); ++ni) {
       const float d = shared.dsum[stage][get<1>(tScS_rc(0, ni))];
       CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(dpt); ++mi) dpt(mi, ni) = st(mi, ni) * (dpt(mi, ni) - d);
+      for (int mi = 0; mi < size<0>(dpt); ++mi) {
+        if constexpr (Traits::kHasDropout) {
+          dpt(mi, ni) = dropped_ds(st(mi, ni), dpt(mi, ni), d, p.dropout_scale);
+        } else {
+          dpt(mi, ni) = st(mi, ni) * (dpt(mi, ni) - d);
+        }
+      }
     }
     if constexpr (Traits::kDvAfterDs) issue_dv();
     Tensor rdS = convert_fragment<Element>(acc_dp);
@@ -563,6 +585,7 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
   Tensor acc_dvt = partition_fragment_C(mma_dkv, Shape<Int<kHeadDim>, Int<kBlockN>>{});
   clear(acc_dkt);
   clear(acc_dvt);
+  [[maybe_unused]] const DropoutIf<Traits::kHasDropout> dropout(p);
 
   if (w.steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
   typename Traits::PipelineState read;
@@ -593,8 +616,16 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(sc); ++ni) sc(mi, ni) = exp2f(fmaf(sc(mi, ni), p.scale_softmax_log2, -lse));
     }
-    // P into this step's buffer (stmatrix).
-    Tensor rP = convert_fragment<Element>(acc_s);
+    // P (dropped and rescaled) into this step's buffer (stmatrix); with dropout, the dropped
+    // entries of sc negated first (common/dropout.h).
+    Tensor rP = [&] {
+      if constexpr (Traits::kHasDropout) {
+        dropout.template encode_gmma</*kTransposed=*/false>(sc, tScS_rc, m0, w.n0, dropout.stream(w.bidb, bidh, p.h));
+        return dropped_probs<Element>(acc_s, p.dropout_scale);
+      } else {
+        return convert_fragment<Element>(acc_s);
+      }
+    }();
     copy(pds_copy, thr_pds_copy.retile_S(rP), thr_pds_copy.partition_D(sP(_, _, buf)));
     warpgroup_wait<0>();  // dP has completed
 
@@ -603,7 +634,13 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     for (int mi = 0; mi < size<0>(dp); ++mi) {
       const float d = shared.dsum[stage][get<0>(tScS_rc(mi, 0))];
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(dp); ++ni) dp(mi, ni) = sc(mi, ni) * (dp(mi, ni) - d);
+      for (int ni = 0; ni < size<1>(dp); ++ni) {
+        if constexpr (Traits::kHasDropout) {
+          dp(mi, ni) = dropped_ds(sc(mi, ni), dp(mi, ni), d, p.dropout_scale);
+        } else {
+          dp(mi, ni) = sc(mi, ni) * (dp(mi, ni) - d);
+        }
+      }
     }
     Tensor rdS = convert_fragment<Element>(acc_dp);
     copy(pds_copy, thr_pds_copy.retile_S(rdS), thr_pds_copy.partition_D(sdS(_, _, buf)));
