@@ -328,6 +328,57 @@ def test_dropout_backward_hopper_and_sm80(case, deterministic):
     _check_against_reference((out, *grads_sm80), q, k, v, dout, keep, p, **kw)
 
 
+@pytest.mark.parametrize("case", list(HOPPER_CASES.values()), ids=list(HOPPER_CASES))
+@gpu_test
+def test_dropout_forward_hopper_and_sm80(case):
+    """On a compute capability 9.0 GPU the Hopper forward's dropout variant runs (kernel trace; no
+    S_dmask from it, so the mask is the replica's, from its rng_state): out and lse against the
+    reference with that mask, and the SM80 forward on the same generator state draws the same mask
+    (its S_dmask equals the replica's) and meets the reference too."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs a compute capability 9.0 GPU")
+    d, dtype, sq, sk = case["d"], case["dtype"], case["sq"], case["sk"]
+    require_kernel(d, dtype)
+    if kernel_headdim(d) not in [int(h) for h in flash_attn_gpu.build_info().get("sm90_forward_headdims", [])]:
+        pytest.skip("this build has no Hopper forward for this head dim")
+    nheads, nheads_k, batch, p = case.get("nheads", 4), case.get("nheads_k", case.get("nheads", 4)), 2, 0.23
+    causal, window = case.get("causal", False), case.get("window", (-1, -1))
+    q = randn(batch, sq, nheads, d, dtype=dtype)
+    k, v = (randn(batch, sk, nheads_k, d, dtype=dtype) for _ in range(2))
+    dout = randn(batch, sq, nheads, d, dtype=dtype)
+    scale = d ** -0.5
+
+    def forward(return_softmax, seed):
+        gen = torch.Generator(device=DEVICE)
+        gen.manual_seed(seed)
+        return flash_attn_gpu.fwd(q, k, v, None, None, p, scale, causal, window[0], window[1], 0.0, return_softmax,
+                                  gen, 0)
+
+    previous = flash_attn_gpu.set_sm90_forward(True)
+    try:
+        names = kernel_names(lambda: forward(False, 7))
+        if names is not None:
+            assert any("flash_fwd_sm90_kernel" in n for n in names), names
+        out, lse, _, rng_state = forward(False, 7)
+        flash_attn_gpu.set_sm90_forward(False)
+        out_sm80, _, s_dmask, rng_state_sm80 = forward(True, 7)
+    finally:
+        flash_attn_gpu.set_sm90_forward(previous)
+    assert torch.equal(rng_state, rng_state_sm80)
+    seed, offset = (int(x) for x in rng_state.tolist())
+    keep = expected_keep(seed, offset, p, batch, nheads, sq, sk, q.device)
+    visible = allowed_mask(batch, sq, sk, causal=causal, window_size=window, device=q.device)
+    assert torch.equal(_keep_from_s_dmask(s_dmask, sq, sk) & visible, keep & visible)
+    kw = dict(causal=causal, window=window)
+    ref = _ref_and_grads(q, k, v, dout, keep, p, True, **kw)
+    pt = _ref_and_grads(q, k, v, dout, keep, p, False, **kw)
+    _assert_close("out", out, ref[0], pt[0])
+    _assert_close("out (SM80)", out_sm80, ref[0], pt[0])
+    dq, dk, dv, _ = _native_bwd(dout, q, k, v, out, lse, rng_state, p, **kw)
+    for name, x, r, t in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[1:], pt[1:]):
+        _assert_close(name, x, r, t)
+
+
 @gpu_test
 def test_dropout_varlen_ragged():
     d, dtype, nheads, nheads_k, p = 64, torch.float16, 4, 2, 0.25

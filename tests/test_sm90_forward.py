@@ -363,12 +363,15 @@ def test_sm90_forward_fallback_headdim32(dtype, hopper):
     assert_out_close(out, out_ref, out_pt)
 
 
-def test_sm90_forward_not_used_for_dropout(hopper):
-    """Dropout runs the SM80 kernels (its results: test_dropout.py)."""
+def test_sm90_forward_dropout_kernel_choice(hopper):
+    """Dropout runs the Hopper kernel's dropout variant, except with return_softmax (S_dmask comes
+    from the SM80 kernel) or with softcap / ALiBi (its results: test_dropout.py)."""
     if not _hopper_forward_built(torch.float16):
         pytest.skip("this build has no fp16 Hopper forward")
     q, k, v = _qkv(2, 200, 300, 4, 2, 128, torch.float16)
-    assert _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)) is not True
+    assert _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)) is not False
+    for kw in (dict(return_attn_probs=True), dict(softcap=10.0)):
+        assert _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True, **kw)) is not True
 
 
 # num_splits 3: the last split of a sequence holds its partial block.
