@@ -9,8 +9,9 @@
 # Options: --no-tests, --no-bench, --no-build (use the build a previous call on this still-warm
 # machine installed), --quick (quick benchmarks), --sanitize, --profile (Nsight Compute report of
 # one prefill and one decode launch), --pytest-args "...", --baseline DIR.
-# Environment: BENCH, the benchmarks to run, a subset of "decode specdec forward backward host sweep
-# triton" (default "decode specdec host sweep"); BENCH_TIMEOUT (s per benchmark, default 300);
+# Environment: BENCH, the benchmarks to run, a subset of "decode specdec forward backward dropout
+# host sweep triton" (default "decode specdec host sweep"; dropout: the forward and backward grids
+# with dropout_p 0.1); BENCH_TIMEOUT (s per benchmark, default 300);
 # TEST_TIMEOUT (s for the test suite, default 420);
 # MAXFAIL (pytest --maxfail, default 40); BENCH_COMMIT (the commit of this tree, for result headers
 # when the copy here has no git metadata of its own); SANITIZE_CHUNK=0|1 (half of the sanitizer
@@ -128,11 +129,13 @@ if [ $run_bench -eq 1 ]; then
       specdec) bench specdec benchmarks/benchmark_decode.py --grid specdec ;;
       forward) bench forward benchmarks/benchmark_forward.py $prefill_headdims ;;
       backward) bench backward benchmarks/benchmark_backward.py $prefill_headdims ;;
+      dropout) bench forward_dropout benchmarks/benchmark_forward.py $prefill_headdims --dropout 0.1
+               bench backward_dropout benchmarks/benchmark_backward.py $prefill_headdims --dropout 0.1 ;;
       host) bench host benchmarks/host_overhead.py ;;
       sweep) bench sweep benchmarks/sweep_num_splits.py
              bench sweep_paged16 benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1|16" ;;
       triton) bench triton benchmarks/tools/triton_ops.py ;;
-      *) echo "BENCH: unknown benchmark $b (decode specdec forward backward host sweep triton)" | tee -a "$OUT/env.log" ;;
+      *) echo "BENCH: unknown benchmark $b (decode specdec forward backward dropout host sweep triton)" | tee -a "$OUT/env.log" ;;
     esac
   done
   grep -vE "^\|" "$OUT/bench.log" | tail -60
