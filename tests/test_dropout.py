@@ -278,11 +278,11 @@ def test_dropout_matches_reference(case, deterministic):
 # The Hopper backward takes dropout at kernel head dims 64-256 (dense, no softcap or ALiBi): S^T
 # fragments at 64 / 96 / 128 (lanes trade Philox halves), S at 192 / 256.
 HOPPER_CASES = {
-    "d64_gqa_causal": dict(d=64, dtype=torch.float16, sq=255, sk=300, nheads=8, nheads_k=2, causal=True),
-    "d96_window": dict(d=96, dtype=torch.bfloat16, sq=200, sk=130, window=(40, 3)),
-    "d128_dense": dict(d=128, dtype=torch.float16, sq=113, sk=333),
-    "d192_causal": dict(d=192, dtype=torch.bfloat16, sq=130, sk=257, causal=True),
-    "d256_gqa": dict(d=256, dtype=torch.float16, sq=77, sk=190, nheads=4, nheads_k=2),
+    "d64_fp16_gqa_causal": dict(d=64, dtype=torch.float16, sq=255, sk=300, nheads=8, nheads_k=2, causal=True),
+    "d96_bf16_window": dict(d=96, dtype=torch.bfloat16, sq=200, sk=130, window=(40, 3)),
+    "d128_fp16_dense": dict(d=128, dtype=torch.float16, sq=113, sk=333),
+    "d192_bf16_causal": dict(d=192, dtype=torch.bfloat16, sq=130, sk=257, causal=True),
+    "d256_fp16_gqa": dict(d=256, dtype=torch.float16, sq=77, sk=190, nheads=4, nheads_k=2),
 }
 
 
