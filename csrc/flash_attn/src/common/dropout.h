@@ -181,17 +181,6 @@ class Dropout {
     return philox4x32_10(counter, key_);
   }
 
-  // Element (i, j)'s 16-bit value among its group's call words. The key's parity is known where
-  // the kernels ask (kOddKey), the rest is selected, not indexed, so the words stay in registers.
-  template <bool kOddKey>
-  __device__ __forceinline__ static uint32_t value_of(uint4 words, int i, int j) {
-    const bool key_bit3 = (j >> 3) & 1, row_bit3 = (i >> 3) & 1;
-    const uint32_t word = kOddKey ? (key_bit3 ? words.w : words.z) : (key_bit3 ? words.y : words.x);
-    return row_bit3 ? word >> 16 : word & 0xFFFFu;
-  }
-
-  __device__ __forceinline__ bool kept(uint32_t value) const { return value < keep_threshold_; }
-
  private:
   // One Philox call per 16 x 8 tile of the fragment (half of it used; a group spans two
   // columns). The tiles' rows start at multiples of 16 and their keys at multiples of 8, so a
@@ -209,8 +198,12 @@ class Dropout {
         const int i = row0 + get<0>(coord(0, m, n));
         const int j = col0 + get<1>(coord(0, m, n));
         const uint4 words = group_words(i, j, stream);
-        const uint32_t value[4] = {value_of<false>(words, i, j), value_of<true>(words, i, j + 1),
-                                   value_of<false>(words, i + 8, j), value_of<true>(words, i + 8, j + 1)};
+        // Value 0's row has bit 3 clear: values 0 / 1 take the low halves, 2 / 3 (8 rows below) the
+        // high ones; even keys words x / y, odd keys z / w, by bit 3 of the key. Selected, not
+        // indexed, so the words stay in registers.
+        const bool key_bit3 = (j >> 3) & 1;
+        const uint32_t even_key = key_bit3 ? words.y : words.x, odd_key = key_bit3 ? words.w : words.z;
+        const uint32_t value[4] = {even_key & 0xFFFFu, odd_key & 0xFFFFu, even_key >> 16, odd_key >> 16};
         f(m, n, value);
       }
     }
