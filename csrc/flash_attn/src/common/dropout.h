@@ -25,9 +25,9 @@
 #include <type_traits>
 
 #include <cute/tensor.hpp>
-#include <cutlass/numeric_conversion.h>
 
 #include "params/fwd_params.h"
+#include "common/mma_utils.h"
 #include "common/philox.h"
 
 namespace flash {
@@ -218,20 +218,7 @@ class Dropout {
 // ones times 1 / (1 - p), converted to the GEMM's element type in pairs.
 template <typename To, typename Engine, typename Layout>
 __device__ __forceinline__ auto dropped_probs(Tensor<Engine, Layout> const& encoded, float dropout_scale) {
-  Tensor dst = make_fragment_like<To>(encoded);
-  constexpr int N = decltype(size(encoded))::value;
-  static_assert(N % 2 == 0);
-  cutlass::NumericArrayConverter<To, float, 2> convert;
-  CUTE_UNROLL
-  for (int i = 0; i < N; i += 2) {
-    cutlass::Array<float, 2> in;
-    in[0] = fmaxf(encoded(i), 0.f) * dropout_scale;
-    in[1] = fmaxf(encoded(i + 1), 0.f) * dropout_scale;
-    cutlass::Array<To, 2> out = convert(in);
-    dst(i) = out[0];
-    dst(i + 1) = out[1];
-  }
-  return dst;
+  return convert_fragment<To>(encoded, [dropout_scale](float x) { return fmaxf(x, 0.f) * dropout_scale; });
 }
 
 // dS of one element from its encoded probability x (negative: dropped) and dP:
