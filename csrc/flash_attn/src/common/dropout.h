@@ -111,18 +111,51 @@ class Dropout {
 
   // Hopper warpgroup-MMA fragments, viewed by (row, column) (sm90/gmma_layouts.h,
   // gmma_rowcol_view): a thread holds rows r and r + 8 of its warp's 16, and columns c, c + 1 of
-  // every 8-column group, the groups in order. Dropped entries of P are negated (P >= 0, so the
-  // sign carries the mask to every later use without a register of its own; a masked 0 stays 0).
-  // kTransposed: the fragment is S^T (rows are keys, columns query rows: the Hopper backward with
-  // the keys split); else S (rows are query rows, columns keys). coord_rc: (row, column) of each
-  // element within the tile; row0 / col0: the sequence position of the tile's (0, 0), multiples of
-  // 16. Each pair of column groups is one call per thread: with S, the group of its 8 elements;
-  // with S^T, the lanes of keys r and r ^ 1 (lanes l and l ^ 4) each make one of the two calls
-  // their elements need and trade the halves the other one uses, so every lane of the warp must
-  // get here together.
+  // every 8-column group, the groups in order. kTransposed: the fragment is S^T (rows are keys,
+  // columns query rows: the Hopper backward with the keys split); else S (rows are query rows,
+  // columns keys). coord_rc: (row, column) of each element within the tile; row0 / col0: the
+  // sequence position of the tile's (0, 0), multiples of 16. Each pair of column groups is one
+  // call per thread: with S, the group of its 8 elements; with S^T, the lanes of keys r and r ^ 1
+  // (lanes l and l ^ 4) each make one of the two calls their elements need and trade the halves
+  // the other one uses, so every lane of the warp must get here together.
+
+  // Keep flags of every element, by the fragment's register index. They depend on positions
+  // alone, so a kernel can draw them while the GEMM that produces the fragment still runs.
+  template <bool kTransposed, typename RC, typename Coord>
+  __device__ __forceinline__ auto keep_bits_gmma(RC const& frag, Coord const& coord_rc, int row0, int col0,
+                                                 uint64_t stream) const {
+    constexpr int kSize = decltype(size(frag))::value;
+    KeepBits<kSize> bits;
+    CUTE_UNROLL
+    for (int i = 0; i < (kSize + 31) / 32; ++i) bits.words[i] = 0u;
+    for_each_gmma_element<kTransposed>(frag, coord_rc, row0, col0, stream, [&](int r, int c, bool kept) {
+      const int idx = frag.layout()(r, c);
+      bits.words[idx / 32] |= uint32_t(kept) << (idx % 32);
+    });
+    return bits;
+  }
+
+  // P's dropped entries negated in place, drawn here (P >= 0, so the sign carries the mask to
+  // every later use without a register of its own; a masked 0 stays 0).
   template <bool kTransposed, typename RC, typename Coord>
   __device__ __forceinline__ void encode_gmma(RC& frag, Coord const& coord_rc, int row0, int col0,
                                               uint64_t stream) const {
+    for_each_gmma_element<kTransposed>(frag, coord_rc, row0, col0, stream, [&](int r, int c, bool kept) {
+      frag(r, c) = kept ? frag(r, c) : -frag(r, c);
+    });
+  }
+
+  // The call of the group holding element (i, j).
+  __device__ __forceinline__ uint4 group_words(int i, int j, uint64_t stream) const {
+    const uint4 counter = make_uint4(uint32_t(j) & ~9u, uint32_t(i) & ~8u, uint32_t(stream), uint32_t(stream >> 32));
+    return philox4x32_10(counter, key_);
+  }
+
+ private:
+  // f(row, column, kept) for every element of a Hopper fragment (see keep_bits_gmma).
+  template <bool kTransposed, typename RC, typename Coord, typename F>
+  __device__ __forceinline__ void for_each_gmma_element(RC const& frag, Coord const& coord_rc, int row0, int col0,
+                                                        uint64_t stream, F&& f) const {
     static_assert(decltype(size<0>(frag))::value % 2 == 0 && decltype(size<1>(frag))::value % 4 == 0,
                   "rows in pairs (r, r + 8), columns in pairs of 8-column groups");
     CUTE_UNROLL
@@ -167,21 +200,13 @@ class Dropout {
             const bool upper_half = kTransposed ? dc / 2 : dr;
             const uint32_t word = word_hi ? hi[g] : lo[g];
             const uint32_t value = upper_half ? word >> 16 : word & 0xFFFFu;
-            float& x = frag(a + dr, b + dc);
-            x = value < keep_threshold_ ? x : -x;
+            f(a + dr, b + dc, value < keep_threshold_);
           }
         }
       }
     }
   }
 
-  // The call of the group holding element (i, j).
-  __device__ __forceinline__ uint4 group_words(int i, int j, uint64_t stream) const {
-    const uint4 counter = make_uint4(uint32_t(j) & ~9u, uint32_t(i) & ~8u, uint32_t(stream), uint32_t(stream >> 32));
-    return philox4x32_10(counter, key_);
-  }
-
- private:
   // One Philox call per 16 x 8 tile of the fragment (half of it used; a group spans two
   // columns). The tiles' rows start at multiples of 16 and their keys at multiples of 8, so a
   // tile's 4 elements share value 0's group; f(m, n, values) gets the 16-bit values of the tile's 4 elements in register order
@@ -214,7 +239,16 @@ class Dropout {
   uint32_t keep_threshold_;
 };
 
-// The probabilities dV += P^T dO reads from a fragment encode_gmma marked: dropped entries 0, kept
+// P's dropped entries negated in place, from flags drawn earlier (Dropout::keep_bits_gmma of frag;
+// see encode_gmma).
+template <typename Frag, int kSize>
+__device__ __forceinline__ void encode_dropped(Frag& frag, KeepBits<kSize> const& bits) {
+  static_assert(decltype(size(frag))::value == kSize);
+  CUTE_UNROLL
+  for (int i = 0; i < kSize; ++i) frag(i) = bits.test(i) ? frag(i) : -frag(i);
+}
+
+// The probabilities dV += P^T dO reads from a fragment encode_gmma / encode_dropped marked: dropped entries 0, kept
 // ones times 1 / (1 - p), converted to the GEMM's element type in pairs.
 template <typename To, typename Engine, typename Layout>
 __device__ __forceinline__ auto dropped_probs(Tensor<Engine, Layout> const& encoded, float dropout_scale) {

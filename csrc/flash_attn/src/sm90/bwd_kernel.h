@@ -38,7 +38,9 @@
 // the dQ convert kernel applies it to dQ.
 //
 // Dropout (Traits::kHasDropout): the forward's mask regenerated per step from Philox; P's dropped
-// entries are negated in the accumulator (Dropout::encode_gmma), so dV reads P o M / (1 - p) and
+// entries are negated in the accumulator (Dropout::keep_bits_gmma, drawn while the step's S and dP
+// GEMMs run, and encode_dropped; where registers are short, encode_gmma once S has landed), so dV
+// reads P o M / (1 - p) and
 // dS = P o (dP o M / (1 - p) - D) without a register for the mask.
 //
 // Scope: kernel head dims 64, 96, 128, 192, 256, batch-strided q/k/v (packed varlen maps are built
@@ -429,9 +431,19 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), acc_s);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), acc_dp);
+    Tensor st = gmma_rowcol_view(acc_s);
+    // Dropout: the step's keep flags (common/dropout.h), drawn while the GEMMs run where the
+    // registers allow (Traits::kDropoutFlagsDuringGemms), else once S^T has landed.
+    [[maybe_unused]] const auto keep = [&] {
+      if constexpr (Traits::kHasDropout && Traits::kDropoutFlagsDuringGemms) {
+        return dropout.template keep_bits_gmma</*kTransposed=*/true>(st, tScS_rc, w.n0, m0,
+                                                                     dropout.stream(w.bidb, bidh, p.h));
+      } else {
+        return KeepAll{};
+      }
+    }();
     warpgroup_wait<1>();  // S^T has completed; dP^T may still run
 
-    Tensor st = gmma_rowcol_view(acc_s);
     const BlockCoords bc{m0, w.n0, w.diag};
     if (block_needs_mask(bc, kBlockN, rows_in_tile, w.seq.seqlen_k, p.window_left, p.window_right)) {
       apply_mask_transposed(st, tScS_rc, w.n0, m0, w.diag, w.seq.seqlen_k, p.window_left, p.window_right);
@@ -443,7 +455,9 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
       for (int mi = 0; mi < size<0>(st); ++mi) st(mi, ni) = exp2f(fmaf(st(mi, ni), p.scale_softmax_log2, -lse));
     }
     // Dropout: the dropped entries of P^T negated (common/dropout.h).
-    if constexpr (Traits::kHasDropout) {
+    if constexpr (Traits::kHasDropout && Traits::kDropoutFlagsDuringGemms) {
+      encode_dropped(acc_s, keep);
+    } else if constexpr (Traits::kHasDropout) {
       dropout.template encode_gmma</*kTransposed=*/true>(st, tScS_rc, w.n0, m0, dropout.stream(w.bidb, bidh, p.h));
     }
     // P^T (dropped and rescaled) as the register A operand of dV += P^T dO, issued before dS^T is
@@ -603,9 +617,18 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     Tensor tdPrdO_stage = tdPrdO(_, _, _, stage);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tSrQ_stage, tSrK, acc_s);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tdPrdO_stage, tdPrV, acc_dp);
+    Tensor sc = gmma_rowcol_view(acc_s);
+    // Dropout: the step's keep flags, drawn while the GEMMs run (common/dropout.h).
+    [[maybe_unused]] const auto keep = [&] {
+      if constexpr (Traits::kHasDropout) {
+        return dropout.template keep_bits_gmma</*kTransposed=*/false>(sc, tScS_rc, m0, w.n0,
+                                                                      dropout.stream(w.bidb, bidh, p.h));
+      } else {
+        return KeepAll{};
+      }
+    }();
     warpgroup_wait<1>();  // S has completed; dP may still run
 
-    Tensor sc = gmma_rowcol_view(acc_s);
     const BlockCoords bc{m0, w.n0, w.diag};
     if (block_needs_mask(bc, kBlockN, rows_in_tile, w.seq.seqlen_k, p.window_left, p.window_right)) {
       apply_mask(sc, tScS_rc, bc, w.seq.seqlen_k, p.window_left, p.window_right);
@@ -620,7 +643,7 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     // entries of sc negated first (common/dropout.h).
     Tensor rP = [&] {
       if constexpr (Traits::kHasDropout) {
-        dropout.template encode_gmma</*kTransposed=*/false>(sc, tScS_rc, m0, w.n0, dropout.stream(w.bidb, bidh, p.h));
+        encode_dropped(acc_s, keep);
         return dropped_probs<Element>(acc_s, p.dropout_scale);
       } else {
         return convert_fragment<Element>(acc_s);

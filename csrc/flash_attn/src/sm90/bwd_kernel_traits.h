@@ -77,6 +77,10 @@ struct Sm90BwdTraits {
   // registers before any address, and ptxas spills; converted after dS^T (one pass once dP^T has
   // completed), the fp32 values die as they are packed, and the peak is 192.
   static constexpr bool kDvAfterDs = !kSplitHeadDim && kBlockM == 128;
+  // Dropout's keep flags drawn while the step's S and dP GEMMs run (they depend on positions
+  // alone), where the registers allow: not beside 128-query S^T and dP^T (head dim 64: 332 spill
+  // bytes, against 124 drawing them once S^T has landed).
+  static constexpr bool kDropoutFlagsDuringGemms = !kDvAfterDs;
 
   // Q/dO (and LSE/D) ring depth. Two stages: the next step's Q and dO land during the current step
   // (one step is 5 GEMMs of kBlockN keys x kBlockM x kHeadDim, far longer than its Q and dO loads).

@@ -243,11 +243,19 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   [[maybe_unused]] const DropoutIf<kHasDropout> dropout(p);
   Tensor rP = make_fragment_like<Element>(acc_s);
   Tensor tOrP = make_tensor(rP.data(), gmma_acc_to_a_operand_layout(rP.layout()));
-  auto p_from_s = [&](int n_block) {
+  // The keep flags of key block n_block, drawn while its S GEMM runs (they depend on positions alone).
+  auto keep_of = [&](int n_block) {
+    if constexpr (kHasDropout) {
+      return dropout.template keep_bits_gmma</*kTransposed=*/false>(s, tScS_rc, m0, n_block * kBlockN,
+                                                                    dropout.stream(bidb, bidh, p.h));
+    } else {
+      return KeepAll{};
+    }
+  };
+  auto p_from_s = [&]([[maybe_unused]] const auto& keep) {
     Tensor converted = [&] {
       if constexpr (kHasDropout) {
-        dropout.template encode_gmma</*kTransposed=*/false>(s, tScS_rc, m0, n_block * kBlockN,
-                                                            dropout.stream(bidb, bidh, p.h));
+        encode_dropped(acc_s, keep);
         return dropped_probs<Element>(acc_s, 1.f);
       } else {
         return convert_fragment<Element>(acc_s);
@@ -261,12 +269,15 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   int n_block = blocks.max - 1;
   pipeline_k.consumer_wait(read_k);
   warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
-  warpgroup_wait<0>();
-  pipeline_k.consumer_release(read_k);
-  ++read_k;
-  score_block(n_block);
-  softmax.update(s, gmma_rowcol_view(acc_o), p.scale_softmax_log2, /*is_first=*/true);
-  p_from_s(n_block);
+  {
+    [[maybe_unused]] const auto keep = keep_of(n_block);
+    warpgroup_wait<0>();
+    pipeline_k.consumer_release(read_k);
+    ++read_k;
+    score_block(n_block);
+    softmax.update(s, gmma_rowcol_view(acc_o), p.scale_softmax_log2, /*is_first=*/true);
+    p_from_s(keep);
+  }
 
   // Keys past seqlen_k in the last visited key block arrive with whatever the tensor holds there:
   // the next packed sequence, unused cache slots past seqused_k, rows past cu_seqlens_k[-1]. Their
@@ -305,6 +316,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ_block, tSrK(_, _, _, read_k.index()), acc_s);
     pipeline_v.consumer_wait(read_v);
     warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
+    [[maybe_unused]] const auto keep = keep_of(n_block);
     warpgroup_wait<1>();  // the S GEMM, issued first, has completed
     pipeline_k.consumer_release(read_k);
     ++read_k;
@@ -315,7 +327,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     pipeline_v.consumer_release(read_v);
     ++read_v;
     softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
-    p_from_s(n_block);
+    p_from_s(keep);
   }
   // Every S GEMM of this tile has completed in this thread: Q's buffer may take the next tile
   // (unless O is staged there: then after the epilogue, below; split partials are not staged).
