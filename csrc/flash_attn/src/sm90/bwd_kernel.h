@@ -43,9 +43,11 @@
 // reads P o M / (1 - p) and
 // dS = P o (dP o M / (1 - p) - D) without a register for the mask.
 //
-// Scope: kernel head dims 64, 96, 128, 192, 256, batch-strided q/k/v (packed varlen maps are built
-// like the forward's but are not a target yet), causal or not (any window), GQA, deterministic or
-// not, dropout or not; no softcap, ALiBi.
+// Packed (varlen) q/k/v: one TMA map per packed tensor, sequences by row offset; the rows past a
+// sequence that whole-block loads bring in are zeroed in shared memory (zero_rows_from).
+//
+// Scope: kernel head dims 64, 96, 128, 192, 256, batch-strided or packed (varlen) q/k/v, causal or
+// not (any window), GQA, deterministic or not, dropout or not; no softcap, ALiBi.
 #pragma once
 
 #include <cmath>
@@ -307,6 +309,53 @@ __device__ __forceinline__ void apply_mask_transposed(TS& st, TC const& coord, i
   }
 }
 
+// Packed (varlen) tensors: whole-block TMA loads bring in the rows past a sequence -- the next
+// sequence's, or past the last one whatever the tensor holds there (unused capacity, possibly
+// NaN). Their probabilities are 0, but 0 x NaN is NaN in the GEMMs that read these tiles whole
+// (dP = dO V^T, dV += P^T dO, dK += dS^T Q, dQ = dS K), so the consumers zero those rows of a
+// (rows, d) tile in shared memory before its first read: K and V rows past the block's keys once
+// per block, Q and dO rows past the step's queries in the step's stage. 16 bytes at a time (8
+// consecutive head-dim elements stay contiguous under the swizzles). The thread index is opaque
+// here, so that ptxas does not hoist this cold loop's addresses out of the step loop. The caller
+// then fences (the zeros are generic-proxy writes; wgmma and the next TMA write of the stage go
+// through the async proxy) and syncs the consumers (every one reads the whole tiles).
+template <typename Traits, typename TTile>
+__device__ __forceinline__ void zero_rows_from(TTile tile, int first_row, int rows) {
+  using Element = typename Traits::Element;
+  constexpr int kVecElems = 16 / int(sizeof(Element));
+  constexpr int kVecsPerRow = Traits::kHeadDim / kVecElems;
+  int tidx = int(threadIdx.x) - 128;
+  asm volatile("" : "+r"(tidx));
+#pragma unroll 1
+  for (int i = tidx; i < (rows - first_row) * kVecsPerRow; i += Traits::kNConsumerThreads) {
+    *reinterpret_cast<uint4*>(&tile(first_row + i / kVecsPerRow, (i % kVecsPerRow) * kVecElems)) =
+        make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The rows past a packed sequence zeroed (zero_rows_from): K and V once the block's keys have
+// landed, Q and dO of a step once its stage has. Both conditions are the same for every consumer.
+template <typename Traits, typename TK>
+__device__ __forceinline__ void zero_keys_past_sequence(const BwdParams& p, const Sm90BwdWork& w, TK& sK, TK& sV,
+                                                        int barrier) {
+  if (p.cu_seqlens_k != nullptr && w.keys_in_block < Traits::kBlockN) {
+    zero_rows_from<Traits>(sK, w.keys_in_block, Traits::kBlockN);
+    zero_rows_from<Traits>(sV, w.keys_in_block, Traits::kBlockN);
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, barrier);
+  }
+}
+template <typename Traits, typename TQ>
+__device__ __forceinline__ void zero_queries_past_sequence(const BwdParams& p, TQ& sQ, TQ& sdO, int stage,
+                                                           int rows_in_tile, int barrier) {
+  if (p.cu_seqlens_q != nullptr && rows_in_tile < Traits::kBlockM) {
+    zero_rows_from<Traits>(sQ(_, _, stage), rows_in_tile, Traits::kBlockM);
+    zero_rows_from<Traits>(sdO(_, _, stage), rows_in_tile, Traits::kBlockM);
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, barrier);
+  }
+}
+
 // A step's dQ (this thread's elements of the fp32 accumulator fragment, at coordinates tdQcdQ
 // within the step's query rows) added into the dQ accumulator. Neighbouring accumulator elements
 // are neighbouring d-columns of one query row: one float2 atomic each. Rows past the sequence
@@ -417,7 +466,10 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
   clear(acc_dv);
   [[maybe_unused]] const DropoutIf<Traits::kHasDropout> dropout(p);
 
-  if (w.steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+  if (w.steps > 0) {
+    cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+    zero_keys_past_sequence<Traits>(p, w, sK, sV, kBarrierConsumers);
+  }
   typename Traits::PipelineState read;
   for (int s = 0; s < w.steps; ++s) {
     const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
@@ -426,6 +478,7 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
     const int buf = s % Traits::kDsBuffers;
     pipeline.consumer_wait(read);
     cutlass::arch::ClusterBarrier::wait(&shared.lse_full[stage], read.phase());
+    zero_queries_past_sequence<Traits>(p, sQ, sdO, stage, rows_in_tile, kBarrierConsumers);
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
@@ -601,7 +654,10 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
   clear(acc_dvt);
   [[maybe_unused]] const DropoutIf<Traits::kHasDropout> dropout(p);
 
-  if (w.steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+  if (w.steps > 0) {
+    cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+    zero_keys_past_sequence<Traits>(p, w, sK, sV, kBarrierConsumers);
+  }
   typename Traits::PipelineState read;
   for (int s = 0; s < w.steps; ++s) {
     const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
@@ -610,6 +666,7 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     const int buf = s % Traits::kDsBuffers;
     pipeline.consumer_wait(read);
     cutlass::arch::ClusterBarrier::wait(&shared.lse_full[stage], read.phase());
+    zero_queries_past_sequence<Traits>(p, sQ, sdO, stage, rows_in_tile, kBarrierConsumers);
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
