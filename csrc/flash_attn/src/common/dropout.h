@@ -52,6 +52,13 @@ __device__ __forceinline__ PhiloxSeedOffset philox_seed_offset(const FwdParams& 
 template <int kSize>
 struct KeepBits {
   uint32_t words[(kSize + 31) / 32];
+  __device__ __forceinline__ static KeepBits none() {
+    KeepBits bits;
+    CUTE_UNROLL
+    for (int i = 0; i < (kSize + 31) / 32; ++i) bits.words[i] = 0u;
+    return bits;
+  }
+  __device__ __forceinline__ void set(int i, bool kept) { words[i / 32] |= uint32_t(kept) << (i % 32); }
   __device__ __forceinline__ bool test(int i) const { return (words[i / 32] >> (i % 32)) & 1u; }
 };
 
@@ -95,16 +102,10 @@ class Dropout {
   template <typename Frag, typename Coord>
   __device__ __forceinline__ auto keep_bits(Frag const& acc, Coord const& coord, int row0, int col0,
                                             uint64_t stream) const {
-    constexpr int kSize = decltype(size(acc))::value;
-    KeepBits<kSize> bits;
-    CUTE_UNROLL
-    for (int i = 0; i < (kSize + 31) / 32; ++i) bits.words[i] = 0u;
+    auto bits = KeepBits<decltype(size(acc))::value>::none();
     for_each_tile(coord, row0, col0, stream, [&](int m, int n, const uint32_t (&value)[4]) {
       CUTE_UNROLL
-      for (int v = 0; v < 4; ++v) {
-        const int idx = acc.layout()(v, m, n);
-        bits.words[idx / 32] |= uint32_t(value[v] < keep_threshold_) << (idx % 32);
-      }
+      for (int v = 0; v < 4; ++v) bits.set(acc.layout()(v, m, n), value[v] < keep_threshold_);
     });
     return bits;
   }
@@ -124,14 +125,9 @@ class Dropout {
   template <bool kTransposed, typename RC, typename Coord>
   __device__ __forceinline__ auto keep_bits_gmma(RC const& frag, Coord const& coord_rc, int row0, int col0,
                                                  uint64_t stream) const {
-    constexpr int kSize = decltype(size(frag))::value;
-    KeepBits<kSize> bits;
-    CUTE_UNROLL
-    for (int i = 0; i < (kSize + 31) / 32; ++i) bits.words[i] = 0u;
-    for_each_gmma_element<kTransposed>(frag, coord_rc, row0, col0, stream, [&](int r, int c, bool kept) {
-      const int idx = frag.layout()(r, c);
-      bits.words[idx / 32] |= uint32_t(kept) << (idx % 32);
-    });
+    auto bits = KeepBits<decltype(size(frag))::value>::none();
+    for_each_gmma_element<kTransposed>(frag, coord_rc, row0, col0, stream,
+                                       [&](int r, int c, bool kept) { bits.set(frag.layout()(r, c), kept); });
     return bits;
   }
 
