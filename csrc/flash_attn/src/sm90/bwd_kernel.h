@@ -300,6 +300,25 @@ __device__ __forceinline__ void apply_mask_transposed(TS& st, TC const& coord, i
   }
 }
 
+// Step s of a consumer loop: its query head, first query row, rows inside the sequence, Q/dO
+// stage and P/dS buffer, once the stage's Q, dO (TMA) and lse, D (row-stat warps) have landed.
+struct BwdConsumerStep {
+  int bidh, m0, rows_in_tile, stage, buf;
+};
+template <typename Traits>
+__device__ __forceinline__ BwdConsumerStep begin_consumer_step(const BwdParams& p,
+                                                               typename Traits::SharedStorage& shared,
+                                                               typename Traits::Pipeline& pipeline,
+                                                               typename Traits::PipelineState const& read,
+                                                               const Sm90BwdWork& w, int s) {
+  const int m0 = w.step_m0(s, Traits::kBlockM);
+  const BwdConsumerStep step{w.step_head(p, s), m0, min(Traits::kBlockM, w.seq.seqlen_q - m0), read.index(),
+                             s % Traits::kDsBuffers};
+  pipeline.consumer_wait(read);
+  cutlass::arch::ClusterBarrier::wait(&shared.lse_full[step.stage], read.phase());
+  return step;
+}
+
 // A step's dQ (this thread's elements of the fp32 accumulator fragment, at coordinates tdQcdQ
 // within the step's query rows) added into the dQ accumulator. Neighbouring accumulator elements
 // are neighbouring d-columns of one query row: one float2 atomic each. Rows past the sequence
@@ -412,12 +431,7 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
   if (w.steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
   typename Traits::PipelineState read;
   for (int s = 0; s < w.steps; ++s) {
-    const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
-    const int rows_in_tile = min(kBlockM, w.seq.seqlen_q - m0);
-    const int stage = read.index();
-    const int buf = s % Traits::kDsBuffers;
-    pipeline.consumer_wait(read);
-    cutlass::arch::ClusterBarrier::wait(&shared.lse_full[stage], read.phase());
+    const auto [bidh, m0, rows_in_tile, stage, buf] = begin_consumer_step<Traits>(p, shared, pipeline, read, w, s);
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
@@ -567,12 +581,7 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
   if (w.steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
   typename Traits::PipelineState read;
   for (int s = 0; s < w.steps; ++s) {
-    const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
-    const int rows_in_tile = min(kBlockM, w.seq.seqlen_q - m0);
-    const int stage = read.index();
-    const int buf = s % Traits::kDsBuffers;
-    pipeline.consumer_wait(read);
-    cutlass::arch::ClusterBarrier::wait(&shared.lse_full[stage], read.phase());
+    const auto [bidh, m0, rows_in_tile, stage, buf] = begin_consumer_step<Traits>(p, shared, pipeline, read, w, s);
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
