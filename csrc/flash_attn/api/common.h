@@ -77,8 +77,8 @@ struct DeviceInfo {
 DeviceInfo device_info();
 
 // Whether the forward may run the Hopper kernel on compute capability 9.0 where it applies, and
-// plan its splits of longer queries (default on). Returns the previous setting. For tests and benchmarks that cover or time
-// the SM80 kernels on a Hopper GPU.
+// plan its splits of longer queries (default on). Returns the previous setting. For tests and
+// benchmarks that cover or time the SM80 kernels on a Hopper GPU.
 bool set_sm90_forward(bool enabled);
 
 // Whether the dense backward may run the Hopper kernel on compute capability 9.0 where it applies
