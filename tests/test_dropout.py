@@ -314,7 +314,7 @@ def test_dropout_backward_hopper_and_sm80(case, deterministic):
     previous = flash_attn_gpu.set_sm90_backward(True)
     try:
         names = kernel_names(backward)
-        if names is not None:
+        if names:  # [] under compute-sanitizer: the kernel is unknown there
             assert any("flash_bwd_sm90_kernel" in n for n in names), names
         grads = backward()
         if deterministic:
@@ -357,7 +357,7 @@ def test_dropout_forward_hopper_and_sm80(case):
     previous = flash_attn_gpu.set_sm90_forward(True)
     try:
         names = kernel_names(lambda: forward(False, 7))
-        if names is not None:
+        if names:  # [] under compute-sanitizer: the kernel is unknown there
             assert any("flash_fwd_sm90_kernel" in n for n in names), names
         out, lse, _, rng_state = forward(False, 7)
         flash_attn_gpu.set_sm90_forward(False)
