@@ -144,9 +144,18 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
+def keep_threshold(p):
+    """The kernels' 8-bit threshold: a byte is kept iff it is below this."""
+    return min(max(round((1.0 - p) * 256.0), 1), 256)
+
+
+def drop_rate(p):
+    """The probability of a drop the kernels implement for dropout_p = p (p at 8-bit resolution)."""
+    return 1.0 - keep_threshold(p) / 256.0
+
+
 def expected_keep(seed, offset, p, batch, nheads, seqlen_q, seqlen_k, device):
     """keep[b, h, i, j] as the kernels draw it."""
-    threshold = min(max(round((1.0 - p) * 2.0 ** 16), 1), 2 ** 16)
     seed, offset = seed & (2 ** 64 - 1), offset & (2 ** 64 - 1)
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
     h = torch.arange(nheads, device=device).view(1, -1, 1, 1)
@@ -154,14 +163,15 @@ def expected_keep(seed, offset, p, batch, nheads, seqlen_q, seqlen_k, device):
     j = torch.arange(seqlen_k, device=device).view(1, 1, 1, -1)
     stream = b * nheads + h + offset  # offsets of real calls stay far below 2^63
     shape = (batch, nheads, seqlen_q, seqlen_k)
-    c0 = (j & ~9).expand(shape)  # the group of 8: rows {i0, i0 + 8} x keys {j0, j0 + 1, j0 + 8, j0 + 9}
-    c1 = (i & ~8).expand(shape)
+    c0 = (j & ~9).expand(shape)  # the group of 16: rows {i0, i0 + 1, i0 + 8, i0 + 9} x keys {j0, j0 + 1, j0 + 8, j0 + 9}
+    c1 = (i & ~9).expand(shape)
     c2, c3 = (stream & _MASK32).expand(shape), (stream >> 32).expand(shape)
     words = philox4x32_10(c0, c1, c2, c3, seed & _MASK32, seed >> 32)
-    value_index = ((j & 1) * 4 + ((j >> 3) & 1) * 2 + ((i >> 3) & 1)).expand(shape)  # 16-bit values
-    chosen = torch.stack(words, dim=-1).gather(-1, (value_index >> 1).unsqueeze(-1)).squeeze(-1)
-    value = (chosen >> (16 * (value_index & 1))) & 0xFFFF
-    return value < threshold
+    word_index = (2 * (i & 1) + (j & 1)).expand(shape)
+    byte_index = (2 * ((i >> 3) & 1) + ((j >> 3) & 1)).expand(shape)
+    chosen = torch.stack(words, dim=-1).gather(-1, word_index.unsqueeze(-1)).squeeze(-1)
+    value = (chosen >> (8 * byte_index)) & 0xFF
+    return value < keep_threshold(p)
 
 
 def test_philox_replica_known_answers():
@@ -218,8 +228,10 @@ def test_dropout_fraction(p, shape):
     dropped = torch.signbit(s_dmask[:, :, :seqlen_q, :seqlen_k])
     n = visible.sum().item()
     frac = (dropped & visible).sum().item() / n
-    bound = 6 * math.sqrt(p * (1 - p) / n) + 1e-4
-    assert abs(frac - p) <= bound, f"dropped fraction {frac:.5f}, expected {p} +- {bound:.5f}"
+    rate = drop_rate(p)  # p at the kernels' 8-bit resolution: within 1/512 of p
+    assert abs(rate - p) <= 1 / 512
+    bound = 6 * math.sqrt(rate * (1 - rate) / n) + 1e-4
+    assert abs(frac - rate) <= bound, f"dropped fraction {frac:.5f}, expected {rate:.5f} +- {bound:.5f}"
     # Outside the visible region (masked, padding to 128) everything is 0; kept entries are >= 0.
     assert (s_dmask[:, :, :seqlen_q, :seqlen_k].masked_fill(visible, 0) == 0).all()
     assert (s_dmask[:, :, seqlen_q:] == 0).all() and (s_dmask[:, :, :, seqlen_k:] == 0).all()
@@ -276,7 +288,7 @@ def test_dropout_matches_reference(case, deterministic):
 
 
 # The Hopper backward takes dropout at kernel head dims 64-256 (dense, no softcap or ALiBi): S^T
-# fragments at 64 / 96 / 128 (lanes trade Philox halves), S at 192 / 256.
+# fragments at 64 / 96 / 128, S at 192 / 256 (lanes l and l ^ 4 trade Philox words in both).
 HOPPER_CASES = {
     "d64_fp16_gqa_causal": dict(d=64, dtype=torch.float16, sq=255, sk=300, nheads=8, nheads_k=2, causal=True),
     "d96_bf16_window": dict(d=96, dtype=torch.bfloat16, sq=200, sk=130, window=(40, 3)),

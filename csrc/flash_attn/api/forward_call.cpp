@@ -91,8 +91,8 @@ void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int
 
 void set_dropout_rate(flash::FwdParams& p, double p_dropout) {
   const double keep = 1.0 - p_dropout;
-  // Never 0 (the kernels' "no dropout"); p at 16-bit resolution (common/dropout.h).
-  p.dropout_keep_threshold = static_cast<uint32_t>(std::clamp(std::round(keep * 65536.0), 1.0, 65536.0));
+  // Never 0 (the kernels' "no dropout"); p at 8-bit resolution (common/dropout.h).
+  p.dropout_keep_threshold = static_cast<uint32_t>(std::clamp(std::round(keep * 256.0), 1.0, 256.0));
   p.dropout_scale = static_cast<float>(1.0 / keep);
 }
 
