@@ -50,7 +50,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
-nvidia-smi --query-gpu=name,serial,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.log"
+nvidia-smi --query-gpu=name,serial,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/env.log"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/env.log"
 
 export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
