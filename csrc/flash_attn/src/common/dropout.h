@@ -138,14 +138,20 @@ class Dropout {
     return bits;
   }
 
-  // P's dropped entries negated in place, drawn here (P >= 0, so the sign carries the mask to
-  // every later use without a register of its own; a masked 0 stays 0).
-  template <bool kTransposed, typename RC, typename Coord>
-  __device__ __forceinline__ void encode_gmma(RC& frag, Coord const& coord_rc, int row0, int col0,
-                                              uint64_t stream) const {
+  // P's dropped entries, drawn here: negated in place (kEncode: P >= 0, so the sign carries the
+  // mask to every later use without a register of its own; a masked 0 stays 0), or zeroed for a
+  // single use (the forward's P V operand).
+  template <bool kTransposed, bool kEncode, typename RC, typename Coord>
+  __device__ __forceinline__ void drop_gmma(RC& frag, Coord const& coord_rc, int row0, int col0,
+                                            uint64_t stream) const {
     for_each_element<kTransposed, /*kPairedGroups=*/true>(
-        frag, coord_rc, row0, col0, stream,
-        [&](int r, int c, bool kept) { frag(r, c) = kept ? frag(r, c) : -frag(r, c); });
+        frag, coord_rc, row0, col0, stream, [&](int r, int c, bool kept) {
+          if constexpr (kEncode) {
+            frag(r, c) = kept ? frag(r, c) : -frag(r, c);
+          } else {
+            frag(r, c) = kept ? frag(r, c) : 0.f;
+          }
+        });
   }
 
  private:
@@ -244,7 +250,7 @@ class Dropout {
 };
 
 // P's dropped entries negated in place, from flags drawn earlier (Dropout::keep_bits_gmma of frag;
-// see encode_gmma).
+// see drop_gmma).
 template <typename Frag, int kSize>
 __device__ __forceinline__ void encode_dropped(Frag& frag, KeepBits<kSize> const& bits) {
   static_assert(decltype(size(frag))::value == kSize);
@@ -252,7 +258,7 @@ __device__ __forceinline__ void encode_dropped(Frag& frag, KeepBits<kSize> const
   for (int i = 0; i < kSize; ++i) frag(i) = bits.test(i) ? frag(i) : -frag(i);
 }
 
-// The probabilities dV += P^T dO reads from a fragment encode_gmma / encode_dropped marked: dropped entries 0, kept
+// The probabilities dV += P^T dO reads from a fragment drop_gmma / encode_dropped marked: dropped entries 0, kept
 // ones times 1 / (1 - p), converted to the GEMM's element type in pairs.
 template <typename To, typename Engine, typename Layout>
 __device__ __forceinline__ auto dropped_probs(Tensor<Engine, Layout> const& encoded, float dropout_scale) {

@@ -39,7 +39,7 @@
 //
 // Dropout (Traits::kHasDropout): the forward's mask regenerated per step from Philox; P's dropped
 // entries are negated in the accumulator (Dropout::keep_bits_gmma, drawn while the step's S and dP
-// GEMMs run, and encode_dropped; where registers are short, encode_gmma once S has landed), so dV
+// GEMMs run, and encode_dropped; where registers are short, drop_gmma once S has landed), so dV
 // reads P o M / (1 - p) and
 // dS = P o (dP o M / (1 - p) - D) without a register for the mask.
 //
@@ -528,7 +528,8 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
     if constexpr (Traits::kHasDropout && Traits::kDropoutFlagsDuringGemms) {
       encode_dropped(acc_s, keep);
     } else if constexpr (Traits::kHasDropout) {
-      dropout.template encode_gmma</*kTransposed=*/true>(st, tScS_rc, w.n0, m0, dropout.stream(w.bidb, bidh, p.h));
+      dropout.template drop_gmma</*kTransposed=*/true, /*kEncode=*/true>(st, tScS_rc, w.n0, m0,
+                                                                         dropout.stream(w.bidb, bidh, p.h));
     }
     // P^T (dropped and rescaled) as the register A operand of dV += P^T dO, issued before dS^T is
     // computed, or after it where the traits say the registers are short (kDvAfterDs).

@@ -239,28 +239,19 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   // P of the block whose P V GEMM is next, as the register A operand; it stays untouched until
   // that GEMM has completed. With dropout, P's dropped entries are zeroed after the softmax took
   // the row sums (common/fwd_dropout.h: the normaliser is the undropped one), and O is scaled by
-  // 1 / (1 - p) at the end.
+  // 1 / (1 - p) at the end. The mask is drawn there, not while the S GEMM runs: its cost is the
+  // integer work, which the other consumer warpgroup's GEMMs overlap either way, and drawn where
+  // it is used it needs no flags kept across the softmax (one select per element instead of a bit
+  // set, a bit test and a sign change).
   [[maybe_unused]] const DropoutIf<kHasDropout> dropout(p);
   Tensor rP = make_fragment_like<Element>(acc_s);
   Tensor tOrP = make_tensor(rP.data(), gmma_acc_to_a_operand_layout(rP.layout()));
-  // The keep flags of key block n_block, drawn while its S GEMM runs (they depend on positions alone).
-  auto keep_of = [&](int n_block) {
+  auto p_from_s = [&]([[maybe_unused]] int n_block) {
     if constexpr (kHasDropout) {
-      return dropout.template keep_bits_gmma</*kTransposed=*/false>(s, tScS_rc, m0, n_block * kBlockN,
-                                                                    dropout.stream(bidb, bidh, p.h));
-    } else {
-      return KeepAll{};
+      dropout.template drop_gmma</*kTransposed=*/false, /*kEncode=*/false>(s, tScS_rc, m0, n_block * kBlockN,
+                                                                          dropout.stream(bidb, bidh, p.h));
     }
-  };
-  auto p_from_s = [&]([[maybe_unused]] const auto& keep) {
-    Tensor converted = [&] {
-      if constexpr (kHasDropout) {
-        encode_dropped(acc_s, keep);
-        return dropped_probs<Element>(acc_s, 1.f);
-      } else {
-        return convert_fragment<Element>(acc_s);
-      }
-    }();
+    Tensor converted = convert_fragment<Element>(acc_s);
     CUTE_UNROLL
     for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
   };
@@ -270,13 +261,12 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   pipeline_k.consumer_wait(read_k);
   warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
   {
-    [[maybe_unused]] const auto keep = keep_of(n_block);
     warpgroup_wait<0>();
     pipeline_k.consumer_release(read_k);
     ++read_k;
     score_block(n_block);
     softmax.update(s, gmma_rowcol_view(acc_o), p.scale_softmax_log2, /*is_first=*/true);
-    p_from_s(keep);
+    p_from_s(n_block);
   }
 
   // Keys past seqlen_k in the last visited key block arrive with whatever the tensor holds there:
@@ -316,7 +306,6 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ_block, tSrK(_, _, _, read_k.index()), acc_s);
     pipeline_v.consumer_wait(read_v);
     warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
-    [[maybe_unused]] const auto keep = keep_of(n_block);
     warpgroup_wait<1>();  // the S GEMM, issued first, has completed
     pipeline_k.consumer_release(read_k);
     ++read_k;
@@ -327,7 +316,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     pipeline_v.consumer_release(read_v);
     ++read_v;
     softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
-    p_from_s(keep);
+    p_from_s(n_block);
   }
   // Every S GEMM of this tile has completed in this thread: Q's buffer may take the next tile
   // (unless O is staged there: then after the epilogue, below; split partials are not staged).
