@@ -1,4 +1,5 @@
-// Hopper (sm_90a) backward, dK / dV and dQ by atomics, FlashAttention-3's algorithm.
+// Hopper (sm_90a) backward, dK / dV and dQ added into an fp32 accumulator, FlashAttention-3's
+// algorithm.
 //
 // One thread block per (key block of kBlockN keys, batch, kv head). Warpgroup 0 produces: thread
 // 0 loads K and V once and Q, dO of every step (TMA) into a two-stage ring; warps 1 to
@@ -16,8 +17,10 @@
 //   dK += dS^T Q                                (RS)
 //   dQ = dS K                                   (SS, both warpgroups' dS^T; each warpgroup owns
 //                                                half of dQ's columns, or of its rows at 128-query
-//                                                steps), added to the fp32 dQ accumulator with
-//                                                float2 atomics
+//                                                steps), staged as fp32 in shared memory and added
+//                                                to the dQ accumulator by one TMA reduce-add per
+//                                                warpgroup (add_dq_by_tma; float2 atomics in the
+//                                                deterministic variant)
 //
 // Head dim split (kernel head dims 192, 256; bwd_consume_head_dim_split): W warpgroups, each
 // kBlockN / W keys of S and dP and d / W rows of dK^T and dV^T.
@@ -25,11 +28,12 @@
 //   P = exp2(S scale_log2 - lse_log2)           (registers; lse of a query row from smem), to smem
 //   dS = P o (dP - D)                           (registers), to smem
 //   dQ = dS K                                   (SS, every warpgroup's dS; d-columns of the
-//                                                warpgroup), added to the accumulator as above
+//                                                warpgroup), added to the accumulator with float2
+//                                                atomics (no shared memory left for the tile)
 //   dV^T += dO^T P, dK^T += Q^T dS              (SS, every warpgroup's P / dS; d-rows of the
 //                                                warpgroup)
 //
-// Both loops add dQ through add_dq_to_accumulator; in deterministic mode (Traits::kDeterministic)
+// The atomics are add_dq_to_accumulator; in deterministic mode (Traits::kDeterministic)
 // the key blocks take turns at each query block's rows in a fixed order (sm90/bwd_dq_order.h):
 // wait_for_dq_turn_of_step before the adds, and a producer thread of its own (bwd_pass_dq_turns)
 // passes the turn on once the stage release that follows them completes.
@@ -99,11 +103,27 @@ auto make_bwd_tma_keys(const void* ptr, decltype(k_extent(std::declval<const Fwd
   return make_tma_copy(SM90_TMA_LOAD{}, t, typename Traits::SmemLayoutK{});
 }
 
+// The fp32 dQ accumulator, [h][total_q_rows][kernel head dim], as (rows, d, heads): the target of
+// the steps' TMA reduce-adds (Traits::kDqByTma), one warpgroup's dQ tile per box. A box reaching
+// past a head's rows is clipped there; rows past a sequence inside the tensor (the next
+// sequence's, or the next batch entry's) receive the tile's zeros (those rows' dS is 0).
+__host__ __device__ __forceinline__ auto dq_accum_extent(const BwdParams& p, int head_dim) {
+  return make_shape(p.total_q_rows, head_dim, p.h);
+}
+
+template <typename Traits>
+auto make_bwd_tma_dq(const BwdParams& p) {
+  Tensor t = make_tensor(make_gmem_ptr(p.dq_accum_ptr), dq_accum_extent(p, Traits::kHeadDim),
+                         make_stride(int64_t(Traits::kHeadDim), _1{}, int64_t(p.total_q_rows) * Traits::kHeadDim));
+  return make_tma_copy(SM90_TMA_REDUCE_ADD{}, t, typename Traits::SmemLayoutdQTile{});
+}
+
 template <typename Traits>
 struct Sm90BwdArgs {
   BwdParams params;
   decltype(make_bwd_tma_rows<Traits>(nullptr, {}, false, 0, 0, 0)) tma_q, tma_do;
   decltype(make_bwd_tma_keys<Traits>(nullptr, {}, false, 0, 0, 0)) tma_k, tma_v;
+  decltype(make_bwd_tma_dq<Traits>(std::declval<const BwdParams&>())) tma_dq;
 };
 
 template <typename Traits>
@@ -117,7 +137,8 @@ Sm90BwdArgs<Traits> make_sm90_bwd_args(const BwdParams& p) {
           make_bwd_tma_keys<Traits>(p.k_ptr, k_extent(p), packed_k, p.k_row_stride, p.k_head_stride,
                                     p.k_batch_stride),
           make_bwd_tma_keys<Traits>(p.v_ptr, k_extent(p), packed_k, p.v_row_stride, p.v_head_stride,
-                                    p.v_batch_stride)};
+                                    p.v_batch_stride),
+          make_bwd_tma_dq<Traits>(p)};
 }
 
 // ---- Work of one thread block ------------------------------------------------------------------
@@ -402,6 +423,35 @@ __device__ __forceinline__ void add_dq_to_accumulator(const BwdParams& p, const 
   }
 }
 
+// A step's dQ tile of this warpgroup (Traits::kDqByTma) added into the dQ accumulator: the
+// fragment to the warpgroup's fp32 tile in shared memory, then one thread issues the TMA
+// reduce-add of the whole tile. The tile is free: its previous reduce-add has read it
+// (tma_store_wait before the step's consumer barrier). The warpgroup's tile sits at (tile_m,
+// tile_n) of the step's (kBlockM x kHeadDim) block. The thread index is opaque here so that the
+// fragment's shared-memory addresses are computed where they are used, not held through the loop.
+template <typename Traits, typename TAcc>
+__device__ __forceinline__ void add_dq_by_tma(const Sm90BwdArgs<Traits>& args, typename Traits::SharedStorage& shared,
+                                              const Sm90BwdWork& w, TAcc const& acc_dq, int bidh, int m0, int tile_m,
+                                              int tile_n, int warpgroup_barrier, bool leader) {
+  const BwdParams& p = args.params;
+  Tensor sdQ = make_tensor(make_smem_ptr(shared.dq.data()), typename Traits::SmemLayoutdQ{});
+  Tensor dq_tile = local_tile(sdQ, Shape<Int<Traits::kDqTileM>, Int<Traits::kDqTileN>>{}, make_coord(tile_m, tile_n));
+  int consumer_tidx = int(threadIdx.x) - 128;
+  asm volatile("" : "+r"(consumer_tidx));
+  typename Traits::TiledMmadQ mma_dq;
+  copy(acc_dq, mma_dq.get_thread_slice(consumer_tidx).partition_C(sdQ));
+  cutlass::arch::fence_view_async_shared();  // generic-proxy stores, read by the TMA unit
+  cutlass::arch::NamedBarrier::sync(128, warpgroup_barrier);
+  if (leader) {
+    Tensor mdQ = args.tma_dq.get_tma_tensor(dq_accum_extent(p, Traits::kHeadDim))(_, _, bidh);
+    Tensor gdQ = local_tile(domain_offset(make_coord(w.seq.q_row(p, w.bidb, m0), _0{}), mdQ),
+                            Shape<Int<Traits::kDqTileM>, Int<Traits::kDqTileN>>{}, make_coord(tile_m, tile_n));
+    auto tma = args.tma_dq.get_slice(_0{});
+    copy(args.tma_dq, tma.partition_S(dq_tile), tma.partition_D(gdQ));
+    tma_store_arrive();
+  }
+}
+
 // The block's dK and dV rows [group kRows, (group + 1) kRows) from the K and V tiles, where the
 // consumers staged them, to global memory: 16 bytes per store, by the group's kThreads consumer
 // threads (a warpgroup, or all of them). Rows past the sequence and columns past d stay unwritten.
@@ -438,8 +488,10 @@ __device__ __forceinline__ void store_dkv_rows(const BwdParams& p, const Sm90Bwd
 // The consumer loop with the keys split (Traits::kSplitHeadDim false): warpgroup w owns keys
 // [64 w, 64 w + 64) of the block, their S^T, dP^T, dK and dV.
 template <typename Traits>
-__device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typename Traits::SharedStorage& shared,
+__device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>& args,
+                                                       typename Traits::SharedStorage& shared,
                                                        typename Traits::Pipeline& pipeline, const Sm90BwdWork& w) {
+  const BwdParams& p = args.params;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
@@ -479,6 +531,10 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
   Tensor tScS_rc = gmma_rowcol_view(tScS);
   // (query, d) of every dQ element this thread holds.
   Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  // With Traits::kDqByTma: this warpgroup's fp32 dQ tile in the step's block; one thread per
+  // warpgroup issues and awaits its reduce-adds.
+  const int dq_tile_m = Traits::kDqSplitsQueries ? warpgroup : 0, dq_tile_n = Traits::kDqSplitsQueries ? 0 : warpgroup;
+  const bool dq_leader = consumer_tidx % 128 == 0;
   auto ds_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomdS{}, mma_sdp);
   auto thr_ds_copy = ds_copy.get_thread_slice(consumer_tidx);
 
@@ -572,7 +628,12 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
     warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, stage), acc_dk);
 
     // Both warpgroups' dS^T are in the buffer. The other buffer is free: each warpgroup waited for
-    // its previous dQ GEMM (which read it) before arriving here.
+    // its previous dQ GEMM (which read it) before arriving here. With the dQ tiles in shared
+    // memory, each warpgroup's leader first waits until its previous reduce-add has read its tile,
+    // so past the barrier the tiles are free too.
+    if constexpr (Traits::kDqByTma) {
+      if (dq_leader) tma_store_wait<0>();
+    }
     cutlass::arch::NamedBarrier::sync(kConsumerThreads, kBarrierConsumers);
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
@@ -589,8 +650,17 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
     // Deterministic: after the adds below, so the release tells bwd_pass_dq_turns they are done.
     if constexpr (!Traits::kDeterministic) release_stage();
 
-    add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
+    if constexpr (Traits::kDqByTma) {
+      add_dq_by_tma(args, shared, w, acc_dq, bidh, m0, dq_tile_m, dq_tile_n, kBarrierWarpgroup0 + warpgroup,
+                    dq_leader);
+    } else {
+      add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
+    }
     if constexpr (Traits::kDeterministic) release_stage();
+  }
+  // The last reduce-adds have read their tiles before the block's shared memory goes.
+  if constexpr (Traits::kDqByTma) {
+    if (dq_leader) tma_store_wait<0>();
   }
 
   // Epilogue: dK (times scale_grad: dS excluded the softmax scale) and dV through the K and V
@@ -839,7 +909,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if constexpr (Traits::kSplitHeadDim) {
       bwd_consume_head_dim_split<Traits>(params, shared, pipeline, work);
     } else {
-      bwd_consume_keys_split<Traits>(params, shared, pipeline, work);
+      bwd_consume_keys_split<Traits>(args, shared, pipeline, work);
     }
   }
 #endif

@@ -147,6 +147,19 @@ struct Sm90BwdTraits {
                                     kDsMajorInDq, GMMA::Major::MN>())>;
   using TiledMmadQ = decltype(make_tiled_mma(DqAtom{}, DqWarpgroups{}));
   static_assert(decltype(size<1>(typename MMA_Traits<DqAtom>::Shape_MNK{}))::value == kDqTileN);
+  // How a step's dQ reaches the fp32 accumulator. With the keys split and adds in any order, each
+  // warpgroup stores its fp32 (kDqTileM x kDqTileN) tile to shared memory and one thread adds it
+  // into the accumulator with one TMA reduce-add, where float2 atomics would send the tile as
+  // kDqTileM * kDqTileN / 2 separate reductions to L2. The head dim split has no shared memory
+  // left for the tile (224 KiB at head dim 256); the deterministic variant adds in turns, each
+  // waiting for the previous block's adds to complete, which the atomics give at once.
+  static constexpr bool kDqByTma = !kSplitHeadDim && !kDeterministic;
+  // fp32 tiles, one per warpgroup, swizzled so that the accumulator fragment's stores do not
+  // conflict: 128-byte rows (32 floats) where the tile width allows, else 64 (head dim 96: 48).
+  using SmemAtomdQ = std::conditional_t<kDqTileN % 32 == 0, GMMA::Layout_K_SW128_Atom<float>,
+                                        GMMA::Layout_K_SW64_Atom<float>>;
+  using SmemLayoutdQTile = decltype(tile_to_shape(SmemAtomdQ{}, Shape<Int<kDqTileM>, Int<kDqTileN>>{}));
+  using SmemLayoutdQ = decltype(tile_to_shape(SmemLayoutdQTile{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
 
   // Swizzled tiles as in the forward (sm90/kernel_traits.h): one swizzle row, and one TMA box
   // row, is 128 bytes (64 elements) where the head dim is a multiple of 64, else 64 bytes (32
@@ -217,9 +230,14 @@ struct Sm90BwdTraits {
   struct TilesWithP : Tiles {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdSAcc>> p;
   };
+  // At head dims 64 and 128 the fp32 dQ tiles add 32 KiB to 160 (192 of the 227), at 96 24 KiB.
+  struct TilesWithDq : Tiles {
+    alignas(1024) cute::array_aligned<float, cosize_v<SmemLayoutdQ>> dq;
+  };
   // At head dim 256: Q and dO 2 x 2 x 32 KiB, K and V 2 x 32 KiB, P and dS 2 x 2 x 8 KiB = 224 KiB
   // of the 227; 80 keys would add 2 x 8 + 4 x 2 KiB.
-  struct SharedStorage : std::conditional_t<kSplitHeadDim, TilesWithP, Tiles> {
+  struct SharedStorage
+      : std::conditional_t<kSplitHeadDim, TilesWithP, std::conditional_t<kDqByTma, TilesWithDq, Tiles>> {
     // Per stage, per query of the step: the forward's lse in log2 units (+inf past the sequence,
     // so P = 0 there) and D = rowsum(dO * O).
     alignas(16) float lse_log2[kStages][kBlockM];
