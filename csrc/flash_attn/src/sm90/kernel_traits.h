@@ -71,12 +71,6 @@ struct Sm90FwdTraits {
   // recomputation per tile.
   static constexpr bool kEpilogueAddressesPerTile = kHeadDim > 128;
 
-  // Whether the two consumer warpgroups issue their GEMMs in turns (ping-pong,
-  // sm90/fwd_named_barriers.h): each key block's S and P V GEMMs of one warpgroup run while the
-  // other scores its block, instead of both issuing at once and both leaving the tensor cores idle
-  // during their softmax. The turns cost two barrier instructions per block and no registers.
-  static constexpr bool kPingPongIssue = true;
-
   // setmaxnreg budgets. The producer only issues TMA, so it gives registers to the consumers,
   // which hold the S and O accumulators, P and the softmax state (see kBlockN):
   // 128 * 24 + 256 * 240 = 64512 <= 65536 registers of the SM.
