@@ -243,10 +243,10 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     // it once per tile or not at all (the condition is the tile's), so its arrivals pair up even
     // when one warpgroup runs a tile ahead. Only V's stage is written: where O is staged in Q's
     // buffer (kOStagedInQ), Q is untouched here, and Q's release still follows the epilogue.
-    // With issue turns it cannot deadlock: each warpgroup reaches it after passing the turn of the
-    // tile's first block, so the other's wait for that turn (the only turn wait before this
-    // barrier) is already satisfied, and neither waits for a turn here that the other could give
-    // only after the barrier.
+    // It cannot deadlock with the issue turns: the only turn each warpgroup waits for in this tile
+    // before it is the first block's, which warpgroup 0 gets from warpgroup 1's last pass of its
+    // previous tile (or its start) and warpgroup 1 from warpgroup 0's first-block pass; both
+    // passes precede the passer's arrival here, and no turn is awaited between them and it.
     cutlass::arch::fence_view_async_shared();
     cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, kVTailZeroed);
   }
