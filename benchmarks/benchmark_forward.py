@@ -8,6 +8,9 @@ head dim, batch = 16k / seqlen); FLOPs = 4 * batch * heads * seqlen^2 * head dim
 call: CUDA events, L2 flushed (read) before each call, median; peers timed in order, then in reverse, each
 keeping its lower median. Result: forward_<card>.json. --softcap S / --alibi: ours and ours_sm80 with
 score modifiers (PyTorch's FA2 and cuDNN take neither: not timed); result forward_score_mods_<card>.json.
+--paged P: ours and ours_sm80 read K/V from P-token pages in shuffled order through a block table
+(flash_attn_with_kvcache, cache_seqlens = seqlen), the peers the same K/V contiguous; result
+forward_paged<P>_<card>.json.
 """
 
 import sys
@@ -30,6 +33,13 @@ def measure(c, kw, fa2, args):
     slopes = torch.rand(heads, device="cuda", dtype=torch.float32) * 0.3 if args.alibi else None
     impls = {"ours": (lambda: lambda: flash_attn_func(q, k, v, causal=causal, softcap=args.softcap,
                                                       alibi_slopes=slopes), None)}
+    if args.paged:
+        from flash_attn import flash_attn_with_kvcache
+        k_paged, v_paged, table = common.make_paged(k.flatten(0, 1), v.flatten(0, 1), batch, seqlen, args.paged)
+        lens = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+        impls["ours"] = (lambda: lambda: flash_attn_with_kvcache(
+            q, k_paged, v_paged, cache_seqlens=lens, block_table=table, causal=causal, softcap=args.softcap,
+            alibi_slopes=slopes), None)
     if not args.score_mods:
         impls["cudnn"] = (lambda: lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
                           timing.sdpa_context("CUDNN_ATTENTION"))
@@ -52,6 +62,8 @@ def main(argv=None) -> int:
     p = common.parser(__doc__, time_budget_s=150.0, grid="prefill")
     p.add_argument("--softcap", type=float, default=0.0, help="softcap of every call (default %(default)s: none)")
     p.add_argument("--alibi", action="store_true", help="ALiBi slopes per head on every call")
+    p.add_argument("--paged", type=int, default=0,
+                   help="ours reads K/V from pages of this many tokens (default %(default)s: contiguous)")
     args = p.parse_args(argv)
     args.score_mods = args.softcap > 0 or args.alibi
     desc = common.start()
@@ -68,7 +80,8 @@ def main(argv=None) -> int:
     report = (common.markdown_table(headers, table) + "\n\nours >= torch FA2 in "
               f"{common.count(rows, 'torch_fa2_tflops', 'ours_tflops', 1.0)} cells, >= cuDNN in "
               f"{common.count(rows, 'cudnn_tflops', 'ours_tflops', 1.0)}")
-    common.save(args, "forward_score_mods" if args.score_mods else "forward", desc, rows, report)
+    name = "forward_score_mods" if args.score_mods else "forward"
+    common.save(args, f"{name}_paged{args.paged}" if args.paged else name, desc, rows, report)
     return 0
 
 

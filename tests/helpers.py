@@ -154,6 +154,17 @@ def assert_no_nan(x, name="out"):
     assert n == 0, f"{name} has {n} NaN entries (of {x.numel()}) - unwritten or NaN-producing"
 
 
+def assert_grad_close(name, g, g_ref, g_pt):
+    """A gradient against the fp32 reference: max|g - ref| <= 2 max|g_pt - ref| + eps (g_pt: PyTorch's
+    autograd in the input dtype; eps covers the reference's own rounding to that dtype)."""
+    assert g.shape == g_ref.shape, (name, g.shape, g_ref.shape)
+    assert_no_nan(g, name)
+    err = max_abs_diff(g, g_ref)
+    err_pt = max_abs_diff(g_pt, g_ref)
+    eps = 1e-4 + 2 * max_abs_diff(g_ref.to(g.dtype), g_ref)
+    assert err <= 2 * err_pt + eps, f"{name}: max|g - ref| = {err:.3e} > 2 * {err_pt:.3e} + {eps:.3e}"
+
+
 def assert_out_close(out, out_ref, out_pt, name="out", factor=2.0, atol=1e-5):
     """max|out - ref| <= factor * max|out_pt - ref| + atol (out_pt: PyTorch in the input dtype)."""
     assert out.shape == out_ref.shape, (name, out.shape, out_ref.shape)
@@ -233,3 +244,16 @@ def capture_graph(fn):
         static_out = fn()
     torch.cuda.synchronize()
     return graph, static_out
+
+
+def randn(*shape, dtype):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+
+def kernel_names(fn):
+    """Names of the CUDA kernels fn launches, from a profiler trace; [] where no trace is recorded
+    (under compute-sanitizer), which callers read as "unknown"."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

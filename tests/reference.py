@@ -259,3 +259,11 @@ def make_alibi_slopes(kind, batch, nheads, device):
     if kind == "bh":
         return (torch.rand(batch, nheads, device=device) * 0.3).float()
     raise ValueError(kind)
+
+
+def ref_grads(q, k, v, dout, upcast, **kw):
+    """dq, dk, dv of attention_ref by autograd: float32 leaves (upcast) or the input dtype."""
+    leaves = [(x.float() if upcast else x).detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out, _ = attention_ref(*leaves, upcast=upcast, **kw)
+    out.backward(dout.to(out.dtype))
+    return [x.grad for x in leaves]

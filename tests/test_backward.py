@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from helpers import DEVICE, assert_no_nan, flash_attn_gpu, max_abs_diff, requires_gpu
-from reference import attention_ref, lengths_to_mask, make_alibi_slopes, pack
+from helpers import DEVICE, assert_grad_close, flash_attn_gpu, max_abs_diff, randn, requires_gpu
+from reference import lengths_to_mask, make_alibi_slopes, pack, ref_grads
 
 pytestmark = requires_gpu
 
@@ -39,28 +39,6 @@ FEATURES = {
 }
 
 
-def _randn(*shape, dtype):
-    return torch.randn(*shape, device=DEVICE, dtype=dtype)
-
-
-def _ref_grads(q, k, v, dout, upcast, **kw):
-    """dq, dk, dv of attention_ref by autograd: float32 leaves (upcast) or the input dtype."""
-    leaves = [(x.float() if upcast else x).detach().clone().requires_grad_(True) for x in (q, k, v)]
-    out, _ = attention_ref(*leaves, upcast=upcast, **kw)
-    out.backward(dout.to(out.dtype))
-    return [x.grad for x in leaves]
-
-
-def _assert_grad_close(name, g, g_ref, g_pt):
-    assert g.shape == g_ref.shape, (name, g.shape, g_ref.shape)
-    assert_no_nan(g, name)
-    err = max_abs_diff(g, g_ref)
-    err_pt = max_abs_diff(g_pt, g_ref)
-    rounding = max_abs_diff(g_ref.to(g.dtype), g_ref)
-    eps = 1e-4 + 2 * rounding
-    assert err <= 2 * err_pt + eps, f"{name}: max|g - ref| = {err:.3e} > 2 * {err_pt:.3e} + {eps:.3e}"
-
-
 def _native_fwd(q, k, v, scale, causal, window, softcap, alibi):
     res = flash_attn_gpu.fwd(q, k, v, None, alibi, 0.0, scale, causal, window[0], window[1], softcap, False)
     return res[0], res[1]
@@ -78,20 +56,20 @@ def _native_bwd(dout, q, k, v, out, lse, scale, causal, window, softcap, alibi, 
 
 def _check_dense(dtype, d, seqlen_q, seqlen_k, nheads, nheads_k, causal=False, window=(-1, -1), softcap=0.0,
                  alibi_kind=None, deterministic=False, batch=2):
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
-    v = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
-    dout = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    v = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    dout = randn(batch, seqlen_q, nheads, d, dtype=dtype)
     alibi = make_alibi_slopes(alibi_kind, batch, nheads, DEVICE)
     scale = d ** -0.5
     out, lse = _native_fwd(q, k, v, scale, causal, window, softcap, alibi)
     dq, dk, dv, softmax_d = _native_bwd(dout, q, k, v, out, lse, scale, causal, window, softcap, alibi,
                                         deterministic)
     kw = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi)
-    ref = _ref_grads(q, k, v, dout, True, **kw)
-    pt = _ref_grads(q, k, v, dout, False, **kw)
+    ref = ref_grads(q, k, v, dout, True, **kw)
+    pt = ref_grads(q, k, v, dout, False, **kw)
     for name, g, g_ref, g_pt in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, pt):
-        _assert_grad_close(name, g, g_ref, g_pt)
+        assert_grad_close(name, g, g_ref, g_pt)
     d_ref = (dout.float() * out.float()).sum(-1).transpose(1, 2)
     assert softmax_d.shape == (batch, nheads, seqlen_q) and softmax_d.dtype == torch.float32
     assert max_abs_diff(softmax_d, d_ref) <= 1e-3 * max(1.0, d_ref.abs().max().item())
@@ -157,23 +135,23 @@ def test_bwd_packed_views(require_kernel):
     dtype, d = torch.float16, 64
     require_kernel(d, dtype)
     batch, seqlen, nheads = 2, 211, 4
-    q, k, v = (_randn(batch, seqlen, nheads, d, dtype=dtype) for _ in range(3))
-    dout = _randn(batch, seqlen, nheads, d, dtype=dtype)
+    q, k, v = (randn(batch, seqlen, nheads, d, dtype=dtype) for _ in range(3))
+    dout = randn(batch, seqlen, nheads, d, dtype=dtype)
     scale = d ** -0.5
     out, lse = _native_fwd(q, k, v, scale, True, (-1, -1), 0.0, None)
     dqkv = torch.full((batch, seqlen, 3, nheads, d), math.nan, dtype=dtype, device=DEVICE)
     views = (dqkv[:, :, 0], dqkv[:, :, 1], dqkv[:, :, 2])
     _native_bwd(dout, q, k, v, out, lse, scale, True, (-1, -1), 0.0, None, grads=views)
-    ref = _ref_grads(q, k, v, dout, True, causal=True)
-    pt = _ref_grads(q, k, v, dout, False, causal=True)
+    ref = ref_grads(q, k, v, dout, True, causal=True)
+    pt = ref_grads(q, k, v, dout, False, causal=True)
     for name, g, g_ref, g_pt in zip(("dq", "dk", "dv"), views, ref, pt):
-        _assert_grad_close(name, g, g_ref, g_pt)
+        assert_grad_close(name, g, g_ref, g_pt)
 
 
 def test_bwd_dropout_rejected(require_kernel):
     dtype, d = torch.float16, 64
     require_kernel(d, dtype)
-    q = _randn(1, 8, 2, d, dtype=dtype)
+    q = randn(1, 8, 2, d, dtype=dtype)
     lse = torch.zeros(1, 2, 8, device=DEVICE)
     with pytest.raises(RuntimeError, match="dropout_p"):
         flash_attn_gpu.bwd(q, q, q, q, q, lse, None, None, None, None, 0.1, 0.125, False, -1, -1, 0.0, False,
@@ -205,10 +183,10 @@ def test_bwd_varlen(dtype, d, causal, mha_type, lengths, deterministic, require_
     max_q, max_k = int(lens_q.max()), int(lens_k.max())
     qmask = lengths_to_mask(lens_q, max_q).to(DEVICE)
     kmask = lengths_to_mask(lens_k, max_k).to(DEVICE)
-    q = _randn(batch, max_q, nheads, d, dtype=dtype)
-    k = _randn(batch, max_k, nheads_k, d, dtype=dtype)
-    v = _randn(batch, max_k, nheads_k, d, dtype=dtype)
-    dout = _randn(batch, max_q, nheads, d, dtype=dtype)
+    q = randn(batch, max_q, nheads, d, dtype=dtype)
+    k = randn(batch, max_k, nheads_k, d, dtype=dtype)
+    v = randn(batch, max_k, nheads_k, d, dtype=dtype)
+    dout = randn(batch, max_q, nheads, d, dtype=dtype)
     q_p, cu_q, _, _ = pack(q, qmask)
     k_p, cu_k, _, _ = pack(k, kmask)
     v_p, _, _, _ = pack(v, kmask)
@@ -223,11 +201,11 @@ def test_bwd_varlen(dtype, d, causal, mha_type, lengths, deterministic, require_
         0.0, deterministic, None, None)
     assert dq.data_ptr() == grads[0].data_ptr()
     kw = dict(query_padding_mask=qmask, key_padding_mask=kmask, causal=causal)
-    ref = _ref_grads(q, k, v, dout, True, **kw)
-    pt = _ref_grads(q, k, v, dout, False, **kw)
+    ref = ref_grads(q, k, v, dout, True, **kw)
+    pt = ref_grads(q, k, v, dout, False, **kw)
     masks = (qmask, kmask, kmask)
     for name, g, g_ref, g_pt, mask in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, pt, masks):
-        _assert_grad_close(name, g, pack(g_ref, mask)[0], pack(g_pt, mask)[0])
+        assert_grad_close(name, g, pack(g_ref, mask)[0], pack(g_pt, mask)[0])
     d_ref = (dout_p.float() * out_p.float()).sum(-1).transpose(0, 1)
     assert softmax_d.shape == (nheads, q_p.shape[0])
     assert max_abs_diff(softmax_d, d_ref) <= 1e-3 * max(1.0, d_ref.abs().max().item())

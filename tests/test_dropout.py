@@ -20,8 +20,10 @@ import math
 import pytest
 import torch
 
-from helpers import DEVICE, capture_graph, device_available, flash_attn, flash_attn_gpu, max_abs_diff, require_kernel
-from reference import allowed_mask, alibi_bias, lengths_to_mask, make_alibi_slopes, pack, unpack
+from helpers import (
+    DEVICE, capture_graph, device_available, flash_attn, flash_attn_gpu, max_abs_diff, randn, require_kernel
+)
+from reference import alibi_bias, allowed_mask, lengths_to_mask, make_alibi_slopes, pack, unpack
 
 gpu_only = [
     pytest.mark.skipif(not device_available() or DEVICE != "cuda", reason="needs a CUDA GPU"),
@@ -39,10 +41,6 @@ def gpu_test(fn):
 
 def _round128(x):
     return (x + 127) // 128 * 128
-
-
-def _randn(*shape, dtype):
-    return torch.randn(*shape, device=DEVICE, dtype=dtype)
 
 
 def _native_fwd(q, k, v, p, *, causal=False, window=(-1, -1), softcap=0.0, alibi=None, num_splits=0, gen=None):
@@ -210,7 +208,7 @@ def test_dropout_p_range(p):
 def test_dropout_fraction(p, shape):
     require_kernel(64, torch.float16)
     batch, nheads, seqlen_q, seqlen_k, causal = shape
-    q, k, v = (_randn(batch, s, nheads, 64, dtype=torch.float16) for s in (seqlen_q, seqlen_k, seqlen_k))
+    q, k, v = (randn(batch, s, nheads, 64, dtype=torch.float16) for s in (seqlen_q, seqlen_k, seqlen_k))
     out, lse, s_dmask, rng_state = _native_fwd(q, k, v, p, causal=causal)
     assert s_dmask.shape == (batch, nheads, _round128(seqlen_q), _round128(seqlen_k))
     assert s_dmask.dtype == q.dtype and rng_state.shape == (2,) and rng_state.dtype == torch.int64
@@ -233,8 +231,8 @@ def test_dropout_fraction(p, shape):
 def test_dropout_mask_is_philox_of_rng_state():
     require_kernel(64, torch.float16)
     batch, nheads, seqlen_q, seqlen_k, p = 2, 3, 77, 150, 0.4
-    q = _randn(batch, seqlen_q, nheads, 64, dtype=torch.float16)
-    k, v = (_randn(batch, seqlen_k, nheads, 64, dtype=torch.float16) for _ in range(2))
+    q = randn(batch, seqlen_q, nheads, 64, dtype=torch.float16)
+    k, v = (randn(batch, seqlen_k, nheads, 64, dtype=torch.float16) for _ in range(2))
     torch.manual_seed(99)
     _, _, s_dmask, rng_state = _native_fwd(q, k, v, p)
     seed, offset = (int(x) for x in rng_state.tolist())
@@ -265,9 +263,9 @@ def test_dropout_matches_reference(case, deterministic):
     nheads, nheads_k, batch, p = case.get("nheads", 4), case.get("nheads_k", case.get("nheads", 4)), 2, 0.17
     causal, window, softcap = case.get("causal", False), case.get("window", (-1, -1)), case.get("softcap", 0.0)
     alibi = make_alibi_slopes(case.get("alibi"), batch, nheads, DEVICE)
-    q = _randn(batch, sq, nheads, d, dtype=dtype)
-    k, v = (_randn(batch, sk, nheads_k, d, dtype=dtype) for _ in range(2))
-    dout = _randn(batch, sq, nheads, d, dtype=dtype)
+    q = randn(batch, sq, nheads, d, dtype=dtype)
+    k, v = (randn(batch, sk, nheads_k, d, dtype=dtype) for _ in range(2))
+    dout = randn(batch, sq, nheads, d, dtype=dtype)
     kw = dict(causal=causal, window=window, softcap=softcap, alibi=alibi)
     out, lse, s_dmask, rng_state = _native_fwd(q, k, v, p, **kw)
     dq, dk, dv, _ = _native_bwd(dout, q, k, v, out, lse, rng_state, p, deterministic=deterministic, **kw)
@@ -283,9 +281,9 @@ def test_dropout_varlen_ragged():
     batch, max_q, max_k = len(lens_q), max(lens_q), max(lens_k)
     qpm = lengths_to_mask(torch.tensor(lens_q), max_q).to(DEVICE)
     kpm = lengths_to_mask(torch.tensor(lens_k), max_k).to(DEVICE)
-    q = _randn(batch, max_q, nheads, d, dtype=dtype)
-    k, v = (_randn(batch, max_k, nheads_k, d, dtype=dtype) for _ in range(2))
-    dout = _randn(batch, max_q, nheads, d, dtype=dtype)
+    q = randn(batch, max_q, nheads, d, dtype=dtype)
+    k, v = (randn(batch, max_k, nheads_k, d, dtype=dtype) for _ in range(2))
+    dout = randn(batch, max_q, nheads, d, dtype=dtype)
     qp, cu_q, _, idx_q = pack(q, qpm)
     kp, cu_k, _, idx_k = pack(k, kpm)
     vp, doutp = pack(v, kpm)[0], pack(dout, qpm)[0]
@@ -316,7 +314,7 @@ def _api_run(q, k, v, dout, p, seed, deterministic=False, **kw):
 @gpu_test
 def test_dropout_seed_reproducible():
     require_kernel(128, torch.bfloat16)
-    q, k, v, dout = (_randn(2, 300, 4, 128, dtype=torch.bfloat16) for _ in range(4))
+    q, k, v, dout = (randn(2, 300, 4, 128, dtype=torch.bfloat16) for _ in range(4))
     a = _api_run(q, k, v, dout, 0.3, seed=1234, causal=True)
     b = _api_run(q, k, v, dout, 0.3, seed=1234, causal=True)
     c = _api_run(q, k, v, dout, 0.3, seed=4321, causal=True)
@@ -330,7 +328,7 @@ def test_dropout_seed_reproducible():
 @gpu_test
 def test_dropout_deterministic_repeatable():
     require_kernel(64, torch.float16)
-    q, k, v, dout = (_randn(2, 333, 4, 64, dtype=torch.float16) for _ in range(4))
+    q, k, v, dout = (randn(2, 333, 4, 64, dtype=torch.float16) for _ in range(4))
     first = _api_run(q, k, v, dout, 0.2, seed=7, deterministic=True, window_size=(100, 20))
     for _ in range(9):
         again = _api_run(q, k, v, dout, 0.2, seed=7, deterministic=True, window_size=(100, 20))
@@ -342,7 +340,7 @@ def test_dropout_deterministic_repeatable():
 def test_dropout_cuda_graph_fresh_mask_per_replay():
     require_kernel(64, torch.float16)
     p, causal = 0.3, True
-    q, k, v, dout = (_randn(2, 200, 4, 64, dtype=torch.float16) for _ in range(4))
+    q, k, v, dout = (randn(2, 200, 4, 64, dtype=torch.float16) for _ in range(4))
 
     def step():
         out, lse, s_dmask, rng_state = _native_fwd(q, k, v, p, causal=causal)
@@ -379,9 +377,9 @@ def test_dropout_cuda_graph_fresh_mask_per_replay():
 def test_dropout_single_query_ignores_splits(nheads, nheads_k):
     require_kernel(128, torch.float16)
     p, batch, sk = 0.4, 3, 1000
-    q = _randn(batch, 1, nheads, 128, dtype=torch.float16)
-    k, v = (_randn(batch, sk, nheads_k, 128, dtype=torch.float16) for _ in range(2))
-    dout = _randn(batch, 1, nheads, 128, dtype=torch.float16)
+    q = randn(batch, 1, nheads, 128, dtype=torch.float16)
+    k, v = (randn(batch, sk, nheads_k, 128, dtype=torch.float16) for _ in range(2))
+    dout = randn(batch, 1, nheads, 128, dtype=torch.float16)
     out, lse, s_dmask, rng_state = _native_fwd(q, k, v, p, causal=True, num_splits=4)
     dq, dk, dv, _ = _native_bwd(dout, q, k, v, out, lse, rng_state, p, causal=True)
     keep = _keep_from_s_dmask(s_dmask, 1, sk)

@@ -14,27 +14,10 @@ import pytest
 import torch
 
 from helpers import (
-    DEVICE,
-    assert_empty_rows_zero,
-    assert_lse_close,
-    assert_no_nan,
-    assert_out_close,
-    ext_fwd,
-    ext_varlen_fwd,
-    flash_attn,
-    flash_attn_gpu,
-    lse_checkable,
-    requires_gpu,
-    with_nan_tail,
+    DEVICE, assert_empty_rows_zero, assert_lse_close, assert_no_nan, assert_out_close, ext_fwd, ext_varlen_fwd,
+    flash_attn, flash_attn_gpu, lse_checkable, randn, requires_gpu, with_nan_tail
 )
-from reference import (
-    attention_ref,
-    generate_seqlens,
-    lengths_to_mask,
-    make_alibi_slopes,
-    pack,
-    pack_lse,
-)
+from reference import attention_ref, generate_seqlens, lengths_to_mask, make_alibi_slopes, pack, pack_lse
 
 pytestmark = requires_gpu
 
@@ -77,10 +60,6 @@ FEATURES = {
 FEATURE_SHAPES = [(113, 203, "mha"), (199, 77, "gqa"), (64, 640, "mqa")]
 
 
-def _randn(*shape, dtype):
-    return torch.randn(*shape, device=DEVICE, dtype=dtype)
-
-
 def _feature_kwargs(feature, batch, nheads):
     f = dict(FEATURES[feature]) if feature is not None else {}
     alibi = make_alibi_slopes(f.pop("alibi", None), batch, nheads, DEVICE)
@@ -93,9 +72,9 @@ def _feature_kwargs(feature, batch, nheads):
 
 
 def _check_batched(batch, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype, causal, kw):
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
-    v = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    v = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
     q0, k0, v0 = q.clone(), k.clone(), v.clone()
 
     res = flash_attn.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True, **kw)
@@ -189,9 +168,9 @@ def _make_varlen(batch, max_sq, max_sk, nheads, nheads_k, d, dtype, q_lens=None,
     k_lens = torch.as_tensor(k_lens, dtype=torch.long)
     max_sq = max(int(q_lens.max()), 1)
     max_sk = max(int(k_lens.max()), 1)
-    q = _randn(batch, max_sq, nheads, d, dtype=dtype)
-    k = _randn(batch, max_sk, nheads_k, d, dtype=dtype)
-    v = _randn(batch, max_sk, nheads_k, d, dtype=dtype)
+    q = randn(batch, max_sq, nheads, d, dtype=dtype)
+    k = randn(batch, max_sk, nheads_k, d, dtype=dtype)
+    v = randn(batch, max_sk, nheads_k, d, dtype=dtype)
     qmask = lengths_to_mask(q_lens, max_sq).to(DEVICE)
     kmask = lengths_to_mask(k_lens, max_sk).to(DEVICE)
     q_u, cu_q, _, _ = pack(q, qmask)
@@ -342,7 +321,7 @@ def test_flash_attn_packed(dtype, d, causal, require_kernel):
     kw = _feature_kwargs(None, batch, nheads)
 
     # qkvpacked (MHA): q, k, v are strided views into qkv.
-    qkv = _randn(batch, seqlen, 3, nheads, d, dtype=dtype)
+    qkv = randn(batch, seqlen, 3, nheads, d, dtype=dtype)
     q, k, v = qkv.unbind(2)
     out_ref, _ = attention_ref(q, k, v, causal=causal)
     out_pt, _ = attention_ref(q, k, v, causal=causal, upcast=False)
@@ -350,8 +329,8 @@ def test_flash_attn_packed(dtype, d, causal, require_kernel):
     assert_out_close(out, out_ref, out_pt, name="qkvpacked")
 
     # kvpacked (GQA), seqlen_q != seqlen_k.
-    q = _randn(batch, 61, nheads, d, dtype=dtype)
-    kv = _randn(batch, seqlen, 2, nheads_k, d, dtype=dtype)
+    q = randn(batch, 61, nheads, d, dtype=dtype)
+    kv = randn(batch, seqlen, 2, nheads_k, d, dtype=dtype)
     k, v = kv.unbind(2)
     out_ref, _ = attention_ref(q, k, v, causal=causal)
     out_pt, _ = attention_ref(q, k, v, causal=causal, upcast=False)
@@ -386,9 +365,9 @@ def test_flash_attn_packed(dtype, d, causal, require_kernel):
 def test_return_values(dtype, require_kernel):
     """return_attn_probs=False returns a tensor; True returns a 3-tuple (out, lse, S_dmask)."""
     require_kernel(64, dtype)
-    q = _randn(2, 33, 4, 64, dtype=dtype)
-    k = _randn(2, 47, 4, 64, dtype=dtype)
-    v = _randn(2, 47, 4, 64, dtype=dtype)
+    q = randn(2, 33, 4, 64, dtype=dtype)
+    k = randn(2, 47, 4, 64, dtype=dtype)
+    v = randn(2, 47, 4, 64, dtype=dtype)
     out = flash_attn.flash_attn_func(q, k, v)
     assert isinstance(out, torch.Tensor) and out.shape == q.shape
     res = flash_attn.flash_attn_func(q, k, v, return_attn_probs=True)
@@ -424,14 +403,14 @@ def test_deterministic(dtype, require_kernel):
     """Identical calls give bitwise-identical out and lse (also catches races)."""
     require_kernel(128, dtype)
     # Prefill, causal, GQA.
-    q = _randn(4, 1000, 8, 128, dtype=dtype)
-    k = _randn(4, 1000, 2, 128, dtype=dtype)
-    v = _randn(4, 1000, 2, 128, dtype=dtype)
+    q = randn(4, 1000, 8, 128, dtype=dtype)
+    k = randn(4, 1000, 2, 128, dtype=dtype)
+    v = randn(4, 1000, 2, 128, dtype=dtype)
     _repeat_equal(lambda: flash_attn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)[:2])
     # Split-KV decode (auto and explicit splits).
-    qd = _randn(2, 1, 32, 128, dtype=dtype)
-    kd = _randn(2, 5000, 8, 128, dtype=dtype)
-    vd = _randn(2, 5000, 8, 128, dtype=dtype)
+    qd = randn(2, 1, 32, 128, dtype=dtype)
+    kd = randn(2, 5000, 8, 128, dtype=dtype)
+    vd = randn(2, 5000, 8, 128, dtype=dtype)
     for ns in (0, 5):
         _repeat_equal(lambda: flash_attn.flash_attn_func(qd, kd, vd, num_splits=ns, return_attn_probs=True)[:2])
     # Varlen, ragged.
@@ -445,9 +424,9 @@ def test_deterministic(dtype, require_kernel):
 def test_large_values_no_overflow(dtype, require_kernel):
     """Large-magnitude scores (online softmax rescaling must not overflow to inf/NaN)."""
     require_kernel(64, dtype)
-    q = _randn(2, 200, 4, 64, dtype=dtype) * 8
-    k = _randn(2, 300, 4, 64, dtype=dtype) * 8
-    v = _randn(2, 300, 4, 64, dtype=dtype)
+    q = randn(2, 200, 4, 64, dtype=dtype) * 8
+    k = randn(2, 300, 4, 64, dtype=dtype) * 8
+    v = randn(2, 300, 4, 64, dtype=dtype)
     for causal in (False, True):
         out, lse, _ = flash_attn.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
         out_ref, lse_ref = attention_ref(q, k, v, causal=causal)

@@ -25,14 +25,8 @@ import pytest
 import torch
 
 from helpers import (
-    DEVICE,
-    assert_empty_rows_zero,
-    assert_lse_close,
-    assert_out_close,
-    flash_attn,
-    lse_checkable,
-    max_abs_diff,
-    requires_gpu,
+    DEVICE, assert_empty_rows_zero, assert_lse_close, assert_out_close, flash_attn, kernel_names, lse_checkable,
+    max_abs_diff, randn, requires_gpu
 )
 from kvcache_reference import (
     assert_bitwise_equal,
@@ -56,10 +50,6 @@ SPLIT_LSE_ATOL = 2e-4
 NAN = float("nan")
 
 
-def _randn(*shape, dtype):
-    return torch.randn(*shape, device=DEVICE, dtype=dtype)
-
-
 def _i32(vals):
     return torch.tensor(vals, dtype=torch.int32, device=DEVICE)
 
@@ -80,7 +70,7 @@ def _rotary(kind, seqlen_ro, rotary_dim, dtype):
 def _new_kv(batch, seqlen_new, nheads_k, d, dtype):
     if seqlen_new == 0:
         return None, None
-    return _randn(batch, seqlen_new, nheads_k, d, dtype=dtype), _randn(batch, seqlen_new, nheads_k, d, dtype=dtype)
+    return randn(batch, seqlen_new, nheads_k, d, dtype=dtype), randn(batch, seqlen_new, nheads_k, d, dtype=dtype)
 
 
 def _check_cache(actual, expected, written, rotated, name):
@@ -168,9 +158,9 @@ def test_kvcache_output(dtype, d, layout, seqlen_q, seqlen_new, causal, require_
     nheads, nheads_k = HEAD_LAYOUTS[layout]
     batch, s_cache = 3, 261
     cs = [s_cache - seqlen_new, _randint(1, s_cache - seqlen_new - 1), 0 if seqlen_new else 1]
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
     k, v = _new_kv(batch, seqlen_new, nheads_k, d, dtype)
     _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=_i32(cs), causal=causal)
 
@@ -195,9 +185,9 @@ def test_kvcache_rotary(dtype, d, rotary_dim, interleaved, causal, seqlen_q, seq
     nheads, nheads_k = 6, 2
     batch, s_cache = 3, 200
     cs = [s_cache - seqlen_new, _randint(1, s_cache - seqlen_new - 1), 0]
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
     k, v = _new_kv(batch, seqlen_new, nheads_k, d, dtype)
     rot = _rotary("interleaved" if interleaved else "neox", s_cache + seqlen_q, rotary_dim, dtype)
     _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=_i32(cs), causal=causal, **rot)
@@ -238,9 +228,9 @@ def test_kvcache_paged(dtype, d, page, case, causal, require_kernel):
     nheads, nheads_k = 6, 2
     batch, s_cache = 3, 300
     cs = [s_cache - seqlen_new, page - 1, 0 if seqlen_new else 1]
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
     k, v = _new_kv(batch, seqlen_new, nheads_k, d, dtype)
     k_paged, v_paged, table = _paged_pair(k_cache, v_cache, page)
     capacity = num_pages(s_cache, page) * page
@@ -274,9 +264,9 @@ def test_kvcache_batch_idx(dtype, idx_kind, case, causal, require_kernel):
     nheads, nheads_k = 6, 2
     batch, s_cache = len(idx), 150
     cs = [s_cache - seqlen_new, 33, 0 if seqlen_new else 1]
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k_cache = _randn(batch_cache, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch_cache, s_cache, nheads_k, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k_cache = randn(batch_cache, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch_cache, s_cache, nheads_k, d, dtype=dtype)
     unused = [r for r in range(batch_cache) if r not in idx]
     k_cache[unused] = NAN
     v_cache[unused] = NAN
@@ -314,9 +304,9 @@ def test_kvcache_leftpad(dtype, d, case, causal, paged, require_kernel):
     batch, s_cache = 4, 200
     cs = [s_cache - seqlen_new, 100, 40, 5]
     lp = [0, 37, 40 if seqlen_new else 39, 2]
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
     for i in range(batch):
         k_cache[i, :lp[i]] = NAN
         v_cache[i, :lp[i]] = NAN
@@ -353,9 +343,9 @@ def test_kvcache_split(dtype, d, layout, shape, paged, require_kernel):
     nheads, nheads_k = HEAD_LAYOUTS[layout]
     batch, s_cache = 2, seqlen_k + 37
     cs = [seqlen_k - seqlen_new, seqlen_k // 2 + 7]
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
     k, v = _new_kv(batch, seqlen_new, nheads_k, d, dtype)
     kw = dict(cache_seqlens=_i32(cs), causal=causal)
     if paged:
@@ -400,9 +390,9 @@ def test_kvcache_seqlens_edge(dtype, d, case, causal, require_kernel):
     nheads, nheads_k = 4, 2
     batch, s_cache = 4, EDGE_S_CACHE
     cs_list = [cs] * batch if isinstance(cs, int) else list(cs)
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
     for i in range(batch):
         k_cache[i, cs_list[i] + seqlen_new:] = NAN
         v_cache[i, cs_list[i] + seqlen_new:] = NAN
@@ -460,9 +450,9 @@ def test_kvcache_lengths_to_capacity(dtype, d, layout, capacity, seqlen_q, causa
     cs = [0, 1, capacity - 1, capacity]
     lp = [0, 1, 5, 31] if leftpad else [0] * len(cs)
     batch = len(cs)
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k_cache = _randn(batch, capacity, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch, capacity, nheads_k, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k_cache = randn(batch, capacity, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch, capacity, nheads_k, d, dtype=dtype)
     for i in range(batch):
         for cache in (k_cache, v_cache):
             cache[i, :lp[i]] = NAN
@@ -480,10 +470,7 @@ def test_kvcache_lengths_to_capacity(dtype, d, layout, capacity, seqlen_q, causa
 
 def _decode_kernels(fn):
     """Names of the decode kernels fn launches; None without a kernel trace (compute-sanitizer)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = kernel_names(fn)
     return [n for n in names if "flash_decode_kernel" in n] if names else None
 
 
@@ -495,9 +482,9 @@ def test_kvcache_early_copies_kernel_choice(dtype, require_kernel):
     d = 128
     require_kernel(d, dtype)
     batch, s_cache, nheads, nheads_k = 2, 200, 6, 2
-    q = _randn(batch, 4, nheads, d, dtype=dtype)
-    k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    q = randn(batch, 4, nheads, d, dtype=dtype)
+    k_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
     lens = _i32([s_cache, 77])
     early, plain = ", false, false, true>", ", false, false, false>"
     calls = {
@@ -545,9 +532,9 @@ def test_kvcache_features(dtype, feature, seqlen_q, seqlen_new, paged, require_k
     nheads, nheads_k = 6, 2
     batch, s_cache = 3, 300
     cs = [s_cache - seqlen_new, 150, 0]
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
     k, v = _new_kv(batch, seqlen_new, nheads_k, d, dtype)
     capacity = num_pages(s_cache, paged) * paged if paged else s_cache  # rotary tables cover the whole cache
     kw = dict(cache_seqlens=_i32(cs), window_size=f.get("window_size", (-1, -1)),
@@ -568,10 +555,10 @@ def test_kvcache_strided_last_dim(dtype, require_kernel):
     d = 128
     require_kernel(d, dtype)
     batch, nheads, nheads_k, s_cache, s_new = 3, 6, 2, 300, 2
-    k_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = _randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    k_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
+    v_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
     seqlens = torch.tensor([5, 100, 250], dtype=torch.int32, device=DEVICE)
-    wide = [_randn(batch, n, h, 2 * d, dtype=dtype) for n, h in ((1, nheads), (s_new, nheads_k), (s_new, nheads_k))]
+    wide = [randn(batch, n, h, 2 * d, dtype=dtype) for n, h in ((1, nheads), (s_new, nheads_k), (s_new, nheads_k))]
     q_s, k_s, v_s = [x[..., ::2] for x in wide]
     assert q_s.stride(-1) == 2
     kc1, vc1 = k_cache.clone(), v_cache.clone()

@@ -15,8 +15,10 @@ import math
 import pytest
 import torch
 
-from helpers import DEVICE, assert_no_nan, flash_attn, flash_attn_gpu, max_abs_diff, requires_gpu
-from reference import attention_ref, kernel_headdim, lengths_to_mask, pack
+from helpers import (
+    DEVICE, assert_grad_close, flash_attn, flash_attn_gpu, kernel_names, max_abs_diff, randn, requires_gpu
+)
+from reference import kernel_headdim, lengths_to_mask, pack, ref_grads
 
 pytestmark = requires_gpu
 
@@ -44,39 +46,10 @@ def hopper():
     flash_attn_gpu.set_sm90_backward(previous)
 
 
-def _kernel_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 def _runs_sm90(fn):
     """Whether fn launches the Hopper backward; None without a kernel trace (under compute-sanitizer)."""
-    names = _kernel_names(fn)
+    names = kernel_names(fn)
     return any(SM90_KERNEL in name for name in names) if names else None
-
-
-def _randn(*shape, dtype):
-    return torch.randn(*shape, device=DEVICE, dtype=dtype)
-
-
-def _ref_grads(q, k, v, dout, upcast, **kw):
-    """dq, dk, dv of attention_ref by autograd: float32 leaves (upcast) or the input dtype."""
-    leaves = [(x.float() if upcast else x).detach().clone().requires_grad_(True) for x in (q, k, v)]
-    out, _ = attention_ref(*leaves, upcast=upcast, **kw)
-    out.backward(dout.to(out.dtype))
-    return [x.grad for x in leaves]
-
-
-def _assert_grad_close(name, g, g_ref, g_pt):
-    """tests/test_backward.py's rule: max|g - ref| <= 2 max|g_pt - ref| + eps."""
-    assert g.shape == g_ref.shape, (name, g.shape, g_ref.shape)
-    assert_no_nan(g, name)
-    err = max_abs_diff(g, g_ref)
-    err_pt = max_abs_diff(g_pt, g_ref)
-    eps = 1e-4 + 2 * max_abs_diff(g_ref.to(g.dtype), g_ref)
-    assert err <= 2 * err_pt + eps, f"{name}: max|g - ref| = {err:.3e} > 2 * {err_pt:.3e} + {eps:.3e}"
 
 
 def _native_fwd(q, k, v, scale, causal, window, softcap=0.0):
@@ -97,10 +70,10 @@ def _check(dtype, d, seqlen_q, seqlen_k, nheads, nheads_k, causal=False, window=
     """The native backward of one call: which kernel ran, its gradients against the reference and, where
     the Hopper backward ran, the SM80 backward's on the same inputs. Returns the gradients and
     run_as(deterministic), the same call again."""
-    q = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
-    k = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
-    v = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
-    dout = _randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    q = randn(batch, seqlen_q, nheads, d, dtype=dtype)
+    k = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    v = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    dout = randn(batch, seqlen_q, nheads, d, dtype=dtype)
     scale = d ** -0.5
     out, lse = _native_fwd(q, k, v, scale, causal, window, softcap)
     run_as = lambda det: _native_bwd(dout, q, k, v, out, lse, scale, causal, window, softcap, det)  # noqa: E731
@@ -111,10 +84,10 @@ def _check(dtype, d, seqlen_q, seqlen_k, nheads, nheads_k, causal=False, window=
         assert _runs_sm90(run) is not True, "expected the SM80 backward"
     grads = run()
     kw = dict(causal=causal, window_size=window, softcap=softcap)
-    ref = _ref_grads(q, k, v, dout, True, **kw)
-    pt = _ref_grads(q, k, v, dout, False, **kw)
+    ref = ref_grads(q, k, v, dout, True, **kw)
+    pt = ref_grads(q, k, v, dout, False, **kw)
     for name, g, g_ref, g_pt in zip(("dq", "dk", "dv"), grads, ref, pt):
-        _assert_grad_close(name, g, g_ref, g_pt)
+        assert_grad_close(name, g, g_ref, g_pt)
     if expect_sm90:
         previous = flash_attn_gpu.set_sm90_backward(False)
         try:
@@ -123,7 +96,7 @@ def _check(dtype, d, seqlen_q, seqlen_k, nheads, nheads_k, causal=False, window=
         finally:
             flash_attn_gpu.set_sm90_backward(previous)
         for name, g, g_ref, g_pt in zip(("dq", "dk", "dv"), grads_sm80, ref, pt):
-            _assert_grad_close(f"{name} (SM80)", g, g_ref, g_pt)
+            assert_grad_close(f"{name} (SM80)", g, g_ref, g_pt)
     return grads, run_as
 
 
@@ -175,16 +148,16 @@ def test_sm90_backward_autograd(dtype, d, hopper):
     """flash_attn_func's autograd path reaches the Hopper backward too."""
     if not _hopper_backward_built(dtype, d):
         pytest.skip("this build has no Hopper backward for this head dim and dtype")
-    q, k, v = (_randn(2, 300, 4, d, dtype=dtype).requires_grad_(True) for _ in range(3))
-    dout = _randn(2, 300, 4, d, dtype=dtype)
+    q, k, v = (randn(2, 300, 4, d, dtype=dtype).requires_grad_(True) for _ in range(3))
+    dout = randn(2, 300, 4, d, dtype=dtype)
     out = flash_attn.flash_attn_func(q, k, v, causal=True)
     assert _runs_sm90(lambda: out.backward(dout, retain_graph=True)) is not False
     q.grad = k.grad = v.grad = None
     out.backward(dout)
-    ref = _ref_grads(q.detach(), k.detach(), v.detach(), dout, True, causal=True)
-    pt = _ref_grads(q.detach(), k.detach(), v.detach(), dout, False, causal=True)
+    ref = ref_grads(q.detach(), k.detach(), v.detach(), dout, True, causal=True)
+    pt = ref_grads(q.detach(), k.detach(), v.detach(), dout, False, causal=True)
     for name, g, g_ref, g_pt in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref, pt):
-        _assert_grad_close(name, g, g_ref, g_pt)
+        assert_grad_close(name, g, g_ref, g_pt)
 
 
 # Deterministic mode (sm90/bwd_dq_order.h): the key blocks that see a query block add their dQ
@@ -232,7 +205,7 @@ def test_sm90_backward_deterministic_many_blocks(d, causal, hopper):
     if not _hopper_backward_built(torch.float16, d):
         pytest.skip("this build has no fp16 Hopper backward for this head dim")
     batch, seqlen, nheads, nheads_k = 2, 4096, 8, 8
-    q, k, v, dout = (_randn(batch, seqlen, nheads, d, dtype=torch.float16) for _ in range(4))
+    q, k, v, dout = (randn(batch, seqlen, nheads, d, dtype=torch.float16) for _ in range(4))
     scale = d ** -0.5
     out, lse = _native_fwd(q, k, v, scale, causal, (-1, -1))
     run_as = lambda det: _native_bwd(dout, q, k, v, out, lse, scale, causal, (-1, -1), deterministic=det)  # noqa: E731
@@ -280,9 +253,9 @@ def test_sm90_backward_not_used_for_dropout(hopper):
     """Dropout runs the SM80 backward (its results: test_dropout.py)."""
     if not _hopper_backward_built(torch.float16):
         pytest.skip("this build has no fp16 Hopper backward")
-    q, k, v = (_randn(2, 200, 4, 128, dtype=torch.float16).requires_grad_(True) for _ in range(3))
+    q, k, v = (randn(2, 200, 4, 128, dtype=torch.float16).requires_grad_(True) for _ in range(3))
     out = flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
-    names = _kernel_names(lambda: out.backward(torch.ones_like(out)))
+    names = kernel_names(lambda: out.backward(torch.ones_like(out)))
     assert not any(SM90_KERNEL in n for n in names)
 
 
@@ -296,8 +269,8 @@ def test_sm90_backward_not_used_for_varlen(dtype, causal, hopper):
     batch, nheads, nheads_k, d = len(lens_q), 4, 2, 128
     max_q, max_k = int(lens_q.max()), int(lens_k.max())
     qmask, kmask = lengths_to_mask(lens_q, max_q).to(DEVICE), lengths_to_mask(lens_k, max_k).to(DEVICE)
-    q, dout = _randn(batch, max_q, nheads, d, dtype=dtype), _randn(batch, max_q, nheads, d, dtype=dtype)
-    k, v = _randn(batch, max_k, nheads_k, d, dtype=dtype), _randn(batch, max_k, nheads_k, d, dtype=dtype)
+    q, dout = randn(batch, max_q, nheads, d, dtype=dtype), randn(batch, max_q, nheads, d, dtype=dtype)
+    k, v = randn(batch, max_k, nheads_k, d, dtype=dtype), randn(batch, max_k, nheads_k, d, dtype=dtype)
     (q_p, cu_q, _, _), (k_p, cu_k, _, _), (v_p, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
     dout_p = pack(dout, qmask)[0]
     scale = d ** -0.5
@@ -312,22 +285,22 @@ def test_sm90_backward_not_used_for_varlen(dtype, causal, hopper):
     assert _runs_sm90(run) is not True
     dq, dk, dv, _ = run()
     kw = dict(query_padding_mask=qmask, key_padding_mask=kmask, causal=causal)
-    ref = _ref_grads(q, k, v, dout, True, **kw)
-    pt = _ref_grads(q, k, v, dout, False, **kw)
+    ref = ref_grads(q, k, v, dout, True, **kw)
+    pt = ref_grads(q, k, v, dout, False, **kw)
     for name, g, g_ref, g_pt, mask in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, pt, (qmask, kmask, kmask)):
-        _assert_grad_close(name, g, pack(g_ref, mask)[0], pack(g_pt, mask)[0])
+        assert_grad_close(name, g, pack(g_ref, mask)[0], pack(g_pt, mask)[0])
 
 
 def test_sm90_backward_switch(hopper):
     """set_sm90_backward(False) sends an in-scope call to the SM80 backward and returns the previous setting."""
     if not _hopper_backward_built(torch.float16):
         pytest.skip("this build has no fp16 Hopper backward")
-    q, k, v, dout = (_randn(1, 256, 4, 128, dtype=torch.float16) for _ in range(4))
+    q, k, v, dout = (randn(1, 256, 4, 128, dtype=torch.float16) for _ in range(4))
     out, lse = _native_fwd(q, k, v, 128 ** -0.5, False, (-1, -1))
     run = lambda: _native_bwd(dout, q, k, v, out, lse, 128 ** -0.5, False, (-1, -1))  # noqa: E731
     assert flash_attn_gpu.set_sm90_backward(False) is True
     try:
-        names = _kernel_names(run)
+        names = kernel_names(run)
         assert not any(SM90_KERNEL in n for n in names)
         assert any(SM80_KERNEL in n for n in names) or not names
     finally:

@@ -1,6 +1,7 @@
 """The Hopper forward (csrc/flash_attn/src/sm90/): on a compute capability 9.0 GPU the dense
 forward (dense or varlen, softcap and ALiBi too) at kernel head dims 64, 96, 128, 192 and 256 runs
-it, unsplit or, for queries longer than the split tile's 64 rows, split over the keys (explicit
+it, and so does a paged K/V cache whose page size is a multiple of 128 at head dims up to 128;
+unsplit or, for queries longer than the split tile's 64 rows, split over the keys (explicit
 num_splits, or the plan's heuristic at small grids) with the combine kernel after it. These
 tests check that the dispatcher picks it exactly where it applies (the kernels' names in a
 profiler trace), that it matches the fp32 reference, the SM80 kernel and (split) its unsplit
@@ -15,18 +16,10 @@ import pytest
 import torch
 
 from helpers import (
-    DEVICE,
-    assert_empty_rows_zero,
-    assert_lse_close,
-    assert_out_close,
-    ext_fwd,
-    max_abs_diff,
-    ext_varlen_fwd,
-    flash_attn,
-    flash_attn_gpu,
-    lse_checkable,
-    requires_gpu,
+    DEVICE, assert_empty_rows_zero, assert_lse_close, assert_out_close, ext_fwd, ext_varlen_fwd, flash_attn,
+    flash_attn_gpu, kernel_names, lse_checkable, max_abs_diff, requires_gpu
 )
+from kvcache_reference import num_pages, paged_from_contiguous
 from reference import attention_ref, kernel_headdim, lengths_to_mask, make_alibi_slopes, pack, pack_lse
 
 pytestmark = requires_gpu
@@ -55,22 +48,15 @@ def hopper(request):
     flash_attn_gpu.set_sm90_forward(previous)
 
 
-def _kernel_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 def _runs_sm90(fn):
     """Whether fn launches the Hopper kernel; None without a kernel trace (under compute-sanitizer)."""
-    names = _kernel_names(fn)
+    names = kernel_names(fn)
     return any(SM90_KERNEL in name for name in names) if names else None
 
 
 def _runs_sm90_split(fn):
     """Whether fn launches the Hopper kernel and the combine kernel after it; None without a trace."""
-    names = _kernel_names(fn)
+    names = kernel_names(fn)
     if not names:
         return None
     return any(SM90_KERNEL in name for name in names) and any(COMBINE_KERNEL in name for name in names)
@@ -366,7 +352,7 @@ def test_sm90_forward_heuristic_splits(dtype, batch, nheads, nheads_k, seqlen_q,
 
     flash_attn_gpu.set_sm90_forward(False)
     try:
-        names = _kernel_names(run(0))
+        names = kernel_names(run(0))
         out_sm80, _ = run(0)()
     finally:
         flash_attn_gpu.set_sm90_forward(True)
@@ -489,3 +475,147 @@ def test_sm90_forward_switch(hopper):
     finally:
         assert flash_attn_gpu.set_sm90_forward(True) is False
     assert _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v)) is not False
+
+
+# Paged K/V (a block table): the Hopper kernel reads it where each key block lies inside one page,
+# page sizes that are multiples of its 128-key block at kernel head dims up to 128; other page
+# sizes (16, 64) and head dims (192: 80-key blocks) stay on the SM80 kernels.
+PAGED_SIZES = [128, 256, 512, 16, 64]
+# Cache lengths of a chunked prefill: empty, one key, ragged, several pages; the 200 queries sit at
+# the end of each (causal rows before the first key see none).
+PAGED_CACHE_LENS = [0, 1, 300, 777]
+
+
+def _paged_takes_hopper(dtype, d, page):
+    return _hopper_forward_built(dtype, d) and kernel_headdim(d) <= 128 and page % 128 == 0
+
+
+def _paged_cache(k_lens, page, nheads_k, d, dtype):
+    """A contiguous cache (batch, capacity, nheads_k, d), NaN past each length, and the same as
+    pages in a shuffled table over a pool with NaN spare pages; table entries past each sequence's
+    last page are -1 (padding the kernels must neither read nor report)."""
+    capacity = max(1, num_pages(max(k_lens), page)) * page
+    kmask = lengths_to_mask(torch.tensor(k_lens), capacity).to(DEVICE)
+    caches = [torch.randn(len(k_lens), capacity, nheads_k, d, device=DEVICE, dtype=dtype) for _ in range(2)]
+    for full in caches:
+        full[~kmask] = float("nan")
+    k_paged, table = paged_from_contiguous(caches[0], page, fill=float("nan"))
+    v_paged, _ = paged_from_contiguous(caches[1], page, block_table=table, num_blocks=k_paged.shape[0],
+                                       fill=float("nan"))
+    table = table.clone()
+    for b, n in enumerate(k_lens):
+        table[b, num_pages(n, page):] = -1
+    return caches, (k_paged, v_paged), table, kmask
+
+
+@pytest.mark.parametrize("num_splits", [0, 3])
+@pytest.mark.parametrize("heads", ["mha", "gqa"])
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("page", PAGED_SIZES)
+@pytest.mark.parametrize("d", [128, 96, 64, 192])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_paged_kvcache(dtype, d, page, mask, heads, num_splits, hopper):
+    """flash_attn_with_kvcache over a shuffled paged cache: the Hopper kernel exactly where the
+    dispatcher's rule says (page size a multiple of 128, head dim up to 128), bitwise equal to the
+    same cache laid out contiguously there (same plan, same key blocks), within rounding of it
+    elsewhere; both against the reference; -1 padding past each length is not reported."""
+    nheads, nheads_k = HEADS[heads]
+    seqlen_q = 200
+    kw = dict(MASKS[mask])
+    window = kw.pop("window_size", (-1, -1))
+    (k_full, v_full), (k_paged, v_paged), table, kmask = _paged_cache(PAGED_CACHE_LENS, page, nheads_k, d, dtype)
+    batch = len(PAGED_CACHE_LENS)
+    q = torch.randn(batch, seqlen_q, nheads, d, device=DEVICE, dtype=dtype)
+    lens = torch.tensor(PAGED_CACHE_LENS, dtype=torch.int32, device=DEVICE)
+    call = dict(cache_seqlens=lens, causal=kw["causal"], window_size=window, num_splits=num_splits,
+                return_softmax_lse=True)
+    flash_attn_gpu.check_index_errors()  # nothing left over
+    run_paged = lambda: flash_attn.flash_attn_with_kvcache(q, k_paged, v_paged, block_table=table, **call)  # noqa: E731
+    takes_hopper = _paged_takes_hopper(dtype, d, page)
+    assert _runs_sm90(run_paged) is not (not takes_hopper)
+    out_p, lse_p = run_paged()
+    out_c, lse_c = flash_attn.flash_attn_with_kvcache(q, k_full, v_full, **call)
+    flash_attn_gpu.check_index_errors()  # the -1 padding past the lengths was not reported
+
+    zeros = torch.zeros((), dtype=dtype, device=DEVICE)
+    k_ref = torch.where(kmask[..., None, None], k_full, zeros)
+    v_ref = torch.where(kmask[..., None, None], v_full, zeros)
+    ref_kw = dict(causal=kw["causal"], window_size=window)
+    out_ref, lse_ref = attention_ref(q, k_ref, v_ref, None, kmask, **ref_kw)
+    out_pt, _ = attention_ref(q, k_ref, v_ref, None, kmask, upcast=False, **ref_kw)
+    assert_out_close(out_p, out_ref, out_pt, name="out (paged)")
+    assert_empty_rows_zero(out_p, torch.isposinf(lse_ref).transpose(1, 2))
+    assert_lse_close(lse_p, lse_ref)
+    if takes_hopper and _runs_sm90(lambda: flash_attn.flash_attn_with_kvcache(q, k_full, v_full, **call)):
+        assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+    else:
+        assert_out_close(out_c, out_ref, out_pt, name="out (contiguous)")
+
+
+# (q lengths, k lengths) of varlen calls with a block table: a sequence without keys, one with one
+# key, one without queries, keys ending inside and on a page, several pages.
+PAGED_VARLEN_LENGTHS = ([200, 65, 130, 0, 300, 77], [1000, 0, 1, 513, 256, 640])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("heads", ["mha", "gqa"])
+@pytest.mark.parametrize("page", [128, 256, 64])
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_paged_varlen(dtype, d, page, heads, causal, num_splits, hopper):
+    """flash_attn_varlen_func with a block table: the Hopper kernel for page sizes that are
+    multiples of 128 (the SM80 kernel for 64), and the result equals the packed contiguous call's
+    within rounding, both against the reference."""
+    nheads, nheads_k = HEADS[heads]
+    q_lens, k_lens = PAGED_VARLEN_LENGTHS
+    batch, max_sq, max_sk = len(q_lens), max(q_lens), max(k_lens)
+    (k_full, v_full), (k_paged, v_paged), table, kmask_full = _paged_cache(k_lens, page, nheads_k, d, dtype)
+    q = torch.randn(batch, max_sq, nheads, d, device=DEVICE, dtype=dtype)
+    qmask = lengths_to_mask(torch.tensor(q_lens), max_sq).to(DEVICE)
+    kmask = kmask_full[:, :max_sk]
+    zeros = torch.zeros((), dtype=dtype, device=DEVICE)
+    k_ref = torch.where(kmask[..., None, None], k_full[:, :max_sk], zeros)
+    v_ref = torch.where(kmask[..., None, None], v_full[:, :max_sk], zeros)
+    (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k_ref, kmask), pack(v_ref, kmask)
+    flash_attn_gpu.check_index_errors()
+    args = (cu_q, cu_k, max_sq, max_sk)
+    run_paged = lambda: flash_attn.flash_attn_varlen_func(  # noqa: E731
+        q_u, k_paged, v_paged, *args, causal=causal, block_table=table, num_splits=num_splits, return_attn_probs=True)
+    takes_hopper = _paged_takes_hopper(dtype, d, page)
+    assert (_runs_sm90(run_paged) if num_splits == 1 else _runs_sm90_split(run_paged)) is not (not takes_hopper)
+    out_p, lse_p, _ = run_paged()
+    out_c, lse_c, _ = flash_attn.flash_attn_varlen_func(q_u, k_u, v_u, *args, causal=causal, num_splits=num_splits,
+                                                        return_attn_probs=True)
+    flash_attn_gpu.check_index_errors()
+    out_ref, lse_ref = attention_ref(q, k_ref, v_ref, qmask, kmask, causal=causal)
+    out_pt, _ = attention_ref(q, k_ref, v_ref, qmask, kmask, causal=causal, upcast=False)
+    out_ref, out_pt, lse_ref = pack(out_ref, qmask)[0], pack(out_pt, qmask)[0], pack_lse(lse_ref, qmask)
+    for name, o, lse in (("paged", out_p, lse_p), ("contiguous", out_c, lse_c)):
+        assert_out_close(o, out_ref, out_pt, name=f"out ({name})")
+        assert_empty_rows_zero(o, torch.isposinf(lse_ref).transpose(0, 1))
+        assert_lse_close(lse, lse_ref)
+    assert max_abs_diff(out_p, out_c) <= 2 * max_abs_diff(out_pt, out_ref) + 1e-5
+
+
+@pytest.mark.parametrize("entry", [-1, "num_pages"], ids=["negative", "past_the_pool"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_paged_bad_page_reported(dtype, entry, hopper):
+    """A block-table entry in use outside [0, number of pages) is clamped by the Hopper kernel and
+    reported by name (block_table), as the SM80 kernels do."""
+    if not _paged_takes_hopper(dtype, 128, 128):
+        pytest.skip("this build has no Hopper forward at head dim 128 for this dtype")
+    (_, _), (k_paged, v_paged), table, _ = _paged_cache([300, 500], 128, 2, 128, dtype)
+    table[1, 2] = k_paged.shape[0] if entry == "num_pages" else -1  # rows 256..383 of sequence 1: in use
+    q = torch.randn(2, 200, 4, 128, device=DEVICE, dtype=dtype)
+    lens = torch.tensor([300, 500], dtype=torch.int32, device=DEVICE)
+    flash_attn_gpu.check_index_errors()
+    run = lambda: flash_attn.flash_attn_with_kvcache(q, k_paged, v_paged, cache_seqlens=lens,  # noqa: E731
+                                                     block_table=table, causal=True, num_splits=1)
+    assert _runs_sm90(run) is not False
+    with pytest.raises(RuntimeError, match="block_table"):
+        flash_attn_gpu.check_index_errors()
+    run()
+    with pytest.raises(RuntimeError, match="block_table"):
+        flash_attn_gpu.check_index_errors()
+    flash_attn_gpu.check_index_errors()  # cleared once raised

@@ -10,16 +10,8 @@ import pytest
 import torch
 
 from helpers import (
-    DEVICE,
-    assert_empty_rows_zero,
-    assert_lse_close,
-    assert_out_close,
-    ext_fwd,
-    ext_varlen_fwd,
-    flash_attn,
-    lse_checkable,
-    max_abs_diff,
-    requires_gpu,
+    DEVICE, assert_empty_rows_zero, assert_lse_close, assert_out_close, ext_fwd, ext_varlen_fwd, flash_attn,
+    lse_checkable, max_abs_diff, randn, requires_gpu
 )
 from reference import attention_ref, lengths_to_mask, make_alibi_slopes, pack, pack_lse
 
@@ -32,10 +24,6 @@ HEAD_LAYOUTS = {"mha": (12, 12), "gqa": (32, 8), "mqa": (8, 1)}
 NUM_SPLITS = [0, 1, 2, 3, 7, 200]
 # 1 and 7: fewer keys than one key block; 63/129/1000/4097: not multiples of the block size.
 SEQLENS_K = [1, 7, 63, 129, 1000, 4097]
-
-
-def _randn(*shape, dtype):
-    return torch.randn(*shape, device=DEVICE, dtype=dtype)
 
 
 def _check_split(out, out_unsplit, out_ref, out_pt, num_splits):
@@ -57,9 +45,9 @@ def test_split_kv_decode(dtype, d, layout, seqlen_k, num_splits, require_kernel)
     require_kernel(d, dtype)
     nheads, nheads_k = HEAD_LAYOUTS[layout]
     batch = 3
-    q = _randn(batch, 1, nheads, d, dtype=dtype)
-    k = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
-    v = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    q = randn(batch, 1, nheads, d, dtype=dtype)
+    k = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    v = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
     out_ref, lse_ref = attention_ref(q, k, v)
     out_pt, _ = attention_ref(q, k, v, upcast=False)
 
@@ -87,9 +75,9 @@ def test_split_kv_decode_causal(dtype, d, layout, seqlen_k, num_splits, require_
     require_kernel(d, dtype)
     nheads, nheads_k = HEAD_LAYOUTS[layout]
     batch = 2
-    q = _randn(batch, 1, nheads, d, dtype=dtype)
-    k = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
-    v = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    q = randn(batch, 1, nheads, d, dtype=dtype)
+    k = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    v = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
     out_ref, lse_ref = attention_ref(q, k, v)  # no mask: the single query sees every key
     out_ref_c, _ = attention_ref(q, k, v, causal=True)
     assert torch.equal(out_ref, out_ref_c)
@@ -136,9 +124,9 @@ def test_split_kv_features(dtype, d, layout, feature, seqlen_k, num_splits, requ
         softcap=f.get("softcap", 0.0),
         alibi_slopes=make_alibi_slopes(f.get("alibi"), batch, nheads, DEVICE),
     )
-    q = _randn(batch, 1, nheads, d, dtype=dtype)
-    k = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
-    v = _randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    q = randn(batch, 1, nheads, d, dtype=dtype)
+    k = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
+    v = randn(batch, seqlen_k, nheads_k, d, dtype=dtype)
     out_ref, lse_ref = attention_ref(q, k, v, **kw)
     out_pt, lse_pt = attention_ref(q, k, v, upcast=False, **kw)
     pt_factor = 2.0 if kw["softcap"] > 0 else 0.0
@@ -166,9 +154,9 @@ RAGGED_K = [1, 7, 63, 129, 1000, 4097]
 def _varlen_decode_inputs(k_lens, nheads, nheads_k, d, dtype):
     batch = len(k_lens)
     max_sk = max(k_lens)
-    q = _randn(batch, 1, nheads, d, dtype=dtype)
-    k = _randn(batch, max_sk, nheads_k, d, dtype=dtype)
-    v = _randn(batch, max_sk, nheads_k, d, dtype=dtype)
+    q = randn(batch, 1, nheads, d, dtype=dtype)
+    k = randn(batch, max_sk, nheads_k, d, dtype=dtype)
+    v = randn(batch, max_sk, nheads_k, d, dtype=dtype)
     qmask = torch.ones(batch, 1, dtype=torch.bool, device=DEVICE)
     kmask = lengths_to_mask(torch.tensor(k_lens), max_sk).to(DEVICE)
     q_u, cu_q, _, _ = pack(q, qmask)

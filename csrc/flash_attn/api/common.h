@@ -95,12 +95,21 @@ struct Call {
 void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int window_left, int window_right,
                  float softmax_scale, float softcap);
 
-// Whether the Hopper forward can take a call with these features (kv_indirect: left padding, a
-// block table or cache_batch_idx), as far as they are known before the plan, which then also
-// splits longer queries over the Hopper tiles; the launch checks the rest (sm90_forward_applies:
-// the plan, the tensors' TMA alignment, no empty keys). A call it then does not take runs the same
-// plan on the SM80 kernels.
+// Whether the Hopper forward can take a call with these features (kv_indirect: K/V read through an
+// index it does not follow, sm90_kv_indirect), as far as they are known before the plan, which
+// then also splits longer queries over the Hopper tiles; the launch checks the rest
+// (sm90_forward_applies: the plan, the tensors' TMA alignment, no empty keys). A call it then does
+// not take runs the same plan on the SM80 kernels.
 bool sm90_forward_possible(const DeviceInfo& dev, const flash::FwdLauncher& kernel, bool dropout, bool kv_indirect);
+
+// K/V indices the Hopper forward does not follow: left padding, cache_batch_idx, or a block table
+// whose pages do not hold whole key blocks at this head dim (plan/tile_sizes.h,
+// sm90_fwd_reads_pages: page sizes that are multiples of 128 at head dims up to 128). Shared by
+// the entry points' plans and the launch's rule, so both see the same answer.
+inline bool sm90_kv_indirect(bool leftpad, bool cache_batch_idx, bool paged, int page_block_size, int head_size) {
+  return leftpad || cache_batch_idx ||
+         (paged && !flash::sm90_fwd_reads_pages(flash::round_up_headdim(head_size), page_block_size));
+}
 
 // Copies the plan's kernel choice into p and allocates the split-KV partials straight from
 // PyTorch's caching allocator (no sync, graph-safe, no tensor object). The returned pointer must

@@ -168,14 +168,19 @@ namespace {
 // What the Hopper forward covers (sm90/fwd_kernel.h): the forward of batch-strided or packed
 // (varlen) q/k/v, with seqused_k, at the kernel head dims it is built for (run_sm90 registered),
 // with causal or window masks, softcap and ALiBi, unsplit or with the plan's splits of longer
-// queries (prefill_splits), and nothing of dropout, left padding, block tables or
-// cache_batch_idx (sm90_forward_possible); everything else runs the SM80 kernels. The kernel
-// zeroes the V rows past a sequence's keys, which whole-block TMA loads bring in. A packed
-// tensor's batch stride is never read.
+// queries (prefill_splits), a paged K/V cache whose page size is a multiple of the key block at
+// head dims up to 128 (flash_attn_with_kvcache and varlen with block_table; each key block is one
+// TMA box inside one page), and nothing of dropout, left padding, other block tables or
+// cache_batch_idx (sm90_forward_possible, sm90_kv_indirect); everything else runs the SM80
+// kernels. The kernel zeroes the V rows past a sequence's keys, which whole-block TMA loads bring
+// in (from the next sequence, or a page's rows past the length). A packed tensor's batch stride is
+// never read; a paged one's is the page stride.
 bool sm90_forward_applies(const flash::FwdParams& p, const flash::ForwardPlan& plan, const DeviceInfo& dev,
                           const flash::FwdLauncher& kernel) {
-  const bool packed_q = p.cu_seqlens_q != nullptr, packed_k = p.cu_seqlens_k != nullptr;
-  const bool kv_indirect = p.leftpad_k != nullptr || p.cache_batch_idx != nullptr || p.block_table != nullptr;
+  const bool paged = p.block_table != nullptr;
+  const bool packed_q = p.cu_seqlens_q != nullptr, packed_k = p.cu_seqlens_k != nullptr && !paged;
+  const bool kv_indirect =
+      sm90_kv_indirect(p.leftpad_k != nullptr, p.cache_batch_idx != nullptr, paged, p.page_block_size, p.d);
   return sm90_forward_possible(dev, kernel, p.dropout_keep_threshold != 0, kv_indirect) &&
          (!plan.split_kernel || plan.prefill_splits) && !plan.swap_seqlen_ngroups && p.seqlen_k > 0 &&
          (!packed_k || p.total_k_rows > 0) &&
@@ -238,7 +243,8 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && dropout == nullptr;
   if (dropout != nullptr) num_splits = 1;
   const DeviceInfo dev = device_info();
-  const bool kv_indirect = kv.leftpad_k != nullptr || kv.cache_batch_idx != nullptr || kv.block_table != nullptr;
+  const bool kv_indirect = sm90_kv_indirect(kv.leftpad_k != nullptr, kv.cache_batch_idx != nullptr,
+                                            kv.block_table != nullptr, kv.page_block_size, head_size);
   const flash::ForwardPlan plan =
       flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k, head_size, can_swap, dev.sm_count,
                           num_splits, sm90_forward_possible(dev, kernel, dropout != nullptr, kv_indirect));

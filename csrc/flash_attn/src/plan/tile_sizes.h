@@ -40,6 +40,17 @@ constexpr TileShape sm90_fwd_tile(int headdim) {
   return headdim <= 128 ? TileShape{128, 128, 12} : TileShape{128, 80, 12};
 }
 
+// Whether the Hopper forward has paged instantiations (a block table) at this kernel head dim, and
+// whether it reads a paged K/V cache of this page size. Each key block must lie inside one page
+// (one TMA box per block), so the page size is a multiple of the key block. Only the 128-key blocks
+// (head dims up to 128) have them: the 80-key blocks of head dims 192 and 256 divide no
+// power-of-two page size, and page sizes that are multiples of 80 are not worth four more kernels
+// per file.
+constexpr bool sm90_fwd_has_paged(int headdim) { return sm90_fwd_tile(headdim).block_n == 128; }
+constexpr bool sm90_fwd_reads_pages(int headdim, int page_block_size) {
+  return sm90_fwd_has_paged(headdim) && page_block_size % sm90_fwd_tile(headdim).block_n == 0;
+}
+
 // Decode forward (at most kDecodeBlockM query rows per (batch, head) after the GQA swap): one
 // 16-row MMA tile, and the warps split the keys instead of the rows, each warp streaming its own
 // kSubN-key sub-blocks through a kStages-deep cp.async ring with its own online softmax; the

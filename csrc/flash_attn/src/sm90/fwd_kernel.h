@@ -15,7 +15,9 @@
 // sliding windows by FwdParams::window_left/right; softcap and ALiBi in their own instantiation
 // (kHasScoreMods), so the plain kernel's softmax step carries none of their code; split-KV in
 // its own (kIsSplit: a unit of work is one split of a tile, whose fp32 partial output and lse the
-// combine kernel merges); no paged or left-padded keys, no dropout.
+// combine kernel merges); a paged K/V cache in its own (kPaged: a block table, page sizes that are
+// multiples of the key block, so that each block is one TMA box inside one page; only the producer
+// differs); no left-padded keys, no cache_batch_idx, no dropout.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -26,6 +28,7 @@
 #include "params/fwd_params.h"
 #include "common/block_info.h"
 #include "common/epilogue.h"
+#include "common/index_guard.h"
 #include "common/mma_utils.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
@@ -61,7 +64,14 @@ __device__ __forceinline__ Sm90TileWork sm90_tile_work(const FwdParams& p, const
 // Producer, one thread: per tile, Q once Q's buffer is free, then K and V of every key block, last
 // block first (the consumers' order). Each load completes on its stage's full barrier with the
 // tile's byte count; the K/V pipeline states run on across tiles.
-template <typename Traits, bool kIsSplit>
+// kPaged: key block n lies in page block_table[b][n / blocks per page], at block n % blocks per
+// page of it. The next block's table entry is read before this block's stages are acquired; ptxas
+// moves it into a uniform register (TMA coordinates are uniform) right after the load, so the
+// thread waits for it there, and what hides the lookup is the producer's lead of kStages blocks
+// over the consumers. Only the entries of blocks the tile visits are read: each holds at least one
+// key of the sequence, so padding past its length (any value, such as -1) is never read or
+// reported. A bad entry is clamped and reported (guard_page), as the SM80 kernels do.
+template <typename Traits, bool kIsSplit, bool kPaged>
 __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, typename Traits::SharedStorage& shared,
                                               typename Traits::Pipeline& pipeline_k,
                                               typename Traits::Pipeline& pipeline_v, int m_blocks) {
@@ -85,6 +95,14 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
     // Past a short varlen sequence, or no visible key block (the consumers write that tile).
     if (work.rows_in_tile <= 0 || work.blocks.empty()) continue;
     const int bidh_kv = tile.bidh / p.h_h_k_ratio;
+    // kPaged: this sequence's row of the block table, and the entry of the tile's first (last) block.
+    const int* table_row = nullptr;
+    int blocks_per_page = 1, entry = 0;
+    if constexpr (kPaged) {
+      table_row = p.block_table + tile.bidb * p.block_table_batch_stride;
+      blocks_per_page = p.page_block_size / kBlockN;
+      entry = table_row[(work.blocks.max - 1) / blocks_per_page];
+    }
 
     // Parity 1 on the fresh barrier passes at once: the first tile's Q needs no release.
     cutlass::arch::ClusterBarrier::wait(&shared.q_empty, (q_loads & 1) ^ 1);
@@ -96,28 +114,56 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
     copy(args.tma_q.with(shared.q_full), q_copy.partition_S(gQ), q_copy.partition_D(sQ));
     ++q_loads;
 
-    // (tile rows, tile cols, key block) in gmem, (tile rows, tile cols, stage) in smem.
-    const int k_start = p.cu_seqlens_k ? p.cu_seqlens_k[tile.bidb] : 0;
-    const int kv_batch = p.cu_seqlens_k ? 0 : tile.bidb;
-    Tensor mK =
-        domain_offset(make_coord(k_start, _0{}), args.tma_k.get_tma_tensor(k_extent(p))(_, _, bidh_kv, kv_batch));
-    Tensor mVt =
-        domain_offset(make_coord(_0{}, k_start), args.tma_vt.get_tma_tensor(vt_extent(p))(_, _, bidh_kv, kv_batch));
-    Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
-    Tensor gVt = local_tile(mVt, Shape<Int<kHeadDim>, Int<kBlockN>>{}, make_coord(_0{}, _));
-    Tensor tKgK = k_copy.partition_S(gK);
-    Tensor tKsK = k_copy.partition_D(sK);
-    Tensor tVgVt = v_copy.partition_S(gVt);
-    Tensor tVsVt = v_copy.partition_D(sVt);
-    for (int n_block = work.blocks.max - 1; n_block >= work.blocks.min; --n_block) {
-      // K first: the consumers release K's stage right after S = Q K^T, long before V's.
-      pipeline_k.producer_acquire(write);
-      copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write)), tKgK(_, _, _, n_block),
-           tKsK(_, _, _, write.index()));
-      pipeline_v.producer_acquire(write);
-      copy(args.tma_vt.with(*pipeline_v.producer_get_barrier(write)), tVgVt(_, _, _, n_block),
-           tVsVt(_, _, _, write.index()));
-      ++write;
+    if constexpr (kPaged) {
+      // (tile rows, tile cols, block in page, page) in gmem, (tile rows, tile cols, stage) in smem.
+      Tensor mK = args.tma_k.get_tma_tensor(k_extent<true>(p))(_, _, bidh_kv, _);
+      Tensor mVt = args.tma_vt.get_tma_tensor(vt_extent<true>(p))(_, _, bidh_kv, _);
+      Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
+      Tensor gVt = local_tile(mVt, Shape<Int<kHeadDim>, Int<kBlockN>>{}, make_coord(_0{}, _, _));
+      Tensor tKgK = k_copy.partition_S(gK);
+      Tensor tKsK = k_copy.partition_D(sK);
+      Tensor tVgVt = v_copy.partition_S(gVt);
+      Tensor tVsVt = v_copy.partition_D(sVt);
+      // Not unrolled: one table read and one guard per block either way, and the producer's code
+      // stays small (unrolled, ptxas repeats the divisions and the error report per copy).
+#pragma unroll 1
+      for (int n_block = work.blocks.max - 1; n_block >= work.blocks.min; --n_block) {
+        const int next_entry = n_block > work.blocks.min ? table_row[(n_block - 1) / blocks_per_page] : 0;
+        const int page = guard_page(entry, p.num_pages, p.index_errors);
+        const int block_in_page = n_block % blocks_per_page;
+        pipeline_k.producer_acquire(write);
+        copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write)), tKgK(_, _, _, block_in_page, page),
+             tKsK(_, _, _, write.index()));
+        pipeline_v.producer_acquire(write);
+        copy(args.tma_vt.with(*pipeline_v.producer_get_barrier(write)), tVgVt(_, _, _, block_in_page, page),
+             tVsVt(_, _, _, write.index()));
+        ++write;
+        entry = next_entry;
+      }
+    } else {
+      // (tile rows, tile cols, key block) in gmem, (tile rows, tile cols, stage) in smem.
+      const int k_start = p.cu_seqlens_k ? p.cu_seqlens_k[tile.bidb] : 0;
+      const int kv_batch = p.cu_seqlens_k ? 0 : tile.bidb;
+      Tensor mK = domain_offset(make_coord(k_start, _0{}),
+                                args.tma_k.get_tma_tensor(k_extent<false>(p))(_, _, bidh_kv, kv_batch));
+      Tensor mVt = domain_offset(make_coord(_0{}, k_start),
+                                 args.tma_vt.get_tma_tensor(vt_extent<false>(p))(_, _, bidh_kv, kv_batch));
+      Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+      Tensor gVt = local_tile(mVt, Shape<Int<kHeadDim>, Int<kBlockN>>{}, make_coord(_0{}, _));
+      Tensor tKgK = k_copy.partition_S(gK);
+      Tensor tKsK = k_copy.partition_D(sK);
+      Tensor tVgVt = v_copy.partition_S(gVt);
+      Tensor tVsVt = v_copy.partition_D(sVt);
+      for (int n_block = work.blocks.max - 1; n_block >= work.blocks.min; --n_block) {
+        // K first: the consumers release K's stage right after S = Q K^T, long before V's.
+        pipeline_k.producer_acquire(write);
+        copy(args.tma_k.with(*pipeline_k.producer_get_barrier(write)), tKgK(_, _, _, n_block),
+             tKsK(_, _, _, write.index()));
+        pipeline_v.producer_acquire(write);
+        copy(args.tma_vt.with(*pipeline_v.producer_get_barrier(write)), tVgVt(_, _, _, n_block),
+             tVsVt(_, _, _, write.index()));
+        ++write;
+      }
     }
   }
 }
@@ -354,7 +400,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   }
 }
 
-template <typename Traits, bool kIsSplit, bool kHasScoreMods>
+template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kPaged>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ Sm90FwdArgs<Traits> args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -388,7 +434,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   if (warpgroup == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
     // The pipeline's leader thread (is_leader above) is the only one that loads.
-    if (threadIdx.x == 0) produce_tiles<Traits, kIsSplit>(args, shared, pipeline_k, pipeline_v, m_blocks);
+    if (threadIdx.x == 0) produce_tiles<Traits, kIsSplit, kPaged>(args, shared, pipeline_k, pipeline_v, m_blocks);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     typename Traits::PipelineState read_k, read_v;

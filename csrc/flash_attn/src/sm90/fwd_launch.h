@@ -13,6 +13,7 @@
 #include "launch/combine_launch.h"
 #include "launch/dynamic_smem.h"
 #include "params/fwd_params.h"
+#include "plan/tile_sizes.h"
 #include "sm90/fwd_kernel.h"
 #include "sm90/kernel_traits.h"
 #include "sm90/tile_scheduler.h"
@@ -20,10 +21,10 @@
 
 namespace flash {
 
-template <typename Traits, bool kIsSplit, bool kHasScoreMods>
+template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kPaged>
 void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   const Sm90FwdArgs<Traits> args = make_sm90_fwd_args<Traits>(params);
-  constexpr auto kernel = &flash_fwd_sm90_kernel<Traits, kIsSplit, kHasScoreMods>;
+  constexpr auto kernel = &flash_fwd_sm90_kernel<Traits, kIsSplit, kHasScoreMods, kPaged>;
   allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
   const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const int64_t units = Sm90TileScheduler<kIsSplit>::num_units(params, m_blocks);
@@ -33,23 +34,34 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
 
 // Four instantiations: plain; softcap and ALiBi (so the plain kernel's softmax step carries none
 // of their code); and each with split-KV partials (params.split_kernel: the plan's splits of
-// longer queries, merged by the combine kernel).
+// longer queries, merged by the combine kernel). Head dims with paged kernels
+// (sm90_fwd_has_paged) have the four again with a paged K/V cache (params.block_table; the
+// dispatcher sends only page sizes that are multiples of the key block, sm90_fwd_reads_pages).
 template <int kHeadDim, bool kIsBf16>
 void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   using Traits = Sm90FwdTraits<kHeadDim, kIsBf16>;
-  auto launch = [&](auto split) {
+  auto launch = [&](auto split, auto paged) {
     if (has_score_mods(params)) {
-      launch_fwd_sm90<Traits, decltype(split)::value, true>(params, stream);
+      launch_fwd_sm90<Traits, decltype(split)::value, true, decltype(paged)::value>(params, stream);
     } else {
-      launch_fwd_sm90<Traits, decltype(split)::value, false>(params, stream);
+      launch_fwd_sm90<Traits, decltype(split)::value, false, decltype(paged)::value>(params, stream);
     }
   };
-  if (params.split_kernel) {
-    launch(std::true_type{});
-    launch_combine_kernel<kHeadDim, typename Traits::Element>(params, stream);
-  } else {
-    launch(std::false_type{});
+  auto launch_splits = [&](auto paged) {
+    if (params.split_kernel) {
+      launch(std::true_type{}, paged);
+      launch_combine_kernel<kHeadDim, typename Traits::Element>(params, stream);
+    } else {
+      launch(std::false_type{}, paged);
+    }
+  };
+  if constexpr (sm90_fwd_has_paged(kHeadDim)) {
+    if (params.block_table != nullptr) {
+      launch_splits(std::true_type{});
+      return;
+    }
   }
+  launch_splits(std::false_type{});
 }
 
 }  // namespace flash
