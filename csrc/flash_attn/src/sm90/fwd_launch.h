@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include <cuda_runtime.h>
@@ -55,11 +56,14 @@ void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
       launch(std::false_type{}, paged);
     }
   };
-  if constexpr (sm90_fwd_has_paged(kHeadDim)) {
-    if (params.block_table != nullptr) {
-      launch_splits(std::true_type{});
-      return;
+  if (params.block_table != nullptr) {
+    // The plain kernels read K/V batch-strided: a block table they cannot follow must never reach
+    // them (the dispatcher's sm90_kv_indirect keeps such calls on the SM80 kernels).
+    if (!sm90_fwd_reads_pages(kHeadDim, params.page_block_size)) {
+      throw std::invalid_argument("the Hopper forward cannot read this block_table's pages at this head dim");
     }
+    if constexpr (sm90_fwd_has_paged(kHeadDim)) launch_splits(std::true_type{});
+    return;
   }
   launch_splits(std::false_type{});
 }
