@@ -91,7 +91,7 @@ def prefill_cell(c, args, kw, late, sms):
     def call(n):
         return lambda: lambda: flash_attn.flash_attn_func(q, k, v, causal=c["causal"], num_splits=n)
     sweep(row, call, functools.partial(flash_attn_2_cuda.num_splits_heuristic, b, h, hk, sq, sk, d, sms,
-                                       sm90_prefill=True), PREFILL_SWEEP, kw)
+                                       sm90_prefill=True, causal=c["causal"]), PREFILL_SWEEP, kw)
     row["sm80_us"], note, _ = timing.time_impl(common.on_sm80_kernels(call(0), "set_sm90_forward"), kw)
     row["notes"] += [f"SM80: {note}"] if note else []
     row["speedup_vs_unsplit"] = common.ratio(row["nosplit_us"], row["auto_us"])

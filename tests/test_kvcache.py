@@ -14,18 +14,16 @@ ones within rounding: max|a - b| <= 2 * max|out_pt - ref| + 1e-5 (the kernels ro
 with different running maxima; simulated on CPU, that difference reaches ~1.6x the PyTorch
 error, so a tighter factor would be unsound), lse within 2e-4.
 
-Rows outside a sequence (the left padding, rows past cache_seqlens + seqlen_new, pages not in the
-block table, cache batch rows not selected by cache_batch_idx) hold NaN in some tests: any such
-row that reaches the output, even with a zero weight, shows up as NaN. (A contiguous cache's rows
-between a length and the capacity may be read, by the early copies of the decode kernel, but are
-masked and zeroed before they meet P.)
+Rows the kernel must never read (the left padding, rows past cache_seqlens + seqlen_new in the
+edge-case test, pages not in the block table, cache batch rows not selected by cache_batch_idx)
+hold NaN in some tests: any read that is only "masked" by a zero weight shows up as NaN.
 """
 
 import pytest
 import torch
 
 from helpers import (
-    DEVICE, assert_empty_rows_zero, assert_lse_close, assert_out_close, flash_attn, kernel_names, lse_checkable,
+    DEVICE, assert_empty_rows_zero, assert_lse_close, assert_out_close, flash_attn, lse_checkable,
     max_abs_diff, randn, requires_gpu
 )
 from kvcache_reference import (
@@ -415,10 +413,8 @@ def test_kvcache_seqlens_edge(dtype, d, case, causal, require_kernel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Lengths 0, 1, capacity - 1 and capacity. A contiguous cache without left padding is read by the
-# decode kernel's early-copies variant, which copies each warp's first sub-block up to the
-# capacity before cache_seqlens lands: the rows past a length (NaN here) must be masked (K) and
-# zeroed (V). The paged and left-padded caches take the other decode kernels.
+# Lengths 0, 1, capacity - 1 and capacity, every row past a length NaN: the decode kernels must
+# neither read those rows nor let them reach O, on a contiguous, paged or left-padded cache.
 # ---------------------------------------------------------------------------------------------
 
 CAPACITY_LAYOUTS = {
@@ -428,8 +424,7 @@ CAPACITY_LAYOUTS = {
     "paged16_leftpad": dict(page=16, leftpad=True),
 }
 # Decode sub-blocks of 32 keys (16 at head dim 256): 33, a last one of one row; 96, whole ones;
-# 100, a partial one at the capacity; 1000, several splits, each copying its first sub-blocks
-# whatever the length.
+# 100, a partial one at the capacity; 1000, several splits.
 CAPACITIES = [33, 96, 100, 1000]
 
 
@@ -466,43 +461,6 @@ def test_kvcache_lengths_to_capacity(dtype, d, layout, capacity, seqlen_q, causa
     out1, lse1, out_ref, out_pt, _ = res[1]
     for ns in (0, 3):
         _assert_same_within_rounding(res[ns][0], res[ns][1], out1, lse1, out_ref, out_pt, f"num_splits={ns} vs 1")
-
-
-def _decode_kernels(fn):
-    """Names of the decode kernels fn launches; None without a kernel trace (compute-sanitizer)."""
-    names = kernel_names(fn)
-    return [n for n in names if "flash_decode_kernel" in n] if names else None
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_kvcache_early_copies_kernel_choice(dtype, require_kernel):
-    """A contiguous cache read through cache_seqlens runs the early-copies decode variant (its last
-    template argument true); the dense call on the same cache, and kv-cache calls with left
-    padding, cache_batch_idx or a window's left edge, run the plain one."""
-    d = 128
-    require_kernel(d, dtype)
-    batch, s_cache, nheads, nheads_k = 2, 200, 6, 2
-    q = randn(batch, 4, nheads, d, dtype=dtype)
-    k_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    v_cache = randn(batch, s_cache, nheads_k, d, dtype=dtype)
-    lens = _i32([s_cache, 77])
-    early, plain = ", false, false, true>", ", false, false, false>"
-    calls = {
-        "kvcache": (early, lambda: flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
-                                                                      causal=True)),
-        "dense": (plain, lambda: flash_attn.flash_attn_func(q, k_cache, v_cache, causal=True)),
-        "leftpad": (plain, lambda: flash_attn.flash_attn_with_kvcache(
-            q, k_cache, v_cache, cache_seqlens=lens, cache_leftpad=_i32([3, 0]), causal=True)),
-        "batch_idx": (plain, lambda: flash_attn.flash_attn_with_kvcache(
-            q, k_cache, v_cache, cache_seqlens=lens, cache_batch_idx=_i32([1, 0]), causal=True)),
-        "window_left": (plain, lambda: flash_attn.flash_attn_with_kvcache(
-            q, k_cache, v_cache, cache_seqlens=lens, window_size=(50, 0))),
-    }
-    for name, (variant, fn) in calls.items():
-        kernels = _decode_kernels(fn)
-        if kernels is None:
-            pytest.skip("no kernel trace (compute-sanitizer)")
-        assert kernels and all(variant in k for k in kernels), (name, kernels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def _value_case(name):
         kw["cache_seqlens"] = _i32([S_CACHE + 1, 3], dev)
     elif name == "cache_seqlens_negative_read":
         kw = valid_kwargs(dev)
-        kw["cache_seqlens"] = _i32([3, -1], dev)  # clamped to 0 after the first copies went out
+        kw["cache_seqlens"] = _i32([3, -1], dev)  # reported, and read as length 0
     elif name == "cache_seqlens_int_past_end":
         kw = valid_kwargs(dev)
         kw["cache_seqlens"] = S_CACHE + 1

@@ -178,10 +178,10 @@ def test_long_queries_never_split_by_heuristic():
     assert nsplits(1, 12, 12, 4096, 32768, 128) == 1
 
 
-def sm90_splits(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0):
+def sm90_splits(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0, causal=False):
     """The plan where the Hopper forward can take the call (sm90_prefill)."""
     return flash_attn_gpu.num_splits_heuristic(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, SMS, num_splits,
-                                               True)
+                                               True, causal)
 
 
 @pytest.mark.parametrize("headdim", [64, 128, 256])
@@ -218,3 +218,30 @@ def test_sm90_more_keys_no_fewer_splits(headdim):
 def test_small_seqlen_q_explicit_splits_kept(seqlen_q):
     assert nsplits(1, 12, 12, seqlen_q, 32768, 128, num_splits=1) == 1
     assert nsplits(1, 12, 12, seqlen_q, 32768, 128, num_splits=7) == 7
+
+
+# The fastest count of 1-32 splits on an H100 (2026-12-06, sweep_num_splits.py --grid prefill at
+# commit 8fa1aa5; b1, 16 / 4 heads, head dim 128; at 1024 causal queries over 32k keys 2 and 4
+# splits tie).
+SWEEP_FASTEST = [
+    (65, 8192, False, 8), (65, 32768, False, 8), (65, 131072, False, 8),
+    (256, 8192, False, 4), (256, 32768, False, 4), (256, 131072, False, 4),
+    (1024, 8192, False, 1), (1024, 32768, False, 1), (1024, 131072, False, 1),
+    (65, 8192, True, 8), (65, 32768, True, 8), (65, 131072, True, 8),
+    (256, 8192, True, 8), (256, 32768, True, 8), (256, 131072, True, 8),
+    (1024, 8192, True, 2), (1024, 32768, True, 2), (1024, 131072, True, 2),
+]
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k,causal,fastest", SWEEP_FASTEST)
+def test_sm90_plan_matches_the_sweep(seqlen_q, seqlen_k, causal, fastest):
+    assert sm90_splits(1, 16, 4, seqlen_q, seqlen_k, causal=causal) == fastest
+
+
+def test_sm90_causal_pairs_split_more():
+    # Under a causal mask the Hopper forward runs query tiles in pairs: half the units, each about
+    # twice the key blocks when the queries are few against the keys.
+    assert sm90_splits(1, 16, 4, 256, 32768, causal=True) == 2 * sm90_splits(1, 16, 4, 256, 32768)
+    # A window's left edge ends the pairing: the plan of a causal call is not a window's.
+    assert sm90_splits(1, 16, 4, 256, 32768, causal=True) > 1
+

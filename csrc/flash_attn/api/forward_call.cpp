@@ -247,7 +247,8 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
                                             kv.block_table != nullptr, kv.page_block_size, head_size);
   const flash::ForwardPlan plan =
       flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k, head_size, can_swap, dev.sm_count,
-                          num_splits, sm90_forward_possible(dev, kernel, dropout != nullptr, kv_indirect));
+                          num_splits, sm90_forward_possible(dev, kernel, dropout != nullptr, kv_indirect),
+                          flash::sm90_pairs_tiles(wl, wr));
   // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
   // become its query rows.
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),

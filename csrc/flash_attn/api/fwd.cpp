@@ -142,7 +142,8 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
       dev, kernel, has_dropout, sm90_kv_indirect(false, false, paged, page_block_size, head_size));
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
                                                       head_size, can_swap, dev.sm_count,
-                                                      has_dropout ? 1 : num_splits, sm90_prefill);
+                                                      has_dropout ? 1 : num_splits, sm90_prefill,
+                                                      flash::sm90_pairs_tiles(wl, wr));
   // With the swap, q (total_q = batch, h_k * g, d) is seen batch-strided as (b, g, h_k, d).
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
          batch, plan.num_heads, num_heads_k, plan.seqlen_q, max_seqlen_k, head_size,

@@ -20,19 +20,20 @@ namespace flash_api {
 namespace {
 
 flash::ForwardPlan checked_plan(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
-                                int num_sms, int num_splits, bool sm90_prefill = false) {
+                                int num_sms, int num_splits, bool sm90_prefill = false, bool causal = false) {
   TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", std::to_string(num_splits));
   TORCH_CHECK(num_sms > 0, "num_sms must be positive");
   check_head_dims(head_size, num_heads, num_heads_k);
   return flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, /*can_swap=*/true,
-                             num_sms, num_splits, sm90_prefill);
+                             num_sms, num_splits, sm90_prefill, flash::sm90_pairs_tiles(-1, causal ? 0 : -1));
 }
 
 // sm90_prefill: as where the Hopper forward can take the call (compute capability 9.0), whose plan
-// also splits longer queries over the Hopper tiles.
+// also splits longer queries over the Hopper tiles (paired under a causal mask).
 int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
-                         int num_sms, int num_splits, bool sm90_prefill) {
-  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits, sm90_prefill)
+                         int num_sms, int num_splits, bool sm90_prefill, bool causal) {
+  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits, sm90_prefill,
+                      causal)
       .num_splits;
 }
 
@@ -128,10 +129,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("rotary_interleaved"), pybind11::arg("num_splits") = 0);
   m.def("num_splits_heuristic", &num_splits_heuristic,
         "Number of key splits the dispatcher uses for these shapes (no window, no ALiBi); sm90_prefill: where "
-        "the Hopper forward can take the call",
+        "the Hopper forward can take the call; causal: a causal mask",
         pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
         pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0,
-        pybind11::arg("sm90_prefill") = false);
+        pybind11::arg("sm90_prefill") = false, pybind11::arg("causal") = false);
   m.def("cluster_merge_planned", &cluster_merge_planned,
         "Whether the decode splits of these shapes may merge inside a thread-block cluster (sm_90)",
         pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),

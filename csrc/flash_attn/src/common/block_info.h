@@ -71,25 +71,6 @@ struct RoundRobinBlocks {
 
   __device__ static int block_of_round(int round, int warp) { return round * kNWarps + warp; }
   __device__ int block(int i) const { return block_of_round(first_round + i * num_splits, warp); }
-
-  // At most kLeading blocks from round split_idx on, those below n_blocks. Without a window's left
-  // edge every range [0, end) starts the split there, so for n_blocks >= end block(i) is the
-  // range's block(i) wherever both exist: a kernel can copy them before it knows the end. No
-  // division, unlike the range's count.
-  template <int kLeading>
-  __device__ static RoundRobinBlocks leading(int n_blocks, int split_idx, int num_splits_, int warp_) {
-    RoundRobinBlocks r;
-    r.first_round = split_idx;
-    r.num_splits = num_splits_;
-    r.warp = warp_;
-    r.count = 0;
-#pragma unroll
-    for (int i = 0; i < kLeading; ++i) r.count += r.block(i) < n_blocks;
-    return r;
-  }
-
- private:
-  RoundRobinBlocks() = default;
 };
 
 }  // namespace flash

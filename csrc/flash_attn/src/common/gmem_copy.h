@@ -191,18 +191,6 @@ struct GmemTileCopy {
     }
   }
 
-  // Rows >= first_row (>= 0) of a tile this thread's copies filled, set to zero: the chunks it
-  // owns, so after its own cp_async_wait the stores follow its copies (other lanes need a barrier
-  // before they read). Rolled: it runs at most once per sequence.
-  template <typename TS>
-  __device__ void zero_rows_from(TS& tS, int first_row) const {
-#pragma unroll 1
-    for (int i = (first_row - r0 + kRowsPerPass - 1) / kRowsPerPass; i < size<1>(tS); ++i) {
-      CUTE_UNROLL
-      for (int c = 0; c < size<2>(tS); ++c) *reinterpret_cast<int4*>(chunk_ptr(tS, i, c)) = make_int4(0, 0, 0, 0);
-    }
-  }
-
   // Shared tile -> global rows [0, valid_rows); `dst` points at this thread's first chunk of row r0.
   template <typename TS>
   __device__ void store_strided(TS const& tS, Element* dst, int64_t row_stride, int valid_rows) const {

@@ -41,36 +41,16 @@ struct SeqInfo {
       k_offset = int64_t(k_start) * p.k_row_stride;
       v_offset = int64_t(k_start) * p.v_row_stride;
     } else {
-      seqlen_k = p.seqused_k != nullptr ? guarded_used_length(p, p.seqused_k[bidb]) : p.seqlen_k;
+      // seqused_k past the padded length would read other entries' (or no) rows.
+      seqlen_k = p.seqused_k != nullptr
+                     ? guard_index(p.seqused_k[bidb], 0, p.seqlen_k, p.index_errors, kSeqlensOutOfRange)
+                     : p.seqlen_k;
       k_offset = int64_t(kv_batch) * p.k_batch_stride;
       v_offset = int64_t(kv_batch) * p.v_batch_stride;
     }
     k_row0 = p.leftpad_k != nullptr ? guard_index(p.leftpad_k[bidb], 0, seqlen_k, p.index_errors, kLeftpadOutOfRange)
                                     : 0;
     seqlen_k -= k_row0;
-  }
-
-  // Batch-strided queries and keys without left padding or cache_batch_idx, the used length in
-  // seqused_k: every field needs no device read but seqlen_k, which holds the capacity p.seqlen_k
-  // until set_used_length replaces it. A kernel can copy the rows this entry might use while the
-  // length loads.
-  struct UsedLengthLater {};
-  __device__ SeqInfo(const FwdParams& p, int bidb, UsedLengthLater)
-      : q_start(0),
-        seqlen_q(p.seqlen_q),
-        seqlen_k(p.seqlen_k),
-        q_offset(int64_t(bidb) * p.q_batch_stride),
-        o_offset(int64_t(bidb) * p.o_batch_stride),
-        k_offset(int64_t(bidb) * p.k_batch_stride),
-        v_offset(int64_t(bidb) * p.v_batch_stride),
-        k_row0(0) {}
-
-  __device__ void set_used_length(const FwdParams& p, int used) { seqlen_k = guarded_used_length(p, used); }
-
-  // A seqused_k value of a batch-strided entry: past the padded length it would read other
-  // entries' (or no) rows.
-  __device__ static int guarded_used_length(const FwdParams& p, int used) {
-    return guard_index(used, 0, p.seqlen_k, p.index_errors, kSeqlensOutOfRange);
   }
 
   // Row index of query m of this entry among all partial-result rows (split-KV buffers).

@@ -34,21 +34,9 @@ using namespace cute;
 // heavily while it shared one kernel with the score modifiers). The paged-only kernel requires no
 // left padding (the launch sends paged calls with left padding to the score-modifier kernel, which
 // pages any alignment).
-//
-// kEarlyCopies, a variant of the plain kernel: a kv-cache read of batch-strided K/V whose used
-// lengths are in device memory, without left padding, cache_batch_idx or a window's left edge
-// (the launch decides: copies_before_length). Q and the warp's first kStages - 1 sub-blocks -- the
-// same rounds whatever the length -- are copied up to the cache's capacity while the length loads,
-// so the copies do not wait a memory round trip for it. The length then sets the block count as
-// usual; the rows of those sub-blocks past it are masked (K) and zeroed in shared memory (V: P is 0
-// there, but 0 x NaN is NaN). The price: a split whose first round lies past the length reads that
-// round for nothing (kNWarps sub-blocks of K and V; a cache far longer than its lengths). A paged
-// cache gains nothing from it: the block-table fetch its copies need anyway already overlaps the
-// length load.
-template <typename Traits, bool kScoreMods, bool kPaged, bool kEarlyCopies>
+template <typename Traits, bool kScoreMods, bool kPaged>
 __global__ void __launch_bounds__(Traits::kNThreads)
 flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::FastDivmod page_div) {
-  static_assert(!(kEarlyCopies && (kScoreMods || kPaged)), "early copies are a variant of the plain kernel");
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kSubN = Traits::kSubN;
@@ -72,32 +60,24 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   const DecodeKvSource<Traits, kKvLayout> kv_src(params, page_div, smem_buf, bidb, warp, lane);
   kv_src.fetch_before_lengths(split_idx, warp);
 
-  // kEarlyCopies: the used length is in flight while the first copies go out; until it lands, seq
-  // counts the cache's capacity.
-  const int used_length = kEarlyCopies ? params.seqused_k[bidb] : 0;
-  SeqInfo seq = kEarlyCopies ? SeqInfo(params, bidb, SeqInfo::UsedLengthLater{}) : SeqInfo(params, bidb);
+  const SeqInfo seq(params, bidb);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) {
     cp_async_wait<0>();  // no copy into shared memory outlives the block
     return;
   }
   const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
+  const int diag = seq.seqlen_k - seq.seqlen_q;
 
-  // The key blocks the tile sees, found once the length is known; a tile without any writes output
-  // 0 and lse +inf (the same for every split of the tile: a cluster exits as one). The two places
-  // are spelled out: with a shared helper ptxas lays out the plain kernel differently.
-  KeyBlocks range;
-  if constexpr (!kEarlyCopies) {
-    range = visible_key_blocks<kSubN>(params, seq, m0, rows_in_tile);
-    if (range.empty()) {
-      if (params.num_splits == 1 || params.cluster_merge) {
-        if (split_idx == 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
-      } else {
-        write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
-      }
-      cp_async_wait<0>();
-      return;
+  const KeyBlocks range = visible_key_blocks<kSubN>(params, seq, m0, rows_in_tile);
+  if (range.empty()) {  // the same for every split of the tile (a cluster exits as one)
+    if (params.num_splits == 1 || params.cluster_merge) {
+      if (split_idx == 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
+    } else {
+      write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     }
+    cp_async_wait<0>();
+    return;
   }
 
   // Shared memory: Q | per-warp rings of (K, V) sub-blocks.
@@ -120,9 +100,11 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   const KvPointers<Element> kv(params, seq, bidb, bidh, gcopy.r0, gcopy.col0);
   const bool full_width = params.d == kHeadDim;
   static_assert(Traits::kKeysPerRound == kNWarps * kSubN);
-  // This warp's i-th sub-block of `blocks` into ring stage i % kStages, rows up to seq.seqlen_k as
-  // it stands (one commit group per sub-block, empty past the end so the group count stays uniform).
-  auto load_stage = [&](int i, const RoundRobinBlocks<kNWarps>& blocks) {
+  const RoundRobinBlocks<kNWarps> blocks(range, split_idx, params.num_splits, warp);
+  kv_src.fetch_first(blocks, seq);
+  // This warp's i-th sub-block into ring stage i % kStages (one commit group per sub-block, empty
+  // past the end so the group count stays uniform).
+  auto load_stage = [&](int i) {
     if (i < blocks.count) {
       const int sb = blocks.block(i);
       Tensor sK = stage_k(i % kStages);
@@ -133,31 +115,8 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     }
     cp_async_fence();
   };
-  if constexpr (kEarlyCopies) {
-    // The warp's first sub-blocks whatever the length (no window's left edge), up to the capacity.
-    const auto leading = RoundRobinBlocks<kNWarps>::template leading<kStages - 1>(
-        ceil_div_dev(seq.seqlen_k, kSubN), split_idx, params.num_splits, warp);
-    CUTE_UNROLL
-    for (int i = 0; i < kStages - 1; ++i) load_stage(i, leading);
-    seq.set_used_length(params, used_length);
-    range = visible_key_blocks<kSubN>(params, seq, m0, rows_in_tile);
-    if (range.empty()) {
-      if (params.num_splits == 1 || params.cluster_merge) {
-        if (split_idx == 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
-      } else {
-        write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
-      }
-      cp_async_wait<0>();  // the early copies too
-      return;
-    }
-  }
-  const RoundRobinBlocks<kNWarps> blocks(range, split_idx, params.num_splits, warp);
-  if constexpr (!kEarlyCopies) {
-    kv_src.fetch_first(blocks, seq);
-    CUTE_UNROLL
-    for (int i = 0; i < kStages - 1; ++i) load_stage(i, blocks);
-  }
-  const int diag = seq.seqlen_k - seq.seqlen_q;
+  CUTE_UNROLL
+  for (int i = 0; i < kStages - 1; ++i) load_stage(i);
 
   typename Traits::WarpMma mma;
   auto thr_mma = mma.get_thread_slice(lane);
@@ -189,20 +148,11 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   OnlineSoftmax<kRows> softmax;
 
   for (int i = 0; i < blocks.count; ++i) {
-    load_stage(i + kStages - 1, blocks);
+    load_stage(i + kStages - 1);
     cp_async_wait<kStages - 1>();
     __syncwarp();  // sub-block i landed for every lane
     const int s = i % kStages;
     const int sb = blocks.block(i);
-    if constexpr (kEarlyCopies) {
-      // Copied up to the capacity: the V rows past the length to zero, for every lane, before P V.
-      if (i < kStages - 1 && (sb + 1) * kSubN > seq.seqlen_k) {
-        Tensor sV = stage_v(s);
-        Tensor tV = gcopy.partition(sV, lane);
-        gcopy.zero_rows_from(tV, seq.seqlen_k - sb * kSubN);
-        __syncwarp();
-      }
-    }
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kSubN>>{});
     clear(acc_s);

@@ -64,31 +64,18 @@ void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
   });
 }
 
-// Whether the plain decode kernel may copy a block's first K/V sub-blocks before the sequence's
-// used length lands (kEarlyCopies, kernels/decode_kernel.h): the length is read from device memory
-// (seqused_k: a kv cache), and nothing else the copies depend on is -- batch-strided q and K/V
-// without left padding or cache_batch_idx -- nor do the sub-blocks a warp starts with (no window's
-// left edge).
-inline bool copies_before_length(const FwdParams& params) {
-  return params.seqused_k != nullptr && params.cu_seqlens_q == nullptr && params.cu_seqlens_k == nullptr &&
-         params.leftpad_k == nullptr && params.cache_batch_idx == nullptr && params.window_left < 0;
-}
-
-// Decode: four instantiations -- plain, plain with early copies (a kv-cache read, see
-// copies_before_length), paged (key rows aligned to 16-row page groups: no left padding), and score
-// modifiers (softcap / ALiBi), which also serves the rare combinations: paging with score
-// modifiers, and paging with left padding (any alignment).
+// Decode: three instantiations -- plain, paged (key rows aligned to 16-row page groups: no left
+// padding), and score modifiers (softcap / ALiBi), which also serves the rare combinations: paging
+// with score modifiers, and paging with left padding (any alignment).
 template <typename Launch>
 void with_decode_features(const FwdParams& params, Launch&& launch) {
   const bool paged = params.block_table != nullptr;
   if (has_score_mods(params) || (paged && params.leftpad_k != nullptr)) {
-    launch(std::true_type{}, std::true_type{}, std::false_type{});
+    launch(std::true_type{}, std::true_type{});
   } else if (paged) {
-    launch(std::false_type{}, std::true_type{}, std::false_type{});
-  } else if (copies_before_length(params)) {
-    launch(std::false_type{}, std::false_type{}, std::true_type{});
+    launch(std::false_type{}, std::true_type{});
   } else {
-    launch(std::false_type{}, std::false_type{}, std::false_type{});
+    launch(std::false_type{}, std::false_type{});
   }
 }
 
@@ -117,9 +104,8 @@ struct DecodeClusterLaunch {
 
 template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
-  with_decode_features(params, [&](auto score_mods, auto paged, auto early_copies) {
-    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value,
-                                                 decltype(early_copies)::value>;
+  with_decode_features(params, [&](auto score_mods, auto paged) {
+    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
     allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
     const dim3 grid(m_blocks, params.num_splits, params.b * params.h);
@@ -144,9 +130,8 @@ template <typename Traits>
 int decode_cluster_capacity(const FwdParams& params, int cluster_size) {
   if (cluster_size < 1 || cluster_size > kMaxClusterSplits) return 0;
   int capacity = 0;
-  with_decode_features(params, [&](auto score_mods, auto paged, auto early_copies) {
-    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value,
-                                                 decltype(early_copies)::value>;
+  with_decode_features(params, [&](auto score_mods, auto paged) {
+    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
     static std::atomic<int> cached[64][kMaxClusterSplits + 1] = {};  // capacity + 1, 0 = not yet asked
     std::atomic<int>& slot = cached[params.device & 63][cluster_size];
     int known = slot.load(std::memory_order_relaxed);

@@ -105,32 +105,33 @@ constexpr int kSm90UnitFixedBlocks = 2;
 constexpr float kSm90MergeFixedBlocks = 4.0f;
 constexpr float kSm90MergeBlocksPerWave = 4.0f;
 
-// Splits for the Hopper forward (persistent, one query tile per SM at a time; sm90/tile_scheduler.h)
-// of `tiles` query tiles (batch x heads x query blocks of the Hopper tile) over `n_blocks` key
-// blocks each. The kernel is compute-bound, so a grid of fewer tiles than SMs leaves SMs idle for
-// the whole call; s splits make tiles x s units of n_blocks / s key blocks. Time model, in key
-// blocks of one unit on one SM:
-//   waves x (ceil(n_blocks / s) + kSm90UnitFixedBlocks) + merge,  waves = ceil(tiles x s / SMs),
-//   merge = kSm90MergeFixedBlocks + kSm90MergeBlocksPerWave x (tiles x s / SMs)   (s > 1).
-// Causal calls pair their query tiles (half as many units, each of about n_blocks), so they split
-// at most as often as their tile count suggests. Not yet measured on a GPU, so splitting must win
-// by 10% over one split, and a larger count by 3% over a smaller one (near-ties keep fewer
-// partials).
-inline int sm90_num_splits(long long tiles, int num_sms, int n_blocks, int max_splits) {
-  if (tiles <= 0 || n_blocks <= 1) return 1;
-  max_splits = std::min(max_splits, n_blocks);
+// Splits for the Hopper forward (persistent, one unit of work per SM at a time;
+// sm90/tile_scheduler.h): `units` units (a query tile, or under a causal band a pair of tiles)
+// over `unit_blocks` key blocks each. The kernel is compute-bound, so a grid of fewer units than
+// SMs leaves SMs idle for the whole call; s splits make units x s units of unit_blocks / s key
+// blocks. Time model, in key blocks of one unit on one SM:
+//   waves x (ceil(unit_blocks / s) + kSm90UnitFixedBlocks) + merge,  waves = ceil(units x s / SMs),
+//   merge = kSm90MergeFixedBlocks + kSm90MergeBlocksPerWave x (units x s / SMs)   (s > 1).
+// Splitting must win by 10% over one split, and a larger count by 3% over a smaller one (near-ties
+// keep fewer partials). Against the sweep of 1-32 splits on an H100 (sweep_num_splits.py --grid
+// prefill, 65-1024 queries over 8k-128k keys, causal or not) it picks the fastest count in 18 of
+// 18 cells; counting tiles instead of pairs under a causal mask picked half the splits needed
+// (1.43-2.06x the fastest time at 256 and 1024 queries).
+inline int sm90_num_splits(long long units, int num_sms, int unit_blocks, int max_splits) {
+  if (units <= 0 || unit_blocks <= 1) return 1;
+  max_splits = std::min(max_splits, unit_blocks);
   auto cost = [&](int s) {
-    const long long units = tiles * s;
-    const long long waves = (units + num_sms - 1) / num_sms;
+    const long long split_units = units * s;
+    const long long waves = (split_units + num_sms - 1) / num_sms;
     const float merge =
-        s == 1 ? 0.f : kSm90MergeFixedBlocks + kSm90MergeBlocksPerWave * static_cast<float>(units) / num_sms;
-    return static_cast<float>(waves) * (ceil_div(n_blocks, s) + kSm90UnitFixedBlocks) + merge;
+        s == 1 ? 0.f : kSm90MergeFixedBlocks + kSm90MergeBlocksPerWave * static_cast<float>(split_units) / num_sms;
+    return static_cast<float>(waves) * (ceil_div(unit_blocks, s) + kSm90UnitFixedBlocks) + merge;
   };
   const float unsplit = cost(1);
   int best = 1;
   float best_cost = unsplit;
   for (int s = 2; s <= max_splits; ++s) {
-    if (ceil_div(n_blocks, s - 1) == ceil_div(n_blocks, s)) continue;  // as long a split, more partials
+    if (ceil_div(unit_blocks, s - 1) == ceil_div(unit_blocks, s)) continue;  // as long a split, more partials
     const float c = cost(s);
     if (c < 0.9f * unsplit && c < 0.97f * best_cost) {
       best_cost = c;
@@ -138,6 +139,26 @@ inline int sm90_num_splits(long long tiles, int num_sms, int n_blocks, int max_s
     }
   }
   return best;
+}
+
+// The Hopper forward's units per (batch, head) and key blocks per unit for seqlen_q queries over
+// seqlen_k keys (bottom-right aligned): a query tile sees every key block, or under a causal band
+// (`pairs`) query block j sees those up to the diagonal's, and the pair of blocks 0 and
+// m_blocks - 1 sums both.
+struct Sm90Units {
+  int per_head;
+  int unit_blocks;
+};
+inline Sm90Units sm90_units(int seqlen_q, int seqlen_k, TileShape tile, bool pairs) {
+  const int m_blocks = ceil_div(seqlen_q, tile.block_m);
+  const int n_blocks = std::max(1, ceil_div(seqlen_k, tile.block_n));
+  if (!pairs) return {m_blocks, n_blocks};
+  auto visible = [&](int j) {
+    const long long last_key = static_cast<long long>(seqlen_k) - seqlen_q + static_cast<long long>(j + 1) * tile.block_m;
+    return static_cast<int>(std::clamp<long long>((last_key + tile.block_n - 1) / tile.block_n, 0, n_blocks));
+  };
+  const int unit_blocks = visible(m_blocks - 1) + (m_blocks > 1 ? visible(0) : 0);
+  return {(m_blocks + 1) / 2, std::max(1, unit_blocks)};
 }
 
 struct ForwardPlan {
@@ -171,10 +192,11 @@ struct ForwardPlan {
 // `can_swap` is false when rows of a group would differ: a window or ALiBi (per position / head),
 // or a varlen batch that is not exactly one query per sequence. `sm90_prefill`: the Hopper
 // forward can take the call (compute capability 9.0, the dispatcher's sm90_forward_possible); the
-// heuristic then also splits longer query lengths, over the Hopper tiles (sm90_num_splits).
+// heuristic then also splits longer query lengths, over the Hopper forward's units
+// (sm90_num_splits), which pair query tiles under a causal band (`sm90_pairs`, sm90_pairs_tiles).
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
                                 int max_seqlen_k, int headdim, bool can_swap, int num_sms,
-                                int requested, bool sm90_prefill = false) {
+                                int requested, bool sm90_prefill = false, bool sm90_pairs = false) {
   ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, false, 0};
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
@@ -201,9 +223,11 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
                                            kMaxSplits, blocks_per_sm, decode, kv_sharing);
   } else if (requested == 0 && sm90_prefill) {
+    // At most one split per key block of a tile (a pair's splits share each tile's own blocks).
     const TileShape tile = sm90_fwd_tile(kernel_hdim);
-    const long long tiles = static_cast<long long>(batch) * plan.num_heads * ceil_div(plan.seqlen_q, tile.block_m);
-    plan.num_splits = sm90_num_splits(tiles, num_sms, std::max(1, ceil_div(max_seqlen_k, tile.block_n)), kMaxSplits);
+    const Sm90Units u = sm90_units(plan.seqlen_q, max_seqlen_k, tile, sm90_pairs);
+    plan.num_splits = sm90_num_splits(static_cast<long long>(batch) * plan.num_heads * u.per_head, num_sms,
+                                      u.unit_blocks, std::min(kMaxSplits, ceil_div(max_seqlen_k, tile.block_n)));
   }
   plan.split_kernel = plan.num_splits > 1 || (requested == 0 && short_queries);
   plan.prefill_splits = plan.num_splits > 1 && !short_queries;

@@ -40,6 +40,11 @@ constexpr TileShape sm90_fwd_tile(int headdim) {
   return headdim <= 128 ? TileShape{128, 128, 12} : TileShape{128, 80, 12};
 }
 
+// Whether the Hopper forward's scheduler (sm90/tile_scheduler.h) makes one unit of work of query
+// blocks i and m_blocks - 1 - i of a head: under a causal band (bounded right, unbounded left),
+// where a query block's key count grows with its index, so every pair costs the same.
+constexpr bool sm90_pairs_tiles(int window_left, int window_right) { return window_left < 0 && window_right >= 0; }
+
 // Whether the Hopper forward has paged instantiations (a block table) at this kernel head dim, and
 // whether it reads a paged K/V cache of this page size. Each key block must lie inside one page
 // (one TMA box per block), so the page size is a multiple of the key block. Only the 128-key blocks

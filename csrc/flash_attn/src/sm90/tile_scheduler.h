@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "params/fwd_params.h"
+#include "plan/tile_sizes.h"
 
 namespace flash {
 
@@ -27,8 +28,9 @@ struct Sm90Tile {
 template <bool kIsSplit>
 class Sm90TileScheduler {
  public:
-  // A causal band (bounded right, unbounded left): a query block's key count grows with it.
-  __host__ __device__ static bool pairs_blocks(const FwdParams& p) { return p.window_left < 0 && p.window_right >= 0; }
+  __host__ __device__ static bool pairs_blocks(const FwdParams& p) {
+    return sm90_pairs_tiles(p.window_left, p.window_right);
+  }
 
   __host__ __device__ static int units_per_head(const FwdParams& p, int m_blocks) {
     return pairs_blocks(p) ? (m_blocks + 1) / 2 : m_blocks;
