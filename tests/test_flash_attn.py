@@ -8,14 +8,12 @@ rows without. Every case also calls the extension directly with a NaN-poisoned p
 by NaN (to catch reads past the end of the sequences).
 """
 
-import math
-
 import pytest
 import torch
 
 from helpers import (
     DEVICE, assert_empty_rows_zero, assert_lse_close, assert_no_nan, assert_out_close, ext_fwd, ext_varlen_fwd,
-    flash_attn, flash_attn_gpu, lse_checkable, randn, requires_gpu, with_nan_tail
+    flash_attn, lse_checkable, randn, requires_gpu
 )
 from reference import attention_ref, generate_seqlens, lengths_to_mask, make_alibi_slopes, pack, pack_lse
 
@@ -318,7 +316,6 @@ def test_flash_attn_varlen_seqused_k(dtype, d, seqlen_q, mha_type, causal, requi
 def test_flash_attn_packed(dtype, d, causal, require_kernel):
     require_kernel(d, dtype)
     batch, seqlen, nheads, nheads_k = 3, 157, 4, 2
-    kw = _feature_kwargs(None, batch, nheads)
 
     # qkvpacked (MHA): q, k, v are strided views into qkv.
     qkv = randn(batch, seqlen, 3, nheads, d, dtype=dtype)

@@ -29,8 +29,6 @@ try:
 except ImportError:  # pragma: no cover
     flash_attn = None
 
-from kvcache_reference import assert_bitwise_equal
-
 API_ERRORS = (RuntimeError, ValueError)
 HAS_KVCACHE = flash_attn_gpu is not None and hasattr(flash_attn_gpu, "fwd_kvcache")
 needs_api = pytest.mark.skipif(

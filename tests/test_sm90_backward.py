@@ -204,7 +204,7 @@ def test_sm90_backward_deterministic_many_blocks(d, causal, hopper):
     rounding of the default variant's."""
     if not _hopper_backward_built(torch.float16, d):
         pytest.skip("this build has no fp16 Hopper backward for this head dim")
-    batch, seqlen, nheads, nheads_k = 2, 4096, 8, 8
+    batch, seqlen, nheads = 2, 4096, 8
     q, k, v, dout = (randn(batch, seqlen, nheads, d, dtype=torch.float16) for _ in range(4))
     scale = d ** -0.5
     out, lse = _native_fwd(q, k, v, scale, causal, (-1, -1))

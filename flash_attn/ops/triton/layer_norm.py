@@ -14,7 +14,6 @@ of a (16384, 4096) bf16 prenorm call on an H100, under a quarter of the copy ban
 draws from its own Philox seed, and the backward draws the same numbers again.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
