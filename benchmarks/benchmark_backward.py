@@ -7,7 +7,9 @@ Hopper backward replaces where it applies).
 The timed call is torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) of a forward output
 computed beforehand. Grid, timing and forward FLOPs as in benchmark_forward.py; backward FLOPs =
 2.5 x forward. An implementation whose forward or backward raises is n/a, with the reason.
---dropout P passes dropout_p to ours and torch FA2 (cuDNN runs without). Result: backward_<card>.json.
+--dropout P passes dropout_p to ours and torch FA2 (cuDNN runs without) and adds ours_nodrop (ours
+without dropout, for the cost of dropout). Result: backward_<card>.json, backward_dropout_<card>.json
+with --dropout.
 """
 
 import sys
@@ -20,7 +22,7 @@ import timing
 from common import fmt, ratio
 
 BACKWARD_FLOPS_FACTOR = 2.5
-PEERS = ("ours", "ours_det", "ours_sm80", "torch_fa2", "cudnn")
+PEERS = ("ours", "ours_det", "ours_sm80", "torch_fa2", "cudnn", "ours_nodrop")
 
 
 def backward_of(forward, q, k, v):
@@ -41,13 +43,15 @@ def measure(c, kw, args):
         return lambda q, k, v: F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p, is_causal=causal)
 
-    def ours(deterministic):
-        return lambda q, k, v: flash_attn_func(q, k, v, dropout, causal=causal, deterministic=deterministic)
+    def ours(deterministic, p=dropout):
+        return lambda q, k, v: flash_attn_func(q, k, v, p, causal=causal, deterministic=deterministic)
 
     impls = {"ours": (backward_of(ours(False), q, k, v), None),
              "ours_det": (backward_of(ours(True), q, k, v), None),
              "torch_fa2": (backward_of(sdpa(dropout), q, k, v), timing.sdpa_context("FLASH_ATTENTION")),
              "cudnn": (backward_of(sdpa(0.0), q, k, v), timing.sdpa_context("CUDNN_ATTENTION"))}
+    if dropout:
+        impls["ours_nodrop"] = (backward_of(ours(False, 0.0), q, k, v), None)
     if torch.cuda.get_device_capability() == (9, 0):
         impls["ours_sm80"] = (common.on_sm80_kernels(impls["ours"][0], "set_sm90_backward"), None)
     times, notes, _ = timing.time_impls(impls, kw, 1 if args.quick else 2)
@@ -66,15 +70,18 @@ def main(argv=None) -> int:
     desc = common.start()
     rows = common.run_cells(common.prefill_cells(args), lambda c, kw, late: measure(c, kw, args), args,
                             common.bench_kwargs(args, 0.2), [f"{n}_bwd_tflops" for n in PEERS])
-    against = ("torch_fa2", "ours_sm80")
-    headers = (["dtype", "headdim", "causal", "seqlen"] + [f"{n} TFLOP/s" for n in PEERS]
+    peers = PEERS if args.dropout else PEERS[:-1]  # ours_nodrop only beside ours with dropout
+    against = ("torch_fa2", "ours_sm80") + (("ours_nodrop",) if args.dropout else ())
+    headers = (["dtype", "headdim", "causal", "seqlen"] + [f"{n} TFLOP/s" for n in peers]
                + [f"ours/{n}" for n in against])
-    table = [[r[k] for k in headers[:4]] + [fmt(r.get(f"{n}_bwd_tflops")) for n in PEERS]
+    table = [[r[k] for k in headers[:4]] + [fmt(r.get(f"{n}_bwd_tflops")) for n in peers]
              + [fmt(ratio(r.get("ours_bwd_tflops"), r.get(f"{n}_bwd_tflops")), ".2f") for n in against] for r in rows]
     notes = sorted({n for r in rows for n in r["notes"]})
-    report = (common.markdown_table(headers, table) + f"\n\ndropout_p {args.dropout:g} (ours, torch FA2; cuDNN 0)"
+    report = (common.markdown_table(headers, table) + f"\n\ndropout_p {args.dropout:g} (ours, ours_det, ours_sm80, "
+              "torch FA2; cuDNN and ours_nodrop 0)\nours >= torch FA2 in "
+              f"{common.count(rows, 'torch_fa2_bwd_tflops', 'ours_bwd_tflops', 1.0)} cells"
               + "".join(f"\n- {n}" for n in notes[:20]))
-    common.save(args, "backward", desc, rows, report)
+    common.save(args, "backward_dropout" if args.dropout else "backward", desc, rows, report)
     return 0
 
 

@@ -10,7 +10,8 @@ keeping its lower median. Result: forward_<card>.json. --softcap S / --alibi: ou
 score modifiers (PyTorch's FA2 and cuDNN take neither: not timed); result forward_score_mods_<card>.json.
 --paged P: ours and ours_sm80 read K/V from P-token pages in shuffled order through a block table
 (flash_attn_with_kvcache, cache_seqlens = seqlen), the peers the same K/V contiguous; result
-forward_paged<P>_<card>.json.
+forward_paged<P>_<card>.json. --dropout P: ours, ours_sm80 and torch FA2 with dropout_p = P, cuDNN and
+ours_nodrop (ours again) without, for the cost of dropout; result forward_dropout_<card>.json.
 """
 
 import sys
@@ -22,7 +23,7 @@ import common
 import timing
 from common import fmt, ratio
 
-PEERS = ("ours", "ours_sm80", "torch_fa2", "cudnn")
+PEERS = ("ours", "ours_sm80", "torch_fa2", "cudnn", "ours_nodrop")
 
 
 def measure(c, kw, fa2, args):
@@ -31,8 +32,11 @@ def measure(c, kw, fa2, args):
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     causal, seqlen = c["causal"], c["seqlen"]
     slopes = torch.rand(heads, device="cuda", dtype=torch.float32) * 0.3 if args.alibi else None
-    impls = {"ours": (lambda: lambda: flash_attn_func(q, k, v, causal=causal, softcap=args.softcap,
+    dropout = args.dropout
+    impls = {"ours": (lambda: lambda: flash_attn_func(q, k, v, dropout, causal=causal, softcap=args.softcap,
                                                       alibi_slopes=slopes), None)}
+    if dropout:
+        impls["ours_nodrop"] = (lambda: lambda: flash_attn_func(q, k, v, causal=causal), None)
     if args.paged:
         from flash_attn import flash_attn_with_kvcache
         k_paged, v_paged, table = common.make_paged(k.flatten(0, 1), v.flatten(0, 1), batch, seqlen, args.paged)
@@ -46,14 +50,14 @@ def measure(c, kw, fa2, args):
     if torch.cuda.get_device_capability() == (9, 0):
         impls["ours_sm80"] = (common.on_sm80_kernels(impls["ours"][0], "set_sm90_forward"), None)
     if fa2 and not args.score_mods:
-        impls["torch_fa2"] = (lambda: lambda: fa2(q, k, v, None, None, seqlen, seqlen, causal), None)
+        impls["torch_fa2"] = (lambda: lambda: fa2(q, k, v, None, None, seqlen, seqlen, causal, dropout), None)
     times, notes, outs = timing.time_impls(impls, kw, 1 if args.quick else 2)
     flops = common.forward_flops(c, batch, heads)
     row = dict(c, batch=batch, nheads=heads, notes=[f"{n}: {t}" for n, t in notes.items()])
     for name in PEERS:
         row[f"{name}_us"] = times.get(name)
         row[f"{name}_tflops"] = flops / (times[name] * 1e-6) / 1e12 if times.get(name) else None
-    if outs.get("ours") is not None and outs.get("torch_fa2") is not None:
+    if not dropout and outs.get("ours") is not None and outs.get("torch_fa2") is not None:
         row["maxdiff"] = common.maxdiff(outs["ours"], outs["torch_fa2"])
     return [row]
 
@@ -64,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--alibi", action="store_true", help="ALiBi slopes per head on every call")
     p.add_argument("--paged", type=int, default=0,
                    help="ours reads K/V from pages of this many tokens (default %(default)s: contiguous)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout_p of ours, ours_sm80 and torch FA2 (default %(default)s); cuDNN runs without")
     args = p.parse_args(argv)
     args.score_mods = args.softcap > 0 or args.alibi
     desc = common.start()
@@ -72,15 +78,18 @@ def main(argv=None) -> int:
         print("torch FA2:", fa2_note)
     rows = common.run_cells(common.prefill_cells(args), lambda c, kw, late: measure(c, kw, fa2, args), args,
                             common.bench_kwargs(args, 0.15), [f"{n}_tflops" for n in PEERS])
-    headers = ["dtype", "headdim", "causal", "seqlen", "ours TFLOP/s", "ours SM80 TFLOP/s", "torch FA2 TFLOP/s",
-               "cuDNN TFLOP/s", "ours/torch_fa2", "ours/cudnn", "maxdiff"]
-    table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"]] + [fmt(r.get(f"{n}_tflops")) for n in PEERS]
-             + [fmt(ratio(r.get("ours_tflops"), r.get(f"{n}_tflops")), ".2f") for n in PEERS[2:]]
+    peers = PEERS if args.dropout else PEERS[:-1]  # ours_nodrop only beside ours with dropout
+    headers = (["dtype", "headdim", "causal", "seqlen", "ours TFLOP/s", "ours SM80 TFLOP/s", "torch FA2 TFLOP/s",
+                "cuDNN TFLOP/s"] + (["ours no-dropout TFLOP/s"] if args.dropout else [])
+               + [f"ours/{n}" for n in peers[2:]] + ["maxdiff"])
+    table = [[r["dtype"], r["headdim"], r["causal"], r["seqlen"]] + [fmt(r.get(f"{n}_tflops")) for n in peers]
+             + [fmt(ratio(r.get("ours_tflops"), r.get(f"{n}_tflops")), ".2f") for n in peers[2:]]
              + [fmt(r.get("maxdiff"), ".1e")] for r in rows]
-    report = (common.markdown_table(headers, table) + "\n\nours >= torch FA2 in "
+    report = (common.markdown_table(headers, table) + f"\n\ndropout_p {args.dropout:g} (ours, ours SM80, torch FA2; "
+              "cuDNN and ours no-dropout 0)\nours >= torch FA2 in "
               f"{common.count(rows, 'torch_fa2_tflops', 'ours_tflops', 1.0)} cells, >= cuDNN in "
               f"{common.count(rows, 'cudnn_tflops', 'ours_tflops', 1.0)}")
-    name = "forward_score_mods" if args.score_mods else "forward"
+    name = "forward_score_mods" if args.score_mods else "forward_dropout" if args.dropout else "forward"
     common.save(args, f"{name}_paged{args.paged}" if args.paged else name, desc, rows, report)
     return 0
 

@@ -138,8 +138,8 @@ def sdpa_context(backend: str):
 
 
 def torch_fa2_forward():
-    """PyTorch's vendored FlashAttention-2 forward as call(q, k, v, cu_q, cu_k, max_q, max_k, causal)
-    (cu_q = cu_k = None: dense (batch, seqlen, heads, d) inputs), or (None, why)."""
+    """PyTorch's vendored FlashAttention-2 forward as call(q, k, v, cu_q, cu_k, max_q, max_k, causal,
+    dropout_p=0.0) (cu_q = cu_k = None: dense (batch, seqlen, heads, d) inputs), or (None, why)."""
     try:
         op = torch.ops.aten._flash_attention_forward.default
         names = [a.name for a in op._schema.arguments]
@@ -150,8 +150,8 @@ def torch_fa2_forward():
     if names[:len(expected)] != expected:
         return None, f"unexpected schema {op._schema}"
 
-    def call(q, k, v, cu_q, cu_k, max_q, max_k, causal):
-        return op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=q.shape[-1] ** -0.5)[0]
+    def call(q, k, v, cu_q, cu_k, max_q, max_k, causal, dropout_p=0.0):
+        return op(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, False, scale=q.shape[-1] ** -0.5)[0]
     return call, None
 
 

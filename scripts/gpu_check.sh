@@ -9,12 +9,14 @@
 # Options: --no-tests, --no-bench, --no-build (use the build a previous call on this still-warm
 # machine installed), --quick (quick benchmarks), --sanitize, --profile (Nsight Compute report of
 # one prefill and one decode launch), --pytest-args "...", --baseline DIR.
-# Environment: BENCH, the benchmarks to run, a subset of "decode specdec forward backward host sweep
-# triton" (default "decode specdec host sweep"); BENCH_TIMEOUT (s per benchmark, default 300);
+# Environment: BENCH, the benchmarks to run, a subset of "decode specdec forward backward dropout
+# host sweep triton" (default "decode specdec host sweep"; dropout: the forward and backward grids
+# with dropout_p 0.1); BENCH_TIMEOUT (s per benchmark, default 300);
 # TEST_TIMEOUT (s for the test suite, default 420);
 # MAXFAIL (pytest --maxfail, default 40); BENCH_COMMIT (the commit of this tree, for result headers
 # when the copy here has no git metadata of its own); SANITIZE_CHUNK=0|1 (half of the sanitizer
-# tests), SANITIZE_TOOLS ("memcheck racecheck"), SANITIZE_TIMEOUT.
+# tests), SANITIZE_K (a pytest -k expression narrowing them), SANITIZE_TOOLS ("memcheck racecheck"),
+# SANITIZE_TIMEOUT.
 # --baseline DIR: DIR holds another commit's source tree, made on the development machine with
 #   git archive REV | tar -x -C DIR && git rev-parse --short REV >DIR/COMMIT
 # It is built in place with the same FLASH_ATTN_* knobs and MAX_JOBS, then every chosen benchmark
@@ -48,7 +50,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
-nvidia-smi --query-gpu=name,serial,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.log"
+nvidia-smi --query-gpu=name,serial,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/env.log"
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/env.log"
 
 export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
@@ -128,11 +130,13 @@ if [ $run_bench -eq 1 ]; then
       specdec) bench specdec benchmarks/benchmark_decode.py --grid specdec ;;
       forward) bench forward benchmarks/benchmark_forward.py $prefill_headdims ;;
       backward) bench backward benchmarks/benchmark_backward.py $prefill_headdims ;;
+      dropout) bench forward_dropout benchmarks/benchmark_forward.py $prefill_headdims --dropout 0.1
+               bench backward_dropout benchmarks/benchmark_backward.py $prefill_headdims --dropout 0.1 ;;
       host) bench host benchmarks/host_overhead.py ;;
       sweep) bench sweep benchmarks/sweep_num_splits.py
              bench sweep_paged16 benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1|16" ;;
       triton) bench triton benchmarks/tools/triton_ops.py ;;
-      *) echo "BENCH: unknown benchmark $b (decode specdec forward backward host sweep triton)" | tee -a "$OUT/env.log" ;;
+      *) echo "BENCH: unknown benchmark $b (decode specdec forward backward dropout host sweep triton)" | tee -a "$OUT/env.log" ;;
     esac
   done
   grep -vE "^\|" "$OUT/bench.log" | tail -60
@@ -142,12 +146,15 @@ if [ $sanitize -eq 1 ]; then
   # split, cluster-merged and single-split (clusters of two) decode, paged varlen (pages 16/48/64/256),
   # paged kv-cache calls with a window (page entries fetched after the lengths) or left padding
   # (any-alignment loader), the Hopper forward (several tiles per persistent block; the V-tail
-  # zeroing's named barrier), and the Hopper backward (a small causal and a windowed case, GQA; the
-  # deterministic variant on a causal GQA case).
+  # zeroing's named barrier), the Hopper backward (a small causal and a windowed case, GQA; the
+  # deterministic variant on a causal GQA case; varlen with the rows past a sequence zeroed), and
+  # dropout on both Hopper kernels.
   # SANITIZE_CHUNK=0 / 1 runs the first / second half of them (racecheck over all takes ~10 minutes
   # on an H100); SANITIZE_TOOLS narrows the tools (e.g. "racecheck synccheck").
-  sel="fp16 and ((128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))) or test_single_split_decode_grids or (test_sm90_forward_matches_reference and mha and (1023-1024 or 113-203 or 2048-77)) or (test_sm90_forward_nan_past_the_used_keys and causal) or (test_sm90_backward_matches_reference and (fp16-256- or fp16-192- or fp16-128- or fp16-96- or fp16-64-) and (113-17-causal or 255-1000-causal or 333-77-win17_5)) or (test_sm90_backward_grouped_heads and (fp16-256- or fp16-128- or fp16-64-) and 255-300 and causal and gqa) or (test_sm90_backward_deterministic and (fp16-256- or fp16-192- or fp16-128- or fp16-64-) and 300-1000-causal-gqa))"
-  files="tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py tests/test_sm90_forward.py tests/test_sm90_backward.py"
+  sel="fp16 and ((128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))) or test_single_split_decode_grids or (test_sm90_forward_matches_reference and mha and (1023-1024 or 113-203 or 2048-77)) or (test_sm90_forward_nan_past_the_used_keys and causal) or (test_sm90_backward_matches_reference and (fp16-256- or fp16-192- or fp16-128- or fp16-96- or fp16-64-) and (113-17-causal or 255-1000-causal or 333-77-win17_5)) or (test_sm90_backward_grouped_heads and (fp16-256- or fp16-128- or fp16-64-) and 255-300 and causal and gqa) or (test_sm90_backward_deterministic and (fp16-256- or fp16-192- or fp16-128- or fp16-64-) and 300-1000-causal-gqa) or test_dropout_backward_hopper_and_sm80 or test_dropout_forward_hopper_and_sm80 or (test_sm90_backward_varlen and (fp16-128- or fp16-64-) and causal))"
+  # SANITIZE_K narrows the subset further (a pytest -k expression, e.g. "dropout or sm90_backward").
+  [ -n "${SANITIZE_K:-}" ] && sel="($sel) and ($SANITIZE_K)"
+  files="tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py tests/test_sm90_forward.py tests/test_sm90_backward.py tests/test_dropout.py"
   # shellcheck disable=SC2086  # word-split on purpose: several files / test ids
   ids=$(python3 -m pytest $files --collect-only -q -p no:cacheprovider -k "$sel" 2>/dev/null | grep "::")
   n=$(echo "$ids" | wc -l); half=$(( (n + 1) / 2 ))
@@ -158,10 +165,15 @@ if [ $sanitize -eq 1 ]; then
   echo "sanitize: $(echo "$ids" | wc -l) of $n tests" | tee -a "$OUT/env.log"
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     start=$(date +%s)
-    # shellcheck disable=SC2086
     # Only this library's kernels (flash_*) are instrumented: the references' cuBLAS kernels run
     # as they are (racecheck reports hazards inside them that are not ours, and they cost time).
-    timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool $tool --kernel-name kns=flash_ --error-exitcode 9 python3 -m pytest \
+    # Racecheck with that include filter stops at the first launch ("failed to handle a hardware
+    # exception", compute-sanitizer of CUDA 13.0 on an H100, 2026-12-06), so it excludes cuBLAS's
+    # nvjet kernels instead.
+    filter="--kernel-name kns=flash_"
+    [ "$tool" = racecheck ] && filter="--kernel-name-exclude kns=nvjet"
+    # shellcheck disable=SC2086
+    timeout "${SANITIZE_TIMEOUT:-200}" compute-sanitizer --tool $tool $filter --error-exitcode 9 python3 -m pytest \
       -q -x -p no:cacheprovider $ids >"$OUT/sanitize_$tool.log" 2>&1
     echo "sanitize $tool: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
     grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -3

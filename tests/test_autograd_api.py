@@ -227,8 +227,9 @@ def test_varlen_ragged_lengths_with_1_and_0(path, causal, require_kernel):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("d", [64, 59])
 def test_packed_gradients_equal_unpacked_bitwise(d, dtype, require_kernel):
-    # Packed against unpacked within one kernel family: the dense calls among themselves (the
-    # Hopper backward on compute capability 9.0), the varlen calls among themselves (SM80 kernels).
+    # Packed against unpacked within one kind of call: the dense calls among themselves, the varlen
+    # calls among themselves (on compute capability 9.0 the Hopper backward runs both, with the
+    # sequences of a varlen call at their own row offsets).
     require_kernel(d, dtype)
     kw = dict(causal=True, deterministic=True)
     seqlen = 203

@@ -21,9 +21,10 @@ import pytest
 import torch
 
 from helpers import (
-    DEVICE, capture_graph, device_available, flash_attn, flash_attn_gpu, max_abs_diff, randn, require_kernel
+    DEVICE, capture_graph, device_available, flash_attn, flash_attn_gpu, kernel_names, max_abs_diff, randn,
+    require_kernel
 )
-from reference import alibi_bias, allowed_mask, lengths_to_mask, make_alibi_slopes, pack, unpack
+from reference import alibi_bias, allowed_mask, kernel_headdim, lengths_to_mask, make_alibi_slopes, pack, unpack
 
 gpu_only = [
     pytest.mark.skipif(not device_available() or DEVICE != "cuda", reason="needs a CUDA GPU"),
@@ -143,9 +144,18 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
+def keep_threshold(p):
+    """The kernels' 8-bit threshold: a byte is kept iff it is below this."""
+    return min(max(round((1.0 - p) * 256.0), 1), 256)
+
+
+def drop_rate(p):
+    """The probability of a drop the kernels implement for dropout_p = p (p at 8-bit resolution)."""
+    return 1.0 - keep_threshold(p) / 256.0
+
+
 def expected_keep(seed, offset, p, batch, nheads, seqlen_q, seqlen_k, device):
     """keep[b, h, i, j] as the kernels draw it."""
-    threshold = min(max(round((1.0 - p) * 2.0 ** 32), 1), 2 ** 32 - 1)
     seed, offset = seed & (2 ** 64 - 1), offset & (2 ** 64 - 1)
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
     h = torch.arange(nheads, device=device).view(1, -1, 1, 1)
@@ -153,13 +163,15 @@ def expected_keep(seed, offset, p, batch, nheads, seqlen_q, seqlen_k, device):
     j = torch.arange(seqlen_k, device=device).view(1, 1, 1, -1)
     stream = b * nheads + h + offset  # offsets of real calls stay far below 2^63
     shape = (batch, nheads, seqlen_q, seqlen_k)
-    c0 = (j >> 3).expand(shape)
-    c1 = (((i >> 4) << 5) | ((i & 7) << 2) | ((j & 7) >> 1)).expand(shape)
+    c0 = (j & ~9).expand(shape)  # the group of 16: rows {i0, i0 + 1, i0 + 8, i0 + 9} x keys {j0, j0 + 1, j0 + 8, j0 + 9}
+    c1 = (i & ~9).expand(shape)
     c2, c3 = (stream & _MASK32).expand(shape), (stream >> 32).expand(shape)
     words = philox4x32_10(c0, c1, c2, c3, seed & _MASK32, seed >> 32)
-    word_index = ((j & 1) + 2 * ((i >> 3) & 1)).expand(shape)
+    word_index = (2 * (i & 1) + (j & 1)).expand(shape)
+    byte_index = (2 * ((i >> 3) & 1) + ((j >> 3) & 1)).expand(shape)
     chosen = torch.stack(words, dim=-1).gather(-1, word_index.unsqueeze(-1)).squeeze(-1)
-    return chosen < threshold
+    value = (chosen >> (8 * byte_index)) & 0xFF
+    return value < keep_threshold(p)
 
 
 def test_philox_replica_known_answers():
@@ -216,8 +228,10 @@ def test_dropout_fraction(p, shape):
     dropped = torch.signbit(s_dmask[:, :, :seqlen_q, :seqlen_k])
     n = visible.sum().item()
     frac = (dropped & visible).sum().item() / n
-    bound = 6 * math.sqrt(p * (1 - p) / n) + 1e-4
-    assert abs(frac - p) <= bound, f"dropped fraction {frac:.5f}, expected {p} +- {bound:.5f}"
+    rate = drop_rate(p)  # p at the kernels' 8-bit resolution: within 1/512 of p
+    assert abs(rate - p) <= 1 / 512
+    bound = 6 * math.sqrt(rate * (1 - rate) / n) + 1e-4
+    assert abs(frac - rate) <= bound, f"dropped fraction {frac:.5f}, expected {rate:.5f} +- {bound:.5f}"
     # Outside the visible region (masked, padding to 128) everything is 0; kept entries are >= 0.
     assert (s_dmask[:, :, :seqlen_q, :seqlen_k].masked_fill(visible, 0) == 0).all()
     assert (s_dmask[:, :, seqlen_q:] == 0).all() and (s_dmask[:, :, :, seqlen_k:] == 0).all()
@@ -271,6 +285,110 @@ def test_dropout_matches_reference(case, deterministic):
     dq, dk, dv, _ = _native_bwd(dout, q, k, v, out, lse, rng_state, p, deterministic=deterministic, **kw)
     keep = _keep_from_s_dmask(s_dmask, sq, sk)
     _check_against_reference((out, dq, dk, dv), q, k, v, dout, keep, p, **kw)
+
+
+# The Hopper backward takes dropout at kernel head dims 64-256 (dense, no softcap or ALiBi): S^T
+# fragments at 64 / 96 / 128, S at 192 / 256 (lanes l and l ^ 4 trade Philox words in both).
+HOPPER_CASES = {
+    "d64_fp16_gqa_causal": dict(d=64, dtype=torch.float16, sq=255, sk=300, nheads=8, nheads_k=2, causal=True),
+    "d96_bf16_window": dict(d=96, dtype=torch.bfloat16, sq=200, sk=130, window=(40, 3)),
+    "d128_fp16_dense": dict(d=128, dtype=torch.float16, sq=113, sk=333),
+    "d192_bf16_causal": dict(d=192, dtype=torch.bfloat16, sq=130, sk=257, causal=True),
+    "d256_fp16_gqa": dict(d=256, dtype=torch.float16, sq=77, sk=190, nheads=4, nheads_k=2),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+@pytest.mark.parametrize("case", list(HOPPER_CASES.values()), ids=list(HOPPER_CASES))
+@gpu_test
+def test_dropout_backward_hopper_and_sm80(case, deterministic):
+    """On a compute capability 9.0 GPU the Hopper backward runs (kernel trace) and regenerates the
+    forward's mask: its gradients and the SM80 backward's on the same call meet the reference built
+    from S_dmask; deterministic calls repeat bitwise."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs a compute capability 9.0 GPU")
+    d, dtype, sq, sk = case["d"], case["dtype"], case["sq"], case["sk"]
+    require_kernel(d, dtype)
+    info = flash_attn_gpu.build_info()
+    if kernel_headdim(d) not in [int(h) for h in info.get("sm90_backward_headdims", [])]:
+        pytest.skip("this build has no Hopper backward for this head dim")
+    nheads, nheads_k, batch, p = case.get("nheads", 4), case.get("nheads_k", case.get("nheads", 4)), 2, 0.23
+    kw = dict(causal=case.get("causal", False), window=case.get("window", (-1, -1)))
+    q = randn(batch, sq, nheads, d, dtype=dtype)
+    k, v = (randn(batch, sk, nheads_k, d, dtype=dtype) for _ in range(2))
+    dout = randn(batch, sq, nheads, d, dtype=dtype)
+    out, lse, s_dmask, rng_state = _native_fwd(q, k, v, p, **kw)
+    keep = _keep_from_s_dmask(s_dmask, sq, sk)
+
+    def backward():
+        return _native_bwd(dout, q, k, v, out, lse, rng_state, p, deterministic=deterministic, **kw)[:3]
+
+    previous = flash_attn_gpu.set_sm90_backward(True)
+    try:
+        names = kernel_names(backward)
+        if names:  # [] under compute-sanitizer: the kernel is unknown there
+            assert any("flash_bwd_sm90_kernel" in n for n in names), names
+        grads = backward()
+        if deterministic:
+            for name, a, b in zip(("dq", "dk", "dv"), grads, backward()):
+                assert torch.equal(a, b), f"{name} differs between deterministic calls"
+        flash_attn_gpu.set_sm90_backward(False)
+        grads_sm80 = backward()
+    finally:
+        flash_attn_gpu.set_sm90_backward(previous)
+    _check_against_reference((out, *grads), q, k, v, dout, keep, p, **kw)
+    _check_against_reference((out, *grads_sm80), q, k, v, dout, keep, p, **kw)
+
+
+@pytest.mark.parametrize("case", list(HOPPER_CASES.values()), ids=list(HOPPER_CASES))
+@gpu_test
+def test_dropout_forward_hopper_and_sm80(case):
+    """On a compute capability 9.0 GPU the Hopper forward's dropout variant runs (kernel trace; no
+    S_dmask from it, so the mask is the replica's, from its rng_state): out and lse against the
+    reference with that mask, and the SM80 forward on the same generator state draws the same mask
+    (its S_dmask equals the replica's) and meets the reference too."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs a compute capability 9.0 GPU")
+    d, dtype, sq, sk = case["d"], case["dtype"], case["sq"], case["sk"]
+    require_kernel(d, dtype)
+    if kernel_headdim(d) not in [int(h) for h in flash_attn_gpu.build_info().get("sm90_forward_headdims", [])]:
+        pytest.skip("this build has no Hopper forward for this head dim")
+    nheads, nheads_k, batch, p = case.get("nheads", 4), case.get("nheads_k", case.get("nheads", 4)), 2, 0.23
+    causal, window = case.get("causal", False), case.get("window", (-1, -1))
+    q = randn(batch, sq, nheads, d, dtype=dtype)
+    k, v = (randn(batch, sk, nheads_k, d, dtype=dtype) for _ in range(2))
+    dout = randn(batch, sq, nheads, d, dtype=dtype)
+    scale = d ** -0.5
+
+    def forward(return_softmax, seed):
+        gen = torch.Generator(device=DEVICE)
+        gen.manual_seed(seed)
+        return flash_attn_gpu.fwd(q, k, v, None, None, p, scale, causal, window[0], window[1], 0.0, return_softmax,
+                                  gen, 0)
+
+    previous = flash_attn_gpu.set_sm90_forward(True)
+    try:
+        names = kernel_names(lambda: forward(False, 7))
+        if names:  # [] under compute-sanitizer: the kernel is unknown there
+            assert any("flash_fwd_sm90_kernel" in n for n in names), names
+        out, lse, _, rng_state = forward(False, 7)
+        flash_attn_gpu.set_sm90_forward(False)
+        out_sm80, _, s_dmask, rng_state_sm80 = forward(True, 7)
+    finally:
+        flash_attn_gpu.set_sm90_forward(previous)
+    assert torch.equal(rng_state, rng_state_sm80)
+    seed, offset = (int(x) for x in rng_state.tolist())
+    keep = expected_keep(seed, offset, p, batch, nheads, sq, sk, q.device)
+    visible = allowed_mask(batch, sq, sk, causal=causal, window_size=window, device=q.device)
+    assert torch.equal(_keep_from_s_dmask(s_dmask, sq, sk) & visible, keep & visible)
+    kw = dict(causal=causal, window=window)
+    ref = _ref_and_grads(q, k, v, dout, keep, p, True, **kw)
+    pt = _ref_and_grads(q, k, v, dout, keep, p, False, **kw)
+    _assert_close("out", out, ref[0], pt[0])
+    _assert_close("out (SM80)", out_sm80, ref[0], pt[0])
+    dq, dk, dv, _ = _native_bwd(dout, q, k, v, out, lse, rng_state, p, **kw)
+    for name, x, r, t in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[1:], pt[1:]):
+        _assert_close(name, x, r, t)
 
 
 @gpu_test

@@ -12,6 +12,8 @@ The rest of the suite exercises it too wherever a dense call lands in its scope;
 FLASH_ATTN_TEST_SM90=0 (tests/conftest.py) runs the whole suite on the SM80 kernels instead.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -185,6 +187,19 @@ VARLEN_LENGTHS = {
 }
 
 
+def _varlen_inputs(case, d, dtype):
+    """Padded q, k, v of VARLEN_LENGTHS[case] (6 query heads, 2 kv heads), their masks, and the
+    packed tensors with their cu_seqlens."""
+    q_lens, k_lens = (torch.tensor(x) for x in VARLEN_LENGTHS[case])
+    batch, nheads, nheads_k = len(q_lens), 6, 2
+    max_sq, max_sk = int(q_lens.max()), int(k_lens.max())
+    q, k, v = _qkv(batch, max_sq, max_sk, nheads, nheads_k, d, dtype)
+    qmask, kmask = lengths_to_mask(q_lens, max_sq).to(DEVICE), lengths_to_mask(k_lens, max_sk).to(DEVICE)
+    (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
+    return SimpleNamespace(q=q, k=k, v=v, qmask=qmask, kmask=kmask, max_sq=max_sq, max_sk=max_sk, q_u=q_u, k_u=k_u,
+                           v_u=v_u, cu_q=cu_q, cu_k=cu_k, batch=batch, nheads=nheads)
+
+
 @pytest.mark.parametrize("mods", [None, "softcap_alibi"], ids=["plain", "softcap_alibi"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("case", list(VARLEN_LENGTHS))
@@ -195,13 +210,10 @@ def test_sm90_forward_varlen(dtype, d, case, causal, mods, hopper):
     sequence's queries to its own keys (bottom-right)."""
     if not _hopper_forward_built(dtype, d):
         pytest.skip("this build has no Hopper forward for this head dim and dtype")
-    q_lens, k_lens = (torch.tensor(x) for x in VARLEN_LENGTHS[case])
-    batch, nheads, nheads_k = len(q_lens), 6, 2
-    max_sq, max_sk = int(q_lens.max()), int(k_lens.max())
-    q, k, v = _qkv(batch, max_sq, max_sk, nheads, nheads_k, d, dtype)
-    qmask, kmask = lengths_to_mask(q_lens, max_sq).to(DEVICE), lengths_to_mask(k_lens, max_sk).to(DEVICE)
-    (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
-    mod_kw = _score_mod_kwargs(mods, batch, nheads) if mods else dict(softcap=0.0, alibi_slopes=None)
+    vi = _varlen_inputs(case, d, dtype)
+    q, k, v, qmask, kmask, max_sq, max_sk = vi.q, vi.k, vi.v, vi.qmask, vi.kmask, vi.max_sq, vi.max_sk
+    q_u, k_u, v_u, cu_q, cu_k = vi.q_u, vi.k_u, vi.v_u, vi.cu_q, vi.cu_k
+    mod_kw = _score_mod_kwargs(mods, vi.batch, vi.nheads) if mods else dict(softcap=0.0, alibi_slopes=None)
     run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal, **mod_kw)  # noqa: E731
     assert _runs_sm90(run) is not False
     out, lse = run()
@@ -269,12 +281,9 @@ def test_sm90_forward_varlen_splits(dtype, d, case, causal, hopper):
     sequences, the combine kernel's varlen rows."""
     if not _hopper_forward_built(dtype, d):
         pytest.skip("this build has no Hopper forward for this head dim and dtype")
-    q_lens, k_lens = (torch.tensor(x) for x in VARLEN_LENGTHS[case])
-    batch, nheads, nheads_k = len(q_lens), 6, 2
-    max_sq, max_sk = int(q_lens.max()), int(k_lens.max())
-    q, k, v = _qkv(batch, max_sq, max_sk, nheads, nheads_k, d, dtype)
-    qmask, kmask = lengths_to_mask(q_lens, max_sq).to(DEVICE), lengths_to_mask(k_lens, max_sk).to(DEVICE)
-    (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
+    vi = _varlen_inputs(case, d, dtype)
+    q, k, v, qmask, kmask, max_sq, max_sk = vi.q, vi.k, vi.v, vi.qmask, vi.kmask, vi.max_sq, vi.max_sk
+    q_u, k_u, v_u, cu_q, cu_k = vi.q_u, vi.k_u, vi.v_u, vi.cu_q, vi.cu_k
     run = lambda n: lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal,  # noqa: E731
                                            num_splits=n)
     assert _runs_sm90_split(run(3)) is not False
@@ -401,12 +410,15 @@ def test_sm90_forward_fallback_headdim32(dtype, hopper):
     assert_out_close(out, out_ref, out_pt)
 
 
-def test_sm90_forward_not_used_for_dropout(hopper):
-    """Dropout runs the SM80 kernels (its results: test_dropout.py)."""
+def test_sm90_forward_dropout_kernel_choice(hopper):
+    """Dropout runs the Hopper kernel's dropout variant, except with return_softmax (S_dmask comes
+    from the SM80 kernel) or with softcap / ALiBi (its results: test_dropout.py)."""
     if not _hopper_forward_built(torch.float16):
         pytest.skip("this build has no fp16 Hopper forward")
     q, k, v = _qkv(2, 200, 300, 4, 2, 128, torch.float16)
-    assert _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)) is not True
+    assert _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True)) is not False
+    for kw in (dict(return_attn_probs=True), dict(softcap=10.0)):
+        assert _runs_sm90(lambda: flash_attn.flash_attn_func(q, k, v, dropout_p=0.1, causal=True, **kw)) is not True
 
 
 # num_splits 3: the last split of a sequence holds its partial block.

@@ -98,23 +98,22 @@ void check_tensors(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 
 std::atomic<bool> sm90_backward_enabled{true};
 
-// What the Hopper backward covers (sm90/bwd_kernel.h, docs/SM90_BACKWARD.md): the dense
-// (batch-strided) backward at the kernel head dims it is built for (run_sm90 registered: 64, 96,
-// 128, 192 and 256 in a full build), causal or window masks, GQA/MQA, deterministic or not;
-// nothing of softcap, ALiBi, dropout or packed (varlen) tensors, which run the SM80 kernels. Packed
-// tensors stay off it until they are tested on a GPU: TMA loads whole blocks, and the backward has
-// no zeroing of the rows past a sequence. Empty sequences have no TMA map (a zero extent), and the
-// SM80 path handles them anyway. Decided before the buffers are allocated: the two paths need
-// different ones.
+// What the Hopper backward covers (sm90/bwd_kernel.h, docs/SM90_BACKWARD.md): the dense and the
+// varlen backward at the kernel head dims it is built for (run_sm90 registered: 64, 96, 128, 192
+// and 256 in a full build), causal or window masks, GQA/MQA, deterministic or not, dropout or not;
+// nothing of softcap or ALiBi, which run the SM80 kernels. A packed tensor of no rows has no TMA
+// map (a zero extent): the SM80 path takes that call. Decided before the buffers are allocated:
+// the two paths need different ones.
 bool sm90_backward_applies(const flash::BwdParams& p, const DeviceInfo& dev, const flash::BwdLauncher& kernel) {
+  const bool packed_q = p.cu_seqlens_q != nullptr, packed_k = p.cu_seqlens_k != nullptr;
   return kernel.run_sm90 != nullptr && dev.sm90 && sm90_backward_enabled.load(std::memory_order_relaxed) &&
-         p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr && p.seqused_k == nullptr &&
-         p.leftpad_k == nullptr && p.block_table == nullptr && p.cache_batch_idx == nullptr && p.seqlen_q > 0 &&
-         p.seqlen_k > 0 && p.alibi_slopes_ptr == nullptr && p.softcap_in == 0.f && p.dropout_keep_threshold == 0 &&
-         tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, p.q_batch_stride}) &&
-         tma_compatible(p.k_ptr, {p.k_row_stride, p.k_head_stride, p.k_batch_stride}) &&
-         tma_compatible(p.v_ptr, {p.v_row_stride, p.v_head_stride, p.v_batch_stride}) &&
-         tma_compatible(p.do_ptr, {p.do_row_stride, p.do_head_stride, p.do_batch_stride});
+         p.seqused_k == nullptr && p.leftpad_k == nullptr && p.block_table == nullptr &&
+         p.cache_batch_idx == nullptr && p.seqlen_q > 0 && p.seqlen_k > 0 && (!packed_q || p.total_q_rows > 0) &&
+         (!packed_k || p.total_k_rows > 0) && p.alibi_slopes_ptr == nullptr && p.softcap_in == 0.f &&
+         tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, packed_q ? 8 : p.q_batch_stride}) &&
+         tma_compatible(p.k_ptr, {p.k_row_stride, p.k_head_stride, packed_k ? 8 : p.k_batch_stride}) &&
+         tma_compatible(p.v_ptr, {p.v_row_stride, p.v_head_stride, packed_k ? 8 : p.v_batch_stride}) &&
+         tma_compatible(p.do_ptr, {p.do_row_stride, p.do_head_stride, packed_q ? 8 : p.do_batch_stride});
 }
 
 void set_grad(const Tensor& t, void*& ptr, int64_t& batch_stride, int64_t& row_stride, int64_t& head_stride,
@@ -150,6 +149,7 @@ void run_backward(const flash::BwdLauncher& kernel, const Call& c, const Tensor&
   set_grad(dk, p.dk_ptr, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, !c.varlen_k);
   set_grad(dv, p.dv_ptr, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, !c.varlen_k);
   p.total_q_rows = total_q_rows;
+  p.total_k_rows = c.varlen_k ? static_cast<int>(c.k.size(0)) : 0;
   p.scale_grad = static_cast<float>(softmax_scale);
   p.deterministic = deterministic;
   const DeviceInfo dev = device_info();

@@ -77,8 +77,8 @@ struct DeviceInfo {
 DeviceInfo device_info();
 
 // Whether the forward may run the Hopper kernel on compute capability 9.0 where it applies, and
-// plan its splits of longer queries (default on). Returns the previous setting. For tests and benchmarks that cover or time
-// the SM80 kernels on a Hopper GPU.
+// plan its splits of longer queries (default on). Returns the previous setting. For tests and
+// benchmarks that cover or time the SM80 kernels on a Hopper GPU.
 bool set_sm90_forward(bool enabled);
 
 // Whether the dense backward may run the Hopper kernel on compute capability 9.0 where it applies
@@ -99,8 +99,16 @@ void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int
 // index it does not follow, sm90_kv_indirect), as far as they are known before the plan, which
 // then also splits longer queries over the Hopper tiles; the launch checks the rest
 // (sm90_forward_applies: the plan, the tensors' TMA alignment, no empty keys). A call it then does
-// not take runs the same plan on the SM80 kernels.
-bool sm90_forward_possible(const DeviceInfo& dev, const flash::FwdLauncher& kernel, bool dropout, bool kv_indirect);
+// not take runs the same plan on the SM80 kernels. sm80_dropout: dropout the Hopper forward does
+// not take (sm90_takes_dropout).
+bool sm90_forward_possible(const DeviceInfo& dev, const flash::FwdLauncher& kernel, bool sm80_dropout,
+                           bool kv_indirect);
+
+// Dropout the Hopper forward takes: in its plain kernel (sm90/fwd_launch.h), so without softcap or
+// ALiBi and without a block table, and without S_dmask (return_softmax: the SM80 kernel writes it).
+inline bool sm90_takes_dropout(bool return_softmax, bool score_mods, bool paged) {
+  return !return_softmax && !score_mods && !paged;
+}
 
 // K/V indices the Hopper forward does not follow: left padding, cache_batch_idx, or a block table
 // whose pages do not hold whole key blocks at this head dim (plan/tile_sizes.h,

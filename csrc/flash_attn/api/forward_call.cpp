@@ -91,8 +91,8 @@ void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int
 
 void set_dropout_rate(flash::FwdParams& p, double p_dropout) {
   const double keep = 1.0 - p_dropout;
-  // Never 0 (the kernels' "no dropout"), at most 2^32 - 1: p at 32-bit resolution.
-  p.dropout_keep_threshold = static_cast<uint32_t>(std::clamp(std::round(keep * 4294967296.0), 1.0, 4294967295.0));
+  // Never 0 (the kernels' "no dropout"); p at 8-bit resolution (common/dropout.h).
+  p.dropout_keep_threshold = static_cast<uint32_t>(std::clamp(std::round(keep * 256.0), 1.0, 256.0));
   p.dropout_scale = static_cast<float>(1.0 / keep);
 }
 
@@ -158,9 +158,10 @@ std::atomic<bool> sm90_forward_enabled{true};
 
 }  // namespace
 
-bool sm90_forward_possible(const DeviceInfo& dev, const flash::FwdLauncher& kernel, bool dropout, bool kv_indirect) {
-  return kernel.run_sm90 != nullptr && dev.sm90 && sm90_forward_enabled.load(std::memory_order_relaxed) && !dropout &&
-         !kv_indirect;
+bool sm90_forward_possible(const DeviceInfo& dev, const flash::FwdLauncher& kernel, bool sm80_dropout,
+                           bool kv_indirect) {
+  return kernel.run_sm90 != nullptr && dev.sm90 && sm90_forward_enabled.load(std::memory_order_relaxed) &&
+         !sm80_dropout && !kv_indirect;
 }
 
 namespace {
@@ -170,8 +171,9 @@ namespace {
 // with causal or window masks, softcap and ALiBi, unsplit or with the plan's splits of longer
 // queries (prefill_splits), a paged K/V cache whose page size is a multiple of the key block at
 // head dims up to 128 (flash_attn_with_kvcache and varlen with block_table; each key block is one
-// TMA box inside one page), and nothing of dropout, left padding, other block tables or
-// cache_batch_idx (sm90_forward_possible, sm90_kv_indirect); everything else runs the SM80
+// TMA box inside one page), dropout in the plain kernel without S_dmask (sm90_takes_dropout), and
+// nothing of left padding, other block tables or cache_batch_idx (sm90_forward_possible,
+// sm90_kv_indirect); everything else runs the SM80
 // kernels. The kernel zeroes the V rows past a sequence's keys, which whole-block TMA loads bring
 // in (from the next sequence, or a page's rows past the length). A packed tensor's batch stride is
 // never read; a paged one's is the page stride.
@@ -181,7 +183,9 @@ bool sm90_forward_applies(const flash::FwdParams& p, const flash::ForwardPlan& p
   const bool packed_q = p.cu_seqlens_q != nullptr, packed_k = p.cu_seqlens_k != nullptr && !paged;
   const bool kv_indirect =
       sm90_kv_indirect(p.leftpad_k != nullptr, p.cache_batch_idx != nullptr, paged, p.page_block_size, p.d);
-  return sm90_forward_possible(dev, kernel, p.dropout_keep_threshold != 0, kv_indirect) &&
+  const bool sm80_dropout = p.dropout_keep_threshold != 0 &&
+                            !sm90_takes_dropout(p.s_dmask_ptr != nullptr, flash::has_score_mods(p), paged);
+  return sm90_forward_possible(dev, kernel, sm80_dropout, kv_indirect) &&
          (!plan.split_kernel || plan.prefill_splits) && !plan.swap_seqlen_ngroups && p.seqlen_k > 0 &&
          (!packed_k || p.total_k_rows > 0) &&
          tma_compatible(p.q_ptr, {p.q_row_stride, p.q_head_stride, packed_q ? 8 : p.q_batch_stride}) &&
@@ -245,9 +249,12 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
   const DeviceInfo dev = device_info();
   const bool kv_indirect = sm90_kv_indirect(kv.leftpad_k != nullptr, kv.cache_batch_idx != nullptr,
                                             kv.block_table != nullptr, kv.page_block_size, head_size);
+  const bool sm80_dropout = dropout != nullptr && !sm90_takes_dropout(dropout->s_dmask.defined(),
+                                                                      softcap > 0.0 || alibi_slopes.has_value(),
+                                                                      kv.block_table != nullptr);
   const flash::ForwardPlan plan =
       flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k, head_size, can_swap, dev.sm_count,
-                          num_splits, sm90_forward_possible(dev, kernel, dropout != nullptr, kv_indirect),
+                          num_splits, sm90_forward_possible(dev, kernel, sm80_dropout, kv_indirect),
                           flash::sm90_pairs_tiles(wl, wr));
   // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
   // become its query rows.

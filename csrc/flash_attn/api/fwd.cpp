@@ -138,8 +138,10 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
   const bool has_dropout = p_dropout > 0.0;
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && total_q == batch && !has_dropout;
   const DeviceInfo dev = device_info();
+  const bool sm80_dropout =
+      has_dropout && !sm90_takes_dropout(return_softmax, softcap > 0.0 || alibi_slopes.has_value(), paged);
   const bool sm90_prefill = sm90_forward_possible(
-      dev, kernel, has_dropout, sm90_kv_indirect(false, false, paged, page_block_size, head_size));
+      dev, kernel, sm80_dropout, sm90_kv_indirect(false, false, paged, page_block_size, head_size));
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
                                                       head_size, can_swap, dev.sm_count,
                                                       has_dropout ? 1 : num_splits, sm90_prefill,

@@ -1,4 +1,4 @@
-// Dropout in the prefill forward (kHasDropout of kernels/fwd_kernel.h). P is dropped after the row
+// Dropout in the prefill forward (kHasDropout of kernels/fwd_kernel.h and sm90/fwd_kernel.h). P is dropped after the row
 // sums took it whole, so the log-sum-exp and the normaliser are those of the un-dropped softmax, as
 // upstream; the output is scaled by 1 / (1 - p) once, at the end. The keep / drop decision itself:
 // common/dropout.h. Without dropout every step is empty, so those kernels carry none of its code.
@@ -29,20 +29,22 @@ __device__ __forceinline__ void write_s_dmask(const FwdParams& p, Frag const& ac
   }
 }
 
+// The (seed, offset) this call draws with go to rng_state for the backward: written on the device
+// by one thread of the grid, so a CUDA-graph replay records its own.
+__device__ __forceinline__ void record_rng_state(const FwdParams& p) {
+  if (p.rng_state_ptr != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0) {
+    const PhiloxSeedOffset so = philox_seed_offset(p);
+    p.rng_state_ptr[0] = int64_t(so.seed);
+    p.rng_state_ptr[1] = int64_t(so.offset);
+  }
+}
+
 template <bool kHasDropout>
 struct FwdDropout {
   [[maybe_unused]] const DropoutIf<kHasDropout> dropout;
 
-  // The (seed, offset) this call draws with go to rng_state for the backward: written on the
-  // device, so a CUDA-graph replay records its own.
   __device__ explicit FwdDropout(const FwdParams& p) : dropout(p) {
-    if constexpr (kHasDropout) {
-      if (p.rng_state_ptr != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0) {
-        const PhiloxSeedOffset so = philox_seed_offset(p);
-        p.rng_state_ptr[0] = int64_t(so.seed);
-        p.rng_state_ptr[1] = int64_t(so.offset);
-      }
-    }
+    if constexpr (kHasDropout) record_rng_state(p);
   }
 
   // P of key block col0 (acc_s, tScS its (row, key) in the tile), query rows from m0.

@@ -97,9 +97,16 @@ __device__ __forceinline__ auto acc_to_a_operand_layout(Layout const& acc) {
   return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
 }
 
-// fp32 fragment -> 16-bit fragment of the same layout, two elements per conversion instruction.
-template <typename To, typename Engine, typename Layout>
-__device__ __forceinline__ auto convert_fragment(Tensor<Engine, Layout> const& src) {
+// The value itself: convert_fragment's default.
+struct SameValue {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T x) const { return x; }
+};
+
+// fp32 fragment -> 16-bit fragment of the same layout, two elements per conversion instruction;
+// each element through `f` first.
+template <typename To, typename Engine, typename Layout, typename F = SameValue>
+__device__ __forceinline__ auto convert_fragment(Tensor<Engine, Layout> const& src, F f = {}) {
   using From = typename Engine::value_type;
   Tensor dst = make_fragment_like<To>(src);
   constexpr int N = decltype(size(src))::value;
@@ -108,8 +115,8 @@ __device__ __forceinline__ auto convert_fragment(Tensor<Engine, Layout> const& s
   CUTE_UNROLL
   for (int i = 0; i < N; i += 2) {
     cutlass::Array<From, 2> in;
-    in[0] = src(i);
-    in[1] = src(i + 1);
+    in[0] = f(src(i));
+    in[1] = f(src(i + 1));
     cutlass::Array<To, 2> out = convert(in);
     dst(i) = out[0];
     dst(i + 1) = out[1];

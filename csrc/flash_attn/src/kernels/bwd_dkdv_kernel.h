@@ -222,7 +222,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dkdv_kernel(const
                                         params.scale_softmax
                                   : 0.f;
     if constexpr (kHasDropout) {
-      const auto keep = dropout.keep_bits(acc_s, tScS, m0, n0, dropout.stream(bidb, bidh, params.h));
+      const auto keep = dropout.template keep_bits</*kPairedGroups=*/false>(acc_s, tScS, m0, n0,
+                                                                            dropout.stream(bidb, bidh, params.h));
       scores_to_grads<kHasExtras, true>(acc_s, acc_dp, tScS_rc, params, bc, seq.seqlen_k, needs_mask, alibi_slope,
                                         stats, keep);
     } else {

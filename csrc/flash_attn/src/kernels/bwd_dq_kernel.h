@@ -158,7 +158,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_bwd_dq_kernel(const _
     const bool needs_mask =
         block_needs_mask(bc, kBlockN, rows_in_tile, seq.seqlen_k, params.window_left, params.window_right);
     if constexpr (kHasDropout) {
-      const auto keep = dropout.keep_bits(acc_s, tScS, m0, bc.col0, dropout.stream(bidb, bidh, params.h));
+      const auto keep = dropout.template keep_bits</*kPairedGroups=*/true>(acc_s, tScS, m0, bc.col0,
+                                                                           dropout.stream(bidb, bidh, params.h));
       scores_to_grads<kHasExtras, true>(acc_s, acc_dp, tScS_rc, params, bc, seq.seqlen_k, needs_mask, alibi_slope,
                                         stats, keep);
     } else {

@@ -85,9 +85,9 @@ struct FwdParams {
   bool decode_pair_clusters;
 
   // Dropout (prefill forward and backward only; the dispatcher never plans split or decode
-  // kernels with it). Element kept iff its Philox word < dropout_keep_threshold, i.e.
-  // round((1 - p) * 2^32); kept probabilities are scaled by dropout_scale = 1 / (1 - p). Only the
-  // dropout instantiations read these fields.
+  // kernels with it). Element kept iff its 8-bit Philox value < dropout_keep_threshold, i.e.
+  // round((1 - p) * 256) in [1, 256] (common/dropout.h); kept probabilities are scaled by
+  // dropout_scale = 1 / (1 - p), upstream's scale. Only the dropout instantiations read these fields.
   uint32_t dropout_keep_threshold;
   float dropout_scale;
   // Philox seed and offset (common/dropout.h): seed = *philox_seed_ptr if set, else philox_seed;

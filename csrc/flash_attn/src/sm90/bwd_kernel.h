@@ -37,9 +37,17 @@
 // dK is scaled by scale_grad at the end (dS excludes the softmax scale, as in the SM80 kernels);
 // the dQ convert kernel applies it to dQ.
 //
-// Scope: kernel head dims 64, 96, 128, 192, 256, batch-strided q/k/v (packed varlen maps are built
-// like the forward's but are not a target yet), causal or not (any window), GQA, deterministic or
-// not; no softcap, ALiBi, dropout.
+// Dropout (Traits::kHasDropout): the forward's mask regenerated per step from Philox; P's dropped
+// entries are negated in the accumulator (Dropout::keep_bits_gmma, drawn while the step's S and dP
+// GEMMs run, and encode_dropped; where registers are short, encode_gmma once S has landed), so dV
+// reads P o M / (1 - p) and
+// dS = P o (dP o M / (1 - p) - D) without a register for the mask.
+//
+// Packed (varlen) q/k/v: one TMA map per packed tensor, sequences by row offset; the rows past a
+// sequence that whole-block loads bring in are zeroed in shared memory (zero_rows_from).
+//
+// Scope: kernel head dims 64, 96, 128, 192, 256, batch-strided or packed (varlen) q/k/v, causal or
+// not (any window), GQA, deterministic or not, dropout or not; no softcap, ALiBi.
 #pragma once
 
 #include <cmath>
@@ -52,6 +60,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "params/bwd_params.h"
+#include "common/dropout.h"
 #include "common/mma_utils.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
@@ -300,6 +309,75 @@ __device__ __forceinline__ void apply_mask_transposed(TS& st, TC const& coord, i
   }
 }
 
+// Packed (varlen) tensors: whole-block TMA loads bring in the rows past a sequence -- the next
+// sequence's, or past the last one whatever the tensor holds there (unused capacity, possibly
+// NaN). Their probabilities are 0, but 0 x NaN is NaN in the GEMMs that read these tiles whole
+// (dP = dO V^T, dV += P^T dO, dK += dS^T Q, dQ = dS K), so the consumers zero those rows of a
+// (rows, d) tile in shared memory before its first read: K and V rows past the block's keys once
+// per block, Q and dO rows past the step's queries in the step's stage. 16 bytes at a time (8
+// consecutive head-dim elements stay contiguous under the swizzles). The thread index is opaque
+// here, so that ptxas does not hoist this cold loop's addresses out of the step loop. The caller
+// then fences (the zeros are generic-proxy writes; wgmma and the next TMA write of the stage go
+// through the async proxy) and syncs the consumers (every one reads the whole tiles).
+template <typename Traits, typename TTile>
+__device__ __forceinline__ void zero_rows_from(TTile tile, int first_row, int rows) {
+  using Element = typename Traits::Element;
+  constexpr int kVecElems = 16 / int(sizeof(Element));
+  constexpr int kVecsPerRow = Traits::kHeadDim / kVecElems;
+  int tidx = int(threadIdx.x) - 128;
+  asm volatile("" : "+r"(tidx));
+#pragma unroll 1
+  for (int i = tidx; i < (rows - first_row) * kVecsPerRow; i += Traits::kNConsumerThreads) {
+    *reinterpret_cast<uint4*>(&tile(first_row + i / kVecsPerRow, (i % kVecsPerRow) * kVecElems)) =
+        make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The rows past a packed sequence zeroed (zero_rows_from): K and V once the block's keys have
+// landed, Q and dO of a step once its stage has. Both conditions are the same for every consumer.
+template <typename Traits, typename TK>
+__device__ __forceinline__ void zero_keys_past_sequence(const BwdParams& p, const Sm90BwdWork& w, TK& sK, TK& sV,
+                                                        int barrier) {
+  if (p.cu_seqlens_k != nullptr && w.keys_in_block < Traits::kBlockN) {
+    zero_rows_from<Traits>(sK, w.keys_in_block, Traits::kBlockN);
+    zero_rows_from<Traits>(sV, w.keys_in_block, Traits::kBlockN);
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, barrier);
+  }
+}
+template <typename Traits, typename TQ>
+__device__ __forceinline__ void zero_queries_past_sequence(const BwdParams& p, TQ& sQ, TQ& sdO, int stage,
+                                                           int rows_in_tile, int barrier) {
+  if (p.cu_seqlens_q != nullptr && rows_in_tile < Traits::kBlockM) {
+    zero_rows_from<Traits>(sQ(_, _, stage), rows_in_tile, Traits::kBlockM);
+    zero_rows_from<Traits>(sdO(_, _, stage), rows_in_tile, Traits::kBlockM);
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, barrier);
+  }
+}
+
+// Step s of a consumer loop: its query head, first query row, rows inside the sequence, Q/dO
+// stage and P/dS buffer, once the stage's Q, dO (TMA) and lse, D (row-stat warps) have landed and
+// the rows past a packed sequence are zeroed.
+struct BwdConsumerStep {
+  int bidh, m0, rows_in_tile, stage, buf;
+};
+template <typename Traits, typename TQ>
+__device__ __forceinline__ BwdConsumerStep begin_consumer_step(const BwdParams& p,
+                                                               typename Traits::SharedStorage& shared,
+                                                               typename Traits::Pipeline& pipeline,
+                                                               typename Traits::PipelineState const& read,
+                                                               const Sm90BwdWork& w, int s, TQ& sQ, TQ& sdO,
+                                                               int barrier) {
+  const int m0 = w.step_m0(s, Traits::kBlockM);
+  const BwdConsumerStep step{w.step_head(p, s), m0, min(Traits::kBlockM, w.seq.seqlen_q - m0), read.index(),
+                             s % Traits::kDsBuffers};
+  pipeline.consumer_wait(read);
+  cutlass::arch::ClusterBarrier::wait(&shared.lse_full[step.stage], read.phase());
+  zero_queries_past_sequence<Traits>(p, sQ, sdO, step.stage, step.rows_in_tile, barrier);
+  return step;
+}
+
 // A step's dQ (this thread's elements of the fp32 accumulator fragment, at coordinates tdQcdQ
 // within the step's query rows) added into the dQ accumulator. Neighbouring accumulator elements
 // are neighbouring d-columns of one query row: one float2 atomic each. Rows past the sequence
@@ -408,24 +486,34 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
   Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   clear(acc_dk);
   clear(acc_dv);
+  [[maybe_unused]] const DropoutIf<Traits::kHasDropout> dropout(p);
 
-  if (w.steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+  if (w.steps > 0) {
+    cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+    zero_keys_past_sequence<Traits>(p, w, sK, sV, kBarrierConsumers);
+  }
   typename Traits::PipelineState read;
   for (int s = 0; s < w.steps; ++s) {
-    const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
-    const int rows_in_tile = min(kBlockM, w.seq.seqlen_q - m0);
-    const int stage = read.index();
-    const int buf = s % Traits::kDsBuffers;
-    pipeline.consumer_wait(read);
-    cutlass::arch::ClusterBarrier::wait(&shared.lse_full[stage], read.phase());
+    const auto [bidh, m0, rows_in_tile, stage, buf] =
+        begin_consumer_step<Traits>(p, shared, pipeline, read, w, s, sQ, sdO, kBarrierConsumers);
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), acc_s);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), acc_dp);
+    Tensor st = gmma_rowcol_view(acc_s);
+    // Dropout: the step's keep flags (common/dropout.h), drawn while the GEMMs run where the
+    // registers allow (Traits::kDropoutFlagsDuringGemms), else once S^T has landed.
+    [[maybe_unused]] const auto keep = [&] {
+      if constexpr (Traits::kHasDropout && Traits::kDropoutFlagsDuringGemms) {
+        return dropout.template keep_bits_gmma</*kTransposed=*/true>(st, tScS_rc, w.n0, m0,
+                                                                     dropout.stream(w.bidb, bidh, p.h));
+      } else {
+        return KeepAll{};
+      }
+    }();
     warpgroup_wait<1>();  // S^T has completed; dP^T may still run
 
-    Tensor st = gmma_rowcol_view(acc_s);
     const BlockCoords bc{m0, w.n0, w.diag};
     if (block_needs_mask(bc, kBlockN, rows_in_tile, w.seq.seqlen_k, p.window_left, p.window_right)) {
       apply_mask_transposed(st, tScS_rc, w.n0, m0, w.diag, w.seq.seqlen_k, p.window_left, p.window_right);
@@ -436,11 +524,23 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
       CUTE_UNROLL
       for (int mi = 0; mi < size<0>(st); ++mi) st(mi, ni) = exp2f(fmaf(st(mi, ni), p.scale_softmax_log2, -lse));
     }
-    // P^T as the register A operand of dV += P^T dO, issued before dS^T is computed, or after it
-    // where the traits say the registers are short (kDvAfterDs).
+    // Dropout: the dropped entries of P^T negated (common/dropout.h).
+    if constexpr (Traits::kHasDropout && Traits::kDropoutFlagsDuringGemms) {
+      encode_dropped(acc_s, keep);
+    } else if constexpr (Traits::kHasDropout) {
+      dropout.template encode_gmma</*kTransposed=*/true>(st, tScS_rc, w.n0, m0, dropout.stream(w.bidb, bidh, p.h));
+    }
+    // P^T (dropped and rescaled) as the register A operand of dV += P^T dO, issued before dS^T is
+    // computed, or after it where the traits say the registers are short (kDvAfterDs).
     Tensor rP = make_fragment_like<Element>(acc_s);
     auto issue_dv = [&]() {
-      Tensor converted = convert_fragment<Element>(acc_s);
+      Tensor converted = [&] {
+        if constexpr (Traits::kHasDropout) {
+          return dropped_probs<Element>(acc_s, p.dropout_scale);
+        } else {
+          return convert_fragment<Element>(acc_s);
+        }
+      }();
       CUTE_UNROLL
       for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
       Tensor tdVrP = make_tensor(rP.data(), gmma_acc_to_a_operand_layout(rP.layout()));
@@ -454,7 +554,13 @@ __device__ __forceinline__ void bwd_consume_keys_split(const BwdParams& p, typen
     for (int ni = 0; ni < size<1>(dpt); ++ni) {
       const float d = shared.dsum[stage][get<1>(tScS_rc(0, ni))];
       CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(dpt); ++mi) dpt(mi, ni) = st(mi, ni) * (dpt(mi, ni) - d);
+      for (int mi = 0; mi < size<0>(dpt); ++mi) {
+        if constexpr (Traits::kHasDropout) {
+          dpt(mi, ni) = dropped_ds(st(mi, ni), dpt(mi, ni), d, p.dropout_scale);
+        } else {
+          dpt(mi, ni) = st(mi, ni) * (dpt(mi, ni) - d);
+        }
+      }
     }
     if constexpr (Traits::kDvAfterDs) issue_dv();
     Tensor rdS = convert_fragment<Element>(acc_dp);
@@ -563,16 +669,16 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
   Tensor acc_dvt = partition_fragment_C(mma_dkv, Shape<Int<kHeadDim>, Int<kBlockN>>{});
   clear(acc_dkt);
   clear(acc_dvt);
+  [[maybe_unused]] const DropoutIf<Traits::kHasDropout> dropout(p);
 
-  if (w.steps > 0) cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+  if (w.steps > 0) {
+    cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
+    zero_keys_past_sequence<Traits>(p, w, sK, sV, kBarrierConsumers);
+  }
   typename Traits::PipelineState read;
   for (int s = 0; s < w.steps; ++s) {
-    const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
-    const int rows_in_tile = min(kBlockM, w.seq.seqlen_q - m0);
-    const int stage = read.index();
-    const int buf = s % Traits::kDsBuffers;
-    pipeline.consumer_wait(read);
-    cutlass::arch::ClusterBarrier::wait(&shared.lse_full[stage], read.phase());
+    const auto [bidh, m0, rows_in_tile, stage, buf] =
+        begin_consumer_step<Traits>(p, shared, pipeline, read, w, s, sQ, sdO, kBarrierConsumers);
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -580,9 +686,18 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     Tensor tdPrdO_stage = tdPrdO(_, _, _, stage);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tSrQ_stage, tSrK, acc_s);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tdPrdO_stage, tdPrV, acc_dp);
+    Tensor sc = gmma_rowcol_view(acc_s);
+    // Dropout: the step's keep flags, drawn while the GEMMs run (common/dropout.h).
+    [[maybe_unused]] const auto keep = [&] {
+      if constexpr (Traits::kHasDropout) {
+        return dropout.template keep_bits_gmma</*kTransposed=*/false>(sc, tScS_rc, m0, w.n0,
+                                                                      dropout.stream(w.bidb, bidh, p.h));
+      } else {
+        return KeepAll{};
+      }
+    }();
     warpgroup_wait<1>();  // S has completed; dP may still run
 
-    Tensor sc = gmma_rowcol_view(acc_s);
     const BlockCoords bc{m0, w.n0, w.diag};
     if (block_needs_mask(bc, kBlockN, rows_in_tile, w.seq.seqlen_k, p.window_left, p.window_right)) {
       apply_mask(sc, tScS_rc, bc, w.seq.seqlen_k, p.window_left, p.window_right);
@@ -593,8 +708,16 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
       CUTE_UNROLL
       for (int ni = 0; ni < size<1>(sc); ++ni) sc(mi, ni) = exp2f(fmaf(sc(mi, ni), p.scale_softmax_log2, -lse));
     }
-    // P into this step's buffer (stmatrix).
-    Tensor rP = convert_fragment<Element>(acc_s);
+    // P (dropped and rescaled) into this step's buffer (stmatrix); with dropout, the dropped
+    // entries of sc negated first (common/dropout.h).
+    Tensor rP = [&] {
+      if constexpr (Traits::kHasDropout) {
+        encode_dropped(acc_s, keep);
+        return dropped_probs<Element>(acc_s, p.dropout_scale);
+      } else {
+        return convert_fragment<Element>(acc_s);
+      }
+    }();
     copy(pds_copy, thr_pds_copy.retile_S(rP), thr_pds_copy.partition_D(sP(_, _, buf)));
     warpgroup_wait<0>();  // dP has completed
 
@@ -603,7 +726,13 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     for (int mi = 0; mi < size<0>(dp); ++mi) {
       const float d = shared.dsum[stage][get<0>(tScS_rc(mi, 0))];
       CUTE_UNROLL
-      for (int ni = 0; ni < size<1>(dp); ++ni) dp(mi, ni) = sc(mi, ni) * (dp(mi, ni) - d);
+      for (int ni = 0; ni < size<1>(dp); ++ni) {
+        if constexpr (Traits::kHasDropout) {
+          dp(mi, ni) = dropped_ds(sc(mi, ni), dp(mi, ni), d, p.dropout_scale);
+        } else {
+          dp(mi, ni) = sc(mi, ni) * (dp(mi, ni) - d);
+        }
+      }
     }
     Tensor rdS = convert_fragment<Element>(acc_dp);
     copy(pds_copy, thr_pds_copy.retile_S(rdS), thr_pds_copy.partition_D(sdS(_, _, buf)));

@@ -4,7 +4,8 @@
 // and GMMA reads (and their transposed views), and the Q/dO pipeline.
 //
 // kDeterministic: the key blocks add their dQ parts in a fixed order (sm90/bwd_dq_order.h), so dQ
-// is bitwise the same from run to run; tiles, GEMMs, shared memory and pipeline are the same.
+// is bitwise the same from run to run; kHasDropout: the forward's dropout mask regenerated per step
+// (common/dropout.h). Tiles, GEMMs, shared memory and pipeline are the same in every variant.
 #pragma once
 
 #include <cstdint>
@@ -25,11 +26,12 @@ namespace flash {
 
 using namespace cute;
 
-template <int kHeadDim_, bool kIsBf16, bool kDeterministic_>
+template <int kHeadDim_, bool kIsBf16, bool kDeterministic_, bool kHasDropout_ = false>
 struct Sm90BwdTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kDeterministic = kDeterministic_;
+  static constexpr bool kHasDropout = kHasDropout_;
   static_assert(kHeadDim == 64 || kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 192 || kHeadDim == 256,
                 "the Hopper backward covers kernel head dims 64, 96, 128, 192 and 256");
 
@@ -75,6 +77,10 @@ struct Sm90BwdTraits {
   // registers before any address, and ptxas spills; converted after dS^T (one pass once dP^T has
   // completed), the fp32 values die as they are packed, and the peak is 192.
   static constexpr bool kDvAfterDs = !kSplitHeadDim && kBlockM == 128;
+  // Dropout's keep flags drawn while the step's S and dP GEMMs run (they depend on positions
+  // alone), where the registers allow: not beside 128-query S^T and dP^T (head dim 64: 332 spill
+  // bytes, against 124 drawing them once S^T has landed).
+  static constexpr bool kDropoutFlagsDuringGemms = !kDvAfterDs;
 
   // Q/dO (and LSE/D) ring depth. Two stages: the next step's Q and dO land during the current step
   // (one step is 5 GEMMs of kBlockN keys x kBlockM x kHeadDim, far longer than its Q and dO loads).

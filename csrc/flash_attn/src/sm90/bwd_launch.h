@@ -4,7 +4,7 @@
 //   2. flash_bwd_sm90_kernel, grid (key blocks, batch, kv heads), a producer warpgroup and two or
 //      three consumer warpgroups: dK, dV, and dQ added into the accumulator by atomics; its
 //      deterministic variant when params.deterministic (the key blocks add in a fixed order,
-//      sm90/bwd_dq_order.h)
+//      sm90/bwd_dq_order.h), each with dropout when the forward had it
 //   3. flash_bwd_convert_dq_kernel: the accumulator (times scale_grad) to dQ
 // The caller allocates dq_accum as for the SM80 atomic path ([h][total_q_rows][kernel head dim]
 // fp32) and, when deterministic, the zeroed dq_add_count array (batch x h x query blocks of
@@ -51,8 +51,15 @@ void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
     flash_bwd_preprocess_kernel<kHeadDim, Element><<<row_grid, kBwdRowWarps * 32, 0, stream>>>(params);
   }
 
+  const bool dropout = params.dropout_keep_threshold != 0;
   if (params.deterministic) {
-    launch_bwd_sm90_kernel<Sm90BwdTraits<kHeadDim, kIsBf16, true>>(params, stream);
+    if (dropout) {
+      launch_bwd_sm90_kernel<Sm90BwdTraits<kHeadDim, kIsBf16, true, true>>(params, stream);
+    } else {
+      launch_bwd_sm90_kernel<Sm90BwdTraits<kHeadDim, kIsBf16, true>>(params, stream);
+    }
+  } else if (dropout) {
+    launch_bwd_sm90_kernel<Sm90BwdTraits<kHeadDim, kIsBf16, false, true>>(params, stream);
   } else {
     launch_bwd_sm90_kernel<Sm90BwdTraits<kHeadDim, kIsBf16, false>>(params, stream);
   }

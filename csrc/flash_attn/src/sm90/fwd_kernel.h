@@ -30,6 +30,7 @@
 #include "common/epilogue.h"
 #include "common/index_guard.h"
 #include "common/mma_utils.h"
+#include "common/fwd_dropout.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
 #include "common/softmax.h"
@@ -173,7 +174,7 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
 // output and lse, from registers). q_phase: the parity of this tile's Q load on q_full; read_k /
 // read_v: the K/V pipeline states, carried from tile to tile; turns: this warpgroup's GEMM issue
 // turns, one per key block.
-template <typename Traits, bool kIsSplit, bool kHasScoreMods>
+template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kHasDropout>
 __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits::SharedStorage& shared,
                                             typename Traits::Pipeline& pipeline_k,
                                             typename Traits::Pipeline& pipeline_v,
@@ -241,11 +242,30 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     }
   };
   // P of the block whose P V GEMM is next, as the register A operand; it stays untouched until
-  // that GEMM has completed.
+  // that GEMM has completed. With dropout, P's dropped entries are zeroed after the softmax took
+  // the row sums (common/fwd_dropout.h: the normaliser is the undropped one), and O is scaled by
+  // 1 / (1 - p) at the end.
+  [[maybe_unused]] const DropoutIf<kHasDropout> dropout(p);
   Tensor rP = make_fragment_like<Element>(acc_s);
   Tensor tOrP = make_tensor(rP.data(), gmma_acc_to_a_operand_layout(rP.layout()));
-  auto p_from_s = [&]() {
-    Tensor converted = convert_fragment<Element>(acc_s);
+  // The keep flags of key block n_block, drawn while its S GEMM runs (they depend on positions alone).
+  auto keep_of = [&](int n_block) {
+    if constexpr (kHasDropout) {
+      return dropout.template keep_bits_gmma</*kTransposed=*/false>(s, tScS_rc, m0, n_block * kBlockN,
+                                                                    dropout.stream(bidb, bidh, p.h));
+    } else {
+      return KeepAll{};
+    }
+  };
+  auto p_from_s = [&]([[maybe_unused]] const auto& keep) {
+    Tensor converted = [&] {
+      if constexpr (kHasDropout) {
+        encode_dropped(acc_s, keep);
+        return dropped_probs<Element>(acc_s, 1.f);
+      } else {
+        return convert_fragment<Element>(acc_s);
+      }
+    }();
     CUTE_UNROLL
     for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
   };
@@ -256,12 +276,15 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   turns.take();
   warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
   turns.pass();
-  warpgroup_wait<0>();
-  pipeline_k.consumer_release(read_k);
-  ++read_k;
-  score_block(n_block);
-  softmax.update(s, gmma_rowcol_view(acc_o), p.scale_softmax_log2, /*is_first=*/true);
-  p_from_s();
+  {
+    [[maybe_unused]] const auto keep = keep_of(n_block);
+    warpgroup_wait<0>();
+    pipeline_k.consumer_release(read_k);
+    ++read_k;
+    score_block(n_block);
+    softmax.update(s, gmma_rowcol_view(acc_o), p.scale_softmax_log2, /*is_first=*/true);
+    p_from_s(keep);
+  }
 
   // Keys past seqlen_k in the last visited key block arrive with whatever the tensor holds there:
   // the next packed sequence, unused cache slots past seqused_k, rows past cu_seqlens_k[-1]. Their
@@ -305,6 +328,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     pipeline_v.consumer_wait(read_v);
     warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
     turns.pass();
+    [[maybe_unused]] const auto keep = keep_of(n_block);
     warpgroup_wait<1>();  // the S GEMM, issued first, has completed
     pipeline_k.consumer_release(read_k);
     ++read_k;
@@ -315,7 +339,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     pipeline_v.consumer_release(read_v);
     ++read_v;
     softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
-    p_from_s();
+    p_from_s(keep);
   }
   // The last P V GEMM takes no turn: it has no softmax of this warpgroup to hide, and the other
   // warpgroup's tile end or next tile's first S GEMM is all it could delay.
@@ -329,6 +353,10 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   pipeline_v.consumer_release(read_v);
   ++read_v;
 
+  if constexpr (kHasDropout) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= p.dropout_scale;
+  }
   float lse[kRows];
   // A split's rows without a visible key: lse -inf, which the combine kernel weighs 0.
   softmax.finalize(gmma_rowcol_view(acc_o), p.scale_softmax, kIsSplit ? -INFINITY : INFINITY, lse);
@@ -400,9 +428,10 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   }
 }
 
-template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kPaged>
+template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kPaged, bool kHasDropout = false>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     flash_fwd_sm90_kernel(const __grid_constant__ Sm90FwdArgs<Traits> args) {
+  static_assert(!(kHasDropout && (kIsSplit || kHasScoreMods || kPaged)), "dropout is a variant of the plain kernel");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // Let the combine kernel (a programmatic dependent launch) start launching now; it waits for
   // this grid's completion before reading anything.
@@ -416,6 +445,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const int warpgroup = threadIdx.x / 128;
+  if constexpr (kHasDropout) record_rng_state(params);
   typename Pipeline::Params pipeline_params;
   pipeline_params.transaction_bytes = Traits::kKVTileBytes;
   pipeline_params.role =
@@ -450,8 +480,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
             params, work.seq, tile.bidb, tile.bidh, tile.split, tile.m_block, work.rows_in_tile);
         continue;
       }
-      attend_rows<Traits, kIsSplit, kHasScoreMods>(params, shared, pipeline_k, pipeline_v, read_k, read_v, tile, work,
-                                                   q_loads & 1, turns);
+      attend_rows<Traits, kIsSplit, kHasScoreMods, kHasDropout>(params, shared, pipeline_k, pipeline_v, read_k, read_v,
+                                                                tile, work, q_loads & 1, turns);
       ++q_loads;
     }
     turns.finish();

@@ -22,10 +22,10 @@
 
 namespace flash {
 
-template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kPaged>
+template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kPaged, bool kHasDropout = false>
 void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   const Sm90FwdArgs<Traits> args = make_sm90_fwd_args<Traits>(params);
-  constexpr auto kernel = &flash_fwd_sm90_kernel<Traits, kIsSplit, kHasScoreMods, kPaged>;
+  constexpr auto kernel = &flash_fwd_sm90_kernel<Traits, kIsSplit, kHasScoreMods, kPaged, kHasDropout>;
   allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
   const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const int64_t units = Sm90TileScheduler<kIsSplit>::num_units(params, m_blocks);
@@ -38,9 +38,19 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
 // longer queries, merged by the combine kernel). Head dims with paged kernels
 // (sm90_fwd_has_paged) have the four again with a paged K/V cache (params.block_table; the
 // dispatcher sends only page sizes that are multiples of the key block, sm90_fwd_reads_pages).
+// Dropout has its own: the plain kernel with dropout (unsplit, batch-strided or packed K/V, no
+// score modifiers, no S_dmask: the dispatcher's sm90_takes_dropout).
 template <int kHeadDim, bool kIsBf16>
 void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   using Traits = Sm90FwdTraits<kHeadDim, kIsBf16>;
+  if (params.dropout_keep_threshold != 0) {
+    if (params.split_kernel || params.block_table != nullptr || has_score_mods(params) ||
+        params.s_dmask_ptr != nullptr) {
+      throw std::invalid_argument("the Hopper forward takes dropout only in its plain kernel, without S_dmask");
+    }
+    launch_fwd_sm90<Traits, false, false, false, true>(params, stream);
+    return;
+  }
   auto launch = [&](auto split, auto paged) {
     if (has_score_mods(params)) {
       launch_fwd_sm90<Traits, decltype(split)::value, true, decltype(paged)::value>(params, stream);
