@@ -295,6 +295,44 @@ def test_sm90_forward_varlen_splits(dtype, d, case, causal, hopper):
     _check_split_against_unsplit(out, lse, run(1), pack(out_ref, qmask)[0], pack(out_pt, qmask)[0], lse_ref)
 
 
+# Many tiles per persistent block (the grid is at most one block per SM): 40 packed sequences of
+# 12 heads, with key-block counts that change from tile to tile, sequences without keys (their
+# tiles are written without any GEMM) or without queries between them, causal pairs of tiles and
+# splits (some with no key block). The two consumer warpgroups take turns to issue their GEMMs
+# across all of these, tile after tile; a turn lost hangs the kernel, one doubled races.
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("mods", [None, "softcap_alibi"], ids=["plain", "softcap_alibi"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("d", [256, 192, 128, 96, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_many_tiles_per_block(dtype, d, causal, mods, num_splits, hopper):
+    """Packed sequences of mixed lengths, several tiles for every block: matches the reference."""
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    generator = torch.Generator().manual_seed(d + 2 * causal + num_splits)
+    q_lens = torch.randint(1, 700, (40,), generator=generator)
+    k_lens = torch.randint(1, 1100, (40,), generator=generator)
+    q_lens[::9] = 0
+    k_lens[4::7] = 0
+    batch, nheads, nheads_k = len(q_lens), 12, 4
+    max_sq, max_sk = int(q_lens.max()), int(k_lens.max())
+    q, k, v = _qkv(batch, max_sq, max_sk, nheads, nheads_k, d, dtype)
+    qmask, kmask = lengths_to_mask(q_lens, max_sq).to(DEVICE), lengths_to_mask(k_lens, max_sk).to(DEVICE)
+    (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
+    mod_kw = _score_mod_kwargs(mods, batch, nheads) if mods else dict(softcap=0.0, alibi_slopes=None)
+    run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal,  # noqa: E731
+                                 num_splits=num_splits, **mod_kw)
+    assert (_runs_sm90_split if num_splits > 1 else _runs_sm90)(run) is not False
+    out, lse = run()
+    out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask, causal=causal, **mod_kw)
+    out_pt, lse_pt = attention_ref(q, k, v, qmask, kmask, causal=causal, upcast=False, **mod_kw)
+    lse_ref, lse_pt = pack_lse(lse_ref, qmask), pack_lse(lse_pt, qmask)
+    assert_out_close(out, pack(out_ref, qmask)[0], pack(out_pt, qmask)[0])
+    assert_empty_rows_zero(out, torch.isposinf(lse_ref).transpose(0, 1))
+    if lse_checkable(mod_kw["alibi_slopes"], causal, (-1, -1), max_sk):
+        assert_lse_close(lse, lse_ref, lse_pt, pt_factor=2.0 if mod_kw["softcap"] > 0 else 0.0)
+
+
 # (batch, heads, kv heads, seqlen_q, seqlen_k): a few query tiles against many key blocks, which
 # the plan splits on the Hopper kernel (flash_attn_2_cuda.num_splits_heuristic(..., sm90_prefill=True)).
 HEURISTIC_SPLIT_SHAPES = [(1, 2, 2, 256, 16384), (1, 8, 2, 65, 32768), (2, 4, 4, 300, 9000)]

@@ -6,7 +6,9 @@
 // two-stage shared-memory rings (mbarrier pipelines), running ahead into the next tile while the
 // consumers finish this one. Warpgroups 1 and 2 are consumers, 64 query rows each: S = Q K^T by
 // wgmma from shared memory, the online softmax in registers while the tensor cores run the
-// previous block's O += P V, with P taken straight from the S accumulator's registers.
+// previous block's O += P V, with P taken straight from the S accumulator's registers. The two
+// consumer warpgroups issue their GEMMs in turns (ping-pong, sm90/fwd_named_barriers.h), so that
+// one's softmax runs under the other's GEMMs.
 //
 // Scope: kernel head dims 64, 96, 128, 192 and 256 (tile, layouts and shared-memory use per head
 // dim in sm90/kernel_traits.h), batch-strided or packed (varlen) q/k/v, seqused_k; causal and
@@ -32,6 +34,7 @@
 #include "common/score_mods.h"
 #include "common/seq_info.h"
 #include "common/softmax.h"
+#include "sm90/fwd_named_barriers.h"
 #include "sm90/gmma_layouts.h"
 #include "sm90/kernel_traits.h"
 #include "sm90/tile_scheduler.h"
@@ -169,14 +172,16 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
 // Consumer warpgroup (consumer_tidx in [0, 256)): the attention of its 64 query rows of one tile,
 // then the output through shared memory and the log-sum-exp (kIsSplit: this split's fp32 partial
 // output and lse, from registers). q_phase: the parity of this tile's Q load on q_full; read_k /
-// read_v: the K/V pipeline states, carried from tile to tile.
+// read_v: the K/V pipeline states, carried from tile to tile; turns: this warpgroup's GEMM issue
+// turns, one per key block.
 template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kHasDropout>
 __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits::SharedStorage& shared,
                                             typename Traits::Pipeline& pipeline_k,
                                             typename Traits::Pipeline& pipeline_v,
                                             typename Traits::PipelineState& read_k,
                                             typename Traits::PipelineState& read_v, const Sm90Tile& tile,
-                                            const Sm90TileWork& work, int q_phase) {
+                                            const Sm90TileWork& work, int q_phase,
+                                            const GemmIssueTurns& turns) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   const int consumer_tidx = threadIdx.x - 128;
@@ -259,7 +264,9 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, q_phase);
   int n_block = blocks.max - 1;
   pipeline_k.consumer_wait(read_k);
+  turns.take();
   warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+  turns.pass();
   {
     warpgroup_wait<0>();
     pipeline_k.consumer_release(read_k);
@@ -291,21 +298,26 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
           make_uint4(0, 0, 0, 0);
     }
     // The zeros are generic-proxy writes; wgmma reads (and the next TMA load writes) through the
-    // async proxy. Named barrier 3 spans both consumer warpgroups, which share the stage; both pass
+    // async proxy. This barrier spans both consumer warpgroups, which share the stage; both pass
     // it once per tile or not at all (the condition is the tile's), so its arrivals pair up even
-    // when one warpgroup runs a tile ahead, and it is not the epilogue's 1 or 2. Only V's stage is
-    // written: where O is staged in Q's buffer (kOStagedInQ), Q is untouched here, and Q's release
-    // still follows the epilogue.
+    // when one warpgroup runs a tile ahead. Only V's stage is written: where O is staged in Q's
+    // buffer (kOStagedInQ), Q is untouched here, and Q's release still follows the epilogue.
+    // It cannot deadlock with the issue turns: the only turn each warpgroup waits for in this tile
+    // before it is the first block's, which warpgroup 0 gets from warpgroup 1's last pass of its
+    // previous tile (or its start) and warpgroup 1 from warpgroup 0's first-block pass; both
+    // passes precede the passer's arrival here, and no turn is awaited between them and it.
     cutlass::arch::fence_view_async_shared();
-    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, 3);
+    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, kVTailZeroed);
   }
 
   for (--n_block; n_block >= blocks.min; --n_block) {
     pipeline_k.consumer_wait(read_k);
     Tensor tSrQ_block = q_operand();
+    turns.take();
     warpgroup_gemm</*kZeroInit=*/true>(mma_qk, tSrQ_block, tSrK(_, _, _, read_k.index()), acc_s);
     pipeline_v.consumer_wait(read_v);
     warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
+    turns.pass();
     warpgroup_wait<1>();  // the S GEMM, issued first, has completed
     pipeline_k.consumer_release(read_k);
     ++read_k;
@@ -318,6 +330,8 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
     p_from_s(n_block);
   }
+  // The last P V GEMM takes no turn: it has no softmax of this warpgroup to hide, and the other
+  // warpgroup's tile end or next tile's first S GEMM is all it could delay.
   // Every S GEMM of this tile has completed in this thread: Q's buffer may take the next tile
   // (unless O is staged there: then after the epilogue, below; split partials are not staged).
   constexpr bool kOStagedInQ = Traits::kOStagedInQ && !kIsSplit;
@@ -367,7 +381,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   const int epilogue_tidx = epilogue_thread_index();
 
   // O into this warpgroup's rows of the O tile (stmatrix), then 16-byte coalesced global stores.
-  // Named barriers 1 and 2 (0 is __syncthreads'): the first keeps the previous tile's stores
+  // The warpgroup's staging barrier: the first sync keeps the previous tile's stores
   // from reading rows this tile overwrites, and (kOStagedInQ) keeps this warpgroup's rows of Q
   // from being overwritten before all its 128 threads have waited for their last GEMM; the
   // second publishes the rows to the warpgroup.
@@ -375,9 +389,9 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   Tensor sO = make_tensor(make_smem_ptr(Traits::o_tile(shared)), typename Traits::SmemLayoutO{});
   auto o_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma_pv);
   auto thr_o_copy = o_copy.get_thread_slice(epilogue_tidx);
-  cutlass::arch::NamedBarrier::sync(128, 1 + warpgroup);
+  cutlass::arch::NamedBarrier::sync(128, kOutputStagingWarpgroup0 + warpgroup);
   copy(o_copy, thr_o_copy.retile_S(rO), thr_o_copy.partition_D(sO));
-  cutlass::arch::NamedBarrier::sync(128, 1 + warpgroup);
+  cutlass::arch::NamedBarrier::sync(128, kOutputStagingWarpgroup0 + warpgroup);
 
   constexpr int kVecElems = 16 / sizeof(Element);
   constexpr int kVecsPerRow = kHeadDim / kVecElems;
@@ -443,6 +457,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     typename Traits::PipelineState read_k, read_v;
+    const GemmIssueTurns turns{warpgroup - 1};
+    turns.start();
     int q_loads = 0;
     for (Sm90TileScheduler<kIsSplit> tiles(params, m_blocks); tiles.valid(); tiles.next()) {
       const Sm90Tile tile = tiles.tile();
@@ -454,9 +470,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         continue;
       }
       attend_rows<Traits, kIsSplit, kHasScoreMods, kHasDropout>(params, shared, pipeline_k, pipeline_v, read_k, read_v,
-                                                                tile, work, q_loads & 1);
+                                                                tile, work, q_loads & 1, turns);
       ++q_loads;
     }
+    turns.finish();
   }
 #endif
 }
