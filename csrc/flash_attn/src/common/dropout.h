@@ -94,7 +94,7 @@ class Dropout {
   __device__ __forceinline__ void apply(Frag& acc, Coord const& coord, int row0, int col0, uint64_t stream) const {
     Tensor acc_rc = rowcol_view(acc);
     for_each_element</*kTransposed=*/false, /*kPairedGroups=*/true>(
-        acc_rc, make_tensor(coord.data(), acc_rowcol_layout(coord.layout())), row0, col0, stream, [&](int r, int c, bool kept) {
+        acc_rc, rowcol_view(coord), row0, col0, stream, [&](int r, int c, bool kept) {
           if constexpr (kEncode) {
             acc_rc(r, c) = kept ? acc_rc(r, c) : -acc_rc(r, c);
           } else {
@@ -114,7 +114,7 @@ class Dropout {
     Tensor acc_rc = rowcol_view(acc);
     auto bits = KeepBits<decltype(size(acc))::value>::none();
     for_each_element</*kTransposed=*/false, kPairedGroups>(
-        acc_rc, make_tensor(coord.data(), acc_rowcol_layout(coord.layout())), row0, col0, stream,
+        acc_rc, rowcol_view(coord), row0, col0, stream,
         [&](int r, int c, bool kept) { bits.set(acc_rc.layout()(r, c), kept); });
     return bits;
   }

@@ -39,6 +39,15 @@ __device__ __forceinline__ void record_rng_state(const FwdParams& p) {
   }
 }
 
+// O times 1 / (1 - p) once every block is in, the kept probabilities' scale (upstream's).
+template <bool kHasDropout, typename Frag>
+__device__ __forceinline__ void scale_dropout_output(const FwdParams& p, Frag& acc_o) {
+  if constexpr (kHasDropout) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= p.dropout_scale;
+  }
+}
+
 template <bool kHasDropout>
 struct FwdDropout {
   [[maybe_unused]] const DropoutIf<kHasDropout> dropout;
@@ -66,10 +75,7 @@ struct FwdDropout {
 
   template <typename Frag>
   __device__ __forceinline__ void scale_output(const FwdParams& p, Frag& acc_o) const {
-    if constexpr (kHasDropout) {
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= p.dropout_scale;
-    }
+    scale_dropout_output<kHasDropout>(p, acc_o);
   }
 };
 

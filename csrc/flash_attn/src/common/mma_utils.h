@@ -86,6 +86,10 @@ template <typename Engine, typename Layout>
 __device__ __forceinline__ auto rowcol_view(Tensor<Engine, Layout>& t) {
   return make_tensor(t.data(), acc_rowcol_layout(t.layout()));
 }
+template <typename Engine, typename Layout>
+__device__ __forceinline__ auto rowcol_view(Tensor<Engine, Layout> const& t) {
+  return make_tensor(t.data(), acc_rowcol_layout(t.layout()));
+}
 
 // Two neighbouring n-tiles of an accumulator (16 x 8 each) hold exactly the registers of one
 // m16n8k16 A operand, so P can feed the next MMA without a trip through shared memory:

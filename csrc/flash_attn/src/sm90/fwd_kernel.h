@@ -17,7 +17,8 @@
 // its own (kIsSplit: a unit of work is one split of a tile, whose fp32 partial output and lse the
 // combine kernel merges); a paged K/V cache in its own (kPaged: a block table, page sizes that are
 // multiples of the key block, so that each block is one TMA box inside one page; only the producer
-// differs); no left-padded keys, no cache_batch_idx, no dropout.
+// differs); dropout in its own (kHasDropout: the plain kernel, mask drawn per key block,
+// common/dropout.h); no left-padded keys, no cache_batch_idx, no S_dmask.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -342,10 +343,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   pipeline_v.consumer_release(read_v);
   ++read_v;
 
-  if constexpr (kHasDropout) {
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_o); ++i) acc_o(i) *= p.dropout_scale;
-  }
+  scale_dropout_output<kHasDropout>(p, acc_o);
   float lse[kRows];
   // A split's rows without a visible key: lse -inf, which the combine kernel weighs 0.
   softmax.finalize(gmma_rowcol_view(acc_o), p.scale_softmax, kIsSplit ? -INFINITY : INFINITY, lse);
