@@ -6,9 +6,9 @@
 // two-stage shared-memory rings (mbarrier pipelines), running ahead into the next tile while the
 // consumers finish this one. Warpgroups 1 and 2 are consumers, 64 query rows each: S = Q K^T by
 // wgmma from shared memory, the online softmax in registers while the tensor cores run the
-// previous block's O += P V, with P taken straight from the S accumulator's registers. The two
-// consumer warpgroups issue their GEMMs in turns (ping-pong, sm90/fwd_named_barriers.h), so that
-// one's softmax runs under the other's GEMMs.
+// previous block's O += P V, with P taken straight from the S accumulator's registers. At head
+// dims from 128 on the two consumer warpgroups issue their GEMMs in turns (ping-pong,
+// sm90/fwd_named_barriers.h), so that one's softmax runs under the other's GEMMs.
 //
 // Scope: kernel head dims 64, 96, 128, 192 and 256 (tile, layouts and shared-memory use per head
 // dim in sm90/kernel_traits.h), batch-strided or packed (varlen) q/k/v, seqused_k; causal and
@@ -182,7 +182,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
                                             typename Traits::PipelineState& read_k,
                                             typename Traits::PipelineState& read_v, const Sm90Tile& tile,
                                             const Sm90TileWork& work, int q_phase,
-                                            const GemmIssueTurns& turns) {
+                                            const GemmIssueTurns<Traits::kGemmIssueTurns>& turns) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   const int consumer_tidx = threadIdx.x - 128;
@@ -455,7 +455,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     typename Traits::PipelineState read_k, read_v;
-    const GemmIssueTurns turns{warpgroup - 1};
+    const GemmIssueTurns<Traits::kGemmIssueTurns> turns{warpgroup - 1};
     turns.start();
     int q_loads = 0;
     for (Sm90TileScheduler<kIsSplit> tiles(params, m_blocks); tiles.valid(); tiles.next()) {

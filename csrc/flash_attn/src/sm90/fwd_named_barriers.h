@@ -34,25 +34,29 @@ static_assert(kIssueTurnWarpgroup0 + 1 + cutlass::arch::NamedBarrier::ReservedNa
 // across tiles; a tile without key blocks (past a varlen sequence, write_empty_tile, a split with
 // no share) takes no turn in either. At the end warpgroup 0 takes the turn handed over last, so
 // that no arrival is left pending when the block exits.
+//
+// kEnabled false (Sm90FwdTraits::kGemmIssueTurns: head dims where the turns cost more than they
+// hide) makes every member a no-op: each warpgroup issues as soon as its operands are ready.
+template <bool kEnabled>
 struct GemmIssueTurns {
   int warpgroup;  // consumer warpgroup, 0 or 1
 
   // Before the first tile.
   __device__ __forceinline__ void start() const {
-    if (warpgroup == 1) cutlass::arch::NamedBarrier::arrive(256, kIssueTurnWarpgroup0);
+    if (kEnabled && warpgroup == 1) cutlass::arch::NamedBarrier::arrive(256, kIssueTurnWarpgroup0);
   }
   // Before issuing the GEMMs of a key block.
   __device__ __forceinline__ void take() const {
-    cutlass::arch::NamedBarrier::sync(256, kIssueTurnWarpgroup0 + warpgroup);
+    if (kEnabled) cutlass::arch::NamedBarrier::sync(256, kIssueTurnWarpgroup0 + warpgroup);
   }
   // Once they are issued (wgmma issue order, not completion: the other warpgroup's GEMMs queue
   // behind these on the tensor cores).
   __device__ __forceinline__ void pass() const {
-    cutlass::arch::NamedBarrier::arrive(256, kIssueTurnWarpgroup0 + (1 - warpgroup));
+    if (kEnabled) cutlass::arch::NamedBarrier::arrive(256, kIssueTurnWarpgroup0 + (1 - warpgroup));
   }
   // After the last tile: warpgroup 0 consumes the last pass (or, without any tile, the first).
   __device__ __forceinline__ void finish() const {
-    if (warpgroup == 0) take();
+    if (kEnabled && warpgroup == 0) take();
   }
 };
 

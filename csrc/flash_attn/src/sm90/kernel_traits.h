@@ -71,6 +71,12 @@ struct Sm90FwdTraits {
   // recomputation per tile.
   static constexpr bool kEpilogueAddressesPerTile = kHeadDim > 128;
 
+  // Whether the two consumer warpgroups issue their GEMMs in turns (GemmIssueTurns,
+  // sm90/fwd_named_barriers.h). Measured on an H100 (2026-12-06, benchmarks/RESULTS.md): at head
+  // dim 64 the turns cost 2-5% from 2k keys on (a key block's GEMMs are shorter than the softmax
+  // they would hide, so a warpgroup waits for its turn instead), at 128 and 256 they gain 0-4%.
+  static constexpr bool kGemmIssueTurns = kHeadDim >= 128;
+
   // setmaxnreg budgets. The producer only issues TMA, so it gives registers to the consumers,
   // which hold the S and O accumulators, P and the softmax state (see kBlockN):
   // 128 * 24 + 256 * 240 = 64512 <= 65536 registers of the SM.
