@@ -497,7 +497,8 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
   const int consumer_tidx = threadIdx.x - 128;
   const int warpgroup = consumer_tidx / 128;
-  // Named barriers (0 is __syncthreads'): 1 spans both consumer warpgroups, 2 and 3 one each.
+  // Named barriers (CUTLASS user ids, mapped above its reserved hardware ids 0-7): 1 spans both
+  // consumer warpgroups, 2 and 3 one each.
   constexpr int kBarrierConsumers = 1, kBarrierWarpgroup0 = 2;
 
   Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
@@ -692,7 +693,8 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
   const int consumer_tidx = threadIdx.x - 128;
-  // Named barrier 1 (0 is __syncthreads') spans all consumer warpgroups.
+  // Named barrier 1 (a CUTLASS user id, mapped above its reserved hardware ids 0-7) spans all
+  // consumer warpgroups.
   constexpr int kBarrierConsumers = 1;
 
   Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
