@@ -200,11 +200,12 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   auto thr_pv = mma_pv.get_thread_slice(consumer_tidx);
 
   const int q_stage = Traits::q_stage(q_loads);
-  Tensor sQ = make_tensor(make_smem_ptr(Traits::q_tile(shared, q_stage)), typename Traits::SmemLayoutQ{});
+  Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQBuffers{});
   Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutVt{});
   // GMMA shared-memory descriptors: (MMA, MMA_M|N, MMA_K[, stage]).
-  Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));
+  Tensor tSrQ_buffers = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));
+  Tensor tSrQ = tSrQ_buffers(_, _, _, Traits::kQStages == 1 ? 0 : q_stage);
   Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));
   Tensor tOrVt = thr_pv.make_fragment_B(thr_pv.partition_B(sVt));
   // Q's descriptors (one per 16 columns of d) are loop invariants, and ptxas holds them in 2 x d/16

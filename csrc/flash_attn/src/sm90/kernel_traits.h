@@ -126,6 +126,11 @@ struct Sm90FwdTraits {
       std::conditional_t<kSwizzle128, GMMA::Layout_MN_SW128_Atom<Element>, GMMA::Layout_MN_SW64_Atom<Element>>;
   using SmemLayoutQ = decltype(tile_to_shape(SmemAtomKMajor{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using SmemLayoutK = decltype(tile_to_shape(SmemAtomKMajor{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  // The Q buffers as (rows, d, buffer), buffer b at b x cosize(Q) (q_tile): the consumers take a
+  // tile's Q descriptors as the first buffer's plus the buffer's offset, as K's per stage.
+  using SmemLayoutQBuffers =
+      decltype(tile_to_shape(SmemAtomKMajor{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQStages>>{}));
+  static_assert(SmemLayoutQBuffers{}(0, 0, kQStages - 1) == (kQStages - 1) * cosize_v<SmemLayoutQ>);
   // V lands in shared memory already viewed as V^T (d x N): TMA reads gmem V through the same
   // transposed view, so no transpose ever happens in shared memory. The d atoms (64 or 32 wide)
   // are stacked along the keys first, so that many d-columns of all kBlockN keys are contiguous
