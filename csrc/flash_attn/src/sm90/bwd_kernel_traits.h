@@ -147,13 +147,14 @@ struct Sm90BwdTraits {
                                     kDsMajorInDq, GMMA::Major::MN>())>;
   using TiledMmadQ = decltype(make_tiled_mma(DqAtom{}, DqWarpgroups{}));
   static_assert(decltype(size<1>(typename MMA_Traits<DqAtom>::Shape_MNK{}))::value == kDqTileN);
-  // How a step's dQ reaches the fp32 accumulator. With the keys split and adds in any order, each
-  // warpgroup stores its fp32 (kDqTileM x kDqTileN) tile to shared memory and one thread adds it
-  // into the accumulator with one TMA reduce-add, where float2 atomics would send the tile as
-  // kDqTileM * kDqTileN / 2 separate reductions to L2. The head dim split has no shared memory
-  // left for the tile (224 KiB at head dim 256); the deterministic variant adds in turns, each
-  // waiting for the previous block's adds to complete, which the atomics give at once.
-  static constexpr bool kDqByTma = !kSplitHeadDim && !kDeterministic;
+  // How a step's dQ reaches the fp32 accumulator. With the keys split, each warpgroup stores its
+  // fp32 (kDqTileM x kDqTileN) tile to shared memory and one thread adds it into the accumulator
+  // with one TMA reduce-add, where float2 atomics would send the tile as kDqTileM * kDqTileN / 2
+  // separate reductions to L2: a consumer thread of the warpgroup in the default variant, the dQ
+  // writer warp of the producer warpgroup in the deterministic one (it waits for the turn and for
+  // the reduce-adds to complete, which no consumer should; sm90/bwd_dq_order.h). The head dim
+  // split has no shared memory left for the tile (224 KiB at head dim 256) and keeps the atomics.
+  static constexpr bool kDqByTma = !kSplitHeadDim;
   // fp32 tiles, one per warpgroup, swizzled so that the accumulator fragment's stores do not
   // conflict: 128-byte rows (32 floats) where the tile width allows, else 64 (head dim 96: 48).
   using SmemAtomdQ = std::conditional_t<kDqTileN % 32 == 0, GMMA::Layout_K_SW128_Atom<float>,
