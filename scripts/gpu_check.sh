@@ -8,7 +8,8 @@
 #
 # Options: --no-tests, --no-bench, --no-build (use the build a previous call on this still-warm
 # machine installed), --quick (quick benchmarks), --sanitize, --profile (Nsight Compute report of
-# one prefill and one decode launch), --pytest-args "...", --baseline DIR.
+# one prefill and one decode launch, or of PROFILE_KERNEL's launches in PROFILE_TARGET's calls),
+# --pytest-args "...", --baseline DIR.
 # Environment: BENCH, the benchmarks to run, a subset of "decode specdec forward backward dropout
 # host sweep triton" (default "decode specdec host sweep"; dropout: the forward and backward grids
 # with dropout_p 0.1); BENCH_TIMEOUT (s per benchmark, default 300);
@@ -16,7 +17,7 @@
 # MAXFAIL (pytest --maxfail, default 40); BENCH_COMMIT (the commit of this tree, for result headers
 # when the copy here has no git metadata of its own); SANITIZE_CHUNK=0|1 (half of the sanitizer
 # tests), SANITIZE_K (a pytest -k expression narrowing them), SANITIZE_TOOLS ("memcheck racecheck"),
-# SANITIZE_TIMEOUT.
+# SANITIZE_TIMEOUT; PROFILE_KERNEL, PROFILE_TARGET (--profile).
 # --baseline DIR: DIR holds another commit's source tree, made on the development machine with
 #   git archive REV | tar -x -C DIR && git rev-parse --short REV >DIR/COMMIT
 # It is built in place with the same FLASH_ATTN_* knobs and MAX_JOBS, then every chosen benchmark
@@ -186,8 +187,12 @@ if [ $sanitize -eq 1 ]; then
 fi
 
 if [ $profile -eq 1 ]; then
-  ncu --kernel-name regex:flash_fwd --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+  # PROFILE_KERNEL: a regex of the kernels to profile (default flash_fwd: one prefill and one decode
+  # launch of profile_target.py's defaults); PROFILE_TARGET: profile_target.py's arguments
+  # (e.g. "backward 16,1024,8,256" with PROFILE_KERNEL=flash_bwd_sm90).
+  # shellcheck disable=SC2086  # PROFILE_TARGET is word-split on purpose
+  ncu --kernel-name "regex:${PROFILE_KERNEL:-flash_fwd}" --launch-skip 2 --launch-count 2 --section SpeedOfLight \
     --section WarpStateStats --section InstructionStats --section LaunchStats --section Occupancy \
-    --section MemoryWorkloadAnalysis python3 benchmarks/tools/profile_target.py >"$OUT/ncu.txt" 2>&1
+    --section MemoryWorkloadAnalysis python3 benchmarks/tools/profile_target.py ${PROFILE_TARGET:-} >"$OUT/ncu.txt" 2>&1
   grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Stall|Registers|Achieved Occupancy" "$OUT/ncu.txt" | head -40
 fi
