@@ -43,7 +43,7 @@
 // they store their tile, arrive, and wait only for the previous step's tile to be empty, a step
 // later. A turn is held from the acquire to the pass, about one L2 round trip of the reduce-adds.
 //
-// Head dim split (192, 256; float2 atomics): after issuing a step's dQ, dV^T and dK^T GEMMs each
+// Head dim split (192, 256; float2 atomics in the deterministic variants): after issuing a step's dQ, dV^T and dK^T GEMMs each
 // consumer thread reads the count (acquire) until its turn, overlapped with the GEMMs, adds its
 // part with atomics and then releases the step's Q/dO stage (mbarrier arrive: release at block
 // scope, so the adds happen before it). The stage's empty barrier counts one arrival per consumer

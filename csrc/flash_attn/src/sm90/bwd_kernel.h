@@ -30,7 +30,9 @@
 //   dS = P o (dP - D)                           (registers), to smem
 //   dQ = dS K                                   (SS, every warpgroup's dS; d-columns of the
 //                                                warpgroup), added to the accumulator with float2
-//                                                atomics (no shared memory left for the tile)
+//                                                atomics, or at head dim 256 (default variant) by
+//                                                TMA reduce-adds from the warpgroup's columns of
+//                                                the step's Q and dO buffers (kDqTileInStage)
 //   dV^T += dO^T P, dK^T += Q^T dS              (SS, every warpgroup's P / dS; d-rows of the
 //                                                warpgroup)
 //
@@ -426,22 +428,65 @@ __device__ __forceinline__ void add_dq_to_accumulator(const BwdParams& p, const 
   }
 }
 
-// A step's dQ tile of one consumer warpgroup (Traits::kDqByTma), at (tile_m, tile_n) of the step's
-// (kBlockM x kHeadDim) block in shared memory, added into the dQ accumulator by one TMA reduce-add
-// (one thread; committed as a bulk async-group of its own).
-template <typename Traits>
-__device__ __forceinline__ void reduce_dq_tile_by_tma(const Sm90BwdArgs<Traits>& args,
-                                                      typename Traits::SharedStorage& shared, const Sm90BwdWork& w,
-                                                      int bidh, int m0, int tile_m, int tile_n) {
+// A staged dQ tile (Traits::SmemLayoutdQTile, kDqTileM x kDqStagedN fp32 in shared memory) added
+// into the dQ accumulator at tile (tile_m, tile_n) of the step's (kBlockM x kHeadDim) block by one
+// TMA reduce-add (one thread; committed as a bulk async-group of its own).
+template <typename Traits, typename TTile>
+__device__ __forceinline__ void reduce_dq_tile_by_tma(const Sm90BwdArgs<Traits>& args, TTile const& dq_tile,
+                                                      const Sm90BwdWork& w, int bidh, int m0, int tile_m,
+                                                      int tile_n) {
   const BwdParams& p = args.params;
-  Tensor sdQ = make_tensor(make_smem_ptr(shared.dq.data()), typename Traits::SmemLayoutdQ{});
-  Tensor dq_tile = local_tile(sdQ, Shape<Int<Traits::kDqTileM>, Int<Traits::kDqTileN>>{}, make_coord(tile_m, tile_n));
   Tensor mdQ = args.tma_dq.get_tma_tensor(dq_accum_extent(p, Traits::kHeadDim))(_, _, bidh);
   Tensor gdQ = local_tile(domain_offset(make_coord(w.seq.q_row(p, w.bidb, m0), _0{}), mdQ),
-                          Shape<Int<Traits::kDqTileM>, Int<Traits::kDqTileN>>{}, make_coord(tile_m, tile_n));
+                          Shape<Int<Traits::kDqTileM>, Int<Traits::kDqStagedN>>{}, make_coord(tile_m, tile_n));
   auto tma = args.tma_dq.get_slice(_0{});
   copy(args.tma_dq, tma.partition_S(dq_tile), tma.partition_D(gdQ));
   tma_store_arrive();
+}
+
+// Keys split: a consumer warpgroup's dQ tile at (tile_m, tile_n) of the step's block in the dQ
+// tiles' shared memory, added into the accumulator (reduce_dq_tile_by_tma).
+template <typename Traits>
+__device__ __forceinline__ void reduce_dq_tile_from_tiles(const Sm90BwdArgs<Traits>& args,
+                                                          typename Traits::SharedStorage& shared,
+                                                          const Sm90BwdWork& w, int bidh, int m0, int tile_m,
+                                                          int tile_n) {
+  Tensor sdQ = make_tensor(make_smem_ptr(shared.dq.data()), typename Traits::SmemLayoutdQ{});
+  Tensor dq_tile = local_tile(sdQ, Shape<Int<Traits::kDqTileM>, Int<Traits::kDqStagedN>>{}, make_coord(tile_m, tile_n));
+  reduce_dq_tile_by_tma<Traits>(args, dq_tile, w, bidh, m0, tile_m, tile_n);
+}
+
+// Head dim 256, default variant (Traits::kDqTileInStage): warpgroup w's dQ halves in its columns
+// of the step's Q buffer (half 0) and dO buffer (half 1), each 64 x 64 fp32 in 16 KiB.
+template <typename Traits>
+__device__ __forceinline__ float* dq_half_in_stage(typename Traits::SharedStorage& shared, int stage, int warpgroup,
+                                                   int half) {
+  typename Traits::Element* buffer = half == 0 ? shared.q.data() : shared.dout.data();
+  return reinterpret_cast<float*>(buffer + stage * Traits::kBlockM * Traits::kHeadDim +
+                                  warpgroup * Traits::kBlockM * Traits::kDqTileN);
+}
+
+// This thread's part of its warpgroup's dQ fragment to the warpgroup's halves in the step's Q and
+// dO buffers (Traits::kDqTileInStage), fenced for the TMA unit. Fragment elements [0, n/2) are the
+// first 64 columns, [n/2, n) the next 64 (the GMMA C layout orders a thread's values by column
+// group last).
+template <typename Traits, typename TAcc>
+__device__ __forceinline__ void store_dq_halves_in_stage(typename Traits::SharedStorage& shared, TAcc const& acc_dq,
+                                                         int stage, int warpgroup) {
+  int lane_in_warpgroup = int(threadIdx.x) % 128;
+  asm volatile("" : "+r"(lane_in_warpgroup));
+  auto thr = typename Traits::TiledMmadQHalf{}.get_thread_slice(lane_in_warpgroup);
+  constexpr int kHalf = decltype(size(acc_dq))::value / 2;
+  CUTE_UNROLL
+  for (int half = 0; half < 2; ++half) {
+    Tensor sdQ = make_tensor(make_smem_ptr(dq_half_in_stage<Traits>(shared, stage, warpgroup, half)),
+                             typename Traits::SmemLayoutdQTile{});
+    Tensor dst = thr.partition_C(sdQ);
+    static_assert(decltype(size(dst))::value == kHalf);
+    CUTE_UNROLL
+    for (int i = 0; i < kHalf; ++i) dst(i) = acc_dq(half * kHalf + i);
+  }
+  cutlass::arch::fence_view_async_shared();
 }
 
 // Where a consumer warpgroup's dQ tile sits in the step's block: its rows at 128-query steps
@@ -502,7 +547,7 @@ __device__ __forceinline__ void bwd_write_dq_in_turns(const Sm90BwdArgs<Traits>&
     CUTE_UNROLL
     for (int wg = 0; wg < Traits::kNConsumerWarpgroups; ++wg) {
       cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqFull0 + wg);
-      if (lane0) reduce_dq_tile_by_tma<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(wg), dq_tile_n<Traits>(wg));
+      if (lane0) reduce_dq_tile_from_tiles<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(wg), dq_tile_n<Traits>(wg));
       __syncwarp();
     }
     if (lane0) pass_dq_turn_after_bulk_reduces(count);
@@ -712,8 +757,8 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
       store_dq_tile<Traits>(shared, acc_dq);
       cutlass::arch::NamedBarrier::sync(128, kBarrierWarpgroup0 + warpgroup);
       if (dq_leader) {
-        reduce_dq_tile_by_tma<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(warpgroup),
-                                      dq_tile_n<Traits>(warpgroup));
+        reduce_dq_tile_from_tiles<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(warpgroup),
+                                          dq_tile_n<Traits>(warpgroup));
       }
     }
   }
@@ -747,15 +792,23 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
 // memory, and, once every warpgroup's parts are there, accumulates its d-rows of dV^T += dO^T P
 // and dK^T += Q^T dS and computes its d-columns of dQ = dS K.
 template <typename Traits>
-__device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, typename Traits::SharedStorage& shared,
+__device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Traits>& args,
+                                                           typename Traits::SharedStorage& shared,
                                                            typename Traits::Pipeline& pipeline,
                                                            const Sm90BwdWork& w) {
+  const BwdParams& p = args.params;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
   const int consumer_tidx = threadIdx.x - 128;
-  // Named barrier 1 (0 is __syncthreads') spans all consumer warpgroups.
-  constexpr int kBarrierConsumers = 1;
+  // Named barriers (0 is __syncthreads'): 1 spans all consumer warpgroups; with kDqTileInStage 2
+  // and 3 are one warpgroup's each (its dQ halves are stored).
+  constexpr int kBarrierConsumers = 1, kBarrierWarpgroup0 = 2;
+  // kDqTileInStage: each warpgroup's leader adds its dQ halves by TMA and releases their stage a
+  // step later, once the reduce-adds have read it (dq_stage: that stage's pipeline state).
+  [[maybe_unused]] const int warpgroup = consumer_tidx / 128;
+  [[maybe_unused]] const bool dq_leader = consumer_tidx % 128 == 0;
+  [[maybe_unused]] typename Traits::PipelineState dq_stage;
 
   Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sdO = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQ{});
@@ -819,6 +872,14 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     Tensor tdPrdO_stage = tdPrdO(_, _, _, stage);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tSrQ_stage, tSrK, acc_s);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tdPrdO_stage, tdPrV, acc_dp);
+    if constexpr (Traits::kDqTileInStage) {
+      // While the GEMMs run: the previous step's dQ halves have been read by now (they were issued
+      // a step ago), and their stage goes back to the producer.
+      if (dq_leader && s > 0) {
+        tma_store_wait<0>();
+        pipeline.consumer_release(dq_stage);
+      }
+    }
     Tensor sc = gmma_rowcol_view(acc_s);
     // Dropout: the step's keep flags, drawn while the GEMMs run (common/dropout.h).
     [[maybe_unused]] const auto keep = [&] {
@@ -883,13 +944,39 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdVrdOt_stage, tdVrPt(_, _, _, buf), acc_dvt);
     Tensor tdKrQt_stage = tdKrQt(_, _, _, stage);
     warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdKrQt_stage, tdKrdSt(_, _, _, buf), acc_dkt);
-    wait_for_dq_turn_of_step<Traits>(p, w, bidh, m0, rows_in_tile);  // while the GEMMs run
-    warpgroup_wait<2>();  // dQ has completed
-    add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
-    warpgroup_wait<0>();
-    // After the adds: in deterministic mode the release tells bwd_pass_dq_turns they are done.
-    pipeline.consumer_release(read);
+    if constexpr (Traits::kDqTileInStage) {
+      // The warpgroup's three GEMMs have completed, so nothing reads its columns of the stage's Q
+      // and dO any more (the other warpgroup's GEMMs read only theirs): the dQ halves go there.
+      warpgroup_wait<0>();
+      store_dq_halves_in_stage<Traits>(shared, acc_dq, stage, warpgroup);
+      cutlass::arch::NamedBarrier::sync(128, kBarrierWarpgroup0 + warpgroup);
+      if (dq_leader) {
+        CUTE_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          Tensor dq_half = make_tensor(make_smem_ptr(dq_half_in_stage<Traits>(shared, stage, warpgroup, half)),
+                                       typename Traits::SmemLayoutdQTile{});
+          reduce_dq_tile_by_tma<Traits>(args, dq_half, w, bidh, m0, 0, 2 * warpgroup + half);
+        }
+        dq_stage = read;  // released once the reduce-adds have read it
+      } else {
+        pipeline.consumer_release(read);
+      }
+    } else {
+      wait_for_dq_turn_of_step<Traits>(p, w, bidh, m0, rows_in_tile);  // while the GEMMs run
+      warpgroup_wait<2>();  // dQ has completed
+      add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
+      warpgroup_wait<0>();
+      // After the adds: in deterministic mode the release tells bwd_pass_dq_turns they are done.
+      pipeline.consumer_release(read);
+    }
     ++read;
+  }
+  if constexpr (Traits::kDqTileInStage) {
+    // The last reduce-adds have read their halves before the block's shared memory goes.
+    if (dq_leader && w.steps > 0) {
+      tma_store_wait<0>();
+      pipeline.consumer_release(dq_stage);
+    }
   }
 
   // Epilogue: dK^T (times scale_grad: dS excluded the softmax scale) and dV^T, transposed by
@@ -975,7 +1062,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
     if constexpr (Traits::kSplitHeadDim) {
-      bwd_consume_head_dim_split<Traits>(params, shared, pipeline, work);
+      bwd_consume_head_dim_split<Traits>(args, shared, pipeline, work);
     } else {
       bwd_consume_keys_split<Traits>(args, shared, pipeline, work);
     }
