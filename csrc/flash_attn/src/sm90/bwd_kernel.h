@@ -456,35 +456,37 @@ __device__ __forceinline__ void reduce_dq_tile_from_tiles(const Sm90BwdArgs<Trai
   reduce_dq_tile_by_tma<Traits>(args, dq_tile, w, bidh, m0, tile_m, tile_n);
 }
 
-// Head dim 256, default variant (Traits::kDqTileInStage): warpgroup w's dQ halves in its columns
-// of the step's Q buffer (half 0) and dO buffer (half 1), each 64 x 64 fp32 in 16 KiB.
+// Head dim 256, default variant (Traits::kDqTileInStage): quarter k (dQ columns [32 k, 32 k + 32)
+// of warpgroup w's tile) in one of the 64-column blocks of the step's Q and dO buffers that only
+// warpgroup w's GEMMs read: Q's block w (k = 0) and 2 + w (k = 1), dO's likewise (k = 2, 3); each
+// 64 x 32 fp32 in 8 KiB.
 template <typename Traits>
-__device__ __forceinline__ float* dq_half_in_stage(typename Traits::SharedStorage& shared, int stage, int warpgroup,
-                                                   int half) {
-  typename Traits::Element* buffer = half == 0 ? shared.q.data() : shared.dout.data();
-  return reinterpret_cast<float*>(buffer + stage * Traits::kBlockM * Traits::kHeadDim +
-                                  warpgroup * Traits::kBlockM * Traits::kDqTileN);
+__device__ __forceinline__ float* dq_quarter_in_stage(typename Traits::SharedStorage& shared, int stage,
+                                                      int warpgroup, int quarter) {
+  typename Traits::Element* buffer = quarter < 2 ? shared.q.data() : shared.dout.data();
+  const int column_block = (quarter % 2) * 2 + warpgroup;
+  return reinterpret_cast<float*>(buffer + (stage * Traits::kHeadDim + column_block * 64) * Traits::kBlockM);
 }
 
-// This thread's part of its warpgroup's dQ fragment to the warpgroup's halves in the step's Q and
-// dO buffers (Traits::kDqTileInStage), fenced for the TMA unit. Fragment elements [0, n/2) are the
-// first 64 columns, [n/2, n) the next 64 (the GMMA C layout orders a thread's values by column
-// group last).
+// This thread's part of its warpgroup's dQ fragment to the warpgroup's quarters in the step's Q
+// and dO buffers (Traits::kDqTileInStage), fenced for the TMA unit. Fragment elements
+// [k n/4, (k + 1) n/4) are columns [32 k, 32 k + 32) (the GMMA C layout orders a thread's values
+// by 8-column group last).
 template <typename Traits, typename TAcc>
-__device__ __forceinline__ void store_dq_halves_in_stage(typename Traits::SharedStorage& shared, TAcc const& acc_dq,
-                                                         int stage, int warpgroup) {
+__device__ __forceinline__ void store_dq_quarters_in_stage(typename Traits::SharedStorage& shared,
+                                                           TAcc const& acc_dq, int stage, int warpgroup) {
   int lane_in_warpgroup = int(threadIdx.x) % 128;
   asm volatile("" : "+r"(lane_in_warpgroup));
-  auto thr = typename Traits::TiledMmadQHalf{}.get_thread_slice(lane_in_warpgroup);
-  constexpr int kHalf = decltype(size(acc_dq))::value / 2;
+  auto thr = typename Traits::TiledMmadQPart{}.get_thread_slice(lane_in_warpgroup);
+  constexpr int kPart = decltype(size(acc_dq))::value / 4;
   CUTE_UNROLL
-  for (int half = 0; half < 2; ++half) {
-    Tensor sdQ = make_tensor(make_smem_ptr(dq_half_in_stage<Traits>(shared, stage, warpgroup, half)),
+  for (int quarter = 0; quarter < 4; ++quarter) {
+    Tensor sdQ = make_tensor(make_smem_ptr(dq_quarter_in_stage<Traits>(shared, stage, warpgroup, quarter)),
                              typename Traits::SmemLayoutdQTile{});
     Tensor dst = thr.partition_C(sdQ);
-    static_assert(decltype(size(dst))::value == kHalf);
+    static_assert(decltype(size(dst))::value == kPart);
     CUTE_UNROLL
-    for (int i = 0; i < kHalf; ++i) dst(i) = acc_dq(half * kHalf + i);
+    for (int i = 0; i < kPart; ++i) dst(i) = acc_dq(quarter * kPart + i);
   }
   cutlass::arch::fence_view_async_shared();
 }
@@ -802,9 +804,9 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Tra
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
   const int consumer_tidx = threadIdx.x - 128;
   // Named barriers (0 is __syncthreads'): 1 spans all consumer warpgroups; with kDqTileInStage 2
-  // and 3 are one warpgroup's each (its dQ halves are stored).
+  // and 3 are one warpgroup's each (its dQ quarters are stored).
   constexpr int kBarrierConsumers = 1, kBarrierWarpgroup0 = 2;
-  // kDqTileInStage: each warpgroup's leader adds its dQ halves by TMA and releases their stage a
+  // kDqTileInStage: each warpgroup's leader adds its dQ quarters by TMA and releases their stage a
   // step later, once the reduce-adds have read it (dq_stage: that stage's pipeline state).
   [[maybe_unused]] const int warpgroup = consumer_tidx / 128;
   [[maybe_unused]] const bool dq_leader = consumer_tidx % 128 == 0;
@@ -873,8 +875,8 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Tra
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tSrQ_stage, tSrK, acc_s);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tdPrdO_stage, tdPrV, acc_dp);
     if constexpr (Traits::kDqTileInStage) {
-      // While the GEMMs run: the previous step's dQ halves have been read by now (they were issued
-      // a step ago), and their stage goes back to the producer.
+      // While the GEMMs run: the previous step's dQ quarters have been read by now (they were
+      // issued a step ago), and their stage goes back to the producer.
       if (dq_leader && s > 0) {
         tma_store_wait<0>();
         pipeline.consumer_release(dq_stage);
@@ -945,17 +947,18 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Tra
     Tensor tdKrQt_stage = tdKrQt(_, _, _, stage);
     warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdKrQt_stage, tdKrdSt(_, _, _, buf), acc_dkt);
     if constexpr (Traits::kDqTileInStage) {
-      // The warpgroup's three GEMMs have completed, so nothing reads its columns of the stage's Q
-      // and dO any more (the other warpgroup's GEMMs read only theirs): the dQ halves go there.
+      // The warpgroup's three GEMMs have completed, so nothing reads its column blocks of the
+      // stage's Q and dO any more (the other warpgroup's GEMMs read only theirs): the dQ quarters
+      // go there.
       warpgroup_wait<0>();
-      store_dq_halves_in_stage<Traits>(shared, acc_dq, stage, warpgroup);
+      store_dq_quarters_in_stage<Traits>(shared, acc_dq, stage, warpgroup);
       cutlass::arch::NamedBarrier::sync(128, kBarrierWarpgroup0 + warpgroup);
       if (dq_leader) {
         CUTE_UNROLL
-        for (int half = 0; half < 2; ++half) {
-          Tensor dq_half = make_tensor(make_smem_ptr(dq_half_in_stage<Traits>(shared, stage, warpgroup, half)),
+        for (int quarter = 0; quarter < 4; ++quarter) {
+          Tensor dq_part = make_tensor(make_smem_ptr(dq_quarter_in_stage<Traits>(shared, stage, warpgroup, quarter)),
                                        typename Traits::SmemLayoutdQTile{});
-          reduce_dq_tile_by_tma<Traits>(args, dq_half, w, bidh, m0, 0, 2 * warpgroup + half);
+          reduce_dq_tile_by_tma<Traits>(args, dq_part, w, bidh, m0, 0, 4 * warpgroup + quarter);
         }
         dq_stage = read;  // released once the reduce-adds have read it
       } else {
@@ -972,7 +975,7 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Tra
     ++read;
   }
   if constexpr (Traits::kDqTileInStage) {
-    // The last reduce-adds have read their halves before the block's shared memory goes.
+    // The last reduce-adds have read their quarters before the block's shared memory goes.
     if (dq_leader && w.steps > 0) {
       tma_store_wait<0>();
       pipeline.consumer_release(dq_stage);
