@@ -606,7 +606,8 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
   const int consumer_tidx = threadIdx.x - 128;
   const int warpgroup = consumer_tidx / 128;
-  // Named barriers (0 is __syncthreads'): 1 spans both consumer warpgroups, 2 and 3 one each.
+  // Named barriers (CUTLASS user ids, mapped above its reserved hardware ids 0-7): 1 spans both
+  // consumer warpgroups, 2 and 3 one each.
   constexpr int kBarrierConsumers = 1, kBarrierWarpgroup0 = 2;
 
   Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
@@ -803,8 +804,9 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Tra
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
   const int consumer_tidx = threadIdx.x - 128;
-  // Named barriers (0 is __syncthreads'): 1 spans all consumer warpgroups; with kDqTileInStage 2
-  // and 3 are one warpgroup's each (its dQ quarters are stored).
+  // Named barriers (CUTLASS user ids, mapped above its reserved hardware ids 0-7): 1 spans all
+  // consumer warpgroups; with kDqTileInStage 2 and 3 are one warpgroup's each (its dQ quarters
+  // are stored).
   constexpr int kBarrierConsumers = 1, kBarrierWarpgroup0 = 2;
   // kDqTileInStage: each warpgroup's leader adds its dQ quarters by TMA and releases their stage a
   // step later, once the reduce-adds have read it (dq_stage: that stage's pipeline state).
