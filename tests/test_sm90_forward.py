@@ -187,17 +187,29 @@ VARLEN_LENGTHS = {
 }
 
 
-def _varlen_inputs(case, d, dtype):
-    """Padded q, k, v of VARLEN_LENGTHS[case] (6 query heads, 2 kv heads), their masks, and the
-    packed tensors with their cu_seqlens."""
-    q_lens, k_lens = (torch.tensor(x) for x in VARLEN_LENGTHS[case])
-    batch, nheads, nheads_k = len(q_lens), 6, 2
+def _varlen_inputs(q_lens, k_lens, d, dtype, nheads=6, nheads_k=2):
+    """Padded q, k, v of these sequence lengths, their masks, and the packed tensors with their
+    cu_seqlens."""
+    q_lens, k_lens = torch.as_tensor(q_lens), torch.as_tensor(k_lens)
+    batch = len(q_lens)
     max_sq, max_sk = int(q_lens.max()), int(k_lens.max())
     q, k, v = _qkv(batch, max_sq, max_sk, nheads, nheads_k, d, dtype)
     qmask, kmask = lengths_to_mask(q_lens, max_sq).to(DEVICE), lengths_to_mask(k_lens, max_sk).to(DEVICE)
     (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
     return SimpleNamespace(q=q, k=k, v=v, qmask=qmask, kmask=kmask, max_sq=max_sq, max_sk=max_sk, q_u=q_u, k_u=k_u,
                            v_u=v_u, cu_q=cu_q, cu_k=cu_k, batch=batch, nheads=nheads)
+
+
+def _assert_varlen_matches_reference(out, lse, vi, causal, mod_kw):
+    """A packed call's output and lse against the reference of the padded inputs (_varlen_inputs);
+    rows of sequences without keys are zero."""
+    out_ref, lse_ref = attention_ref(vi.q, vi.k, vi.v, vi.qmask, vi.kmask, causal=causal, **mod_kw)
+    out_pt, lse_pt = attention_ref(vi.q, vi.k, vi.v, vi.qmask, vi.kmask, causal=causal, upcast=False, **mod_kw)
+    lse_ref, lse_pt = pack_lse(lse_ref, vi.qmask), pack_lse(lse_pt, vi.qmask)
+    assert_out_close(out, pack(out_ref, vi.qmask)[0], pack(out_pt, vi.qmask)[0])
+    assert_empty_rows_zero(out, torch.isposinf(lse_ref).transpose(0, 1))
+    if lse_checkable(mod_kw["alibi_slopes"], causal, (-1, -1), vi.max_sk):
+        assert_lse_close(lse, lse_ref, lse_pt, pt_factor=2.0 if mod_kw["softcap"] > 0 else 0.0)
 
 
 @pytest.mark.parametrize("mods", [None, "softcap_alibi"], ids=["plain", "softcap_alibi"])
@@ -210,20 +222,13 @@ def test_sm90_forward_varlen(dtype, d, case, causal, mods, hopper):
     sequence's queries to its own keys (bottom-right)."""
     if not _hopper_forward_built(dtype, d):
         pytest.skip("this build has no Hopper forward for this head dim and dtype")
-    vi = _varlen_inputs(case, d, dtype)
-    q, k, v, qmask, kmask, max_sq, max_sk = vi.q, vi.k, vi.v, vi.qmask, vi.kmask, vi.max_sq, vi.max_sk
-    q_u, k_u, v_u, cu_q, cu_k = vi.q_u, vi.k_u, vi.v_u, vi.cu_q, vi.cu_k
+    vi = _varlen_inputs(*VARLEN_LENGTHS[case], d, dtype)
     mod_kw = _score_mod_kwargs(mods, vi.batch, vi.nheads) if mods else dict(softcap=0.0, alibi_slopes=None)
-    run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal, **mod_kw)  # noqa: E731
+    run = lambda: ext_varlen_fwd(vi.q_u, vi.k_u, vi.v_u, vi.cu_q, vi.cu_k, vi.max_sq, vi.max_sk,  # noqa: E731
+                                 causal=causal, **mod_kw)
     assert _runs_sm90(run) is not False
     out, lse = run()
-    out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask, causal=causal, **mod_kw)
-    out_pt, lse_pt = attention_ref(q, k, v, qmask, kmask, causal=causal, upcast=False, **mod_kw)
-    lse_ref, lse_pt = pack_lse(lse_ref, qmask), pack_lse(lse_pt, qmask)
-    assert_out_close(out, pack(out_ref, qmask)[0], pack(out_pt, qmask)[0])
-    assert_empty_rows_zero(out, torch.isposinf(lse_ref).transpose(0, 1))
-    if lse_checkable(mod_kw["alibi_slopes"], causal, (-1, -1), max_sk):
-        assert_lse_close(lse, lse_ref, lse_pt, pt_factor=2.0 if mod_kw["softcap"] > 0 else 0.0)
+    _assert_varlen_matches_reference(out, lse, vi, causal, mod_kw)
 
 
 # Split-KV on the Hopper kernel: query lengths past the split tile's 64 rows, keys over several
@@ -281,7 +286,7 @@ def test_sm90_forward_varlen_splits(dtype, d, case, causal, hopper):
     sequences, the combine kernel's varlen rows."""
     if not _hopper_forward_built(dtype, d):
         pytest.skip("this build has no Hopper forward for this head dim and dtype")
-    vi = _varlen_inputs(case, d, dtype)
+    vi = _varlen_inputs(*VARLEN_LENGTHS[case], d, dtype)
     q, k, v, qmask, kmask, max_sq, max_sk = vi.q, vi.k, vi.v, vi.qmask, vi.kmask, vi.max_sq, vi.max_sk
     q_u, k_u, v_u, cu_q, cu_k = vi.q_u, vi.k_u, vi.v_u, vi.cu_q, vi.cu_k
     run = lambda n: lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal,  # noqa: E731
@@ -314,23 +319,13 @@ def test_sm90_forward_many_tiles_per_block(dtype, d, causal, mods, num_splits, h
     k_lens = torch.randint(1, 1100, (40,), generator=generator)
     q_lens[::9] = 0
     k_lens[4::7] = 0
-    batch, nheads, nheads_k = len(q_lens), 12, 4
-    max_sq, max_sk = int(q_lens.max()), int(k_lens.max())
-    q, k, v = _qkv(batch, max_sq, max_sk, nheads, nheads_k, d, dtype)
-    qmask, kmask = lengths_to_mask(q_lens, max_sq).to(DEVICE), lengths_to_mask(k_lens, max_sk).to(DEVICE)
-    (q_u, cu_q, _, _), (k_u, cu_k, _, _), (v_u, _, _, _) = pack(q, qmask), pack(k, kmask), pack(v, kmask)
-    mod_kw = _score_mod_kwargs(mods, batch, nheads) if mods else dict(softcap=0.0, alibi_slopes=None)
-    run = lambda: ext_varlen_fwd(q_u, k_u, v_u, cu_q, cu_k, max_sq, max_sk, causal=causal,  # noqa: E731
-                                 num_splits=num_splits, **mod_kw)
+    vi = _varlen_inputs(q_lens, k_lens, d, dtype, nheads=12, nheads_k=4)
+    mod_kw = _score_mod_kwargs(mods, vi.batch, vi.nheads) if mods else dict(softcap=0.0, alibi_slopes=None)
+    run = lambda: ext_varlen_fwd(vi.q_u, vi.k_u, vi.v_u, vi.cu_q, vi.cu_k, vi.max_sq, vi.max_sk,  # noqa: E731
+                                 causal=causal, num_splits=num_splits, **mod_kw)
     assert (_runs_sm90_split if num_splits > 1 else _runs_sm90)(run) is not False
     out, lse = run()
-    out_ref, lse_ref = attention_ref(q, k, v, qmask, kmask, causal=causal, **mod_kw)
-    out_pt, lse_pt = attention_ref(q, k, v, qmask, kmask, causal=causal, upcast=False, **mod_kw)
-    lse_ref, lse_pt = pack_lse(lse_ref, qmask), pack_lse(lse_pt, qmask)
-    assert_out_close(out, pack(out_ref, qmask)[0], pack(out_pt, qmask)[0])
-    assert_empty_rows_zero(out, torch.isposinf(lse_ref).transpose(0, 1))
-    if lse_checkable(mod_kw["alibi_slopes"], causal, (-1, -1), max_sk):
-        assert_lse_close(lse, lse_ref, lse_pt, pt_factor=2.0 if mod_kw["softcap"] > 0 else 0.0)
+    _assert_varlen_matches_reference(out, lse, vi, causal, mod_kw)
 
 
 # (batch, heads, kv heads, seqlen_q, seqlen_k): a few query tiles against many key blocks, which
