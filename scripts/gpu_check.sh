@@ -119,10 +119,10 @@ bench() {
 }
 
 if [ $run_bench -eq 1 ]; then
-  # A reduced build times the prefill grid's head dims it compiled (64 / 128 / 256) ...
+  # A reduced build times the prefill grid's head dims it compiled (64 / 128 / 192 / 256) ...
   prefill_headdims=""
   if [ -n "${FLASH_ATTN_HEADDIMS:-}" ]; then
-    hd=$(echo "$FLASH_ATTN_HEADDIMS" | tr ',' '\n' | grep -xE "64|128|256" | paste -sd, -)
+    hd=$(echo "$FLASH_ATTN_HEADDIMS" | tr ',' '\n' | grep -xE "64|128|192|256" | paste -sd, -)
     [ -n "$hd" ] && prefill_headdims="--headdims $hd"
   fi
   # ... and the dtypes it compiled.
