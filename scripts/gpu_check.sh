@@ -119,12 +119,14 @@ bench() {
 }
 
 if [ $run_bench -eq 1 ]; then
-  # A reduced build times the prefill grid's head dims it compiled (64 / 128 / 256).
+  # A reduced build times the prefill grid's head dims it compiled (64 / 128 / 192 / 256) ...
   prefill_headdims=""
   if [ -n "${FLASH_ATTN_HEADDIMS:-}" ]; then
-    hd=$(echo "$FLASH_ATTN_HEADDIMS" | tr ',' '\n' | grep -xE "64|128|256" | paste -sd, -)
+    hd=$(echo "$FLASH_ATTN_HEADDIMS" | tr ',' '\n' | grep -xE "64|128|192|256" | paste -sd, -)
     [ -n "$hd" ] && prefill_headdims="--headdims $hd"
   fi
+  # ... and the dtypes it compiled.
+  [ -n "${FLASH_ATTN_DTYPES:-}" ] && prefill_headdims="$prefill_headdims --dtypes $FLASH_ATTN_DTYPES"
   for b in ${BENCH:-decode specdec host sweep}; do
     case "$b" in
       decode) bench decode benchmarks/benchmark_decode.py ;;

@@ -19,7 +19,7 @@ import torch
 
 from helpers import (
     DEVICE, assert_empty_rows_zero, assert_lse_close, assert_out_close, ext_fwd, ext_varlen_fwd, flash_attn,
-    flash_attn_gpu, kernel_names, lse_checkable, max_abs_diff, requires_gpu
+    flash_attn_gpu, kernel_names, lse_checkable, max_abs_diff, require_kernel, requires_gpu
 )
 from kvcache_reference import num_pages, paged_from_contiguous
 from reference import attention_ref, kernel_headdim, lengths_to_mask, make_alibi_slopes, pack, pack_lse
@@ -526,8 +526,7 @@ def test_sm90_forward_paged_kvcache(dtype, d, page, mask, heads, num_splits, hop
     dispatcher's rule says (page size a multiple of 128, head dim up to 128), bitwise equal to the
     same cache laid out contiguously there (same plan, same key blocks), within rounding of it
     elsewhere; both against the reference; -1 padding past each length is not reported."""
-    if kernel_headdim(d) not in [int(h) for h in flash_attn_gpu.build_info()["headdims"]]:
-        pytest.skip("this build has no kernels for this head dim")
+    require_kernel(d, dtype)
     nheads, nheads_k = HEADS[heads]
     seqlen_q = 200
     kw = dict(MASKS[mask])
@@ -576,6 +575,7 @@ def test_sm90_forward_paged_varlen(dtype, d, page, heads, causal, num_splits, ho
     """flash_attn_varlen_func with a block table: the Hopper kernel for page sizes that are
     multiples of 128 (the SM80 kernel for 64), and the result equals the packed contiguous call's
     within rounding, both against the reference."""
+    require_kernel(d, dtype)
     nheads, nheads_k = HEADS[heads]
     q_lens, k_lens = PAGED_VARLEN_LENGTHS
     batch, max_sq, max_sk = len(q_lens), max(q_lens), max(k_lens)

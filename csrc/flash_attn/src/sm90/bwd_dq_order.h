@@ -23,25 +23,34 @@
 // assumes that the hardware starts the thread blocks of a grid in increasing linear index (x
 // fastest), which CUDA does not promise but its GPUs do: then every block with a lower index has
 // started and is finished or resident, the lowest unfinished block waits for nobody, finishes and
-// frees its SM, and so on. Within a block nothing waits in a circle: the producer thread that
+// frees its SM, and so on. Within a block nothing waits in a circle: with atomics, the thread that
 // passes the turns passes a step's turn on once the consumers released that step, waiting for
-// nothing else. The grid is one thread block per key block, not persistent; a persistent grid
+// nothing else; with the dQ writer, the writer waits for the turn (earlier blocks only) and for
+// the step's tiles, which the consumers store after waiting only for the previous step's tiles to
+// be handed back, which the writer did before it waited again. The grid is one thread block per key block, not persistent; a persistent grid
 // would keep the argument only if each block took tiles in increasing linear order and finished
 // one before taking the next. GQA: a block walks the query heads of its group one after the
 // other; each (b, h, m) has its own count, and every key block waiting on it belongs to the same
 // kv head, so to the same run of linear indices.
 //
-// Who does what (the same in both consumer loops of sm90/bwd_kernel.h, at every kernel head dim).
-// Only the consumer warps wait: after issuing a step's dQ GEMM (with the head dim split, also its
-// dV^T and dK^T GEMMs) each consumer thread reads the count (acquire) until its turn, overlapped
-// with the GEMMs, adds its part with atomics and then releases the step's Q/dO stage (mbarrier
-// arrive: release at block scope, so the adds happen before it). The stage's empty barrier counts
-// one arrival per consumer thread of every consumer warpgroup (two, or three at head dim 192; a
-// one-block cluster, so every thread signals), so it completes only after all of the step's adds.
-// One producer thread of its own (lane 0 of the warp after the row-stat warps: warp 2, or 3 at
-// head dim 64, whose two row-stat warps have no registers to spare at 24) waits for that
-// completion and raises the count (release at GPU scope, cumulative: the consumers' adds are
-// performed before the new count is seen). The TMA thread and the row-stat warps keep their pace.
+// Who does what. Keys split (head dims 64, 96, 128; Traits::kDqByTma), the dQ writer warp:
+// warp kRowStatWarps + 1 of the producer warpgroup. Per step it waits for the turn (lane 0,
+// acquire; overlapped with the consumers' step), then for each consumer warpgroup's fp32 dQ tile
+// (named barrier "dQ tile full", sm90/bwd_kernel.h), issues the tiles' TMA reduce-adds, waits
+// until they have completed (cp.async.bulk.wait_group 0: written, not only read) and passes the
+// turn (release at GPU scope, after a proxy fence: the reduce-adds are async-proxy writes); then
+// it hands the tiles back ("dQ tile empty"). The consumers neither wait for turns nor for L2:
+// they store their tile, arrive, and wait only for the previous step's tile to be empty, a step
+// later. A turn is held from the acquire to the pass, about one L2 round trip of the reduce-adds.
+//
+// Head dim split (192, 256; float2 atomics in the deterministic variants): after issuing a step's dQ, dV^T and dK^T GEMMs each
+// consumer thread reads the count (acquire) until its turn, overlapped with the GEMMs, adds its
+// part with atomics and then releases the step's Q/dO stage (mbarrier arrive: release at block
+// scope, so the adds happen before it). The stage's empty barrier counts one arrival per consumer
+// thread (a one-block cluster, so every thread signals), so it completes only after all of the
+// step's adds. Lane 0 of the warp after the row-stat warps waits for that completion and raises
+// the count (release at GPU scope, cumulative: the consumers' adds are performed before the new
+// count is seen). The TMA thread and the row-stat warps keep their pace.
 #pragma once
 
 #include <cstdint>
@@ -73,20 +82,31 @@ __device__ __forceinline__ int dq_adds_before(const BwdParams& p, const SeqInfo&
   return visible_key_blocks<kBlockN>(p, seq, m0, rows_in_tile).max - 1 - n_block;
 }
 
-// Consumer thread: returns once `adds_before` key blocks have added into the count's rows. The
-// acquire load orders this thread's atomics after theirs.
+// Returns once `adds_before` key blocks have added into the count's rows. The acquire load orders
+// this thread's later adds after theirs; the proxy fence extends that to the TMA reduce-adds the
+// dQ writer issues next (async proxy).
 __device__ __forceinline__ void wait_for_dq_turn(const int* count, int adds_before) {
   if (adds_before == 0) return;
   int done;
   do {
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(done) : "l"(count) : "memory");
   } while (done < adds_before);
+  asm volatile("fence.proxy.async.global;" : : : "memory");
 }
 
-// One thread of the block, after every consumer thread released the stage of the step that added
-// into the count's rows: the next key block's turn.
+// One thread of the block, once the step's adds into the count's rows are performed: the next key
+// block's turn.
 __device__ __forceinline__ void pass_dq_turn(int* count) {
   asm volatile("red.release.gpu.global.add.s32 [%0], 1;" : : "l"(count) : "memory");
+}
+
+// The dQ writer, after issuing (and committing) the step's TMA reduce-adds: waits until they have
+// completed, their writes included (not .read, which only frees the shared-memory source), orders
+// them before the generic-proxy release, and passes the turn.
+__device__ __forceinline__ void pass_dq_turn_after_bulk_reduces(int* count) {
+  asm volatile("cp.async.bulk.wait_group 0;" : : : "memory");
+  asm volatile("fence.proxy.async.global;" : : : "memory");
+  pass_dq_turn(count);
 }
 
 }  // namespace flash

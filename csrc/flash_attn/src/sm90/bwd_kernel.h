@@ -4,7 +4,8 @@
 // One thread block per (key block of kBlockN keys, batch, kv head). Warpgroup 0 produces: thread
 // 0 loads K and V once and Q, dO of every step (TMA) into a two-stage ring; warps 1 to
 // kRowStatWarps copy the step's lse (in log2 units) and D into shared memory beside them; in
-// deterministic mode lane 0 of the next warp passes the dQ turns on (bwd_pass_dq_turns). The
+// deterministic mode the next warp adds dQ in turns (bwd_write_dq_in_turns, keys split) or its
+// lane 0 passes the turns of the consumers' atomics on (bwd_pass_dq_turns, head dim split). The
 // other warpgroups consume; a step is one kBlockM-query block of one query head of the GQA group
 // (every query head of the group in turn, as the SM80 kernel does, so dK and dV sum the group in
 // registers). The traits (sm90/bwd_kernel_traits.h) choose how the consumers split the work.
@@ -19,8 +20,8 @@
 //                                                half of dQ's columns, or of its rows at 128-query
 //                                                steps), staged as fp32 in shared memory and added
 //                                                to the dQ accumulator by one TMA reduce-add per
-//                                                warpgroup (add_dq_by_tma; float2 atomics in the
-//                                                deterministic variant)
+//                                                warpgroup (reduce_dq_tile_by_tma: its leader, or
+//                                                the dQ writer warp when deterministic)
 //
 // Head dim split (kernel head dims 192, 256; bwd_consume_head_dim_split): W warpgroups, each
 // kBlockN / W keys of S and dP and d / W rows of dK^T and dV^T.
@@ -29,14 +30,18 @@
 //   dS = P o (dP - D)                           (registers), to smem
 //   dQ = dS K                                   (SS, every warpgroup's dS; d-columns of the
 //                                                warpgroup), added to the accumulator with float2
-//                                                atomics (no shared memory left for the tile)
+//                                                atomics, or at head dim 256 (default variant) by
+//                                                TMA reduce-adds from the warpgroup's columns of
+//                                                the step's Q and dO buffers (kDqTileInStage)
 //   dV^T += dO^T P, dK^T += Q^T dS              (SS, every warpgroup's P / dS; d-rows of the
 //                                                warpgroup)
 //
-// The atomics are add_dq_to_accumulator; in deterministic mode (Traits::kDeterministic)
-// the key blocks take turns at each query block's rows in a fixed order (sm90/bwd_dq_order.h):
-// wait_for_dq_turn_of_step before the adds, and a producer thread of its own (bwd_pass_dq_turns)
-// passes the turn on once the stage release that follows them completes.
+// The atomics are add_dq_to_accumulator. In deterministic mode (Traits::kDeterministic) the key
+// blocks take turns at each query block's rows in a fixed order (sm90/bwd_dq_order.h): with the
+// keys split the dQ writer warp waits for the turn, adds both warpgroups' tiles and passes the turn
+// once they have completed; with the head dim split the consumers wait (wait_for_dq_turn_of_step)
+// before their atomics and a producer thread (bwd_pass_dq_turns) passes the turn on once the
+// stage release that follows them completes.
 //
 // dK is scaled by scale_grad at the end (dS excludes the softmax scale, as in the SM80 kernels);
 // the dQ convert kernel applies it to dQ.
@@ -423,32 +428,136 @@ __device__ __forceinline__ void add_dq_to_accumulator(const BwdParams& p, const 
   }
 }
 
-// A step's dQ tile of this warpgroup (Traits::kDqByTma) added into the dQ accumulator: the
-// fragment to the warpgroup's fp32 tile in shared memory, then one thread issues the TMA
-// reduce-add of the whole tile. The tile is free: its previous reduce-add has read it
-// (tma_store_wait before the step's consumer barrier). The warpgroup's tile sits at (tile_m,
-// tile_n) of the step's (kBlockM x kHeadDim) block. The thread index is opaque here so that the
-// fragment's shared-memory addresses are computed where they are used, not held through the loop.
-template <typename Traits, typename TAcc>
-__device__ __forceinline__ void add_dq_by_tma(const Sm90BwdArgs<Traits>& args, typename Traits::SharedStorage& shared,
-                                              const Sm90BwdWork& w, TAcc const& acc_dq, int bidh, int m0, int tile_m,
-                                              int tile_n, int warpgroup_barrier, bool leader) {
+// A staged dQ tile (Traits::SmemLayoutdQTile, kDqTileM x kDqStagedN fp32 in shared memory) added
+// into the dQ accumulator at tile (tile_m, tile_n) of the step's (kBlockM x kHeadDim) block by one
+// TMA reduce-add (one thread; committed as a bulk async-group of its own).
+template <typename Traits, typename TTile>
+__device__ __forceinline__ void reduce_dq_tile_by_tma(const Sm90BwdArgs<Traits>& args, TTile const& dq_tile,
+                                                      const Sm90BwdWork& w, int bidh, int m0, int tile_m,
+                                                      int tile_n) {
   const BwdParams& p = args.params;
+  Tensor mdQ = args.tma_dq.get_tma_tensor(dq_accum_extent(p, Traits::kHeadDim))(_, _, bidh);
+  Tensor gdQ = local_tile(domain_offset(make_coord(w.seq.q_row(p, w.bidb, m0), _0{}), mdQ),
+                          Shape<Int<Traits::kDqTileM>, Int<Traits::kDqStagedN>>{}, make_coord(tile_m, tile_n));
+  auto tma = args.tma_dq.get_slice(_0{});
+  copy(args.tma_dq, tma.partition_S(dq_tile), tma.partition_D(gdQ));
+  tma_store_arrive();
+}
+
+// Keys split: a consumer warpgroup's dQ tile at (tile_m, tile_n) of the step's block in the dQ
+// tiles' shared memory, added into the accumulator (reduce_dq_tile_by_tma).
+template <typename Traits>
+__device__ __forceinline__ void reduce_dq_tile_from_tiles(const Sm90BwdArgs<Traits>& args,
+                                                          typename Traits::SharedStorage& shared,
+                                                          const Sm90BwdWork& w, int bidh, int m0, int tile_m,
+                                                          int tile_n) {
   Tensor sdQ = make_tensor(make_smem_ptr(shared.dq.data()), typename Traits::SmemLayoutdQ{});
-  Tensor dq_tile = local_tile(sdQ, Shape<Int<Traits::kDqTileM>, Int<Traits::kDqTileN>>{}, make_coord(tile_m, tile_n));
+  Tensor dq_tile = local_tile(sdQ, Shape<Int<Traits::kDqTileM>, Int<Traits::kDqStagedN>>{}, make_coord(tile_m, tile_n));
+  reduce_dq_tile_by_tma<Traits>(args, dq_tile, w, bidh, m0, tile_m, tile_n);
+}
+
+// Head dim 256, default variant (Traits::kDqTileInStage): quarter k (dQ columns [32 k, 32 k + 32)
+// of warpgroup w's tile) in one of the 64-column blocks of the step's Q and dO buffers that only
+// warpgroup w's GEMMs read: Q's block w (k = 0) and 2 + w (k = 1), dO's likewise (k = 2, 3); each
+// 64 x 32 fp32 in 8 KiB.
+template <typename Traits>
+__device__ __forceinline__ float* dq_quarter_in_stage(typename Traits::SharedStorage& shared, int stage,
+                                                      int warpgroup, int quarter) {
+  typename Traits::Element* buffer = quarter < 2 ? shared.q.data() : shared.dout.data();
+  const int column_block = (quarter % 2) * 2 + warpgroup;
+  return reinterpret_cast<float*>(buffer + (stage * Traits::kHeadDim + column_block * 64) * Traits::kBlockM);
+}
+
+// This thread's part of its warpgroup's dQ fragment to the warpgroup's quarters in the step's Q
+// and dO buffers (Traits::kDqTileInStage), fenced for the TMA unit. Fragment elements
+// [k n/4, (k + 1) n/4) are columns [32 k, 32 k + 32) (the GMMA C layout orders a thread's values
+// by 8-column group last).
+template <typename Traits, typename TAcc>
+__device__ __forceinline__ void store_dq_quarters_in_stage(typename Traits::SharedStorage& shared,
+                                                           TAcc const& acc_dq, int stage, int warpgroup) {
+  int lane_in_warpgroup = int(threadIdx.x) % 128;
+  asm volatile("" : "+r"(lane_in_warpgroup));
+  auto thr = typename Traits::TiledMmadQPart{}.get_thread_slice(lane_in_warpgroup);
+  constexpr int kPart = decltype(size(acc_dq))::value / 4;
+  CUTE_UNROLL
+  for (int quarter = 0; quarter < 4; ++quarter) {
+    Tensor sdQ = make_tensor(make_smem_ptr(dq_quarter_in_stage<Traits>(shared, stage, warpgroup, quarter)),
+                             typename Traits::SmemLayoutdQTile{});
+    Tensor dst = thr.partition_C(sdQ);
+    static_assert(decltype(size(dst))::value == kPart);
+    CUTE_UNROLL
+    for (int i = 0; i < kPart; ++i) dst(i) = acc_dq(quarter * kPart + i);
+  }
+  cutlass::arch::fence_view_async_shared();
+}
+
+// Where a consumer warpgroup's dQ tile sits in the step's block: its rows at 128-query steps
+// (kDqSplitsQueries), else its columns.
+template <typename Traits>
+__device__ __forceinline__ int dq_tile_m(int warpgroup) {
+  return Traits::kDqSplitsQueries ? warpgroup : 0;
+}
+template <typename Traits>
+__device__ __forceinline__ int dq_tile_n(int warpgroup) {
+  return Traits::kDqSplitsQueries ? 0 : warpgroup;
+}
+
+// This thread's part of its warpgroup's dQ fragment to the warpgroup's fp32 tile in shared memory,
+// fenced for the TMA unit (generic-proxy stores, async-proxy reads). The tile is free: its
+// previous reduce-add has read it. The thread index is opaque here so that the fragment's
+// shared-memory addresses are computed where they are used, not held through the loop.
+template <typename Traits, typename TAcc>
+__device__ __forceinline__ void store_dq_tile(typename Traits::SharedStorage& shared, TAcc const& acc_dq) {
+  Tensor sdQ = make_tensor(make_smem_ptr(shared.dq.data()), typename Traits::SmemLayoutdQ{});
   int consumer_tidx = int(threadIdx.x) - 128;
   asm volatile("" : "+r"(consumer_tidx));
   typename Traits::TiledMmadQ mma_dq;
   copy(acc_dq, mma_dq.get_thread_slice(consumer_tidx).partition_C(sdQ));
-  cutlass::arch::fence_view_async_shared();  // generic-proxy stores, read by the TMA unit
-  cutlass::arch::NamedBarrier::sync(128, warpgroup_barrier);
-  if (leader) {
-    Tensor mdQ = args.tma_dq.get_tma_tensor(dq_accum_extent(p, Traits::kHeadDim))(_, _, bidh);
-    Tensor gdQ = local_tile(domain_offset(make_coord(w.seq.q_row(p, w.bidb, m0), _0{}), mdQ),
-                            Shape<Int<Traits::kDqTileM>, Int<Traits::kDqTileN>>{}, make_coord(tile_m, tile_n));
-    auto tma = args.tma_dq.get_slice(_0{});
-    copy(args.tma_dq, tma.partition_S(dq_tile), tma.partition_D(gdQ));
-    tma_store_arrive();
+  cutlass::arch::fence_view_async_shared();
+}
+
+// Named barriers of the deterministic dQ writer (user ids; 1-3 are the consumers', sm90/bwd_kernel.h
+// bwd_consume_keys_split), one per consumer warpgroup, each between its 128 threads and the
+// writer warp: "full" (the consumers arrive once their tile is stored, the writer waits) and
+// "empty" (the writer arrives once the tile's reduce-add has completed, the consumers wait before
+// storing the next one).
+constexpr int kBarrierDqFull0 = 4, kBarrierDqEmpty0 = 6;
+constexpr int kDqWriterBarrierThreads = 128 + 32;
+static_assert(kBarrierDqEmpty0 + 1 + cutlass::arch::NamedBarrier::ReservedNamedBarrierCount <
+              cutlass::arch::NamedBarrier::HardwareMaxNumNamedBarriers);
+
+// The dQ writer warp of the deterministic variant (Traits::kDqByTma), all 32 lanes: per step, the
+// turn (lane 0), then each consumer warpgroup's tile as it is stored, added by TMA reduce-adds
+// (lane 0), completed, the turn passed, the tiles handed back (sm90/bwd_dq_order.h).
+template <typename Traits>
+__device__ __forceinline__ void bwd_write_dq_in_turns(const Sm90BwdArgs<Traits>& args,
+                                                      typename Traits::SharedStorage& shared, const Sm90BwdWork& w) {
+  static_assert(Traits::kNConsumerWarpgroups == 2, "two full and two empty barriers");
+  constexpr int kBlockM = Traits::kBlockM;
+  const BwdParams& p = args.params;
+  const bool lane0 = threadIdx.x % 32 == 0;
+#pragma unroll 1
+  for (int s = 0; s < w.steps; ++s) {
+    const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
+    int* count = dq_add_count<kBlockM>(p, w.bidb, bidh, m0 / kBlockM);
+    if (lane0) {
+      wait_for_dq_turn(count, dq_adds_before<Traits::kBlockN>(p, w.seq, m0, min(kBlockM, w.seq.seqlen_q - m0),
+                                                              w.n0 / Traits::kBlockN));
+    }
+    // bar.sync is warp-aligned: the lanes reconverge after each lane-0 section.
+    __syncwarp();
+    CUTE_UNROLL
+    for (int wg = 0; wg < Traits::kNConsumerWarpgroups; ++wg) {
+      cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqFull0 + wg);
+      if (lane0) reduce_dq_tile_from_tiles<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(wg), dq_tile_n<Traits>(wg));
+      __syncwarp();
+    }
+    if (lane0) pass_dq_turn_after_bulk_reduces(count);
+    __syncwarp();
+    CUTE_UNROLL
+    for (int wg = 0; wg < Traits::kNConsumerWarpgroups; ++wg) {
+      cutlass::arch::NamedBarrier::arrive(kDqWriterBarrierThreads, kBarrierDqEmpty0 + wg);
+    }
   }
 }
 
@@ -530,11 +639,7 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
   // (key, query) of every S^T element this thread holds, relative to the block and the step.
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
   Tensor tScS_rc = gmma_rowcol_view(tScS);
-  // (query, d) of every dQ element this thread holds.
-  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  // With Traits::kDqByTma: this warpgroup's fp32 dQ tile in the step's block; one thread per
-  // warpgroup issues and awaits its reduce-adds.
-  const int dq_tile_m = Traits::kDqSplitsQueries ? warpgroup : 0, dq_tile_n = Traits::kDqSplitsQueries ? 0 : warpgroup;
+  // Default variant: one thread per warpgroup issues and awaits its dQ tile's reduce-adds.
   const bool dq_leader = consumer_tidx % 128 == 0;
   auto ds_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomdS{}, mma_sdp);
   auto thr_ds_copy = ds_copy.get_thread_slice(consumer_tidx);
@@ -629,38 +734,42 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
     warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, stage), acc_dk);
 
     // Both warpgroups' dS^T are in the buffer. The other buffer is free: each warpgroup waited for
-    // its previous dQ GEMM (which read it) before arriving here. With the dQ tiles in shared
-    // memory, each warpgroup's leader first waits until its previous reduce-add has read its tile,
-    // so past the barrier the tiles are free too.
-    if constexpr (Traits::kDqByTma) {
+    // its previous dQ GEMM (which read it) before arriving here. Default variant: each
+    // warpgroup's leader first waits until its previous reduce-add has read its dQ tile, so past
+    // the barrier the tiles are free too (deterministic: the dQ writer hands them back).
+    if constexpr (!Traits::kDeterministic) {
       if (dq_leader) tma_store_wait<0>();
     }
     cutlass::arch::NamedBarrier::sync(kConsumerThreads, kBarrierConsumers);
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
     warpgroup_gemm</*kZeroInit=*/true>(mma_dq, tdQrdS_buf, tdQrKt, acc_dq);
-    wait_for_dq_turn_of_step<Traits>(p, w, bidh, m0, rows_in_tile);  // while the GEMM runs
     warpgroup_wait<0>();
     // The register operands stay untouched until here, where their GEMMs have completed.
     warpgroup_fence_operand(rP);
     warpgroup_fence_operand(rdS);
-    auto release_stage = [&] {
-      pipeline.consumer_release(read);
-      ++read;
-    };
-    // Deterministic: after the adds below, so the release tells bwd_pass_dq_turns they are done.
-    if constexpr (!Traits::kDeterministic) release_stage();
+    pipeline.consumer_release(read);
+    ++read;
 
-    if constexpr (Traits::kDqByTma) {
-      add_dq_by_tma(args, shared, w, acc_dq, bidh, m0, dq_tile_m, dq_tile_n, kBarrierWarpgroup0 + warpgroup,
-                    dq_leader);
+    // The step's dQ tile through shared memory into the accumulator (Traits::kDqByTma).
+    if constexpr (Traits::kDeterministic) {
+      if (s > 0) cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqEmpty0 + warpgroup);
+      store_dq_tile<Traits>(shared, acc_dq);
+      cutlass::arch::NamedBarrier::arrive(kDqWriterBarrierThreads, kBarrierDqFull0 + warpgroup);
     } else {
-      add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
+      store_dq_tile<Traits>(shared, acc_dq);
+      cutlass::arch::NamedBarrier::sync(128, kBarrierWarpgroup0 + warpgroup);
+      if (dq_leader) {
+        reduce_dq_tile_from_tiles<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(warpgroup),
+                                          dq_tile_n<Traits>(warpgroup));
+      }
     }
-    if constexpr (Traits::kDeterministic) release_stage();
   }
-  // The last reduce-adds have read their tiles before the block's shared memory goes.
-  if constexpr (Traits::kDqByTma) {
+  // The last reduce-adds have read their tiles before the block's shared memory goes (and, with
+  // the dQ writer, the last "empty" arrival is paired).
+  if constexpr (Traits::kDeterministic) {
+    if (w.steps > 0) cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqEmpty0 + warpgroup);
+  } else {
     if (dq_leader) tma_store_wait<0>();
   }
 
@@ -686,16 +795,24 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
 // memory, and, once every warpgroup's parts are there, accumulates its d-rows of dV^T += dO^T P
 // and dK^T += Q^T dS and computes its d-columns of dQ = dS K.
 template <typename Traits>
-__device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, typename Traits::SharedStorage& shared,
+__device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Traits>& args,
+                                                           typename Traits::SharedStorage& shared,
                                                            typename Traits::Pipeline& pipeline,
                                                            const Sm90BwdWork& w) {
+  const BwdParams& p = args.params;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
   const int consumer_tidx = threadIdx.x - 128;
-  // Named barrier 1 (a CUTLASS user id, mapped above its reserved hardware ids 0-7) spans all
-  // consumer warpgroups.
-  constexpr int kBarrierConsumers = 1;
+  // Named barriers (CUTLASS user ids, mapped above its reserved hardware ids 0-7): 1 spans all
+  // consumer warpgroups; with kDqTileInStage 2 and 3 are one warpgroup's each (its dQ quarters
+  // are stored).
+  constexpr int kBarrierConsumers = 1, kBarrierWarpgroup0 = 2;
+  // kDqTileInStage: each warpgroup's leader adds its dQ quarters by TMA and releases their stage a
+  // step later, once the reduce-adds have read it (dq_stage: that stage's pipeline state).
+  [[maybe_unused]] const int warpgroup = consumer_tidx / 128;
+  [[maybe_unused]] const bool dq_leader = consumer_tidx % 128 == 0;
+  [[maybe_unused]] typename Traits::PipelineState dq_stage;
 
   Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sdO = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQ{});
@@ -759,6 +876,14 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     Tensor tdPrdO_stage = tdPrdO(_, _, _, stage);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tSrQ_stage, tSrK, acc_s);
     warpgroup_gemm</*kZeroInit=*/true>(mma_sdp, tdPrdO_stage, tdPrV, acc_dp);
+    if constexpr (Traits::kDqTileInStage) {
+      // While the GEMMs run: the previous step's dQ quarters have been read by now (they were
+      // issued a step ago), and their stage goes back to the producer.
+      if (dq_leader && s > 0) {
+        tma_store_wait<0>();
+        pipeline.consumer_release(dq_stage);
+      }
+    }
     Tensor sc = gmma_rowcol_view(acc_s);
     // Dropout: the step's keep flags, drawn while the GEMMs run (common/dropout.h).
     [[maybe_unused]] const auto keep = [&] {
@@ -823,13 +948,40 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const BwdParams& p, t
     warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdVrdOt_stage, tdVrPt(_, _, _, buf), acc_dvt);
     Tensor tdKrQt_stage = tdKrQt(_, _, _, stage);
     warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdKrQt_stage, tdKrdSt(_, _, _, buf), acc_dkt);
-    wait_for_dq_turn_of_step<Traits>(p, w, bidh, m0, rows_in_tile);  // while the GEMMs run
-    warpgroup_wait<2>();  // dQ has completed
-    add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
-    warpgroup_wait<0>();
-    // After the adds: in deterministic mode the release tells bwd_pass_dq_turns they are done.
-    pipeline.consumer_release(read);
+    if constexpr (Traits::kDqTileInStage) {
+      // The warpgroup's three GEMMs have completed, so nothing reads its column blocks of the
+      // stage's Q and dO any more (the other warpgroup's GEMMs read only theirs): the dQ quarters
+      // go there.
+      warpgroup_wait<0>();
+      store_dq_quarters_in_stage<Traits>(shared, acc_dq, stage, warpgroup);
+      cutlass::arch::NamedBarrier::sync(128, kBarrierWarpgroup0 + warpgroup);
+      if (dq_leader) {
+        CUTE_UNROLL
+        for (int quarter = 0; quarter < 4; ++quarter) {
+          Tensor dq_part = make_tensor(make_smem_ptr(dq_quarter_in_stage<Traits>(shared, stage, warpgroup, quarter)),
+                                       typename Traits::SmemLayoutdQTile{});
+          reduce_dq_tile_by_tma<Traits>(args, dq_part, w, bidh, m0, 0, 4 * warpgroup + quarter);
+        }
+        dq_stage = read;  // released once the reduce-adds have read it
+      } else {
+        pipeline.consumer_release(read);
+      }
+    } else {
+      wait_for_dq_turn_of_step<Traits>(p, w, bidh, m0, rows_in_tile);  // while the GEMMs run
+      warpgroup_wait<2>();  // dQ has completed
+      add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
+      warpgroup_wait<0>();
+      // After the adds: in deterministic mode the release tells bwd_pass_dq_turns they are done.
+      pipeline.consumer_release(read);
+    }
     ++read;
+  }
+  if constexpr (Traits::kDqTileInStage) {
+    // The last reduce-adds have read their quarters before the block's shared memory goes.
+    if (dq_leader && w.steps > 0) {
+      tma_store_wait<0>();
+      pipeline.consumer_release(dq_stage);
+    }
   }
 
   // Epilogue: dK^T (times scale_grad: dS excluded the softmax scale) and dV^T, transposed by
@@ -899,17 +1051,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const int first_row = threadIdx.x % 32 + (Traits::kRowStatWarps == 1 ? 0 : (warp - 1) * 64);
       bwd_produce_row_stats<Traits>(params, shared, pipeline, work, first_row);
     }
+    // Deterministic: warp kRowStatWarps + 1 writes dQ in turns (keys split), or its lane 0 passes
+    // the turns of the consumers' atomics on (head dim split).
     if constexpr (Traits::kDeterministic) {
-      if (threadIdx.x == 32 * (Traits::kRowStatWarps + 1)) {
+      if (warp == Traits::kRowStatWarps + 1) {
         const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
-        bwd_pass_dq_turns<Traits>(params, pipeline, work);
+        if constexpr (Traits::kDqByTma) {
+          bwd_write_dq_in_turns<Traits>(args, shared, work);
+        } else if (threadIdx.x % 32 == 0) {
+          bwd_pass_dq_turns<Traits>(params, pipeline, work);
+        }
       }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
     if constexpr (Traits::kSplitHeadDim) {
-      bwd_consume_head_dim_split<Traits>(params, shared, pipeline, work);
+      bwd_consume_head_dim_split<Traits>(args, shared, pipeline, work);
     } else {
       bwd_consume_keys_split<Traits>(args, shared, pipeline, work);
     }

@@ -147,19 +147,44 @@ struct Sm90BwdTraits {
                                     kDsMajorInDq, GMMA::Major::MN>())>;
   using TiledMmadQ = decltype(make_tiled_mma(DqAtom{}, DqWarpgroups{}));
   static_assert(decltype(size<1>(typename MMA_Traits<DqAtom>::Shape_MNK{}))::value == kDqTileN);
-  // How a step's dQ reaches the fp32 accumulator. With the keys split and adds in any order, each
-  // warpgroup stores its fp32 (kDqTileM x kDqTileN) tile to shared memory and one thread adds it
-  // into the accumulator with one TMA reduce-add, where float2 atomics would send the tile as
-  // kDqTileM * kDqTileN / 2 separate reductions to L2. The head dim split has no shared memory
-  // left for the tile (224 KiB at head dim 256); the deterministic variant adds in turns, each
-  // waiting for the previous block's adds to complete, which the atomics give at once.
-  static constexpr bool kDqByTma = !kSplitHeadDim && !kDeterministic;
-  // fp32 tiles, one per warpgroup, swizzled so that the accumulator fragment's stores do not
-  // conflict: 128-byte rows (32 floats) where the tile width allows, else 64 (head dim 96: 48).
-  using SmemAtomdQ = std::conditional_t<kDqTileN % 32 == 0, GMMA::Layout_K_SW128_Atom<float>,
+  // How a step's dQ reaches the fp32 accumulator. With the keys split, each warpgroup stores its
+  // fp32 (kDqTileM x kDqTileN) tile to shared memory and one thread adds it into the accumulator
+  // with one TMA reduce-add, where float2 atomics would send the tile as kDqTileM * kDqTileN / 2
+  // separate reductions to L2: a consumer thread of the warpgroup in the default variant, the dQ
+  // writer warp of the producer warpgroup in the deterministic one (it waits for the turn and for
+  // the reduce-adds to complete, which no consumer should; sm90/bwd_dq_order.h).
+  //
+  // The head dim split has no shared memory to spare (224 KiB at head dim 256), but at 256 parts
+  // of the step's Q and dO buffers are free once the warpgroup's own dQ, dV^T and dK^T GEMMs have
+  // completed: warpgroup w's d-rows of dK^T += Q^T dS and dV^T += dO^T P are its GMMA M-tiles,
+  // d in [64 w, 64 w + 64) and [128 + 64 w, 192 + 64 w) (TiledMmadKV: two warpgroups along M,
+  // repeated), so it reads only those columns of Q and dO (every warpgroup's S and dP GEMMs,
+  // which read all of Q and dO, completed before the step's consumer barrier): four 8 KiB
+  // column blocks, and its dQ tile, 64 x 128 fp32, is 32 KiB. So in the default variant
+  // (kDqTileInStage) each warpgroup stages the tile's four 32-column quarters there, and its
+  // leader adds them by TMA; it releases the stage only once the reduce-adds have read it, a
+  // step later. At 192 (three warpgroups, 12 KiB of Q and dO each for a 16 KiB tile) and in the
+  // deterministic variants the atomics stay.
+  static constexpr bool kDqTileInStage = kHeadDim == 256 && !kDeterministic;
+  static constexpr bool kDqByTma = !kSplitHeadDim || kDqTileInStage;
+  // The staged unit: the warpgroup's whole tile, or with kDqTileInStage one 32-column quarter
+  // (64 x 32 fp32: one 8 KiB column block of a Q / dO stage).
+  static constexpr int kDqStagedN = kDqTileInStage ? kDqTileN / 4 : kDqTileN;
+  static_assert(!kDqTileInStage || (kNConsumerWarpgroups == 2 && kBlockM == 64 && kDqTileN == 128 &&
+                                    kDqTileM * kDqStagedN * sizeof(float) == kBlockM * 64 * sizeof(Element)),
+                "a dQ quarter fills one 64-column block of a Q / dO stage");
+  // fp32 tiles, swizzled so that the accumulator fragment's stores do not conflict: 128-byte rows
+  // (32 floats) where the tile width allows, else 64 (head dim 96: 48).
+  using SmemAtomdQ = std::conditional_t<kDqStagedN % 32 == 0, GMMA::Layout_K_SW128_Atom<float>,
                                         GMMA::Layout_K_SW64_Atom<float>>;
-  using SmemLayoutdQTile = decltype(tile_to_shape(SmemAtomdQ{}, Shape<Int<kDqTileM>, Int<kDqTileN>>{}));
+  using SmemLayoutdQTile = decltype(tile_to_shape(SmemAtomdQ{}, Shape<Int<kDqTileM>, Int<kDqStagedN>>{}));
   using SmemLayoutdQ = decltype(tile_to_shape(SmemLayoutdQTile{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  // One staged quarter's share of a warpgroup's accumulator fragment (kDqTileInStage): the C
+  // fragment of a 64 x kDqStagedN GMMA, whose elements are a quarter of the 64 x kDqTileN
+  // fragment's, in the same order.
+  using TiledMmadQPart = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kDqTileM>, Int<kDqStagedN>, Int<kBlockN>>,
+                           kDsMajorInDq, GMMA::Major::MN>()));
 
   // Swizzled tiles as in the forward (sm90/kernel_traits.h): one swizzle row, and one TMA box
   // row, is 128 bytes (64 elements) where the head dim is a multiple of 64, else 64 bytes (32
@@ -168,6 +193,10 @@ struct Sm90BwdTraits {
   using SmemAtomQ =
       std::conditional_t<kSwizzle128, GMMA::Layout_K_SW128_Atom<Element>, GMMA::Layout_K_SW64_Atom<Element>>;
   using SmemLayoutQ = decltype(tile_to_shape(SmemAtomQ{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
+  // kDqTileInStage: each 64-column block of a stage is one contiguous 8 KiB (the swizzle atoms
+  // tile the rows first), where a dQ quarter goes (dq_quarter_in_stage, sm90/bwd_kernel.h).
+  static_assert(!kDqTileInStage ||
+                (SmemLayoutQ{}(0, 64, 0) == kBlockM * 64 && SmemLayoutQ{}(0, 192, 1) == kBlockM * (kHeadDim + 192)));
   // K and V: (keys, d). An MN-major GMMA operand starts at a swizzle-row boundary, and the dQ GEMM
   // reads K as (d x keys) from column kDqTileN on in its second warpgroup: 48 at head dim 96, a
   // multiple of 16 elements but not of 32, so K (and V, which shares its layout and TMA box) take
