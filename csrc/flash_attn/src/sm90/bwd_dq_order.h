@@ -36,10 +36,10 @@
 // frees its SM, and so on. Within a block nothing waits in a circle: with atomics, the thread that
 // passes the turns passes a step's turn on once the consumers released that step, waiting for
 // nothing else; with the dQ writer, the writer waits for the turn (earlier blocks only) and for
-// the step's tiles, which the consumers store after waiting only for the previous step's tiles to
-// be handed back, which the writer did before it waited again. The grid is one thread block per key block, not persistent; a persistent grid
-// would keep the argument only if each block took tiles in increasing linear order and finished
-// one before taking the next. GQA: a block walks the query heads of its group one after the
+// the step's tiles, which the consumers store after waiting only for the previous step's tiles
+// to be handed back, which the writer did before it waited again. The grid is one thread block
+// per key block, not persistent; a persistent grid would keep the argument only if each block
+// took tiles in increasing linear order and finished one before taking the next. GQA: a block walks the query heads of its group one after the
 // other; each (b, h, m) has its own count, and every key block waiting on it belongs to the same
 // kv head, so to the same run of linear indices. The rotated walk breaks that argument: a key
 // block waits for key blocks that reach block m at earlier steps, lower ones (higher linear
@@ -48,7 +48,7 @@
 // sm90_bwd_rotated_dq_walk). The blocks of earlier groups wait only within their groups, so they
 // finish and free their SMs, and in increasing launch order a group's last blocks then start.
 //
-// Who does what. Keys split (head dims 64, 96, 128; Traits::kDqByTma), the dQ writer warp:
+// Who does what. Keys split (head dims 64, 96, 128; !Traits::kSplitHeadDim), the dQ writer warp:
 // warp kRowStatWarps + 1 of the producer warpgroup. Per step it waits for the turn (lane 0,
 // acquire; overlapped with the consumers' step), then for each consumer warpgroup's fp32 dQ tile
 // (named barrier "dQ tile full", sm90/bwd_kernel.h), issues the tiles' TMA reduce-adds, waits
@@ -58,10 +58,10 @@
 // they store their tile, arrive, and wait only for the previous step's tile to be empty, a step
 // later. A turn is held from the acquire to the pass, about one L2 round trip of the reduce-adds.
 //
-// Head dim split (192, 256; float2 atomics in the deterministic variants): after issuing a step's dQ, dV^T and dK^T GEMMs each
-// consumer thread reads the count (acquire) until its turn, overlapped with the GEMMs, adds its
-// part with atomics and then releases the step's Q/dO stage (mbarrier arrive: release at block
-// scope, so the adds happen before it). The stage's empty barrier counts one arrival per consumer
+// Head dim split (192, 256; float2 atomics in the deterministic variants): after issuing a step's
+// dQ, dV^T and dK^T GEMMs each consumer thread reads the count (acquire) until its turn,
+// overlapped with the GEMMs, adds its part with atomics and then releases the step's Q/dO stage
+// (mbarrier arrive: release at block scope, so the adds happen before it). The stage's empty barrier counts one arrival per consumer
 // thread (a one-block cluster, so every thread signals), so it completes only after all of the
 // step's adds. Lane 0 of the warp after the row-stat warps waits for that completion and raises
 // the count (release at GPU scope, cumulative: the consumers' adds are performed before the new

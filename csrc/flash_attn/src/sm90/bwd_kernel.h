@@ -545,7 +545,7 @@ __device__ __forceinline__ void store_dq_tile(typename Traits::SharedStorage& sh
 // reduce-add has completed, the consumers wait before storing the next one).
 constexpr int kDqWriterBarrierThreads = 128 + 32;
 
-// The dQ writer warp of the deterministic variant (Traits::kDqByTma), all 32 lanes: per step, the
+// The dQ writer warp of the deterministic variant with the keys split, all 32 lanes: per step, the
 // turn (lane 0), then each consumer warpgroup's tile as it is stored, added by TMA reduce-adds
 // (lane 0), completed, the turn passed, the tiles handed back (sm90/bwd_dq_order.h).
 template <typename Traits>
@@ -568,7 +568,9 @@ __device__ __forceinline__ void bwd_write_dq_in_turns(const Sm90BwdArgs<Traits>&
     CUTE_UNROLL
     for (int wg = 0; wg < Traits::kNConsumerWarpgroups; ++wg) {
       cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqFull0 + wg);
-      if (lane0) reduce_dq_tile_from_tiles<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(wg), dq_tile_n<Traits>(wg));
+      if (lane0) {
+        reduce_dq_tile_from_tiles<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(wg), dq_tile_n<Traits>(wg));
+      }
       __syncwarp();
     }
     if (lane0) pass_dq_turn_after_bulk_reduces(count);
@@ -1068,7 +1070,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if constexpr (Traits::kDeterministic) {
       if (warp == Traits::kRowStatWarps + 1) {
         const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
-        if constexpr (Traits::kDqByTma) {
+        if constexpr (!Traits::kSplitHeadDim) {
           bwd_write_dq_in_turns<Traits>(args, shared, work);
         } else if (threadIdx.x % 32 == 0) {
           bwd_pass_dq_turns<Traits>(params, pipeline, work);
