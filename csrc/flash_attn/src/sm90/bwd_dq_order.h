@@ -35,16 +35,16 @@
 // started and is finished or resident, the lowest unfinished block waits for nobody, finishes and
 // frees its SM, and so on. Within a block nothing waits in a circle: with atomics, the thread that
 // passes the turns passes a step's turn on once the consumers released that step, waiting for
-// nothing else; with the dQ writer, the writer waits for the turn (earlier blocks only) and for
-// the step's tiles, which the consumers store after waiting only for the previous step's tiles
-// to be handed back, which the writer did before it waited again. The grid is one thread block
-// per key block, not persistent; a persistent grid would keep the argument only if each block
-// took tiles in increasing linear order and finished one before taking the next. GQA: a block walks the query heads of its group one after the
-// other; each (b, h, m) has its own count, and every key block waiting on it belongs to the same
-// kv head, so to the same run of linear indices. The rotated walk breaks that argument: a key
-// block waits for key blocks that reach block m at earlier steps, lower ones (higher linear
-// indices, started later) among them. There every block of the group must be resident at once:
-// the dispatcher rotates only groups of at most half the SMs (plan/heuristics.h,
+// nothing else; with the dQ writer, the writer waits for the turn (earlier blocks only) and for the
+// step's tiles, which the consumers store after waiting only for the previous step's tiles to be
+// handed back, which the writer did before it waited again. The grid is one thread block per key
+// block, not persistent; a persistent grid would keep the argument only if each block took tiles in
+// increasing linear order and finished one before taking the next. GQA: a block walks the query
+// heads of its group one after the other; each (b, h, m) has its own count, and every key block
+// waiting on it belongs to the same kv head, so to the same run of linear indices. The rotated walk
+// breaks that argument: a key block waits for key blocks that reach block m at earlier steps, lower
+// ones (higher linear indices, started later) among them. There every block of the group must be
+// resident at once: the dispatcher rotates only groups of at most half the SMs (plan/heuristics.h,
 // sm90_bwd_rotated_dq_walk). The blocks of earlier groups wait only within their groups, so they
 // finish and free their SMs, and in increasing launch order a group's last blocks then start.
 //
@@ -59,13 +59,13 @@
 // later. A turn is held from the acquire to the pass, about one L2 round trip of the reduce-adds.
 //
 // Head dim split (192, 256; float2 atomics in the deterministic variants): after issuing a step's
-// dQ, dV^T and dK^T GEMMs each consumer thread reads the count (acquire) until its turn,
-// overlapped with the GEMMs, adds its part with atomics and then releases the step's Q/dO stage
-// (mbarrier arrive: release at block scope, so the adds happen before it). The stage's empty barrier counts one arrival per consumer
-// thread (a one-block cluster, so every thread signals), so it completes only after all of the
-// step's adds. Lane 0 of the warp after the row-stat warps waits for that completion and raises
-// the count (release at GPU scope, cumulative: the consumers' adds are performed before the new
-// count is seen). The TMA thread and the row-stat warps keep their pace.
+// dQ, dV^T and dK^T GEMMs each consumer thread reads the count (acquire) until its turn, overlapped
+// with the GEMMs, adds its part with atomics and then releases the step's Q/dO stage (mbarrier
+// arrive: release at block scope, so the adds happen before it). The stage's empty barrier counts
+// one arrival per consumer thread (a one-block cluster, so every thread signals), so it completes
+// only after all of the step's adds. Lane 0 of the warp after the row-stat warps waits for that
+// completion and raises the count (release at GPU scope, cumulative: the consumers' adds are
+// performed before the new count is seen). The TMA thread and the row-stat warps keep their pace.
 #pragma once
 
 #include <cstdint>
@@ -91,7 +91,8 @@ __device__ __forceinline__ int* dq_add_count(const BwdParams& p, int bidb, int b
 }
 
 // Whether a sequence's key blocks walk rotated: where the dispatcher allows it and the sequence
-// has no more key blocks than query blocks (each key block then starts at a query block of its own).
+// has no more key blocks than query blocks (each key block then starts at a query block of its
+// own).
 template <int kBlockM, int kBlockN>
 __device__ __forceinline__ bool dq_walk_rotated(const BwdParams& p, const SeqInfo& seq) {
   return p.dq_walk_rotated && ceil_div_dev(seq.seqlen_k, kBlockN) <= ceil_div_dev(seq.seqlen_q, kBlockM);
