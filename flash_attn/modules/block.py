@@ -116,9 +116,9 @@ class Block(nn.Module):
         hidden_states = mixer(norm1(residual))
         residual = drop_path2(dropout2(hidden_states)) + residual
         hidden_states = mlp(norm2(residual))
-    and returns (hidden_states, residual): the add + norm that conventionally opens a pre-norm
-    layer closes the previous one here, so dropout, add and norm fuse into one kernel
-    (fused_dropout_add_ln). The first block gets residual=None; after the last block, the caller
+    and returns (hidden_states, residual): the dropout + add that conventionally closes a pre-norm
+    layer opens the next one here, right before that layer's norm, so the three fuse into one
+    kernel (fused_dropout_add_ln). The first block gets residual=None; after the last block, the caller
     applies the final dropout + add + norm itself. residual_in_fp32 keeps the residual stream in
     float32.
 
