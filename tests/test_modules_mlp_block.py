@@ -533,6 +533,20 @@ def test_block_fused_matches_unfused(norm, prenorm, has_residual, residual_in_fp
 
 
 @requires_triton
+@pytest.mark.parametrize("subset", [slice(1, 3), [0, 4, 5]], ids=["slice", "index"])
+def test_block_fused_mixer_subset(subset):
+    # The sliced residual reaching the second fused norm is not contiguous.
+    fused, unfused = _fused_and_unfused(
+        functools.partial(Block, 32, mixer_cls=LinearMixer), "layernorm", TRITON_DEVICE)
+    if isinstance(subset, list):
+        subset = torch.tensor(subset, device=TRITON_DEVICE)
+    x, residual = torch.randn(2, 6, 32, device=TRITON_DEVICE), torch.randn(2, 6, 32, device=TRITON_DEVICE)
+    outs = fused(x, residual, mixer_subset=subset)
+    outs_ref = unfused(x, residual, mixer_subset=subset)
+    _assert_all_close(outs, outs_ref, atol=1e-4, rtol=1e-4)
+
+
+@requires_triton
 def test_block_fused_dropout_keeps_or_scales_each_entry():
     # Without an MLP, the returned residual is dropout1(x) + residual: each entry of x is either
     # dropped or scaled by 1 / (1 - p).
