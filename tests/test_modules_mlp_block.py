@@ -412,6 +412,21 @@ def test_block_fused_needs_fusable_norm_and_dropout():
         ParallelBlock(16, mixer_cls=LinearMixer, norm_cls=nn.BatchNorm1d, fused_dropout_add_ln=True)
 
 
+@pytest.mark.parametrize("cls", [Block, ParallelBlock])
+def test_default_mixer_and_mlp(cls):
+    # mixer_cls=None is MHA with dim // 64 heads (its PyTorch attention runs on the CPU), and
+    # mlp_cls=None an Mlp with a 4 * dim hidden layer.
+    from flash_attn.modules.mha import MHA
+
+    block = cls(128)
+    assert isinstance(block.mixer, MHA) and block.mixer.num_heads == 2
+    assert isinstance(block.mlp, Mlp) and block.mlp.fc1.out_features == 512
+    outs = block(torch.randn(2, 5, 128))
+    assert [tuple(o.shape) for o in outs] == [(2, 5, 128)] * len(outs)
+    cache = block.allocate_inference_cache(2, 16, dtype=torch.float32)
+    assert torch.is_tensor(cache) and cache.shape[:2] == (2, 16)
+
+
 def test_stochastic_depth():
     x = torch.randn(64, 3, 5) + 3.0
     sd = StochasticDepth(0.5, "row")
@@ -544,6 +559,17 @@ def test_block_fused_mixer_subset(subset):
     outs = fused(x, residual, mixer_subset=subset)
     outs_ref = unfused(x, residual, mixer_subset=subset)
     _assert_all_close(outs, outs_ref, atol=1e-4, rtol=1e-4)
+
+
+@requires_triton
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_block_fused_with_default_mixer(prenorm):
+    fused, unfused = _fused_and_unfused(functools.partial(Block, 64), "layernorm", TRITON_DEVICE, prenorm=prenorm)
+    x = torch.randn(2, 4, 64, device=TRITON_DEVICE)
+    outs, grads = _run(fused, [x], seed=2)
+    outs_ref, grads_ref = _run(unfused, [x], seed=2)
+    _assert_all_close(outs, outs_ref, atol=1e-4, rtol=1e-4)
+    _assert_all_close(grads, grads_ref, atol=1e-4, rtol=1e-4)
 
 
 @requires_triton
