@@ -1,1 +1,0 @@
-raise ImportError('flash_attn.modules (MHA, MLP, Block, embeddings) is not provided by this build of flash_attn; use torch.nn.MultiheadAttention or the attention modules of Hugging Face transformers, with flash_attn.flash_attn_func inside your own module instead.')
