@@ -324,11 +324,11 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     ++read_k;
     score_block(n_block);
     float o_correction[kRows];
-    softmax.update_deferred(s, p.scale_softmax_log2, o_correction);
+    const bool o_corrected = softmax.update_deferred(s, p.scale_softmax_log2, o_correction);
     warpgroup_wait<0>();
     pipeline_v.consumer_release(read_v);
     ++read_v;
-    softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
+    if (o_corrected) softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
     p_from_s(n_block);
   }
   // The last P V GEMM takes no turn: it has no softmax of this warpgroup to hide, and the other
