@@ -328,7 +328,10 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     warpgroup_wait<0>();
     pipeline_v.consumer_release(read_v);
     ++read_v;
-    if (o_corrected) softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
+    // Skipped where no row of the warp moved its max, except at head dim 256 with dropout: there
+    // the predicate held beside the keep flags through the P V GEMM's wait spills 56 bytes.
+    constexpr bool kSkipUncorrected = !(kHeadDim == 256 && kHasDropout);
+    if (!kSkipUncorrected || o_corrected) softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
     p_from_s(n_block);
   }
   // The last P V GEMM takes no turn: it has no softmax of this warpgroup to hide, and the other
