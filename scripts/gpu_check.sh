@@ -56,6 +56,17 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 
 export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
 export MAX_JOBS=${MAX_JOBS:-16}
+
+# With --baseline, the baseline tree builds beside this one (each with half the jobs when both
+# build): each build ends in a few long compiles (the torch-including files), which then overlap.
+baseline_pid=""
+if [ -n "$baseline" ] && [ $run_bench -eq 1 ]; then
+  [ $run_build -eq 1 ] && export MAX_JOBS=$(( (MAX_JOBS + 1) / 2 ))
+  baseline_start=$(date +%s)
+  (cd "$baseline" && python3 setup.py build_ext --inplace) >/tmp/baseline_build.log 2>&1 &
+  baseline_pid=$!
+fi
+
 if [ $run_build -eq 0 ] && python3 -c "import torch, flash_attn_2_cuda" 2>/dev/null; then
   echo "build: the installed one ($(python3 -c 'import flash_attn; print(flash_attn.build_info())'))" | tee -a "$OUT/env.log"
 else
@@ -65,14 +76,16 @@ else
   python3 -m pip install --no-build-isolation --no-deps --no-cache-dir -v . >/tmp/build.log 2>&1
   status=$?
   echo "build: exit $status in $(( $(date +%s) - start )) s (archs $FLASH_ATTN_CUDA_ARCHS, head dims ${FLASH_ATTN_HEADDIMS:-all}, dtypes ${FLASH_ATTN_DTYPES:-all})" | tee -a "$OUT/env.log"
-  if [ $status -ne 0 ]; then cp /tmp/build.log "$OUT/build.log"; grep -E "error|Error" /tmp/build.log | head -40; exit 1; fi
+  if [ $status -ne 0 ]; then
+    [ -n "$baseline_pid" ] && kill "$baseline_pid" 2>/dev/null
+    cp /tmp/build.log "$OUT/build.log"; grep -E "error|Error" /tmp/build.log | head -40; exit 1
+  fi
 fi
 
-if [ -n "$baseline" ] && [ $run_bench -eq 1 ]; then
-  start=$(date +%s)
-  (cd "$baseline" && python3 setup.py build_ext --inplace) >/tmp/baseline_build.log 2>&1
+if [ -n "$baseline_pid" ]; then
+  wait "$baseline_pid"
   status=$?
-  echo "baseline build ($baseline, commit $(cat "$baseline/COMMIT" 2>/dev/null || echo unknown)): exit $status in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
+  echo "baseline build ($baseline, commit $(cat "$baseline/COMMIT" 2>/dev/null || echo unknown)): exit $status in $(( $(date +%s) - baseline_start )) s" | tee -a "$OUT/env.log"
   if [ $status -ne 0 ]; then cp /tmp/baseline_build.log "$OUT/baseline_build.log"; grep -E "error|Error" /tmp/baseline_build.log | head -40; exit 1; fi
 fi
 
