@@ -72,11 +72,6 @@ struct FwdDropout {
       }
     }
   }
-
-  template <typename Frag>
-  __device__ __forceinline__ void scale_output(const FwdParams& p, Frag& acc_o) const {
-    scale_dropout_output<kHasDropout>(p, acc_o);
-  }
 };
 
 }  // namespace flash

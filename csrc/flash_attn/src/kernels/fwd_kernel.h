@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
 
   float lse[kRows];
   softmax.finalize(rowcol_view(acc_o), params.scale_softmax, kIsSplit ? -INFINITY : INFINITY, lse);
-  dropout.scale_output(params, acc_o);
+  scale_dropout_output<kHasDropout>(params, acc_o);
   constexpr OutputMode kMode = kIsSplit ? OutputMode::kSplitPartial : OutputMode::kDirect;
   Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutQ{});
   write_acc_output<Traits, kMode>(params, seq, OutputTile{bidb, bidh, split_idx, m0, rows_in_tile}, tidx, acc_o, lse,

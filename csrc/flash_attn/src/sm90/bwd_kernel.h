@@ -201,6 +201,19 @@ __device__ __forceinline__ void pass_dq_turn_of_step(const BwdParams& p, const S
   pass_dq_turn(dq_add_count<kBlockM>(p, w.bidb, w.step_head(p, s), w.step_m0(s, kBlockM) / kBlockM));
 }
 
+// ---- Named barriers ------------------------------------------------------------------------
+
+// Every named barrier of this kernel, one id each: cutlass::arch::NamedBarrier's user ids (it adds
+// ReservedNamedBarrierCount, 8, so 0-7 map to hardware barriers 8-15).
+enum Sm90BwdNamedBarrier : int {
+  kBarrierConsumers = 1,   // every consumer thread
+  kBarrierWarpgroup0 = 2,  // + consumer warpgroup (128 threads): 2 and 3
+  kBarrierDqFull0 = 4,     // + consumer warpgroup, with the deterministic dQ writer: 4 and 5
+  kBarrierDqEmpty0 = 6,    // the same: 6 and 7
+};
+static_assert(kBarrierDqEmpty0 + 1 + cutlass::arch::NamedBarrier::ReservedNamedBarrierCount <
+              cutlass::arch::NamedBarrier::HardwareMaxNumNamedBarriers);
+
 // ---- Producer ------------------------------------------------------------------------------
 
 // Thread 0: K and V once, then Q and dO of every step into the ring (the pipeline's full barrier
@@ -362,23 +375,22 @@ __device__ __forceinline__ void zero_rows_from(TTile tile, int first_row, int ro
 // The rows past a packed sequence zeroed (zero_rows_from): K and V once the block's keys have
 // landed, Q and dO of a step once its stage has. Both conditions are the same for every consumer.
 template <typename Traits, typename TK>
-__device__ __forceinline__ void zero_keys_past_sequence(const BwdParams& p, const Sm90BwdWork& w, TK& sK, TK& sV,
-                                                        int barrier) {
+__device__ __forceinline__ void zero_keys_past_sequence(const BwdParams& p, const Sm90BwdWork& w, TK& sK, TK& sV) {
   if (p.cu_seqlens_k != nullptr && w.keys_in_block < Traits::kBlockN) {
     zero_rows_from<Traits>(sK, w.keys_in_block, Traits::kBlockN);
     zero_rows_from<Traits>(sV, w.keys_in_block, Traits::kBlockN);
     cutlass::arch::fence_view_async_shared();
-    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, barrier);
+    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, kBarrierConsumers);
   }
 }
 template <typename Traits, typename TQ>
 __device__ __forceinline__ void zero_queries_past_sequence(const BwdParams& p, TQ& sQ, TQ& sdO, int stage,
-                                                           int rows_in_tile, int barrier) {
+                                                           int rows_in_tile) {
   if (p.cu_seqlens_q != nullptr && rows_in_tile < Traits::kBlockM) {
     zero_rows_from<Traits>(sQ(_, _, stage), rows_in_tile, Traits::kBlockM);
     zero_rows_from<Traits>(sdO(_, _, stage), rows_in_tile, Traits::kBlockM);
     cutlass::arch::fence_view_async_shared();
-    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, barrier);
+    cutlass::arch::NamedBarrier::sync(Traits::kNConsumerThreads, kBarrierConsumers);
   }
 }
 
@@ -393,14 +405,13 @@ __device__ __forceinline__ BwdConsumerStep begin_consumer_step(const BwdParams& 
                                                                typename Traits::SharedStorage& shared,
                                                                typename Traits::Pipeline& pipeline,
                                                                typename Traits::PipelineState const& read,
-                                                               const Sm90BwdWork& w, int s, TQ& sQ, TQ& sdO,
-                                                               int barrier) {
+                                                               const Sm90BwdWork& w, int s, TQ& sQ, TQ& sdO) {
   const int m0 = w.step_m0(s, Traits::kBlockM);
   const BwdConsumerStep step{w.step_head(p, s), m0, min(Traits::kBlockM, w.seq.seqlen_q - m0), read.index(),
                              s % Traits::kDsBuffers};
   pipeline.consumer_wait(read);
   cutlass::arch::ClusterBarrier::wait(&shared.lse_full[step.stage], read.phase());
-  zero_queries_past_sequence<Traits>(p, sQ, sdO, step.stage, step.rows_in_tile, barrier);
+  zero_queries_past_sequence<Traits>(p, sQ, sdO, step.stage, step.rows_in_tile);
   return step;
 }
 
@@ -516,15 +527,11 @@ __device__ __forceinline__ void store_dq_tile(typename Traits::SharedStorage& sh
   cutlass::arch::fence_view_async_shared();
 }
 
-// Named barriers of the deterministic dQ writer (user ids; 1-3 are the consumers', sm90/bwd_kernel.h
-// bwd_consume_keys_split), one per consumer warpgroup, each between its 128 threads and the
-// writer warp: "full" (the consumers arrive once their tile is stored, the writer waits) and
-// "empty" (the writer arrives once the tile's reduce-add has completed, the consumers wait before
-// storing the next one).
-constexpr int kBarrierDqFull0 = 4, kBarrierDqEmpty0 = 6;
+// The dQ writer's barriers (kBarrierDqFull0, kBarrierDqEmpty0), one of each per consumer
+// warpgroup, each between its 128 threads and the writer warp: "full" (the consumers arrive once
+// their tile is stored, the writer waits) and "empty" (the writer arrives once the tile's
+// reduce-add has completed, the consumers wait before storing the next one).
 constexpr int kDqWriterBarrierThreads = 128 + 32;
-static_assert(kBarrierDqEmpty0 + 1 + cutlass::arch::NamedBarrier::ReservedNamedBarrierCount <
-              cutlass::arch::NamedBarrier::HardwareMaxNumNamedBarriers);
 
 // The dQ writer warp of the deterministic variant (Traits::kDqByTma), all 32 lanes: per step, the
 // turn (lane 0), then each consumer warpgroup's tile as it is stored, added by TMA reduce-adds
@@ -606,9 +613,6 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
   const int consumer_tidx = threadIdx.x - 128;
   const int warpgroup = consumer_tidx / 128;
-  // Named barriers (CUTLASS user ids, mapped above its reserved hardware ids 0-7): 1 spans both
-  // consumer warpgroups, 2 and 3 one each.
-  constexpr int kBarrierConsumers = 1, kBarrierWarpgroup0 = 2;
 
   Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sdO = make_tensor(make_smem_ptr(shared.dout.data()), typename Traits::SmemLayoutQ{});
@@ -652,12 +656,12 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
 
   if (w.steps > 0) {
     cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
-    zero_keys_past_sequence<Traits>(p, w, sK, sV, kBarrierConsumers);
+    zero_keys_past_sequence<Traits>(p, w, sK, sV);
   }
   typename Traits::PipelineState read;
   for (int s = 0; s < w.steps; ++s) {
     const auto [bidh, m0, rows_in_tile, stage, buf] =
-        begin_consumer_step<Traits>(p, shared, pipeline, read, w, s, sQ, sdO, kBarrierConsumers);
+        begin_consumer_step<Traits>(p, shared, pipeline, read, w, s, sQ, sdO);
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
@@ -804,10 +808,6 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Tra
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kConsumerThreads = Traits::kNConsumerThreads;
   const int consumer_tidx = threadIdx.x - 128;
-  // Named barriers (CUTLASS user ids, mapped above its reserved hardware ids 0-7): 1 spans all
-  // consumer warpgroups; with kDqTileInStage 2 and 3 are one warpgroup's each (its dQ quarters
-  // are stored).
-  constexpr int kBarrierConsumers = 1, kBarrierWarpgroup0 = 2;
   // kDqTileInStage: each warpgroup's leader adds its dQ quarters by TMA and releases their stage a
   // step later, once the reduce-adds have read it (dq_stage: that stage's pipeline state).
   [[maybe_unused]] const int warpgroup = consumer_tidx / 128;
@@ -863,12 +863,12 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Tra
 
   if (w.steps > 0) {
     cutlass::arch::ClusterTransactionBarrier::wait(&shared.kv_full, 0);
-    zero_keys_past_sequence<Traits>(p, w, sK, sV, kBarrierConsumers);
+    zero_keys_past_sequence<Traits>(p, w, sK, sV);
   }
   typename Traits::PipelineState read;
   for (int s = 0; s < w.steps; ++s) {
     const auto [bidh, m0, rows_in_tile, stage, buf] =
-        begin_consumer_step<Traits>(p, shared, pipeline, read, w, s, sQ, sdO, kBarrierConsumers);
+        begin_consumer_step<Traits>(p, shared, pipeline, read, w, s, sQ, sdO);
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
