@@ -133,21 +133,21 @@ bench() {
 
 if [ $run_bench -eq 1 ]; then
   # A reduced build times the prefill grid's head dims it compiled (64 / 128 / 192 / 256) ...
-  prefill_headdims=""
+  grid_args=""
   if [ -n "${FLASH_ATTN_HEADDIMS:-}" ]; then
     hd=$(echo "$FLASH_ATTN_HEADDIMS" | tr ',' '\n' | grep -xE "64|128|192|256" | paste -sd, -)
-    [ -n "$hd" ] && prefill_headdims="--headdims $hd"
+    [ -n "$hd" ] && grid_args="--headdims $hd"
   fi
   # ... and the dtypes it compiled.
-  [ -n "${FLASH_ATTN_DTYPES:-}" ] && prefill_headdims="$prefill_headdims --dtypes $FLASH_ATTN_DTYPES"
+  [ -n "${FLASH_ATTN_DTYPES:-}" ] && grid_args="$grid_args --dtypes $FLASH_ATTN_DTYPES"
   for b in ${BENCH:-decode specdec host sweep}; do
     case "$b" in
       decode) bench decode benchmarks/benchmark_decode.py ;;
       specdec) bench specdec benchmarks/benchmark_decode.py --grid specdec ;;
-      forward) bench forward benchmarks/benchmark_forward.py $prefill_headdims ;;
-      backward) bench backward benchmarks/benchmark_backward.py $prefill_headdims ;;
-      dropout) bench forward_dropout benchmarks/benchmark_forward.py $prefill_headdims --dropout 0.1
-               bench backward_dropout benchmarks/benchmark_backward.py $prefill_headdims --dropout 0.1 ;;
+      forward) bench forward benchmarks/benchmark_forward.py $grid_args ;;
+      backward) bench backward benchmarks/benchmark_backward.py $grid_args ;;
+      dropout) bench forward_dropout benchmarks/benchmark_forward.py $grid_args --dropout 0.1
+               bench backward_dropout benchmarks/benchmark_backward.py $grid_args --dropout 0.1 ;;
       host) bench host benchmarks/host_overhead.py ;;
       sweep) bench sweep benchmarks/sweep_num_splits.py
              bench sweep_paged16 benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1|16" ;;
@@ -194,8 +194,8 @@ if [ $sanitize -eq 1 ]; then
     echo "sanitize $tool: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.log"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -3
     if [ "$tool" = racecheck ]; then
-      echo "racecheck hazards by kernel (flash_* are ours):" | tee -a "$OUT/env.log"
-      grep -E "^=+ +(Read|Write) Thread" "$OUT/sanitize_$tool.log" | sed -E 's/.* at ([A-Za-z0-9_]+).*/\1/' |
+      echo "racecheck reports by kernel (flash_* are ours):" | tee -a "$OUT/env.log"
+      grep -E "Race reported between" "$OUT/sanitize_$tool.log" | sed -E 's/.* access at ([A-Za-z0-9_]+).*/\1/' |
         sort | uniq -c | tee -a "$OUT/env.log"
     fi
   done
