@@ -82,7 +82,6 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
   cute::prefetch_tma_descriptor(args.tma_q.get_tma_descriptor());
   cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
   cute::prefetch_tma_descriptor(args.tma_vt.get_tma_descriptor());
-  Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutVt{});
   auto q_copy = args.tma_q.get_slice(_0{});
@@ -106,14 +105,16 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
       entry = table_row[(work.blocks.max - 1) / blocks_per_page];
     }
 
-    // Parity 1 on the fresh barrier passes at once: the first tile's Q needs no release.
-    cutlass::arch::ClusterBarrier::wait(&shared.q_empty, (q_loads & 1) ^ 1);
+    // Parity 1 on a fresh barrier passes at once: the first tile of each Q buffer needs no release.
+    const int q_stage = Traits::q_stage(q_loads);
+    cutlass::arch::ClusterBarrier::wait(&shared.q_empty[q_stage], Traits::q_parity(q_loads) ^ 1);
+    Tensor sQ = make_tensor(make_smem_ptr(Traits::q_tile(shared, q_stage)), typename Traits::SmemLayoutQ{});
     // A packed (varlen) tensor is one batch entry of the map; its sequences start at row offsets.
     Tensor mQ = domain_offset(make_coord(work.seq.q_start, _0{}),
                               args.tma_q.get_tma_tensor(q_extent(p))(_, _, tile.bidh, p.cu_seqlens_q ? 0 : tile.bidb));
     Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(tile.m_block, _0{}));
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&shared.q_full, Traits::kQTileBytes);
-    copy(args.tma_q.with(shared.q_full), q_copy.partition_S(gQ), q_copy.partition_D(sQ));
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&shared.q_full[q_stage], Traits::kQTileBytes);
+    copy(args.tma_q.with(shared.q_full[q_stage]), q_copy.partition_S(gQ), q_copy.partition_D(sQ));
     ++q_loads;
 
     if constexpr (kPaged) {
@@ -172,7 +173,8 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
 
 // Consumer warpgroup (consumer_tidx in [0, 256)): the attention of its 64 query rows of one tile,
 // then the output through shared memory and the log-sum-exp (kIsSplit: this split's fp32 partial
-// output and lse, from registers). q_phase: the parity of this tile's Q load on q_full; read_k /
+// output and lse, from registers). q_loads: the Q loads before this tile's (its Q buffer and
+// parity, Traits::q_stage / q_parity); read_k /
 // read_v: the K/V pipeline states, carried from tile to tile; turns: this warpgroup's GEMM issue
 // turns, one per key block.
 template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kHasDropout>
@@ -181,7 +183,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
                                             typename Traits::Pipeline& pipeline_v,
                                             typename Traits::PipelineState& read_k,
                                             typename Traits::PipelineState& read_v, const Sm90Tile& tile,
-                                            const Sm90TileWork& work, int q_phase,
+                                            const Sm90TileWork& work, int q_loads,
                                             const GemmIssueTurns<Traits::kGemmIssueTurns>& turns) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
@@ -197,11 +199,13 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   auto thr_qk = mma_qk.get_thread_slice(consumer_tidx);
   auto thr_pv = mma_pv.get_thread_slice(consumer_tidx);
 
-  Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQ{});
+  const int q_stage = Traits::q_stage(q_loads);
+  Tensor sQ = make_tensor(make_smem_ptr(shared.q.data()), typename Traits::SmemLayoutQBuffers{});
   Tensor sK = make_tensor(make_smem_ptr(shared.k.data()), typename Traits::SmemLayoutK{});
   Tensor sVt = make_tensor(make_smem_ptr(shared.v.data()), typename Traits::SmemLayoutVt{});
   // GMMA shared-memory descriptors: (MMA, MMA_M|N, MMA_K[, stage]).
-  Tensor tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));
+  Tensor tSrQ_buffers = thr_qk.make_fragment_A(thr_qk.partition_A(sQ));
+  Tensor tSrQ = tSrQ_buffers(_, _, _, Traits::kQStages == 1 ? 0 : q_stage);
   Tensor tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK));
   Tensor tOrVt = thr_pv.make_fragment_B(thr_pv.partition_B(sVt));
   // Q's descriptors (one per 16 columns of d) are loop invariants, and ptxas holds them in 2 x d/16
@@ -262,7 +266,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     for (int i = 0; i < size(rP); ++i) rP(i) = converted(i);
   };
 
-  cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full, q_phase);
+  cutlass::arch::ClusterTransactionBarrier::wait(&shared.q_full[q_stage], Traits::q_parity(q_loads));
   int n_block = blocks.max - 1;
   pipeline_k.consumer_wait(read_k);
   turns.take();
@@ -339,7 +343,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
   // Every S GEMM of this tile has completed in this thread: Q's buffer may take the next tile
   // (unless O is staged there: then after the epilogue, below; split partials are not staged).
   constexpr bool kOStagedInQ = Traits::kOStagedInQ && !kIsSplit;
-  if constexpr (!kOStagedInQ) cutlass::arch::ClusterBarrier::arrive(&shared.q_empty);
+  if constexpr (!kOStagedInQ) cutlass::arch::ClusterBarrier::arrive(&shared.q_empty[q_stage]);
   pipeline_v.consumer_wait(read_v);
   warpgroup_gemm</*kZeroInit=*/false>(mma_pv, tOrP, tOrVt(_, _, _, read_v.index()), acc_o);
   warpgroup_wait<0>();
@@ -414,7 +418,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     // Q's buffer may take the next tile. The proxy fence orders these generic-proxy reads before
     // the TMA (async-proxy) write of the next Q that the producer issues once all have arrived.
     cutlass::arch::fence_view_async_shared();
-    cutlass::arch::ClusterBarrier::arrive(&shared.q_empty);
+    cutlass::arch::ClusterBarrier::arrive(&shared.q_empty[q_stage]);
   }
 }
 
@@ -445,8 +449,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   Pipeline pipeline_k(shared.pipeline_k, pipeline_params, Shape<_1, _1, _1>{});
   Pipeline pipeline_v(shared.pipeline_v, pipeline_params, Shape<_1, _1, _1>{});
   if (threadIdx.x == 0) {
-    cutlass::arch::ClusterTransactionBarrier::init(&shared.q_full, 1);
-    cutlass::arch::ClusterBarrier::init(&shared.q_empty, Traits::kNConsumerThreads);
+    CUTE_UNROLL
+    for (int i = 0; i < Traits::kQStages; ++i) {
+      cutlass::arch::ClusterTransactionBarrier::init(&shared.q_full[i], 1);
+      cutlass::arch::ClusterBarrier::init(&shared.q_empty[i], Traits::kNConsumerThreads);
+    }
   }
   cutlass::arch::fence_barrier_init();
   __syncthreads();  // barriers initialised before anyone arrives or waits on them
@@ -471,7 +478,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         continue;
       }
       attend_rows<Traits, kIsSplit, kHasScoreMods, kHasDropout>(params, shared, pipeline_k, pipeline_v, read_k, read_v,
-                                                                tile, work, q_loads & 1, turns);
+                                                                tile, work, q_loads, turns);
       ++q_loads;
     }
     turns.finish();

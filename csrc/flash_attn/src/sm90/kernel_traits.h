@@ -56,12 +56,21 @@ struct Sm90FwdTraits {
   static constexpr int kStages = 2;
 
   // Where O waits between the registers and its 16-byte global stores. In its own tile, the next
-  // tile's Q loads while this tile's output leaves (the producer waits only for the last S GEMM).
+  // tile's Q loads while this tile's output leaves (the producer waits at most for the last S GEMM).
   // At head dim 256 there is no room for it: Q 64 KiB + K 2 x 40 KiB + V^T 2 x 40 KiB = 224 KiB,
   // and a fourth 64 KiB tile would make 288. O is then staged in Q's buffer, and the consumers
   // release Q's buffer (q_empty) only after their last read of O, so the next Q loads after the
   // epilogue. Head dim 192 fits its own tile: 48 + 2 x 30 + 2 x 30 + 48 = 216 KiB.
   static constexpr bool kOStagedInQ = kHeadDim == 256;
+
+  // Q buffers. With two, the producer loads the next tile's Q as soon as this tile starts (once
+  // the tile before released that buffer), so it has a whole tile to land; with one it loads only
+  // after this tile's last S GEMM, and at short key lengths the consumers' last block and epilogue
+  // are shorter than the load, which they then wait for at the next tile. Two fit up to head dim
+  // 128 (128: Q 2 x 32 KiB + K, V 2 x 2 x 32 KiB + O 32 KiB = 224 KiB); at 192 (216 KiB with one)
+  // and 256 (O staged in Q) there is no room.
+  static constexpr int kQStages = kHeadDim <= 128 ? 2 : 1;
+  static_assert(!kOStagedInQ || kQStages == 1, "O is staged in the one Q buffer");
 
   // Whether the epilogue computes its addresses per tile (fwd_kernel.h, attend_rows) instead of
   // letting ptxas hoist them out of the tile loop and hold them through the main loop. Held, they
@@ -117,6 +126,11 @@ struct Sm90FwdTraits {
       std::conditional_t<kSwizzle128, GMMA::Layout_MN_SW128_Atom<Element>, GMMA::Layout_MN_SW64_Atom<Element>>;
   using SmemLayoutQ = decltype(tile_to_shape(SmemAtomKMajor{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using SmemLayoutK = decltype(tile_to_shape(SmemAtomKMajor{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  // The Q buffers as (rows, d, buffer), buffer b at b x cosize(Q) (q_tile): the consumers take a
+  // tile's Q descriptors as the first buffer's plus the buffer's offset, as K's per stage.
+  using SmemLayoutQBuffers =
+      decltype(tile_to_shape(SmemAtomKMajor{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kQStages>>{}));
+  static_assert(SmemLayoutQBuffers{}(0, 0, kQStages - 1) == (kQStages - 1) * cosize_v<SmemLayoutQ>);
   // V lands in shared memory already viewed as V^T (d x N): TMA reads gmem V through the same
   // transposed view, so no transpose ever happens in shared memory. The d atoms (64 or 32 wide)
   // are stacked along the keys first, so that many d-columns of all kBlockN keys are contiguous
@@ -142,7 +156,7 @@ struct Sm90FwdTraits {
   // 64-byte one every 4 rows of 128), and TMA and GMMA compute it from absolute shared-memory
   // address bits.
   struct QKVTiles {
-    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ> * kQStages> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutVt>> v;
   };
@@ -152,11 +166,18 @@ struct Sm90FwdTraits {
   struct SharedStorage : std::conditional_t<kOStagedInQ, QKVTiles, QKVOTiles> {
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
-    uint64_t q_full;   // transaction barrier of a tile's Q load
-    // Q's buffer is free: every consumer thread has completed its last S GEMM of the tile (with
+    uint64_t q_full[kQStages];  // transaction barrier of a tile's Q load, per Q buffer
+    // A Q buffer is free: every consumer thread has completed its last S GEMM of the tile (with
     // kOStagedInQ: has also read its last value of the O staged there).
-    uint64_t q_empty;
+    uint64_t q_empty[kQStages];
   };
+  // The Q buffer of the tile with this many Q loads before it, and the parity of its load on that
+  // buffer's barriers (both sides count the tiles with work alike).
+  __device__ static int q_stage(int q_loads) { return q_loads % kQStages; }
+  __device__ static int q_parity(int q_loads) { return (q_loads / kQStages) & 1; }
+  __device__ static Element* q_tile(SharedStorage& shared, int stage) {
+    return shared.q.data() + stage * cosize_v<SmemLayoutQ>;
+  }
   // The O staging tile.
   __device__ static Element* o_tile(SharedStorage& shared) {
     if constexpr (kOStagedInQ) {
