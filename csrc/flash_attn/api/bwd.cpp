@@ -162,6 +162,11 @@ void run_backward(const flash::BwdLauncher& kernel, const Call& c, const Tensor&
     p.philox_offset = 0;
   }
   const bool sm90 = sm90_backward_applies(p, dev, kernel);
+  const int kernel_hdim = flash::round_up_headdim(c.head_size);
+  p.dq_walk_rotated = sm90 && deterministic &&
+                      flash::sm90_bwd_rotated_dq_walk(p.window_left, p.window_right,
+                                                      flash::ceil_div(p.seqlen_k, flash::sm90_bwd_block_n(kernel_hdim)),
+                                                      dev.sm_count);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   // The fp32 dQ accumulator, for every path but the SM80 kernels' deterministic one (which
   // computes dQ in its own kernel); the deterministic Hopper kernel also takes one add count per
@@ -170,8 +175,8 @@ void run_backward(const flash::BwdLauncher& kernel, const Call& c, const Tensor&
   // enqueued (the allocator keeps the stream order).
   c10::DataPtr buffers;
   if (sm90 || !deterministic) {
-    const int64_t accum_elems = int64_t(c.num_heads) * total_q_rows * flash::round_up_headdim(c.head_size);
-    const int block_m = flash::sm90_bwd_block_m(flash::round_up_headdim(c.head_size));
+    const int64_t accum_elems = int64_t(c.num_heads) * total_q_rows * kernel_hdim;
+    const int block_m = flash::sm90_bwd_block_m(kernel_hdim);
     const int64_t q_blocks = (c.seqlen_q + block_m - 1) / block_m;
     const int64_t counts = sm90 && deterministic ? int64_t(c.batch) * c.num_heads * q_blocks : 0;
     buffers = c10::cuda::CUDACachingAllocator::get()->allocate(accum_elems * sizeof(float) + counts * sizeof(int));

@@ -46,6 +46,11 @@ struct BwdParams : FwdParams {
   // dq_accum, zeroed before the launch; the key blocks take turns in a fixed order
   // (sm90/bwd_dq_order.h).
   int* dq_add_count_ptr;
+
+  // Deterministic Hopper backward only: the key blocks walk the query blocks from rotated starts,
+  // and the dQ adds follow that walk (sm90/bwd_dq_order.h); set by the dispatcher where
+  // plan/heuristics.h's sm90_bwd_rotated_dq_walk allows it.
+  bool dq_walk_rotated;
 };
 
 }  // namespace flash

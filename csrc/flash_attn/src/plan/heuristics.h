@@ -1,6 +1,7 @@
 // Decisions the dispatcher takes from shapes alone: whether to fold GQA query groups into the
-// query-row dimension, and how many key splits to run. Pure host functions (no CUDA, no torch),
-// bound to Python as flash_attn.num_splits_heuristic so CPU tests check them.
+// query-row dimension, how many key splits to run (bound to Python as
+// flash_attn.num_splits_heuristic so CPU tests check them), and the deterministic Hopper
+// backward's walk. Pure host functions (no CUDA, no torch).
 #pragma once
 
 #include <algorithm>
@@ -235,6 +236,17 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
   plan.tiles = blocks;
   return plan;
+}
+
+// Deterministic Hopper backward (sm90/bwd_dq_order.h): whether the key blocks of a (batch, kv
+// head) walk the query blocks from rotated starts instead of in lockstep. Only without a mask that
+// bounds rows (every key block then sees every query block), and only where the group's
+// key_blocks thread blocks take at most half the SMs: in the rotated order a block waits for
+// blocks of its group that start after it, so the whole group must be resident at once; the
+// other half leaves room for whatever else shares the GPU (two such kernels cannot then fill it
+// with waiting blocks).
+inline bool sm90_bwd_rotated_dq_walk(int window_left, int window_right, int key_blocks, int num_sms) {
+  return window_left < 0 && window_right < 0 && 2 * key_blocks <= num_sms;
 }
 
 }  // namespace flash

@@ -136,4 +136,9 @@ constexpr TileShape bwd_dq_tile(int headdim) {
 // deterministic mode's dQ order counters with it: one per (batch, head, query block of this size).
 constexpr int sm90_bwd_block_m(int headdim) { return headdim == 64 ? 128 : 64; }
 
+// Hopper backward: keys per thread block (Sm90BwdTraits::kBlockN, where the choice is explained).
+// The dispatcher counts a (batch, kv head)'s thread blocks with it (plan/heuristics.h,
+// sm90_bwd_rotated_dq_walk).
+constexpr int sm90_bwd_block_n(int headdim) { return headdim <= 128 ? 128 : headdim == 192 ? 96 : 64; }
+
 }  // namespace flash

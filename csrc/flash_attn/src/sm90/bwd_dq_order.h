@@ -18,6 +18,16 @@
 // the unordered kernel's time, against 1.00-1.07x descending). Without a right window edge every
 // key block walks the same query blocks in lockstep, and either order costs the same.
 //
+// The rotated walk (BwdParams::dq_walk_rotated). Without any mask that bounds rows, that lockstep
+// is the cost: all N key blocks of a group reach query block m at the same step and add one after
+// the other, so key block k lags k turns and the group ends N turns late (783f623, H200:
+// deterministic / default time 1.22-1.34 at non-causal 512-2k keys at head dims 192 and 256). Where
+// a sequence has N <= M (its query blocks), key block n walks the M query blocks from block n on,
+// wrapping around, so it reaches block m at step (m - n) mod M: at each step the group's key
+// blocks add into different query blocks. The adds into block m go in the order of those steps;
+// each then waits for an add a step earlier, which is done. With more key blocks than query
+// blocks (cross-attention to longer keys) the lockstep stays.
+//
 // No deadlock. Thread block x owns key block gridDim.x - 1 - x (bwd_key_block), so a block waits
 // only for blocks of its own (batch, kv head) with a lower x, i.e. a lower linear block index. This
 // assumes that the hardware starts the thread blocks of a grid in increasing linear index (x
@@ -25,15 +35,20 @@
 // started and is finished or resident, the lowest unfinished block waits for nobody, finishes and
 // frees its SM, and so on. Within a block nothing waits in a circle: with atomics, the thread that
 // passes the turns passes a step's turn on once the consumers released that step, waiting for
-// nothing else; with the dQ writer, the writer waits for the turn (earlier blocks only) and for
-// the step's tiles, which the consumers store after waiting only for the previous step's tiles to
-// be handed back, which the writer did before it waited again. The grid is one thread block per key block, not persistent; a persistent grid
-// would keep the argument only if each block took tiles in increasing linear order and finished
-// one before taking the next. GQA: a block walks the query heads of its group one after the
-// other; each (b, h, m) has its own count, and every key block waiting on it belongs to the same
-// kv head, so to the same run of linear indices.
+// nothing else; with the dQ writer, the writer waits for the turn (earlier blocks only) and for the
+// step's tiles, which the consumers store after waiting only for the previous step's tiles to be
+// handed back, which the writer did before it waited again. The grid is one thread block per key
+// block, not persistent; a persistent grid would keep the argument only if each block took tiles in
+// increasing linear order and finished one before taking the next. GQA: a block walks the query
+// heads of its group one after the other; each (b, h, m) has its own count, and every key block
+// waiting on it belongs to the same kv head, so to the same run of linear indices. The rotated walk
+// breaks that argument: a key block waits for key blocks that reach block m at earlier steps, lower
+// ones (higher linear indices, started later) among them. There every block of the group must be
+// resident at once: the dispatcher rotates only groups of at most half the SMs (plan/heuristics.h,
+// sm90_bwd_rotated_dq_walk). The blocks of earlier groups wait only within their groups, so they
+// finish and free their SMs, and in increasing launch order a group's last blocks then start.
 //
-// Who does what. Keys split (head dims 64, 96, 128; Traits::kDqByTma), the dQ writer warp:
+// Who does what. Keys split (head dims 64, 96, 128; !Traits::kSplitHeadDim), the dQ writer warp:
 // warp kRowStatWarps + 1 of the producer warpgroup. Per step it waits for the turn (lane 0,
 // acquire; overlapped with the consumers' step), then for each consumer warpgroup's fp32 dQ tile
 // (named barrier "dQ tile full", sm90/bwd_kernel.h), issues the tiles' TMA reduce-adds, waits
@@ -43,14 +58,14 @@
 // they store their tile, arrive, and wait only for the previous step's tile to be empty, a step
 // later. A turn is held from the acquire to the pass, about one L2 round trip of the reduce-adds.
 //
-// Head dim split (192, 256; float2 atomics in the deterministic variants): after issuing a step's dQ, dV^T and dK^T GEMMs each
-// consumer thread reads the count (acquire) until its turn, overlapped with the GEMMs, adds its
-// part with atomics and then releases the step's Q/dO stage (mbarrier arrive: release at block
-// scope, so the adds happen before it). The stage's empty barrier counts one arrival per consumer
-// thread (a one-block cluster, so every thread signals), so it completes only after all of the
-// step's adds. Lane 0 of the warp after the row-stat warps waits for that completion and raises
-// the count (release at GPU scope, cumulative: the consumers' adds are performed before the new
-// count is seen). The TMA thread and the row-stat warps keep their pace.
+// Head dim split (192, 256; float2 atomics in the deterministic variants): after issuing a step's
+// dQ, dV^T and dK^T GEMMs each consumer thread reads the count (acquire) until its turn, overlapped
+// with the GEMMs, adds its part with atomics and then releases the step's Q/dO stage (mbarrier
+// arrive: release at block scope, so the adds happen before it). The stage's empty barrier counts
+// one arrival per consumer thread (a one-block cluster, so every thread signals), so it completes
+// only after all of the step's adds. Lane 0 of the warp after the row-stat warps waits for that
+// completion and raises the count (release at GPU scope, cumulative: the consumers' adds are
+// performed before the new count is seen). The TMA thread and the row-stat warps keep their pace.
 #pragma once
 
 #include <cstdint>
@@ -75,10 +90,29 @@ __device__ __forceinline__ int* dq_add_count(const BwdParams& p, int bidb, int b
   return p.dq_add_count_ptr + (int64_t(bidb) * p.h + bidh) * q_blocks + m_block;
 }
 
+// Whether a sequence's key blocks walk rotated: where the dispatcher allows it and the sequence
+// has no more key blocks than query blocks (each key block then starts at a query block of its
+// own).
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ bool dq_walk_rotated(const BwdParams& p, const SeqInfo& seq) {
+  return p.dq_walk_rotated && ceil_div_dev(seq.seqlen_k, kBlockN) <= ceil_div_dev(seq.seqlen_q, kBlockM);
+}
+
+// Rotated walk: how many of the sequence's k_blocks key blocks add into query block m_block before
+// key block n_block. Key block n starts at query block n and reaches m_block at step
+// (m_block - n) mod M; the ones that reach it earlier are n + 1, ..., m_block, cyclically (mod M),
+// those below k_blocks.
+__host__ __device__ __forceinline__ int dq_adds_before_rotated(int m_block, int k_blocks, int n_block) {
+  return n_block <= m_block ? (m_block < k_blocks - 1 ? m_block : k_blocks - 1) - n_block
+                            : k_blocks - n_block + m_block;
+}
+
 // How many key blocks add into query rows [m0, m0 + rows_in_tile) before key block n_block.
-template <int kBlockN>
+// kBlockM-row query blocks; `rotated`: the sequence's walk (dq_walk_rotated).
+template <int kBlockM, int kBlockN>
 __device__ __forceinline__ int dq_adds_before(const BwdParams& p, const SeqInfo& seq, int m0, int rows_in_tile,
-                                              int n_block) {
+                                              int n_block, bool rotated) {
+  if (rotated) return dq_adds_before_rotated(m0 / kBlockM, ceil_div_dev(seq.seqlen_k, kBlockN), n_block);
   return visible_key_blocks<kBlockN>(p, seq, m0, rows_in_tile).max - 1 - n_block;
 }
 

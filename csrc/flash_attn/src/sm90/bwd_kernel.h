@@ -149,21 +149,29 @@ Sm90BwdArgs<Traits> make_sm90_bwd_args(const BwdParams& p) {
 // ---- Work of one thread block ------------------------------------------------------------------
 
 // The query blocks that see key block n_block, and the steps (query head of the group, query block)
-// the block walks; producer and consumers compute it alike.
+// the block walks; producer and consumers compute it alike. Each head's query blocks in order; in
+// the deterministic variant's rotated walk (sm90/bwd_dq_order.h) from the key block's own index on,
+// wrapping around. The rotation is derived from n0 where it is used rather than held: the
+// producer warps run at 24 registers.
 struct Sm90BwdWork {
   SeqInfo seq;
   int n0, keys_in_block, diag;
   int m_block_min, m_blocks, steps;
   int kv_head, bidb;
+  bool rotated;
 
   __device__ int step_head(const BwdParams& p, int s) const { return kv_head * p.h_h_k_ratio + s / m_blocks; }
-  __device__ int step_m0(int s, int block_m) const { return (m_block_min + s % m_blocks) * block_m; }
+  template <int kBlockM, int kBlockN>
+  __device__ int step_m0(int s) const {
+    const int rotation = rotated ? n0 / kBlockN : 0;
+    return (m_block_min + (s + rotation) % m_blocks) * kBlockM;
+  }
 };
 
 template <typename Traits>
 __device__ __forceinline__ Sm90BwdWork sm90_bwd_work(const BwdParams& p) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
-  Sm90BwdWork w{SeqInfo(p, blockIdx.y), 0, 0, 0, 0, 0, 0, int(blockIdx.z), int(blockIdx.y)};
+  Sm90BwdWork w{SeqInfo(p, blockIdx.y), 0, 0, 0, 0, 0, 0, int(blockIdx.z), int(blockIdx.y), false};
   w.n0 = bwd_key_block<Traits::kDeterministic>() * kBlockN;
   w.keys_in_block = min(kBlockN, w.seq.seqlen_k - w.n0);
   w.diag = w.seq.seqlen_k - w.seq.seqlen_q;
@@ -176,6 +184,9 @@ __device__ __forceinline__ Sm90BwdWork sm90_bwd_work(const BwdParams& p) {
   w.m_block_min = row_lo / kBlockM;
   w.m_blocks = row_hi > row_lo ? (row_hi + kBlockM - 1) / kBlockM - w.m_block_min : 0;
   w.steps = p.h_h_k_ratio * w.m_blocks;
+  if constexpr (Traits::kDeterministic) {
+    w.rotated = dq_walk_rotated<kBlockM, kBlockN>(p, w.seq);
+  }
   return w;
 }
 
@@ -189,7 +200,8 @@ __device__ __forceinline__ void wait_for_dq_turn_of_step(const BwdParams& p, con
                                                          int rows_in_tile) {
   if constexpr (Traits::kDeterministic) {
     wait_for_dq_turn(dq_add_count<Traits::kBlockM>(p, w.bidb, bidh, m0 / Traits::kBlockM),
-                     dq_adds_before<Traits::kBlockN>(p, w.seq, m0, rows_in_tile, w.n0 / Traits::kBlockN));
+                     dq_adds_before<Traits::kBlockM, Traits::kBlockN>(p, w.seq, m0, rows_in_tile,
+                                                                      w.n0 / Traits::kBlockN, w.rotated));
   }
 }
 
@@ -198,7 +210,7 @@ __device__ __forceinline__ void wait_for_dq_turn_of_step(const BwdParams& p, con
 template <typename Traits>
 __device__ __forceinline__ void pass_dq_turn_of_step(const BwdParams& p, const Sm90BwdWork& w, int s) {
   constexpr int kBlockM = Traits::kBlockM;
-  pass_dq_turn(dq_add_count<kBlockM>(p, w.bidb, w.step_head(p, s), w.step_m0(s, kBlockM) / kBlockM));
+  pass_dq_turn(dq_add_count<kBlockM>(p, w.bidb, w.step_head(p, s), w.step_m0<kBlockM, Traits::kBlockN>(s) / kBlockM));
 }
 
 // ---- Named barriers ------------------------------------------------------------------------
@@ -258,7 +270,7 @@ __device__ __forceinline__ void bwd_produce_tiles(const Sm90BwdArgs<Traits>& arg
   typename Traits::PipelineState write = cutlass::make_producer_start_state<typename Traits::Pipeline>();
 #pragma unroll 1
   for (int s = 0; s < w.steps; ++s) {
-    const int bidh = w.step_head(p, s), m_block = w.step_m0(s, kBlockM) / kBlockM;
+    const int bidh = w.step_head(p, s), m_block = w.step_m0<kBlockM, Traits::kBlockN>(s) / kBlockM;
     const int q_batch = packed_q ? 0 : w.bidb;
     Tensor mQ = domain_offset(make_coord(w.seq.q_start, _0{}),
                               args.tma_q.get_tma_tensor(q_extent(p))(_, _, bidh, q_batch));
@@ -291,7 +303,7 @@ __device__ __forceinline__ void bwd_produce_row_stats(const BwdParams& p, typena
   typename Traits::PipelineState write = cutlass::make_producer_start_state<typename Traits::Pipeline>();
 #pragma unroll 1
   for (int s = 0; s < w.steps; ++s) {
-    const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
+    const int bidh = w.step_head(p, s), m0 = w.step_m0<kBlockM, Traits::kBlockN>(s);
     const int64_t head_off = w.bidb * p.lse_batch_stride + bidh * p.lse_head_stride +
                              int64_t(w.seq.q_start + m0 + first_row) * p.lse_row_stride;
     const float* lse = p.softmax_lse_ptr + head_off;
@@ -406,7 +418,7 @@ __device__ __forceinline__ BwdConsumerStep begin_consumer_step(const BwdParams& 
                                                                typename Traits::Pipeline& pipeline,
                                                                typename Traits::PipelineState const& read,
                                                                const Sm90BwdWork& w, int s, TQ& sQ, TQ& sdO) {
-  const int m0 = w.step_m0(s, Traits::kBlockM);
+  const int m0 = w.step_m0<Traits::kBlockM, Traits::kBlockN>(s);
   const BwdConsumerStep step{w.step_head(p, s), m0, min(Traits::kBlockM, w.seq.seqlen_q - m0), read.index(),
                              s % Traits::kDsBuffers};
   pipeline.consumer_wait(read);
@@ -533,7 +545,7 @@ __device__ __forceinline__ void store_dq_tile(typename Traits::SharedStorage& sh
 // reduce-add has completed, the consumers wait before storing the next one).
 constexpr int kDqWriterBarrierThreads = 128 + 32;
 
-// The dQ writer warp of the deterministic variant (Traits::kDqByTma), all 32 lanes: per step, the
+// The dQ writer warp of the deterministic variant with the keys split, all 32 lanes: per step, the
 // turn (lane 0), then each consumer warpgroup's tile as it is stored, added by TMA reduce-adds
 // (lane 0), completed, the turn passed, the tiles handed back (sm90/bwd_dq_order.h).
 template <typename Traits>
@@ -545,18 +557,20 @@ __device__ __forceinline__ void bwd_write_dq_in_turns(const Sm90BwdArgs<Traits>&
   const bool lane0 = threadIdx.x % 32 == 0;
 #pragma unroll 1
   for (int s = 0; s < w.steps; ++s) {
-    const int bidh = w.step_head(p, s), m0 = w.step_m0(s, kBlockM);
+    const int bidh = w.step_head(p, s), m0 = w.step_m0<kBlockM, Traits::kBlockN>(s);
     int* count = dq_add_count<kBlockM>(p, w.bidb, bidh, m0 / kBlockM);
     if (lane0) {
-      wait_for_dq_turn(count, dq_adds_before<Traits::kBlockN>(p, w.seq, m0, min(kBlockM, w.seq.seqlen_q - m0),
-                                                              w.n0 / Traits::kBlockN));
+      wait_for_dq_turn(count, dq_adds_before<kBlockM, Traits::kBlockN>(p, w.seq, m0, min(kBlockM, w.seq.seqlen_q - m0),
+                                                                       w.n0 / Traits::kBlockN, w.rotated));
     }
     // bar.sync is warp-aligned: the lanes reconverge after each lane-0 section.
     __syncwarp();
     CUTE_UNROLL
     for (int wg = 0; wg < Traits::kNConsumerWarpgroups; ++wg) {
       cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqFull0 + wg);
-      if (lane0) reduce_dq_tile_from_tiles<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(wg), dq_tile_n<Traits>(wg));
+      if (lane0) {
+        reduce_dq_tile_from_tiles<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(wg), dq_tile_n<Traits>(wg));
+      }
       __syncwarp();
     }
     if (lane0) pass_dq_turn_after_bulk_reduces(count);
@@ -1056,7 +1070,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if constexpr (Traits::kDeterministic) {
       if (warp == Traits::kRowStatWarps + 1) {
         const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
-        if constexpr (Traits::kDqByTma) {
+        if constexpr (!Traits::kSplitHeadDim) {
           bwd_write_dq_in_turns<Traits>(args, shared, work);
         } else if (threadIdx.x % 32 == 0) {
           bwd_pass_dq_turns<Traits>(params, pipeline, work);

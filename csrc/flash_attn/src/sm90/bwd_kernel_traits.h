@@ -65,9 +65,10 @@ struct Sm90BwdTraits {
   //   registers (160 + 64) but not shared memory with two Q/dO stages (see SharedStorage).
   //   d = 192: 96 keys, three warpgroups of one d M-tile each, at 160 registers (three consumer
   //   warpgroups share the register file): dK^T + dV^T 96, dQ 32, S + dP 32 (32 keys each).
-  // kBlockM's one home is plan/tile_sizes.h: the dispatcher sizes the deterministic dQ counters by it.
+  // kBlockM's and kBlockN's one home is plan/tile_sizes.h: the dispatcher sizes the deterministic
+  // dQ counters by the one and counts a group's thread blocks by the other.
   static constexpr int kBlockM = sm90_bwd_block_m(kHeadDim);
-  static constexpr int kBlockN = !kSplitHeadDim ? 128 : kHeadDim == 192 ? 96 : 64;
+  static constexpr int kBlockN = sm90_bwd_block_n(kHeadDim);
   static constexpr int kNConsumerWarpgroups = kHeadDim == 192 ? 3 : 2;
   static constexpr int kNThreads = 128 * (1 + kNConsumerWarpgroups);  // producer warpgroup first
   static constexpr int kNConsumerThreads = 128 * kNConsumerWarpgroups;
