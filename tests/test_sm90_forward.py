@@ -116,6 +116,31 @@ def test_sm90_forward_matches_reference(dtype, d, seqlen_q, seqlen_k, mask, head
     assert_out_close(out_sm80, out_ref, out_pt, name="out (SM80)")
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_running_max_climbs(dtype, d, causal, hopper):
+    """Keys that grow along the sequence, so most rows' maxima climb by far more than the running
+    max's lag (8 in log2 units) from key block to key block, while every other row, its query
+    scaled down, stays within it: the O correction runs, is skipped, and runs for some rows of a
+    warp only (head dim 256, where the kernel keeps the lagging max; at 64 and 128 the same inputs
+    run the plain update); the result stays within the reference's tolerance."""
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    seqlen_q, seqlen_k = 256, 1024
+    q, k, v = _qkv(2, seqlen_q, seqlen_k, 4, 4, d, dtype)
+    growth = 1.0 + torch.arange(seqlen_k, device=DEVICE, dtype=torch.float32) / 32
+    k = (k.float() * growth[None, :, None, None]).to(dtype)
+    q[:, ::2] *= 0.01
+    run = lambda: ext_fwd(q, k, v, causal=causal, num_splits=1)  # noqa: E731
+    assert _runs_sm90(run) is not False
+    out, lse = run()
+    out_ref, lse_ref = attention_ref(q, k, v, causal=causal)
+    out_pt, _ = attention_ref(q, k, v, causal=causal, upcast=False)
+    assert_out_close(out, out_ref, out_pt)
+    assert_lse_close(lse, lse_ref)
+
+
 # Softcap and ALiBi run the Hopper kernel's score-modifier instantiation. ALiBi slopes per head or
 # per (batch, head); "alibi" is make_alibi_slopes' kind.
 SCORE_MODS = {

@@ -65,18 +65,46 @@ struct OnlineSoftmax {
 
   // As update() after the first block, for kernels whose P V GEMM of the previous block still
   // writes o while this block's softmax runs (the Hopper forward): o's correction is returned
-  // for rescale_output() once that GEMM has finished.
-  template <typename TS>
-  __device__ __forceinline__ void update_deferred(TS&& s, float scale_log2, float (&o_correction)[kRows]) {
+  // for rescale_output() once that GEMM has finished, and the result says whether any row of the
+  // warp needs it (warp-uniform; a caller may skip rescale_output, a multiply by exactly 1, when
+  // none does).
+  // kKeepMaxWithinLag: a row's running max moves only when this block's exceeds it by more than
+  // kMaxLagLog2 (in log2 units of the scaled scores); otherwise the row keeps it, its
+  // probabilities reach at most 2^kMaxLagLog2 (16-bit P and the fp32 sums carry those as
+  // precisely as values up to 1, and the log-sum-exp uses the kept max), and its output needs no
+  // correction. After the first few blocks a row's max rarely climbs that far, so most blocks
+  // skip the output's d / 2 multiplies. Without it every row takes the block's max and every
+  // block is corrected.
+  static constexpr float kMaxLagLog2 = 8.f;
+  template <bool kKeepMaxWithinLag, typename TS>
+  __device__ __forceinline__ bool update_deferred(TS&& s, float scale_log2, float (&o_correction)[kRows]) {
     static_assert(decltype(size<0>(s))::value == kRows);
+    bool corrected = false;
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       const float m = running_max(s, mi, false);
-      const float shift = shift_of(m, scale_log2);
-      o_correction[mi] = exp2f(row_max[mi] * scale_log2 - shift);
-      row_sum[mi] *= o_correction[mi];
-      row_max[mi] = m;
-      exponentiate(s, mi, scale_log2, shift);
+      if constexpr (kKeepMaxWithinLag) {
+        // False for a row without a visible key yet (-inf - -inf): it takes m, as a moved row.
+        const bool keep = (m - row_max[mi]) * scale_log2 <= kMaxLagLog2;
+        const float kept_or_new = keep ? row_max[mi] : m;
+        const float shift = shift_of(kept_or_new, scale_log2);
+        o_correction[mi] = keep ? 1.f : exp2f(row_max[mi] * scale_log2 - shift);
+        row_sum[mi] *= o_correction[mi];
+        corrected |= !keep;
+        row_max[mi] = kept_or_new;
+        exponentiate(s, mi, scale_log2, shift);
+      } else {
+        const float shift = shift_of(m, scale_log2);
+        o_correction[mi] = exp2f(row_max[mi] * scale_log2 - shift);
+        row_sum[mi] *= o_correction[mi];
+        row_max[mi] = m;
+        exponentiate(s, mi, scale_log2, shift);
+      }
+    }
+    if constexpr (kKeepMaxWithinLag) {
+      return __any_sync(0xffffffffu, corrected);
+    } else {
+      return true;
     }
   }
 

@@ -328,11 +328,16 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
     ++read_k;
     score_block(n_block);
     float o_correction[kRows];
-    softmax.update_deferred(s, p.scale_softmax_log2, o_correction);
+    // The lagging max pays at head dim 256 without dropout, where the skipped correction is 128
+    // multiplies per thread: +2-4% from 1k keys on an H100 (2026-12-06); at 64 and 128 the
+    // forward ran 2-4% slower with it, at 192 0-3% (benchmarks/NOTES.md, item 98).
+    constexpr bool kKeepMaxWithinLag = kHeadDim == 256 && !kHasDropout;
+    const bool o_corrected =
+        softmax.template update_deferred<kKeepMaxWithinLag>(s, p.scale_softmax_log2, o_correction);
     warpgroup_wait<0>();
     pipeline_v.consumer_release(read_v);
     ++read_v;
-    softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
+    if (o_corrected) softmax.rescale_output(gmma_rowcol_view(acc_o), o_correction);
     p_from_s(n_block);
   }
   // The last P V GEMM takes no turn: it has no softmax of this warpgroup to hide, and the other
