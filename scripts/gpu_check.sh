@@ -163,11 +163,12 @@ if [ $sanitize -eq 1 ]; then
   # paged kv-cache calls with a window (page entries fetched after the lengths) or left padding
   # (any-alignment loader), the Hopper forward (several tiles per persistent block; the V-tail
   # zeroing's named barrier), the Hopper backward (a small causal and a windowed case, GQA; the
-  # deterministic variant on a causal GQA case; varlen with the rows past a sequence zeroed), and
+  # deterministic variant on a causal GQA case and, unmasked with fewer key blocks than query
+  # blocks, in the rotated walk; varlen with the rows past a sequence zeroed), and
   # dropout on both Hopper kernels.
   # SANITIZE_CHUNK=0 / 1 runs the first / second half of them (racecheck over all takes ~10 minutes
   # on an H100); SANITIZE_TOOLS narrows the tools (e.g. "racecheck synccheck").
-  sel="fp16 and ((128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))) or test_single_split_decode_grids or (test_sm90_forward_matches_reference and mha and (1023-1024 or 113-203 or 2048-77)) or (test_sm90_forward_nan_past_the_used_keys and causal) or (test_sm90_backward_matches_reference and (fp16-256- or fp16-192- or fp16-128- or fp16-96- or fp16-64-) and (113-17-causal or 255-1000-causal or 333-77-win17_5)) or (test_sm90_backward_grouped_heads and (fp16-256- or fp16-128- or fp16-64-) and 255-300 and causal and gqa) or (test_sm90_backward_deterministic and (fp16-256- or fp16-192- or fp16-128- or fp16-64-) and 300-1000-causal-gqa) or test_dropout_backward_hopper_and_sm80 or test_dropout_forward_hopper_and_sm80 or (test_sm90_backward_varlen and (fp16-128- or fp16-64-) and causal))"
+  sel="fp16 and ((128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))) or test_single_split_decode_grids or (test_sm90_forward_matches_reference and mha and (1023-1024 or 113-203 or 2048-77)) or (test_sm90_forward_nan_past_the_used_keys and causal) or (test_sm90_backward_matches_reference and (fp16-256- or fp16-192- or fp16-128- or fp16-96- or fp16-64-) and (113-17-causal or 255-1000-causal or 333-77-win17_5)) or (test_sm90_backward_grouped_heads and (fp16-256- or fp16-128- or fp16-64-) and 255-300 and causal and gqa) or (test_sm90_backward_deterministic and (fp16-256- or fp16-192- or fp16-128- or fp16-64-) and (300-1000-causal-gqa or 1000-300-none-mha)) or test_dropout_backward_hopper_and_sm80 or test_dropout_forward_hopper_and_sm80 or (test_sm90_backward_varlen and (fp16-128- or fp16-64-) and causal))"
   # SANITIZE_K narrows the subset further (a pytest -k expression, e.g. "dropout or sm90_backward").
   [ -n "${SANITIZE_K:-}" ] && sel="($sel) and ($SANITIZE_K)"
   files="tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py tests/test_sm90_forward.py tests/test_sm90_backward.py tests/test_dropout.py"
