@@ -95,6 +95,15 @@ def _fused_norm(x, norm, residual, dropout_p=0.0, rowscale=None, prenorm=False, 
     )
 
 
+def _default_layer_classes(dim, mixer_cls, mlp_cls):
+    # Upstream's defaults: attention with 64-wide heads, and an MLP 4 times as wide as the model.
+    # The blocks build the layers themselves, in upstream's order (parameter order and the
+    # random initialisation follow it).
+    mixer_cls = partial(MHA, num_heads=dim // 64) if mixer_cls is None else mixer_cls
+    mlp_cls = partial(Mlp, hidden_features=4 * dim) if mlp_cls is None else mlp_cls
+    return mixer_cls, mlp_cls
+
+
 def _mark_norm_params(norms, sequence_parallel, mark_shared_params):
     # Tensor-parallel training code reads these flags: parameters marked _sequence_parallel get
     # their gradients all-reduced over the group, _shared_params ones are broadcast at init.
@@ -160,10 +169,7 @@ class Block(nn.Module):
         self.fused_dropout_add_ln = fused_dropout_add_ln
         self.return_residual = return_residual
         self.residual_in_fp32 = residual_in_fp32
-        if mixer_cls is None:
-            mixer_cls = partial(MHA, num_heads=dim // 64)
-        if mlp_cls is None:
-            mlp_cls = partial(Mlp, hidden_features=4 * dim)
+        mixer_cls, mlp_cls = _default_layer_classes(dim, mixer_cls, mlp_cls)
         self.mixer = mixer_cls(dim)
         self.dropout1 = dropout_cls(resid_dropout1)
         self.drop_path1 = StochasticDepth(drop_path1, mode="row")
@@ -308,10 +314,7 @@ class ParallelBlock(nn.Module):
         self.tied_norm = tied_norm
         self.fused_dropout_add_ln = fused_dropout_add_ln
         self.residual_in_fp32 = residual_in_fp32
-        if mixer_cls is None:
-            mixer_cls = partial(MHA, num_heads=dim // 64)
-        if mlp_cls is None:
-            mlp_cls = partial(Mlp, hidden_features=4 * dim)
+        mixer_cls, mlp_cls = _default_layer_classes(dim, mixer_cls, mlp_cls)
         self.mixer = mixer_cls(dim)
         self.dropout1 = dropout_cls(resid_dropout1)
         self.norm1 = norm_cls(dim)
