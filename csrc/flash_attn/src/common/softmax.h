@@ -83,29 +83,18 @@ struct OnlineSoftmax {
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       const float m = running_max(s, mi, false);
-      if constexpr (kKeepMaxWithinLag) {
-        // False for a row without a visible key yet (-inf - -inf): it takes m, as a moved row.
-        const bool keep = (m - row_max[mi]) * scale_log2 <= kMaxLagLog2;
-        const float kept_or_new = keep ? row_max[mi] : m;
-        const float shift = shift_of(kept_or_new, scale_log2);
-        o_correction[mi] = keep ? 1.f : exp2f(row_max[mi] * scale_log2 - shift);
-        row_sum[mi] *= o_correction[mi];
-        corrected |= !keep;
-        row_max[mi] = kept_or_new;
-        exponentiate(s, mi, scale_log2, shift);
-      } else {
-        const float shift = shift_of(m, scale_log2);
-        o_correction[mi] = exp2f(row_max[mi] * scale_log2 - shift);
-        row_sum[mi] *= o_correction[mi];
-        row_max[mi] = m;
-        exponentiate(s, mi, scale_log2, shift);
-      }
+      // False for a row without a visible key yet (-inf - -inf): it takes m, as a moved row.
+      const bool keep = kKeepMaxWithinLag && (m - row_max[mi]) * scale_log2 <= kMaxLagLog2;
+      const float kept_or_new = keep ? row_max[mi] : m;
+      const float shift = shift_of(kept_or_new, scale_log2);
+      o_correction[mi] = keep ? 1.f : exp2f(row_max[mi] * scale_log2 - shift);
+      row_sum[mi] *= o_correction[mi];
+      corrected |= !keep;
+      row_max[mi] = kept_or_new;
+      exponentiate(s, mi, scale_log2, shift);
     }
-    if constexpr (kKeepMaxWithinLag) {
-      return __any_sync(0xffffffffu, corrected);
-    } else {
-      return true;
-    }
+    // Without the lag every row is corrected: no vote needed.
+    return kKeepMaxWithinLag ? __any_sync(0xffffffffu, corrected) : true;
   }
 
   template <typename TO>
