@@ -17,7 +17,7 @@
 # MAXFAIL (pytest --maxfail, default 40); BENCH_COMMIT (the commit of this tree, for result headers
 # when the copy here has no git metadata of its own); SANITIZE_CHUNK=0|1 (half of the sanitizer
 # tests), SANITIZE_K (a pytest -k expression narrowing them), SANITIZE_TOOLS ("memcheck racecheck"),
-# SANITIZE_TIMEOUT; PROFILE_KERNEL, PROFILE_TARGET (--profile).
+# SANITIZE_TIMEOUT; PROFILE_KERNEL, PROFILE_TARGET, PROFILE_NAME (--profile).
 # --baseline DIR: DIR holds another commit's source tree, made on the development machine with
 #   git archive REV | tar -x -C DIR && git rev-parse --short REV >DIR/COMMIT
 # It is built in place with the same FLASH_ATTN_* knobs and MAX_JOBS, then every chosen benchmark
@@ -205,10 +205,21 @@ fi
 if [ $profile -eq 1 ]; then
   # PROFILE_KERNEL: a regex of the kernels to profile (default flash_fwd: one prefill and one decode
   # launch of profile_target.py's defaults); PROFILE_TARGET: profile_target.py's arguments
-  # (e.g. "backward 16,1024,8,256" with PROFILE_KERNEL=flash_bwd_sm90).
+  # (e.g. "backward 16,1024,8,256" with PROFILE_KERNEL=flash_bwd_sm90). The clocks stay as they
+  # are (--clock-control none), as for every timing here. PROFILE_NAME.tar (default profile.tar)
+  # holds the report (.ncu-rep), its details page as text (.txt) and its per-instruction SASS page
+  # (_sass.csv: where the warps stall, instruction by instruction): one file, since the device
+  # tool returns at most eight.
+  name=${PROFILE_NAME:-profile}
+  dir=/tmp/$name; rm -rf "$dir"; mkdir -p "$dir"
   # shellcheck disable=SC2086  # PROFILE_TARGET is word-split on purpose
-  ncu --kernel-name "regex:${PROFILE_KERNEL:-flash_fwd}" --launch-skip 2 --launch-count 2 --section SpeedOfLight \
-    --section WarpStateStats --section InstructionStats --section LaunchStats --section Occupancy \
-    --section MemoryWorkloadAnalysis python3 benchmarks/tools/profile_target.py ${PROFILE_TARGET:-} >"$OUT/ncu.txt" 2>&1
-  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Stall|Registers|Achieved Occupancy" "$OUT/ncu.txt" | head -40
+  ncu --clock-control none --kernel-name "regex:${PROFILE_KERNEL:-flash_fwd}" --launch-skip 2 --launch-count 2 \
+    --set full --import-source no -f -o "$dir/$name" \
+    python3 benchmarks/tools/profile_target.py ${PROFILE_TARGET:-} >"$dir/$name.log" 2>&1
+  ncu -i "$dir/$name.ncu-rep" --page details >"$dir/$name.txt" 2>&1
+  ncu -i "$dir/$name.ncu-rep" --page source --csv --print-source sass >"$dir/${name}_sass.csv" 2>&1
+  tar -C /tmp -cf "$OUT/$name.tar" "$name"
+  echo "profile $name: $(wc -c <"$dir/${name}_sass.csv") bytes of SASS page" | tee -a "$OUT/env.log"
+  grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Registers|Achieved Occupancy" "$dir/$name.txt" | head -20
+  tail -3 "$dir/$name.log"
 fi
