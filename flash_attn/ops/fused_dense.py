@@ -147,7 +147,6 @@ class FusedDenseFunc(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, return_residual=False, process_group=None, sequence_parallel=True):
-        ctx.compute_weight_gradient = weight.requires_grad
         ctx.return_residual = return_residual
         ctx.process_group = process_group
         ctx.sequence_parallel = sequence_parallel
@@ -157,7 +156,7 @@ class FusedDenseFunc(torch.autograd.Function):
         weight, bias = _autocast(weight, bias)
         _wait(gather)
         output = F.linear(total_x, weight, bias)
-        if ctx.compute_weight_gradient:
+        if weight.requires_grad:
             ctx.save_for_backward(x, weight)
         else:
             ctx.save_for_backward(weight)
