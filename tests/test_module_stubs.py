@@ -13,10 +13,6 @@ STUB_MODULES = [
     "flash_attn.models",
     "flash_attn.models.gpt",
     "flash_attn.models.llama",
-    "flash_attn.ops.fused_dense",
-    "flash_attn.ops.activations",
-    "flash_attn.ops.layer_norm",
-    "flash_attn.ops.rms_norm",
 ]
 
 TRITON_MODULES = [
@@ -38,6 +34,29 @@ def test_stub_import_explains_itself(name):
 def test_provided_modules_import(name):
     pytest.importorskip("triton", reason="these modules run Triton kernels; triton is not installed")
     importlib.import_module(name)
+
+
+# Importing them loads neither triton nor the CUDA extension (the layer norm wrappers import the
+# Triton kernel when called).
+LIGHT_MODULES = [
+    "flash_attn.utils.distributed",
+    "flash_attn.ops.activations",
+    "flash_attn.ops.fused_dense",
+    "flash_attn.ops.layer_norm",
+    "flash_attn.ops.rms_norm",
+    "flash_attn.modules.mlp",
+    "flash_attn.modules.mha",
+]
+
+
+def test_light_modules_import_without_triton():
+    code = (
+        f"import sys, {', '.join(LIGHT_MODULES)}; "
+        "assert 'triton' not in sys.modules, 'pulled in triton'; "
+        "assert 'flash_attn_2_cuda' not in sys.modules, 'pulled in the CUDA extension'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_package_import_is_light():

@@ -4,7 +4,8 @@ CPU: SelfAttention / CrossAttention against a float64 softmax reference; MHA wit
 use_flash_attn=False (projection layout, GQA, cross-attention, mixer_subset, return_residual,
 dwconv, checkpointing, decoding with InferenceParams); the flash path's wiring through the
 stand-in extension of test_python_api (float32 math behind the real Python interface); errors;
-upstream 2.8.3's signatures. MHA with rotary runs Triton kernels: on CPU only under
+upstream 2.8.3's signatures; ParallelMHA against MHA with the same weights over gloo (one rank
+in-process, two spawned ranks). MHA with rotary runs Triton kernels: on CPU only under
 TRITON_INTERPRET=1.
 
 GPU: FlashSelfAttention / FlashCrossAttention and MHA(use_flash_attn=True) against float32
@@ -42,6 +43,7 @@ from flash_attn.modules.mha import (
 )
 from flash_attn.utils.generation import InferenceParams
 from helpers import DEVICE, assert_grad_close, assert_out_close, requires_gpu
+from process_groups import run_on_ranks, single_rank_group
 from reference import attention_ref, cu_seqlens_from_lengths, lengths_to_mask
 from test_python_api import FakeExt
 
@@ -529,9 +531,82 @@ def test_mha_constructor_errors(kwargs, match):
         MHA(**args)
 
 
-def test_parallel_mha_raises():
-    with pytest.raises(NotImplementedError, match="not provided .*fused_dense_lib.*Use MHA"):
+def test_parallel_mha_needs_a_process_group():
+    with pytest.raises(ValueError, match="process_group"):
         ParallelMHA(64, 4, process_group=None)
+
+
+def _parallel_mha_shards(num_heads, num_heads_kv, head_dim, world_size, rank):
+    """(rows of MHA's Wqkv, columns of its out_proj) that rank holds in a ParallelMHA: the query
+    heads of its kv heads, then its k heads, then its v heads."""
+    kv_per_rank = num_heads_kv // world_size
+    queries_per_kv = num_heads // num_heads_kv
+    kv_heads = torch.arange(rank * kv_per_rank, (rank + 1) * kv_per_rank)
+    q_heads = torch.arange(kv_heads[0] * queries_per_kv, (kv_heads[-1] + 1) * queries_per_kv)
+
+    def rows(heads, offset):
+        return (offset + heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+    q_rows = rows(q_heads, 0)
+    k_rows = rows(kv_heads, num_heads * head_dim)
+    v_rows = rows(kv_heads, (num_heads + num_heads_kv) * head_dim)
+    return torch.cat([q_rows, k_rows, v_rows]), q_rows
+
+
+def _check_parallel_mha(rank, group, world_size):
+    batch, seqlen, embed_dim, num_heads, head_dim = 2, 4, 32, 4, 8
+    for num_heads_kv in (None, 2):
+        torch.manual_seed(0)  # the same reference and data on every rank
+        reference = MHA(embed_dim, num_heads, num_heads_kv=num_heads_kv, causal=True)
+        x_full = torch.randn(batch, seqlen, embed_dim)
+        grad_full = torch.randn(batch, seqlen, embed_dim)
+        x_ref = x_full.clone().requires_grad_()
+        expected = reference(x_ref)
+        expected.backward(grad_full)
+        wqkv_rows, out_cols = _parallel_mha_shards(num_heads, num_heads_kv or num_heads, head_dim, world_size,
+                                                   rank)
+        for sequence_parallel in (True, False):
+            parallel = ParallelMHA(embed_dim, num_heads, group, num_heads_kv=num_heads_kv, causal=True,
+                                   sequence_parallel=sequence_parallel)
+            assert parallel.num_heads_per_rank == num_heads // world_size
+            with torch.no_grad():
+                parallel.Wqkv.weight.copy_(reference.Wqkv.weight[wqkv_rows])
+                parallel.Wqkv.bias.copy_(reference.Wqkv.bias[wqkv_rows])
+                parallel.out_proj.weight.copy_(reference.out_proj.weight[:, out_cols])
+                if rank == 0:
+                    parallel.out_proj.bias.copy_(reference.out_proj.bias)
+            if sequence_parallel:
+                # (batch * seqlen, embed_dim), each rank holding its slice of the tokens.
+                tokens = batch * seqlen // world_size
+                rows = slice(rank * tokens, (rank + 1) * tokens)
+                x = x_full.flatten(0, 1)[rows].clone().requires_grad_()
+                out = parallel(x, seqlen=seqlen)
+                torch.testing.assert_close(out, expected.flatten(0, 1)[rows])
+                out.backward(grad_full.flatten(0, 1)[rows])
+                torch.testing.assert_close(x.grad, x_ref.grad.flatten(0, 1)[rows])
+            else:
+                x = x_full.clone().requires_grad_()
+                out = parallel(x)
+                torch.testing.assert_close(out, expected)
+                out.backward(grad_full)
+                torch.testing.assert_close(x.grad, x_ref.grad)
+            torch.testing.assert_close(parallel.Wqkv.weight.grad, reference.Wqkv.weight.grad[wqkv_rows])
+            torch.testing.assert_close(parallel.out_proj.weight.grad, reference.out_proj.weight.grad[:, out_cols])
+            cache = parallel.allocate_inference_cache(3, 7)
+            assert cache.shape == (3, 7, 2, (num_heads_kv or num_heads) // world_size, head_dim)
+
+
+def test_parallel_mha_single_rank():
+    with single_rank_group() as group:
+        _check_parallel_mha(0, group, 1)
+
+
+def _parallel_mha_worker(rank, group):
+    _check_parallel_mha(rank, group, 2)
+
+
+def test_parallel_mha_two_ranks(tmp_path):
+    run_on_ranks(_parallel_mha_worker, 2, tmp_path)
 
 
 def test_mha_forward_errors():

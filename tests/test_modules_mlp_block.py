@@ -1,8 +1,8 @@
 """flash_attn.modules.mlp, .block and .embedding.
 
 CPU: Mlp, GatedMlp, Block, ParallelBlock and the embeddings against hand-written PyTorch, the
-signatures against flash-attn 2.8.3's, the errors of the classes this build does not provide, the
-tensor-parallel embeddings over gloo process groups (one rank in-process, two ranks spawned).
+signatures against flash-attn 2.8.3's, the tensor-parallel MLPs and embeddings over gloo process
+groups (one rank in-process, two ranks spawned) against the single-device modules.
 Triton (GPU, or TRITON_INTERPRET=1 on CPU): the fused dropout + add + norm path against the
 unfused one. GPU: Block with the default MHA mixer, fused against unfused, in fp16.
 """
@@ -27,6 +27,7 @@ from flash_attn.modules.embedding import (
 )
 from flash_attn.modules.mlp import FusedMLP, GatedMlp, Mlp, ParallelFusedMLP, ParallelGatedMlp, ParallelMLP
 from helpers import requires_gpu
+from process_groups import run_on_ranks, single_rank_group
 from triton_testing import DEVICE as TRITON_DEVICE
 from triton_testing import requires_device as requires_triton
 
@@ -131,7 +132,7 @@ def test_upstream_signature(obj):
 
 
 # ---------------------------------------------------------------------------------------------
-# Mlp, GatedMlp and the classes this build does not provide
+# Mlp, GatedMlp and the tensor-parallel MLPs
 # ---------------------------------------------------------------------------------------------
 
 
@@ -206,20 +207,72 @@ def test_gated_mlp_return_residual():
     assert residual is x and out.shape == (3, 4)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: ParallelMLP(16),
-        lambda: ParallelGatedMlp(16, None),
-        lambda: FusedMLP(16),
-        lambda: ParallelFusedMLP(16),
-    ],
-    ids=["ParallelMLP", "ParallelGatedMlp", "FusedMLP", "ParallelFusedMLP"],
-)
-def test_fused_dense_classes_raise(make, request):
-    name = request.node.callspec.id
-    with pytest.raises(NotImplementedError, match=f"^{name} is not available.*fused_dense_lib.*Use .*Mlp"):
+def test_fused_mlp_classes_come_from_ops_fused_dense():
+    from flash_attn.ops import fused_dense
+
+    assert FusedMLP is fused_dense.FusedMLP and ParallelFusedMLP is fused_dense.ParallelFusedMLP
+
+
+@pytest.mark.parametrize("make", [lambda: ParallelMLP(16), lambda: ParallelGatedMlp(16, None)],
+                         ids=["ParallelMLP", "ParallelGatedMlp"])
+def test_parallel_mlps_need_a_process_group(make):
+    with pytest.raises(ValueError, match="process_group"):
         make()
+
+
+def test_parallel_mlps_single_rank():
+    with single_rank_group() as group:
+        x = torch.randn(6, 8)
+        reference, parallel = Mlp(8, 12), ParallelMLP(8, 12, process_group=group)
+        parallel.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(parallel(x), reference(x))
+        reference = GatedMlp(8, 12, activation=F.silu, multiple_of=4)
+        parallel = ParallelGatedMlp(8, group, 12, activation=F.silu, multiple_of=4)
+        parallel.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(parallel(x), reference(x))
+
+
+def _parallel_mlps_worker(rank, group):
+    torch.manual_seed(0)  # the same reference weights and data on both ranks
+    tokens, dim, hidden = 8, 6, 12
+    x_full, grad_full = torch.randn(tokens, dim), torch.randn(tokens, dim)
+    # Built before any parallel layer: those draw different amounts of randomness on each rank.
+    references = [Mlp(dim, hidden, activation=F.relu), GatedMlp(dim, hidden, activation=F.silu, multiple_of=4)]
+    hidden_rows = slice(rank * hidden // 2, (rank + 1) * hidden // 2)
+    for gated, reference in zip((False, True), references):
+        fc1_rows = torch.arange(hidden)[hidden_rows]
+        if gated:
+            # Rank r's fc1 rows are its slice of the value rows, then its slice of the gate rows.
+            fc1_rows = torch.cat([fc1_rows, hidden + fc1_rows])
+        x_ref = x_full.clone().requires_grad_()
+        expected = reference(x_ref)
+        expected.backward(grad_full)
+        for sequence_parallel in (True, False):
+            if gated:
+                parallel = ParallelGatedMlp(dim, group, hidden, activation=F.silu, multiple_of=4,
+                                            sequence_parallel=sequence_parallel)
+            else:
+                parallel = ParallelMLP(dim, hidden, activation=F.relu, process_group=group,
+                                       sequence_parallel=sequence_parallel)
+            with torch.no_grad():
+                parallel.fc1.weight.copy_(reference.fc1.weight[fc1_rows])
+                parallel.fc1.bias.copy_(reference.fc1.bias[fc1_rows])
+                parallel.fc2.weight.copy_(reference.fc2.weight[:, hidden_rows])
+                if rank == 0:
+                    parallel.fc2.bias.copy_(reference.fc2.bias)
+            assert (parallel.fc2.bias is None) == (rank == 1)
+            rows = slice(rank * tokens // 2, (rank + 1) * tokens // 2) if sequence_parallel else slice(None)
+            x = x_full[rows].clone().requires_grad_()
+            out = parallel(x)
+            torch.testing.assert_close(out, expected[rows])
+            out.backward(grad_full[rows])
+            torch.testing.assert_close(x.grad, x_ref.grad[rows])
+            torch.testing.assert_close(parallel.fc1.weight.grad, reference.fc1.weight.grad[fc1_rows])
+            torch.testing.assert_close(parallel.fc2.weight.grad, reference.fc2.weight.grad[:, hidden_rows])
+
+
+def test_parallel_mlps_two_ranks(tmp_path):
+    run_on_ranks(_parallel_mlps_worker, 2, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,18 +758,13 @@ def test_bert_embeddings():
 
 
 @pytest.fixture
-def single_rank_group():
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this torch build")
-    if dist.is_initialized():
-        pytest.skip("a default process group already exists")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
+def one_rank_group():
+    with single_rank_group() as group:
+        yield group
 
 
-def test_parallel_embeddings_single_rank(single_rank_group):
-    group = single_rank_group
+def test_parallel_embeddings_single_rank(one_rank_group):
+    group = one_rank_group
     vocab = VocabParallelEmbedding(12, 4, process_group=group, padding_idx=2)
     assert vocab.num_embeddings == 12 and vocab.padding_idx == 2
     ids = torch.randint(0, 12, (2, 5))

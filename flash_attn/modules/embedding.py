@@ -2,13 +2,16 @@
 
 GPT2Embeddings and BertEmbeddings are single-device modules. VocabParallelEmbedding,
 ColumnParallelEmbedding and ParallelGPT2Embeddings split their tables over a torch.distributed
-process group (tensor parallelism) and use only torch.distributed collectives.
+process group (tensor parallelism) and sum over it with the collectives of
+flash_attn.utils.distributed.
 """
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from flash_attn.utils.distributed import all_reduce, reduce_scatter
 
 
 def _seqlen(input_ids):
@@ -24,54 +27,6 @@ def _default_positions(input_ids, seqlen):
 
 def _group_size(process_group):
     return 1 if process_group is None else dist.get_world_size(process_group)
-
-
-def _collective(name, deprecated_name):
-    # Newer torch renames reduce_scatter_tensor / all_gather_into_tensor to *_single and warns on
-    # the old names; older torch only has the old ones.
-    return getattr(dist, name, None) or getattr(dist, deprecated_name)
-
-
-class _AllReduce(torch.autograd.Function):
-    """Sum over the group. Every rank receives the same gradient of the sum, which is already
-    the gradient of its own summand."""
-
-    @staticmethod
-    def forward(ctx, x, process_group):
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=process_group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return grad_out, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    """Sum over the group, each rank keeping its slice of the first dimension; the backward
-    gathers the slices' gradients back."""
-
-    @staticmethod
-    def forward(ctx, x, process_group):
-        world_size = dist.get_world_size(process_group)
-        if x.shape[0] % world_size != 0:
-            raise ValueError(
-                f"sequence_parallel: the embeddings' first dimension ({x.shape[0]}) must be divisible by "
-                f"the process group's size ({world_size})"
-            )
-        ctx.process_group = process_group
-        out = x.new_empty((x.shape[0] // world_size, *x.shape[1:]))
-        _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, x.contiguous(), group=process_group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        world_size = dist.get_world_size(ctx.process_group)
-        grad_in = grad_out.new_empty((grad_out.shape[0] * world_size, *grad_out.shape[1:]))
-        _collective("all_gather_single", "all_gather_into_tensor")(
-            grad_in, grad_out.contiguous(), group=ctx.process_group
-        )
-        return grad_in, None
 
 
 class GPT2Embeddings(nn.Module):
@@ -271,5 +226,5 @@ class ParallelGPT2Embeddings(nn.Module):
             embeddings = embeddings.flatten(0, 1)
         if world_size == 1:
             return embeddings
-        reduce = _ReduceScatter if self.sequence_parallel else _AllReduce
-        return reduce.apply(embeddings, self.process_group)
+        reduce = reduce_scatter if self.sequence_parallel else all_reduce
+        return reduce(embeddings, self.process_group)

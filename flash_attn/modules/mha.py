@@ -3,14 +3,19 @@
 FlashSelfAttention / FlashCrossAttention wrap the FlashAttention kernels (fp16/bf16, padded or
 varlen, causal, sliding window, ALiBi, dropout); SelfAttention / CrossAttention compute the same
 attention in PyTorch (any dtype, any device, key_padding_mask). MHA adds the projections, GQA/MQA,
-cross-attention, rotary embeddings and kv-cache decoding with InferenceParams.
+cross-attention, rotary embeddings and kv-cache decoding with InferenceParams. ParallelMHA is the
+self-attention of MHA with its heads split over a process group (tensor parallelism) through the
+ColumnParallelLinear / RowParallelLinear layers of flash_attn.ops.fused_dense.
 
 Where this module differs from upstream's:
-  * bad arguments raise ValueError / TypeError naming the argument instead of a bare assert;
+  * bad arguments raise ValueError / TypeError naming the argument instead of a bare assert
+    (ParallelMHA with process_group=None included);
   * the Triton rotary layer is imported when an MHA asks for rotary_emb_dim > 0, so importing
     this module needs neither triton nor a GPU;
-  * ParallelMHA raises NotImplementedError: its tensor-parallel linear layers come from
-    fused_dense_lib, which this build does not provide;
+  * ParallelMHA splits its heads over the ranks in whole kv groups (a kv head and its query
+    heads), so Wqkv, out_proj, the head counts and the ALiBi slopes agree when the kv heads do
+    not divide evenly over the ranks (upstream then splits the query heads separately, which
+    disagrees with its own Wqkv); for an even split the layouts are upstream's;
   * decoding through flash_attn_with_kvcache keeps the layer's window_size (upstream drops it
     and so decodes a local-attention model with full attention), and xPos rotary decodes through
     the unfused rotary path instead of failing an assert;
@@ -23,6 +28,7 @@ import operator
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
@@ -34,6 +40,8 @@ from flash_attn.flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
+from flash_attn.ops.fused_dense import ColumnParallelLinear, RowParallelLinear
+from flash_attn.utils.distributed import get_dim_for_local_rank
 
 __all__ = [
     "get_alibi_slopes",
@@ -367,95 +375,52 @@ def _rotary_embedding_cls():
     return RotaryEmbedding
 
 
-class MHA(nn.Module):
-    """Multi-head self-attention or cross-attention with input and output projections.
+def _check_head_counts(embed_dim, num_heads, num_heads_kv):
+    if embed_dim % num_heads != 0:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+    if num_heads % num_heads_kv != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be divisible by num_heads_kv ({num_heads_kv})")
 
-    embed_dim, num_heads: model width and number of query heads (head_dim = embed_dim / num_heads).
-    num_heads_kv: key/value heads for MQA / GQA (default num_heads); must divide num_heads.
-    cross_attn: q is projected from x (Wq), k and v from x_kv (Wkv); otherwise one Wqkv.
-    qkv_proj_bias, out_proj_bias: biases of the input and output projections.
-    dropout: attention dropout probability.
-    softmax_scale: default 1 / sqrt(head_dim).
-    causal: causal attention.
-    layer_idx: key of this layer's cache in InferenceParams.key_value_memory_dict (needed for
-        decoding).
-    dwconv: causal depthwise convolution (kernel 3) over the sequence after the projections.
-    rotary_emb_dim, rotary_emb_base, rotary_emb_scale_base, rotary_emb_interleaved: rotary
-        embedding of the first rotary_emb_dim dims of q and k (0 = none; scale_base enables xPos).
-    use_alibi: ALiBi biases (get_alibi_slopes(num_heads)); needs use_flash_attn.
-    window_size: (left, right) local attention, -1 for unbounded; needs use_flash_attn.
-    fused_bias_fc: accepted for compatibility and without effect: upstream 2.8.3's MHA also
-        builds plain nn.Linear projections whatever its value.
-    use_flash_attn: FlashSelfAttention / FlashCrossAttention (fp16 / bf16, CUDA) inside instead of
-        SelfAttention / CrossAttention.
-    return_residual: forward returns (out, x), for callers that add the residual themselves.
-    checkpointing: recompute the attention in the backward instead of storing it.
-    device, dtype: of the parameters.
+
+def _check_flash_only_options(use_alibi, window_size, use_flash_attn):
+    if use_alibi and not use_flash_attn:
+        raise ValueError("use_alibi=True needs use_flash_attn=True (SelfAttention has no ALiBi)")
+    if tuple(window_size) != (-1, -1) and not use_flash_attn:
+        raise ValueError(
+            f"window_size={window_size} (local attention) needs use_flash_attn=True "
+            "(SelfAttention has no sliding window)"
+        )
+
+
+class _AttentionLayer(nn.Module):
+    """What MHA and ParallelMHA share: the inner attention modules and rotary embedding, the kv
+    cache and decoding, and the attention between the input and output projections.
+
+    Subclasses set head_dim, layer_idx, rotary_emb_dim, use_flash_attn, checkpointing and out_proj
+    (whose weight gives the cache's device and dtype), call _build_attention, and name the kv
+    heads the module holds in _local_num_heads_kv.
     """
 
-    def __init__(
-        self,
-        embed_dim,
-        num_heads,
-        num_heads_kv=None,
-        cross_attn=False,
-        qkv_proj_bias=True,
-        out_proj_bias=True,
-        dropout=0.0,
-        softmax_scale=None,
-        causal=False,
-        layer_idx=None,
-        dwconv=False,
-        rotary_emb_dim=0,
-        rotary_emb_base=10000.0,
-        rotary_emb_scale_base=None,
-        rotary_emb_interleaved=False,
-        use_alibi=False,
-        window_size=(-1, -1),
-        fused_bias_fc=False,
-        use_flash_attn=False,
-        return_residual=False,
-        checkpointing=False,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        factory_kwargs = {"device": device, "dtype": dtype}
-        self.embed_dim = embed_dim
-        self.cross_attn = cross_attn
-        self.causal = causal
-        self.layer_idx = layer_idx
-        self.dwconv = dwconv
-        self.rotary_emb_dim = rotary_emb_dim
-        self.use_flash_attn = use_flash_attn
-        self.return_residual = return_residual
-        self.checkpointing = checkpointing
-        self.num_heads = num_heads
-        self.num_heads_kv = num_heads_kv if num_heads_kv is not None else num_heads
-        if embed_dim % num_heads != 0:
-            raise ValueError(
-                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
-            )
-        if num_heads % self.num_heads_kv != 0:
-            raise ValueError(
-                f"num_heads ({num_heads}) must be divisible by num_heads_kv ({self.num_heads_kv})"
-            )
-        if use_alibi and not use_flash_attn:
-            raise ValueError(
-                "use_alibi=True needs use_flash_attn=True (SelfAttention has no ALiBi)"
-            )
-        if tuple(window_size) != (-1, -1) and not use_flash_attn:
-            raise ValueError(
-                f"window_size={window_size} (local attention) needs use_flash_attn=True "
-                "(SelfAttention has no sliding window)"
-            )
-        self.head_dim = embed_dim // num_heads
-        q_dim = self.head_dim * num_heads
-        kv_dim = 2 * self.head_dim * self.num_heads_kv
+    dwconv = False  # MHA's depthwise convolution, which ParallelMHA does not have
 
+    def _build_attention(
+        self,
+        *,
+        causal,
+        softmax_scale,
+        dropout,
+        use_flash_attn,
+        alibi_slopes,
+        window_size,
+        rotary_emb_dim,
+        rotary_emb_base,
+        rotary_emb_scale_base,
+        rotary_emb_interleaved,
+        device,
+    ):
+        """Builds rotary_emb (when rotary_emb_dim > 0), inner_attn and inner_cross_attn;
+        alibi_slopes: a list of one slope per head this module holds, or None."""
         if rotary_emb_dim > 0:
-            if cross_attn:
-                raise ValueError("rotary_emb_dim > 0 is not supported with cross_attn=True")
             self.rotary_emb = _rotary_embedding_cls()(
                 rotary_emb_dim,
                 base=rotary_emb_base,
@@ -463,24 +428,9 @@ class MHA(nn.Module):
                 interleaved=rotary_emb_interleaved,
                 device=device,
             )
-
-        if cross_attn:
-            self.Wq = nn.Linear(embed_dim, q_dim, bias=qkv_proj_bias, **factory_kwargs)
-            self.Wkv = nn.Linear(embed_dim, kv_dim, bias=qkv_proj_bias, **factory_kwargs)
-        else:
-            self.Wqkv = nn.Linear(embed_dim, q_dim + kv_dim, bias=qkv_proj_bias, **factory_kwargs)
-        if dwconv:
-            conv = partial(nn.Conv1d, kernel_size=3, padding=2, **factory_kwargs)
-            if self._packed_qkv:
-                self.dwconv_qkv = conv(q_dim + kv_dim, q_dim + kv_dim, groups=q_dim + kv_dim)
-            else:
-                self.dwconv_q = conv(q_dim, q_dim, groups=q_dim)
-                self.dwconv_kv = conv(kv_dim, kv_dim, groups=kv_dim)
-
         if use_flash_attn:
-            alibi_slopes = None
-            if use_alibi:
-                alibi_slopes = torch.tensor(get_alibi_slopes(num_heads), device=device)
+            if alibi_slopes is not None:
+                alibi_slopes = torch.tensor(alibi_slopes, device=device)
             flash_options = dict(alibi_slopes=alibi_slopes, window_size=window_size)
             attn_cls = partial(FlashSelfAttention, **flash_options)
             cross_attn_cls = partial(FlashCrossAttention, **flash_options)
@@ -489,16 +439,14 @@ class MHA(nn.Module):
         attn_options = dict(causal=causal, softmax_scale=softmax_scale, attention_dropout=dropout)
         self.inner_attn = attn_cls(**attn_options)
         self.inner_cross_attn = cross_attn_cls(**attn_options)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=out_proj_bias, **factory_kwargs)
 
     @property
-    def _packed_qkv(self):
-        # One (batch, seqlen, 3, nheads, head_dim) tensor feeds inner_attn; otherwise q and
-        # packed kv feed inner_cross_attn.
-        return not self.cross_attn and self.num_heads_kv == self.num_heads
+    def _local_num_heads_kv(self):
+        return self.num_heads_kv
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None):
-        """An uninitialized (batch_size, max_seqlen, 2, num_heads_kv, head_dim) kv cache on the
+        """An uninitialized (batch_size, max_seqlen, 2, nheads_kv, head_dim) kv cache (nheads_kv: the
+        kv heads this module holds) on the
         parameters' device (dtype: default the parameters'), to be stored as
         inference_params.key_value_memory_dict[layer_idx]."""
         weight = self.out_proj.weight
@@ -506,7 +454,7 @@ class MHA(nn.Module):
             batch_size,
             max_seqlen,
             2,
-            self.num_heads_kv,
+            self._local_num_heads_kv,
             self.head_dim,
             dtype=weight.dtype if dtype is None else dtype,
             device=weight.device,
@@ -594,6 +542,152 @@ class MHA(nn.Module):
             and self.rotary_emb.scale is None
         )
 
+    def _attention(self, module, *inputs, **kwargs):
+        if self.checkpointing:
+            return checkpoint(module, *inputs, use_reentrant=False, **kwargs)
+        return module(*inputs, **kwargs)
+
+    def _attend_heads(self, q_or_qkv, kv, inference_params, inner_kwargs):
+        """Attention of the projected heads: q_or_qkv is packed qkv (..., 3, nheads, head_dim) when
+        kv is None, else q (..., nheads, head_dim) with kv (..., 2, nheads_kv, head_dim). Applies
+        the rotary embedding, writes and reads the kv cache when decoding with inference_params,
+        and passes inner_kwargs to the inner attention. Returns (..., nheads, head_dim)."""
+        packed = kv is None
+
+        if self._fused_rotary_decode(inference_params):
+            q, kv = (q_or_qkv[:, :, 0], q_or_qkv[:, :, 1:]) if packed else (q_or_qkv, kv)
+            context = self._apply_rotary_update_kvcache_attention(q, kv, inference_params)
+        else:
+            if self.rotary_emb_dim > 0:
+                if inference_params is None:
+                    offset, rotary_max_seqlen = 0, None
+                else:
+                    lengths = inference_params.lengths_per_sample
+                    offset = lengths if lengths is not None else inference_params.seqlen_offset
+                    rotary_max_seqlen = inference_params.max_seqlen
+                rotary_options = dict(seqlen_offset=offset, max_seqlen=rotary_max_seqlen)
+                if packed:
+                    q_or_qkv = self.rotary_emb(q_or_qkv, **rotary_options)
+                else:
+                    q_or_qkv, kv = self.rotary_emb(q_or_qkv, kv, **rotary_options)
+            if inference_params is not None:
+                q, kv = (q_or_qkv[:, :, 0], q_or_qkv[:, :, 1:]) if packed else (q_or_qkv, kv)
+                context = self._update_kvcache_attention(q, kv, inference_params)
+            elif packed:
+                context = self._attention(self.inner_attn, q_or_qkv, **inner_kwargs)
+            else:
+                context = self._attention(self.inner_cross_attn, q_or_qkv, kv, **inner_kwargs)
+        return context
+
+
+class MHA(_AttentionLayer):
+    """Multi-head self-attention or cross-attention with input and output projections.
+
+    embed_dim, num_heads: model width and number of query heads (head_dim = embed_dim / num_heads).
+    num_heads_kv: key/value heads for MQA / GQA (default num_heads); must divide num_heads.
+    cross_attn: q is projected from x (Wq), k and v from x_kv (Wkv); otherwise one Wqkv.
+    qkv_proj_bias, out_proj_bias: biases of the input and output projections.
+    dropout: attention dropout probability.
+    softmax_scale: default 1 / sqrt(head_dim).
+    causal: causal attention.
+    layer_idx: key of this layer's cache in InferenceParams.key_value_memory_dict (needed for
+        decoding).
+    dwconv: causal depthwise convolution (kernel 3) over the sequence after the projections.
+    rotary_emb_dim, rotary_emb_base, rotary_emb_scale_base, rotary_emb_interleaved: rotary
+        embedding of the first rotary_emb_dim dims of q and k (0 = none; scale_base enables xPos).
+    use_alibi: ALiBi biases (get_alibi_slopes(num_heads)); needs use_flash_attn.
+    window_size: (left, right) local attention, -1 for unbounded; needs use_flash_attn.
+    fused_bias_fc: accepted for compatibility and without effect: upstream 2.8.3's MHA also
+        builds plain nn.Linear projections whatever its value.
+    use_flash_attn: FlashSelfAttention / FlashCrossAttention (fp16 / bf16, CUDA) inside instead of
+        SelfAttention / CrossAttention.
+    return_residual: forward returns (out, x), for callers that add the residual themselves.
+    checkpointing: recompute the attention in the backward instead of storing it.
+    device, dtype: of the parameters.
+    """
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        num_heads_kv=None,
+        cross_attn=False,
+        qkv_proj_bias=True,
+        out_proj_bias=True,
+        dropout=0.0,
+        softmax_scale=None,
+        causal=False,
+        layer_idx=None,
+        dwconv=False,
+        rotary_emb_dim=0,
+        rotary_emb_base=10000.0,
+        rotary_emb_scale_base=None,
+        rotary_emb_interleaved=False,
+        use_alibi=False,
+        window_size=(-1, -1),
+        fused_bias_fc=False,
+        use_flash_attn=False,
+        return_residual=False,
+        checkpointing=False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.cross_attn = cross_attn
+        self.causal = causal
+        self.layer_idx = layer_idx
+        self.dwconv = dwconv
+        self.rotary_emb_dim = rotary_emb_dim
+        self.use_flash_attn = use_flash_attn
+        self.return_residual = return_residual
+        self.checkpointing = checkpointing
+        self.num_heads = num_heads
+        self.num_heads_kv = num_heads_kv if num_heads_kv is not None else num_heads
+        _check_head_counts(embed_dim, num_heads, self.num_heads_kv)
+        _check_flash_only_options(use_alibi, window_size, use_flash_attn)
+        self.head_dim = embed_dim // num_heads
+        q_dim = self.head_dim * num_heads
+        kv_dim = 2 * self.head_dim * self.num_heads_kv
+
+        if rotary_emb_dim > 0 and cross_attn:
+            raise ValueError("rotary_emb_dim > 0 is not supported with cross_attn=True")
+
+        if cross_attn:
+            self.Wq = nn.Linear(embed_dim, q_dim, bias=qkv_proj_bias, **factory_kwargs)
+            self.Wkv = nn.Linear(embed_dim, kv_dim, bias=qkv_proj_bias, **factory_kwargs)
+        else:
+            self.Wqkv = nn.Linear(embed_dim, q_dim + kv_dim, bias=qkv_proj_bias, **factory_kwargs)
+        if dwconv:
+            conv = partial(nn.Conv1d, kernel_size=3, padding=2, **factory_kwargs)
+            if self._packed_qkv:
+                self.dwconv_qkv = conv(q_dim + kv_dim, q_dim + kv_dim, groups=q_dim + kv_dim)
+            else:
+                self.dwconv_q = conv(q_dim, q_dim, groups=q_dim)
+                self.dwconv_kv = conv(kv_dim, kv_dim, groups=kv_dim)
+
+        self._build_attention(
+            causal=causal,
+            softmax_scale=softmax_scale,
+            dropout=dropout,
+            use_flash_attn=use_flash_attn,
+            alibi_slopes=get_alibi_slopes(num_heads) if use_alibi else None,
+            window_size=window_size,
+            rotary_emb_dim=rotary_emb_dim,
+            rotary_emb_base=rotary_emb_base,
+            rotary_emb_scale_base=rotary_emb_scale_base,
+            rotary_emb_interleaved=rotary_emb_interleaved,
+            device=device,
+        )
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=out_proj_bias, **factory_kwargs)
+
+    @property
+    def _packed_qkv(self):
+        # One (batch, seqlen, 3, nheads, head_dim) tensor feeds inner_attn; otherwise q and
+        # packed kv feed inner_cross_attn.
+        return not self.cross_attn and self.num_heads_kv == self.num_heads
+
     def _check_forward_args(
         self, x_kv, key_padding_mask, cu_seqlens, max_seqlen, mixer_subset, inference_params
     ):
@@ -648,11 +742,6 @@ class MHA(nn.Module):
         kv = rearrange(kv, "... (two h d) -> ... two h d", two=2, d=self.head_dim)
         return q, kv
 
-    def _attention(self, module, *inputs, **kwargs):
-        if self.checkpointing:
-            return checkpoint(module, *inputs, use_reentrant=False, **kwargs)
-        return module(*inputs, **kwargs)
-
     def forward(
         self,
         x,
@@ -685,41 +774,22 @@ class MHA(nn.Module):
         else:
             inner_kwargs = {"key_padding_mask": key_padding_mask, **kwargs}
         q_or_qkv, kv = self._project(x, x_kv, mixer_subset)
-        packed = kv is None
-
-        if self._fused_rotary_decode(inference_params):
-            q, kv = (q_or_qkv[:, :, 0], q_or_qkv[:, :, 1:]) if packed else (q_or_qkv, kv)
-            context = self._apply_rotary_update_kvcache_attention(q, kv, inference_params)
-        else:
-            if self.rotary_emb_dim > 0:
-                if inference_params is None:
-                    offset, rotary_max_seqlen = 0, None
-                else:
-                    lengths = inference_params.lengths_per_sample
-                    offset = lengths if lengths is not None else inference_params.seqlen_offset
-                    rotary_max_seqlen = inference_params.max_seqlen
-                rotary_options = dict(seqlen_offset=offset, max_seqlen=rotary_max_seqlen)
-                if packed:
-                    q_or_qkv = self.rotary_emb(q_or_qkv, **rotary_options)
-                else:
-                    q_or_qkv, kv = self.rotary_emb(q_or_qkv, kv, **rotary_options)
-            if inference_params is not None:
-                q, kv = (q_or_qkv[:, :, 0], q_or_qkv[:, :, 1:]) if packed else (q_or_qkv, kv)
-                context = self._update_kvcache_attention(q, kv, inference_params)
-            elif packed:
-                context = self._attention(self.inner_attn, q_or_qkv, **inner_kwargs)
-            else:
-                context = self._attention(self.inner_cross_attn, q_or_qkv, kv, **inner_kwargs)
+        context = self._attend_heads(q_or_qkv, kv, inference_params, inner_kwargs)
         out = self.out_proj(rearrange(context, "... h d -> ... (h d)"))
         return (out, x) if self.return_residual else out
 
 
-class ParallelMHA(nn.Module):
-    """Tensor-parallel MHA (heads split over the ranks of process_group), as upstream's.
+class ParallelMHA(_AttentionLayer):
+    """Tensor-parallel MHA: the heads are split over the ranks of process_group, in whole groups
+    of one kv head and its num_heads / num_heads_kv query heads (the first ranks take one group
+    more when they do not divide evenly). Wqkv is a ColumnParallelLinear whose local rows are
+    this rank's q heads, then its k heads, then its v heads; out_proj a RowParallelLinear over
+    the same heads (its bias on the first rank only). Attention, rotary and decoding are MHA's.
 
-    Not provided by this build: its projections are ColumnParallelLinear / RowParallelLinear of
-    flash_attn.ops.fused_dense, which need the separately built fused_dense_lib extension.
-    Constructing one raises NotImplementedError.
+    sequence_parallel: forward takes and returns this rank's slice of the first dimension
+        (gathered before Wqkv, out_proj's output reduce-scattered); pass x as
+        (batch * seqlen, embed_dim) with seqlen, so that the split runs over tokens.
+    Other arguments as MHA's; use_alibi gives each rank the slopes of its own heads.
     """
 
     def __init__(
@@ -746,9 +816,90 @@ class ParallelMHA(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        raise NotImplementedError(
-            "ParallelMHA is not provided by this build of flash_attn: its tensor-parallel "
-            "projections (ColumnParallelLinear / RowParallelLinear of flash_attn.ops.fused_dense) "
-            "need the fused_dense_lib extension, which this build lacks. Use MHA (the same "
-            "attention without tensor parallelism) instead."
+        super().__init__()
+        if process_group is None:
+            raise ValueError("ParallelMHA needs a process_group to split its heads over; use MHA on one device")
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.causal = causal
+        self.layer_idx = layer_idx
+        self.rotary_emb_dim = rotary_emb_dim
+        self.use_flash_attn = use_flash_attn
+        self.checkpointing = checkpointing
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.local_rank = dist.get_rank(process_group)
+        self.num_heads = num_heads
+        self.num_heads_kv = num_heads_kv if num_heads_kv is not None else num_heads
+        _check_head_counts(embed_dim, num_heads, self.num_heads_kv)
+        _check_flash_only_options(use_alibi, window_size, use_flash_attn)
+        self.head_dim = embed_dim // num_heads
+        queries_per_kv = num_heads // self.num_heads_kv
+
+        def kv_heads_of(rank):
+            return get_dim_for_local_rank(self.num_heads_kv, self.world_size, rank)
+
+        self.num_heads_kv_per_rank = kv_heads_of(self.local_rank)
+        self.num_heads_per_rank = self.num_heads_kv_per_rank * queries_per_kv
+        first_head = sum(kv_heads_of(r) for r in range(self.local_rank)) * queries_per_kv
+        alibi_slopes = None
+        if use_alibi:
+            alibi_slopes = get_alibi_slopes(num_heads)[first_head : first_head + self.num_heads_per_rank]
+        self._build_attention(
+            causal=causal,
+            softmax_scale=softmax_scale,
+            dropout=dropout,
+            use_flash_attn=use_flash_attn,
+            alibi_slopes=alibi_slopes,
+            window_size=window_size,
+            rotary_emb_dim=rotary_emb_dim,
+            rotary_emb_base=rotary_emb_base,
+            rotary_emb_scale_base=rotary_emb_scale_base,
+            rotary_emb_interleaved=rotary_emb_interleaved,
+            device=device,
         )
+        parallel_kwargs = dict(sequence_parallel=sequence_parallel, **factory_kwargs)
+        self.Wqkv = ColumnParallelLinear(
+            embed_dim,
+            self.head_dim * (num_heads + 2 * self.num_heads_kv),
+            process_group,
+            bias=qkv_proj_bias,
+            multiple_of=self.head_dim * (queries_per_kv + 2),
+            **parallel_kwargs,
+        )
+        self.out_proj = RowParallelLinear(
+            embed_dim,
+            embed_dim,
+            process_group,
+            bias=out_proj_bias,
+            multiple_of=self.head_dim * queries_per_kv,
+            **parallel_kwargs,
+        )
+
+    @property
+    def _local_num_heads_kv(self):
+        return self.num_heads_kv_per_rank
+
+    def forward(self, x, seqlen=None, inference_params=None, **kwargs):
+        """
+        x: (batch, seqlen, embed_dim), or (batch * seqlen, embed_dim) with seqlen given (the form
+            to pass under sequence parallelism, which splits the first dimension).
+        inference_params: InferenceParams for decoding with a kv cache.
+        kwargs: passed on to the inner attention (e.g. causal).
+        Returns out with x's leading dimensions.
+        """
+        qkv = self.Wqkv(x)
+        if seqlen is not None:
+            qkv = rearrange(qkv, "(b s) ... -> b s ...", s=seqlen)
+        if self.num_heads_kv == self.num_heads:
+            q_or_qkv = rearrange(qkv, "... (three h d) -> ... three h d", three=3, d=self.head_dim)
+            kv = None
+        else:
+            q_dim = self.num_heads_per_rank * self.head_dim
+            q_or_qkv = rearrange(qkv[..., :q_dim], "... (h d) -> ... h d", d=self.head_dim)
+            kv = rearrange(qkv[..., q_dim:], "... (two h d) -> ... two h d", two=2, d=self.head_dim)
+        context = self._attend_heads(q_or_qkv, kv, inference_params, kwargs)
+        context = rearrange(context, "... h d -> ... (h d)")
+        if seqlen is not None:
+            context = rearrange(context, "b s d -> (b s) d")
+        return self.out_proj(context)

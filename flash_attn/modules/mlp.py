@@ -1,20 +1,17 @@
 """Feed-forward (MLP) blocks with the API of flash-attn 2.8.3's flash_attn.modules.mlp.
 
-Mlp and GatedMlp are plain PyTorch. ParallelMLP, ParallelGatedMlp, FusedMLP and ParallelFusedMLP
-keep upstream's constructor signatures, but upstream builds them on flash_attn.ops.fused_dense
-(ColumnParallelLinear, RowParallelLinear and the cuBLASLt GEMM + activation fusion of the
-separately built fused_dense_lib CUDA extension), which this build does not provide: constructing
-one raises NotImplementedError naming the module to use instead.
+Mlp and GatedMlp are single-device. ParallelMLP and ParallelGatedMlp split their hidden features
+over a process group (tensor parallelism) with ColumnParallelLinear / RowParallelLinear of
+flash_attn.ops.fused_dense, whose FusedMLP and ParallelFusedMLP this module re-exports, as
+upstream's does.
 """
 
 import torch.nn as nn
 import torch.nn.functional as F
 
-_NO_FUSED_DENSE = (
-    "{cls} is not available in this build of flash_attn: it needs {needs} from "
-    "flash_attn.ops.fused_dense, built on the separate fused_dense_lib CUDA extension, which this "
-    "build does not provide. Use {instead} instead."
-)
+from flash_attn.ops.fused_dense import ColumnParallelLinear, FusedMLP, ParallelFusedMLP, RowParallelLinear
+
+__all__ = ["Mlp", "ParallelMLP", "GatedMlp", "ParallelGatedMlp", "FusedMLP", "ParallelFusedMLP"]
 
 
 def _gated_hidden_features(in_features, hidden_features, multiple_of):
@@ -25,6 +22,15 @@ def _gated_hidden_features(in_features, hidden_features, multiple_of):
     if hidden_features is None:
         hidden_features = int(8 * in_features / 3)
     return -(-hidden_features // multiple_of) * multiple_of
+
+
+def _gated(projected, activation):
+    """value * activation(gate), (value, gate) being the halves of projected's last dim."""
+    if activation is F.sigmoid:
+        # F.glu computes value * sigmoid(gate) in one op (one saved tensor for the backward).
+        return F.glu(projected, dim=-1)
+    value, gate = projected.chunk(2, dim=-1)
+    return value * activation(gate)
 
 
 class Mlp(nn.Module):
@@ -92,20 +98,16 @@ class GatedMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias2, **factory)
 
     def forward(self, x):
-        projected = self.fc1(x)
-        if self.activation is F.sigmoid:
-            # F.glu computes value * sigmoid(gate) in one op (one saved tensor for the backward).
-            gated = F.glu(projected, dim=-1)
-        else:
-            value, gate = projected.chunk(2, dim=-1)
-            gated = value * self.activation(gate)
-        out = self.fc2(gated)
+        out = self.fc2(_gated(self.fc1(x), self.activation))
         return (out, x) if self.return_residual else out
 
 
 class ParallelMLP(nn.Module):
-    """Tensor-parallel Mlp (fc1 split by columns, fc2 by rows over process_group). Not available
-    in this build: constructing it raises NotImplementedError."""
+    """Tensor-parallel Mlp: fc1 is a ColumnParallelLinear and fc2 a RowParallelLinear over
+    process_group, so each rank holds a slice of the hidden features (and only the first rank
+    fc2's bias). sequence_parallel: forward takes and returns this rank's slice of the tokens
+    (the first dimension, so pass (batch * seqlen, features)); otherwise all tokens in and out.
+    """
 
     def __init__(
         self,
@@ -120,18 +122,25 @@ class ParallelMLP(nn.Module):
         device=None,
         dtype=None,
     ):
-        raise NotImplementedError(
-            _NO_FUSED_DENSE.format(
-                cls="ParallelMLP",
-                needs="ColumnParallelLinear and RowParallelLinear",
-                instead="flash_attn.modules.mlp.Mlp (one full copy per rank)",
-            )
-        )
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        parallel = dict(sequence_parallel=sequence_parallel, **factory)
+        hidden_features = 4 * in_features if hidden_features is None else hidden_features
+        out_features = in_features if out_features is None else out_features
+        self.fc1 = ColumnParallelLinear(in_features, hidden_features, process_group, bias=bias1, **parallel)
+        self.activation = activation
+        self.fc2 = RowParallelLinear(hidden_features, out_features, process_group, bias=bias2, **parallel)
+
+    def forward(self, x):
+        return self.fc2(self.activation(self.fc1(x)))
 
 
 class ParallelGatedMlp(nn.Module):
-    """Tensor-parallel GatedMlp. Not available in this build: constructing it raises
-    NotImplementedError."""
+    """Tensor-parallel GatedMlp (fc1 a ColumnParallelLinear, fc2 a RowParallelLinear over
+    process_group). fc1's 2 * hidden_features outputs are split over the ranks as one block, and
+    each rank halves its own slice into (value, gate): rank r's fc1 rows are its value rows, then
+    its gate rows. sequence_parallel: as in ParallelMLP.
+    """
 
     def __init__(
         self,
@@ -147,73 +156,14 @@ class ParallelGatedMlp(nn.Module):
         device=None,
         dtype=None,
     ):
-        raise NotImplementedError(
-            _NO_FUSED_DENSE.format(
-                cls="ParallelGatedMlp",
-                needs="ColumnParallelLinear and RowParallelLinear",
-                instead="flash_attn.modules.mlp.GatedMlp (one full copy per rank)",
-            )
-        )
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        parallel = dict(sequence_parallel=sequence_parallel, **factory)
+        out_features = in_features if out_features is None else out_features
+        hidden_features = _gated_hidden_features(in_features, hidden_features, multiple_of)
+        self.fc1 = ColumnParallelLinear(in_features, 2 * hidden_features, process_group, bias=bias1, **parallel)
+        self.activation = activation
+        self.fc2 = RowParallelLinear(hidden_features, out_features, process_group, bias=bias2, **parallel)
 
-
-class FusedMLP(nn.Module):
-    """Mlp whose fc1 + activation runs as one cuBLASLt GEMM with epilogue. Not available in this
-    build: constructing it raises NotImplementedError."""
-
-    def __init__(
-        self,
-        in_features,
-        hidden_features=None,
-        out_features=None,
-        bias1=True,
-        bias2=True,
-        activation="gelu_approx",
-        return_residual=False,
-        checkpoint_lvl=0,
-        heuristic="auto",
-        device=None,
-        dtype=None,
-    ):
-        raise NotImplementedError(
-            _NO_FUSED_DENSE.format(
-                cls="FusedMLP",
-                needs="the fused GEMM + activation kernels",
-                instead=(
-                    "flash_attn.modules.mlp.Mlp with the same activation as a function "
-                    "(activation='gelu_approx' is functools.partial(F.gelu, approximate='tanh'), "
-                    "'relu' is F.relu, 'sqrelu' is lambda x: F.relu(x) ** 2)"
-                ),
-            )
-        )
-
-
-class ParallelFusedMLP(nn.Module):
-    """Tensor-parallel FusedMLP. Not available in this build: constructing it raises
-    NotImplementedError."""
-
-    def __init__(
-        self,
-        in_features,
-        hidden_features=None,
-        out_features=None,
-        activation="gelu_approx",
-        process_group=None,
-        bias1=True,
-        bias2=True,
-        sequence_parallel=True,
-        checkpoint_lvl=0,
-        heuristic="auto",
-        device=None,
-        dtype=None,
-    ):
-        raise NotImplementedError(
-            _NO_FUSED_DENSE.format(
-                cls="ParallelFusedMLP",
-                needs="ColumnParallelLinear, RowParallelLinear and the fused GEMM + activation kernels",
-                instead=(
-                    "flash_attn.modules.mlp.Mlp (one full copy per rank) with the same activation "
-                    "as a function (activation='gelu_approx' is "
-                    "functools.partial(F.gelu, approximate='tanh'))"
-                ),
-            )
-        )
+    def forward(self, x):
+        return self.fc2(_gated(self.fc1(x), self.activation))
