@@ -46,6 +46,10 @@ LIGHT_MODULES = [
     "flash_attn.ops.rms_norm",
     "flash_attn.modules.mlp",
     "flash_attn.modules.mha",
+    "flash_attn.utils.torch",
+    "flash_attn.utils.testing",
+    "flash_attn.utils.pretrained",
+    "flash_attn.layers.patch_embed",
 ]
 
 
