@@ -27,12 +27,14 @@ def config_value(config, name, default=_MISSING):
             return getattr(config, attr)
     if default is not _MISSING:
         return default
-    raise AttributeError(f"the config has no attribute {name!r} (nor {_ALIASES.get(name)!r})")
+    also = f" (nor {_ALIASES[name]!r})" if name in _ALIASES else ""
+    raise AttributeError(f"the config has no attribute {name!r}{also}")
 
 
 def missing_fields(config, names):
     """The names of names that config has under neither of their names."""
-    return [name for name in names if config_value(config, name, _MISSING) is _MISSING]
+    absent = object()
+    return [name for name in names if config_value(config, name, absent) is absent]
 
 
 def padded_vocab_size(config):
