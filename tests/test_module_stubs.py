@@ -10,9 +10,15 @@ import sys
 import pytest
 
 STUB_MODULES = [
-    "flash_attn.models",
-    "flash_attn.models.gpt",
-    "flash_attn.models.llama",
+    "flash_attn.models.baichuan",
+    "flash_attn.models.bert",
+    "flash_attn.models.bigcode",
+    "flash_attn.models.btlm",
+    "flash_attn.models.falcon",
+    "flash_attn.models.gpt_neox",
+    "flash_attn.models.gptj",
+    "flash_attn.models.opt",
+    "flash_attn.models.vit",
 ]
 
 TRITON_MODULES = [
@@ -46,6 +52,13 @@ LIGHT_MODULES = [
     "flash_attn.ops.rms_norm",
     "flash_attn.modules.mlp",
     "flash_attn.modules.mha",
+    "flash_attn.utils.torch",
+    "flash_attn.utils.testing",
+    "flash_attn.utils.pretrained",
+    "flash_attn.layers.patch_embed",
+    "flash_attn.utils.generation",
+    "flash_attn.models",
+    "flash_attn.models.llama",
 ]
 
 
