@@ -17,7 +17,6 @@ STUB_MODULES = [
     "flash_attn.models.falcon",
     "flash_attn.models.gpt_neox",
     "flash_attn.models.gptj",
-    "flash_attn.models.opt",
     "flash_attn.models.vit",
 ]
 
@@ -59,6 +58,7 @@ LIGHT_MODULES = [
     "flash_attn.utils.generation",
     "flash_attn.models",
     "flash_attn.models.llama",
+    "flash_attn.models.opt",
 ]
 
 

@@ -49,14 +49,17 @@ def move_word_embeddings_and_head(
     new_embedding_key=WORD_EMBEDDINGS_KEY,
     head_bias_key=None,
     pad=pad_to_padded_vocab,
+    tied=None,
 ):
     """Moves the word embeddings from embedding_key to new_embedding_key and the output matrix
-    from head_key to lm_head.weight (the embeddings themselves where config.tie_word_embeddings,
-    which defaults to True as in GPTLMHeadModel), and an untied head's bias from head_bias_key to
+    from head_key to lm_head.weight (the embeddings themselves where tied, which None reads from
+    config.tie_word_embeddings, default True as in GPTLMHeadModel), and an untied head's bias from head_bias_key to
     lm_head.bias, each padded by pad(tensor, config). Modifies state_dict in place and returns it."""
     embeddings = pad(state_dict.pop(embedding_key), config)
     state_dict[new_embedding_key] = embeddings
-    if getattr(config, "tie_word_embeddings", True):
+    if tied is None:
+        tied = getattr(config, "tie_word_embeddings", True)
+    if tied:
         state_dict.pop(head_key, None)
         state_dict["lm_head.weight"] = embeddings
     else:
