@@ -18,10 +18,13 @@ def transformers_module(caller):
 
 
 def rope_parameter(hf_config, key, legacy_names=(), default=None):
-    """A rotary setting of hf_config: its attribute under one of legacy_names (transformers 4's
-    rope_theta, rotary_pct, ...), else transformers 5's rope_parameters[key], else default."""
+    """A rotary setting of hf_config: transformers 5's rope_parameters[key] (what its models
+    read), else the attribute under one of legacy_names (transformers 4's rope_theta,
+    rotary_pct, ...), else default."""
+    rope_parameters = getattr(hf_config, "rope_parameters", None) or {}
+    if key in rope_parameters:
+        return rope_parameters[key]
     for name in legacy_names:
         if hasattr(hf_config, name):
             return getattr(hf_config, name)
-    rope_parameters = getattr(hf_config, "rope_parameters", None) or {}
-    return rope_parameters.get(key, default)
+    return default

@@ -205,9 +205,11 @@ def state_dicts_from_checkpoint(checkpoint_path: Union[str, os.PathLike], model_
 
 def _rope_theta(llama_config):
     """The rotary base: rotary_emb_base (set by config_from_meta_checkpoint), else
-    transformers' rope_theta (an attribute, or since transformers 5 in rope_parameters), else
+    transformers' rope_theta (in rope_parameters since transformers 5, else an attribute), else
     10000."""
-    return rope_parameter(llama_config, "rope_theta", ("rotary_emb_base", "rope_theta"), 10000.0)
+    if hasattr(llama_config, "rotary_emb_base"):
+        return llama_config.rotary_emb_base
+    return rope_parameter(llama_config, "rope_theta", ("rope_theta",), 10000.0)
 
 
 def llama_config_to_gpt2_config(llama_config):
