@@ -246,11 +246,13 @@ def test_from_pretrained_local_gpt2_folder(tmp_path, monkeypatch):
         torch.testing.assert_close(model(input_ids).logits, hf_model(input_ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_from_pretrained_unknown_and_unprovided_families():
+def test_from_pretrained_picks_the_family_by_name():
+    from flash_attn.models.gpt import _pretrained_remap
+    from flash_attn.models.opt import remap_state_dict_hf_opt
+
     with pytest.raises(NotImplementedError, match="not supported"):
         GPTLMHeadModel.from_pretrained("someone/some-model", tiny_config())
-    with pytest.raises(ImportError, match="flash_attn.models.opt .*transformers"):
-        GPTLMHeadModel.from_pretrained("facebook/opt-125m", tiny_config())
+    assert _pretrained_remap("facebook/opt-125m") is remap_state_dict_hf_opt
 
 
 def _hf_llama(num_key_value_heads):

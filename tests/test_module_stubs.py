@@ -10,14 +10,7 @@ import sys
 import pytest
 
 STUB_MODULES = [
-    "flash_attn.models.baichuan",
     "flash_attn.models.bert",
-    "flash_attn.models.bigcode",
-    "flash_attn.models.btlm",
-    "flash_attn.models.falcon",
-    "flash_attn.models.gpt_neox",
-    "flash_attn.models.gptj",
-    "flash_attn.models.opt",
     "flash_attn.models.vit",
 ]
 
@@ -59,6 +52,13 @@ LIGHT_MODULES = [
     "flash_attn.utils.generation",
     "flash_attn.models",
     "flash_attn.models.llama",
+    "flash_attn.models.opt",
+    "flash_attn.models.gpt_neox",
+    "flash_attn.models.gptj",
+    "flash_attn.models.falcon",
+    "flash_attn.models.bigcode",
+    "flash_attn.models.btlm",
+    "flash_attn.models.baichuan",
 ]
 
 

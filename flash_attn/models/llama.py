@@ -16,7 +16,8 @@ import torch
 from einops import rearrange
 
 from flash_attn.models._gpt2_config import config_value, num_heads_kv
-from flash_attn.models._remap import pad_rows, rename_keys
+from flash_attn.models._hf_config import rope_parameter, transformers_module
+from flash_attn.models._remap import WORD_EMBEDDINGS_KEY, move_word_embeddings_and_head, pad_to_vocab_multiple, rename_keys
 
 __all__ = [
     "remap_state_dict_meta_llama",
@@ -31,34 +32,7 @@ __all__ = [
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError(
-            "this function of flash_attn.models.llama needs the 'transformers' package (for "
-            "LlamaConfig / GPT2Config); install it with `pip install transformers`"
-        ) from e
-    return transformers
-
-
-def _padded_to_multiple(weight, config):
-    """weight's rows padded up to a multiple of config.pad_vocab_size_multiple (default 1)."""
-    multiple = getattr(config, "pad_vocab_size_multiple", 1)
-    return pad_rows(weight, -(-weight.shape[0] // multiple) * multiple)
-
-
-def _embeddings_and_head(state_dict, config, embedding_key, head_key, new_embedding_key):
-    """Moves the word embeddings from embedding_key to new_embedding_key and the output matrix to
-    lm_head.weight (the embeddings themselves with config.tie_word_embeddings), each padded to a
-    multiple of config.pad_vocab_size_multiple. The embedding and output matrices are padded
-    separately, as Llama shards them differently."""
-    embeddings = _padded_to_multiple(state_dict.pop(embedding_key), config)
-    state_dict[new_embedding_key] = embeddings
-    if config.tie_word_embeddings:
-        state_dict["lm_head.weight"] = embeddings
-    else:
-        state_dict["lm_head.weight"] = _padded_to_multiple(state_dict.pop(head_key), config)
-    return state_dict
+    return transformers_module("this function of flash_attn.models.llama")
 
 
 def _rotary_pairs_interleaved(w, config):
@@ -84,9 +58,9 @@ def remap_state_dict_meta_llama(state_dict: Dict[str, torch.Tensor], config) -> 
         (r"^(?!output\.)", "transformer."),
         (r"^transformer\.tok_embeddings\.", "transformer.embeddings.word_embeddings."),
     )
-    state_dict = _embeddings_and_head(
-        state_dict, config, "transformer.embeddings.word_embeddings.weight", "output.weight",
-        "transformer.embeddings.word_embeddings.weight",
+    # Llama's embedding and output matrices are sharded differently: each is padded on its own.
+    state_dict = move_word_embeddings_and_head(
+        state_dict, config, "transformer.embeddings.word_embeddings.weight", "output.weight", pad=pad_to_vocab_multiple
     )
     for l in range(config_value(config, "n_layer")):
         prefix = f"transformer.layers.{l}"
@@ -111,9 +85,8 @@ def remap_state_dict_meta_llama(state_dict: Dict[str, torch.Tensor], config) -> 
 def remap_state_dict_hf_llama(state_dict: Dict[str, torch.Tensor], config) -> Dict[str, torch.Tensor]:
     """A Hugging Face LlamaForCausalLM state dict as GPTLMHeadModel's (config: the GPT2Config of
     llama_config_to_gpt2_config). Modifies state_dict in place."""
-    state_dict = _embeddings_and_head(
-        state_dict, config, "model.embed_tokens.weight", "lm_head.weight",
-        "transformer.embeddings.word_embeddings.weight",
+    state_dict = move_word_embeddings_and_head(
+        state_dict, config, "model.embed_tokens.weight", pad=pad_to_vocab_multiple
     )
     for l in range(config_value(config, "n_layer")):
         prefix = f"model.layers.{l}"
@@ -140,9 +113,8 @@ def inv_remap_state_dict_hf_llama(state_dict: Dict[str, torch.Tensor], config) -
     """GPTLMHeadModel's state dict back in Hugging Face LlamaForCausalLM's keys and layout: the
     inverse of remap_state_dict_hf_llama, up to the padding of the vocabulary (rows added by
     pad_vocab_size_multiple stay). Modifies state_dict in place."""
-    state_dict = _embeddings_and_head(
-        state_dict, config, "transformer.embeddings.word_embeddings.weight", "lm_head.weight",
-        "model.embed_tokens.weight",
+    state_dict = move_word_embeddings_and_head(
+        state_dict, config, WORD_EMBEDDINGS_KEY, new_embedding_key="model.embed_tokens.weight", pad=pad_to_vocab_multiple
     )
     n_head = config_value(config, "n_head")
     head_dim = config_value(config, "hidden_size") // n_head
@@ -233,12 +205,11 @@ def state_dicts_from_checkpoint(checkpoint_path: Union[str, os.PathLike], model_
 
 def _rope_theta(llama_config):
     """The rotary base: rotary_emb_base (set by config_from_meta_checkpoint), else
-    transformers' rope_theta (an attribute, or since transformers 5 in rope_parameters), else
+    transformers' rope_theta (in rope_parameters since transformers 5, else an attribute), else
     10000."""
     if hasattr(llama_config, "rotary_emb_base"):
         return llama_config.rotary_emb_base
-    rope_parameters = getattr(llama_config, "rope_parameters", None) or {}
-    return getattr(llama_config, "rope_theta", rope_parameters.get("rope_theta", 10000.0))
+    return rope_parameter(llama_config, "rope_theta", ("rope_theta",), 10000.0)
 
 
 def llama_config_to_gpt2_config(llama_config):
