@@ -10,7 +10,6 @@ import sys
 import pytest
 
 STUB_MODULES = [
-    "flash_attn.models.bert",
     "flash_attn.models.vit",
 ]
 
