@@ -208,3 +208,17 @@ def test_config_errors_name_the_field():
         BertForPreTraining(plain_config(last_layer_subset=True))
     with pytest.raises(ValueError, match="fused_mlp"):
         BertModel(plain_config(fused_mlp=True))
+
+
+def test_fused_dense_and_mlp_match_the_plain_layers():
+    plain = BertForPreTraining(plain_config(hidden_act="gelu_new")).eval()
+    fused = BertForPreTraining(
+        plain_config(hidden_act="gelu_new", fused_bias_fc=True, fused_mlp=True, mlp_checkpoint_lvl=[0, 1])
+    ).eval()
+    fused.load_state_dict(plain.state_dict())
+    input_ids, token_type_ids, attention_mask = batch_inputs()
+    with torch.no_grad():
+        expected = plain(input_ids, None, token_type_ids, attention_mask)
+        out = fused(input_ids, None, token_type_ids, attention_mask)
+    torch.testing.assert_close(out.prediction_logits, expected.prediction_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.seq_relationship_logits, expected.seq_relationship_logits, rtol=1e-5, atol=1e-5)
