@@ -22,11 +22,11 @@ def rename_keys(state_dict, *substitutions):
     return OrderedDict((rename(k), v) for k, v in state_dict.items())
 
 
-def pad_rows(weight, num_rows):
-    """weight with zeros appended along dim 0 up to num_rows (an embedding or output matrix, or
-    an output bias, padded to a padded vocabulary)."""
+def pad_rows(weight, num_rows, value=0.0):
+    """weight with rows of value (default zeros) appended along dim 0 up to num_rows (an
+    embedding or output matrix, or an output bias, padded to a padded vocabulary)."""
     # F.pad lists the last dim first.
-    return F.pad(weight, (0, 0) * (weight.ndim - 1) + (0, num_rows - weight.shape[0]))
+    return F.pad(weight, (0, 0) * (weight.ndim - 1) + (0, num_rows - weight.shape[0]), value=value)
 
 
 def pad_to_padded_vocab(weight, config):
