@@ -127,7 +127,7 @@ def test_load_state_dict_of_the_old_norm_order():
         torch.nn.init.normal_(p)
     current = model.state_dict()
     # The old order: ln_0, then each layer's norm after its attention (norm1) and after its MLP
-    # (norm2); the last layer's norm2 is today's ln_f.
+    # (norm2); the last layer's norm2 is the current layout's ln_f.
     old = {k: v for k, v in current.items() if ".norm" not in k and "ln_f" not in k}
     n = 2
     for p in ("weight", "bias"):
