@@ -2,7 +2,6 @@
 CUDA-graph decoding on a GPU."""
 
 import inspect
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,18 +18,12 @@ from flash_attn.utils.generation import (
     sample_speculative,
     update_graph_cache,
 )
+from tiny_gpt import tiny_gpt_config
 
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    fields = dict(
-        vocab_size=50, n_embd=64, n_head=4, n_layer=2, n_positions=32, n_inner=None,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        layer_norm_epsilon=1e-5, initializer_range=0.5, scale_attn_weights=True,
-        scale_attn_by_inverse_layer_idx=False,
-    )
-    fields.update(overrides)
-    return GPTLMHeadModel(SimpleNamespace(**fields)).eval()
+    return GPTLMHeadModel(tiny_gpt_config(**{"initializer_range": 0.5, **overrides})).eval()
 
 
 def greedy_by_full_forwards(model, input_ids, max_length):

@@ -25,23 +25,12 @@ from flash_attn.modules.block import Block, ParallelBlock
 from flash_attn.modules.mha import MHA
 from flash_attn.modules.mlp import FusedMLP, GatedMlp, Mlp
 from process_groups import run_on_ranks
+from tiny_gpt import tiny_gpt_config as tiny_config
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
 requires_triton_device = pytest.mark.skipif(
     TRITON_DEVICE is None, reason="rotary / RMSNorm run Triton kernels: needs a CUDA GPU or TRITON_INTERPRET=1"
 )
-
-
-def tiny_config(**overrides):
-    """A GPT2Config-like config of a 2-layer, width-64 GPT without dropout."""
-    fields = dict(
-        vocab_size=50, n_embd=64, n_head=4, n_layer=2, n_positions=32, n_inner=None,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True,
-        scale_attn_by_inverse_layer_idx=False,
-    )
-    fields.update(overrides)
-    return SimpleNamespace(**fields)
 
 
 def test_forward_backward():
