@@ -15,13 +15,14 @@
 //   P^T = exp2(S^T scale_log2 - lse_log2)       (registers; lse of a query column from smem)
 //   dV += P^T dO                                (RS: P^T is the register A operand)
 //   dS^T = P^T o (dP^T - D)                     (registers), stored to smem for dQ
-//   dK += dS^T Q                                (RS)
 //   dQ = dS K                                   (SS, both warpgroups' dS^T; each warpgroup owns
 //                                                half of dQ's columns, or of its rows at 128-query
 //                                                steps), staged as fp32 in shared memory and added
 //                                                to the dQ accumulator by one TMA reduce-add per
 //                                                warpgroup (reduce_dq_tile_by_tma: its leader, or
 //                                                the dQ writer warp when deterministic)
+//   dK += dS^T Q                                (RS, issued after dQ: it runs while the dQ tile
+//                                                is stored)
 //
 // Head dim split (kernel head dims 192, 256; bwd_consume_head_dim_split): W warpgroups, each
 // kBlockN / W keys of S and dP and d / W rows of dK^T and dV^T.
@@ -748,8 +749,6 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
     // dS^T into this step's buffer (stmatrix), made visible to the tensor cores' async proxy.
     copy(ds_copy, thr_ds_copy.retile_S(rdS), thr_ds_copy.partition_D(sdSt(_, _, buf)));
     cutlass::arch::fence_view_async_shared();
-    Tensor tdKrdS = make_tensor(rdS.data(), gmma_acc_to_a_operand_layout(rdS.layout()));
-    warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, stage), acc_dk);
 
     // Both warpgroups' dS^T are in the buffer. The other buffer is free: each warpgroup waited for
     // its previous dQ GEMM (which read it) before arriving here. Default variant: each
@@ -762,12 +761,13 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
     warpgroup_gemm</*kZeroInit=*/true>(mma_dq, tdQrdS_buf, tdQrKt, acc_dq);
-    warpgroup_wait<0>();
-    // The register operands stay untouched until here, where their GEMMs have completed.
+    // dK += dS^T Q after dQ (it needs only this warpgroup's dS^T, in registers), so the tensor
+    // cores run it while the dQ tile goes to shared memory below.
+    Tensor tdKrdS = make_tensor(rdS.data(), gmma_acc_to_a_operand_layout(rdS.layout()));
+    warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, stage), acc_dk);
+    warpgroup_wait<1>();  // dV and dQ have completed; dK may still run
+    warpgroup_fence_operand(acc_dq);
     warpgroup_fence_operand(rP);
-    warpgroup_fence_operand(rdS);
-    pipeline.consumer_release(read);
-    ++read;
 
     // The step's dQ tile through shared memory into the accumulator (Traits::kDqByTma).
     if constexpr (Traits::kDeterministic) {
@@ -782,6 +782,13 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
                                           dq_tile_n<Traits>(warpgroup));
       }
     }
+    warpgroup_wait<0>();
+    // rdS stays untouched until here, where dK (its last reader) has completed; then the stage's
+    // Q and dO are free.
+    warpgroup_fence_operand(acc_dk);
+    warpgroup_fence_operand(rdS);
+    pipeline.consumer_release(read);
+    ++read;
   }
   // The last reduce-adds have read their tiles before the block's shared memory goes (and, with
   // the dQ writer, the last "empty" arrival is paired).
