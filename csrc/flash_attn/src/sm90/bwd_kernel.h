@@ -699,11 +699,17 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
     if (block_needs_mask(bc, kBlockN, rows_in_tile, w.seq.seqlen_k, p.window_left, p.window_right)) {
       apply_mask_transposed(st, tScS_rc, w.n0, m0, w.diag, w.seq.seqlen_k, p.window_left, p.window_right);
     }
+    // A thread's columns come in neighbouring pairs (gmma_layouts.h: ni even, ni + 1), so each
+    // pair's lse and D are one 8-byte shared-memory load.
+    static_assert(decltype(size<1>(st))::value % 2 == 0);
     CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(st); ++ni) {
-      const float lse = shared.lse_log2[stage][get<1>(tScS_rc(0, ni))];
+    for (int ni = 0; ni < size<1>(st); ni += 2) {
+      const float2 lse = *reinterpret_cast<const float2*>(&shared.lse_log2[stage][get<1>(tScS_rc(0, ni))]);
       CUTE_UNROLL
-      for (int mi = 0; mi < size<0>(st); ++mi) st(mi, ni) = exp2f(fmaf(st(mi, ni), p.scale_softmax_log2, -lse));
+      for (int mi = 0; mi < size<0>(st); ++mi) {
+        st(mi, ni) = exp2f(fmaf(st(mi, ni), p.scale_softmax_log2, -lse.x));
+        st(mi, ni + 1) = exp2f(fmaf(st(mi, ni + 1), p.scale_softmax_log2, -lse.y));
+      }
     }
     // Dropout: the dropped entries of P^T negated (common/dropout.h).
     if constexpr (Traits::kHasDropout && Traits::kDropoutFlagsDuringGemms) {
@@ -733,14 +739,18 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
 
     Tensor dpt = gmma_rowcol_view(acc_dp);
     CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(dpt); ++ni) {
-      const float d = shared.dsum[stage][get<1>(tScS_rc(0, ni))];
+    for (int ni = 0; ni < size<1>(dpt); ni += 2) {
+      const float2 d2 = *reinterpret_cast<const float2*>(&shared.dsum[stage][get<1>(tScS_rc(0, ni))]);
       CUTE_UNROLL
       for (int mi = 0; mi < size<0>(dpt); ++mi) {
-        if constexpr (Traits::kHasDropout) {
-          dpt(mi, ni) = dropped_ds(st(mi, ni), dpt(mi, ni), d, p.dropout_scale);
-        } else {
-          dpt(mi, ni) = st(mi, ni) * (dpt(mi, ni) - d);
+        CUTE_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const float d = e == 0 ? d2.x : d2.y;
+          if constexpr (Traits::kHasDropout) {
+            dpt(mi, ni + e) = dropped_ds(st(mi, ni + e), dpt(mi, ni + e), d, p.dropout_scale);
+          } else {
+            dpt(mi, ni + e) = st(mi, ni + e) * (dpt(mi, ni + e) - d);
+          }
         }
       }
     }
