@@ -3,9 +3,10 @@
 //
 // One thread block per (key block of kBlockN keys, batch, kv head). Warpgroup 0 produces: thread
 // 0 loads K and V once and Q, dO of every step (TMA) into a two-stage ring; warps 1 to
-// kRowStatWarps copy the step's lse (in log2 units) and D into shared memory beside them; in
-// deterministic mode the next warp adds dQ in turns (bwd_write_dq_in_turns, keys split) or its
-// lane 0 passes the turns of the consumers' atomics on (bwd_pass_dq_turns, head dim split). The
+// kRowStatWarps copy the step's lse (in log2 units) and D into shared memory beside them; with the
+// keys split the next warp adds the consumers' dQ tiles (bwd_write_dq, in turns when
+// deterministic), with the head dim split in deterministic mode its lane 0 passes the turns of the
+// consumers' atomics on (bwd_pass_dq_turns). The
 // other warpgroups consume; a step is one kBlockM-query block of one query head of the GQA group
 // (every query head of the group in turn, as the SM80 kernel does, so dK and dV sum the group in
 // registers). The traits (sm90/bwd_kernel_traits.h) choose how the consumers split the work.
@@ -19,8 +20,8 @@
 //                                                half of dQ's columns, or of its rows at 128-query
 //                                                steps), staged as fp32 in shared memory and added
 //                                                to the dQ accumulator by one TMA reduce-add per
-//                                                warpgroup (reduce_dq_tile_by_tma: its leader, or
-//                                                the dQ writer warp when deterministic)
+//                                                warpgroup, issued by the dQ writer warp
+//                                                (bwd_write_dq)
 //   dK += dS^T Q                                (RS, issued after dQ: it runs while the dQ tile
 //                                                is stored)
 //
@@ -221,7 +222,7 @@ __device__ __forceinline__ void pass_dq_turn_of_step(const BwdParams& p, const S
 enum Sm90BwdNamedBarrier : int {
   kBarrierConsumers = 1,   // every consumer thread
   kBarrierWarpgroup0 = 2,  // + consumer warpgroup (128 threads): 2 and 3
-  kBarrierDqFull0 = 4,     // + consumer warpgroup, with the deterministic dQ writer: 4 and 5
+  kBarrierDqFull0 = 4,     // + consumer warpgroup, with the dQ writer (keys split): 4 and 5
   kBarrierDqEmpty0 = 6,    // the same: 6 and 7
 };
 static_assert(kBarrierDqEmpty0 + 1 + cutlass::arch::NamedBarrier::ReservedNamedBarrierCount <
@@ -546,12 +547,15 @@ __device__ __forceinline__ void store_dq_tile(typename Traits::SharedStorage& sh
 // reduce-add has completed, the consumers wait before storing the next one).
 constexpr int kDqWriterBarrierThreads = 128 + 32;
 
-// The dQ writer warp of the deterministic variant with the keys split, all 32 lanes: per step, the
-// turn (lane 0), then each consumer warpgroup's tile as it is stored, added by TMA reduce-adds
-// (lane 0), completed, the turn passed, the tiles handed back (sm90/bwd_dq_order.h).
+// The dQ writer warp with the keys split, all 32 lanes: per step, each consumer warpgroup's tile as
+// it is stored, added by a TMA reduce-add (lane 0), then the tiles handed back once the reduce-adds
+// have read them. Deterministic: lane 0 first waits for the step's turn, and the tiles go back
+// only once the adds have completed and the turn is passed (sm90/bwd_dq_order.h). The issue and
+// the waits for the TMA unit sit in this warp, not in a consumer thread, so no warpgroup's GEMMs
+// wait for them.
 template <typename Traits>
-__device__ __forceinline__ void bwd_write_dq_in_turns(const Sm90BwdArgs<Traits>& args,
-                                                      typename Traits::SharedStorage& shared, const Sm90BwdWork& w) {
+__device__ __forceinline__ void bwd_write_dq(const Sm90BwdArgs<Traits>& args, typename Traits::SharedStorage& shared,
+                                             const Sm90BwdWork& w) {
   static_assert(Traits::kNConsumerWarpgroups == 2, "two full and two empty barriers");
   constexpr int kBlockM = Traits::kBlockM;
   const BwdParams& p = args.params;
@@ -559,13 +563,16 @@ __device__ __forceinline__ void bwd_write_dq_in_turns(const Sm90BwdArgs<Traits>&
 #pragma unroll 1
   for (int s = 0; s < w.steps; ++s) {
     const int bidh = w.step_head(p, s), m0 = w.step_m0<kBlockM, Traits::kBlockN>(s);
-    int* count = dq_add_count<kBlockM>(p, w.bidb, bidh, m0 / kBlockM);
-    if (lane0) {
-      wait_for_dq_turn(count, dq_adds_before<kBlockM, Traits::kBlockN>(p, w.seq, m0, min(kBlockM, w.seq.seqlen_q - m0),
-                                                                       w.n0 / Traits::kBlockN, w.rotated));
+    [[maybe_unused]] int* count = nullptr;
+    if constexpr (Traits::kDeterministic) {
+      count = dq_add_count<kBlockM>(p, w.bidb, bidh, m0 / kBlockM);
+      if (lane0) {
+        wait_for_dq_turn(count, dq_adds_before<kBlockM, Traits::kBlockN>(p, w.seq, m0, min(kBlockM, w.seq.seqlen_q - m0),
+                                                                         w.n0 / Traits::kBlockN, w.rotated));
+      }
+      // bar.sync is warp-aligned: the lanes reconverge after each lane-0 section.
+      __syncwarp();
     }
-    // bar.sync is warp-aligned: the lanes reconverge after each lane-0 section.
-    __syncwarp();
     CUTE_UNROLL
     for (int wg = 0; wg < Traits::kNConsumerWarpgroups; ++wg) {
       cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqFull0 + wg);
@@ -574,7 +581,13 @@ __device__ __forceinline__ void bwd_write_dq_in_turns(const Sm90BwdArgs<Traits>&
       }
       __syncwarp();
     }
-    if (lane0) pass_dq_turn_after_bulk_reduces(count);
+    if (lane0) {
+      if constexpr (Traits::kDeterministic) {
+        pass_dq_turn_after_bulk_reduces(count);
+      } else {
+        tma_store_wait<0>();  // the reduce-adds have read the tiles
+      }
+    }
     __syncwarp();
     CUTE_UNROLL
     for (int wg = 0; wg < Traits::kNConsumerWarpgroups; ++wg) {
@@ -658,8 +671,6 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
   // (key, query) of every S^T element this thread holds, relative to the block and the step.
   Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
   Tensor tScS_rc = gmma_rowcol_view(tScS);
-  // Default variant: one thread per warpgroup issues and awaits its dQ tile's reduce-adds.
-  const bool dq_leader = consumer_tidx % 128 == 0;
   auto ds_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomdS{}, mma_sdp);
   auto thr_ds_copy = ds_copy.get_thread_slice(consumer_tidx);
 
@@ -761,12 +772,7 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
     cutlass::arch::fence_view_async_shared();
 
     // Both warpgroups' dS^T are in the buffer. The other buffer is free: each warpgroup waited for
-    // its previous dQ GEMM (which read it) before arriving here. Default variant: each
-    // warpgroup's leader first waits until its previous reduce-add has read its dQ tile, so past
-    // the barrier the tiles are free too (deterministic: the dQ writer hands them back).
-    if constexpr (!Traits::kDeterministic) {
-      if (dq_leader) tma_store_wait<0>();
-    }
+    // its previous dQ GEMM (which read it) before arriving here.
     cutlass::arch::NamedBarrier::sync(kConsumerThreads, kBarrierConsumers);
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
@@ -779,19 +785,11 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
     warpgroup_fence_operand(acc_dq);
     warpgroup_fence_operand(rP);
 
-    // The step's dQ tile through shared memory into the accumulator (Traits::kDqByTma).
-    if constexpr (Traits::kDeterministic) {
-      if (s > 0) cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqEmpty0 + warpgroup);
-      store_dq_tile<Traits>(shared, acc_dq);
-      cutlass::arch::NamedBarrier::arrive(kDqWriterBarrierThreads, kBarrierDqFull0 + warpgroup);
-    } else {
-      store_dq_tile<Traits>(shared, acc_dq);
-      cutlass::arch::NamedBarrier::sync(128, kBarrierWarpgroup0 + warpgroup);
-      if (dq_leader) {
-        reduce_dq_tile_from_tiles<Traits>(args, shared, w, bidh, m0, dq_tile_m<Traits>(warpgroup),
-                                          dq_tile_n<Traits>(warpgroup));
-      }
-    }
+    // The step's dQ tile through shared memory into the accumulator (Traits::kDqByTma): once the
+    // dQ writer has handed the previous one back, stored, then handed to the writer (bwd_write_dq).
+    if (s > 0) cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqEmpty0 + warpgroup);
+    store_dq_tile<Traits>(shared, acc_dq);
+    cutlass::arch::NamedBarrier::arrive(kDqWriterBarrierThreads, kBarrierDqFull0 + warpgroup);
     warpgroup_wait<0>();
     // rdS stays untouched until here, where dK (its last reader) has completed; then the stage's
     // Q and dO are free.
@@ -800,13 +798,9 @@ __device__ __forceinline__ void bwd_consume_keys_split(const Sm90BwdArgs<Traits>
     pipeline.consumer_release(read);
     ++read;
   }
-  // The last reduce-adds have read their tiles before the block's shared memory goes (and, with
-  // the dQ writer, the last "empty" arrival is paired).
-  if constexpr (Traits::kDeterministic) {
-    if (w.steps > 0) cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqEmpty0 + warpgroup);
-  } else {
-    if (dq_leader) tma_store_wait<0>();
-  }
+  // The last reduce-adds have read their tiles before the block's shared memory goes, and the
+  // writer's last "empty" arrival is paired.
+  if (w.steps > 0) cutlass::arch::NamedBarrier::sync(kDqWriterBarrierThreads, kBarrierDqEmpty0 + warpgroup);
 
   // Epilogue: dK (times scale_grad: dS excluded the softmax scale) and dV through the K and V
   // tiles, then 16-byte global stores of the warpgroup's 64 key rows.
@@ -1082,16 +1076,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const int first_row = threadIdx.x % 32 + (Traits::kRowStatWarps == 1 ? 0 : (warp - 1) * 64);
       bwd_produce_row_stats<Traits>(params, shared, pipeline, work, first_row);
     }
-    // Deterministic: warp kRowStatWarps + 1 writes dQ in turns (keys split), or its lane 0 passes
-    // the turns of the consumers' atomics on (head dim split).
-    if constexpr (Traits::kDeterministic) {
-      if (warp == Traits::kRowStatWarps + 1) {
-        const Sm90BwdWork work = sm90_bwd_work<Traits>(params);
-        if constexpr (!Traits::kSplitHeadDim) {
-          bwd_write_dq_in_turns<Traits>(args, shared, work);
-        } else if (threadIdx.x % 32 == 0) {
-          bwd_pass_dq_turns<Traits>(params, pipeline, work);
-        }
+    // Warp kRowStatWarps + 1 writes dQ (keys split; in turns when deterministic), or in
+    // deterministic mode its lane 0 passes the turns of the consumers' atomics on (head dim split).
+    if (warp == Traits::kRowStatWarps + 1) {
+      if constexpr (!Traits::kSplitHeadDim) {
+        bwd_write_dq<Traits>(args, shared, sm90_bwd_work<Traits>(params));
+      } else if constexpr (Traits::kDeterministic) {
+        if (threadIdx.x % 32 == 0) bwd_pass_dq_turns<Traits>(params, pipeline, sm90_bwd_work<Traits>(params));
       }
     }
   } else {

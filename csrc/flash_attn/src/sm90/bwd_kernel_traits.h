@@ -151,9 +151,9 @@ struct Sm90BwdTraits {
   // How a step's dQ reaches the fp32 accumulator. With the keys split, each warpgroup stores its
   // fp32 (kDqTileM x kDqTileN) tile to shared memory and one thread adds it into the accumulator
   // with one TMA reduce-add, where float2 atomics would send the tile as kDqTileM * kDqTileN / 2
-  // separate reductions to L2: a consumer thread of the warpgroup in the default variant, the dQ
-  // writer warp of the producer warpgroup in the deterministic one (it waits for the turn and for
-  // the reduce-adds to complete, which no consumer should; sm90/bwd_dq_order.h).
+  // separate reductions to L2. That thread is lane 0 of the dQ writer warp of the producer
+  // warpgroup (bwd_write_dq), so that no consumer warpgroup's GEMMs wait while it issues the
+  // reduce-adds and waits for them (and, deterministic, for the turn; sm90/bwd_dq_order.h).
   //
   // The head dim split has no shared memory to spare (224 KiB at head dim 256), but at 256 parts
   // of the step's Q and dO buffers are free once the warpgroup's own dQ, dV^T and dK^T GEMMs have
