@@ -12,6 +12,7 @@ The rest of the suite exercises it too wherever a dense call lands in its scope;
 FLASH_ATTN_TEST_SM90=0 (tests/conftest.py) runs the whole suite on the SM80 kernels instead.
 """
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -414,6 +415,38 @@ def test_sm90_forward_bitwise_repeatable(dtype, d, hopper):
         assert torch.equal(flash_attn.flash_attn_func(q, k, v, causal=True), first)
 
 
+def _sm90_key_blocks(fn):
+    """The key-block sizes of the Hopper forward kernels fn launches, from the traits in their
+    names (Sm90FwdTraits<head dim, bf16, key block>); None without a kernel trace."""
+    names = kernel_names(fn)
+    if not names:
+        return None
+    return {int(m.group(1)) for name in names if SM90_KERNEL in name
+            for m in [re.search(r"Sm90FwdTraits<\d+, \w+, (\d+)>", name)] if m}
+
+
+# Head dims 192 and 256 take 64-key blocks up to 1,024 keys (sm90_fwd_short_keys) and 80 past it;
+# key lengths on both sides of the bound, not multiples of either block.
+@pytest.mark.parametrize("seqlen_k,block_n", [(1000, 64), (1024, 64), (1025, 80), (1500, 80)])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("d", [256, 192, 160])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_key_block_sizes(dtype, d, causal, seqlen_k, block_n, hopper):
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    q, k, v = _qkv(2, 300, seqlen_k, 8, 2, d, dtype)
+    run = lambda: ext_fwd(q, k, v, causal=causal, num_splits=1)  # noqa: E731
+    assert _sm90_key_blocks(run) in (None, {block_n})
+    out, lse = run()
+    out_ref, lse_ref = attention_ref(q, k, v, causal=causal)
+    out_pt, _ = attention_ref(q, k, v, causal=causal, upcast=False)
+    assert_out_close(out, out_ref, out_pt)
+    assert_lse_close(lse, lse_ref)
+    # Score modifiers keep the 80-key kernel at every length.
+    run_softcap = lambda: ext_fwd(q, k, v, causal=causal, softcap=20.0, num_splits=1)  # noqa: E731
+    assert _sm90_key_blocks(run_softcap) in (None, {80})
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_sm90_forward_fallback_headdim32(dtype, hopper):
     """Head dim 32 stays on the SM80 kernel, and its result is right."""
@@ -444,16 +477,19 @@ def test_sm90_forward_dropout_kernel_choice(hopper):
 # num_splits 3: the last split of a sequence holds its partial block.
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-# Every kernel head dim: the zeroed V rows are per head dim (80-key blocks at 192 and 256, the
-# 64-byte swizzle at 96), and at 256 O is staged in Q's buffer.
+# Every kernel head dim: the zeroed V rows are per head dim (80-key blocks at 192 and 256, 64-key
+# ones there over short keys, the 64-byte swizzle at 96), and at 256 O is staged in Q's buffer.
 @pytest.mark.parametrize("d", [256, 192, 128, 96, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_sm90_forward_nan_past_the_used_keys(dtype, d, causal, num_splits, hopper):
+# Long keys: past kSm90ShortKeysMax (1024), where 192 and 256 leave their 64-key blocks.
+@pytest.mark.parametrize("key_scale", [1, 5], ids=["short_keys", "long_keys"])
+def test_sm90_forward_nan_past_the_used_keys(key_scale, dtype, d, causal, num_splits, hopper):
     """Keys past seqused_k, and rows of a packed k / v past cu_seqlens_k[-1], hold NaN: the Hopper
     kernel loads whole key blocks, so it must keep those V rows out of the P V GEMM."""
     if not _hopper_forward_built(dtype, d):
         pytest.skip("this build has no Hopper forward for this head dim and dtype")
-    q_lens, k_lens, used = [200, 150, 300], [300, 130, 260], [250, 17, 260]
+    q_lens = [200, 150, 300]
+    k_lens, used = [key_scale * n for n in (300, 130, 260)], [key_scale * n for n in (250, 17, 260)]
     batch, nheads, nheads_k = 3, 4, 2
     q, k, v = _qkv(batch, max(q_lens), max(k_lens), nheads, nheads_k, d, dtype)
     qmask = lengths_to_mask(torch.tensor(q_lens), max(q_lens)).to(DEVICE)

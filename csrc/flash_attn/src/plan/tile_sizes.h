@@ -40,6 +40,18 @@ constexpr TileShape sm90_fwd_tile(int headdim) {
   return headdim <= 128 ? TileShape{128, 128, 12} : TileShape{128, 80, 12};
 }
 
+// Hopper forward at head dims 192 and 256 over short keys: 64-key blocks instead of 80 when the
+// longest key sequence is at most kSm90ShortKeysMax keys. 512 keys are 6.4 blocks of 80, so the
+// last of 7 runs its GEMMs and softmax over 48 padding keys (12% of the tile's work), and every
+// block pays the same fixed O rescale and pipeline waits; 8 blocks of 64 have no padding. Past 1k
+// keys the padding is at most 6% and 80 keys amortise the fixed costs better. Only the plain
+// kernel (unsplit, no block table, no score modifiers, no dropout) has the 64-key instantiation.
+constexpr int kSm90ShortKeysBlockN = 64;
+constexpr int kSm90ShortKeysMax = 1024;
+constexpr bool sm90_fwd_short_keys(int headdim, int max_seqlen_k) {
+  return sm90_fwd_tile(headdim).block_n != 128 && max_seqlen_k <= kSm90ShortKeysMax;
+}
+
 // Whether the Hopper forward's scheduler (sm90/tile_scheduler.h) makes one unit of work of query
 // blocks i and m_blocks - 1 - i of a head: under a causal band (bounded right, unbounded left),
 // where a query block's key count grows with its index, so every pair costs the same.

@@ -39,7 +39,8 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
 // (sm90_fwd_has_paged) have the four again with a paged K/V cache (params.block_table; the
 // dispatcher sends only page sizes that are multiples of the key block, sm90_fwd_reads_pages).
 // Dropout has its own: the plain kernel with dropout (unsplit, batch-strided or packed K/V, no
-// score modifiers, no S_dmask: the dispatcher's sm90_takes_dropout).
+// score modifiers, no S_dmask: the dispatcher's sm90_takes_dropout). Head dims 192 and 256 add
+// the plain kernel with 64-key blocks for short keys (sm90_fwd_short_keys).
 template <int kHeadDim, bool kIsBf16>
 void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   using Traits = Sm90FwdTraits<kHeadDim, kIsBf16>;
@@ -66,6 +67,13 @@ void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
       launch(std::false_type{}, paged);
     }
   };
+  if constexpr (sm90_fwd_tile(kHeadDim).block_n != 128) {
+    if (!params.split_kernel && params.block_table == nullptr && !has_score_mods(params) &&
+        sm90_fwd_short_keys(kHeadDim, params.seqlen_k)) {
+      launch_fwd_sm90<Sm90FwdTraits<kHeadDim, kIsBf16, kSm90ShortKeysBlockN>, false, false, false>(params, stream);
+      return;
+    }
+  }
   if (params.block_table != nullptr) {
     // The plain kernels read K/V batch-strided: a block table they cannot follow must never reach
     // them (the dispatcher's sm90_kv_indirect keeps such calls on the SM80 kernels).

@@ -20,7 +20,7 @@ namespace flash {
 
 using namespace cute;
 
-template <int kHeadDim_, bool kIsBf16>
+template <int kHeadDim_, bool kIsBf16, int kBlockN_ = sm90_fwd_tile(kHeadDim_).block_n>
 struct Sm90FwdTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
@@ -43,8 +43,12 @@ struct Sm90FwdTraits {
   //   keep O's own tile and share 256's GMMA shape.
   // The P V GEMM's K extent is kBlockN, so it must be a multiple of 16; the S GEMM's N extent is
   // kBlockN, one GMMA instruction wide (QKAtom).
-  // (plan/tile_sizes.h holds the shape, shared with the split heuristic.)
-  static constexpr int kBlockN = sm90_fwd_tile(kHeadDim).block_n;
+  //   Over short keys, 192 and 256 also have 64-key blocks (kSm90ShortKeysBlockN, whose comment
+  //   says when and why).
+  // (plan/tile_sizes.h holds the shapes, shared with the split heuristic.)
+  static constexpr int kBlockN = kBlockN_;
+  static_assert(kBlockN == sm90_fwd_tile(kHeadDim).block_n ||
+                (kBlockN == kSm90ShortKeysBlockN && sm90_fwd_tile(kHeadDim).block_n != 128));
   static_assert(kBlockN % 16 == 0);
   static constexpr int kNConsumerWarpgroups = kBlockM / 64;
   static constexpr int kNThreads = 128 * (1 + kNConsumerWarpgroups);  // producer warpgroup first
