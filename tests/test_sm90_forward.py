@@ -425,9 +425,9 @@ def _sm90_key_blocks(fn):
             for m in [re.search(r"Sm90FwdTraits<\d+, \w+, (\d+)>", name)] if m}
 
 
-# Head dims 192 and 256 take 64-key blocks up to 1,024 keys (sm90_fwd_short_keys) and 80 past it;
-# key lengths on both sides of the bound, not multiples of either block.
-@pytest.mark.parametrize("seqlen_k,block_n", [(1000, 64), (1024, 64), (1025, 80), (1500, 80)])
+# Head dims 192 and 256 take 64-key blocks up to 512 keys (sm90_fwd_short_keys) and 80 past it;
+# key lengths on both sides of the bound, and not multiples of either block.
+@pytest.mark.parametrize("seqlen_k,block_n", [(500, 64), (512, 64), (513, 80), (1000, 80)])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("d", [256, 192, 160])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -481,7 +481,7 @@ def test_sm90_forward_dropout_kernel_choice(hopper):
 # ones there over short keys, the 64-byte swizzle at 96), and at 256 O is staged in Q's buffer.
 @pytest.mark.parametrize("d", [256, 192, 128, 96, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-# Long keys: past kSm90ShortKeysMax (1024), where 192 and 256 leave their 64-key blocks.
+# Long keys: past kSm90ShortKeysMax (512), where 192 and 256 leave their 64-key blocks.
 @pytest.mark.parametrize("key_scale", [1, 5], ids=["short_keys", "long_keys"])
 def test_sm90_forward_nan_past_the_used_keys(key_scale, dtype, d, causal, num_splits, hopper):
     """Keys past seqused_k, and rows of a packed k / v past cu_seqlens_k[-1], hold NaN: the Hopper
