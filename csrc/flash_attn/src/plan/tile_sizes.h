@@ -43,10 +43,10 @@ constexpr TileShape sm90_fwd_tile(int headdim) {
 // Hopper forward at head dims 192 and 256 over short keys: 64-key blocks instead of 80 when the
 // longest key sequence is at most kSm90ShortKeysMax keys. 512 keys are 6.4 blocks of 80, so the
 // last of 7 runs its GEMMs and softmax over 48 padding keys (12% of the tile's work), and every
-// block pays the same fixed O rescale and pipeline waits; 8 blocks of 64 have no padding. Measured
-// on an H200 (2026-12-07, benchmarks/RESULTS.md): 64-key blocks run 512 keys 4-6% faster at both
-// head dims, causal or not, and 1,024 keys (13 blocks of 80, 2.5% padding) 3.5% slower without a
-// mask, so the bound is 512. Only the plain kernel (unsplit, no block table, no score modifiers,
+// block pays the same fixed O rescale and pipeline waits; 8 blocks of 64 have no padding. On an
+// H200 against the 80-key blocks of commit c1f67f2 (2026-12-07), 64-key blocks ran 512 keys 4-6%
+// faster at both head dims, causal or not, and 1,024 keys (13 blocks of 80, 2.5% padding) 3.5%
+// slower without a mask, so the bound is 512. Only the plain kernel (unsplit, no block table, no score modifiers,
 // no dropout) has the 64-key instantiation.
 constexpr int kSm90ShortKeysBlockN = 64;
 constexpr int kSm90ShortKeysMax = 512;
