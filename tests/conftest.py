@@ -7,7 +7,9 @@
 * TF32 is disabled so the float32 reference really is float32;
 * FLASH_ATTN_TEST_SM90=0 turns the Hopper forward and backward off for the whole run
   (set_sm90_forward, set_sm90_backward), so on an H100 the suite covers the SM80 kernels that
-  sm_80/86/89 GPUs run.
+  sm_80/86/89 GPUs run;
+* each failure is reported on its own line as soon as the test ends (node id and the assertion's
+  message), so a run stopped at a time limit before pytest's summary still says what failed.
 """
 
 import os
@@ -49,3 +51,23 @@ def require_kernel():
     import helpers
 
     return helpers.require_kernel
+
+
+
+# The terminal reporter, for failures reported as they happen (pytest_runtest_logreport).
+_terminal_reporter = None
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter registers itself
+def pytest_configure(config):
+    global _terminal_reporter
+    _terminal_reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+
+def pytest_runtest_logreport(report):
+    if not report.failed or _terminal_reporter is None:
+        return
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = crash.message if crash is not None else (str(report.longrepr).strip().splitlines() or [""])[-1]
+    message = " | ".join(message.splitlines())[:400]
+    _terminal_reporter.write_line(f"FAILED {report.nodeid} ({report.when}): {message}")
