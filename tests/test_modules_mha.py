@@ -757,8 +757,9 @@ def test_flash_wiring_decoding(ext, num_heads_kv, lengths_per_sample):
 def rotate_ref(x, base, rotary_dim, interleaved, offset=0):
     """float64 rotary of the first rotary_dim dims of x (b, s, h, d) at positions offset.."""
     x = x.double()
-    inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    angles = torch.outer(torch.arange(offset, offset + x.shape[1], dtype=torch.float64), inv_freq)
+    inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=x.device) / rotary_dim)
+    positions = torch.arange(offset, offset + x.shape[1], dtype=torch.float64, device=x.device)
+    angles = torch.outer(positions, inv_freq)
     cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     if interleaved:
