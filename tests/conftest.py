@@ -53,7 +53,6 @@ def require_kernel():
     return helpers.require_kernel
 
 
-
 # The terminal reporter, for failures reported as they happen (pytest_runtest_logreport).
 _terminal_reporter = None
 
