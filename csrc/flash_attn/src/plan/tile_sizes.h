@@ -46,8 +46,8 @@ constexpr TileShape sm90_fwd_tile(int headdim) {
 // block pays the same fixed O rescale and pipeline waits; 8 blocks of 64 have no padding. On an
 // H200 against the 80-key blocks of commit c1f67f2 (2026-12-07), 64-key blocks ran 512 keys 4-6%
 // faster at both head dims, causal or not, and 1,024 keys (13 blocks of 80, 2.5% padding) 3.5%
-// slower without a mask, so the bound is 512. Only the plain kernel (unsplit, no block table, no score modifiers,
-// no dropout) has the 64-key instantiation.
+// slower without a mask, so the bound is 512. Only the plain kernel (unsplit, no block table, no
+// score modifiers, no dropout) has the 64-key instantiation.
 constexpr int kSm90ShortKeysBlockN = 64;
 constexpr int kSm90ShortKeysMax = 512;
 constexpr bool sm90_fwd_short_keys(int headdim, int max_seqlen_k) {
