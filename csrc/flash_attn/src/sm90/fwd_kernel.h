@@ -176,9 +176,10 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
 // output and lse, from registers). q_loads: the Q loads before this tile's (its Q buffer and
 // parity, Traits::q_stage / q_parity); read_k /
 // read_v: the K/V pipeline states, carried from tile to tile; turns: this warpgroup's GEMM issue
-// turns, one per key block.
+// turns, one per key block; tma_o: O's tensor map (Traits::kOStoredByTma).
 template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kHasDropout>
-__device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits::SharedStorage& shared,
+__device__ __forceinline__ void attend_rows(const FwdParams& p, const decltype(Sm90FwdArgs<Traits>::tma_o)& tma_o,
+                                            typename Traits::SharedStorage& shared,
                                             typename Traits::Pipeline& pipeline_k,
                                             typename Traits::Pipeline& pipeline_v,
                                             typename Traits::PipelineState& read_k,
@@ -387,23 +388,51 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, typename Traits:
 
   const int epilogue_tidx = epilogue_thread_index();
 
-  // O into this warpgroup's rows of the O tile (stmatrix), then 16-byte coalesced global stores.
-  // The warpgroup's staging barrier: the first sync keeps the previous tile's stores
-  // from reading rows this tile overwrites, and (kOStagedInQ) keeps this warpgroup's rows of Q
-  // from being overwritten before all its 128 threads have waited for their last GEMM; the
-  // second publishes the rows to the warpgroup.
+  // O into this warpgroup's rows of the O tile (stmatrix), then out by TMA store or by 16-byte
+  // coalesced global stores. The warpgroup's staging barrier: the first sync keeps the previous
+  // tile's stores from reading rows this tile overwrites (a TMA store's reads have completed in its
+  // issuing thread, which waits for them first), and (kOStagedInQ) keeps this warpgroup's rows of
+  // Q from being overwritten before all its 128 threads have waited for their last GEMM; the
+  // second publishes the rows to the warpgroup, or to the TMA unit after the proxy fence.
+  // A packed sequence's partial warpgroup of rows takes the stores: its box would overwrite the
+  // next sequence's rows, which are inside the packed tensor's extent.
+  const int lane_in_warpgroup = epilogue_tidx % 128;
+  const bool o_by_tma =
+      Traits::kOStoredByTma && (!p.cu_seqlens_q || rows_in_tile >= (warpgroup + 1) * 64);
+  if constexpr (Traits::kOStoredByTma) {
+    if (lane_in_warpgroup == 0) tma_store_wait<0>();
+  }
   Tensor rO = convert_fragment<Element>(acc_o);
   Tensor sO = make_tensor(make_smem_ptr(Traits::o_tile(shared)), typename Traits::SmemLayoutO{});
   auto o_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma_pv);
   auto thr_o_copy = o_copy.get_thread_slice(epilogue_tidx);
   cutlass::arch::NamedBarrier::sync(128, kOutputStagingWarpgroup0 + warpgroup);
   copy(o_copy, thr_o_copy.retile_S(rO), thr_o_copy.partition_D(sO));
+  if (o_by_tma) cutlass::arch::fence_view_async_shared();
   cutlass::arch::NamedBarrier::sync(128, kOutputStagingWarpgroup0 + warpgroup);
+  if constexpr (Traits::kOStoredByTma) {
+    if (o_by_tma) {
+      if (lane_in_warpgroup == 0) {
+        constexpr int kAtomCols = Traits::kAtomCols;
+        Tensor mO = domain_offset(make_coord(seq.q_start, _0{}),
+                                  tma_o.get_tma_tensor(q_extent(p))(_, _, bidh, p.cu_seqlens_q ? 0 : bidb));
+        Tensor gO = local_tile(mO, Shape<_64, Int<kAtomCols>>{}, make_coord(m0 / 64 + warpgroup, _));
+        auto o_tma = tma_o.get_slice(_0{});
+        CUTE_UNROLL
+        for (int c = 0; c < kHeadDim / kAtomCols; ++c) {
+          Tensor sBox = make_tensor(make_smem_ptr(Traits::o_tile(shared) + (c * kBlockM + warpgroup * 64) * kAtomCols),
+                                    typename Traits::SmemLayoutOBox{});
+          copy(tma_o, o_tma.partition_S(sBox), o_tma.partition_D(gO(_, _, c)));
+        }
+        tma_store_arrive();
+      }
+      return;
+    }
+  }
 
   constexpr int kVecElems = 16 / sizeof(Element);
   constexpr int kVecsPerRow = kHeadDim / kVecElems;
   Element* o = static_cast<Element*>(p.o_ptr) + seq.o_offset + bidh * p.o_head_stride;
-  const int lane_in_warpgroup = epilogue_tidx % 128;
   CUTE_UNROLL
   for (int i = lane_in_warpgroup; i < 64 * kVecsPerRow; i += 128) {
     const int row = warpgroup * 64 + i / kVecsPerRow;
@@ -479,11 +508,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
             params, work.seq, tile.bidb, tile.bidh, tile.split, tile.m_block, work.rows_in_tile);
         continue;
       }
-      attend_rows<Traits, kIsSplit, kHasScoreMods, kHasDropout>(params, shared, pipeline_k, pipeline_v, read_k, read_v,
-                                                                tile, work, q_loads, turns);
+      attend_rows<Traits, kIsSplit, kHasScoreMods, kHasDropout>(params, args.tma_o, shared, pipeline_k, pipeline_v,
+                                                                read_k, read_v, tile, work, q_loads, turns);
       ++q_loads;
     }
     turns.finish();
+    // The last TMA stores of O read the O tile until they complete: the block's shared memory
+    // stays allocated until then.
+    if constexpr (Traits::kOStoredByTma) {
+      if (threadIdx.x % 128 == 0) tma_store_wait<0>();
+    }
   }
 #endif
 }

@@ -24,7 +24,7 @@ namespace flash {
 
 template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kPaged, bool kHasDropout = false>
 void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
-  const Sm90FwdArgs<Traits> args = make_sm90_fwd_args<Traits>(params);
+  const Sm90FwdArgs<Traits> args = make_sm90_fwd_args<Traits>(params, Traits::kOStoredByTma && !kIsSplit);
   constexpr auto kernel = &flash_fwd_sm90_kernel<Traits, kIsSplit, kHasScoreMods, kPaged, kHasDropout>;
   allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
   const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;

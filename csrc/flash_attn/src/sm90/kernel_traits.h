@@ -59,7 +59,7 @@ struct Sm90FwdTraits {
   // a third would not fit beside Q and O at head dim 128 (3 * 64 KiB + 2 * 32 KiB > 227 KiB).
   static constexpr int kStages = 2;
 
-  // Where O waits between the registers and its 16-byte global stores. In its own tile, the next
+  // Where O waits between the registers and its global stores. In its own tile, the next
   // tile's Q loads while this tile's output leaves (the producer waits at most for the last S GEMM).
   // At head dim 256 there is no room for it: Q 64 KiB + K 2 x 40 KiB + V^T 2 x 40 KiB = 224 KiB,
   // and a fourth 64 KiB tile would make 288. O is then staged in Q's buffer, and the consumers
@@ -143,12 +143,27 @@ struct Sm90FwdTraits {
   using SmemLayoutVt = decltype(tile_to_shape(SmemAtomMNMajor{}, Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
                                               Step<_2, _1, _3>{}));
 
-  // O goes through shared memory (stmatrix, then 16-byte global stores) in Q's layout: in its own
-  // tile, or in Q's (kOStagedInQ). Each consumer warpgroup writes and reads only its own 64 rows,
+  // O goes through shared memory (stmatrix, then TMA or 16-byte global stores) in Q's layout: in
+  // its own tile, or in Q's (kOStagedInQ). Each consumer warpgroup writes and reads only its own 64 rows,
   // the rows its S GEMMs read from Q, so staging O in Q's buffer never overwrites Q rows that the
   // other warpgroup's S GEMM may still be reading.
   using SmemLayoutO = SmemLayoutQ;
   using SmemCopyAtomO = Copy_Atom<SM90_U32x4_STSM_N, Element>;
+
+  // Whether a warpgroup's 64 rows of O leave the O tile by TMA store (one thread issues it, the
+  // copy runs on while the warpgroup goes on to its next tile) rather than by its threads' 16-byte
+  // stores. Not where O is staged in Q's buffer (head dim 256), which the next Q load must wait
+  // for. One box is 64 rows by one swizzle atom's columns: in the O tile (SmemLayoutQ's atoms
+  // stacked along the rows first) warpgroup w's rows of atom column c are one contiguous, aligned
+  // 64-row block, at c * kBlockM + w * 64 rows of atom width, laid out as SmemLayoutOBox.
+  static constexpr bool kOStoredByTma = !kOStagedInQ;
+  static constexpr int kAtomCols = kSwizzle128 ? 64 : 32;
+  using SmemLayoutOBox = decltype(tile_to_shape(SmemAtomKMajor{}, Shape<_64, Int<kAtomCols>>{}));
+  static_assert(kHeadDim % kAtomCols == 0);
+  static_assert(SmemLayoutO{}(64, 0) == 64 * kAtomCols &&
+                    (kHeadDim == kAtomCols || SmemLayoutO{}(0, kAtomCols) == kBlockM * kAtomCols) &&
+                    cosize_v<SmemLayoutOBox> == 64 * kAtomCols,
+                "a warpgroup's rows of one atom column of O are one contiguous box");
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename cutlass::PipelineState<kStages>;

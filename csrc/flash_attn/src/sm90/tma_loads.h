@@ -1,5 +1,6 @@
-// TMA descriptors (CUtensorMap) of the Q, K and V^T tiles, built on the host from FwdParams and
-// handed to the kernel as __grid_constant__ parameters, where the TMA unit reads them.
+// TMA descriptors (CUtensorMap) of the Q, K and V^T tiles the forward loads and of the O boxes it
+// stores, built on the host from FwdParams and handed to the kernel as __grid_constant__
+// parameters, where the TMA unit reads them.
 //
 // Each map covers a whole tensor as (rows, head dim, heads, batch), head dim contiguous (a paged
 // K/V cache as (page rows, head dim, heads, pages)); the kernel selects its (batch, head) and tile
@@ -91,18 +92,36 @@ auto make_tma_vt(const FwdParams& p) {
                                                 typename Traits::SmemLayoutVt{}(_, _, _0{}));
 }
 
-// Everything the kernel reads: the call's parameters and the three tensor maps.
+// O, in Q's extents, stored a warpgroup's 64 rows by one swizzle atom's columns at a time
+// (Traits::SmemLayoutOBox): rows past a batch-strided sequence and columns past d are not written
+// (TMA clips its boxes at the extents).
+template <typename Traits>
+auto make_tma_o(const FwdParams& p) {
+  const auto extent = q_extent(p);
+  const int64_t batch_stride = tma_batch_stride(p.cu_seqlens_q, p.o_batch_stride, p.o_row_stride, get<0>(extent));
+  Tensor o = make_tensor(make_gmem_ptr(static_cast<typename Traits::Element*>(p.o_ptr)), extent,
+                         make_stride(p.o_row_stride, _1{}, p.o_head_stride, batch_stride));
+  return make_tma_copy(SM90_TMA_STORE{}, o, typename Traits::SmemLayoutOBox{});
+}
+
+// Everything the kernel reads: the call's parameters and the four tensor maps.
 template <typename Traits>
 struct Sm90FwdArgs {
   FwdParams params;
   decltype(make_tma_q<Traits>(std::declval<const FwdParams&>())) tma_q;
   decltype(make_tma_k<Traits>(std::declval<const FwdParams&>())) tma_k;
   decltype(make_tma_vt<Traits>(std::declval<const FwdParams&>())) tma_vt;
+  decltype(make_tma_o<Traits>(std::declval<const FwdParams&>())) tma_o;
 };
 
+// stores_o: whether the kernel stores O by TMA (Traits::kOStoredByTma, and not a split kernel,
+// whose partials go elsewhere); else O's map is left empty, since encoding a map is host time on
+// every call.
 template <typename Traits>
-Sm90FwdArgs<Traits> make_sm90_fwd_args(const FwdParams& p) {
-  return {p, make_tma_q<Traits>(p), make_tma_k<Traits>(p), make_tma_vt<Traits>(p)};
+Sm90FwdArgs<Traits> make_sm90_fwd_args(const FwdParams& p, bool stores_o) {
+  using TmaO = decltype(make_tma_o<Traits>(p));
+  return {p, make_tma_q<Traits>(p), make_tma_k<Traits>(p), make_tma_vt<Traits>(p),
+          stores_o ? make_tma_o<Traits>(p) : TmaO{}};
 }
 
 }  // namespace flash
