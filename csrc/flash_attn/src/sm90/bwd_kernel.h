@@ -964,7 +964,15 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Tra
       }
     }();
     copy(pds_copy, thr_pds_copy.retile_S(rP), thr_pds_copy.partition_D(sP(_, _, buf)));
-    warpgroup_wait<0>();  // dP has completed
+    // Every warpgroup's keys of P in the buffer (the generic-proxy stores made visible to the
+    // tensor cores' async proxy first), so dV^T += dO^T P runs while dS is computed. The other
+    // buffers are free: each warpgroup waited for its previous step's GEMMs (which read them)
+    // before arriving here.
+    cutlass::arch::fence_view_async_shared();
+    cutlass::arch::NamedBarrier::sync(kConsumerThreads, kBarrierConsumers);
+    Tensor tdVrdOt_stage = tdVrdOt(_, _, _, stage);
+    warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdVrdOt_stage, tdVrPt(_, _, _, buf), acc_dvt);
+    warpgroup_wait<1>();  // dP has completed; dV^T may still run
 
     Tensor dp = gmma_rowcol_view(acc_dp);
     CUTE_UNROLL
@@ -981,18 +989,14 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Tra
     }
     Tensor rdS = convert_fragment<Element>(acc_dp);
     copy(pds_copy, thr_pds_copy.retile_S(rdS), thr_pds_copy.partition_D(sdS(_, _, buf)));
-    // The generic-proxy stores above, made visible to the tensor cores' async proxy, then every
-    // warpgroup's keys of P and dS are in the buffers. The other buffers are free: each
-    // warpgroup waited for its previous step's GEMMs (which read them) before arriving here.
+    // Every warpgroup's keys of dS in the buffer, as for P above.
     cutlass::arch::fence_view_async_shared();
     cutlass::arch::NamedBarrier::sync(kConsumerThreads, kBarrierConsumers);
 
-    // dQ first, so its atomics overlap the dV^T and dK^T GEMMs.
+    // dQ before dK^T, so its atomics overlap the dK^T GEMM.
     Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tdQrdS_buf = tdQrdS(_, _, _, buf);
     warpgroup_gemm</*kZeroInit=*/true>(mma_dq, tdQrdS_buf, tdQrKt, acc_dq);
-    Tensor tdVrdOt_stage = tdVrdOt(_, _, _, stage);
-    warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdVrdOt_stage, tdVrPt(_, _, _, buf), acc_dvt);
     Tensor tdKrQt_stage = tdKrQt(_, _, _, stage);
     warpgroup_gemm</*kZeroInit=*/false>(mma_dkv, tdKrQt_stage, tdKrdSt(_, _, _, buf), acc_dkt);
     if constexpr (Traits::kDqTileInStage) {
@@ -1015,7 +1019,7 @@ __device__ __forceinline__ void bwd_consume_head_dim_split(const Sm90BwdArgs<Tra
       }
     } else {
       wait_for_dq_turn_of_step<Traits>(p, w, bidh, m0, rows_in_tile);  // while the GEMMs run
-      warpgroup_wait<2>();  // dQ has completed
+      warpgroup_wait<1>();  // dV^T and dQ have completed
       add_dq_to_accumulator<kHeadDim>(p, w, acc_dq, tdQcdQ, bidh, m0, rows_in_tile);
       warpgroup_wait<0>();
       // After the adds: in deterministic mode the release tells bwd_pass_dq_turns they are done.
