@@ -78,6 +78,7 @@
 #include "sm90/bwd_dq_order.h"
 #include "sm90/bwd_kernel_traits.h"
 #include "sm90/gmma_layouts.h"
+#include "sm90/shared_window.h"
 #include "sm90/tma_loads.h"
 #include "sm90/warpgroup_gemm.h"
 
@@ -496,24 +497,18 @@ __device__ __forceinline__ float* dq_quarter_in_stage(typename Traits::SharedSto
 // This thread's fp32 fragment values acc(first + i), i < size of its partition, into its
 // partition (thr.partition_C) of a shared-memory tile, two adjacent columns per 8-byte
 // st.shared: an accumulator fragment's values 2j and 2j + 1 are columns c and c + 1 of one row,
-// c even, which the fp32 tiles' swizzles (16-byte units) keep adjacent. The tile is addressed
-// through its shared-window address (cast_smem_ptr_to_uint) held in a pointer that CuTe offsets
-// and swizzles but nothing dereferences: through the generic pointer of SharedStorage nvcc
-// issued 4-byte generic stores (ST.E) with 64-bit swizzle arithmetic, and a MEMBAR ahead of the
-// proxy fence that waited for them. Head dim 256's dQ quarters take it; the keys split's whole dQ
-// tile keeps CuTe's copy, which ran the head dim 128 backward 1-4% faster (H100, 2026-12-07).
+// c even, which the fp32 tiles' swizzles (16-byte units) keep adjacent. Through the tile's generic
+// pointer nvcc issued 4-byte generic stores with 64-bit swizzle arithmetic and a MEMBAR ahead of
+// the proxy fence that waited for them (sm90/shared_window.h). Head dim 256's dQ quarters take it;
+// the keys split's whole dQ tile keeps CuTe's copy, which ran the head dim 128 backward 1-4% faster
+// (H100, 2026-12-07).
 template <typename ThrMma, typename SmemLayout, typename TAcc>
 __device__ __forceinline__ void store_fragment_pairs(float* tile, SmemLayout layout, ThrMma const& thr, TAcc const& acc,
                                                      int first) {
-  float* const tile_in_window = reinterpret_cast<float*>(uintptr_t(cute::cast_smem_ptr_to_uint(tile)));
-  Tensor dst = thr.partition_C(make_tensor(make_smem_ptr(tile_in_window), layout));
+  Tensor dst = thr.partition_C(make_tensor(make_smem_ptr(in_shared_window(tile)), layout));
   static_assert(decltype(size(dst))::value % 2 == 0);
   CUTE_UNROLL
-  for (int i = 0; i < size(dst); i += 2) {
-    const uint32_t address = uint32_t(reinterpret_cast<uintptr_t>(&dst(i)));
-    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(address), "f"(acc(first + i)), "f"(acc(first + i + 1))
-                 : "memory");
-  }
+  for (int i = 0; i < size(dst); i += 2) store_shared_float2(window_address(&dst(i)), acc(first + i), acc(first + i + 1));
 }
 
 // This thread's part of its warpgroup's dQ fragment to the warpgroup's quarters in the step's Q

@@ -38,6 +38,7 @@
 #include "sm90/fwd_named_barriers.h"
 #include "sm90/gmma_layouts.h"
 #include "sm90/kernel_traits.h"
+#include "sm90/shared_window.h"
 #include "sm90/tile_scheduler.h"
 #include "sm90/tma_loads.h"
 #include "sm90/warpgroup_gemm.h"
@@ -433,12 +434,10 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, const decltype(S
   constexpr int kVecElems = 16 / sizeof(Element);
   constexpr int kVecsPerRow = kHeadDim / kVecElems;
   Element* o = static_cast<Element*>(p.o_ptr) + seq.o_offset + bidh * p.o_head_stride;
-  // The O tile read through its 32-bit shared-window address, held in a pointer that CuTe offsets
-  // and swizzles but nothing dereferences: through the generic pointer nvcc emitted generic
-  // 16-byte loads (LD.E.128) with the swizzle computed on 64-bit addresses.
-  Tensor sO_window = make_tensor(
-      make_smem_ptr(reinterpret_cast<Element*>(uintptr_t(cute::cast_smem_ptr_to_uint(Traits::o_tile(shared))))),
-      typename Traits::SmemLayoutO{});
+  // The O tile read by ld.shared (sm90/shared_window.h: through its generic pointer nvcc emitted
+  // generic 16-byte loads with the swizzle computed on 64-bit addresses).
+  Tensor sO_window =
+      make_tensor(make_smem_ptr(in_shared_window(Traits::o_tile(shared))), typename Traits::SmemLayoutO{});
   CUTE_UNROLL
   for (int i = lane_in_warpgroup; i < 64 * kVecsPerRow; i += 128) {
     const int row = warpgroup * 64 + i / kVecsPerRow;
@@ -446,13 +445,8 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, const decltype(S
     if (row < rows_in_tile && col < p.d) {
       // 8 consecutive elements stay contiguous under the 128- and 64-byte swizzles (they permute
       // 16-byte units).
-      uint4 v;
-      const uint32_t address = uint32_t(reinterpret_cast<uintptr_t>(&sO_window(row, col)));
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                   : "r"(address)
-                   : "memory");
-      *reinterpret_cast<uint4*>(o + int64_t(m0 + row) * p.o_row_stride + col) = v;
+      *reinterpret_cast<uint4*>(o + int64_t(m0 + row) * p.o_row_stride + col) =
+          load_shared_16_bytes(window_address(&sO_window(row, col)));
     }
   }
   if constexpr (kOStagedInQ) {
