@@ -508,7 +508,9 @@ __device__ __forceinline__ void store_fragment_pairs(float* tile, SmemLayout lay
   Tensor dst = thr.partition_C(make_tensor(make_smem_ptr(in_shared_window(tile)), layout));
   static_assert(decltype(size(dst))::value % 2 == 0);
   CUTE_UNROLL
-  for (int i = 0; i < size(dst); i += 2) store_shared_float2(window_address(&dst(i)), acc(first + i), acc(first + i + 1));
+  for (int i = 0; i < size(dst); i += 2) {
+    store_shared_float2(window_address(&dst(i)), acc(first + i), acc(first + i + 1));
+  }
 }
 
 // This thread's part of its warpgroup's dQ fragment to the warpgroup's quarters in the step's Q
