@@ -52,11 +52,14 @@ bench() {  # benchmark tree
   [ "$(left)" -gt 45 ] || { echo "$1 $2: skipped, $(left) s left"; return 1; }
   BENCH_COMMIT=$(cat "base/$2/COMMIT") PYTHONPATH=$PWD/base/$2:$site timeout $(( $(left) - 15 )) \
     python3 "benchmarks/benchmark_$script.py" $args --out-dir "$OUT/ab/$1_$2" > "$OUT/ab/$1_$2.log" 2>&1
-  echo "$1 $2: rc $? at $(elapsed) s"
+  local rc=$?
+  echo "$1 $2: rc $rc at $(elapsed) s"
+  return $rc
 }
 for pair in ${PAIRS:-}; do
   IFS=: read -r b main patched <<< "$pair"
-  bench "$b" "$main" && bench "$b" "$patched" || continue
+  bench "$b" "$main"; main_rc=$?
+  bench "$b" "$patched" && [ $main_rc -eq 0 ] || continue
   python3 benchmarks/tools/compare.py "$OUT/ab/${b}_$main"/*.json "$OUT/ab/${b}_$patched"/*.json > "$OUT/ab/compare_${b}_$patched.log" 2>&1
   echo "== $b: $patched against $main"; grep -v '^|---' "$OUT/ab/compare_${b}_$patched.log"
   [ "$b" = specdec ] && grep -h "kvcache <=" "$OUT/ab/${b}_$main.log" "$OUT/ab/${b}_$patched.log"
