@@ -7,11 +7,11 @@
 #
 # TREES: folders under base/, each made on the development machine with
 #   git archive REV | tar -x -C base/NAME && git rev-parse --short REV > base/NAME/COMMIT
-# and carried with the call (carry: [".whl", "base"]); they build in parallel, MAX_JOBS split
+# and copied to the CUDA machine beside the checkout (with .whl); they build in parallel, MAX_JOBS split
 # between them. TESTS: "tree=pytest -k expression" clauses joined by ';', run on the tree's own
 # build and tests, in parallel. PAIRS: "benchmark:main:patched" (benchmark: forward, backward or
 # specdec), each run --quick on main then on the patched tree and compared
-# (benchmarks/tools/compare.py: ratios > 1, the patched tree faster). LIMIT: seconds the call may
+# (benchmarks/tools/compare.py: ratios > 1, the patched tree faster). LIMIT: seconds the command may
 # take (default 570); benchmarks that would start with less than 45 s left are skipped.
 # The device returns at most 8 files, so every log and result ends up in $OUT/ab.tgz; the
 # comparisons and test counts are also printed.
