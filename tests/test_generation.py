@@ -18,6 +18,7 @@ from flash_attn.utils.generation import (
     sample_speculative,
     update_graph_cache,
 )
+from helpers import require_kernel
 from tiny_gpt import tiny_gpt_config
 
 
@@ -224,6 +225,7 @@ def test_cuda_graphs_need_a_cuda_model():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_matches_eager_decode():
     pytest.importorskip("flash_attn_2_cuda")
+    require_kernel(16, torch.float16)  # the tiny model's heads
     model = tiny_model(use_flash_attn=True).to("cuda", torch.float16)
     input_ids = torch.randint(0, 50, (2, 6), device="cuda")
     eager = decode(input_ids, model, max_length=20)
