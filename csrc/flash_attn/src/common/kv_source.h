@@ -140,14 +140,32 @@ struct DecodeKvSource {
   // Without a window's left edge a split's first sub-blocks are rounds s, s + S, ... whatever the
   // sequence lengths are: kPagedGroups fetches their entries before the lengths load, so the
   // block-table read overlaps the length reads instead of following them.
+  // kStrided, a contiguous cache whose lengths come from seqused_k (cache_seqlens): the K rows of
+  // the warp's first sub-block are asked of L2 while the length loads, so their copy, issued once
+  // it lands, hits L2 instead of paying a second DRAM round trip (V is needed only after the
+  // softmax, by when its copy has landed). Their place does not depend on the length without a
+  // batch index, left padding or a window's left edge, and rows past the length but inside the
+  // cache's p.seqlen_k rows are allocated (a wasted read at worst). The kernel issues the length's
+  // load before this (decode_kernel.h): behind the prefetches it started ~300 instructions later.
   __device__ bool fetches_early() const { return kLayout == KvLayout::kPagedGroups && p.window_left < 0; }
-  __device__ void fetch_before_lengths(int split_idx, int warp) const {
+  __device__ bool prefetches_early() const {
+    return kLayout == KvLayout::kStrided && p.seqused_k != nullptr && p.cu_seqlens_k == nullptr &&
+           p.cache_batch_idx == nullptr && p.leftpad_k == nullptr && p.window_left < 0;
+  }
+  __device__ void fetch_before_lengths(int split_idx, int warp, int bidb, int bidh) const {
     if (fetches_early()) {
       CUTE_UNROLL
       for (int j = 0; j < kStages; ++j) {
         fetch_groups(j, RoundRobinBlocks<Traits::kNWarps>::block_of_round(split_idx + j * p.num_splits, warp), true);
       }
       cp_async_fence();
+    } else if (prefetches_early()) {
+      constexpr int kMaxLinesPerRow = (Traits::kHeadDim * int(sizeof(Element)) + 127) / 128;
+      const Element* k = static_cast<const Element*>(p.k_ptr) + bidb * p.k_batch_stride +
+                         (bidh / p.h_h_k_ratio) * p.k_head_stride;
+      const int row0 = RoundRobinBlocks<Traits::kNWarps>::block_of_round(split_idx, warp) * kSubN;
+      prefetch_rows_to_l2<kSubN, kMaxLinesPerRow>(k + int64_t(row0) * p.k_row_stride, min(kSubN, p.seqlen_k - row0),
+                                                  p.k_row_stride, p.d * int(sizeof(Element)), lane);
     }
   }
 

@@ -17,7 +17,9 @@ struct SeqInfo {
   int64_t v_offset;
   int k_row0;      // first key row (left padding) within the entry / its pages
 
-  __device__ SeqInfo(const FwdParams& p, int bidb) {
+  // seqused_k_value: p.seqused_k[bidb] where the caller has loaded it already, else -1 (a bad
+  // value loaded early is loaded again here and reported as any other).
+  __device__ SeqInfo(const FwdParams& p, int bidb, int seqused_k_value = -1) {
     if (p.cu_seqlens_q != nullptr) {
       q_start = p.cu_seqlens_q[bidb];
       seqlen_q = p.cu_seqlens_q[bidb + 1] - q_start;
@@ -43,7 +45,8 @@ struct SeqInfo {
     } else {
       // seqused_k past the padded length would read other entries' (or no) rows.
       seqlen_k = p.seqused_k != nullptr
-                     ? guard_index(p.seqused_k[bidb], 0, p.seqlen_k, p.index_errors, kSeqlensOutOfRange)
+                     ? guard_index(seqused_k_value >= 0 ? seqused_k_value : p.seqused_k[bidb], 0, p.seqlen_k,
+                                   p.index_errors, kSeqlensOutOfRange)
                      : p.seqlen_k;
       k_offset = int64_t(kv_batch) * p.k_batch_stride;
       v_offset = int64_t(kv_batch) * p.v_batch_stride;

@@ -58,9 +58,20 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   const int bidh = blockIdx.z % params.h;
 
   const DecodeKvSource<Traits, kKvLayout> kv_src(params, page_div, smem_buf, bidb, warp, lane);
-  kv_src.fetch_before_lengths(split_idx, warp);
+  // A kv-cache's length first, so that its request leaves before the prefetches' (-1: SeqInfo
+  // loads it itself).
+  const int seqused_k_early = kv_src.prefetches_early() ? params.seqused_k[bidb] : -1;
+  kv_src.fetch_before_lengths(split_idx, warp, bidb, bidh);
+  if (warp == 0 && kv_src.prefetches_early() && params.cu_seqlens_q == nullptr) {
+    // Q's rows too, or its copy would be the one left waiting on DRAM once the lengths land.
+    constexpr int kMaxLinesPerRow = (kHeadDim * int(sizeof(Element)) + 127) / 128;
+    prefetch_rows_to_l2<kBlockM, kMaxLinesPerRow>(
+        static_cast<const Element*>(params.q_ptr) + bidb * params.q_batch_stride + bidh * params.q_head_stride +
+            int64_t(m_block * kBlockM) * params.q_row_stride,
+        min(kBlockM, params.seqlen_q - m_block * kBlockM), params.q_row_stride, params.d * int(sizeof(Element)), lane);
+  }
 
-  const SeqInfo seq(params, bidb);
+  const SeqInfo seq(params, bidb, seqused_k_early);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) {
     cp_async_wait<0>();  // no copy into shared memory outlives the block
