@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
+#include <utility>
 
 #include <cute/tensor.hpp>
 
@@ -12,8 +14,11 @@ namespace flash {
 
 using namespace cute;
 
-template <int kRows>
+// kFolds: how many independent partial results reduce a thread's scores of one row (see
+// below); the kernel chooses it, 1 by default.
+template <int kRows, int kFolds = 1>
 struct OnlineSoftmax {
+  static_assert(kFolds == 1 || kFolds == 2 || kFolds == 4);
   float row_max[kRows];
   float row_sum[kRows];
 
@@ -21,20 +26,18 @@ struct OnlineSoftmax {
   // holds the unnormalised probabilities exp2(s * scale_log2 - max) and o is rescaled to the
   // new running max. kSkipUnmoved (warp-uniform callers only): when no row's max moved in the
   // whole warp, the rescale (a multiply by exactly 1) is skipped -- 64 FMULs per sub-block of
-  // the decode loop. The two branches differ only in that test and in the order of the per-row
-  // steps; merged, the prefill kernel's SASS changes (+64 instructions), so they stay apart until
+  // the decode loop. The two branches differ in that test and in where the rescale falls (before
+  // every row's exponentials, or row by row); merged, the prefill kernel's SASS changes (+64 instructions), so they stay apart until
   // a GPU run can time it.
   template <bool kSkipUnmoved = false, typename TS, typename TO>
   __device__ __forceinline__ void update(TS&& s, TO&& o, float scale_log2, bool is_first) {
     static_assert(decltype(size<0>(s))::value == kRows);
     if constexpr (kSkipUnmoved) {
       float new_max[kRows];
+      running_maxima(s, is_first, new_max);
       bool moved = false;
       CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) {
-        new_max[mi] = running_max(s, mi, is_first);
-        moved |= !is_first && new_max[mi] != row_max[mi];
-      }
+      for (int mi = 0; mi < kRows; ++mi) moved |= !is_first && new_max[mi] != row_max[mi];
       if (is_first) {
         CUTE_UNROLL
         for (int mi = 0; mi < kRows; ++mi) row_sum[mi] = 0.f;
@@ -48,9 +51,11 @@ struct OnlineSoftmax {
         exponentiate(s, mi, scale_log2, shift_of(new_max[mi], scale_log2));
       }
     } else {
+      float maxima[kRows];
+      if constexpr (kFolds > 1) running_maxima(s, is_first, maxima);
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi) {
-        const float m = running_max(s, mi, is_first);
+        const float m = kFolds > 1 ? maxima[mi] : running_max(s, mi, is_first);
         const float shift = shift_of(m, scale_log2);
         if (is_first) {
           row_sum[mi] = 0.f;
@@ -79,10 +84,12 @@ struct OnlineSoftmax {
   template <bool kKeepMaxWithinLag, typename TS>
   __device__ __forceinline__ bool update_deferred(TS&& s, float scale_log2, float (&o_correction)[kRows]) {
     static_assert(decltype(size<0>(s))::value == kRows);
+    float maxima[kRows];
+    if constexpr (kFolds > 1) running_maxima(s, /*is_first=*/false, maxima);
     bool corrected = false;
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
-      const float m = running_max(s, mi, false);
+      const float m = kFolds > 1 ? maxima[mi] : running_max(s, mi, false);
       // False for a row without a visible key yet (-inf - -inf): it takes m, as a moved row.
       const bool keep = kKeepMaxWithinLag && (m - row_max[mi]) * scale_log2 <= kMaxLagLog2;
       const float kept_or_new = keep ? row_max[mi] : m;
@@ -122,6 +129,20 @@ struct OnlineSoftmax {
   }
 
  private:
+  // A thread's scores of one row are reduced (max, sum) in kFolds independent partial results,
+  // column ni into fold ni % kFolds, then combined: a single accumulator makes a chain of as
+  // many dependent instructions as the thread has columns (32 at 128 keys in the Hopper
+  // forward), each waiting out the previous one's latency; four folds make the chain a quarter as
+  // deep. With folds every row's max is taken before any row's exponentials, so the rows' chains
+  // and shuffles interleave; with one accumulator each row's max comes just before its own
+  // exponentials, which then overlap the next row's chain. Which is faster depends on what bounds
+  // the kernel's loop, so the kernel chooses (sm90/kernel_traits.h).
+  template <typename TS>
+  static constexpr void check_folds() {
+    static_assert(decltype(size<1>(std::declval<TS&>()))::value % kFolds == 0,
+                  "a row's columns split evenly into the folds");
+  }
+
   // Row mi's max over this block and the running max (quad-reduced: a row spans 4 threads).
   template <typename TS>
   __device__ __forceinline__ float running_max(TS& s, int mi, bool is_first) const {
@@ -129,6 +150,32 @@ struct OnlineSoftmax {
     CUTE_UNROLL
     for (int ni = 0; ni < size<1>(s); ++ni) m = fmaxf(m, s(mi, ni));
     return quad_allreduce_max(m);
+  }
+  // Every row's max as running_max, in folds, all rows' before any quad reduction.
+  template <typename TS>
+  __device__ __forceinline__ void running_maxima(TS& s, bool is_first, float (&m)[kRows]) const {
+    if constexpr (kFolds == 1) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) m[mi] = running_max(s, mi, is_first);
+    } else {
+      check_folds<std::remove_reference_t<TS>>();
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        float part[kFolds];
+        CUTE_UNROLL
+        for (int f = 0; f < kFolds; ++f) part[f] = s(mi, f);
+        CUTE_UNROLL
+        for (int ni = kFolds; ni < size<1>(s); ++ni) part[ni % kFolds] = fmaxf(part[ni % kFolds], s(mi, ni));
+        CUTE_UNROLL
+        for (int width = kFolds / 2; width > 0; width /= 2) {
+          CUTE_UNROLL
+          for (int f = 0; f < width; ++f) part[f] = fmaxf(part[f], part[f + width]);
+        }
+        m[mi] = fmaxf(is_first ? -INFINITY : row_max[mi], part[0]);
+      }
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) m[mi] = quad_allreduce_max(m[mi]);
+    }
   }
   // A row that has seen no visible key keeps max -inf; shifting by 0 then yields exp2 = 0 rather
   // than NaN.
@@ -144,13 +191,23 @@ struct OnlineSoftmax {
   }
   template <typename TS>
   __device__ __forceinline__ void exponentiate(TS& s, int mi, float scale_log2, float shift) {
-    float sum = 0.f;
+    check_folds<std::remove_reference_t<TS>>();
+    float part[kFolds];
     CUTE_UNROLL
     for (int ni = 0; ni < size<1>(s); ++ni) {
       s(mi, ni) = exp2f(fmaf(s(mi, ni), scale_log2, -shift));
-      sum += s(mi, ni);
+      if (ni < kFolds) {
+        part[ni] = s(mi, ni);
+      } else {
+        part[ni % kFolds] += s(mi, ni);
+      }
     }
-    row_sum[mi] += sum;
+    CUTE_UNROLL
+    for (int width = kFolds / 2; width > 0; width /= 2) {
+      CUTE_UNROLL
+      for (int f = 0; f < width; ++f) part[f] += part[f + width];
+    }
+    row_sum[mi] += part[0];
   }
 };
 

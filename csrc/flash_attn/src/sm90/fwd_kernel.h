@@ -232,7 +232,7 @@ __device__ __forceinline__ void attend_rows(const FwdParams& p, const decltype(S
   Tensor tScS = thr_qk.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor tScS_rc = gmma_rowcol_view(tScS);
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
-  OnlineSoftmax<kRows> softmax;
+  OnlineSoftmax<kRows, Traits::kSoftmaxFolds> softmax;
 
   // S of block n is scored while the tensor cores still run O += P V of block n + 1: the S GEMM
   // and the P V GEMM are issued back to back, the softmax waits only for the first, and O is

@@ -55,6 +55,16 @@ struct Sm90FwdTraits {
   static_assert(kNThreads == 32 * sm90_fwd_tile(kHeadDim).warps);
   static constexpr int kNConsumerThreads = 128 * kNConsumerWarpgroups;
 
+  // The online softmax's folds per row (common/softmax.h): four at head dim 128, where the tensor
+  // cores bound the loop, so that the row max and sum chains (32 columns at 128 keys) stop holding
+  // the softmax between the GEMMs (+0.5-2.3% on an H100: benchmarks/RESULTS.md, "Run at commit
+  // 6e9b387").
+  // Head dim 64's loop is bound by the exponentials' issue (benchmarks/NOTES.md, items 105 and
+  // 118): there one accumulator keeps a row's exponentials overlapping the next row's max chain.
+  // 96 is like 128 but has not been measured; 192 and 256 have rows of 40 or 32 columns and the
+  // fullest registers (with folds the head dim 256 dropout kernel spilled 16-20 bytes).
+  static constexpr int kSoftmaxFolds = kHeadDim == 128 ? 4 : 1;
+
   // K and V ring depth: two stages let the producer fetch block n-1 while block n is consumed;
   // a third would not fit beside Q and O at head dim 128 (3 * 64 KiB + 2 * 32 KiB > 227 KiB).
   static constexpr int kStages = 2;
