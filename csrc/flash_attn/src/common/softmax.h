@@ -27,8 +27,8 @@ struct OnlineSoftmax {
   // new running max. kSkipUnmoved (warp-uniform callers only): when no row's max moved in the
   // whole warp, the rescale (a multiply by exactly 1) is skipped -- 64 FMULs per sub-block of
   // the decode loop. The two branches differ in that test and in where the rescale falls (before
-  // every row's exponentials, or row by row); merged, the prefill kernel's SASS changes (+64 instructions), so they stay apart until
-  // a GPU run can time it.
+  // every row's exponentials, or row by row); merged, the prefill kernel's SASS changes (+64
+  // instructions), so they stay apart until a GPU run can time it.
   template <bool kSkipUnmoved = false, typename TS, typename TO>
   __device__ __forceinline__ void update(TS&& s, TO&& o, float scale_log2, bool is_first) {
     static_assert(decltype(size<0>(s))::value == kRows);
