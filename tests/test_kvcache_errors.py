@@ -301,7 +301,8 @@ def test_kvcache_strict_mode_raises_at_the_call(require_kernel, tmp_path):
         "except RuntimeError as e:\n"
         "    print('RAISED', 'cache_seqlens' in str(e))\n"
     )
-    env = dict(os.environ, FLASH_ATTN_STRICT_INDEX_CHECKS="1")
+    # The child imports what this process imports (its sys.path), wherever the suite runs from.
+    env = dict(os.environ, FLASH_ATTN_STRICT_INDEX_CHECKS="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert "RAISED True" in res.stdout, res.stdout + res.stderr
 
