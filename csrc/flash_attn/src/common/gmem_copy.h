@@ -16,14 +16,16 @@ namespace flash {
 
 using namespace cute;
 
-// One warp asks L2 for the first `rows` (at most kMaxRows) rows of `row_bytes` bytes each (row r at
-// base + r * row_stride elements), one 128-byte line per lane and request. A hint only: nothing
-// waits for it and no register holds its data; it lets copies issued later (once their predicates
-// are known) hit L2.
-template <int kMaxRows, int kMaxLinesPerRow, typename Element>
-__device__ __forceinline__ void prefetch_rows_to_l2(const Element* base, int rows, int64_t row_stride, int row_bytes,
+// One warp asks L2 for the first `rows` (at most kMaxRows) rows of `cols` (at most kMaxCols)
+// elements each (row r at base + r * row_stride elements), one 128-byte line per lane and request.
+// A hint only: nothing waits for it and no register holds its data; it lets copies issued later
+// (once their predicates are known) hit L2.
+template <int kMaxRows, int kMaxCols, typename Element>
+__device__ __forceinline__ void prefetch_rows_to_l2(const Element* base, int rows, int64_t row_stride, int cols,
                                                     int lane) {
+  constexpr int kMaxLinesPerRow = (kMaxCols * int(sizeof(Element)) + 127) / 128;
   constexpr int kLines = kMaxRows * kMaxLinesPerRow;
+  const int row_bytes = cols * int(sizeof(Element));
   CUTE_UNROLL
   for (int i0 = 0; i0 < kLines; i0 += 32) {
     const int i = i0 + lane, row = i / kMaxLinesPerRow, line_bytes = i % kMaxLinesPerRow * 128;

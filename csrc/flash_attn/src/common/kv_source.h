@@ -160,12 +160,11 @@ struct DecodeKvSource {
       }
       cp_async_fence();
     } else if (prefetches_early()) {
-      constexpr int kMaxLinesPerRow = (Traits::kHeadDim * int(sizeof(Element)) + 127) / 128;
       const Element* k = static_cast<const Element*>(p.k_ptr) + bidb * p.k_batch_stride +
                          (bidh / p.h_h_k_ratio) * p.k_head_stride;
       const int row0 = RoundRobinBlocks<Traits::kNWarps>::block_of_round(split_idx, warp) * kSubN;
-      prefetch_rows_to_l2<kSubN, kMaxLinesPerRow>(k + int64_t(row0) * p.k_row_stride, min(kSubN, p.seqlen_k - row0),
-                                                  p.k_row_stride, p.d * int(sizeof(Element)), lane);
+      prefetch_rows_to_l2<kSubN, Traits::kHeadDim>(k + int64_t(row0) * p.k_row_stride, min(kSubN, p.seqlen_k - row0),
+                                                   p.k_row_stride, p.d, lane);
     }
   }
 

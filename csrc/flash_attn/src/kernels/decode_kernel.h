@@ -64,11 +64,10 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   kv_src.fetch_before_lengths(split_idx, warp, bidb, bidh);
   if (warp == 0 && kv_src.prefetches_early() && params.cu_seqlens_q == nullptr) {
     // Q's rows too, or its copy would be the one left waiting on DRAM once the lengths land.
-    constexpr int kMaxLinesPerRow = (kHeadDim * int(sizeof(Element)) + 127) / 128;
-    prefetch_rows_to_l2<kBlockM, kMaxLinesPerRow>(
+    prefetch_rows_to_l2<kBlockM, kHeadDim>(
         static_cast<const Element*>(params.q_ptr) + bidb * params.q_batch_stride + bidh * params.q_head_stride +
             int64_t(m_block * kBlockM) * params.q_row_stride,
-        min(kBlockM, params.seqlen_q - m_block * kBlockM), params.q_row_stride, params.d * int(sizeof(Element)), lane);
+        min(kBlockM, params.seqlen_q - m_block * kBlockM), params.q_row_stride, params.d, lane);
   }
 
   const SeqInfo seq(params, bidb, seqused_k_early);
