@@ -11,8 +11,11 @@
 # between them. TESTS: "tree=pytest -k expression" clauses joined by ';', run on the tree's own
 # build and tests, in parallel. PAIRS: "benchmark:main:patched" (benchmark: forward, backward or
 # specdec), each run --quick on main then on the patched tree and compared
-# (benchmarks/tools/compare.py: ratios > 1, the patched tree faster). LIMIT: seconds the command may
-# take (default 570); benchmarks that would start with less than 45 s left are skipped.
+# (benchmarks/tools/compare.py: ratios > 1, the patched tree faster). A pair's tree may be
+# "installed": the build an earlier call on this still-warm machine installed with gpu_check.sh
+# (e.g. main's full set), named INSTALLED_COMMIT in the results; it is not in TREES and is not
+# rebuilt. LIMIT: seconds the command may take (default 570); benchmarks that would start with
+# less than 45 s left are skipped.
 # The device returns at most 8 files, so every log and result ends up in $OUT/ab.tgz; the
 # comparisons and test counts are also printed.
 set -uo pipefail
@@ -50,7 +53,10 @@ bench() {  # benchmark tree
     script=decode; args="--quick --grid specdec --cells ${SPECDEC_CELLS:-batch=1|4,seqlen_k=4096|8192} --time-budget-s 20"
   fi
   [ "$(left)" -gt 45 ] || { echo "$1 $2: skipped, $(left) s left"; return 1; }
-  BENCH_COMMIT=$(cat "base/$2/COMMIT") PYTHONPATH=$PWD/base/$2:$site timeout $(( $(left) - 15 )) \
+  local commit path  # the installed build: site-packages' flash_attn, no tree in front of it
+  if [ "$2" = installed ]; then commit=${INSTALLED_COMMIT:-installed}; path=$site
+  else commit=$(cat "base/$2/COMMIT"); path=$PWD/base/$2:$site; fi
+  BENCH_COMMIT=$commit PYTHONPATH=$path timeout $(( $(left) - 15 )) \
     python3 "benchmarks/benchmark_$script.py" $args --out-dir "$OUT/ab/$1_$2" > "$OUT/ab/$1_$2.log" 2>&1
   local rc=$?
   echo "$1 $2: rc $rc at $(elapsed) s"
