@@ -9,8 +9,8 @@
 #   git archive REV | tar -x -C base/NAME && git rev-parse --short REV > base/NAME/COMMIT
 # and copied to the CUDA machine beside the checkout (with .whl); they build in parallel, MAX_JOBS split
 # between them. TESTS: "tree=pytest -k expression" clauses joined by ';', run on the tree's own
-# build and tests, in parallel. PAIRS: "benchmark:main:patched" (benchmark: forward, backward or
-# specdec), each run --quick on main then on the patched tree and compared
+# build and tests, in parallel. PAIRS: "benchmark:main:patched" (benchmark: forward, backward,
+# specdec or decode), each run --quick on main then on the patched tree and compared
 # (benchmarks/tools/compare.py: ratios > 1, the patched tree faster). A pair's tree may be
 # "installed": the build an earlier call on this still-warm machine installed with gpu_check.sh
 # (e.g. main's full set), named INSTALLED_COMMIT in the results; it is not in TREES and is not
@@ -51,6 +51,8 @@ bench() {  # benchmark tree
   local args="--quick --headdims ${FLASH_ATTN_HEADDIMS} --dtypes ${FLASH_ATTN_DTYPES}" script=$1
   if [ "$1" = specdec ]; then
     script=decode; args="--quick --grid specdec --cells ${SPECDEC_CELLS:-batch=1|4,seqlen_k=4096|8192} --time-budget-s 20"
+  elif [ "$1" = decode ]; then
+    args="--quick"  # the decode grid: head dim 128, fp16, dense and paged
   fi
   [ "$(left)" -gt 45 ] || { echo "$1 $2: skipped, $(left) s left"; return 1; }
   local commit path  # the installed build: site-packages' flash_attn, no tree in front of it
