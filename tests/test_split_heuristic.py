@@ -117,8 +117,33 @@ def test_pure_and_matches_extension():
     assert a == b == c
 
 
+def plan(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0):
+    return flash_attn_gpu.forward_plan(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, SMS, num_splits)
+
+
 def cluster_merge(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim=128, num_splits=0):
-    return flash_attn_gpu.cluster_merge_planned(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, SMS, num_splits)
+    return plan(batch, nheads, nheads_k, seqlen_q, seqlen_k, headdim, num_splits)["cluster_merge"]
+
+
+def test_plan_agrees_with_the_heuristic():
+    for args in ((1, 12, 12, 1, 8192), (16, 32, 8, 4, 16384), (2, 16, 16, 1024, 4096)):
+        for requested in (0, 1, 3):
+            p = plan(*args, num_splits=requested)
+            assert p["num_splits"] == nsplits(*args, 128, num_splits=requested)
+            assert p["decode_kernel"] <= p["split_kernel"]
+
+
+def test_plan_kernel_choice():
+    # One query of 32 / 8 heads: the group's 4 heads become 4 rows of the 16-row decode tile.
+    p = plan(1, 32, 8, 1, 8192)
+    assert p["swap_seqlen_ngroups"] and (p["seqlen_q"], p["num_heads"]) == (4, 8) and p["decode_kernel"]
+    # An explicit num_splits = 1 keeps upstream's unsplit kernel (no swap needed for that).
+    assert not plan(1, 12, 12, 4, 8192, num_splits=1)["split_kernel"]
+    # An explicit 3 over one 128-key split block is one split: the unsplit kernel, as upstream.
+    p = plan(1, 12, 12, 32, 100, num_splits=3)
+    assert p["num_splits"] == 1 and not p["split_kernel"]
+    # Many query rows: no split kernel unless the Hopper prefill splits take them.
+    assert not plan(4, 16, 16, 2048, 4096)["split_kernel"]
 
 
 @pytest.mark.parametrize("nheads,nheads_k", [(12, 12), (32, 8), (32, 32)])

@@ -37,12 +37,24 @@ int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q
       .num_splits;
 }
 
-// Whether the plan lets a decode tile's splits merge inside a thread-block cluster (sm_90 decides
-// the rest at run time).
-bool cluster_merge_planned(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
-                           int num_sms, int num_splits) {
-  return checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms, num_splits)
-      .cluster_merge;
+// The whole plan of these shapes (no window, no ALiBi), for tests and for callers who want to know
+// which kernel runs: the kernel's rows and heads, the splits, and which kernel and merge they take
+// (cluster_merge: the decode splits may merge inside a thread-block cluster; sm_90 decides the rest
+// at run time).
+pybind11::dict forward_plan(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
+                            int num_sms, int num_splits, bool sm90_prefill, bool causal) {
+  const flash::ForwardPlan plan = checked_plan(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, num_sms,
+                                               num_splits, sm90_prefill, causal);
+  pybind11::dict d;
+  d["swap_seqlen_ngroups"] = plan.swap_seqlen_ngroups;
+  d["seqlen_q"] = plan.seqlen_q;
+  d["num_heads"] = plan.num_heads;
+  d["num_splits"] = plan.num_splits;
+  d["split_kernel"] = plan.split_kernel;
+  d["prefill_splits"] = plan.prefill_splits;
+  d["decode_kernel"] = plan.decode_kernel;
+  d["cluster_merge"] = plan.cluster_merge;
+  return d;
 }
 
 // Clusters of `cluster_size` plain decode blocks the current device holds at once (0: none, e.g.
@@ -133,10 +145,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
         pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0,
         pybind11::arg("sm90_prefill") = false, pybind11::arg("causal") = false);
-  m.def("cluster_merge_planned", &cluster_merge_planned,
-        "Whether the decode splits of these shapes may merge inside a thread-block cluster (sm_90)",
+  m.def("forward_plan", &forward_plan,
+        "The dispatcher's plan for these shapes (no window, no ALiBi): the kernel's rows and heads, the number of "
+        "splits, whether the split, decode or Hopper prefill-split kernel runs, and whether decode splits may merge "
+        "in a thread-block cluster",
         pybind11::arg("batch"), pybind11::arg("nheads"), pybind11::arg("nheads_k"), pybind11::arg("seqlen_q"),
-        pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0);
+        pybind11::arg("seqlen_k"), pybind11::arg("headdim"), pybind11::arg("num_sms"), pybind11::arg("num_splits") = 0,
+        pybind11::arg("sm90_prefill") = false, pybind11::arg("causal") = false);
   m.def("decode_cluster_capacity", &decode_cluster_capacity,
         "Thread-block clusters of cluster_size decode blocks the current CUDA device holds at once",
         pybind11::arg("head_size"), pybind11::arg("is_bf16"), pybind11::arg("cluster_size"));
