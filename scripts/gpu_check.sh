@@ -76,6 +76,10 @@ else
   python3 -m pip install --no-build-isolation --no-deps --no-cache-dir -v . >/tmp/build.log 2>&1
   status=$?
   echo "build: exit $status in $(( $(date +%s) - start )) s (archs $FLASH_ATTN_CUDA_ARCHS, head dims ${FLASH_ATTN_HEADDIMS:-all}, dtypes ${FLASH_ATTN_DTYPES:-all})" | tee -a "$OUT/env.log"
+  # The slowest compiles (seconds, object): what bounds the build's wall time at MAX_JOBS.
+  log=$(ls -t build/temp*/.ninja_log 2>/dev/null | head -1)
+  [ -n "$log" ] && awk 'NR > 1 { n = split($4, p, "/"); printf "  compile %7.1f s %s\n", ($2 - $1) / 1000, p[n] }' "$log" |
+    sort -k2 -rn | head -12 >> "$OUT/env.log"
   if [ $status -ne 0 ]; then
     [ -n "$baseline_pid" ] && kill "$baseline_pid" 2>/dev/null
     cp /tmp/build.log "$OUT/build.log"; grep -E "error|Error" /tmp/build.log | head -40; exit 1
