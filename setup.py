@@ -114,8 +114,15 @@ def extension_modules():
         "-DNDEBUG",
     ] + [gencode(a) for a in archs]
     # PTX of the lowest architecture too, so GPUs newer than every listed one JIT-compile it.
-    lowest = min(archs, key=int)
-    nvcc_flags += [f"-gencode=arch=compute_{lowest},code=compute_{lowest}"]
+    # FLASH_ATTN_PTX=0 leaves it out for a build that only runs on the listed GPUs: the PTX is a
+    # second compilation of every kernel (an SM80 kernel file: 103 s with it, 57 s without, on one
+    # core of the development machine, 2026-12-07).
+    ptx = os.environ.get("FLASH_ATTN_PTX", "1").strip()
+    if ptx not in ("0", "1"):
+        sys.exit(f"FLASH_ATTN_PTX must be 0 or 1, got {ptx!r}")
+    if ptx == "1":
+        lowest = min(archs, key=int)
+        nvcc_flags += [f"-gencode=arch=compute_{lowest},code=compute_{lowest}"]
     return [
         CUDAExtension(
             name="flash_attn_2_cuda",

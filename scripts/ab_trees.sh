@@ -27,6 +27,7 @@ elapsed() { echo $(( $(date +%s) - t0 )); }
 left() { echo $(( ${LIMIT:-570} - $(elapsed) )); }
 export PYTHONUNBUFFERED=1 FLASH_ATTN_HEADDIMS=${FLASH_ATTN_HEADDIMS:-64,128,256}
 export FLASH_ATTN_DTYPES=${FLASH_ATTN_DTYPES:-fp16} FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
+export FLASH_ATTN_PTX=${FLASH_ATTN_PTX:-0}  # the card runs the sm_90a code; PTX would compile it all twice
 site=/tmp/site
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl

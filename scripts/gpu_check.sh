@@ -55,6 +55,8 @@ nvidia-smi --query-gpu=name,serial,driver_version,memory.total --format=csv,nohe
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/env.log"
 
 export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
+# The card here runs the sm_90a code: no PTX, which would compile every kernel a second time.
+export FLASH_ATTN_PTX=${FLASH_ATTN_PTX:-0}
 export MAX_JOBS=${MAX_JOBS:-16}
 
 # With --baseline, the baseline tree builds beside this one (each with half the jobs when both
