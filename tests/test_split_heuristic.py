@@ -137,7 +137,7 @@ def test_plan_kernel_choice():
     # One query of 32 / 8 heads: the group's 4 heads become 4 rows of the 16-row decode tile.
     p = plan(1, 32, 8, 1, 8192)
     assert p["swap_seqlen_ngroups"] and (p["seqlen_q"], p["num_heads"]) == (4, 8) and p["decode_kernel"]
-    # An explicit num_splits = 1 keeps upstream's unsplit kernel (no swap needed for that).
+    # An explicit num_splits = 1 keeps upstream's unsplit kernel.
     assert not plan(1, 12, 12, 4, 8192, num_splits=1)["split_kernel"]
     # An explicit 3 over one 128-key split block is one split: the unsplit kernel, as upstream.
     p = plan(1, 12, 12, 32, 100, num_splits=3)
