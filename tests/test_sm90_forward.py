@@ -415,14 +415,27 @@ def test_sm90_forward_bitwise_repeatable(dtype, d, hopper):
         assert torch.equal(flash_attn.flash_attn_func(q, k, v, causal=True), first)
 
 
-def _sm90_key_blocks(fn):
-    """The key-block sizes of the Hopper forward kernels fn launches, from the traits in their
-    names (Sm90FwdTraits<head dim, bf16, key block>); None without a kernel trace."""
+def _sm90_tiles(fn):
+    """The (key block, query rows) of the Hopper forward kernels fn launches, from the traits in
+    their names (Sm90FwdTraits<head dim, bf16, key block, query rows>); None without a kernel
+    trace."""
     names = kernel_names(fn)
     if not names:
         return None
-    return {int(m.group(1)) for name in names if SM90_KERNEL in name
-            for m in [re.search(r"Sm90FwdTraits<\d+, \w+, (\d+)>", name)] if m}
+    return {(int(m.group(1)), int(m.group(2))) for name in names if SM90_KERNEL in name
+            for m in [re.search(r"Sm90FwdTraits<\d+, \w+, (\d+), (\d+)>", name)] if m}
+
+
+def _sm90_key_blocks(fn):
+    """The key-block sizes of the Hopper forward kernels fn launches; None without a kernel trace."""
+    tiles = _sm90_tiles(fn)
+    return None if tiles is None else {block_n for block_n, _ in tiles}
+
+
+def _sm90_query_rows(fn):
+    """The query rows per tile of the Hopper forward kernels fn launches; None without a trace."""
+    tiles = _sm90_tiles(fn)
+    return None if tiles is None else {rows for _, rows in tiles}
 
 
 # Head dims 192 and 256 take 64-key blocks up to 512 keys (sm90_fwd_short_keys) and 80 past it;
@@ -445,6 +458,48 @@ def test_sm90_forward_key_block_sizes(dtype, d, causal, seqlen_k, block_n, hoppe
     # Score modifiers keep the 80-key kernel at every length.
     run_softcap = lambda: ext_fwd(q, k, v, causal=causal, softcap=20.0, num_splits=1)  # noqa: E731
     assert _sm90_key_blocks(run_softcap) in (None, {80})
+
+
+# Head dim 64 without a mask takes 192-row tiles when the call has at least a wave of them
+# (sm90_fwd_wide_rows); masks, score modifiers, splits and calls of fewer tiles keep 128 rows.
+# Query lengths that are not multiples of 192 or 128, keys not multiples of 128; 16 heads of 4
+# batch entries make 4 x 16 x 6 = 384 tiles of 192 rows at 1,100 queries, 64 at 150.
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1100, 1000), (150, 3000)])
+@pytest.mark.parametrize("heads", ["mha", "gqa"])
+@pytest.mark.parametrize("d", [64, 40])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_wide_rows(dtype, d, heads, seqlen_q, seqlen_k, hopper):
+    if not _hopper_forward_built(dtype, d):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    nheads, nheads_k = (16, 16) if heads == "mha" else (16, 4)
+    q, k, v = _qkv(4, seqlen_q, seqlen_k, nheads, nheads_k, d, dtype)
+    wide = 4 * nheads * -(-seqlen_q // 192) >= torch.cuda.get_device_properties(0).multi_processor_count
+    for kw, rows in ((dict(), 192 if wide else 128), (dict(causal=True), 128), (dict(window_size=(300, 300)), 128),
+                     (dict(softcap=20.0), 128)):
+        window = kw.pop("window_size", (-1, -1))
+        run = lambda: ext_fwd(q, k, v, window_size=window, num_splits=1, **kw)  # noqa: E731
+        assert _sm90_query_rows(run) in (None, {rows})
+        out, lse = run()
+        causal = kw.get("causal", False)
+        mod_kw = dict(softcap=kw["softcap"]) if "softcap" in kw else {}
+        out_ref, lse_ref = attention_ref(q, k, v, causal=causal, window_size=window, **mod_kw)
+        out_pt, _ = attention_ref(q, k, v, causal=causal, window_size=window, upcast=False, **mod_kw)
+        assert_out_close(out, out_ref, out_pt)
+        if not mod_kw:
+            assert_lse_close(lse, lse_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sm90_forward_wide_rows_varlen(dtype, hopper):
+    """Packed sequences of ragged lengths (one of a single query, one without keys) on 192-row tiles."""
+    if not _hopper_forward_built(dtype, 64):
+        pytest.skip("this build has no Hopper forward for this head dim and dtype")
+    vi = _varlen_inputs([700, 1, 193, 384, 77], [650, 9, 0, 384, 1000], 64, dtype, nheads=32, nheads_k=8)
+    run = lambda: ext_varlen_fwd(vi.q_u, vi.k_u, vi.v_u, vi.cu_q, vi.cu_k, vi.max_sq, vi.max_sk,  # noqa: E731
+                                 num_splits=1)
+    assert _sm90_query_rows(run) in (None, {192})
+    out, lse = run()
+    _assert_varlen_matches_reference(out, lse, vi, False, dict(softcap=0.0, alibi_slopes=None))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -59,6 +59,20 @@ constexpr bool sm90_fwd_short_keys(int headdim, int max_seqlen_k) {
 // where a query block's key count grows with its index, so every pair costs the same.
 constexpr bool sm90_pairs_tiles(int window_left, int window_right) { return window_left < 0 && window_right >= 0; }
 
+// Hopper forward at head dim 64 without a mask: 192-row tiles and three consumer warpgroups
+// (sm90/kernel_traits.h says why) when the call has at least a wave of such tiles. On an H100
+// (2026-12-07, benchmarks/RESULTS.md, "Run at commit 6e9b387") they ran 0.99x at 512-1k keys and
+// 1.055-1.175x from 2k against 128-row tiles without a mask, but 0.73-0.89x at 512-2k under the
+// causal one: 192-row tiles break the causal pairs' balance (at 512 keys a head is a pair of 4 + 2
+// key blocks beside a lone tile of 3) and mask more of each diagonal block. Only the plain kernel
+// (unsplit, no block table, no score modifiers, no dropout) has the 192-row instantiation; with
+// fewer tiles than SMs, 128-row tiles keep more SMs busy.
+constexpr int kSm90WideRowsBlockM = 192;
+constexpr bool sm90_fwd_wide_rows(int headdim, int window_left, int window_right, long long wide_tiles,
+                                  int num_sms) {
+  return headdim == 64 && window_left < 0 && window_right < 0 && wide_tiles >= num_sms;
+}
+
 // Whether the Hopper forward has paged instantiations (a block table) at this kernel head dim, and
 // whether it reads a paged K/V cache of this page size. Each key block must lie inside one page
 // (one TMA box per block), so the page size is a multiple of the key block. Only the 128-key blocks

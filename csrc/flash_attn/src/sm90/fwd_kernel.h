@@ -1,14 +1,15 @@
 // Hopper (sm_90a) forward, FlashAttention-3 style, persistent.
 //
-// Each thread block stays on its SM and takes query tiles (128 rows of one (batch, head)) in the
-// order of sm90/tile_scheduler.h. Warpgroup 0 is the producer: one
-// thread issues TMA loads of each tile's Q and of K and V per key block (last block first) into
-// two-stage shared-memory rings (mbarrier pipelines), running ahead into the next tile while the
-// consumers finish this one. Warpgroups 1 and 2 are consumers, 64 query rows each: S = Q K^T by
-// wgmma from shared memory, the online softmax in registers while the tensor cores run the
-// previous block's O += P V, with P taken straight from the S accumulator's registers. At head
-// dims from 128 on the two consumer warpgroups issue their GEMMs in turns (ping-pong,
-// sm90/fwd_named_barriers.h), so that one's softmax runs under the other's GEMMs.
+// Each thread block stays on its SM and takes query tiles (of one (batch, head); 128 rows, or 192
+// in head dim 64's kernel for calls without a mask) in the order of sm90/tile_scheduler.h.
+// Warpgroup 0 is the producer: one thread issues TMA loads of each tile's Q and of K and V per key
+// block (last block first) into two-stage shared-memory rings (mbarrier pipelines), running ahead
+// into the next tile while the consumers finish this one. Warpgroups 1, 2 (and 3 with 192 rows) are
+// consumers, 64 query rows each: S = Q K^T by wgmma from shared memory, the online softmax in
+// registers while the tensor cores run the previous block's O += P V, with P taken straight from
+// the S accumulator's registers. At head dims from 128 on the two consumer warpgroups issue their
+// GEMMs in turns (ping-pong, sm90/fwd_named_barriers.h), so that one's softmax runs under the
+// other's GEMMs.
 //
 // Scope: kernel head dims 64, 96, 128, 192 and 256 (tile, layouts and shared-memory use per head
 // dim in sm90/kernel_traits.h), batch-strided or packed (varlen) q/k/v, seqused_k; causal and
@@ -172,12 +173,12 @@ __device__ __forceinline__ void produce_tiles(const Sm90FwdArgs<Traits>& args, t
   }
 }
 
-// Consumer warpgroup (consumer_tidx in [0, 256)): the attention of its 64 query rows of one tile,
-// then the output through shared memory and the log-sum-exp (kIsSplit: this split's fp32 partial
-// output and lse, from registers). q_loads: the Q loads before this tile's (its Q buffer and
-// parity, Traits::q_stage / q_parity); read_k /
-// read_v: the K/V pipeline states, carried from tile to tile; turns: this warpgroup's GEMM issue
-// turns, one per key block; tma_o: O's tensor map (Traits::kOStoredByTma).
+// Consumer warpgroup (consumer_tidx in [0, kNConsumerThreads)): the attention of its 64 query rows
+// of one tile, then the output through shared memory and the log-sum-exp (kIsSplit: this split's
+// fp32 partial output and lse, from registers). q_loads: the Q loads before this tile's (its Q
+// buffer and parity, Traits::q_stage / q_parity); read_k / read_v: the K/V pipeline states, carried
+// from tile to tile; turns: this warpgroup's GEMM issue turns, one per key block; tma_o: O's tensor
+// map (Traits::kOStoredByTma).
 template <typename Traits, bool kIsSplit, bool kHasScoreMods, bool kHasDropout>
 __device__ __forceinline__ void attend_rows(const FwdParams& p, const decltype(Sm90FwdArgs<Traits>::tma_o)& tma_o,
                                             typename Traits::SharedStorage& shared,

@@ -1,6 +1,7 @@
 // Host-side launch of the Hopper forward for one (head dim, dtype): builds the TMA descriptors,
-// raises the dynamic shared-memory limit and launches one persistent 384-thread block per SM
-// (fewer when there are fewer units of work); with splits, the combine kernel after it.
+// raises the dynamic shared-memory limit and launches one persistent block per SM (fewer when
+// there are fewer units of work; 384 threads, 512 with 192-row tiles); with splits, the combine
+// kernel after it.
 // Included only by the instantiations/flash_fwd_sm90_*.cu files.
 #pragma once
 
@@ -40,7 +41,8 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
 // dispatcher sends only page sizes that are multiples of the key block, sm90_fwd_reads_pages).
 // Dropout has its own: the plain kernel with dropout (unsplit, batch-strided or packed K/V, no
 // score modifiers, no S_dmask: the dispatcher's sm90_takes_dropout). Head dims 192 and 256 add
-// the plain kernel with 64-key blocks for short keys (sm90_fwd_short_keys).
+// the plain kernel with 64-key blocks for short keys (sm90_fwd_short_keys); head dim 64 adds the
+// plain kernel with 192-row tiles for calls without a mask (sm90_fwd_wide_rows).
 template <int kHeadDim, bool kIsBf16>
 void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   using Traits = Sm90FwdTraits<kHeadDim, kIsBf16>;
@@ -67,6 +69,16 @@ void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
       launch(std::false_type{}, paged);
     }
   };
+  if constexpr (kHeadDim == 64) {
+    using WideTraits = Sm90FwdTraits<kHeadDim, kIsBf16, sm90_fwd_tile(kHeadDim).block_n, kSm90WideRowsBlockM>;
+    const int wide_m_blocks = (params.seqlen_q + kSm90WideRowsBlockM - 1) / kSm90WideRowsBlockM;
+    if (!params.split_kernel && params.block_table == nullptr && !has_score_mods(params) &&
+        sm90_fwd_wide_rows(kHeadDim, params.window_left, params.window_right,
+                           Sm90TileScheduler<false>::num_units(params, wide_m_blocks), params.num_sms)) {
+      launch_fwd_sm90<WideTraits, false, false, false>(params, stream);
+      return;
+    }
+  }
   if constexpr (sm90_fwd_tile(kHeadDim).block_n != 128) {
     if (!params.split_kernel && params.block_table == nullptr && !has_score_mods(params) &&
         sm90_fwd_short_keys(kHeadDim, params.seqlen_k)) {

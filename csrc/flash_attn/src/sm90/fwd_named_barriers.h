@@ -11,11 +11,11 @@ namespace flash {
 // CUTLASS's own), so user ids 0-7 map to hardware barriers 8-15.
 enum Sm90FwdNamedBarrier : int {
   // + consumer warpgroup (128 threads): the epilogue's O staging in shared memory.
-  kOutputStagingWarpgroup0 = 1,  // and 2
-  // Both consumer warpgroups (256 threads): the zeroed V-tail rows of a tile are written.
-  kVTailZeroed = 3,
+  kOutputStagingWarpgroup0 = 1,  // to 3
+  // Every consumer warpgroup: the zeroed V-tail rows of a tile are written.
+  kVTailZeroed = 4,
   // + consumer warpgroup (256 threads: its 128 wait, the other's 128 arrive): it may issue.
-  kIssueTurnWarpgroup0 = 4,  // and 5
+  kIssueTurnWarpgroup0 = 5,  // and 6
 };
 static_assert(kIssueTurnWarpgroup0 + 1 + cutlass::arch::NamedBarrier::ReservedNamedBarrierCount <
               cutlass::arch::NamedBarrier::HardwareMaxNumNamedBarriers);

@@ -20,16 +20,23 @@ namespace flash {
 
 using namespace cute;
 
-template <int kHeadDim_, bool kIsBf16, int kBlockN_ = sm90_fwd_tile(kHeadDim_).block_n>
+template <int kHeadDim_, bool kIsBf16, int kBlockN_ = sm90_fwd_tile(kHeadDim_).block_n,
+          int kBlockM_ = sm90_fwd_tile(kHeadDim_).block_m>
 struct Sm90FwdTraits {
   using Element = std::conditional_t<kIsBf16, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
   static_assert(kHeadDim == 64 || kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 192 || kHeadDim == 256,
                 "the Hopper forward covers kernel head dims 64, 96, 128, 192 and 256");
 
-  // One 128-row query tile per thread block; each consumer warpgroup owns 64 of its rows (one
-  // GMMA M-extent), so a row's softmax never leaves its warpgroup.
-  static constexpr int kBlockM = sm90_fwd_tile(kHeadDim).block_m;
+  // One query tile per thread block; each consumer warpgroup owns 64 of its rows (one GMMA
+  // M-extent), so a row's softmax never leaves its warpgroup. 128 rows (two consumers), or at head
+  // dim 64 without a mask also 192 (three; kSm90WideRowsBlockM, whose comment says when): there a
+  // key block's two GEMMs take about as long as its softmax's exponentials, so with two
+  // warpgroups the tensor cores idle while both are in their softmax. Three consumers of 160
+  // registers hold S 64 + O 32 + P 32 (see kBlockN).
+  static constexpr int kBlockM = kBlockM_;
+  static_assert(kBlockM == sm90_fwd_tile(kHeadDim).block_m ||
+                (kBlockM == kSm90WideRowsBlockM && kHeadDim == 64));
   // Keys per block. A consumer thread holds kBlockN / 2 fp32 of S, kHeadDim / 2 fp32 of O and
   // kBlockN / 4 registers of P (16-bit pairs) within its 240 registers, and the block's shared
   // memory holds Q, kStages stages of K and of V^T and the O tile within 227 KiB:
@@ -52,7 +59,8 @@ struct Sm90FwdTraits {
   static_assert(kBlockN % 16 == 0);
   static constexpr int kNConsumerWarpgroups = kBlockM / 64;
   static constexpr int kNThreads = 128 * (1 + kNConsumerWarpgroups);  // producer warpgroup first
-  static_assert(kNThreads == 32 * sm90_fwd_tile(kHeadDim).warps);
+  static_assert(kBlockM != sm90_fwd_tile(kHeadDim).block_m ||
+                kNThreads == 32 * sm90_fwd_tile(kHeadDim).warps);
   static constexpr int kNConsumerThreads = 128 * kNConsumerWarpgroups;
 
   // The online softmax's folds per row (common/softmax.h): four at head dim 128, where the tensor
@@ -92,19 +100,20 @@ struct Sm90FwdTraits {
   // per 16 columns of O beside a main loop of S 40 + O 96 or 128 + P 20 registers: 4 bytes of
   // spill at 192, 236 at 256); at 64, 96 and 128 they fit, and holding them saves their
   // recomputation per tile.
-  static constexpr bool kEpilogueAddressesPerTile = kHeadDim > 128;
+  static constexpr bool kEpilogueAddressesPerTile = kHeadDim > 128 || kNConsumerWarpgroups == 3;
 
   // Whether the two consumer warpgroups issue their GEMMs in turns (GemmIssueTurns,
   // sm90/fwd_named_barriers.h). Measured on an H100 (2026-12-06, benchmarks/RESULTS.md): at head
   // dim 64 the turns cost 2-5% from 2k keys on (a key block's GEMMs are shorter than the softmax
   // they would hide, so a warpgroup waits for its turn instead), at 128 and 256 they gain 0-4%.
   static constexpr bool kGemmIssueTurns = kHeadDim >= 128;
+  static_assert(!kGemmIssueTurns || kNConsumerWarpgroups == 2, "the issue turns pair two consumer warpgroups");
 
   // setmaxnreg budgets. The producer only issues TMA, so it gives registers to the consumers,
   // which hold the S and O accumulators, P and the softmax state (see kBlockN):
-  // 128 * 24 + 256 * 240 = 64512 <= 65536 registers of the SM.
+  // 128 * 24 + 256 * 240 = 64512 <= 65536 registers of the SM (128 * 24 + 384 * 160 with three).
   static constexpr int kProducerRegisters = 24;
-  static constexpr int kConsumerRegisters = 240;
+  static constexpr int kConsumerRegisters = kNConsumerWarpgroups == 2 ? 240 : 160;
   static_assert(128 * kProducerRegisters + kNConsumerThreads * kConsumerRegisters <= 65536);
 
   // The consumer warpgroups tile M: warpgroup w computes rows [64 w, 64 w + 64) of both GEMMs.
