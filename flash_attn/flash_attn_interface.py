@@ -73,7 +73,10 @@ def num_splits_heuristic(
     defaults to the current CUDA device's multiprocessor count, or 132 (H100 SXM) when CUDA is
     unavailable. This is the plan of the SM80 kernels; where the Hopper forward takes a call
     (compute capability 9.0), more than 64 query rows may split too:
-    flash_attn_2_cuda.num_splits_heuristic(..., sm90_prefill=True) gives that plan.
+    flash_attn_2_cuda.num_splits_heuristic(..., sm90_prefill=True) gives that plan. It is the plan
+    of batch-strided queries (flash_attn_func, flash_attn_with_kvcache), which pack a GQA group's
+    heads with a few queries each into one decode tile; a varlen call with several queries per
+    sequence keeps the heads apart.
     """
     if num_sms is None:
         if torch.cuda.is_available():

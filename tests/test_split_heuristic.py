@@ -192,6 +192,34 @@ def test_small_seqlen_q_plan_matches_decode_rule(seqlen_q):
             assert n <= 2
 
 
+@pytest.mark.parametrize("seqlen_q", [2, 3, 4, 5, 8, 16, 33])
+def test_packed_gqa_plans_as_its_kv_heads(seqlen_q):
+    # Where a group's query heads pack with their queries into one tile (heads per kv head x
+    # seqlen_q <= 64 rows), the grid is batch x kv heads tiles of those rows, none sharing K/V.
+    for batch in (1, 4, 16):
+        for seqlen_k in (4096, 16384, 32768):
+            for nheads, nheads_k in ((32, 8), (12, 4), (16, 2)):
+                groups = nheads // nheads_k
+                if groups * seqlen_q <= 64:
+                    expected = nsplits(batch, nheads_k, nheads_k, groups * seqlen_q, seqlen_k, 128)
+                    assert nsplits(batch, nheads, nheads_k, seqlen_q, seqlen_k, 128) == expected
+                assert nsplits(batch, nheads, nheads_k, seqlen_q, seqlen_k, 128, num_splits=1) == 1
+
+
+@pytest.mark.parametrize("num_splits", [0, 2, 3, 8])
+@pytest.mark.parametrize("seqlen_k", [1, 63, 100, 128, 129, 4096])
+@pytest.mark.parametrize("heads,seqlen_q", [((32, 8), 2), ((32, 8), 4), ((6, 2), 16), ((32, 8), 16)])
+def test_packed_rows_run_the_decode_or_split_kernel(heads, seqlen_q, seqlen_k, num_splits):
+    # Only the decode and split kernels read rows through the packed map, so a packed plan runs one
+    # of them even where an explicit num_splits is cut to the one key block there is.
+    p = plan(1, heads[0], heads[1], seqlen_q, seqlen_k, num_splits=num_splits)
+    groups = heads[0] // heads[1]
+    assert p["pack_groups"] == groups and (p["seqlen_q"], p["num_heads"]) == (groups * seqlen_q, heads[1])
+    assert p["split_kernel"] and not p["prefill_splits"]
+    assert p["decode_kernel"] == (groups * seqlen_q <= 16)
+    assert plan(1, heads[0], heads[1], seqlen_q, seqlen_k, num_splits=1)["pack_groups"] == 1
+
+
 def test_small_seqlen_q_full_gpu_no_split():
     assert nsplits(128, 32, 32, 4, 8192, 128) == 1
 

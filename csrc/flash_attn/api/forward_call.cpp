@@ -52,6 +52,18 @@ void set_swapped_tensor(const Tensor& t, int groups, const void*& ptr, int64_t& 
   head_stride = groups * t.stride(-2);
 }
 
+// q or out of a few queries per sequence, (batch, seqlen, num_heads, d), with the query heads of
+// each kv head packed into the rows (FwdParams::pack_groups): the kernel's head hk starts at query
+// head hk * groups, and its rows step by query (row_stride) and by head of the group (group_stride).
+void set_packed_tensor(const Tensor& t, int groups, const void*& ptr, int64_t& batch_stride, int64_t& row_stride,
+                       int64_t& head_stride, int64_t& group_stride) {
+  ptr = t.data_ptr();
+  batch_stride = t.stride(0);
+  row_stride = t.stride(-3);
+  group_stride = t.stride(-2);
+  head_stride = groups * t.stride(-2);
+}
+
 }  // namespace
 
 Tensor empty_cuda(at::IntArrayRef sizes, at::ScalarType dtype, const Tensor& like) {
@@ -65,6 +77,12 @@ void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int
   if (c.swap_groups > 0) {
     set_swapped_tensor(c.q, c.swap_groups, p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
     set_swapped_tensor(c.out, c.swap_groups, o_const, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  } else if (c.pack_groups > 1) {
+    set_packed_tensor(c.q, c.pack_groups, p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride,
+                      p.q_group_stride);
+    set_packed_tensor(c.out, c.pack_groups, o_const, p.o_batch_stride, p.o_row_stride, p.o_head_stride,
+                      p.o_group_stride);
+    p.pack_groups = c.pack_groups;
   } else {
     set_tensor(c.q, p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride, !c.varlen_q);
     set_tensor(c.out, o_const, p.o_batch_stride, p.o_row_stride, p.o_head_stride, !c.varlen_q);
@@ -245,6 +263,8 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
   // Dropout runs upstream's unsplit kernel on the caller's (batch, head, row) layout: no swap, one
   // split (an explicit num_splits is ignored, as upstream).
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && dropout == nullptr;
+  // Packed rows keep their query positions, so a causal mask or a window's right edge still applies.
+  const bool can_pack = wl < 0 && !alibi_slopes && dropout == nullptr;
   if (dropout != nullptr) num_splits = 1;
   const DeviceInfo dev = device_info();
   const bool kv_indirect = sm90_kv_indirect(kv.leftpad_k != nullptr, kv.cache_batch_idx != nullptr,
@@ -253,14 +273,15 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
                                                                       softcap > 0.0 || alibi_slopes.has_value(),
                                                                       kv.block_table != nullptr);
   const flash::ForwardPlan plan =
-      flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k, head_size, can_swap, dev.sm_count,
-                          num_splits, sm90_forward_possible(dev, kernel, sm80_dropout, kv_indirect),
+      flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, kv.seqlen_k, head_size, can_swap, can_pack,
+                          dev.sm_count, num_splits, sm90_forward_possible(dev, kernel, sm80_dropout, kv_indirect),
                           flash::sm90_pairs_tiles(wl, wr));
   // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
-  // become its query rows.
+  // become its query rows. Packed, (b, s, h_k * g, d) is seen as h_k heads of s * g rows, read
+  // through a row and a group stride (set_packed_tensor).
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
          batch, plan.num_heads, num_heads_k, plan.seqlen_q, kv.seqlen_k, head_size, false, false,
-         plan.swap_seqlen_ngroups ? plan.seqlen_q : 0};
+         plan.swap_seqlen_ngroups ? plan.seqlen_q : 0, plan.pack_groups};
   // Contiguous (b, h, seqlen_q) in the kernel's view is the same memory as (b, num_heads, seqlen_q).
   Tensor softmax_lse = empty_cuda({batch, num_heads, seqlen_q}, at::kFloat, q_in);
 
@@ -282,6 +303,7 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
     p.lse_batch_stride = int64_t(plan.num_heads) * plan.seqlen_q;
     p.lse_head_stride = plan.seqlen_q;
     p.lse_row_stride = 1;
+    p.lse_group_stride = seqlen_q;  // packed rows: the next query head's lse of the same query
     if (dropout != nullptr) set_dropout(p, *dropout);
     auto accum = set_splits(p, plan, batch * plan.seqlen_q, dev, kernel);
     launch(kernel, p, plan, dev);

@@ -132,9 +132,10 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
   const at::cuda::CUDAGuard device_guard{q_in.device()};
   raise_pending_index_errors(q_in.get_device());
   auto [wl, wr] = normalize_window(is_causal, window_left, window_right, max_seqlen_q, max_seqlen_k);
-  // The swap views q as (b, g, h_k, d), which needs exactly one query per sequence. Dropout runs
-  // upstream's unsplit kernel on the caller's layout: no swap, one split (an explicit num_splits
-  // is ignored, as upstream).
+  // The swap views q as (b, g, h_k, d), which needs exactly one query per sequence; packing a
+  // group's heads with several queries each needs batch-strided queries (flash_attn_func,
+  // flash_attn_with_kvcache). Dropout runs upstream's unsplit kernel on the caller's layout: no
+  // swap, one split (an explicit num_splits is ignored, as upstream).
   const bool has_dropout = p_dropout > 0.0;
   const bool can_swap = wl < 0 && wr < 0 && !alibi_slopes && total_q == batch && !has_dropout;
   const DeviceInfo dev = device_info();
@@ -143,7 +144,7 @@ std::vector<Tensor> mha_varlen_fwd(const Tensor& q_arg, const Tensor& k_arg, con
   const bool sm90_prefill = sm90_forward_possible(
       dev, kernel, sm80_dropout, sm90_kv_indirect(false, false, paged, page_block_size, head_size));
   const flash::ForwardPlan plan = flash::plan_forward(batch, num_heads, num_heads_k, max_seqlen_q, max_seqlen_k,
-                                                      head_size, can_swap, dev.sm_count,
+                                                      head_size, can_swap, /*can_pack=*/false, dev.sm_count,
                                                       has_dropout ? 1 : num_splits, sm90_prefill,
                                                       flash::sm90_pairs_tiles(wl, wr));
   // With the swap, q (total_q = batch, h_k * g, d) is seen batch-strided as (b, g, h_k, d).

@@ -25,7 +25,8 @@ flash::ForwardPlan checked_plan(int batch, int num_heads, int num_heads_k, int s
   TORCH_CHECK(num_sms > 0, "num_sms must be positive");
   check_head_dims(head_size, num_heads, num_heads_k);
   return flash::plan_forward(batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size, /*can_swap=*/true,
-                             num_sms, num_splits, sm90_prefill, flash::sm90_pairs_tiles(-1, causal ? 0 : -1));
+                             /*can_pack=*/true, num_sms, num_splits, sm90_prefill,
+                             flash::sm90_pairs_tiles(-1, causal ? 0 : -1));
 }
 
 // sm90_prefill: as where the Hopper forward can take the call (compute capability 9.0), whose plan
@@ -38,7 +39,8 @@ int num_splits_heuristic(int batch, int num_heads, int num_heads_k, int seqlen_q
 }
 
 // The whole plan of these shapes (no window, no ALiBi), for tests and for callers who want to know
-// which kernel runs: the kernel's rows and heads, the splits, and which kernel and merge they take
+// which kernel runs: the kernel's rows and heads (after the swap or the packing), the splits, and
+// which kernel and merge they take
 // (cluster_merge: the decode splits may merge inside a thread-block cluster; sm_90 decides the rest
 // at run time).
 pybind11::dict forward_plan(int batch, int num_heads, int num_heads_k, int seqlen_q, int seqlen_k, int head_size,
@@ -47,6 +49,7 @@ pybind11::dict forward_plan(int batch, int num_heads, int num_heads_k, int seqle
                                                num_splits, sm90_prefill, causal);
   pybind11::dict d;
   d["swap_seqlen_ngroups"] = plan.swap_seqlen_ngroups;
+  d["pack_groups"] = plan.pack_groups;
   d["seqlen_q"] = plan.seqlen_q;
   d["num_heads"] = plan.num_heads;
   d["num_splits"] = plan.num_splits;

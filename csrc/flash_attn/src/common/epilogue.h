@@ -19,6 +19,7 @@
 #include <cute/tensor.hpp>
 
 #include "common/mma_utils.h"
+#include "common/query_rows.h"
 #include "common/seq_info.h"
 #include "params/fwd_params.h"
 #include "plan/tile_sizes.h"
@@ -68,13 +69,14 @@ __device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bid
       p.lseaccum_ptr[head_rows + seq.q_row(p, bidb, m0 + i)] = -INFINITY;
     }
   } else {
+    const QueryRows rows(p);
     Element* o = static_cast<Element*>(p.o_ptr) + seq.o_offset + bidh * p.o_head_stride;
     for (int i = tidx; i < rows_in_tile * p.d; i += kThreads) {
-      o[int64_t(m0 + i / p.d) * p.o_row_stride + i % p.d] = Element(0.f);
+      o[rows.offset(m0 + i / p.d, p.o_row_stride, p.o_group_stride) + i % p.d] = Element(0.f);
     }
     for (int i = tidx; i < rows_in_tile; i += kThreads) {
       p.softmax_lse_ptr[bidb * p.lse_batch_stride + bidh * p.lse_head_stride +
-                        int64_t(seq.q_start + m0 + i) * p.lse_row_stride] = INFINITY;
+                        rows.offset(seq.q_start + m0 + i, p.lse_row_stride, p.lse_group_stride)] = INFINITY;
     }
   }
 }
@@ -145,10 +147,12 @@ __device__ __forceinline__ void write_final(const FwdParams& p, const SeqInfo& s
                                             const Value& value, const Lse& lse_of) {
   using Element = typename Traits::Element;
   constexpr int kHeadDim = Traits::kHeadDim;
+  const QueryRows rows(p);
   float* lse_out = p.softmax_lse_ptr + t.bidb * p.lse_batch_stride + t.bidh * p.lse_head_stride;
   if (tidx < t.rows) {
     const float lse = lse_of(tidx);
-    lse_out[int64_t(seq.q_start + t.m0 + tidx) * p.lse_row_stride] = lse == -INFINITY ? INFINITY : lse;
+    lse_out[rows.offset(seq.q_start + t.m0 + tidx, p.lse_row_stride, p.lse_group_stride)] =
+        lse == -INFINITY ? INFINITY : lse;
   }
   Element* o = static_cast<Element*>(p.o_ptr) + seq.o_offset + t.bidh * p.o_head_stride;
   for (int e = tidx * 4; e < t.rows * kHeadDim; e += Traits::kNThreads * 4) {
@@ -156,7 +160,8 @@ __device__ __forceinline__ void write_final(const FwdParams& p, const SeqInfo& s
     if (col >= p.d) continue;  // d is a multiple of 8: 4 columns are all in or all out
     const float4 v = value(e);
     Element out[4] = {Element(v.x), Element(v.y), Element(v.z), Element(v.w)};
-    *reinterpret_cast<uint2*>(o + int64_t(t.m0 + row) * p.o_row_stride + col) = *reinterpret_cast<const uint2*>(out);
+    *reinterpret_cast<uint2*>(o + rows.offset(t.m0 + row, p.o_row_stride, p.o_group_stride) + col) =
+        *reinterpret_cast<const uint2*>(out);
   }
 }
 

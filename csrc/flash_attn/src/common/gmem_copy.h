@@ -129,6 +129,17 @@ struct GmemTileCopy {
     }
   }
 
+  // Rows anywhere: row_ptr(r) points at row r of the tile (its column 0). Rows >= valid_rows are
+  // zero-filled and row_ptr is not asked for them.
+  template <typename TS, typename RowPtr>
+  __device__ void load_rows(TS& tS, const RowPtr& row_ptr, int valid_rows, const Element* fallback) const {
+    CUTE_UNROLL
+    for (int i = 0; i < size<1>(tS); ++i) {
+      const int r = r0 + i * kRowsPerPass;
+      copy_pass<false>(tS, i, r < valid_rows ? row_ptr(r) + col0 : fallback, valid_rows, fallback);
+    }
+  }
+
   // Rows at a fixed stride. `src` points at this thread's first chunk of row r0 of the tile.
   template <bool kFull = false, bool kRolled = false, typename TS>
   __device__ void load_strided(TS& tS, const Element* src, int64_t row_stride, int valid_rows,

@@ -71,14 +71,21 @@ struct ScoreMods {
   }
 };
 
+// The query position of a block's row r, relative to bc.row0: the row itself, unless the rows are
+// packed GQA queries (common/query_rows.h: r / G).
+struct RowIsPosition {
+  __device__ int operator()(int r) const { return r; }
+};
+
 // Scores of invisible keys become -inf: keys past seqlen_k and keys outside
-// [i + diag - window_left, i + diag + window_right] (negative windows are unbounded).
-template <typename TS, typename TC>
+// [i + diag - window_left, i + diag + window_right] (negative windows are unbounded), i the
+// position of the row.
+template <typename TS, typename TC, typename Position = RowIsPosition>
 __device__ __forceinline__ void apply_mask(TS& s, TC const& coord, BlockCoords const& bc, int seqlen_k,
-                                           int window_left, int window_right) {
+                                           int window_left, int window_right, Position const& position = {}) {
   CUTE_UNROLL
   for (int mi = 0; mi < size<0>(s); ++mi) {
-    const int row = bc.row0 + get<0>(coord(mi, 0));
+    const int row = bc.row0 + position(get<0>(coord(mi, 0)));
     const int hi = window_right >= 0 ? min(seqlen_k - 1, row + bc.diag + window_right) : seqlen_k - 1;
     const int lo = window_left >= 0 ? row + bc.diag - window_left : 0;
     CUTE_UNROLL

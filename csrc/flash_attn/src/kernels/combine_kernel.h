@@ -6,6 +6,7 @@
 
 #include <cute/tensor.hpp>
 
+#include "common/query_rows.h"
 #include "params/fwd_params.h"
 #include "plan/tile_sizes.h"
 
@@ -78,9 +79,10 @@ __device__ void combine_row(const FwdParams& p, int bidh, int r, int lane) {
     o_off = r * p.o_row_stride;
     lse_off = r * p.lse_row_stride;
   } else {
+    const QueryRows rows(p);
     const int b = r / p.seqlen_q, m = r % p.seqlen_q;
-    o_off = b * p.o_batch_stride + m * p.o_row_stride;
-    lse_off = b * p.lse_batch_stride + m * p.lse_row_stride;
+    o_off = b * p.o_batch_stride + rows.offset(m, p.o_row_stride, p.o_group_stride);
+    lse_off = b * p.lse_batch_stride + rows.offset(m, p.lse_row_stride, p.lse_group_stride);
   }
   if (lane == 0) p.softmax_lse_ptr[lse_off + bidh * p.lse_head_stride] = lse;
   Element* out = static_cast<Element*>(p.o_ptr) + o_off + bidh * p.o_head_stride + lane * kColsPerLane;

@@ -1,5 +1,6 @@
-// Decode forward: at most 16 query rows of one (batch, head) -- one query at decode, or the query
-// heads of a GQA group after the seqlen/ngroups swap -- against a split's range of keys.
+// Decode forward: at most 16 query rows of one (batch, head) -- one query at decode, the query
+// heads of a GQA group after the seqlen/ngroups swap, or a few queries of each head of a group
+// packed into the rows (common/query_rows.h) -- against a split's range of keys.
 //
 // The 16-row tile fills one m16n8k16 MMA row block, so the warps split the keys instead of the
 // rows: warp w takes key sub-blocks w, w + kNWarps, ... of kSubN keys each, streams them through
@@ -20,6 +21,7 @@
 #include "common/gmem_copy.h"
 #include "common/kv_source.h"
 #include "common/mma_utils.h"
+#include "common/query_rows.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
 #include "common/softmax.h"
@@ -58,16 +60,21 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   const int bidh = blockIdx.z % params.h;
 
   const DecodeKvSource<Traits, kKvLayout> kv_src(params, page_div, smem_buf, bidb, warp, lane);
+  const QueryRows rows(params);
   // A kv-cache's length first, so that its request leaves before the prefetches' (-1: SeqInfo
   // loads it itself).
   const int seqused_k_early = kv_src.prefetches_early() ? params.seqused_k[bidb] : -1;
   kv_src.fetch_before_lengths(split_idx, warp, bidb, bidh);
   if (warp == 0 && kv_src.prefetches_early() && params.cu_seqlens_q == nullptr) {
     // Q's rows too, or its copy would be the one left waiting on DRAM once the lengths land.
-    prefetch_rows_to_l2<kBlockM, kHeadDim>(
-        static_cast<const Element*>(params.q_ptr) + bidb * params.q_batch_stride + bidh * params.q_head_stride +
-            int64_t(m_block * kBlockM) * params.q_row_stride,
-        min(kBlockM, params.seqlen_q - m_block * kBlockM), params.q_row_stride, params.d, lane);
+    // Packed rows (one tile holds them all): each query head's queries.
+    const Element* q_head = static_cast<const Element*>(params.q_ptr) + bidb * params.q_batch_stride +
+                            bidh * params.q_head_stride + int64_t(m_block * kBlockM) * params.q_row_stride;
+    const int queries = min(kBlockM, params.seqlen_q - m_block * kBlockM) / rows.groups;
+    for (int g = 0; g < rows.groups; ++g) {
+      prefetch_rows_to_l2<kBlockM, kHeadDim>(q_head + g * params.q_group_stride, queries, params.q_row_stride,
+                                             params.d, lane);
+    }
   }
 
   const SeqInfo seq(params, bidb, seqused_k_early);
@@ -77,9 +84,14 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     return;
   }
   const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
-  const int diag = seq.seqlen_k - seq.seqlen_q;
+  // The mask compares keys with query positions: row r's is r / G when packed. A packed tile holds
+  // every row (m0 = 0), so m0 is the tile's first position either way.
+  SeqInfo seq_positions = seq;
+  seq_positions.seqlen_q = seq.seqlen_q / rows.groups;
+  const int diag = seq.seqlen_k - seq_positions.seqlen_q;
 
-  const KeyBlocks range = visible_key_blocks<kSubN>(params, seq, m0, rows_in_tile);
+  const KeyBlocks range =
+      visible_key_blocks<kSubN>(params, seq_positions, m0, rows.position(m0 + rows_in_tile - 1) - m0 + 1);
   if (range.empty()) {  // the same for every split of the tile (a cluster exits as one)
     if (params.num_splits == 1 || params.cluster_merge) {
       if (split_idx == 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
@@ -102,8 +114,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   const Element* q_base = static_cast<const Element*>(params.q_ptr) + seq.q_offset + bidh * params.q_head_stride;
   if (warp == 0) {
     Tensor tQsQ = gcopy.partition(sQ, lane);
-    gcopy.load_strided(tQsQ, q_base + int64_t(m0 + gcopy.r0) * params.q_row_stride + gcopy.col0, params.q_row_stride,
-                       rows_in_tile, q_base);
+    load_query_rows(gcopy, tQsQ, q_base, params, rows, m0, rows_in_tile);
   }
   cp_async_fence();
 
@@ -171,8 +182,10 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     Tensor sc = rowcol_view(acc_s);
     const BlockCoords bc{m0, sb * kSubN, diag};
     score_mods.apply(acc_s, sc, tScS_rc, bc);
+    // rows_in_tile bounds a left window edge, which packed rows never have: it counts positions.
     if (block_needs_mask(bc, kSubN, rows_in_tile, seq.seqlen_k, params.window_left, params.window_right)) {
-      apply_mask(sc, tScS_rc, bc, seq.seqlen_k, params.window_left, params.window_right);
+      apply_mask(sc, tScS_rc, bc, seq.seqlen_k, params.window_left, params.window_right,
+                 [&](int r) { return rows.position(r); });
     }
     softmax.template update</*kSkipUnmoved=*/true>(sc, rowcol_view(acc_o), params.scale_softmax_log2, i == 0);
 

@@ -4,7 +4,9 @@
 // overlapping the softmax and O += P V.
 //
 // kIsSplit: the block covers only its split's share of the key blocks and writes an fp32 partial
-// output and partial log-sum-exp, merged later by the combine kernel (common/epilogue.h).
+// output and partial log-sum-exp, merged later by the combine kernel (common/epilogue.h); its
+// rows may be a GQA group's packed queries (common/query_rows.h), which the plan sends to no
+// other instantiation.
 // kHasExtras: softcap, ALiBi and paged K/V; kHasDropout (unsplit kernel only): common/fwd_dropout.h.
 // Each is a separate instantiation, so the kernels without them carry none of their code.
 #pragma once
@@ -19,6 +21,7 @@
 #include "common/kernel_traits.h"
 #include "common/kv_source.h"
 #include "common/mma_utils.h"
+#include "common/query_rows.h"
 #include "common/score_mods.h"
 #include "common/seq_info.h"
 #include "common/softmax.h"
@@ -54,9 +57,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) return;
   const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
-  const int diag = seq.seqlen_k - seq.seqlen_q;
+  // The mask compares keys with query positions: row r's is r / G when packed. A packed tile holds
+  // every row (m0 = 0), so m0 is the tile's first position either way.
+  const QueryRows rows = kIsSplit ? QueryRows(params) : QueryRows(1);
+  SeqInfo seq_positions = seq;
+  seq_positions.seqlen_q = seq.seqlen_q / rows.groups;
+  const int diag = seq.seqlen_k - seq_positions.seqlen_q;
 
-  const KeyBlocks range = visible_key_blocks<kBlockN, kIsSplit>(params, seq, m0, rows_in_tile, split_idx);
+  const KeyBlocks range = visible_key_blocks<kBlockN, kIsSplit>(
+      params, seq_positions, m0, rows.position(m0 + rows_in_tile - 1) - m0 + 1, split_idx);
   if (range.empty()) {
     write_empty_tile<Traits, kIsSplit>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     return;
@@ -104,8 +113,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   const ScoreMods<kHasExtras> score_mods(params, bidb, bidh);
 
   int n_block = range.max - 1;
-  gcopy.load_strided(tQsQ, q_base + int64_t(m0 + gcopy.r0) * params.q_row_stride + gcopy.col0, params.q_row_stride,
-                     rows_in_tile, q_base);
+  load_query_rows(gcopy, tQsQ, q_base, params, rows, m0, rows_in_tile);
   cp_async_fence();
   load_k(n_block);
   cp_async_fence();
@@ -127,8 +135,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
     Tensor s = rowcol_view(acc_s);
     const BlockCoords bc{m0, n_block * kBlockN, diag};
     score_mods.apply(acc_s, s, tScS_rc, bc);
+    // rows_in_tile bounds a left window edge, which packed rows never have: it counts positions.
     if (block_needs_mask(bc, kBlockN, rows_in_tile, seq.seqlen_k, params.window_left, params.window_right)) {
-      apply_mask(s, tScS_rc, bc, seq.seqlen_k, params.window_left, params.window_right);
+      apply_mask(s, tScS_rc, bc, seq.seqlen_k, params.window_left, params.window_right,
+                 [&](int r) { return rows.position(r); });
     }
 
     cp_async_wait<0>();

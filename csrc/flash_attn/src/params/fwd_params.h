@@ -23,6 +23,13 @@ struct FwdParams {
   float* softmax_lse_ptr;
   int64_t lse_batch_stride, lse_head_stride, lse_row_stride;
 
+  // Several queries of a GQA group packed into one tile's rows (the plan's pack_groups, the decode
+  // and split kernels only; common/query_rows.h): head bidh is kv head bidh, and row r is query r / G of
+  // query head bidh * G + r % G, at (r / G) * row_stride + (r % G) * group_stride in q, out and
+  // softmax_lse, with G = pack_groups. 0: rows are the head's queries.
+  int pack_groups;
+  int64_t q_group_stride, o_group_stride, lse_group_stride;
+
   // Shapes. seqlen_q / seqlen_k are the (max) padded lengths; d is the real head dim,
   // at most the kernel's compile-time head dim.
   int b, h, h_k, h_h_k_ratio;

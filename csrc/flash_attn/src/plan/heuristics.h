@@ -181,6 +181,9 @@ struct ForwardPlan {
   // (b16 s2048 12/12, 2 splits in clusters: 82.3 us against 78.7).
   bool cluster_merge;
   long long tiles;  // thread blocks per split: batch x heads x query tiles of the kernel chosen
+  // Several queries per sequence with the query heads of each kv head packed into the rows of one
+  // decode or split tile (common/query_rows.h): the heads of a group per kv head; 1 = not packed.
+  int pack_groups = 1;
 };
 
 // The plan for one forward call, from the caller's shapes. `requested` is the user's num_splits:
@@ -191,26 +194,41 @@ struct ForwardPlan {
 // grid is batch x heads blocks, too few to stream K/V at full bandwidth at small batch; an
 // explicit n > 1 is honoured for any seqlen_q.
 // `can_swap` is false when rows of a group would differ: a window or ALiBi (per position / head),
-// or a varlen batch that is not exactly one query per sequence. `sm90_prefill`: the Hopper
+// or a varlen batch that is not exactly one query per sequence. `can_pack`: a group's heads may
+// also be packed with several queries each (no ALiBi, no left window edge, batch-strided queries;
+// the mask then compares keys with each row's query position). `sm90_prefill`: the Hopper
 // forward can take the call (compute capability 9.0, the dispatcher's sm90_forward_possible); the
 // heuristic then also splits longer query lengths, over the Hopper forward's units
 // (sm90_num_splits), which pair query tiles under a causal band (`sm90_pairs`, sm90_pairs_tiles).
 inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int max_seqlen_q,
-                                int max_seqlen_k, int headdim, bool can_swap, int num_sms,
+                                int max_seqlen_k, int headdim, bool can_swap, bool can_pack, int num_sms,
                                 int requested, bool sm90_prefill = false, bool sm90_pairs = false) {
   ForwardPlan plan{false, max_seqlen_q, num_heads, 1, false, false, false, false, 0};
+  const int kernel_hdim = round_up_headdim(headdim);
+  const TileShape split_tile = splitkv_tile(kernel_hdim);
   // One query per sequence and several query heads per kv head: the heads of a group share
   // every key, so they become the rows of one query tile.
-  if (max_seqlen_q == 1 && num_heads > num_heads_k && can_swap) {
+  const int groups = num_heads / std::max(1, num_heads_k);
+  if (max_seqlen_q == 1 && groups > 1 && can_swap) {
     plan.swap_seqlen_ngroups = true;
-    plan.seqlen_q = num_heads / num_heads_k;
+    plan.seqlen_q = groups;
+    plan.num_heads = num_heads_k;
+  } else if (max_seqlen_q > 1 && groups > 1 && can_pack && requested != 1 &&
+             groups * max_seqlen_q <= split_tile.block_m) {
+    // A few queries per sequence (speculative verification): the group's heads and their queries
+    // together fill one tile (the decode kernel's up to 16 rows, the split kernel's beyond), which
+    // reads each K/V block once for all of them. Unpacked, the
+    // group's heads are separate thread blocks that stream the same K/V and meet in L2 only while
+    // they run in step (H200, a4b2374, 16 sequences x 16k keys, 32 query / 8 kv heads: 2 queries
+    // 1.66x the time of one). Only where the decode or split kernel runs: an explicit
+    // num_splits = 1 keeps upstream's unsplit kernel, which reads rows at one stride.
+    plan.pack_groups = groups;
+    plan.seqlen_q = groups * max_seqlen_q;
     plan.num_heads = num_heads_k;
   }
   // Up to kDecodeBlockM rows: the decode kernel (16-row tile, warps split the keys); otherwise
   // the split forward kernel's 64-row tile.
-  const int kernel_hdim = round_up_headdim(headdim);
   const bool decode = plan.seqlen_q <= kDecodeBlockM;
-  const TileShape split_tile = splitkv_tile(kernel_hdim);
   const int block_m = decode ? kDecodeBlockM : split_tile.block_m;
   const int block_n = decode ? decode_keys_per_round(kernel_hdim) : split_tile.block_n;
   const int blocks_per_sm = decode ? decode_blocks_per_sm(kernel_hdim) : kSplitBlocksPerSm;
@@ -220,7 +238,7 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
   } else if (requested == 0 && short_queries) {
-    const int kv_sharing = plan.swap_seqlen_ngroups ? 1 : num_heads / std::max(1, num_heads_k);
+    const int kv_sharing = plan.num_heads / std::max(1, num_heads_k);  // 1 once a group is one tile's rows
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
                                            kMaxSplits, blocks_per_sm, decode, kv_sharing);
   } else if (requested == 0 && sm90_prefill) {
@@ -230,7 +248,9 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
     plan.num_splits = sm90_num_splits(static_cast<long long>(batch) * plan.num_heads * u.per_head, num_sms,
                                       u.unit_blocks, std::min(kMaxSplits, ceil_div(max_seqlen_k, tile.block_n)));
   }
-  plan.split_kernel = plan.num_splits > 1 || (requested == 0 && short_queries);
+  // Packed rows run the decode or split kernel even where an explicit num_splits > 1 is cut to one
+  // split (fewer key blocks than splits): only those kernels read rows through the packed map.
+  plan.split_kernel = plan.num_splits > 1 || (requested == 0 && short_queries) || plan.pack_groups > 1;
   plan.prefill_splits = plan.num_splits > 1 && !short_queries;
   plan.decode_kernel = plan.split_kernel && decode;
   plan.cluster_merge = plan.decode_kernel && cluster_mergeable(blocks, plan.num_splits, num_sms);
