@@ -12,6 +12,10 @@ same warmed-up state); maxdiff = max |out(N) - out(auto)|; median of CUDA-event 
   Hopper forward's plan (flash_attn_2_cuda.num_splits_heuristic(..., sm90_prefill=True)), N = 1 (the unsplit
   Hopper kernel), 2, 4, 8, 16, 32, then the SM80 kernels (set_sm90_forward(False): unsplit, as the SM80 plan
   keeps queries past 64 rows). Result: prefill_splits_sweep_<card>.json.
+--grid rows: the split kernel's tile (17-64 query rows of a (batch, kv head) after the GQA swap or packing):
+  flash_attn_func, causal, fp16, head dim 128, batch 1 / 4 x seqlen_k 4k / 16k, for 32 / 8 heads with 8 and 16
+  queries (packed: 32 and 64 rows), 32 / 1 heads with one query (swapped: 32 rows), 12 / 12 heads with 32 and
+  64 queries; N as the decode grid's. Result: rows_splits_sweep_<card>.json.
 """
 
 import functools
@@ -29,6 +33,8 @@ RESTRICTED = [1, 2, 3, 4]
 RESTRICT_FACTOR = 2  # batch*heads >= this many x SMs: only RESTRICTED is swept
 PREFILL_SWEEP = [1, 2, 4, 8, 16, 32]
 PREFILL_KEYS = ["headdim", "causal", "seqlen_q", "seqlen_k"]
+ROWS_KEYS = ["batch", "seqlen_k", "heads", "kv_heads", "seqlen_q"]
+ROWS_SHAPES = [(32, 8, 8), (32, 8, 16), (32, 1, 1), (12, 12, 32), (12, 12, 64)]  # heads, kv heads, seqlen_q
 PREFILL_SEQLENS_Q = [65, 256, 1024]
 PREFILL_SEQLENS_K = [8192, 32768, 131072]
 REGRET_OK = 1.05
@@ -98,6 +104,20 @@ def prefill_cell(c, args, kw, late, sms):
     return row
 
 
+def rows_cell(c, args, kw, late, sms):
+    """decode_cell's arguments: the dense call whose rows fill the split kernel's tile."""
+    import flash_attn
+    b, sq, sk, h, hk = (c[key] for key in ("batch", "seqlen_q", "seqlen_k", "heads", "kv_heads"))
+    row = dict(c, notes=[])
+    q = torch.randn(b, sq, h, 128, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(b, sk, hk, 128, device="cuda", dtype=torch.float16) for _ in range(2))
+
+    def call(n):
+        return lambda: lambda: flash_attn.flash_attn_func(q, k, v, causal=True, num_splits=n)
+    plan = functools.partial(flash_attn.num_splits_heuristic, b, h, hk, sq, sk, 128, None)  # (num_splits) -> splits
+    return sweep(row, call, plan, DECODE_SWEEP, kw)
+
+
 def ranges(vals) -> str:
     """[1, 2, 3, 4, 32] -> "1-4,32" (a run of consecutive values keeps n - its index)."""
     runs = [[n for _, n in g] for _, g in itertools.groupby(enumerate(vals), lambda p: p[1] - p[0])]
@@ -106,7 +126,7 @@ def ranges(vals) -> str:
 
 def report(rows, grid) -> str:
     """The grid's table, then time / best time per explicit N of every cell."""
-    keys = ["batch", "seqlen_k", "heads", "kv_heads"] if grid == "decode" else PREFILL_KEYS
+    keys = {"decode": ["batch", "seqlen_k", "heads", "kv_heads"], "rows": ROWS_KEYS}.get(grid, PREFILL_KEYS)
     extra = [("unsplit/auto", "speedup_vs_unsplit", ".2f"), ("SM80 us", "sm80_us", ".1f")] if grid == "prefill" else []
     headers = keys + ["swept", "auto_splits", "auto_us", "best_splits", "best_us", "regret", "num_splits=1 us",
                       "maxdiff"] + [h for h, _, _ in extra]
@@ -130,17 +150,22 @@ def report(rows, grid) -> str:
 
 def main(argv=None) -> int:
     p = common.parser(__doc__, time_budget_s=120.0, grid="decode")
-    p.add_argument("--grid", choices=["decode", "prefill"], default="decode")
+    p.add_argument("--grid", choices=["decode", "prefill", "rows"], default="decode")
     p.add_argument("--page-size", type=int, default=0, help="decode grid: paged cache of this many tokens per page "
                    "(default 0: contiguous)")
     p.add_argument("--headdims", default="128", help="prefill grid (default %(default)s)")
     args = p.parse_args(argv)
-    if args.grid == "prefill" and args.page_size:
+    if args.grid != "decode" and args.page_size:
         p.error("--page-size applies to the decode grid")
     desc = common.start()
     if args.grid == "decode":
         cells, cell = common.decode_cells(), decode_cell
         measurement = f"splits_sweep_paged{args.page_size}" if args.page_size else "splits_sweep"
+        kw = dict(warmup=1 if args.quick else 2, reps=5 if args.quick else 15, min_reps=5, max_time_s=0.15)
+    elif args.grid == "rows":
+        cells = [dict(batch=b, seqlen_k=sk, heads=h, kv_heads=hk, seqlen_q=sq)
+                 for b in (1, 4) for sk in (4096, 16384) for h, hk, sq in ROWS_SHAPES]
+        cell, measurement = rows_cell, "rows_splits_sweep"
         kw = dict(warmup=1 if args.quick else 2, reps=5 if args.quick else 15, min_reps=5, max_time_s=0.15)
     elif torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("--grid prefill times the Hopper forward: it needs a compute capability 9.0 GPU")
@@ -149,8 +174,8 @@ def main(argv=None) -> int:
                  for d in map(int, args.headdims.split(",")) for causal in (False, True)
                  for sq in PREFILL_SEQLENS_Q for sk in PREFILL_SEQLENS_K]
         cell, measurement, kw = prefill_cell, "prefill_splits_sweep", common.bench_kwargs(args, 0.3)
-    fields = ["auto_splits", "auto_us", "best_splits", "best_us", "regret", "restricted" if args.grid == "decode"
-              else "sm80_us"]
+    fields = ["auto_splits", "auto_us", "best_splits", "best_us", "regret"] + {
+        "decode": ["restricted"], "prefill": ["sm80_us"]}.get(args.grid, [])
     rows = common.run_cells(common.select_cells(cells, args),
                             lambda c, kw, late: [cell(c, args, kw, late, desc["sms"])], args, kw, fields)
     rows = [r for r in rows if "swept" in r]  # cells that ran (a failing one holds only its error)

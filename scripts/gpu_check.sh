@@ -11,8 +11,9 @@
 # one prefill and one decode launch, or of PROFILE_KERNEL's launches in PROFILE_TARGET's calls),
 # --pytest-args "...", --baseline DIR.
 # Environment: BENCH, the benchmarks to run, a subset of "decode specdec forward backward dropout
-# host sweep triton" (default "decode specdec host sweep"; dropout: the forward and backward grids
-# with dropout_p 0.1); BENCH_TIMEOUT (s per benchmark, default 300);
+# host sweep rows triton" (default "decode specdec host sweep"; dropout: the forward and backward
+# grids with dropout_p 0.1; rows: the split tile's num_splits sweep); BENCH_TIMEOUT (s per
+# benchmark, default 300);
 # TEST_TIMEOUT (s for the test suite, default 420);
 # MAXFAIL (pytest --maxfail, default 40); BENCH_COMMIT (the commit of this tree, for result headers
 # when the copy here has no git metadata of its own); SANITIZE_CHUNK=0|1 (half of the sanitizer
@@ -157,8 +158,9 @@ if [ $run_bench -eq 1 ]; then
       host) bench host benchmarks/host_overhead.py ;;
       sweep) bench sweep benchmarks/sweep_num_splits.py
              bench sweep_paged16 benchmarks/sweep_num_splits.py --page-size 16 --cells "batch=1|16" ;;
+      rows) bench sweep_rows benchmarks/sweep_num_splits.py --grid rows ;;
       triton) bench triton benchmarks/tools/triton_ops.py ;;
-      *) echo "BENCH: unknown benchmark $b (decode specdec forward backward dropout host sweep triton)" | tee -a "$OUT/env.log" ;;
+      *) echo "BENCH: unknown benchmark $b (decode specdec forward backward dropout host sweep rows triton)" | tee -a "$OUT/env.log" ;;
     esac
   done
   grep -vE "^\|" "$OUT/bench.log" | tail -60

@@ -220,6 +220,20 @@ def test_packed_rows_run_the_decode_or_split_kernel(heads, seqlen_q, seqlen_k, n
     assert plan(1, heads[0], heads[1], seqlen_q, seqlen_k, num_splits=1)["pack_groups"] == 1
 
 
+# Fastest explicit num_splits on an H100 (132 SMs) for packed 32 / 8 heads, 8 and 16 queries (32
+# and 64 rows of the split kernel's tile), fp16, head dim 128, causal (benchmarks/NOTES.md item 135).
+SPLIT_TILE_FASTEST = [(1, 8, 4096, 12), (1, 16, 4096, 13), (4, 8, 4096, 4), (4, 16, 4096, 4),
+                      (1, 8, 16384, 15), (1, 16, 16384, 12), (4, 8, 16384, 4), (4, 16, 16384, 4)]
+
+
+@pytest.mark.parametrize("batch,seqlen_q,seqlen_k,fastest", SPLIT_TILE_FASTEST)
+def test_split_tile_plans_near_the_fastest_count(batch, seqlen_q, seqlen_k, fastest):
+    # The split tile streams slower per block than the decode kernel, so it takes more blocks to
+    # saturate DRAM: a plan from the decode kernel's rate took about half the fastest count.
+    n = nsplits(batch, 32, 8, seqlen_q, seqlen_k, 128)
+    assert 0.7 * fastest <= n <= 1.3 * fastest
+
+
 def test_small_seqlen_q_full_gpu_no_split():
     assert nsplits(128, 32, 32, 4, 8192, 128) == 1
 

@@ -15,10 +15,15 @@ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 // Resident split-kernel thread blocks per SM (shared memory allows two of the 64-row tiles).
 constexpr int kSplitBlocksPerSm = 2;
 
-// Fraction of the SMs whose thread blocks, each streaming at one SM's top rate, already saturate
-// DRAM (H100: one decode block reads up to ~60 GB/s, the card ~3.1 TB/s: about 52 of 132 SMs).
-// Paged K/V alike: the paged decode kernel streams as fast as the contiguous one.
-constexpr float kSaturatingSmFraction = 0.4f;
+// Fraction of the SMs whose thread blocks, each streaming at its kernel's top rate, already
+// saturate DRAM. The decode kernel (its warps stream separate keys): one block reads up to
+// ~60 GB/s, the card ~3.1 TB/s, about 52 of 132 SMs on an H100; paged K/V alike. The split
+// kernel's 64-row tile (its four warps work through one key block at a time) needs about twice as
+// many: on an H100 at 56e7a0a + the GQA packing, 32 / 8 heads with 8 and 16 queries (32 and 64
+// packed rows, 8 tiles a sequence) ran fastest at 4 splits over 4 sequences and 12-15 over one,
+// where 0.4 planned 2 and 7-8 (1.24-1.41x the best time).
+constexpr float kDecodeSaturatingSmFraction = 0.4f;
+constexpr float kSplitSaturatingSmFraction = 0.8f;
 
 // Decode splits merge inside a thread-block cluster (sm_90) when 2..kMaxClusterSplits of them run
 // and the whole grid takes at most this fraction of the SMs: every cluster must be resident at
@@ -49,17 +54,16 @@ constexpr float kCombineCost = 1.0f;
 // cluster (`cluster_merge`: the decode kernel). Splitting pays when too few blocks run to
 // saturate DRAM; a partial last wave is cheap (its blocks stream faster), so grids of more than
 // one wave rarely split. Measured against full sweeps in
-// benchmarks/sweep_num_splits.py (contiguous and paged).
+// benchmarks/sweep_num_splits.py (contiguous and paged; --grid rows for the split tile).
 //
 // kv_sharing: how many of the grid's blocks read the same K/V (the query heads of a kv head when
 // they are not folded into one tile's rows). Such blocks run together and their reads meet in L2,
 // so DRAM saturates only at kv_sharing times as many blocks.
-inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits,
-                                int blocks_per_sm = kSplitBlocksPerSm, bool cluster_merge = false,
-                                int kv_sharing = 1) {
+inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits, int blocks_per_sm,
+                                bool cluster_merge, int kv_sharing, float saturating_sm_fraction) {
   if (blocks <= 0 || n_blocks <= 1) return 1;
   const int slots = num_sms * blocks_per_sm;
-  const float saturating = std::max(1.0f, kSaturatingSmFraction * num_sms * std::max(1, kv_sharing));
+  const float saturating = std::max(1.0f, saturating_sm_fraction * num_sms * std::max(1, kv_sharing));
   max_splits = std::min({max_splits, n_blocks, slots});
   int best = 1;
   float best_cost = 3.0e38f;
@@ -240,7 +244,8 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   } else if (requested == 0 && short_queries) {
     const int kv_sharing = plan.num_heads / std::max(1, num_heads_k);  // 1 once a group is one tile's rows
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
-                                           kMaxSplits, blocks_per_sm, decode, kv_sharing);
+                                           kMaxSplits, blocks_per_sm, decode, kv_sharing,
+                                           decode ? kDecodeSaturatingSmFraction : kSplitSaturatingSmFraction);
   } else if (requested == 0 && sm90_prefill) {
     // At most one split per key block of a tile (a pair's splits share each tile's own blocks).
     const TileShape tile = sm90_fwd_tile(kernel_hdim);
