@@ -1,6 +1,7 @@
 """GPU tests of a GQA group's query heads packed, with a few queries each, into the rows of one tile
 (the plan's pack_groups: 1 < seqlen_q, heads per kv head x seqlen_q <= 16 rows in the decode kernel,
-<= 64 in the split kernel; batch-strided queries, no ALiBi and no left window edge). The mask then
+or past 16 the largest part of the group whose rows fit it, else <= 64 in the split kernel;
+batch-strided queries, no ALiBi and no left window edge). The mask then
 compares keys with each row's query position, and out and softmax_lse go back to the caller's
 (batch, seqlen_q, heads) layout.
 
@@ -21,10 +22,12 @@ pytestmark = requires_gpu
 
 DTYPES = [torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp16", "bf16"]
-# (heads, kv heads, seqlen_q): 8, 16, 9, 15 and 16 packed rows (decode kernel) of 4, 4, 3, 5 and 8
-# heads per kv head; 32, 64 and 40 rows (split kernel) of 4, 4 and 8.
+# (heads, kv heads, seqlen_q): 8, 16, 9, 15 and 16 packed rows (decode kernel) of the whole group
+# (4, 4, 3, 5 and 8 heads per kv head); 16 and 10 rows (decode kernel) of two heads of a group of 4
+# and of 8; 64 and 27 rows (split kernel) of the whole group of 4 and of 3.
 SHAPES = {"32-8-q2": (32, 8, 2), "32-8-q4": (32, 8, 4), "12-4-q3": (12, 4, 3), "15-3-q5": (15, 3, 5),
-          "16-2-q2": (16, 2, 2), "32-8-q8": (32, 8, 8), "32-8-q16": (32, 8, 16), "16-2-q5": (16, 2, 5)}
+          "16-2-q2": (16, 2, 2), "32-8-q8": (32, 8, 8), "16-2-q5": (16, 2, 5), "32-8-q16": (32, 8, 16),
+          "12-4-q9": (12, 4, 9)}
 FEATURES = {
     "none": dict(),
     "causal": dict(causal=True),

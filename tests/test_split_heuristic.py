@@ -192,45 +192,69 @@ def test_small_seqlen_q_plan_matches_decode_rule(seqlen_q):
             assert n <= 2
 
 
-@pytest.mark.parametrize("seqlen_q", [2, 3, 4, 5, 8, 16, 33])
-def test_packed_gqa_plans_as_its_kv_heads(seqlen_q):
-    # Where a group's query heads pack with their queries into one tile (heads per kv head x
-    # seqlen_q <= 64 rows), the grid is batch x kv heads tiles of those rows, none sharing K/V.
+def packed_heads(groups, seqlen_q):
+    """Query heads per kernel head: the whole group where its rows fit the decode kernel's 16, else
+    the largest part of it (>= 2 heads) whose rows do, else the whole group in the split tile."""
+    if groups * seqlen_q <= 16:
+        return groups
+    parts = [p for p in range(2, groups) if groups % p == 0 and p * seqlen_q <= 16]
+    return max(parts, default=groups)
+
+
+@pytest.mark.parametrize("seqlen_q", [2, 3, 4, 5, 8, 9, 16, 33])
+def test_packed_gqa_plans_as_its_kernel_heads(seqlen_q):
+    # Where query heads of a group pack with their queries into one tile (heads per kv head x
+    # seqlen_q <= 64 rows), the grid is batch x (heads / packed heads) tiles of those rows, and
+    # the parts of one group share their K/V.
     for batch in (1, 4, 16):
         for seqlen_k in (4096, 16384, 32768):
             for nheads, nheads_k in ((32, 8), (12, 4), (16, 2)):
                 groups = nheads // nheads_k
+                p = plan(batch, nheads, nheads_k, seqlen_q, seqlen_k)
                 if groups * seqlen_q <= 64:
-                    expected = nsplits(batch, nheads_k, nheads_k, groups * seqlen_q, seqlen_k, 128)
-                    assert nsplits(batch, nheads, nheads_k, seqlen_q, seqlen_k, 128) == expected
+                    g = packed_heads(groups, seqlen_q)
+                    assert (p["pack_groups"], p["seqlen_q"], p["num_heads"]) == (g, g * seqlen_q, nheads // g)
+                    assert p["decode_kernel"] == (g * seqlen_q <= 16)
+                    if g == groups:  # the same grid as kv heads with the packed rows as queries
+                        assert p["num_splits"] == nsplits(batch, nheads_k, nheads_k, g * seqlen_q, seqlen_k, 128)
+                else:
+                    assert p["pack_groups"] == 1
                 assert nsplits(batch, nheads, nheads_k, seqlen_q, seqlen_k, 128, num_splits=1) == 1
+
+
+def test_group_parts_fill_the_decode_tile():
+    # 8 queries of 4 heads a group would be 32 rows of the split tile: two heads' 16 rows run the
+    # decode kernel instead, and 16 queries (no part of two heads fits) the split tile's 64 rows.
+    assert plan(1, 32, 8, 8, 4096)["pack_groups"] == 2 and plan(1, 32, 8, 8, 4096)["decode_kernel"]
+    assert plan(1, 16, 2, 5, 4096)["pack_groups"] == 2  # 8 heads a group: 3 x 5 rows would fit, 3 does not divide 8
+    assert plan(1, 12, 4, 9, 4096)["pack_groups"] == 3 and not plan(1, 12, 4, 9, 4096)["decode_kernel"]
+    assert plan(1, 32, 8, 16, 4096)["pack_groups"] == 4 and not plan(1, 32, 8, 16, 4096)["decode_kernel"]
 
 
 @pytest.mark.parametrize("num_splits", [0, 2, 3, 8])
 @pytest.mark.parametrize("seqlen_k", [1, 63, 100, 128, 129, 4096])
-@pytest.mark.parametrize("heads,seqlen_q", [((32, 8), 2), ((32, 8), 4), ((6, 2), 16), ((32, 8), 16)])
+@pytest.mark.parametrize("heads,seqlen_q", [((32, 8), 2), ((32, 8), 4), ((6, 2), 16), ((32, 8), 8), ((32, 8), 16)])
 def test_packed_rows_run_the_decode_or_split_kernel(heads, seqlen_q, seqlen_k, num_splits):
     # Only the decode and split kernels read rows through the packed map, so a packed plan runs one
     # of them even where an explicit num_splits is cut to the one key block there is.
     p = plan(1, heads[0], heads[1], seqlen_q, seqlen_k, num_splits=num_splits)
-    groups = heads[0] // heads[1]
-    assert p["pack_groups"] == groups and (p["seqlen_q"], p["num_heads"]) == (groups * seqlen_q, heads[1])
+    g = packed_heads(heads[0] // heads[1], seqlen_q)
+    assert p["pack_groups"] == g and (p["seqlen_q"], p["num_heads"]) == (g * seqlen_q, heads[0] // g)
     assert p["split_kernel"] and not p["prefill_splits"]
-    assert p["decode_kernel"] == (groups * seqlen_q <= 16)
+    assert p["decode_kernel"] == (g * seqlen_q <= 16)
     assert plan(1, heads[0], heads[1], seqlen_q, seqlen_k, num_splits=1)["pack_groups"] == 1
 
 
-# Fastest explicit num_splits on an H100 (132 SMs) for packed 32 / 8 heads, 8 and 16 queries (32
-# and 64 rows of the split kernel's tile), fp16, head dim 128, causal (benchmarks/NOTES.md item 135).
-SPLIT_TILE_FASTEST = [(1, 8, 4096, 12), (1, 16, 4096, 13), (4, 8, 4096, 4), (4, 16, 4096, 4),
-                      (1, 8, 16384, 15), (1, 16, 16384, 12), (4, 8, 16384, 4), (4, 16, 16384, 4)]
+# Fastest explicit num_splits on an H100 (132 SMs) for packed 32 / 8 heads, 16 queries (64 rows of
+# the split kernel's tile), fp16, head dim 128, causal (benchmarks/NOTES.md item 135).
+SPLIT_TILE_FASTEST = [(1, 4096, 13), (4, 4096, 4), (1, 16384, 12), (4, 16384, 4)]
 
 
-@pytest.mark.parametrize("batch,seqlen_q,seqlen_k,fastest", SPLIT_TILE_FASTEST)
-def test_split_tile_plans_near_the_fastest_count(batch, seqlen_q, seqlen_k, fastest):
+@pytest.mark.parametrize("batch,seqlen_k,fastest", SPLIT_TILE_FASTEST)
+def test_split_tile_plans_near_the_fastest_count(batch, seqlen_k, fastest):
     # The split tile streams slower per block than the decode kernel, so it takes more blocks to
     # saturate DRAM: a plan from the decode kernel's rate took about half the fastest count.
-    n = nsplits(batch, 32, 8, seqlen_q, seqlen_k, 128)
+    n = nsplits(batch, 32, 8, 16, seqlen_k, 128)
     assert 0.7 * fastest <= n <= 1.3 * fastest
 
 

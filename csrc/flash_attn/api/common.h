@@ -91,7 +91,7 @@ struct Call {
   int batch, num_heads, num_heads_k, seqlen_q, seqlen_k, head_size;  // as the kernel sees them
   bool varlen_q, varlen_k;
   int swap_groups = 0;
-  int pack_groups = 1;  // > 1: a group's heads packed with their queries into rows (FwdParams)
+  int pack_groups = 1;  // > 1: query heads of a group packed with their queries into rows (FwdParams)
 };
 void fill_common(flash::FwdParams& p, const Call& c, const OptTensor& alibi, int window_left, int window_right,
                  float softmax_scale, float softcap);

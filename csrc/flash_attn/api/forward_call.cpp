@@ -52,9 +52,9 @@ void set_swapped_tensor(const Tensor& t, int groups, const void*& ptr, int64_t& 
   head_stride = groups * t.stride(-2);
 }
 
-// q or out of a few queries per sequence, (batch, seqlen, num_heads, d), with the query heads of
-// each kv head packed into the rows (FwdParams::pack_groups): the kernel's head hk starts at query
-// head hk * groups, and its rows step by query (row_stride) and by head of the group (group_stride).
+// q or out of a few queries per sequence, (batch, seqlen, num_heads, d), with `groups` query heads
+// of a kv head packed into the rows (FwdParams::pack_groups): the kernel's head h starts at query
+// head h * groups, and its rows step by query (row_stride) and by packed head (group_stride).
 void set_packed_tensor(const Tensor& t, int groups, const void*& ptr, int64_t& batch_stride, int64_t& row_stride,
                        int64_t& head_stride, int64_t& group_stride) {
   ptr = t.data_ptr();
@@ -277,8 +277,8 @@ std::vector<Tensor> run_batched(const Tensor& q_in, const Tensor& k, const Tenso
                           dev.sm_count, num_splits, sm90_forward_possible(dev, kernel, sm80_dropout, kv_indirect),
                           flash::sm90_pairs_tiles(wl, wr));
   // With the swap, (b, 1, h_k * g, d) is seen as (b, g, h_k, d): the g query heads of a kv head
-  // become its query rows. Packed, (b, s, h_k * g, d) is seen as h_k heads of s * g rows, read
-  // through a row and a group stride (set_packed_tensor).
+  // become its query rows. Packed, (b, s, h, d) is seen as h / p heads of s * p rows (p = the
+  // plan's pack_groups: g, or a part of it), read through a row and a group stride (set_packed_tensor).
   Call c{q_in, k, v, out_ ? *out_ : empty_cuda(q_in.sizes(), q_in.scalar_type(), q_in),
          batch, plan.num_heads, num_heads_k, plan.seqlen_q, kv.seqlen_k, head_size, false, false,
          plan.swap_seqlen_ngroups ? plan.seqlen_q : 0, plan.pack_groups};

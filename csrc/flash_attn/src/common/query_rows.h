@@ -1,8 +1,9 @@
 // Where a tile's query rows live. Unpacked, row r of (batch, head) is query r of that head. With
-// the query heads of a GQA group packed into the rows (FwdParams::pack_groups = G > 1: a few
-// queries per sequence, all in one tile of the decode or the split kernel), the kernel's head is
-// the kv head and row r is query r / G of the group's query head r % G: all G heads then read
-// each K/V block once, in one thread block, where G blocks would each stream it.
+// G query heads of a GQA group packed into the rows (FwdParams::pack_groups = G > 1: a few
+// queries per sequence, all in one tile of the decode or the split kernel), the kernel's head h
+// stands for query heads h * G .. h * G + G - 1 (the whole group of its kv head, or a part of it)
+// and row r is query r / G of query head h * G + r % G: those G heads then read each K/V block
+// once, in one thread block, where G blocks would each stream it.
 #pragma once
 
 #include <cstdint>

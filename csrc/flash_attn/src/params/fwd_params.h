@@ -23,10 +23,11 @@ struct FwdParams {
   float* softmax_lse_ptr;
   int64_t lse_batch_stride, lse_head_stride, lse_row_stride;
 
-  // Several queries of a GQA group packed into one tile's rows (the plan's pack_groups, the decode
-  // and split kernels only; common/query_rows.h): head bidh is kv head bidh, and row r is query r / G of
-  // query head bidh * G + r % G, at (r / G) * row_stride + (r % G) * group_stride in q, out and
-  // softmax_lse, with G = pack_groups. 0: rows are the head's queries.
+  // Several queries of G query heads of a GQA group packed into one tile's rows (the plan's
+  // pack_groups, the decode and split kernels only; common/query_rows.h): row r of head bidh is
+  // query r / G of query head bidh * G + r % G, at (r / G) * row_stride + (r % G) * group_stride in
+  // q, out and softmax_lse, with G = pack_groups (the whole group or a part of it; the kv head is
+  // bidh / h_h_k_ratio as ever). 0: rows are the head's queries.
   int pack_groups;
   int64_t q_group_stride, o_group_stride, lse_group_stride;
 

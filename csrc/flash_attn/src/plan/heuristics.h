@@ -56,8 +56,8 @@ constexpr float kCombineCost = 1.0f;
 // one wave rarely split. Measured against full sweeps in
 // benchmarks/sweep_num_splits.py (contiguous and paged; --grid rows for the split tile).
 //
-// kv_sharing: how many of the grid's blocks read the same K/V (the query heads of a kv head when
-// they are not folded into one tile's rows). Such blocks run together and their reads meet in L2,
+// kv_sharing: how many of the grid's blocks read the same K/V (the kernel heads of a kv head: its
+// query heads unpacked, or the parts of its group packed into rows). Such blocks run together and their reads meet in L2,
 // so DRAM saturates only at kv_sharing times as many blocks.
 inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits, int blocks_per_sm,
                                 bool cluster_merge, int kv_sharing, float saturating_sm_fraction) {
@@ -185,8 +185,9 @@ struct ForwardPlan {
   // (b16 s2048 12/12, 2 splits in clusters: 82.3 us against 78.7).
   bool cluster_merge;
   long long tiles;  // thread blocks per split: batch x heads x query tiles of the kernel chosen
-  // Several queries per sequence with the query heads of each kv head packed into the rows of one
-  // decode or split tile (common/query_rows.h): the heads of a group per kv head; 1 = not packed.
+  // Several queries per sequence with query heads of a kv head packed into the rows of one decode
+  // or split tile (common/query_rows.h): query heads per kernel head (the whole group or a part
+  // of it); 1 = not packed.
   int pack_groups = 1;
 };
 
@@ -219,16 +220,29 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
     plan.num_heads = num_heads_k;
   } else if (max_seqlen_q > 1 && groups > 1 && can_pack && requested != 1 &&
              groups * max_seqlen_q <= split_tile.block_m) {
-    // A few queries per sequence (speculative verification): the group's heads and their queries
-    // together fill one tile (the decode kernel's up to 16 rows, the split kernel's beyond), which
-    // reads each K/V block once for all of them. Unpacked, the
-    // group's heads are separate thread blocks that stream the same K/V and meet in L2 only while
-    // they run in step (H200, a4b2374, 16 sequences x 16k keys, 32 query / 8 kv heads: 2 queries
-    // 1.66x the time of one). Only where the decode or split kernel runs: an explicit
+    // A few queries per sequence (speculative verification): query heads of a group and their
+    // queries together fill one tile, which reads each K/V block once for all of them. Unpacked,
+    // the group's heads are separate thread blocks that stream the same K/V and meet in L2 only
+    // while they run in step (H200, a4b2374, 16 sequences x 16k keys, 32 query / 8 kv heads: 2
+    // queries 1.66x the time of one). Only where the decode or split kernel runs: an explicit
     // num_splits = 1 keeps upstream's unsplit kernel, which reads rows at one stride.
-    plan.pack_groups = groups;
-    plan.seqlen_q = groups * max_seqlen_q;
-    plan.num_heads = num_heads_k;
+    // The whole group where its rows fit the decode kernel's tile; past that, the largest part of
+    // the group (at least two heads) whose rows still fit it, since the split kernel's tile runs
+    // slower (H100, 4813d15, 32 / 8 heads with 8 queries, 32 packed rows at their best split count:
+    // 18.8 / 34.0 us at 4k keys over 1 / 4 sequences, against 17.8 / 32.3 unpacked in the decode
+    // kernel); the whole group in the split tile only where no such part exists.
+    int pack = groups;
+    if (groups * max_seqlen_q > kDecodeBlockM) {
+      for (int part = groups / 2; part >= 2; --part) {
+        if (groups % part == 0 && part * max_seqlen_q <= kDecodeBlockM) {
+          pack = part;
+          break;
+        }
+      }
+    }
+    plan.pack_groups = pack;
+    plan.seqlen_q = pack * max_seqlen_q;
+    plan.num_heads = num_heads / pack;
   }
   // Up to kDecodeBlockM rows: the decode kernel (16-row tile, warps split the keys); otherwise
   // the split forward kernel's 64-row tile.
@@ -242,7 +256,7 @@ inline ForwardPlan plan_forward(int batch, int num_heads, int num_heads_k, int m
   if (requested > 1) {
     plan.num_splits = std::min({requested, n_blocks, kMaxSplits});
   } else if (requested == 0 && short_queries) {
-    const int kv_sharing = plan.num_heads / std::max(1, num_heads_k);  // 1 once a group is one tile's rows
+    const int kv_sharing = plan.num_heads / std::max(1, num_heads_k);  // 1 once a whole group is one tile's rows
     plan.num_splits = num_splits_heuristic(static_cast<int>(std::min<long long>(blocks, 1 << 30)), num_sms, n_blocks,
                                            kMaxSplits, blocks_per_sm, decode, kv_sharing,
                                            decode ? kDecodeSaturatingSmFraction : kSplitSaturatingSmFraction);
