@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SASS instruction counts of one kernel instantiation file, compiled for sm_90 on a machine without
-# a GPU: per kernel, and the decode kernels' main loop (the longest backward branch: the body of the
-# loop over key blocks). Shows whether a refactor changes the code the decode loop runs.
+# a GPU: per kernel, and the decode kernels' main loop (the backward branch whose body holds the
+# most MMA instructions: the loop over key blocks). Shows whether a refactor changes the code the
+# decode loop runs.
 #   bash scripts/sass_count.sh [csrc/flash_attn/src/instantiations/flash_fwd_hdim128_fp16.cu]
 # Uses nvcc (CUDA_HOME or PATH), the CUTLASS headers setup.py uses (CUTLASS_DIR or the
 # nvidia-cutlass package) and the cuobjdump shipped in triton's package. SASS_KEEP=DIR keeps the
@@ -40,11 +41,14 @@ demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=T
 print(f"{'instructions':>12}  {'main loop':>9}  kernel (NOP padding not counted)")
 for mangled, pretty in sorted(zip(names, demangled), key=lambda x: x[1]):
     ins = kernels[mangled]
-    # Backward branches: "BRA 0x..." to a lower address; the longest one spans the main loop.
+    # Backward branches: "BRA 0x..." to a lower address. The key loop is the one whose body holds the
+    # most MMA instructions (the longest loop can be the epilogue's, after them); its length counts.
     targets = [(addr, int(re.findall(r"0x([0-9a-f]+)", op)[-1], 16)) for addr, op in ins
                if re.search(r"\bBRA\b", op) and "0x" in op]
-    loops = [(addr - target) // 16 + 1 for addr, target in targets if target < addr]
-    loop = max(loops, default=0)
+    mma = [addr for addr, op in ins if re.search(r"\bH(G)?MMA\b", op)]
+    loops = [(sum(target <= a <= addr for a in mma), -(addr - target), (addr - target) // 16 + 1)
+             for addr, target in targets if target < addr]
+    loop = max(loops, default=(0, 0, 0))[2]
     short = re.sub(r"cute::|cutlass::|flash::", "", pretty)
     print(f"{sum(not op.startswith('NOP') for _, op in ins):12d}  {loop if 'decode' in pretty.lower() else '':>9}  {short[:150]}")
 EOF
