@@ -19,7 +19,7 @@ constexpr int kSplitBlocksPerSm = 2;
 // saturate DRAM. The decode kernel (its warps stream separate keys): one block reads up to
 // ~60 GB/s, the card ~3.1 TB/s, about 52 of 132 SMs on an H100; paged K/V alike. The split
 // kernel's 64-row tile (its four warps work through one key block at a time) needs about twice as
-// many: on an H100 at 56e7a0a + the GQA packing, 32 / 8 heads with 8 and 16 queries (32 and 64
+// many: on an H100 at 4813d15 (the GQA packing), 32 / 8 heads with 8 and 16 queries (32 and 64
 // packed rows, 8 tiles a sequence) ran fastest at 4 splits over 4 sequences and 12-15 over one,
 // where 0.4 planned 2 and 7-8 (1.24-1.41x the best time).
 constexpr float kDecodeSaturatingSmFraction = 0.4f;
@@ -57,8 +57,8 @@ constexpr float kCombineCost = 1.0f;
 // benchmarks/sweep_num_splits.py (contiguous and paged; --grid rows for the split tile).
 //
 // kv_sharing: how many of the grid's blocks read the same K/V (the kernel heads of a kv head: its
-// query heads unpacked, or the parts of its group packed into rows). Such blocks run together and their reads meet in L2,
-// so DRAM saturates only at kv_sharing times as many blocks.
+// query heads unpacked, or the parts of its group packed into rows). Such blocks run together and
+// their reads meet in L2, so DRAM saturates only at kv_sharing times as many blocks.
 inline int num_splits_heuristic(int blocks, int num_sms, int n_blocks, int max_splits, int blocks_per_sm,
                                 bool cluster_merge, int kv_sharing, float saturating_sm_fraction) {
   if (blocks <= 0 || n_blocks <= 1) return 1;
