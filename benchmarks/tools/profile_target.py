@@ -6,6 +6,9 @@ arguments: prefill 4,4096,16,128 and decode 1,8192,12,12):
   causal B,S,H,D    flash_attn_func, causal (fp16)
   backward B,S,H,D  flash_attn_func forward and backward, non-causal (fp16; the backward kernels
                     are flash_bwd_*)
+  cudnn B,S,H,D, cudnn_causal B,S,H,D
+                    the peer: SDPA with the cuDNN backend (fp16), so that its kernel's launch
+                    (grid, threads, registers, shared memory) and counters sit beside ours
 The third launch of the decode kernel: ncu --kernel-name regex:flash_decode --launch-skip 2 \\
   --launch-count 1 --section SpeedOfLight python benchmarks/tools/profile_target.py decode 16,2048,32,8
 """
@@ -21,6 +24,15 @@ def run(kind: str, shape: str, calls: int = 3) -> None:
     if kind in ("prefill", "causal"):
         q, k, v = (torch.randn(a, s, h, x, device="cuda", dtype=torch.float16) for _ in range(3))
         call = lambda: flash_attn_func(q, k, v, causal=kind == "causal")  # noqa: E731
+    elif kind in ("cudnn", "cudnn_causal"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        q, k, v = (torch.randn(a, h, s, x, device="cuda", dtype=torch.float16) for _ in range(3))
+
+        def call():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=kind == "cudnn_causal")
+
     elif kind == "backward":
         q, k, v = (torch.randn(a, s, h, x, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
         dout = torch.randn(a, s, h, x, device="cuda", dtype=torch.float16)
