@@ -44,17 +44,20 @@ __device__ __forceinline__ void with_output_mode(const FwdParams& p, F&& f) {
   }
 }
 
-// The query tile one thread block writes: rows [m0, m0 + rows) of head bidh of batch entry bidb.
+// The query tile one thread block writes: rows [m0, m0 + rows) of head bidh of batch entry bidb,
+// laid out by query_rows (the decode kernel's packed rows; the identity elsewhere).
 struct OutputTile {
   int bidb, bidh, split_idx, m0, rows;
+  QueryRows query_rows = QueryRows(1);
 };
 
 // Rows of this tile have no visible key in this block range: output 0 and the empty lse (kIsSplit:
 // this split's partial, -inf). Written by kThreads threads from thread kFirstThread on (the
-// Hopper kernel's consumer warpgroups; every thread of the block elsewhere).
+// Hopper kernel's consumer warpgroups; every thread of the block elsewhere). rows: where the
+// tile's rows live in the output (the decode kernel's packed rows; the identity elsewhere).
 template <typename Traits, bool kIsSplit, int kFirstThread = 0, int kThreads = Traits::kNThreads>
 __device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bidb, int bidh, int split_idx,
-                                 int m_block, int rows_in_tile) {
+                                 int m_block, int rows_in_tile, const QueryRows& rows = QueryRows(1)) {
   using Element = typename Traits::Element;
   constexpr int kHeadDim = Traits::kHeadDim;
   const int tidx = threadIdx.x - kFirstThread;
@@ -69,7 +72,6 @@ __device__ void write_empty_tile(const FwdParams& p, const SeqInfo& seq, int bid
       p.lseaccum_ptr[head_rows + seq.q_row(p, bidb, m0 + i)] = -INFINITY;
     }
   } else {
-    const QueryRows rows(p);
     Element* o = static_cast<Element*>(p.o_ptr) + seq.o_offset + bidh * p.o_head_stride;
     for (int i = tidx; i < rows_in_tile * p.d; i += kThreads) {
       o[rows.offset(m0 + i / p.d, p.o_row_stride, p.o_group_stride) + i % p.d] = Element(0.f);
@@ -147,7 +149,7 @@ __device__ __forceinline__ void write_final(const FwdParams& p, const SeqInfo& s
                                             const Value& value, const Lse& lse_of) {
   using Element = typename Traits::Element;
   constexpr int kHeadDim = Traits::kHeadDim;
-  const QueryRows rows(p);
+  const QueryRows& rows = t.query_rows;
   float* lse_out = p.softmax_lse_ptr + t.bidb * p.lse_batch_stride + t.bidh * p.lse_head_stride;
   if (tidx < t.rows) {
     const float lse = lse_of(tidx);

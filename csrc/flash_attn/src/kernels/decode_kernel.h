@@ -35,8 +35,12 @@ using namespace cute;
 // instantiation so the common kernel carries none of their code or registers (the paged loop spilled
 // heavily while it shared one kernel with the score modifiers). The paged-only kernel requires no
 // left padding (the launch sends paged calls with left padding to the score-modifier kernel, which
-// pages any alignment).
-template <typename Traits, bool kScoreMods, bool kPaged>
+// pages any alignment). kPacked: the rows are a GQA group's heads with a few queries each
+// (FwdParams::pack_groups, common/query_rows.h); without it the map is the identity at compile
+// time, so a call with one row per query runs none of the packed map's divisions, branches or
+// row-by-row Q loads (with the map read at run time, an H100 ran the one-query decode grid 0.5-1 us
+// a call slower than before the packing: benchmarks/NOTES.md, item 140).
+template <typename Traits, bool kScoreMods, bool kPaged, bool kPacked>
 __global__ void __launch_bounds__(Traits::kNThreads)
 flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::FastDivmod page_div) {
   using Element = typename Traits::Element;
@@ -60,7 +64,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
   const int bidh = blockIdx.z % params.h;
 
   const DecodeKvSource<Traits, kKvLayout> kv_src(params, page_div, smem_buf, bidb, warp, lane);
-  const QueryRows rows(params);
+  const QueryRows rows = kPacked ? QueryRows(params) : QueryRows(1);
   // A kv-cache's length first, so that its request leaves before the prefetches' (-1: SeqInfo
   // loads it itself).
   const int seqused_k_early = kv_src.prefetches_early() ? params.seqused_k[bidb] : -1;
@@ -94,7 +98,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
       visible_key_blocks<kSubN>(params, seq_positions, m0, rows.position(m0 + rows_in_tile - 1) - m0 + 1);
   if (range.empty()) {  // the same for every split of the tile (a cluster exits as one)
     if (params.num_splits == 1 || params.cluster_merge) {
-      if (split_idx == 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
+      if (split_idx == 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile, rows);
     } else {
       write_empty_tile<Traits, true>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     }
@@ -205,7 +209,7 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     for (int mi = 0; mi < kRows; ++mi) lse_w[mi] = -INFINITY;
   }
   const MergedTile<Traits> merged = merge_warps<Traits>(smem_buf, acc_o, tOcO, lse_w, warp, rows_in_tile);
-  const OutputTile out_tile{bidb, bidh, split_idx, m0, rows_in_tile};
+  const OutputTile out_tile{bidb, bidh, split_idx, m0, rows_in_tile, rows};
   with_output_mode(params, [&](auto mode) { write_merged<Traits, decltype(mode)::value>(params, seq, out_tile, tidx, merged); });
 }
 

@@ -66,16 +66,24 @@ void launch_fwd_kernel(const FwdParams& params, cudaStream_t stream) {
 
 // Decode: three instantiations -- plain, paged (key rows aligned to 16-row page groups: no left
 // padding), and score modifiers (softcap / ALiBi), which also serves the rare combinations: paging
-// with score modifiers, and paging with left padding (any alignment).
+// with score modifiers, and paging with left padding (any alignment) -- each once with packed GQA
+// rows (FwdParams::pack_groups > 1) and once without.
 template <typename Launch>
 void with_decode_features(const FwdParams& params, Launch&& launch) {
   const bool paged = params.block_table != nullptr;
+  auto with_packing = [&](auto score_mods, auto paged_kv) {
+    if (params.pack_groups > 1) {
+      launch(score_mods, paged_kv, std::true_type{});
+    } else {
+      launch(score_mods, paged_kv, std::false_type{});
+    }
+  };
   if (has_score_mods(params) || (paged && params.leftpad_k != nullptr)) {
-    launch(std::true_type{}, std::true_type{});
+    with_packing(std::true_type{}, std::true_type{});
   } else if (paged) {
-    launch(std::false_type{}, std::true_type{});
+    with_packing(std::false_type{}, std::true_type{});
   } else {
-    launch(std::false_type{}, std::false_type{});
+    with_packing(std::false_type{}, std::false_type{});
   }
 }
 
@@ -104,8 +112,9 @@ struct DecodeClusterLaunch {
 
 template <typename Traits>
 void launch_decode_kernel(const FwdParams& params, cudaStream_t stream) {
-  with_decode_features(params, [&](auto score_mods, auto paged) {
-    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
+  with_decode_features(params, [&](auto score_mods, auto paged, auto packed) {
+    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value,
+                                                 decltype(packed)::value>;
     allow_dynamic_smem<kernel, Traits::kSmemBytes>(params.device);
     const int m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
     const dim3 grid(m_blocks, params.num_splits, params.b * params.h);
@@ -130,8 +139,9 @@ template <typename Traits>
 int decode_cluster_capacity(const FwdParams& params, int cluster_size) {
   if (cluster_size < 1 || cluster_size > kMaxClusterSplits) return 0;
   int capacity = 0;
-  with_decode_features(params, [&](auto score_mods, auto paged) {
-    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value>;
+  with_decode_features(params, [&](auto score_mods, auto paged, auto packed) {
+    constexpr auto kernel = &flash_decode_kernel<Traits, decltype(score_mods)::value, decltype(paged)::value,
+                                                 decltype(packed)::value>;
     static std::atomic<int> cached[64][kMaxClusterSplits + 1] = {};  // capacity + 1, 0 = not yet asked
     std::atomic<int>& slot = cached[params.device & 63][cluster_size];
     int known = slot.load(std::memory_order_relaxed);
