@@ -8,9 +8,18 @@
 
 #include <cstdint>
 
+#include "common/seq_info.h"
 #include "params/fwd_params.h"
 
 namespace flash {
+
+// What the mask and visible_key_blocks compare with keys for one tile: its sequence with seqlen_q
+// counted in query positions, the diagonal's key offset, and how many positions the tile spans.
+struct TilePositions {
+  SeqInfo seq;
+  int diag;   // seqlen_k - positions: the key index aligned with position 0 (bottom-right causal)
+  int count;  // positions of the tile's rows
+};
 
 struct QueryRows {
   int groups;  // G; 1 when unpacked
@@ -21,6 +30,13 @@ struct QueryRows {
   __device__ bool packed() const { return groups > 1; }
   // The query's index in its sequence: what the causal mask and the window compare with keys.
   __device__ int position(int r) const { return r / groups; }
+  // Rows [m0, m0 + rows_in_tile) of seq as positions. A packed tile holds every row (m0 = 0), so
+  // m0 is the tile's first position either way.
+  __device__ TilePositions positions(const SeqInfo& seq, int m0, int rows_in_tile) const {
+    SeqInfo in_positions = seq;
+    in_positions.seqlen_q = seq.seqlen_q / groups;
+    return {in_positions, seq.seqlen_k - in_positions.seqlen_q, position(m0 + rows_in_tile - 1) - m0 + 1};
+  }
   // Elements from row 0 of the (batch, head) to row r, in a tensor with these strides.
   __device__ int64_t offset(int r, int64_t row_stride, int64_t group_stride) const {
     return int64_t(r / groups) * row_stride + int64_t(r % groups) * group_stride;

@@ -88,14 +88,10 @@ flash_decode_kernel(const __grid_constant__ FwdParams params, const cutlass::Fas
     return;
   }
   const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
-  // The mask compares keys with query positions: row r's is r / G when packed. A packed tile holds
-  // every row (m0 = 0), so m0 is the tile's first position either way.
-  SeqInfo seq_positions = seq;
-  seq_positions.seqlen_q = seq.seqlen_q / rows.groups;
-  const int diag = seq.seqlen_k - seq_positions.seqlen_q;
-
-  const KeyBlocks range =
-      visible_key_blocks<kSubN>(params, seq_positions, m0, rows.position(m0 + rows_in_tile - 1) - m0 + 1);
+  // The mask compares keys with query positions (row r's is r / G when packed).
+  const TilePositions positions = rows.positions(seq, m0, rows_in_tile);
+  const int diag = positions.diag;
+  const KeyBlocks range = visible_key_blocks<kSubN>(params, positions.seq, m0, positions.count);
   if (range.empty()) {  // the same for every split of the tile (a cluster exits as one)
     if (params.num_splits == 1 || params.cluster_merge) {
       if (split_idx == 0) write_empty_tile<Traits, false>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile, rows);

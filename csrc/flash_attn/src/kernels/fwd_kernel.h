@@ -57,15 +57,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) flash_fwd_kernel(const __gr
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) return;
   const int rows_in_tile = min(kBlockM, seq.seqlen_q - m0);
-  // The mask compares keys with query positions: row r's is r / G when packed. A packed tile holds
-  // every row (m0 = 0), so m0 is the tile's first position either way.
+  // The mask compares keys with query positions (row r's is r / G when packed).
   const QueryRows rows = kIsSplit ? QueryRows(params) : QueryRows(1);
-  SeqInfo seq_positions = seq;
-  seq_positions.seqlen_q = seq.seqlen_q / rows.groups;
-  const int diag = seq.seqlen_k - seq_positions.seqlen_q;
-
-  const KeyBlocks range = visible_key_blocks<kBlockN, kIsSplit>(
-      params, seq_positions, m0, rows.position(m0 + rows_in_tile - 1) - m0 + 1, split_idx);
+  const TilePositions positions = rows.positions(seq, m0, rows_in_tile);
+  const int diag = positions.diag;
+  const KeyBlocks range = visible_key_blocks<kBlockN, kIsSplit>(params, positions.seq, m0, positions.count, split_idx);
   if (range.empty()) {
     write_empty_tile<Traits, kIsSplit>(params, seq, bidb, bidh, split_idx, m_block, rows_in_tile);
     return;
