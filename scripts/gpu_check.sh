@@ -48,7 +48,11 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package, for scripts in subfolders
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  # Installed once per machine: ab_trees.sh installs them first and runs this script while its
+  # trees build against /tmp/site, which must not be rewritten under them.
+  if [ ! -d /tmp/site/cutlass_library ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  fi
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
@@ -173,13 +177,14 @@ if [ $sanitize -eq 1 ]; then
   # zeroing's named barrier), the Hopper backward (a small causal and a windowed case, GQA; the
   # deterministic variant on a causal GQA case and, unmasked with fewer key blocks than query
   # blocks, in the rotated walk; varlen with the rows past a sequence zeroed), and
-  # dropout on both Hopper kernels.
+  # dropout on both Hopper kernels, and packed GQA tiles (a query head group's rows in one tile: the
+  # decode kernel at 16 and 10 rows, the split tile at 27).
   # SANITIZE_CHUNK=0 / 1 runs the first / second half of them (racecheck over all takes ~10 minutes
   # on an H100); SANITIZE_TOOLS narrows the tools (e.g. "racecheck synccheck").
-  sel="fp16 and ((128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))) or test_single_split_decode_grids or (test_sm90_forward_matches_reference and mha and (1023-1024 or 113-203 or 2048-77)) or (test_sm90_forward_nan_past_the_used_keys and causal) or (test_sm90_backward_matches_reference and (fp16-256- or fp16-192- or fp16-128- or fp16-96- or fp16-64-) and (113-17-causal or 255-1000-causal or 333-77-win17_5)) or (test_sm90_backward_grouped_heads and (fp16-256- or fp16-128- or fp16-64-) and 255-300 and causal and gqa) or (test_sm90_backward_deterministic and (fp16-256- or fp16-192- or fp16-128- or fp16-64-) and (300-1000-causal-gqa or 1000-300-none-mha)) or test_dropout_backward_hopper_and_sm80 or test_dropout_forward_hopper_and_sm80 or (test_sm90_backward_varlen and (fp16-128- or fp16-64-) and causal))"
+  sel="fp16 and ((128 and ((test_split_kv_decode and (4097 or 1000)) or test_paged_varlen or (paged48 and (sq1_new1 or append1)))) or test_single_split_decode_grids or (test_sm90_forward_matches_reference and mha and (1023-1024 or 113-203 or 2048-77)) or (test_sm90_forward_nan_past_the_used_keys and causal) or (test_sm90_backward_matches_reference and (fp16-256- or fp16-192- or fp16-128- or fp16-96- or fp16-64-) and (113-17-causal or 255-1000-causal or 333-77-win17_5)) or (test_sm90_backward_grouped_heads and (fp16-256- or fp16-128- or fp16-64-) and 255-300 and causal and gqa) or (test_sm90_backward_deterministic and (fp16-256- or fp16-192- or fp16-128- or fp16-64-) and (300-1000-causal-gqa or 1000-300-none-mha)) or test_dropout_backward_hopper_and_sm80 or test_dropout_forward_hopper_and_sm80 or (test_sm90_backward_varlen and (fp16-128- or fp16-64-) and causal) or (test_packed_gqa_matches_reference and 128 and (32-8-q8 or 16-2-q5 or 12-4-q9) and (causal_softcap-1-0 or causal-1000-3 or none-4097-0)))"
   # SANITIZE_K narrows the subset further (a pytest -k expression, e.g. "dropout or sm90_backward").
   [ -n "${SANITIZE_K:-}" ] && sel="($sel) and ($SANITIZE_K)"
-  files="tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py tests/test_sm90_forward.py tests/test_sm90_backward.py tests/test_dropout.py"
+  files="tests/test_split_kv.py tests/test_paged_varlen.py tests/test_kvcache.py tests/test_sm90_forward.py tests/test_sm90_backward.py tests/test_dropout.py tests/test_gqa_packing.py"
   # shellcheck disable=SC2086  # word-split on purpose: several files / test ids
   ids=$(python3 -m pytest $files --collect-only -q -p no:cacheprovider -k "$sel" 2>/dev/null | grep "::")
   n=$(echo "$ids" | wc -l); half=$(( (n + 1) / 2 ))
