@@ -23,9 +23,9 @@
 # still-warm machine installed. INSTALLED_COMMIT names it in the results.
 # TESTS: "tree=pytest -k expression" clauses joined by ';', run on the tree's own build and tests
 # (or on the installed build with the checkout's tests), in parallel, with TEST_ARGS (e.g. "-n 8").
-# PAIRS: "benchmark:main:patched" (benchmark: forward, backward, specdec or decode), each run
-# --quick on main then on the patched tree and compared (benchmarks/tools/compare.py: ratios > 1,
-# the patched tree faster); PASSES=2 runs each pair again in the other order (patched first), so
+# PAIRS: "benchmark:main:patched" (benchmark: forward, backward, specdec or decode; forward@64,128
+# times those head dims instead of FLASH_ATTN_HEADDIMS), each run --quick on main then on the
+# patched tree and compared (benchmarks/tools/compare.py: ratios > 1, the patched tree faster); PASSES=2 runs each pair again in the other order (patched first), so
 # that a difference the order makes shows. LIMIT: seconds the command may take (default 570);
 # benchmarks that would start with less than 45 s left are skipped.
 # The device returns at most 8 files, so every log and result ends up in $OUT/ab.tgz; the
@@ -77,8 +77,11 @@ for c in "${clauses[@]}"; do
    echo "tests $t ($k): $(tail -n 1 "$OUT/ab/tests_$t.log") at $(elapsed) s") &
 done
 wait
-bench() {  # benchmark tree [pass suffix]
-  local sfx=${3:-} args="--quick --headdims ${FLASH_ATTN_HEADDIMS} --dtypes ${FLASH_ATTN_DTYPES}" script=$1
+bench() {  # benchmark[@head dims] tree [suffix of its result folder and log]
+  local sfx=${3:-} hd=$FLASH_ATTN_HEADDIMS name=$1
+  case "$name" in *@*) hd=${name#*@}; name=${name%%@*} ;; esac
+  set -- "$name" "$2" "$sfx"
+  local args="--quick --headdims $hd --dtypes ${FLASH_ATTN_DTYPES}" script=$1
   if [ "$1" = specdec ]; then
     script=decode; args="--quick --grid specdec --cells ${SPECDEC_CELLS:-batch=1|4,seqlen_k=4096|8192} --time-budget-s 20"
   elif [ "$1" = decode ]; then
@@ -91,28 +94,31 @@ bench() {  # benchmark tree [pass suffix]
   BENCH_COMMIT=$commit PYTHONPATH=$path timeout $(( $(left) - 15 )) \
     python3 "benchmarks/benchmark_$script.py" $args --out-dir "$OUT/ab/$1_$2$sfx" > "$OUT/ab/$1_$2$sfx.log" 2>&1
   local rc=$?
-  echo "$1 $2${sfx:+ (pass ${sfx#_p})}: rc $rc at $(elapsed) s"
+  echo "$1 $2$sfx: rc $rc at $(elapsed) s"
   return $rc
 }
-compare() {  # benchmark main patched [pass suffix]
-  local sfx=${4:-}
-  python3 benchmarks/tools/compare.py "$OUT/ab/${1}_$2$sfx"/*.json "$OUT/ab/${1}_$3$sfx"/*.json \
-    > "$OUT/ab/compare_${1}_$3$sfx.log" 2>&1
-  echo "== $1: $3 against $2${sfx:+ (pass ${sfx#_p})}"; grep -v '^|---' "$OUT/ab/compare_${1}_$3$sfx.log"
-  [ "$1" = specdec ] && grep -h "kvcache <=" "$OUT/ab/${1}_$2$sfx.log" "$OUT/ab/${1}_$3$sfx.log"
+compare() {  # benchmark[@head dims] main patched pass: the pair's two result folders
+  set -- "${1%%@*}" "$2" "$3" "$4"
+  local m="$OUT/ab/${1}_$2.vs-$3$4" t="$OUT/ab/${1}_$3$4"
+  python3 benchmarks/tools/compare.py "$m"/*.json "$t"/*.json > "$OUT/ab/compare_${1}_$3$4.log" 2>&1
+  echo "== $1: $3 against $2 (pass ${4#.p})"; grep -v '^|---' "$OUT/ab/compare_${1}_$3$4.log"
+  [ "$1" = specdec ] && grep -h "kvcache <=" "$m.log" "$t.log"
   return 0
 }
-for pair in ${PAIRS:-}; do
-  IFS=: read -r b main patched <<< "$pair"
-  bench "$b" "$main"; main_rc=$?
-  bench "$b" "$patched" && [ $main_rc -eq 0 ] && compare "$b" "$main" "$patched"
-done
-if [ "${PASSES:-1}" = 2 ]; then
+# Pass 1: main then patched; pass 2 (PASSES=2): patched then main. Main's folders name the tree
+# it is compared with, so that several pairs may share a main.
+for pass in $(seq 1 "${PASSES:-1}"); do
   for pair in ${PAIRS:-}; do
     IFS=: read -r b main patched <<< "$pair"
-    bench "$b" "$patched" _p2; patched_rc=$?
-    bench "$b" "$main" _p2 && [ $patched_rc -eq 0 ] && compare "$b" "$main" "$patched" _p2
+    if [ "$pass" = 1 ]; then
+      bench "$b" "$main" ".vs-$patched.p1"; first_rc=$?
+      bench "$b" "$patched" .p1
+    else
+      bench "$b" "$patched" .p2; first_rc=$?
+      bench "$b" "$main" ".vs-$patched.p2"
+    fi
+    [ $? -eq 0 ] && [ $first_rc -eq 0 ] && compare "$b" "$main" "$patched" ".p$pass"
   done
-fi
+done
 tar -czf "$OUT/ab.tgz" -C "$OUT" ab && rm -rf "$OUT/ab"
 echo "done at $(elapsed) s"
