@@ -11,9 +11,9 @@
 #   PAIRS="decode:pre:installed forward:installed:turns" TESTS="installed=gqa_packing" \
 #   TEST_ARGS="-n 8" bash scripts/ab_trees.sh
 #
-# TREES: folders under base/, each made on the development machine with
-#   git archive REV | tar -x -C base/NAME && git rev-parse --short REV > base/NAME/COMMIT
-# and copied to the CUDA machine beside the checkout (with .whl). NAME@64,128 builds that tree at
+# TREES: folders under base/, each made on the development machine by scripts/make_trees.sh (a
+# commit, or a commit with a pending series applied) and copied to the CUDA machine beside the
+# checkout (with .whl). NAME@64,128 builds that tree at
 # those head dims (default FLASH_ATTN_HEADDIMS). The trees build in parallel, MAX_JOBS split
 # between them.
 # INSTALL_MAIN=1: this checkout is built and installed by gpu_check.sh (every head dim and dtype

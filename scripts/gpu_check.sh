@@ -20,7 +20,7 @@
 # tests), SANITIZE_K (a pytest -k expression narrowing them), SANITIZE_TOOLS ("memcheck racecheck"),
 # SANITIZE_TIMEOUT; PROFILE_KERNEL, PROFILE_TARGET, PROFILE_NAME (--profile).
 # --baseline DIR: DIR holds another commit's source tree, made on the development machine with
-#   git archive REV | tar -x -C DIR && git rev-parse --short REV >DIR/COMMIT
+#   bash scripts/make_trees.sh NAME=REV   (then --baseline base/NAME)
 # It is built in place with the same FLASH_ATTN_* knobs and MAX_JOBS, then every chosen benchmark
 # runs twice back to back on this card: with PYTHONPATH=DIR (results *_before) and with this tree's
 # build (*_after); benchmarks/tools/compare.py prints the per-cell ratios (compare.log).
