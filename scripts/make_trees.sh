@@ -5,17 +5,20 @@
 #
 #   bash scripts/make_trees.sh pre=56e7a0a turns=HEAD+sm90-fwd-hd64-turns
 #
-# NAME=REV: git archive of REV. NAME=REV+DIR: REV with benchmarks/pending/DIR's patch series
-# applied by git am -3 (the series as this checkout holds it). Each tree's COMMIT file names what
-# it is (REV's short hash, "+DIR" for a series), which the benchmarks' results carry.
+# NAME=REV: git archive of REV. NAME=REV+DIR[+DIR...]: REV with benchmarks/pending/DIR's patch
+# series applied by git am -3, one series after the other (as this checkout holds them). Each
+# tree's COMMIT file names what it is (REV's short hash, "+DIR" per series), which the
+# benchmarks' results carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { sed -n '2,11p' "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n '2,12p' "$0"; exit 2; }
 for spec in "$@"; do
   name=${spec%%=*}; what=${spec#*=}
   rev=${what%%+*}; series=""
   [ "$rev" != "$what" ] && series=${what#*+}
-  [ -n "$series" ] && [ ! -d "benchmarks/pending/$series" ] && { echo "no benchmarks/pending/$series"; exit 1; }
+  for dir in ${series//+/ }; do
+    [ -d "benchmarks/pending/$dir" ] || { echo "no benchmarks/pending/$dir"; exit 1; }
+  done
   short=$(git rev-parse --short "$rev")
   rm -rf "base/$name"; mkdir -p "base/$name"
   if [ -z "$series" ]; then
@@ -24,7 +27,9 @@ for spec in "$@"; do
   else
     work=$(mktemp -d)
     git worktree add -q --detach "$work" "$short"
-    git -C "$work" -c user.name=trees -c user.email=trees@localhost am -3 -q "$PWD/benchmarks/pending/$series"/*.patch
+    for dir in ${series//+/ }; do
+      git -C "$work" -c user.name=trees -c user.email=trees@localhost am -3 -q "$PWD/benchmarks/pending/$dir"/*.patch
+    done
     git -C "$work" archive HEAD | tar -x -C "base/$name"
     git worktree remove --force "$work"
     echo "$short+$series" > "base/$name/COMMIT"
