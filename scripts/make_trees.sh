@@ -3,7 +3,7 @@
 # git does not ignore, so they travel to the CUDA machine with the checkout; remove them before
 # committing).
 #
-#   bash scripts/make_trees.sh pre=56e7a0a turns=HEAD+sm90-fwd-hd64-turns
+#   bash scripts/make_trees.sh pre=56e7a0a half=HEAD+sm90-fwd-half-first-block
 #
 # NAME=REV: git archive of REV. NAME=REV+DIR[+DIR...]: REV with benchmarks/pending/DIR's patch
 # series applied by git am -3, one series after the other (as this checkout holds them). Each
@@ -26,6 +26,8 @@ for spec in "$@"; do
     echo "$short" > "base/$name/COMMIT"
   else
     work=$(mktemp -d)
+    # A series that does not apply stops the script: its worktree goes with it.
+    trap 'git worktree remove --force "$work" 2>/dev/null || true' EXIT
     git worktree add -q --detach "$work" "$short"
     for dir in ${series//+/ }; do
       git -C "$work" -c user.name=trees -c user.email=trees@localhost am -3 -q "$PWD/benchmarks/pending/$dir"/*.patch
